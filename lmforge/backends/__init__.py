@@ -1,0 +1,46 @@
+"""Backends claim IR nodes and provide the callables that run them.
+
+A backend is any object with a `name` and `claim(node, device) -> Kernel | None`. `assign_kernels`
+asks the backends in priority order; the torch reference (`lmforge.backends.torch`) claims every
+registered op and so runs whatever the others leave. A node nobody claims is a clear error.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from lmforge.backends.codegen import Kernel
+from lmforge.errors import UnsupportedOpError
+from lmforge.ir.graph import Graph, Node
+
+
+class Backend(Protocol):
+    name: str
+
+    def claim(self, node: Node, device: str) -> Kernel | None: ...
+
+
+def assign_kernels(graph: Graph, backends: Sequence[Backend], device: str = "cpu") -> list[Kernel]:
+    kernels = []
+    for node in graph.nodes:
+        for backend in backends:
+            kernel = backend.claim(node, device)
+            if kernel is not None:
+                kernels.append(kernel)
+                break
+        else:
+            where = f" (from {node.source})" if node.source else ""
+            raise UnsupportedOpError(f"no backend can run op {node.op!r}{where}; backends tried: "
+                                     f"{[b.name for b in backends]}. Add the torch reference backend or a lowering.")
+    return kernels
+
+
+def default_backends(names: Sequence[str] = ("torch",)) -> list[Backend]:
+    from lmforge.backends.torch import TorchReference
+
+    table = {"torch": TorchReference}
+    out = []
+    for n in names:
+        if n not in table:
+            raise UnsupportedOpError(f"unknown backend {n!r}; available: {sorted(table)}")
+        out.append(table[n]())
+    return out

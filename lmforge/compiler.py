@@ -1,0 +1,93 @@
+"""`lmforge.compile`: capture (or take) a graph, run the pass pipeline, assign backends, generate code.
+
+    compiled = lmforge.compile(model, (tokens,), target="host")
+    logits = compiled(tokens)          # same output structure as model(tokens)
+    print(compiled.inspect())          # the graph, who runs each node, and its cost
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from lmforge.backends import assign_kernels, default_backends
+from lmforge.backends.codegen import Kernel, generate
+from lmforge.errors import LmforgeError
+from lmforge.ir.graph import Graph, Node
+from lmforge.ir.printer import format_graph
+
+
+class CompiledModel:
+    """A graph, its weights, and generated code that runs it; callable like the captured model."""
+
+    def __init__(self, graph: Graph, backends: Sequence = (), device: str | torch.device = "cpu",
+                 target: str = "host", config: Mapping[str, Any] | None = None, pass_report: str = ""):
+        self.graph = graph
+        self.target = target
+        self.config = dict(config or {})
+        self.pass_report = pass_report
+        self.device = torch.device(device)
+        self.backends = list(backends) or default_backends()
+        self.weights = {k: w.to(self.device) for k, w in graph.weights.items()}
+        self.kernels: list[Kernel] = assign_kernels(graph, self.backends, self.device.type)
+        self._fn = generate(graph, self.kernels, self.weights)
+        spec = graph.get_meta("out_spec")
+        self._out_spec = pytree.treespec_loads(spec) if spec else None
+
+    @property
+    def source(self) -> str:
+        """The generated Python code (one line per node)."""
+        return self._fn.__lmforge_source__
+
+    def __call__(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if len(leaves) != len(self.graph.inputs):
+            raise LmforgeError(f"{self.graph.name} takes {len(self.graph.inputs)} tensor inputs "
+                               f"({[v.name for v in self.graph.inputs]}), got {len(leaves)}")
+        for leaf, v in zip(leaves, self.graph.inputs):
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() != v.type.rank:
+                raise LmforgeError(f"input {v.name!r} must be a tensor of type {v.type}, got "
+                                   f"{getattr(leaf, 'shape', type(leaf).__name__)}")
+        outs = self._fn(*leaves)
+        if self._out_spec is None:
+            return outs[0] if len(outs) == 1 else outs
+        return pytree.tree_unflatten(list(outs), self._out_spec)
+
+    def to(self, device) -> "CompiledModel":
+        return CompiledModel(self.graph, self.backends, device, self.target, self.config, self.pass_report)
+
+    def inspect(self, target: str | None = None, show_costs: bool = True) -> str:
+        """The graph with, per node, the backend that runs it and (when a target is known) its predicted cost."""
+        from lmforge.inspect import inspect_graph
+
+        return inspect_graph(self.graph, self.kernels, target=target or self.target if show_costs else None)
+
+    def fallback_nodes(self) -> list[Node]:
+        return [n for n in self.graph.nodes if n.op == "torch_fallback"]
+
+    def export(self, path, **kwargs):
+        from lmforge.export import export
+
+        return export(self, path, **kwargs)
+
+
+def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict | None = None,
+            config: Mapping[str, Any] | None = None, backends: Sequence[str] = ("torch",),
+            device: str | None = None, passes=None) -> CompiledModel:
+    """Capture `model` (a torch module/function, or an IR Graph), run the pass pipeline, return a CompiledModel.
+
+    target:   the hardware the configuration is for ("host", "h100", ...); costs in `inspect()` use it.
+    config:   knob values for the passes (from `lmforge.tune`), or "best" to look the best one up.
+    backends: backend names in priority order; the torch reference always runs what others leave.
+    """
+    from lmforge.ir.frontends.torch_export import capture
+    from lmforge.passes import PassManager, default_pipeline
+
+    graph = model if isinstance(model, Graph) else capture(model, example_inputs, dynamic=dynamic)
+    pm = PassManager(passes if passes is not None else default_pipeline())
+    graph = pm.run(graph, config if isinstance(config, Mapping) else None)
+    chosen = default_backends(tuple(dict.fromkeys([*backends, "torch"])))
+    dev = device or ("cpu" if not graph.weights else next(iter(graph.weights.values())).device)
+    return CompiledModel(graph, chosen, dev, target, config if isinstance(config, Mapping) else None, pm.report())

@@ -1,0 +1,344 @@
+"""ATen -> IR rules used by the torch.export frontend: one small function per ATen op.
+
+A rule returns the produced Value(s), or None to leave the op to an explicit `torch_fallback` node.
+Shapes of views are taken from the exported program's (symbolic) output shape, so the IR never needs
+the `sym_size` arithmetic that computed them.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmforge.ir.graph import Value
+from lmforge.ir.types import dtype_name
+
+aten = torch.ops.aten
+_INT64_MAX = 9223372036854775807
+
+
+def _arg(node, i, name, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _out_shape(t, node):
+    return tuple(t.dim(d) for d in node.meta["val"].shape)
+
+
+def _tensor(t, a):
+    v = t.value(a)
+    return v if isinstance(v, Value) else None
+
+
+def embedding(t, node):
+    return t.emit(node, "embedding", [t.value(node.args[1]), t.value(node.args[0])])
+
+
+def linear(t, node):
+    return t.emit(node, "linear", [t.value(a) for a in node.args[:3]])
+
+
+def matmul(t, node):
+    a, b = t.value(node.args[0]), t.value(node.args[1])
+    if a.type.rank < 2 or b.type.rank < 2:
+        return None
+    return t.emit(node, "matmul", [a, b])
+
+
+def rms_norm(t, node):
+    shape = _arg(node, 1, "normalized_shape")
+    return t.emit(node, "rmsnorm", [t.value(node.args[0]), _tensor(t, _arg(node, 2, "weight"))],
+                  {"eps": _arg(node, 3, "eps"), "ndim": len(shape)})
+
+
+def layer_norm(t, node):
+    shape = _arg(node, 1, "normalized_shape")
+    return t.emit(node, "layernorm", [t.value(node.args[0]), _tensor(t, _arg(node, 2, "weight")),
+                                      _tensor(t, _arg(node, 3, "bias"))],
+                  {"eps": float(_arg(node, 4, "eps", 1e-5)), "ndim": len(shape)})
+
+
+def sdpa(t, node):
+    if float(_arg(node, 4, "dropout_p", 0.0)) != 0.0:
+        return None
+    causal = bool(_arg(node, 5, "is_causal", False))
+    mask = _tensor(t, _arg(node, 3, "attn_mask"))
+    q, k, v = (t.value(a) for a in node.args[:3])
+    hq, hk = q.type.shape[1], k.type.shape[1]
+    if hq != hk and not _arg(node, 7, "enable_gqa", False):
+        return None
+    scale = _arg(node, 6, "scale")
+    # torch aligns is_causal to the top-left corner: query i sees keys 0..i.
+    attrs = {"causal": causal, "scale": None if scale is None else float(scale), "q_offset": 0 if causal else None}
+    return t.emit(node, "attention", [q, k, v] + ([mask] if mask is not None else []), attrs)
+
+
+def softmax(log: bool):
+    def rule(t, node):
+        x = t.value(node.args[0])
+        if node.target in (aten._softmax.default, aten._log_softmax.default) and node.args[2]:
+            return None  # half_to_float: leave to the fallback
+        if _arg(node, 2, "dtype") not in (None, False) and node.target not in (
+                aten._softmax.default, aten._log_softmax.default):
+            return None
+        return t.emit(node, "softmax", [x], {"dim": int(node.args[1]), "log": log})
+
+    return rule
+
+
+def binary(op: str, swap: bool = False):
+    def rule(t, node):
+        a = t.value(node.args[0])
+        b = t.value(node.args[1])
+        alpha = float(node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1.0))
+        if not isinstance(a, Value):
+            return None
+        attrs = {"swap": swap}
+        if op in ("add", "sub"):
+            attrs["alpha"] = alpha
+        if isinstance(b, Value):
+            return t.emit(node, op, [a, b], attrs)
+        if isinstance(b, str):
+            return None  # a symbolic size used as a number
+        attrs["scalar"] = b
+        return t.emit(node, op, [a, None], attrs)
+
+    return rule
+
+
+def compare(op: str):
+    def rule(t, node):
+        a, b = t.value(node.args[0]), t.value(node.args[1])
+        if not isinstance(a, Value) or isinstance(b, str):
+            return None
+        if isinstance(b, Value):
+            return t.emit(node, op, [a, b])
+        return t.emit(node, op, [a, None], {"scalar": b})
+
+    return rule
+
+
+def unary(op: str):
+    def rule(t, node):
+        return t.emit(node, op, [t.value(node.args[0])])
+
+    return rule
+
+
+def gelu(t, node):
+    return t.emit(node, "gelu", [t.value(node.args[0])], {"approximate": node.kwargs.get("approximate", "none")})
+
+
+def pow_scalar(t, node):
+    e = node.args[1]
+    if not isinstance(e, (int, float)):
+        return None
+    return t.emit(node, "pow_scalar", [t.value(node.args[0])], {"exponent": float(e)})
+
+
+def where(t, node):
+    c, a, b = (t.value(x) for x in node.args[:3])
+    attrs = {"a_scalar": None if isinstance(a, Value) else a, "b_scalar": None if isinstance(b, Value) else b}
+    if isinstance(attrs["a_scalar"], str) or isinstance(attrs["b_scalar"], str):
+        return None
+    return t.emit(node, "where", [c, a if isinstance(a, Value) else None, b if isinstance(b, Value) else None], attrs)
+
+
+def reduction(op: str):
+    def rule(t, node):
+        dims = _arg(node, 1, "dim")
+        if isinstance(dims, int):
+            dims = [dims]
+        dtype = _arg(node, 3, "dtype")
+        return t.emit(node, op, [t.value(node.args[0])],
+                      {"dims": None if dims is None else tuple(dims), "keepdim": bool(_arg(node, 2, "keepdim", False)),
+                       "dtype": None if dtype is None else dtype_name(dtype)})
+
+    return rule
+
+
+def argmax(t, node):
+    return t.emit(node, "argmax", [t.value(node.args[0])],
+                  {"dim": _arg(node, 1, "dim"), "keepdim": bool(_arg(node, 2, "keepdim", False))})
+
+
+def reshape_like(t, node):
+    return t.emit(node, "reshape", [t.value(node.args[0])], {"shape": _out_shape(t, node)})
+
+
+def expand(t, node):
+    return t.emit(node, "expand", [t.value(node.args[0])], {"shape": _out_shape(t, node)})
+
+
+def transpose(t, node):
+    x = t.value(node.args[0])
+    r = x.type.rank
+    a, b = node.args[1] % r, node.args[2] % r
+    perm = list(range(r))
+    perm[a], perm[b] = perm[b], perm[a]
+    return t.emit(node, "permute", [x], {"perm": tuple(perm)})
+
+
+def permute(t, node):
+    return t.emit(node, "permute", [t.value(node.args[0])], {"perm": tuple(node.args[1])})
+
+
+def t_(t, node):
+    x = t.value(node.args[0])
+    return t.emit(node, "permute", [x], {"perm": (1, 0) if x.type.rank == 2 else (0,)})
+
+
+def cat(t, node):
+    xs = [t.value(a) for a in node.args[0]]
+    return t.emit(node, "concat", xs, {"dim": int(_arg(node, 1, "dim", 0))})
+
+
+def slice_(t, node):
+    x = t.value(node.args[0])
+    dim = _arg(node, 1, "dim", 0)
+    start = t.value(_arg(node, 2, "start", 0))
+    end = t.value(_arg(node, 3, "end", None))
+    step = _arg(node, 4, "step", 1)
+    start = 0 if start is None else start
+    if end is not None and isinstance(end, int) and end >= _INT64_MAX // 2:
+        end = None
+    if not isinstance(step, int) or isinstance(start, Value) or isinstance(end, Value):
+        return None
+    if isinstance(start, int) and start < 0 or isinstance(end, int) and end < 0:
+        size = x.type.shape[dim]
+        if not isinstance(size, int):
+            return None
+        start, end = slice(start, end).indices(size)[:2]
+    return t.emit(node, "slice", [x], {"dim": dim, "start": start, "end": end, "step": step})
+
+
+def select(t, node):
+    index = t.value(node.args[2])
+    if isinstance(index, int) and index < 0:
+        size = t.value(node.args[0]).type.shape[node.args[1]]
+        if not isinstance(size, int):
+            return None
+        index += size
+    return t.emit(node, "select", [t.value(node.args[0])], {"dim": node.args[1], "index": index})
+
+
+def index_select(t, node):
+    return t.emit(node, "index_select", [t.value(node.args[0]), t.value(node.args[2])], {"dim": node.args[1]})
+
+
+def identity(t, node):
+    return t.value(node.args[0])
+
+
+def to_copy(t, node):
+    x = t.value(node.args[0])
+    out = node.meta["val"]
+    if dtype_name(out.dtype) == x.type.dtype:
+        return x
+    return t.emit(node, "cast", [x], {"dtype": dtype_name(out.dtype)})
+
+
+def arange(t, node):
+    args = [t.value(a) for a in node.args]
+    if node.target == aten.arange.default:
+        start, end, step = 0, args[0], 1
+    elif node.target == aten.arange.start:
+        start, end, step = args[0], args[1], 1
+    else:
+        start, end, step = args[0], args[1], args[2]
+    if not all(isinstance(x, (int, str)) for x in (start, end)) or not isinstance(step, int):
+        return None
+    return t.emit(node, "arange", [], {"start": start, "end": end, "step": step,
+                                       "dtype": dtype_name(node.meta["val"].dtype)})
+
+
+def full(t, node):
+    value = {aten.zeros.default: 0, aten.ones.default: 1}.get(node.target)
+    if value is None:
+        value = t.value(node.args[1])
+    if not isinstance(value, (int, float, bool)):
+        return None
+    return t.emit(node, "full", [], {"shape": _out_shape(t, node), "value": value,
+                                     "dtype": dtype_name(node.meta["val"].dtype)})
+
+
+def full_like(t, node):
+    value = {aten.zeros_like.default: 0, aten.ones_like.default: 1}.get(node.target)
+    if value is None:
+        value = t.value(node.args[1])
+    if not isinstance(value, (int, float, bool)):
+        return None
+    return t.emit(node, "full", [], {"shape": _out_shape(t, node), "value": value,
+                                     "dtype": dtype_name(node.meta["val"].dtype)})
+
+
+def tri(upper: bool):
+    def rule(t, node):
+        return t.emit(node, "tri", [t.value(node.args[0])], {"diagonal": int(_arg(node, 1, "diagonal", 0)),
+                                                              "upper": upper})
+
+    return rule
+
+
+def topk(t, node):
+    return t.emit(node, "topk", [t.value(node.args[0])],
+                  {"k": int(node.args[1]), "dim": int(_arg(node, 2, "dim", -1)),
+                   "largest": bool(_arg(node, 3, "largest", True))})
+
+
+def slice_scatter(t, node):
+    cache, new = t.value(node.args[0]), t.value(node.args[1])
+    dim, start = _arg(node, 2, "dim", 0), t.value(_arg(node, 3, "start", 0))
+    step = _arg(node, 5, "step", 1)
+    if step != 1 or not isinstance(start, (int, str)) or start is None:
+        return None
+    return t.emit(node, "kv_cache_update", [cache, new], {"dim": dim, "pos": start})
+
+
+ATEN_RULES = {
+    aten.embedding.default: embedding,
+    aten.linear.default: linear,
+    aten.matmul.default: matmul, aten.mm.default: matmul, aten.bmm.default: matmul,
+    aten.rms_norm.default: rms_norm,
+    aten.layer_norm.default: layer_norm,
+    aten.scaled_dot_product_attention.default: sdpa,
+    aten.softmax.int: softmax(False), aten._softmax.default: softmax(False),
+    aten.log_softmax.int: softmax(True), aten._log_softmax.default: softmax(True),
+    aten.gelu.default: gelu,
+    aten.pow.Tensor_Scalar: pow_scalar, aten.pow.Tensor_Tensor: binary("pow"),
+    aten.where.self: where, aten.where.ScalarOther: where, aten.where.ScalarSelf: where, aten.where.Scalar: where,
+    aten.mean.dim: reduction("mean"), aten.sum.dim_IntList: reduction("sum"),
+    aten.amax.default: reduction("amax"), aten.amin.default: reduction("amin"),
+    aten.argmax.default: argmax,
+    aten.view.default: reshape_like, aten.reshape.default: reshape_like, aten._unsafe_view.default: reshape_like,
+    aten.unsqueeze.default: reshape_like, aten.squeeze.dim: reshape_like, aten.squeeze.dims: reshape_like,
+    aten.squeeze.default: reshape_like, aten.flatten.using_ints: reshape_like, aten.unflatten.int: reshape_like,
+    aten.expand.default: expand,
+    aten.transpose.int: transpose, aten.permute.default: permute, aten.t.default: t_,
+    aten.cat.default: cat,
+    aten.slice.Tensor: slice_, aten.select.int: select, aten.index_select.default: index_select,
+    aten.contiguous.default: identity, aten.clone.default: identity, aten.alias.default: identity,
+    aten.detach.default: identity, aten.lift_fresh_copy.default: identity, aten.dropout.default: identity,
+    aten._to_copy.default: to_copy, aten.to.dtype: to_copy, aten.to.dtype_layout: to_copy,
+    aten.type_as.default: to_copy,
+    aten.arange.default: arange, aten.arange.start: arange, aten.arange.start_step: arange,
+    aten.full.default: full, aten.zeros.default: full, aten.ones.default: full,
+    aten.full_like.default: full_like, aten.zeros_like.default: full_like, aten.ones_like.default: full_like,
+    aten.triu.default: tri(True), aten.tril.default: tri(False),
+    aten.topk.default: topk,
+    aten.slice_scatter.default: slice_scatter,
+}
+for _name in ("neg", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "silu",
+              "reciprocal", "logical_not"):
+    ATEN_RULES[getattr(aten, _name).default] = unary(_name)
+for _name in ("add", "sub", "mul", "div"):
+    ATEN_RULES[getattr(aten, _name).Tensor] = binary(_name)
+    ATEN_RULES[getattr(aten, _name).Scalar] = binary(_name)
+ATEN_RULES[aten.rsub.Scalar] = binary("sub", swap=True)
+ATEN_RULES[aten.maximum.default] = binary("maximum")
+ATEN_RULES[aten.minimum.default] = binary("minimum")
+ATEN_RULES[aten.logical_and.default] = binary("logical_and")
+ATEN_RULES[aten.logical_or.default] = binary("logical_or")
+for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
+    ATEN_RULES[getattr(aten, _name).Tensor] = compare(_name)
+    ATEN_RULES[getattr(aten, _name).Scalar] = compare(_name)

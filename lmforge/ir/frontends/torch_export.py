@@ -1,0 +1,322 @@
+"""Capture a torch module or function into the IR through `torch.export`.
+
+    graph = capture(model, (tokens,), dynamic={"tokens": {0: "batch", 1: "seq"}})
+
+ATen ops map to IR ops through `ATEN_TO_IR` (one small function per ATen op). Shapes of views come
+from the exported program's symbolic shapes, renamed to the user's dimension names, so `sym_size`
+arithmetic disappears from the graph. An ATen op with no mapping becomes an explicit `torch_fallback`
+node that the reference runs (never dropped); `lmforge inspect` lists those with their source line.
+After translation, `recognize_attention` folds matmul-softmax-matmul chains into `attention`.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+import re
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from lmforge.errors import CaptureError
+from lmforge.ir.frontends.aten_rules import ATEN_RULES as ATEN_TO_IR
+from lmforge.ir.graph import Graph, GraphBuilder, Value
+from lmforge.ir.types import TensorType, dtype_name, simplify_dim
+
+aten = torch.ops.aten
+_INT64_MAX = 9223372036854775807
+
+
+class _FunctionModule(torch.nn.Module):
+    """Wraps a plain function over tensors so torch.export can take it."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _input_names(model, n: int) -> list[str]:
+    fn = model.fn if isinstance(model, _FunctionModule) else model.forward
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params[:n]]
+    return names + [f"arg{i}" for i in range(len(names), n)]
+
+
+def _check_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    for i, leaf in enumerate(pytree.tree_leaves(tuple(example_inputs))):
+        if not isinstance(leaf, torch.Tensor):
+            raise CaptureError(
+                f"example input leaf {i} is a {type(leaf).__name__} ({leaf!r:.40}), not a tensor: lmforge captures "
+                "functions of tensors. Pass it as a tensor, or bind it beforehand with functools.partial / a "
+                "module attribute so it becomes a constant of the model.")
+    return tuple(example_inputs)
+
+
+def _dynamic_shapes(names: list[str], inputs: tuple, dynamic: dict | None):
+    if not dynamic:
+        return None
+    unknown = set(dynamic) - set(names)
+    if unknown:
+        raise CaptureError(f"dynamic names inputs {sorted(unknown)}, but the model's inputs are {names}")
+    dims: dict[str, Any] = {}
+    spec = []
+    for name, x in zip(names, inputs):
+        per = dynamic.get(name)
+        if per is None:
+            spec.append(None)
+            continue
+        entry = {}
+        for d, sym in per.items():
+            if not isinstance(x, torch.Tensor) or d >= x.dim():
+                raise CaptureError(f"dynamic[{name!r}] names dim {d}, but that input has shape "
+                                   f"{tuple(getattr(x, 'shape', ()))}")
+            if x.shape[d] < 2:
+                raise CaptureError(f"dynamic dim {sym!r} of input {name!r} is {x.shape[d]} in the example; "
+                                   "torch.export specializes sizes 0 and 1: give an example size >= 2")
+            dims.setdefault(sym, torch.export.Dim(sym))
+            entry[d] = dims[sym]
+        spec.append(entry)
+    return tuple(spec)
+
+
+def _explain(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}"
+    hint = "Check that the model runs eagerly on the example inputs."
+    low = text.lower()
+    if "data-dependent" in low or "guardondatadependent" in low or "could not guard" in low:
+        hint = ("The model branches on tensor values (data-dependent control flow). Make the branch depend on "
+                "shapes or Python constants, use torch.cond, or capture each branch as its own model.")
+    elif "constraint" in low or "specializ" in low:
+        hint = "A dimension marked dynamic is constant in the model: remove it from `dynamic` or use a size >= 2."
+    return f"torch.export could not capture the model: {text.splitlines()[0][:400]}\n{hint}"
+
+
+def export_program(model, example_inputs, dynamic=None):
+    """Run torch.export with lmforge's checks; returns (ExportedProgram, input names)."""
+    inputs = _check_inputs(example_inputs)
+    if not isinstance(model, torch.nn.Module):
+        if not callable(model):
+            raise CaptureError(f"capture takes a torch.nn.Module or a function, got {type(model).__name__}")
+        model = _FunctionModule(model)
+    names = _input_names(model, len(inputs))
+    shapes = _dynamic_shapes(names, inputs, dynamic)
+    try:
+        ep = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch.export raises many exception types; all mean "could not capture"
+        raise CaptureError(_explain(e)) from e
+    return ep, names
+
+
+# ---- translation ----------------------------------------------------------------------------------
+
+class _Translator:
+    def __init__(self, ep, names: list[str], graph_name: str):
+        self.ep = ep
+        self.b = GraphBuilder(graph_name)
+        self.env: dict[str, Any] = {}  # fx node name -> Value | tuple of Values | symbolic dim | constant
+        self.sym_names: dict[str, str] = {}
+        self.user_names = names
+        self.example_dims: dict[str, int] = {}
+
+    # -- symbols
+    def dim(self, d) -> Any:
+        if isinstance(d, int):
+            return d
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            text = str(expr)
+            for sym, user in sorted(self.sym_names.items(), key=lambda kv: -len(kv[0])):
+                text = re.sub(rf"\b{sym}\b", user, text)
+            return simplify_dim(text) if not text.isidentifier() else text
+        return int(d)
+
+    def ttype(self, val) -> TensorType:
+        return TensorType(tuple(self.dim(d) for d in val.shape), dtype_name(val.dtype))
+
+    def value(self, arg):
+        if isinstance(arg, torch.fx.Node):
+            return self.env[arg.name]
+        return arg
+
+    def source(self, node) -> str:
+        trace = node.meta.get("stack_trace") or ""
+        frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
+        if not frames:
+            return ""
+        torch_dir = os.path.dirname(torch.__file__)
+        user = [f for f in frames if not f[0].startswith(torch_dir)] or frames
+        path, line, fn = user[-1]
+        return f"{os.path.basename(path)}:{line} in {fn}"
+
+    # -- placeholders
+    def bind_inputs(self):
+        sig = self.ep.graph_signature
+        kinds = {spec.arg.name: spec for spec in sig.input_specs}
+        user_i = 0
+        placeholders = [n for n in self.ep.graph.nodes if n.op == "placeholder"]
+        # First pass: learn which torch symbols the user named (from the user inputs' example shapes).
+        for n in placeholders:
+            spec = kinds[n.name]
+            if spec.kind.name == "USER_INPUT":
+                val = n.meta.get("val")
+                if isinstance(val, torch.Tensor):
+                    for d, size in enumerate(val.shape):
+                        if isinstance(size, torch.SymInt) and str(size.node.expr).isidentifier():
+                            user = self.sym_names.setdefault(str(size.node.expr), self._user_dim_name(user_i, d, size))
+                            hint = size.node.hint
+                            if hint is not None:
+                                self.example_dims.setdefault(user, int(hint))
+                user_i += 1
+        user_i = 0
+        for n in placeholders:
+            spec = kinds[n.name]
+            val = n.meta.get("val")
+            if spec.kind.name == "USER_INPUT":
+                if not isinstance(val, torch.Tensor):
+                    raise CaptureError(f"input {n.name} is not a tensor after export ({type(val).__name__})")
+                name = self.user_names[user_i] if user_i < len(self.user_names) else n.name
+                self.env[n.name] = self.b.input(name, self.ttype(val))
+                user_i += 1
+            else:
+                target = spec.target
+                tensor = self.ep.state_dict.get(target)
+                if tensor is None:
+                    tensor = self.ep.constants.get(target)
+                if tensor is None:
+                    raise CaptureError(f"parameter {target!r} has no value in the exported program")
+                self.env[n.name] = self.b.param(target, TensorType.of(tensor), tensor.detach())
+
+    def _user_dim_name(self, user_i: int, d: int, size) -> str:
+        wanted = getattr(self, "dynamic", {}) or {}
+        name = self.user_names[user_i] if user_i < len(self.user_names) else None
+        return (wanted.get(name) or {}).get(d) or str(size.node.expr)
+
+    # -- nodes
+    def run(self) -> Graph:
+        self.bind_inputs()
+        for node in self.ep.graph.nodes:
+            if node.op == "call_function":
+                self.call(node)
+            elif node.op == "output":
+                return self.finish(node)
+        raise CaptureError("exported graph has no output")
+
+    def call(self, node):
+        val = node.meta.get("val")
+        if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool) and node.target is not operator.getitem:
+            self.env[node.name] = self.dim(val)  # shape arithmetic: folded into symbolic dims
+            return
+        if node.target in _DROPPED:
+            return
+        if node.target is operator.getitem:
+            self.env[node.name] = self.value(node.args[0])[node.args[1]]
+            return
+        rule = ATEN_TO_IR.get(node.target)
+        out = rule(self, node) if rule is not None else None
+        if out is None:
+            out = self.fallback(node)
+        self.env[node.name] = out
+
+    def emit(self, node, op: str, inputs, attrs=None, out_types=None):
+        vals = node.meta.get("val")
+        if out_types is None:
+            leaves = vals if isinstance(vals, (tuple, list)) else [vals]
+            out_types = [self.ttype(v) for v in leaves]
+        return self.b.op(op, inputs, attrs or {}, name=node.name, source=self.source(node), out_types=out_types)
+
+    def fallback(self, node):
+        inputs: list[Value] = []
+
+        def spec(a):
+            if isinstance(a, torch.fx.Node):
+                v = self.env[a.name]
+                if isinstance(v, Value):
+                    inputs.append(v)
+                    return {"input": len(inputs) - 1}
+                if isinstance(v, str):
+                    raise CaptureError(f"op {node.target} at {self.source(node)} takes a symbolic size "
+                                       f"({v}) that lmforge cannot pass to a torch fallback yet; rewrite it "
+                                       "with static sizes or open an issue")
+                return v
+            if isinstance(a, torch.dtype):
+                return {"dtype": dtype_name(a)}
+            if isinstance(a, torch.device):
+                return {"device": "cpu"}
+            if isinstance(a, (list, tuple)):
+                return {"list": [spec(x) for x in a]}
+            if isinstance(a, torch.layout) or isinstance(a, torch.memory_format):
+                return None
+            return a
+
+        args = [spec(a) for a in node.args]
+        kwargs = [[k, spec(v)] for k, v in node.kwargs.items()
+                  if k not in ("layout", "pin_memory", "memory_format", "device")]
+        vals = node.meta.get("val")
+        leaves = vals if isinstance(vals, (tuple, list)) else [vals]
+        if not all(isinstance(v, torch.Tensor) for v in leaves):
+            raise CaptureError(f"op {node.target} at {self.source(node)} returns non-tensor values; lmforge "
+                               "cannot represent it")
+        out = self.b.op("torch_fallback", inputs, {"target": _target_name(node.target), "args": args,
+                                                   "kwargs": kwargs},
+                        name=node.name, source=self.source(node), out_types=[self.ttype(v) for v in leaves])
+        return out
+
+    def finish(self, node) -> Graph:
+        outs = []
+        for a in pytree.tree_leaves(node.args[0]):
+            v = self.value(a)
+            if not isinstance(v, Value):
+                raise CaptureError(f"the model returns a non-tensor value ({v!r}); return tensors only")
+            outs.append(v)
+        out_spec = self.ep.call_spec.out_spec
+        meta = {"out_spec": pytree.treespec_dumps(out_spec) if out_spec is not None else None,
+                "captured_from": "torch.export", "example_dims": self.example_dims}
+        return self.b.build(outs, meta)
+
+
+def _target_name(target) -> str:
+    """`torch.ops.aten.triu.default` -> `"aten.triu.default"` (resolved again by `resolve_aten`)."""
+    return str(target)
+
+
+_DROPPED = {
+    aten._assert_scalar.default, aten.sym_constrain_range_for_size.default, aten._assert_tensor_metadata.default,
+    aten.sym_constrain_range.default,
+}
+if hasattr(aten, "_assert_async"):
+    _DROPPED |= {aten._assert_async.msg}
+
+
+def capture(model, example_inputs, dynamic: dict | None = None, name: str | None = None,
+            recognize: bool = True) -> Graph:
+    """Capture a torch.nn.Module or a function of tensors into a verified IR graph.
+
+    `dynamic` maps input names to {dim index: symbol name}, e.g. {"tokens": {0: "batch", 1: "seq"}};
+    inputs sharing a symbol name share the dimension. Raises CaptureError with the cause and what to try.
+    """
+    from lmforge.ir.verify import verify
+    from lmforge.passes.canonical import recognize_attention
+
+    ep, names = export_program(model, example_inputs, dynamic)
+    gname = name or type(model.fn if isinstance(model, _FunctionModule) else model).__name__
+    if not isinstance(model, torch.nn.Module):
+        gname = name or getattr(model, "__name__", "function")
+    t = _Translator(ep, names, gname)
+    t.dynamic = dynamic or {}
+    graph = t.run()
+    if recognize:
+        graph = recognize_attention(graph)
+    return verify(graph)
+

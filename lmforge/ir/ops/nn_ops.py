@@ -1,0 +1,232 @@
+"""Neural-network ops: linear/matmul, embedding, norms, RoPE, attention, KV-cache update, top-k, sampling."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import VerifyError
+from lmforge.ir.cost import Cost
+from lmforge.ir.ops.registry import OpDef, attr, broadcast_shapes, nbytes, numel, streaming_cost
+from lmforge.ir.types import TensorType, eval_dim
+
+
+# ---- linear algebra -------------------------------------------------------------------------------------
+
+def _linear_infer(ins, attrs):
+    x, w = ins[0], ins[1]
+    if w.rank != 2:
+        raise VerifyError(f"linear weight must be 2-D [out, in], got {w}")
+    if isinstance(x.shape[-1], int) and isinstance(w.shape[1], int) and x.shape[-1] != w.shape[1]:
+        raise VerifyError(f"linear: input features {x.shape[-1]} != weight in-features {w.shape[1]}")
+    return [x.with_(shape=(*x.shape[:-1], w.shape[0]))]
+
+
+def _linear_ref(x, w, b=None):
+    return F.linear(x, w, b)
+
+
+def _linear_cost(ins, attrs, outs):
+    x, w, b = (ins + [None])[:3]
+    k, n = w.shape[1], w.shape[0]
+    m = numel(x) // k
+    return Cost.of(2.0 * m * n * k, nbytes(x, w, b, *outs), "matmul", x.dtype)
+
+
+def _matmul_infer(ins, attrs):
+    a, b = ins
+    if a.rank < 2 or b.rank < 2:
+        raise VerifyError("matmul: both operands need rank >= 2 (1-D matmuls run as torch_fallback)")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return [a.with_(shape=(*batch, a.shape[-2], b.shape[-1]))]
+
+
+def _matmul_ref(a, b):
+    return torch.matmul(a, b)
+
+
+def _matmul_cost(ins, attrs, outs):
+    a, b = ins
+    out = outs[0]
+    return Cost.of(2.0 * numel(out) * a.shape[-1], nbytes(a, b, out), "matmul", a.dtype)
+
+
+def _embedding_infer(ins, attrs):
+    ids, w = ins
+    return [TensorType((*ids.shape, w.shape[1]), w.dtype)]
+
+
+def _embedding_ref(ids, w):
+    return F.embedding(ids, w)
+
+
+def _embedding_cost(ins, attrs, outs):
+    return Cost.of(0.0, nbytes(ins[0]) + 2 * nbytes(*outs), "gather", outs[0].dtype)
+
+
+# ---- norms and RoPE --------------------------------------------------------------------------------------
+
+def _rmsnorm_ref(x, w=None, *, eps=None, ndim=1):
+    return F.rms_norm(x, x.shape[-ndim:], w, eps)
+
+
+def _layernorm_ref(x, w=None, b=None, *, eps=1e-5, ndim=1):
+    return F.layer_norm(x, x.shape[-ndim:], w, b, eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope_infer(ins, attrs):
+    x, cos, sin = ins
+    return [x.with_(shape=broadcast_shapes(x.shape, cos.shape, sin.shape))]
+
+
+def _rope_ref(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+
+def _attention_infer(ins, attrs):
+    q, k, v = ins[:3]
+    if q.rank != 4 or k.rank != 4 or v.rank != 4:
+        raise VerifyError(f"attention takes q, k, v as [batch, heads, seq, head_dim]; got {q}, {k}, {v}")
+    hq, hk = q.shape[1], k.shape[1]
+    if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
+        raise VerifyError(f"attention: {hq} query heads is not a multiple of {hk} KV heads (GQA)")
+    out = q.with_(shape=(*q.shape[:3], v.shape[3]))
+    if attrs["return_lse"]:
+        return [out, TensorType(q.shape[:3], "float32")]
+    return [out]
+
+
+def _attention_ref(q, k, v, mask=None, *, causal=False, scale=None, window=None, sinks=0, q_offset=None,
+                   return_lse=False):
+    plain = window is None and sinks == 0 and not return_lse and (
+        not causal or q_offset == 0 or (q_offset is None and q.shape[2] == k.shape[2]))
+    if plain or mask is not None:
+        if not plain:
+            raise VerifyError("attention with an explicit mask takes no window/sinks/lse/q_offset")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    from lmforge.ir.ops.attention_ref import attention_ref
+
+    return attention_ref(q, k, v, causal=causal, scale=scale, window=window, sinks=sinks, q_offset=q_offset,
+                         return_lse=return_lse)
+
+
+def visible_keys(sq: int, skv: int, causal: bool, window, sinks: int, q_offset) -> float:
+    """Number of (query, key) pairs attention computes, for the FLOP and eFLOP counts."""
+    if not causal:
+        return float(sq * skv) if window is None else float(sq * min(skv, window + sinks))
+    off = skv - sq if q_offset is None else q_offset
+    total = 0.0
+    for i in range(sq):
+        n = max(0, min(skv, off + i + 1))
+        if window is not None:
+            n = min(n, window + min(sinks, max(0, n - window)))
+        total += n
+    return total
+
+
+def _attention_cost(ins, attrs, outs):
+    q, k, v = ins[:3]
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    pairs = visible_keys(sq, skv, attrs["causal"], attrs["window"], attrs["sinks"], attrs["q_offset"])
+    flops = 2.0 * b * hq * pairs * (d + v.shape[3]) + 5.0 * b * hq * pairs
+    # K/V are read once per KV head (GQA shares them); a window reads only the visible part of the cache.
+    frac = 1.0 if attrs["window"] is None or sq > 1 else min(1.0, (attrs["window"] + attrs["sinks"]) / max(skv, 1))
+    moved = nbytes(q, *outs, *(ins[3:])) + frac * nbytes(k, v)
+    return Cost.of(flops, moved, "attention", q.dtype)
+
+
+def _kv_update_infer(ins, attrs):
+    return [ins[0]]
+
+
+def _kv_update_ref(cache, new, *, dim, pos):
+    out = cache.clone()
+    out.narrow(dim, pos, new.shape[dim]).copy_(new)
+    return out
+
+
+def _kv_update_cost(ins, attrs, outs):
+    # In a serving runtime the cache is updated in place: only the new entries are read and written.
+    return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=ins[0].annotation("memory_tier", "dram"))
+
+
+# ---- decoding helpers ------------------------------------------------------------------------------------
+
+def _topk_infer(ins, attrs):
+    x = ins[0]
+    dim = attrs["dim"] % x.rank
+    shape = tuple(attrs["k"] if i == dim else s for i, s in enumerate(x.shape))
+    return [x.with_(shape=shape), TensorType(shape, "int64")]
+
+
+def _topk_ref(x, *, k, dim=-1, largest=True):
+    v, i = torch.topk(x, k, dim=dim, largest=largest)
+    return v, i
+
+
+def _sample_infer(ins, attrs):
+    logits = ins[0]
+    return [TensorType(logits.shape[:-1], "int64")]
+
+
+def _sample_ref(logits, *, temperature=1.0, top_p=1.0, seed=0):
+    """Temperature / nucleus sampling over the last dim; deterministic for a given seed."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    gen = torch.Generator(device=logits.device).manual_seed(int(seed))
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=gen).reshape(logits.shape[:-1])
+
+
+def ops() -> list[OpDef]:
+    norm_cost = streaming_cost(5, "norm")
+    return [
+        OpDef("linear", "y = x @ w.T + b, with w [out, in] a parameter and b optional.", {}, _linear_infer,
+              _linear_ref, _linear_cost, arity=(2, 3), op_class="matmul"),
+        OpDef("matmul", "Batched matrix product a @ b (rank >= 2, batch dims broadcast).", {}, _matmul_infer,
+              _matmul_ref, _matmul_cost, arity=(2, 2), op_class="matmul"),
+        OpDef("embedding", "Rows of the table `weight` at the token ids.", {}, _embedding_infer, _embedding_ref,
+              _embedding_cost, arity=(2, 2), op_class="gather"),
+        OpDef("rmsnorm", "x / sqrt(mean(x^2 over the last `ndim` dims) + eps) * weight.",
+              {"eps": attr("float", None), "ndim": attr("int", 1)}, lambda i, a: [i[0]], _rmsnorm_ref,
+              norm_cost, arity=(1, 2), op_class="norm"),
+        OpDef("layernorm", "(x - mean) / sqrt(var + eps) * weight + bias over the last `ndim` dims.",
+              {"eps": attr("float", 1e-5), "ndim": attr("int", 1)}, lambda i, a: [i[0]], _layernorm_ref,
+              norm_cost, arity=(1, 3), op_class="norm"),
+        OpDef("rope", "Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin.", {}, _rope_infer,
+              _rope_ref, streaming_cost(3, "elementwise"), arity=(3, 3)),
+        OpDef("attention",
+              "softmax(q k^T * scale + mask) v over [batch, heads, seq, head_dim]; GQA when q has a multiple of "
+              "k's heads. `causal` aligns query i at key position q_offset + i (default Skv - Sq, so a decode "
+              "step sees its whole KV cache); `window`/`sinks` restrict keys (StreamingLLM); `return_lse` adds "
+              "the fp32 log-sum-exp [batch, heads, seq] as a second output.",
+              {"causal": attr("bool", False), "scale": attr("float", None), "window": attr("int", None),
+               "sinks": attr("int", 0), "q_offset": attr("dim", None), "return_lse": attr("bool", False)},
+              _attention_infer, _attention_ref, _attention_cost, arity=(3, 4), op_class="attention",
+              num_outputs=lambda a: 2 if a.get("return_lse") else 1),
+        OpDef("kv_cache_update", "The cache with `new` written at positions pos.. along `dim` (functional).",
+              {"dim": attr("int"), "pos": attr("dim")}, _kv_update_infer, _kv_update_ref, _kv_update_cost,
+              arity=(2, 2), op_class="data_movement"),
+        OpDef("topk", "The k largest (or smallest) values along `dim` and their indices.",
+              {"k": attr("int"), "dim": attr("int", -1), "largest": attr("bool", True)}, _topk_infer, _topk_ref,
+              lambda i, a, o: Cost.of(numel(i[0]), nbytes(i[0], *o), "reduction", i[0].dtype),
+              op_class="reduction", num_outputs=lambda a: 2),
+        OpDef("sample", "Draw token ids from logits: temperature (0 = greedy) and nucleus top_p, seeded.",
+              {"temperature": attr("float", 1.0), "top_p": attr("float", 1.0), "seed": attr("int", 0)},
+              _sample_infer, _sample_ref,
+              lambda i, a, o: Cost.of(6 * numel(i[0]), nbytes(i[0], *o), "reduction", i[0].dtype),
+              op_class="reduction"),
+    ]

@@ -1,0 +1,392 @@
+"""Tensor ops: elementwise, comparisons, reductions, softmax, data movement, creation, torch fallback."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import VerifyError
+from lmforge.ir.cost import Cost
+from lmforge.ir.ops.registry import (OpDef, attr, broadcast_shapes, nbytes, norm_dim, numel, streaming_cost,
+                                     view_cost)
+from lmforge.ir.types import TensorType, torch_dtype
+
+# ---- elementwise -----------------------------------------------------------------------------------
+
+# name -> (torch function, FLOPs per element). FLOP counts of transcendental ops follow common practice
+# (one "op" per special-function evaluation plus its arithmetic).
+UNARY = {
+    "neg": (torch.neg, 1), "exp": (torch.exp, 1), "log": (torch.log, 1), "sqrt": (torch.sqrt, 1),
+    "rsqrt": (torch.rsqrt, 1), "abs": (torch.abs, 1), "sin": (torch.sin, 1), "cos": (torch.cos, 1),
+    "tanh": (torch.tanh, 1), "sigmoid": (torch.sigmoid, 4), "relu": (torch.relu, 1), "silu": (F.silu, 5),
+    "reciprocal": (torch.reciprocal, 1), "logical_not": (torch.logical_not, 1),
+}
+BINARY = {
+    "add": (torch.add, 1), "sub": (torch.sub, 1), "mul": (torch.mul, 1), "div": (torch.div, 1),
+    "pow": (torch.pow, 1), "maximum": (torch.maximum, 1), "minimum": (torch.minimum, 1),
+    "logical_and": (torch.logical_and, 1), "logical_or": (torch.logical_or, 1),
+}
+COMPARE = {"eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}
+
+
+def _same_type(ins, attrs):
+    return [ins[0]]
+
+
+def _unary(name: str, fn, flops: int) -> OpDef:
+    def ref(x):
+        return fn(x)
+
+    return OpDef(name, f"Elementwise {name}(x).", {}, _same_type, ref, streaming_cost(flops, "elementwise"))
+
+
+def _binary_infer(ins, attrs):
+    a, b = ins[0], ins[1] if len(ins) > 1 else None
+    if a is None:
+        raise VerifyError("binary op needs a tensor as first input")
+    if b is None:
+        return [a]
+    return [TensorType(broadcast_shapes(a.shape, b.shape), _promote(a.dtype, b.dtype))]
+
+
+def _promote(a: str, b: str) -> str:
+    return a if a == b else str(torch.promote_types(torch_dtype(a), torch_dtype(b))).replace("torch.", "")
+
+
+def _binary(name: str, fn, flops: int) -> OpDef:
+    def ref(a, b=None, *, scalar=None, swap=False, alpha=1.0):
+        other = b if b is not None else scalar
+        if swap and not torch.is_tensor(other):
+            other = torch.tensor(other, dtype=a.dtype, device=a.device)
+        x, y = (other, a) if swap else (a, other)
+        if name in ("add", "sub") and alpha != 1.0:
+            return fn(x, y, alpha=alpha)
+        return fn(x, y)
+
+    return OpDef(name, f"Elementwise {name}(a, b); b may be absent, then the `scalar` attribute is used "
+                       f"(`swap` puts the scalar first).",
+                 {"scalar": attr("any", None), "swap": attr("bool", False), "alpha": attr("float", 1.0)},
+                 _binary_infer, ref, streaming_cost(flops, "elementwise"), arity=(1, 2))
+
+
+def _compare(name: str, fn) -> OpDef:
+    def infer(ins, attrs):
+        (t,) = _binary_infer(ins, attrs)
+        return [t.with_(dtype="bool")]
+
+    def ref(a, b=None, *, scalar=None):
+        return fn(a, b if b is not None else scalar)
+
+    return OpDef(name, f"Comparison {name}(a, b) -> bool.", {"scalar": attr("any", None)}, infer, ref,
+                 streaming_cost(1, "elementwise"), arity=(1, 2))
+
+
+def _where_infer(ins, attrs):
+    c, a, b = ins
+    shapes = [t.shape for t in (c, a, b) if t is not None]
+    dtype = next((t.dtype for t in (a, b) if t is not None), "float32")
+    return [TensorType(broadcast_shapes(*shapes), dtype)]
+
+
+def _where_ref(cond, a=None, b=None, *, a_scalar=None, b_scalar=None):
+    return torch.where(cond, a if a is not None else a_scalar, b if b is not None else b_scalar)
+
+
+def _gelu_ref(x, *, approximate="none"):
+    return F.gelu(x, approximate=approximate)
+
+
+def _cast_ref(x, *, dtype):
+    return x.to(torch_dtype(dtype))
+
+
+def _pow_scalar_ref(x, *, exponent):
+    return torch.pow(x, exponent)
+
+
+# ---- reductions and softmax ---------------------------------------------------------------------------
+
+def _reduce_infer(ins, attrs):
+    x = ins[0]
+    dims = {norm_dim(d, x.rank) for d in (attrs["dims"] if attrs["dims"] is not None else range(x.rank))}
+    shape = [(1 if i in dims else d) for i, d in enumerate(x.shape) if attrs["keepdim"] or i not in dims]
+    dtype = attrs.get("dtype") or ("int64" if attrs.get("_index") else x.dtype)
+    return [TensorType(tuple(shape), dtype)]
+
+
+def _reduction(name: str, fn) -> OpDef:
+    def ref(x, *, dims, keepdim=False, dtype=None):
+        d = tuple(dims) if dims is not None else tuple(range(x.dim()))
+        out = fn(x, d, keepdim) if name != "mean" or dtype is None else fn(x.to(torch_dtype(dtype)), d, keepdim)
+        return out
+
+    def cost(ins, attrs, outs):
+        return Cost.of(numel(ins[0]), nbytes(ins[0], *outs), "reduction", ins[0].dtype)
+
+    return OpDef(name, f"Reduction {name} over `dims` (None = all).",
+                 {"dims": attr("ints", None), "keepdim": attr("bool", False), "dtype": attr("dtype", None)},
+                 _reduce_infer, ref, cost, op_class="reduction")
+
+
+def _argmax_infer(ins, attrs):
+    x = ins[0]
+    if attrs["dim"] is None:
+        return [TensorType((), "int64")]
+    d = norm_dim(attrs["dim"], x.rank)
+    shape = [(1 if i == d else s) for i, s in enumerate(x.shape) if attrs["keepdim"] or i != d]
+    return [TensorType(tuple(shape), "int64")]
+
+
+def _argmax_ref(x, *, dim=None, keepdim=False):
+    return torch.argmax(x, dim=dim, keepdim=keepdim)
+
+
+def _softmax_ref(x, *, dim=-1, log=False):
+    y = torch.log_softmax(x.float(), dim) if log else torch.softmax(x.float(), dim)
+    return y.to(x.dtype)
+
+
+# ---- data movement ----------------------------------------------------------------------------------------
+
+def _reshape_infer(ins, attrs):
+    shape = list(attrs["shape"])
+    if -1 in shape:
+        x = ins[0]
+        if not x.is_static or any(isinstance(d, str) for d in shape):
+            raise VerifyError("reshape with -1 needs static shapes; give the full symbolic shape")
+        known = 1
+        for d in shape:
+            known *= d if d != -1 else 1
+        shape[shape.index(-1)] = x.numel() // known
+    return [ins[0].with_(shape=tuple(shape))]
+
+
+def _reshape_ref(x, *, shape):
+    return x.reshape(tuple(shape))
+
+
+def _permute_infer(ins, attrs):
+    x = ins[0]
+    perm = [norm_dim(p, x.rank) for p in attrs["perm"]]
+    if sorted(perm) != list(range(x.rank)):
+        raise VerifyError(f"permute: {attrs['perm']} is not a permutation of {x.rank} dims")
+    return [x.with_(shape=tuple(x.shape[p] for p in perm))]
+
+
+def _permute_ref(x, *, perm):
+    return x.permute(tuple(perm))
+
+
+def _expand_infer(ins, attrs):
+    x = ins[0]
+    shape = list(attrs["shape"])
+    off = len(shape) - x.rank
+    for i in range(len(shape)):
+        if shape[i] == -1:
+            shape[i] = x.shape[i - off]
+    return [x.with_(shape=tuple(shape))]
+
+
+def _expand_ref(x, *, shape):
+    return x.expand(tuple(shape))
+
+
+def _concat_infer(ins, attrs):
+    ts = [t for t in ins if t is not None]
+    dim = norm_dim(attrs["dim"], ts[0].rank)
+    total: Any = 0
+    for t in ts:
+        d = t.shape[dim]
+        total = (total + d) if isinstance(total, int) and isinstance(d, int) else f"({total}) + ({d})"
+    from lmforge.ir.types import simplify_dim
+
+    shape = list(ts[0].shape)
+    shape[dim] = simplify_dim(total)
+    return [ts[0].with_(shape=tuple(shape))]
+
+
+def _concat_ref(*xs, dim):
+    return torch.cat(xs, dim)
+
+
+def _slice_infer(ins, attrs):
+    from lmforge.ir.types import simplify_dim
+
+    x = ins[0]
+    dim = norm_dim(attrs["dim"], x.rank)
+    size = x.shape[dim]
+    start, end, step = attrs["start"], attrs["end"], attrs["step"]
+    if end is None:
+        end = size
+    if isinstance(start, int) and isinstance(end, int) and isinstance(size, int):
+        n = len(range(*slice(start, end, step).indices(size)))
+    elif isinstance(end, int) and isinstance(size, str) and end >= 2**62:
+        n = simplify_dim(f"(({size}) - ({start}) + {step - 1}) // {step}") if step != 1 else simplify_dim(
+            f"({size}) - ({start})")
+    else:
+        n = simplify_dim(f"(({end}) - ({start}))") if step == 1 else simplify_dim(
+            f"(({end}) - ({start}) + {step - 1}) // {step}")
+    shape = list(x.shape)
+    shape[dim] = n
+    return [x.with_(shape=tuple(shape))]
+
+
+def _slice_ref(x, *, dim, start=0, end=None, step=1):
+    idx = [slice(None)] * x.dim()
+    idx[dim] = slice(start, end, step)
+    return x[tuple(idx)]
+
+
+def _select_infer(ins, attrs):
+    x = ins[0]
+    dim = norm_dim(attrs["dim"], x.rank)
+    return [x.with_(shape=tuple(d for i, d in enumerate(x.shape) if i != dim))]
+
+
+def _select_ref(x, *, dim, index):
+    return x.select(dim, index)
+
+
+def _index_select_infer(ins, attrs):
+    x, idx = ins
+    dim = norm_dim(attrs["dim"], x.rank)
+    shape = list(x.shape)
+    shape[dim] = idx.shape[0]
+    return [x.with_(shape=tuple(shape))]
+
+
+def _index_select_ref(x, idx, *, dim):
+    return torch.index_select(x, dim, idx)
+
+
+def _gather_cost(ins, attrs, outs):
+    return Cost.of(0.0, 2 * nbytes(*outs) + nbytes(*ins[1:]), "gather", outs[0].dtype)
+
+
+def _tri_ref(x, *, diagonal=0, upper=False):
+    return torch.triu(x, diagonal) if upper else torch.tril(x, diagonal)
+
+
+# ---- creation --------------------------------------------------------------------------------------------
+
+def _arange_infer(ins, attrs):
+    from lmforge.ir.types import simplify_dim
+
+    start, end, step = attrs["start"], attrs["end"], attrs["step"]
+    n = simplify_dim(f"(({end}) - ({start}) + {step - 1}) // {step}") if not (
+        isinstance(start, int) and isinstance(end, int)) else len(range(start, end, step))
+    return [TensorType((n,), attrs["dtype"])]
+
+
+def _arange_ref(*, start=0, end, step=1, dtype="int64", device=None):
+    return torch.arange(start, end, step, dtype=torch_dtype(dtype), device=device)
+
+
+def _full_infer(ins, attrs):
+    return [TensorType(tuple(attrs["shape"]), attrs["dtype"])]
+
+
+def _full_ref(*, shape, value, dtype="float32", device=None):
+    return torch.full(tuple(shape), value, dtype=torch_dtype(dtype), device=device)
+
+
+def _creation_cost(ins, attrs, outs):
+    return Cost.of(0.0, nbytes(*outs), "data_movement", outs[0].dtype)
+
+
+# ---- torch fallback ------------------------------------------------------------------------------------
+
+def resolve_aten(target: str):
+    """`"aten.triu.default"` -> torch.ops.aten.triu.default."""
+    obj: Any = torch.ops
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rebuild(spec, inputs):
+    if isinstance(spec, dict):
+        if "input" in spec:
+            return inputs[spec["input"]]
+        if "dtype" in spec:
+            return torch_dtype(spec["dtype"])
+        if "device" in spec:
+            return torch.device(spec["device"])
+        if "list" in spec:
+            return [_rebuild(s, inputs) for s in spec["list"]]
+        if "tuple" in spec:
+            return tuple(_rebuild(s, inputs) for s in spec["tuple"])
+        if "kwargs" in spec:
+            return {k: _rebuild(v, inputs) for k, v in spec["kwargs"]}
+    if isinstance(spec, (list, tuple)):
+        return [_rebuild(s, inputs) for s in spec]
+    return spec
+
+
+def _fallback_ref(*inputs, target, args, kwargs=()):
+    fn = resolve_aten(target)
+    out = fn(*_rebuild(list(args), inputs), **{k: _rebuild(v, inputs) for k, v in kwargs})
+    return tuple(out) if isinstance(out, (list, tuple)) else out
+
+
+def _fallback_cost(ins, attrs, outs):
+    return Cost.of(0.0, nbytes(*ins, *outs), "other", outs[0].dtype if outs else "float32")
+
+
+def ops() -> list[OpDef]:
+    out = [_unary(n, fn, f) for n, (fn, f) in UNARY.items()]
+    out += [_binary(n, fn, f) for n, (fn, f) in BINARY.items()]
+    out += [_compare(n, fn) for n, fn in COMPARE.items()]
+    out += [
+        OpDef("gelu", "GELU activation.", {"approximate": attr("str", "none")}, _same_type, _gelu_ref,
+              streaming_cost(8, "elementwise")),
+        OpDef("pow_scalar", "x ** exponent with a constant exponent.", {"exponent": attr("float")}, _same_type,
+              _pow_scalar_ref, streaming_cost(1, "elementwise")),
+        OpDef("cast", "Convert to another dtype.", {"dtype": attr("dtype")},
+              lambda ins, a: [ins[0].with_(dtype=a["dtype"])], _cast_ref, streaming_cost(0, "elementwise")),
+        OpDef("where", "where(cond, a, b); a or b may be absent, then a_scalar / b_scalar are used.",
+              {"a_scalar": attr("any", None), "b_scalar": attr("any", None)}, _where_infer, _where_ref,
+              streaming_cost(1, "elementwise"), arity=(3, 3)),
+        OpDef("tri", "Keep the lower (tril) or upper (triu) triangle from `diagonal`.",
+              {"diagonal": attr("int", 0), "upper": attr("bool", False)}, _same_type, _tri_ref,
+              streaming_cost(0, "elementwise")),
+        _reduction("sum", lambda x, d, k: torch.sum(x, d, keepdim=k)),
+        _reduction("mean", lambda x, d, k: torch.mean(x, d, keepdim=k)),
+        _reduction("amax", lambda x, d, k: torch.amax(x, d, keepdim=k)),
+        _reduction("amin", lambda x, d, k: torch.amin(x, d, keepdim=k)),
+        OpDef("argmax", "Index of the maximum along `dim` (None = flattened).",
+              {"dim": attr("int", None), "keepdim": attr("bool", False)}, _argmax_infer, _argmax_ref,
+              lambda i, a, o: Cost.of(numel(i[0]), nbytes(*i, *o), "reduction", i[0].dtype), op_class="reduction"),
+        OpDef("softmax", "softmax (or log_softmax when `log`) along `dim`, computed in fp32.",
+              {"dim": attr("int", -1), "log": attr("bool", False)}, _same_type, _softmax_ref,
+              streaming_cost(5, "reduction"), op_class="reduction"),
+        OpDef("reshape", "View with a new shape (dims may be symbolic).", {"shape": attr("dims")}, _reshape_infer,
+              _reshape_ref, view_cost, op_class="data_movement"),
+        OpDef("permute", "Reorder dimensions.", {"perm": attr("ints")}, _permute_infer, _permute_ref, view_cost,
+              op_class="data_movement"),
+        OpDef("expand", "Broadcast to a larger shape (-1 keeps a dim).", {"shape": attr("dims")}, _expand_infer,
+              _expand_ref, view_cost, op_class="data_movement"),
+        OpDef("concat", "Concatenate along `dim`.", {"dim": attr("int")}, _concat_infer, _concat_ref,
+              streaming_cost(0, "data_movement"), arity=(1, None), op_class="data_movement"),
+        OpDef("slice", "x[start:end:step] along `dim` (start/end may be symbolic).",
+              {"dim": attr("int"), "start": attr("dim", 0), "end": attr("dim", None), "step": attr("int", 1)},
+              _slice_infer, _slice_ref, view_cost, op_class="data_movement"),
+        OpDef("select", "x.select(dim, index): drops `dim`.", {"dim": attr("int"), "index": attr("dim")},
+              _select_infer, _select_ref, view_cost, op_class="data_movement"),
+        OpDef("index_select", "Rows of x at the indices along `dim`.", {"dim": attr("int")}, _index_select_infer,
+              _index_select_ref, _gather_cost, arity=(2, 2), op_class="gather"),
+        OpDef("arange", "Integers start..end by step (bounds may be symbolic).",
+              {"start": attr("dim", 0), "end": attr("dim"), "step": attr("int", 1), "dtype": attr("dtype", "int64")},
+              _arange_infer, _arange_ref, _creation_cost, arity=(0, 0), op_class="data_movement"),
+        OpDef("full", "A tensor filled with `value`.",
+              {"shape": attr("dims"), "value": attr("any"), "dtype": attr("dtype", "float32")},
+              _full_infer, _full_ref, _creation_cost, arity=(0, 0), op_class="data_movement"),
+        OpDef("torch_fallback", "An ATen op with no IR mapping, run by torch. `target` names it "
+                                "(aten.<op>.<overload>); `args`/`kwargs` rebuild the call, {'input': i} "
+                                "standing for the i-th input. Output types are recorded at capture.",
+              {"target": attr("str"), "args": attr("any", ()), "kwargs": attr("any", ())}, None, _fallback_ref,
+              _fallback_cost, arity=(0, None), op_class="other"),
+    ]
+    return out

@@ -1,0 +1,114 @@
+"""Passes, their knobs, and the pass manager.
+
+A pass is a function `Graph -> Graph` (given the pass's knob values) with a name, a docstring showing
+the IR before and after, and the knobs it exposes to the search. The `PassManager` runs a pipeline,
+verifies after each pass, times each one, and prints the IR after a pass when asked
+(`LMFORGE_PRINT_AFTER=<pass name>|all`, or `print_after=`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from lmforge.errors import LmforgeError, VerifyError
+from lmforge.ir.graph import Graph
+from lmforge.ir.verify import verify
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One tunable choice a pass or kernel exposes.
+
+    kind: "int" | "float" | "categorical" | "bool". `choices` for categorical (and optionally int);
+    `low`/`high`/`log` for ranges. `condition` = (other knob, allowed values): the knob exists only when
+    that knob takes one of those values (a block-top-k knob exists only when that pattern is chosen).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    condition: tuple[str, tuple] | None = None
+    doc: str = ""
+
+    def describe(self) -> str:
+        rng = (f"{{{', '.join(map(str, self.choices))}}}" if self.choices else f"[{self.low}, {self.high}]"
+               + (" log" if self.log else ""))
+        cond = f" if {self.condition[0]} in {list(self.condition[1])}" if self.condition else ""
+        return f"{self.name}: {self.kind} {rng} default={self.default}{cond}"
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A named graph transformation. `fn(graph, **knob_values) -> graph`."""
+
+    name: str
+    fn: Callable[..., Graph]
+    knobs: tuple[Knob, ...] = ()
+    doc: str = ""
+
+    def __call__(self, graph: Graph, config: Mapping[str, Any] | None = None) -> Graph:
+        config = config or {}
+        values = {k.name.split(".")[-1]: config.get(k.name, k.default) for k in self.knobs}
+        return self.fn(graph, **values)
+
+
+def graph_pass(name: str, knobs: Sequence[Knob] = ()) -> Callable[[Callable], Pass]:
+    """Decorator: turn `fn(graph, **knobs) -> graph` into a `Pass` whose doc is fn's docstring."""
+
+    def wrap(fn: Callable) -> Pass:
+        return Pass(name, fn, tuple(knobs), (fn.__doc__ or "").strip())
+
+    return wrap
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclass
+class PassManager:
+    passes: Sequence[Pass]
+    verify_each: bool = True
+    print_after: str | None = None
+    records: list[PassRecord] = field(default_factory=list)
+
+    def knobs(self) -> list[Knob]:
+        return [k for p in self.passes for k in p.knobs]
+
+    def run(self, graph: Graph, config: Mapping[str, Any] | None = None) -> Graph:
+        show = self.print_after or os.environ.get("LMFORGE_PRINT_AFTER")
+        done: list[str] = []
+        for p in self.passes:
+            t0 = time.perf_counter()
+            before = len(graph.nodes)
+            try:
+                graph = p(graph, config)
+                if self.verify_each:
+                    verify(graph)
+            except VerifyError as e:
+                raise VerifyError(f"after pass {p.name!r} (passes run before it: {done or 'none'}): {e}") from e
+            except LmforgeError:
+                raise
+            except Exception as e:
+                raise LmforgeError(f"pass {p.name!r} failed (passes run before it: {done or 'none'}): "
+                                   f"{type(e).__name__}: {e}") from e
+            self.records.append(PassRecord(p.name, time.perf_counter() - t0, before, len(graph.nodes)))
+            done.append(p.name)
+            if show and (show == "all" or p.name in show.split(",")):
+                print(f"// IR after {p.name}\n{graph}", file=sys.stderr)
+        return graph
+
+    def report(self) -> str:
+        rows = [f"{r.name:<24} {r.seconds * 1e3:8.2f} ms  nodes {r.nodes_before} -> {r.nodes_after}" for r in self.records]
+        return "\n".join(rows)

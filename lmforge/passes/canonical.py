@@ -1,0 +1,184 @@
+"""Canonical passes: dead-code elimination, common-subexpression elimination, shape folding, and
+recognition of the matmul-softmax-matmul chain as one `attention` op.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from lmforge.ir.graph import Graph, Node, Value
+from lmforge.ir.ops import get_op
+from lmforge.ir.types import TensorType, simplify_dim
+from lmforge.passes.base import graph_pass
+from lmforge.passes.rewrite import RewriteContext, rewrite
+
+
+@graph_pass("dce")
+def dce(graph: Graph) -> Graph:
+    """Remove nodes whose outputs nobody reads, and parameters no node reads (all IR ops are pure).
+
+        %a = exp(%x); %b = neg(%x); return %b      ->      %b = neg(%x); return %b
+    """
+    live = {v.name for v in graph.outputs}
+    kept: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(v.name in live for v in node.outputs):
+            kept.append(node)
+            live.update(v.name for v in node.inputs if v is not None)
+            for r in node.regions:
+                live.update(_free_names(r))
+    params = tuple(p for p in graph.params if p.name in live)
+    weights = {k: w for k, w in graph.weights.items() if k in live}
+    return replace(graph, nodes=tuple(reversed(kept)), params=params, weights=weights)
+
+
+def _free_names(region: Graph) -> set[str]:
+    defined = {v.name for v in (*region.inputs, *region.params)} | {v.name for n in region.nodes for v in n.outputs}
+    used = {v.name for n in region.nodes for v in n.inputs if v is not None} | {v.name for v in region.outputs}
+    return used - defined
+
+
+@graph_pass("cse")
+def cse(graph: Graph) -> Graph:
+    """Merge nodes that apply the same op with the same attributes to the same inputs.
+
+        %a = rsqrt(%x); %b = rsqrt(%x); %c = add(%a, %b)   ->   %a = rsqrt(%x); %c = add(%a, %a)
+    """
+    seen: dict[tuple, Node] = {}
+
+    def rule(node: Node, ctx: RewriteContext):
+        if node.regions or node.op == "sample":
+            return None
+        key = (node.op, tuple(None if v is None else v.name for v in node.inputs), json.dumps(node.attrs, default=str),
+               tuple(v.type for v in node.outputs))
+        if key in seen:
+            twin = seen[key]
+            if len(node.outputs) == 1:
+                return twin.outputs[0]
+            return None
+        seen[key] = node
+        return None
+
+    return dce(rewrite(graph, rule))
+
+
+def _simplify_type(t: TensorType) -> TensorType:
+    return replace(t, shape=tuple(simplify_dim(d) for d in t.shape))
+
+
+@graph_pass("fold_shapes")
+def fold_shapes(graph: Graph) -> Graph:
+    """Constant-fold shape arithmetic and drop no-op data movement.
+
+    Symbolic dims are simplified (`(past + 1) - 1` -> `past`); reshape/expand to the same shape, identity
+    permutes, full-range slices and same-dtype casts become aliases; reshape(reshape(x)) and
+    permute(permute(x)) collapse into one.
+
+        %a: f32[b, 4] = reshape(%x: f32[b, 4]; shape=[b, 4])   ->   (uses of %a read %x)
+    """
+    # 1. simplify every symbolic dim in value types and dim attributes
+    subst: dict[str, Value] = {}
+
+    def fix(v):
+        if v is None:
+            return None
+        if v.name not in subst:
+            subst[v.name] = Value(v.name, _simplify_type(v.type))
+        return subst[v.name]
+
+    nodes = []
+    for n in graph.nodes:
+        opdef = get_op(n.op)
+        attrs = tuple((k, _simplify_attr(v) if opdef.attrs[k].kind in ("dim", "dims") else v) for k, v in n.attrs)
+        nodes.append(replace(n, inputs=tuple(fix(v) for v in n.inputs), outputs=tuple(fix(v) for v in n.outputs),
+                             attrs=attrs))
+    graph = replace(graph, inputs=tuple(fix(v) for v in graph.inputs), params=tuple(fix(v) for v in graph.params),
+                    nodes=tuple(nodes), outputs=tuple(fix(v) for v in graph.outputs))
+    # 2. drop or merge no-op data movement
+    return dce(rewrite(graph, _fold_rule))
+
+
+def _simplify_attr(v):
+    if isinstance(v, tuple):
+        return tuple(simplify_dim(x) for x in v)
+    return simplify_dim(v) if isinstance(v, (int, str)) else v
+
+
+def _fold_rule(node: Node, ctx: RewriteContext):
+    x = node.inputs[0] if node.inputs else None
+    if node.op in ("reshape", "expand") and x is not None and tuple(x.type.shape) == tuple(node.output.type.shape):
+        return x
+    if node.op == "cast" and x is not None and x.type.dtype == node.output.type.dtype:
+        return x
+    if node.op == "permute" and tuple(node.attr["perm"]) == tuple(range(len(node.attr["perm"]))):
+        return x
+    if node.op == "slice" and node.attr["start"] == 0 and node.attr["step"] == 1 and (
+            node.attr["end"] is None or node.attr["end"] == x.type.shape[node.attr["dim"]]):
+        return x
+    inner = ctx.producers.get(x.name) if x is not None else None
+    if inner is not None and inner.op == node.op == "reshape":
+        return [replace(node, inputs=(inner.inputs[0],))]
+    if inner is not None and inner.op == node.op == "permute":
+        p_in, p_out = inner.attr["perm"], node.attr["perm"]
+        return [replace(node, inputs=(inner.inputs[0],)).with_attrs(perm=tuple(p_in[i] for i in p_out))]
+    return None
+
+
+@graph_pass("recognize_attention")
+def recognize_attention(graph: Graph) -> Graph:
+    """Fold `matmul(softmax(matmul(q, k^T) * scale [+ mask]), v)` into one `attention` op.
+
+        %s = matmul(%q, %kt); %s2 = mul(%s; scalar=0.125); %p = softmax(%s2; dim=-1); %o = matmul(%p, %v)
+        ->  %o = attention(%q, %k, %v; scale=0.125)
+
+    Intermediate values must have no other readers; casts around the softmax are allowed (the op
+    computes its softmax in fp32 anyway).
+    """
+
+    def rule(node: Node, ctx: RewriteContext):
+        if node.op != "matmul":
+            return None
+        p, v = node.inputs
+        prod = ctx.producers.get(p.name)
+        if prod is not None and prod.op == "cast" and ctx.single_use(p):
+            p = prod.inputs[0]
+            prod = ctx.producers.get(p.name)
+        if prod is None or prod.op != "softmax" or prod.attr["log"] or not ctx.single_use(p):
+            return None
+        if prod.attr["dim"] not in (-1, p.type.rank - 1):
+            return None
+        s = prod.inputs[0]
+        s_prod = ctx.producers.get(s.name)
+        if s_prod is not None and s_prod.op == "cast" and ctx.single_use(s):
+            s = s_prod.inputs[0]
+            s_prod = ctx.producers.get(s.name)
+        mask = None
+        if s_prod is not None and s_prod.op == "add" and s_prod.inputs[1] is not None and ctx.single_use(s):
+            mask = s_prod.inputs[1]
+            s = s_prod.inputs[0]
+            s_prod = ctx.producers.get(s.name)
+        scale = 1.0
+        if s_prod is not None and s_prod.op in ("mul", "div") and s_prod.inputs[1] is None and ctx.single_use(s) \
+                and not s_prod.attr["swap"] and isinstance(s_prod.attr["scalar"], (int, float)):
+            scale = float(s_prod.attr["scalar"]) if s_prod.op == "mul" else 1.0 / float(s_prod.attr["scalar"])
+            s = s_prod.inputs[0]
+            s_prod = ctx.producers.get(s.name)
+        if s_prod is None or s_prod.op != "matmul" or not ctx.single_use(s):
+            return None
+        q, kt = s_prod.inputs
+        kt_prod = ctx.producers.get(kt.name)
+        if kt_prod is None or kt_prod.op != "permute" or q.type.rank != 4 or v.type.rank != 4:
+            return None
+        if tuple(kt_prod.attr["perm"]) not in ((0, 1, 3, 2), (0, 1, -1, -2)):
+            return None
+        k = kt_prod.inputs[0]
+        if k.type.rank != 4 or tuple(k.type.shape[:2]) != tuple(q.type.shape[:2]):
+            return None
+        attrs = get_op("attention").normalize_attrs({"scale": scale})
+        ins = (q, k, v) + ((mask,) if mask is not None else ())
+        return [Node("attention", ins, node.outputs, tuple(sorted(attrs.items())), (), node.source)]
+
+    return dce(rewrite(graph, rule))
+
+
+CANONICAL_PIPELINE = (fold_shapes, cse, dce)

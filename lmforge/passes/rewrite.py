@@ -1,0 +1,58 @@
+"""The one rewriting engine passes share: walk the nodes in order, let a rule keep, replace or alias each.
+
+A rule gets a node (inputs already substituted) and the `RewriteContext`; it returns
+- None: keep the node;
+- a Value: the node's single output is replaced by this existing value (an alias);
+- a list of new Nodes: emitted in its place. The last new node's outputs replace the old node's outputs
+  when they have different names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from lmforge.ir.graph import Graph, Node, Value
+
+
+@dataclass
+class RewriteContext:
+    graph: Graph
+    producers: dict[str, Node]
+    users: dict[str, list[Node]]
+    names: set[str]
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def single_use(self, v: Value) -> bool:
+        return len(self.users.get(v.name, [])) == 1 and v.name not in {o.name for o in self.graph.outputs}
+
+
+def rewrite(graph: Graph, rule: Callable[[Node, RewriteContext], object]) -> Graph:
+    ctx = RewriteContext(graph, graph.producers(), graph.users(), set(graph.values()))
+    subst: dict[str, Value] = {}
+    nodes: list[Node] = []
+
+    def sub(v):
+        return None if v is None else subst.get(v.name, v)
+
+    for node in graph.nodes:
+        node = replace(node, inputs=tuple(sub(v) for v in node.inputs)) if any(
+            v is not None and v.name in subst for v in node.inputs) else node
+        result = rule(node, ctx)
+        if result is None:
+            nodes.append(node)
+        elif isinstance(result, Value):
+            subst[node.output.name] = result
+        else:
+            new = list(result)
+            nodes.extend(new)
+            for old, fresh in zip(node.outputs, new[-1].outputs if new else ()):
+                if old.name != fresh.name:
+                    subst[old.name] = fresh
+    return graph.with_nodes(nodes, [sub(v) for v in graph.outputs])
