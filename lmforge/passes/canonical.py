@@ -117,10 +117,13 @@ def _fold_rule(node: Node, ctx: RewriteContext):
         return x
     inner = ctx.producers.get(x.name) if x is not None else None
     if inner is not None and inner.op == node.op == "reshape":
-        return [replace(node, inputs=(inner.inputs[0],))]
+        return [replace(node, inputs=(ctx.sub(inner.inputs[0]),))]
     if inner is not None and inner.op == node.op == "permute":
         p_in, p_out = inner.attr["perm"], node.attr["perm"]
-        return [replace(node, inputs=(inner.inputs[0],)).with_attrs(perm=tuple(p_in[i] for i in p_out))]
+        merged = tuple(p_in[i] for i in p_out)
+        if merged == tuple(range(len(merged))):
+            return ctx.sub(inner.inputs[0])
+        return [replace(node, inputs=(ctx.sub(inner.inputs[0]),)).with_attrs(perm=merged)]
     return None
 
 
@@ -175,7 +178,7 @@ def recognize_attention(graph: Graph) -> Graph:
         if k.type.rank != 4 or tuple(k.type.shape[:2]) != tuple(q.type.shape[:2]):
             return None
         attrs = get_op("attention").normalize_attrs({"scale": scale})
-        ins = (q, k, v) + ((mask,) if mask is not None else ())
+        ins = tuple(ctx.sub(x) for x in (q, k, v) + ((mask,) if mask is not None else ()))
         return [Node("attention", ins, node.outputs, tuple(sorted(attrs.items())), (), node.source)]
 
     return dce(rewrite(graph, rule))

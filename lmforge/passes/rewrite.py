@@ -20,6 +20,11 @@ class RewriteContext:
     producers: dict[str, Node]
     users: dict[str, list[Node]]
     names: set[str]
+    subst: dict[str, Value]
+
+    def sub(self, v: Value | None) -> Value | None:
+        """The value `v` stands for now (after earlier aliases); use it on inputs of looked-up producers."""
+        return None if v is None else self.subst.get(v.name, v)
 
     def fresh(self, base: str) -> str:
         name, i = base, 0
@@ -34,12 +39,10 @@ class RewriteContext:
 
 
 def rewrite(graph: Graph, rule: Callable[[Node, RewriteContext], object]) -> Graph:
-    ctx = RewriteContext(graph, graph.producers(), graph.users(), set(graph.values()))
     subst: dict[str, Value] = {}
+    ctx = RewriteContext(graph, graph.producers(), graph.users(), set(graph.values()), subst)
     nodes: list[Node] = []
-
-    def sub(v):
-        return None if v is None else subst.get(v.name, v)
+    sub = ctx.sub
 
     for node in graph.nodes:
         node = replace(node, inputs=tuple(sub(v) for v in node.inputs)) if any(

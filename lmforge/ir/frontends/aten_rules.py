@@ -45,6 +45,42 @@ def matmul(t, node):
     return t.emit(node, "matmul", [a, b])
 
 
+def addmm(t, node):
+    """addmm(bias, x, w) = bias + x @ w (GPT-2's Conv1D): a matmul and an add."""
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    bias, x, w = (t.value(a) for a in node.args[:3])
+    prod = t.b.op("matmul", [x, w], name=f"{node.name}_mm", source=t.source(node))
+    return t.emit(node, "add", [prod, bias])
+
+
+def split(t, node):
+    """split(x, size or sizes, dim) -> one slice per piece."""
+    x = t.value(node.args[0])
+    dim = int(_arg(node, 2, "dim", 0)) % x.type.rank
+    outs, start = [], 0
+    for i, piece in enumerate(node.meta["val"]):
+        n = t.dim(piece.shape[dim])
+        if not isinstance(n, int) or not isinstance(start, int):
+            return None
+        outs.append(t.b.op("slice", [x], {"dim": dim, "start": start, "end": start + n},
+                           name=f"{node.name}_{i}", source=t.source(node)))
+        start += n
+    return tuple(outs)
+
+
+def bool_binary(op: str):
+    inner = binary(op)
+
+    def rule(t, node):
+        a, b = t.value(node.args[0]), t.value(node.args[1])
+        if not (isinstance(a, Value) and isinstance(b, Value) and a.type.dtype == b.type.dtype == "bool"):
+            return None  # bitwise ops on integers stay with torch
+        return inner(t, node)
+
+    return rule
+
+
 def rms_norm(t, node):
     shape = _arg(node, 1, "normalized_shape")
     return t.emit(node, "rmsnorm", [t.value(node.args[0]), _tensor(t, _arg(node, 2, "weight"))],
@@ -262,6 +298,16 @@ def full(t, node):
                                      "dtype": dtype_name(node.meta["val"].dtype)})
 
 
+def new_full(t, node):
+    value = {aten.new_zeros.default: 0, aten.new_ones.default: 1}.get(node.target)
+    if value is None:
+        value = t.value(node.args[2])
+    if not isinstance(value, (int, float, bool)):
+        return None
+    return t.emit(node, "full", [], {"shape": _out_shape(t, node), "value": value,
+                                     "dtype": dtype_name(node.meta["val"].dtype)})
+
+
 def full_like(t, node):
     value = {aten.zeros_like.default: 0, aten.ones_like.default: 1}.get(node.target)
     if value is None:
@@ -320,6 +366,11 @@ ATEN_RULES = {
     aten.contiguous.default: identity, aten.clone.default: identity, aten.alias.default: identity,
     aten.detach.default: identity, aten.lift_fresh_copy.default: identity, aten.dropout.default: identity,
     aten._to_copy.default: to_copy, aten.to.dtype: to_copy, aten.to.dtype_layout: to_copy,
+    aten.to.device: to_copy, aten.addmm.default: addmm, aten.split.Tensor: split,
+    aten.split_with_sizes.default: split, aten.__and__.Tensor: bool_binary("logical_and"),
+    aten.__or__.Tensor: bool_binary("logical_or"), aten.bitwise_and.Tensor: bool_binary("logical_and"),
+    aten.bitwise_or.Tensor: bool_binary("logical_or"),
+    aten.new_zeros.default: new_full, aten.new_ones.default: new_full, aten.new_full.default: new_full,
     aten.type_as.default: to_copy,
     aten.arange.default: arange, aten.arange.start: arange, aten.arange.start_step: arange,
     aten.full.default: full, aten.zeros.default: full, aten.ones.default: full,

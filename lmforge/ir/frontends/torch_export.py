@@ -14,6 +14,7 @@ import inspect
 import operator
 import os
 import re
+import types
 from typing import Any, Callable
 
 import torch
@@ -34,9 +35,14 @@ class _FunctionModule(torch.nn.Module):
     def __init__(self, fn: Callable):
         super().__init__()
         self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
+        # torch.export records source lines of `forward` frames only: run the user's own code object under
+        # that name, so each node's source line points into the user's function, not into a wrapper.
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            self.forward = types.FunctionType(code.replace(co_name="forward"), fn.__globals__, "forward",
+                                              fn.__defaults__, fn.__closure__)
+        else:
+            self.forward = fn
 
 
 def _input_names(model, n: int) -> list[str]:
@@ -155,8 +161,8 @@ class _Translator:
         frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
         if not frames:
             return ""
-        torch_dir = os.path.dirname(torch.__file__)
-        user = [f for f in frames if not f[0].startswith(torch_dir)] or frames
+        library_dirs = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        user = [f for f in frames if not f[0].startswith(library_dirs)] or frames
         path, line, fn = user[-1]
         return f"{os.path.basename(path)}:{line} in {fn}"
 
@@ -244,25 +250,25 @@ class _Translator:
                 v = self.env[a.name]
                 if isinstance(v, Value):
                     inputs.append(v)
-                    return {"input": len(inputs) - 1}
+                    return ("$input", len(inputs) - 1)
                 if isinstance(v, str):
                     raise CaptureError(f"op {node.target} at {self.source(node)} takes a symbolic size "
                                        f"({v}) that lmforge cannot pass to a torch fallback yet; rewrite it "
                                        "with static sizes or open an issue")
                 return v
             if isinstance(a, torch.dtype):
-                return {"dtype": dtype_name(a)}
+                return ("$dtype", dtype_name(a))
             if isinstance(a, torch.device):
-                return {"device": "cpu"}
+                return ("$device", "")
             if isinstance(a, (list, tuple)):
-                return {"list": [spec(x) for x in a]}
+                return ("$list", tuple(spec(x) for x in a))
             if isinstance(a, torch.layout) or isinstance(a, torch.memory_format):
                 return None
             return a
 
-        args = [spec(a) for a in node.args]
-        kwargs = [[k, spec(v)] for k, v in node.kwargs.items()
-                  if k not in ("layout", "pin_memory", "memory_format", "device")]
+        args = tuple(spec(a) for a in node.args)
+        kwargs = tuple((k, spec(v)) for k, v in node.kwargs.items()
+                       if k not in ("layout", "pin_memory", "memory_format"))
         vals = node.meta.get("val")
         leaves = vals if isinstance(vals, (tuple, list)) else [vals]
         if not all(isinstance(v, torch.Tensor) for v in leaves):

@@ -307,27 +307,24 @@ def resolve_aten(target: str):
 
 
 def _rebuild(spec, inputs):
-    if isinstance(spec, dict):
-        if "input" in spec:
-            return inputs[spec["input"]]
-        if "dtype" in spec:
-            return torch_dtype(spec["dtype"])
-        if "device" in spec:
-            return torch.device(spec["device"])
-        if "list" in spec:
-            return [_rebuild(s, inputs) for s in spec["list"]]
-        if "tuple" in spec:
-            return tuple(_rebuild(s, inputs) for s in spec["tuple"])
-        if "kwargs" in spec:
-            return {k: _rebuild(v, inputs) for k, v in spec["kwargs"]}
-    if isinstance(spec, (list, tuple)):
-        return [_rebuild(s, inputs) for s in spec]
+    """Rebuild one argument of a fallback call. Tagged tuples stand for what JSON cannot hold:
+    ("$input", i) is the i-th tensor input, ("$dtype", name) a torch dtype, ("$list", items) a list."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and spec[0].startswith("$"):
+        tag, val = spec
+        if tag == "$input":
+            return inputs[val]
+        if tag == "$dtype":
+            return torch_dtype(val)
+        if tag == "$device":
+            return inputs[0].device if inputs else torch.device("cpu")
+        if tag == "$list":
+            return [_rebuild(s, inputs) for s in val]
     return spec
 
 
 def _fallback_ref(*inputs, target, args, kwargs=()):
     fn = resolve_aten(target)
-    out = fn(*_rebuild(list(args), inputs), **{k: _rebuild(v, inputs) for k, v in kwargs})
+    out = fn(*[_rebuild(a, inputs) for a in args], **{k: _rebuild(v, inputs) for k, v in kwargs})
     return tuple(out) if isinstance(out, (list, tuple)) else out
 
 
@@ -384,8 +381,8 @@ def ops() -> list[OpDef]:
               {"shape": attr("dims"), "value": attr("any"), "dtype": attr("dtype", "float32")},
               _full_infer, _full_ref, _creation_cost, arity=(0, 0), op_class="data_movement"),
         OpDef("torch_fallback", "An ATen op with no IR mapping, run by torch. `target` names it "
-                                "(aten.<op>.<overload>); `args`/`kwargs` rebuild the call, {'input': i} "
-                                "standing for the i-th input. Output types are recorded at capture.",
+                                "(aten.<op>.<overload>); `args`/`kwargs` rebuild the call, ('$input', i) "
+                                "standing for the i-th input (see `_rebuild`). Output types are recorded at capture.",
               {"target": attr("str"), "args": attr("any", ()), "kwargs": attr("any", ())}, None, _fallback_ref,
               _fallback_cost, arity=(0, None), op_class="other"),
     ]

@@ -1,0 +1,103 @@
+"""torch.export capture: ATen ops map to IR ops, dynamic dims, attention recognition, fallbacks, errors."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lmforge
+from lmforge.errors import CaptureError
+from lmforge.ir import Graph, verify
+
+
+class Block(nn.Module):
+    """A small attention block: norm, projections, SDPA, and a hand-written attention."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        m = torch.softmax((q @ k.transpose(-2, -1)) * 0.25, dim=-1) @ v
+        return self.out((a + m).transpose(1, 2).reshape(b, s, d)) + x
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_block_captures_to_ir_ops_and_matches_eager_on_new_shapes():
+    torch.manual_seed(0)
+    m = Block().eval()
+    g = lmforge.capture(m, (torch.randn(2, 5, 16),), dynamic={"x": {0: "batch", 1: "seq"}})
+    ops = [n.op for n in g.nodes]
+    assert ops.count("attention") == 2, "SDPA and the matmul-softmax-matmul chain are both attention"
+    assert "torch_fallback" not in ops and "softmax" not in ops
+    assert g.inputs[0].type.shape == ("batch", "seq", 16)
+    assert {p.name for p in g.params} == {"norm.weight", "qkv.weight", "qkv.bias", "out.weight"}
+    compiled = lmforge.compile(m, (torch.randn(2, 5, 16),), dynamic={"x": {0: "batch", 1: "seq"}})
+    for shape in [(2, 5, 16), (3, 9, 16), (1, 1, 16)]:
+        x = torch.randn(shape)
+        assert rel_err(compiled(x), m(x)) <= 1e-5
+    assert Graph.from_json(g.to_json()) == g
+
+
+def test_function_capture_and_output_structure():
+    def fn(a, b):
+        return {"sum": a + b, "pair": (a * 2, torch.tanh(b))}
+
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    compiled = lmforge.compile(fn, (a, b))
+    out, ref = compiled(a, b), fn(a, b)
+    assert set(out) == {"sum", "pair"} and isinstance(out["pair"], tuple)
+    torch.testing.assert_close(out["pair"][1], ref["pair"][1])
+
+
+def test_unmapped_aten_op_becomes_explicit_fallback_with_source_line():
+    def fn(x):
+        return torch.cumsum(x, dim=1) * 2
+
+    x = torch.randn(2, 6)
+    compiled = lmforge.compile(fn, (x,))
+    (node,) = compiled.fallback_nodes()
+    assert node.attr["target"] == "aten.cumsum.default"
+    assert "test_capture.py" in node.source
+    torch.testing.assert_close(compiled(x), fn(x))
+    text = compiled.inspect()
+    assert "torch_fallback nodes" in text and "aten.cumsum.default" in text and "test_capture.py" in text
+
+
+def test_non_tensor_input_is_a_clear_error():
+    with pytest.raises(CaptureError, match="not a tensor"):
+        lmforge.capture(lambda x, n: x * n, (torch.randn(2), "three"))
+
+
+def test_data_dependent_control_flow_is_a_clear_error():
+    def fn(x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+    with pytest.raises(CaptureError, match="control flow|could not capture"):
+        lmforge.capture(fn, (torch.randn(4),))
+
+
+def test_bad_dynamic_spec_is_a_clear_error():
+    with pytest.raises(CaptureError, match="model's inputs are"):
+        lmforge.capture(lambda x: x + 1, (torch.randn(3, 4),), dynamic={"nope": {0: "b"}})
+    with pytest.raises(CaptureError, match="size >= 2"):
+        lmforge.capture(lambda x: x + 1, (torch.randn(1, 4),), dynamic={"x": {0: "b"}})
+
+
+def test_torch_compile_backend_matches_eager():
+    torch.manual_seed(1)
+    m = Block().eval()
+    x = torch.randn(2, 7, 16)
+    compiled = torch.compile(m, backend="lmforge")
+    torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,89 @@
+"""Graph structure: builder, printer, JSON round trip, verifier errors, networkx view."""
+import pytest
+import torch
+
+from lmforge.errors import VerifyError
+from lmforge.ir import Graph, GraphBuilder, Node, TensorType, Value, verify
+from lmforge.ir.types import eval_dim, simplify_dim
+
+
+def small_graph() -> Graph:
+    b = GraphBuilder("mlp")
+    x = b.input("x", TensorType(("batch", 16)))
+    w1 = b.param("w1", TensorType((32, 16)), torch.randn(32, 16))
+    w2 = b.param("w2", TensorType((8, 32)), torch.randn(8, 32))
+    h = b.op("linear", [x, w1])
+    h = b.op("silu", [h])
+    y = b.op("linear", [h, w2])
+    return b.build([y])
+
+
+def test_builder_infers_symbolic_types():
+    g = small_graph()
+    assert g.outputs[0].type == TensorType(("batch", 8))
+    assert [n.op for n in g.nodes] == ["linear", "silu", "linear"]
+    assert verify(g) is g
+
+
+def test_printer_names_ops_params_and_types():
+    text = str(small_graph())
+    assert "graph mlp(%x: f32[batch, 16])" in text
+    assert "= linear(%x, w1)" in text
+    assert "return %linear_" in text
+
+
+def test_json_round_trip_is_equal_and_keeps_attrs():
+    b = GraphBuilder("attrs")
+    x = b.input("x", TensorType(("b", "s", 4)))
+    y = b.op("slice", [x], {"dim": 1, "start": 1, "end": "s"})
+    z = b.op("softmax", [y], {"dim": -1})
+    g = b.build([z], meta={"note": [1, 2]})
+    back = Graph.from_json(g.to_json())
+    assert back == g
+    assert back.nodes[0].attr["end"] == "s"
+    assert back.signature() == g.signature()
+
+
+def test_networkx_view_orders_nodes():
+    import networkx as nx
+
+    nxg = small_graph().to_networkx()
+    order = [n for n in nx.topological_sort(nxg) if isinstance(n, int)]
+    assert order == [0, 1, 2]
+    assert nxg.nodes["in:w1"]["kind"] == "param"
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("undefined", "not defined before use"),
+    ("unknown_op", "unknown op"),
+    ("unknown_attr", "has no attribute"),
+    ("wrong_type", "disagrees with the type rule"),
+    ("duplicate", "defined twice"),
+    ("arity", "takes 1 inputs"),
+])
+def test_verifier_rejects_broken_graphs(breakage, message):
+    g = small_graph()
+    n0 = g.nodes[0]
+    stranger = Value("ghost", TensorType(("batch", 16)))
+    bad = {
+        "undefined": lambda: Node("silu", (stranger,), (Value("o", stranger.type),)),
+        "unknown_op": lambda: Node("frobnicate", (g.inputs[0],), (Value("o", stranger.type),)),
+        "unknown_attr": lambda: Node("silu", (g.inputs[0],), (Value("o", stranger.type),), {"alpha": 2}),
+        "wrong_type": lambda: Node("silu", (g.inputs[0],), (Value("o", TensorType(("batch", 3))),)),
+        "duplicate": lambda: Node("silu", (n0.output,), (Value(n0.output.name, n0.output.type),)),
+        "arity": lambda: Node("silu", (g.inputs[0], g.inputs[0]), (Value("o", stranger.type),)),
+    }[breakage]()
+    broken = g.with_nodes((*g.nodes, bad))
+    with pytest.raises(VerifyError, match=message):
+        verify(broken)
+
+
+@pytest.mark.parametrize("dim, env, value, simple", [
+    (4, {}, 4, 4),
+    ("seq", {"seq": 7}, 7, "seq"),
+    ("(past + 1) - 1", {"past": 5}, 5, "past"),
+    ("2*seq + 3", {"seq": 4}, 11, "2*seq + 3"),
+])
+def test_symbolic_dims(dim, env, value, simple):
+    assert eval_dim(dim, env) == value
+    assert simplify_dim(dim) == simple

@@ -1,0 +1,131 @@
+"""The op registry, table-driven: every op's reference agrees with its type rule, its cost is sane, and
+references agree with plain torch expressions. The table must cover every registered op."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.ir import TensorType
+from lmforge.ir.ops import all_ops, get_op
+from lmforge.ir.types import dtype_name
+
+f32 = "float32"
+
+
+def t(*shape, dtype=f32):
+    return (tuple(shape), dtype)
+
+
+# op -> (input specs (shape, dtype) or None, attrs, expected(torch inputs) or None)
+CASES = {
+    "linear": ([t(3, 5, 8), t(6, 8), t(6)], {}, lambda x, w, b: x @ w.T + b),
+    "matmul": ([t(2, 3, 4), t(2, 4, 5)], {}, lambda a, b: torch.bmm(a, b)),
+    "embedding": ([t(2, 3, dtype="int64"), t(10, 4)], {}, lambda i, w: w[i]),
+    "rmsnorm": ([t(2, 3, 8), t(8)], {"eps": 1e-6},
+                lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w),
+    "layernorm": ([t(2, 8), t(8), t(8)], {}, lambda x, w, b: F.layer_norm(x, (8,), w, b)),
+    "rope": ([t(1, 2, 3, 4), t(3, 4), t(3, 4)], {},
+             lambda x, c, s: x * c + torch.cat([-x[..., 2:], x[..., :2]], -1) * s),
+    "attention": ([t(2, 4, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8)], {"causal": True},
+                  lambda q, k, v: F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                                                 v.repeat_interleave(2, 1), is_causal=True)),
+    "kv_cache_update": ([t(1, 2, 6, 4), t(1, 2, 2, 4)], {"dim": 2, "pos": 3},
+                        lambda c, n: torch.cat([c[:, :, :3], n, c[:, :, 5:]], 2)),
+    "topk": ([t(3, 10)], {"k": 4}, lambda x: torch.topk(x, 4)),
+    "sample": ([t(3, 10)], {"temperature": 0.0}, lambda x: x.argmax(-1)),
+    "softmax": ([t(3, 10)], {"dim": -1}, lambda x: torch.softmax(x, -1)),
+    "sum": ([t(3, 4)], {"dims": (1,)}, lambda x: x.sum(1)),
+    "mean": ([t(3, 4)], {"dims": (0,), "keepdim": True}, lambda x: x.mean(0, keepdim=True)),
+    "amax": ([t(3, 4)], {"dims": (1,)}, lambda x: x.amax(1)),
+    "amin": ([t(3, 4)], {"dims": (1,)}, lambda x: x.amin(1)),
+    "argmax": ([t(3, 4)], {"dim": 1}, lambda x: x.argmax(1)),
+    "reshape": ([t(2, 6)], {"shape": (3, 4)}, lambda x: x.reshape(3, 4)),
+    "permute": ([t(2, 3, 4)], {"perm": (2, 0, 1)}, lambda x: x.permute(2, 0, 1)),
+    "expand": ([t(1, 3)], {"shape": (4, 3)}, lambda x: x.expand(4, 3)),
+    "concat": ([t(2, 3), t(2, 5)], {"dim": 1}, lambda a, b: torch.cat([a, b], 1)),
+    "slice": ([t(4, 9)], {"dim": 1, "start": 2, "end": 8, "step": 2}, lambda x: x[:, 2:8:2]),
+    "select": ([t(4, 9)], {"dim": 0, "index": 2}, lambda x: x[2]),
+    "index_select": ([t(5, 3), t(2, dtype="int64")], {"dim": 0}, lambda x, i: x[i]),
+    "arange": ([], {"start": 2, "end": 9, "step": 3}, lambda: torch.arange(2, 9, 3)),
+    "full": ([], {"shape": (2, 3), "value": 1.5}, lambda: torch.full((2, 3), 1.5)),
+    "cast": ([t(3)], {"dtype": "float16"}, lambda x: x.half()),
+    "where": ([t(3, 4, dtype="bool"), t(3, 4), None], {"b_scalar": -1.0}, lambda c, a, b: torch.where(c, a, -1.0)),
+    "tri": ([t(4, 4)], {"diagonal": 1, "upper": True}, lambda x: torch.triu(x, 1)),
+    "gelu": ([t(7)], {"approximate": "tanh"}, lambda x: F.gelu(x, approximate="tanh")),
+    "pow_scalar": ([t(7)], {"exponent": 2.0}, lambda x: x * x),
+    "torch_fallback": ([t(3, 4)], {"target": "aten.cumsum.default", "args": (("$input", 0), 1)},
+                       lambda x: torch.cumsum(x, 1)),
+}
+for _name, _fn in {"neg": torch.neg, "exp": torch.exp, "log": lambda x: torch.log(x.abs() + 1), "sqrt": None,
+                   "rsqrt": None, "abs": torch.abs, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
+                   "sigmoid": torch.sigmoid, "relu": torch.relu, "silu": lambda x: x * torch.sigmoid(x),
+                   "reciprocal": None, "logical_not": None}.items():
+    CASES.setdefault(_name, ([t(3, 4, dtype="bool" if _name == "logical_not" else f32)], {},
+                             _fn if _name != "log" else None))
+for _name, _fn in {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": None,
+                   "maximum": torch.maximum, "minimum": torch.minimum, "eq": torch.eq, "ne": torch.ne,
+                   "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+                   "logical_and": None, "logical_or": None}.items():
+    dt = "bool" if _name.startswith("logical") else f32
+    CASES.setdefault(_name, ([t(3, 4, dtype=dt), t(1, 4, dtype=dt)], {}, _fn))
+
+
+def make(spec, gen):
+    if spec is None:
+        return None
+    shape, dtype = spec
+    if dtype == "int64":
+        return torch.randint(0, 5, shape, generator=gen)
+    if dtype == "bool":
+        return torch.rand(shape, generator=gen) > 0.5
+    return torch.rand(shape, generator=gen) + 0.1 if dtype == f32 else torch.randn(shape, generator=gen)
+
+
+def test_table_covers_every_registered_op():
+    assert sorted(CASES) == all_ops()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_matches_type_rule_and_torch(name):
+    specs, attrs, expected = CASES[name]
+    op = get_op(name)
+    gen = torch.Generator().manual_seed(hash(name) % 2**31)
+    inputs = [make(s, gen) for s in specs]
+    in_types = [None if x is None else TensorType.of(x) for x in inputs]
+    full = op.normalize_attrs(attrs)
+    out = op.reference(*inputs, **full)
+    outs = out if isinstance(out, tuple) else (out,)
+    if name == "torch_fallback":
+        types = [TensorType.of(o) for o in outs]
+    else:
+        types = op.infer(in_types, full)
+    assert len(types) == len(outs)
+    for ty, o in zip(types, outs):
+        assert tuple(ty.shape) == tuple(o.shape), (name, ty, o.shape)
+        assert ty.dtype == dtype_name(o.dtype)
+    if expected is not None:
+        want = expected(*inputs)
+        want = want if isinstance(want, tuple) else (want,)
+        for o, w in zip(outs, want):
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6)
+    cost = op.cost(in_types, full, types)
+    assert cost.flops >= 0 and cost.bytes >= 0
+    assert math.isfinite(cost.flops) and math.isfinite(cost.bytes)
+
+
+def test_costs_scale_as_expected():
+    lin = get_op("linear")
+    c = lin.cost([TensorType((1, 4096), "float16"), TensorType((4096, 4096), "float16")], {})
+    assert c.flops == 2 * 4096 * 4096
+    assert c.bytes == pytest.approx(2 * (4096 * 4096 + 2 * 4096))
+    att = get_op("attention")
+    q = TensorType((1, 8, 128, 64))
+    full = att.cost([q, q, q], {"causal": False})
+    causal = att.cost([q, q, q], {"causal": True})
+    assert causal.flops == pytest.approx(full.flops * (128 * 129 / 2) / (128 * 128))
+    dec = TensorType((1, 8, 1, 64))
+    kv = TensorType((1, 8, 4096, 64))
+    windowed = att.cost([dec, kv, kv], {"causal": True, "window": 256, "sinks": 4})
+    dense = att.cost([dec, kv, kv], {"causal": True})
+    assert windowed.bytes < dense.bytes / 10 and windowed.flops < dense.flops / 10

@@ -1,0 +1,89 @@
+"""Canonical passes and the pass manager."""
+import pytest
+import torch
+
+from lmforge.errors import VerifyError
+from lmforge.ir import GraphBuilder, Node, TensorType, Value, verify
+from lmforge.passes import PassManager, cse, dce, fold_shapes, graph_pass, recognize_attention
+from lmforge.backends import default_backends, assign_kernels
+from lmforge.backends.codegen import generate
+
+
+def run(g, *xs):
+    return generate(g, assign_kernels(g, default_backends()), dict(g.weights))(*xs)
+
+
+def test_dce_drops_dead_nodes_and_unused_params():
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(("n", 4)))
+    w = b.param("w", TensorType((4, 4)), torch.randn(4, 4))
+    b.op("linear", [x, w])  # dead
+    y = b.op("neg", [x])
+    g = dce(b.build([y]))
+    assert [n.op for n in g.nodes] == ["neg"] and g.params == () and g.weights == {}
+
+
+def test_cse_merges_duplicates_and_keeps_results():
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(("n", 4)))
+    a1 = b.op("rsqrt", [x])
+    a2 = b.op("rsqrt", [x])
+    y = b.op("add", [a1, a2])
+    g = b.build([y])
+    g2 = cse(g)
+    assert [n.op for n in g2.nodes] == ["rsqrt", "add"]
+    x_ = torch.rand(3, 4) + 0.5
+    torch.testing.assert_close(run(g2, x_)[0], run(g, x_)[0])
+
+
+def test_fold_shapes_removes_noop_views_and_simplifies_dims():
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(("b", "s", 4)))
+    r = b.op("reshape", [x], {"shape": ("b", "(s + 1) - 1", 4)})
+    p = b.op("permute", [r], {"perm": (0, 2, 1)})
+    p2 = b.op("permute", [p], {"perm": (0, 2, 1)})
+    r2 = b.op("reshape", [p2], {"shape": ("b", "s", 2, 2)})
+    r3 = b.op("reshape", [r2], {"shape": ("b", "s * 4")})
+    c = b.op("cast", [r3], {"dtype": "float32"})
+    g = b.build([c])
+    g2 = fold_shapes(g)
+    assert [n.op for n in g2.nodes] == ["reshape"], "permute pair cancels; reshape chain collapses to one"
+    x_ = torch.randn(2, 3, 4)
+    torch.testing.assert_close(run(g2, x_)[0], run(g, x_)[0])
+    assert g2.outputs[0].type.shape == ("b", "4*s")
+
+
+def test_recognize_attention_matches_reference():
+    b = GraphBuilder("g")
+    q = b.input("q", TensorType((2, 2, 5, 8)))
+    k = b.input("k", TensorType((2, 2, 5, 8)))
+    v = b.input("v", TensorType((2, 2, 5, 8)))
+    kt = b.op("permute", [k], {"perm": (0, 1, 3, 2)})
+    s = b.op("matmul", [q, kt])
+    s = b.op("mul", [s, None], {"scalar": 0.3})
+    p = b.op("softmax", [s], {"dim": -1})
+    o = b.op("matmul", [p, v])
+    g = b.build([o])
+    g2 = recognize_attention(g)
+    assert [n.op for n in g2.nodes] == ["attention"] and g2.nodes[0].attr["scale"] == pytest.approx(0.3)
+    xs = [torch.randn(2, 2, 5, 8) for _ in range(3)]
+    torch.testing.assert_close(run(g2, *xs)[0], run(g, *xs)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_pass_manager_verifies_times_and_names_earlier_passes(capsys):
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType((2, 4)))
+    g = b.build([b.op("neg", [x])])
+
+    @graph_pass("breaker")
+    def breaker(graph):
+        ghost = Value("ghost", TensorType((2, 4)))
+        return graph.with_nodes((*graph.nodes, Node("neg", (ghost,), (Value("o", ghost.type),))))
+
+    pm = PassManager([dce, breaker])
+    with pytest.raises(VerifyError, match=r"after pass 'breaker' \(passes run before it: \['dce'\]\)"):
+        pm.run(g)
+    pm = PassManager([dce, cse], print_after="cse")
+    pm.run(g)
+    assert "// IR after cse" in capsys.readouterr().err
+    assert [r.name for r in pm.records] == ["dce", "cse"]
