@@ -31,8 +31,7 @@ class CompiledModel:
         self.device = torch.device(device)
         self.backends = list(backends) or default_backends()
         self.weights = {k: w.to(self.device) for k, w in graph.weights.items()}
-        self.kernels: list[Kernel] = assign_kernels(graph, self.backends, self.device.type)
-        self._fn = generate(graph, self.kernels, self.weights)
+        self._fn, self.kernels = build_callable(graph, self.backends, self.device.type, self.weights)
         spec = graph.get_meta("out_spec")
         self._out_spec = pytree.treespec_loads(spec) if spec else None
 
@@ -71,6 +70,16 @@ class CompiledModel:
         from lmforge.export import export
 
         return export(self, path, **kwargs)
+
+
+def build_callable(graph: Graph, backends, device: str, weights: Mapping[str, Any]):
+    """Generated code for `graph` (and, recursively, for the regions of its nodes) -> (fn, kernels)."""
+    kernels = assign_kernels(graph, backends, device)
+    region_fns = {}
+    for i, node in enumerate(graph.nodes):
+        if node.regions:
+            region_fns[i] = tuple(build_callable(r, backends, device, weights)[0] for r in node.regions)
+    return generate(graph, kernels, dict(weights), region_fns), kernels
 
 
 def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict | None = None,

@@ -7,48 +7,6 @@ from lmforge.ir.graph import Graph, Node
 from lmforge.ir.printer import format_graph
 
 
-def node_costs(graph: Graph, bindings: dict[str, int] | None = None):
-    """Cost of every node for concrete symbolic dims: `bindings`, else the capture's example sizes, else 1."""
-    from lmforge.ir.ops import get_op
-
-    env = {s: 1 for s in _all_symbols(graph)}
-    env.update(dict(graph.get_meta("example_dims") or ()))
-    env.update(bindings or {})
-    out = {}
-    for i, n in enumerate(graph.nodes):
-        try:
-            ins = [None if v is None else v.type.concrete(env) for v in n.inputs]
-            outs = [v.type.concrete(env) for v in n.outputs]
-            attrs = {k: _concrete_attr(v, env) for k, v in n.attrs}
-            out[i] = get_op(n.op).cost(ins, attrs, outs)
-        except Exception:
-            out[i] = None
-    return out
-
-
-def _concrete_attr(v, env):
-    from lmforge.ir.types import eval_dim
-
-    if isinstance(v, str) and v not in ("none", "tanh"):
-        try:
-            return eval_dim(v, env)
-        except Exception:
-            return v
-    if isinstance(v, tuple):
-        return tuple(_concrete_attr(x, env) for x in v)
-    return v
-
-
-def _all_symbols(graph: Graph) -> set[str]:
-    from lmforge.ir.types import dim_symbols
-
-    syms: set[str] = set()
-    for v in graph.values().values():
-        for d in v.type.shape:
-            syms |= dim_symbols(d)
-    return syms
-
-
 def _fmt(x: float, unit: str) -> str:
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
@@ -59,7 +17,9 @@ def _fmt(x: float, unit: str) -> str:
 def inspect_graph(graph: Graph, kernels: Sequence | None = None, target: str | None = None,
                   bindings: dict[str, int] | None = None) -> str:
     """Print the graph with a column per node: backend, FLOPs, bytes, and predicted time on `target`."""
-    costs = node_costs(graph, bindings)
+    from lmforge.search.cost_model import bindings_for, node_costs
+
+    costs = dict(enumerate(node_costs(graph, bindings_for(graph, bindings))))
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     hw = _target(target)
 

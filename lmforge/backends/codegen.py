@@ -59,7 +59,7 @@ def generate(graph: Graph, kernels: Sequence[Kernel], weights: dict[str, Any],
     env: dict[str, Any] = {"_floor": math.floor, "_ceil": math.ceil}
     names: dict[str, str] = {}
     for i, p in enumerate(graph.params):
-        env[f"_p{i}"] = weights[p.name]
+        env[f"_p{i}"] = weights[p.name]  # a KeyError here means a parameter without weights
         names[p.name] = f"_p{i}"
     args = []
     for v in graph.inputs:

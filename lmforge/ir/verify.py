@@ -4,7 +4,7 @@
 - attributes match the op's schema (no unknown, none missing);
 - values are defined before use, each name once (inputs, params, node outputs);
 - output types agree with the op's type rule (ops without a rule, such as torch_fallback, keep theirs);
-- graph outputs are defined values; regions verify on their own, seeing the outer scope.
+- graph outputs are defined values; regions are closed graphs and verify on their own.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def verify(g: Graph, outer: dict | None = None) -> Graph:
             raise VerifyError(f"{where}: attributes {sorted(n.attr)} are not normalized (expected {sorted(attrs)})")
         _check_types(n, opdef, attrs, where)
         for r in n.regions:
-            verify(r, scope)
+            verify(r)  # regions are closed: they see only their own inputs and params
         for v in n.outputs:
             _define(scope, v, where)
     for v in g.outputs:

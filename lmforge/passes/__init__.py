@@ -1,6 +1,7 @@
 """Graph passes. `default_pipeline()` lists the passes lmforge runs, one line each."""
 from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
 from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention
+from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
 
 
 def default_pipeline() -> list[Pass]:
@@ -8,9 +9,13 @@ def default_pipeline() -> list[Pass]:
         recognize_attention,  # matmul-softmax-matmul -> attention (capture runs it too)
         fold_shapes,          # simplify symbolic dims, drop no-op reshapes/permutes/casts/slices
         cse,                  # merge duplicate computations (RoPE tables shared by layers, ...)
+        recognize_rmsnorm,    # x * rsqrt(mean(x^2) + eps) * w -> rmsnorm
+        recognize_rope,       # x * cos + rotate_half(x) * sin -> rope
+        merge_linears,        # linears sharing an input (QKV, gate/up) -> one GEMM + slices   [knob]
+        fuse_elementwise,     # elementwise chains (SwiGLU, residual adds) -> fused regions     [knob]
         dce,                  # drop what nothing reads
     ]
 
 
-__all__ = ["Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
+__all__ = ["fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
            "recognize_attention"]

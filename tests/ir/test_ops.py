@@ -71,6 +71,37 @@ for _name, _fn in {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": 
     CASES.setdefault(_name, ([t(3, 4, dtype=dt), t(1, 4, dtype=dt)], {}, _fn))
 
 
+def _fused_region():
+    from lmforge.ir import GraphBuilder
+
+    b = GraphBuilder("body")
+    a, c = b.input("a", TensorType((3, 4))), b.input("c", TensorType((3, 4)))
+    return b.build([b.op("mul", [b.op("silu", [a]), c])])
+
+
+CASES["fused"] = ([t(3, 4), t(3, 4)], {"kind": "swiglu"}, lambda a, c: F.silu(a) * c)
+REGIONS = {"fused": _fused_region}
+
+
+def _quant_case():
+    from lmforge.ir.ops.quant_ref import quantize_weight
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 64, generator=gen)
+    qw = quantize_weight(w, 4, 32)
+    return qw
+
+
+def _needs(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+CASES["linear_wo"] = None  # built in test_linear_wo_and_merge_lse (needs packed weights)
+CASES["merge_lse"] = None
+
+
 def make(spec, gen):
     if spec is None:
         return None
@@ -83,10 +114,10 @@ def make(spec, gen):
 
 
 def test_table_covers_every_registered_op():
-    assert sorted(CASES) == all_ops()
+    assert sorted(CASES) == all_ops(), "add a row for each new op"
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(k for k, v in CASES.items() if v is not None))
 def test_reference_matches_type_rule_and_torch(name):
     specs, attrs, expected = CASES[name]
     op = get_op(name)
@@ -94,12 +125,20 @@ def test_reference_matches_type_rule_and_torch(name):
     inputs = [make(s, gen) for s in specs]
     in_types = [None if x is None else TensorType.of(x) for x in inputs]
     full = op.normalize_attrs(attrs)
-    out = op.reference(*inputs, **full)
+    regions = ()
+    if name in REGIONS:
+        from lmforge.compiler import build_callable
+        from lmforge.backends import default_backends
+
+        regions = (REGIONS[name](),)
+        out = op.reference(*inputs, regions=(build_callable(regions[0], default_backends(), "cpu", {})[0],), **full)
+    else:
+        out = op.reference(*inputs, **full)
     outs = out if isinstance(out, tuple) else (out,)
     if name == "torch_fallback":
         types = [TensorType.of(o) for o in outs]
     else:
-        types = op.infer(in_types, full)
+        types = op.infer(in_types, full, regions)
     assert len(types) == len(outs)
     for ty, o in zip(types, outs):
         assert tuple(ty.shape) == tuple(o.shape), (name, ty, o.shape)
@@ -129,3 +168,31 @@ def test_costs_scale_as_expected():
     windowed = att.cost([dec, kv, kv], {"causal": True, "window": 256, "sinks": 4})
     dense = att.cost([dec, kv, kv], {"causal": True})
     assert windowed.bytes < dense.bytes / 10 and windowed.flops < dense.flops / 10
+
+
+@pytest.mark.skipif(_needs("lmforge.ir.ops.quant_ref") or _needs("lmforge.ir.ops.attention_ref"),
+                    reason="quantization / attention references not built yet")
+def test_linear_wo_and_merge_lse():
+    from lmforge.ir.ops.attention_ref import attention_ref
+    from lmforge.ir.ops.quant_ref import dequantize_weight
+
+    qw = _quant_case()
+    x = torch.randn(3, 64)
+    op = get_op("linear_wo")
+    attrs = {"bits": 4, "group_size": 32}
+    ins = (x, qw.qweight, qw.scales, qw.zeros)
+    y = op.reference(*ins, **attrs)
+    torch.testing.assert_close(y, x @ dequantize_weight(qw).T, rtol=1e-5, atol=1e-5)
+    (ty,) = op.infer([TensorType.of(i) for i in ins], attrs)
+    assert tuple(ty.shape) == tuple(y.shape)
+    cost = op.cost([TensorType.of(i) for i in ins], attrs)
+    dense = get_op("linear").cost([TensorType.of(x), TensorType((6, 64))], {})
+    assert cost.flops == dense.flops and cost.bytes < dense.bytes
+
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    o1, l1 = attention_ref(q, k[:, :, :4], v[:, :, :4], causal=False, return_lse=True)
+    o2, l2 = attention_ref(q, k[:, :, 4:], v[:, :, 4:], causal=False, return_lse=True)
+    out, lse = get_op("merge_lse").reference(o1, l1, o2, l2)
+    full, full_lse = attention_ref(q, k, v, causal=False, return_lse=True)
+    torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, full_lse, rtol=1e-5, atol=1e-6)

@@ -69,6 +69,17 @@ def split(t, node):
     return tuple(outs)
 
 
+def stack(t, node):
+    """stack(xs, dim) = concat of xs each with a new size-1 dim."""
+    xs = [t.value(a) for a in node.args[0]]
+    dim = int(_arg(node, 1, "dim", 0)) % (xs[0].type.rank + 1)
+    parts = []
+    for i, x in enumerate(xs):
+        shape = (*x.type.shape[:dim], 1, *x.type.shape[dim:])
+        parts.append(t.b.op("reshape", [x], {"shape": shape}, name=f"{node.name}_in{i}", source=t.source(node)))
+    return t.emit(node, "concat", parts, {"dim": dim})
+
+
 def bool_binary(op: str):
     inner = binary(op)
 
@@ -366,7 +377,8 @@ ATEN_RULES = {
     aten.contiguous.default: identity, aten.clone.default: identity, aten.alias.default: identity,
     aten.detach.default: identity, aten.lift_fresh_copy.default: identity, aten.dropout.default: identity,
     aten._to_copy.default: to_copy, aten.to.dtype: to_copy, aten.to.dtype_layout: to_copy,
-    aten.to.device: to_copy, aten.addmm.default: addmm, aten.split.Tensor: split,
+    aten.to.device: to_copy, aten.addmm.default: addmm, aten.split.Tensor: split, aten.chunk.default: split,
+    aten.stack.default: stack, aten.unsafe_split.Tensor: split,
     aten.split_with_sizes.default: split, aten.__and__.Tensor: bool_binary("logical_and"),
     aten.__or__.Tensor: bool_binary("logical_or"), aten.bitwise_and.Tensor: bool_binary("logical_and"),
     aten.bitwise_or.Tensor: bool_binary("logical_or"),

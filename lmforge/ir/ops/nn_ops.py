@@ -32,6 +32,43 @@ def _linear_cost(ins, attrs, outs):
     return Cost.of(2.0 * m * n * k, nbytes(x, w, b, *outs), "matmul", x.dtype)
 
 
+def _linear_wo_infer(ins, attrs):
+    x, qweight, scales, zeros = ins[:4]
+    k = qweight.shape[1] * 8 // attrs["bits"]
+    if isinstance(x.shape[-1], int) and x.shape[-1] != k:
+        raise VerifyError(f"linear_wo: input features {x.shape[-1]} != packed weight's {k}")
+    if qweight.dtype != "uint8":
+        raise VerifyError(f"linear_wo: qweight must be uint8, got {qweight.dtype}")
+    return [x.with_(shape=(*x.shape[:-1], qweight.shape[0]))]
+
+
+def _linear_wo_ref(x, qweight, scales, zeros, bias=None, *, bits, group_size):
+    from lmforge.ir.ops.quant_ref import QuantizedWeight, linear_weight_only_ref
+
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // bits
+    qw = QuantizedWeight(qweight=qweight, scales=scales, zeros=zeros, bits=bits, group_size=group_size, shape=(n, k))
+    return linear_weight_only_ref(x, qw, bias)
+
+
+def _linear_wo_cost(ins, attrs, outs):
+    x, qweight = ins[0], ins[1]
+    n, k = qweight.shape[0], qweight.shape[1] * 8 // attrs["bits"]
+    m = numel(x) // k
+    return Cost.of(2.0 * m * n * k, nbytes(*ins, *outs), "matmul", x.dtype)
+
+
+def _merge_lse_infer(ins, attrs):
+    if len(ins) % 2:
+        raise VerifyError("merge_lse takes (out, lse) pairs")
+    return [ins[0], ins[1]]
+
+
+def _merge_lse_ref(*pairs):
+    from lmforge.ir.ops.attention_ref import merge_lse_ref
+
+    return merge_lse_ref(list(pairs[0::2]), list(pairs[1::2]))
+
+
 def _matmul_infer(ins, attrs):
     a, b = ins
     if a.rank < 2 or b.rank < 2:
@@ -196,6 +233,15 @@ def ops() -> list[OpDef]:
     return [
         OpDef("linear", "y = x @ w.T + b, with w [out, in] a parameter and b optional.", {}, _linear_infer,
               _linear_ref, _linear_cost, arity=(2, 3), op_class="matmul"),
+        OpDef("linear_wo", "Weight-only quantized linear: y = x @ dequant(W).T + b. W [N, K] is stored packed "
+                           "(uint8 qweight [N, K*bits/8], scales/zeros [N, K/group_size]) in the layout of "
+                           "onnxruntime's MatMulNBits; see lmforge.ir.ops.quant_ref.",
+              {"bits": attr("int"), "group_size": attr("int")}, _linear_wo_infer, _linear_wo_ref, _linear_wo_cost,
+              arity=(4, 5), op_class="matmul"),
+        OpDef("merge_lse", "Exact merge of partial attentions (out_i, lse_i) over disjoint key sets by "
+                           "log-sum-exp: the primitive of split-K decode, shared prefix and sparse + window.",
+              {}, _merge_lse_infer, _merge_lse_ref, streaming_cost(6, "elementwise"), arity=(4, None),
+              num_outputs=lambda a: 2),
         OpDef("matmul", "Batched matrix product a @ b (rank >= 2, batch dims broadcast).", {}, _matmul_infer,
               _matmul_ref, _matmul_cost, arity=(2, 2), op_class="matmul"),
         OpDef("embedding", "Rows of the table `weight` at the token ids.", {}, _embedding_infer, _embedding_ref,

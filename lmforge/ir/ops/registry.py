@@ -52,7 +52,7 @@ class OpDef:
     cost_fn: Callable[[list, dict, tuple], Cost]
     arity: tuple[int, int | None] = (1, 1)  # (min, max) number of inputs; max None = variadic
     op_class: str = "elementwise"
-    kind: str = "tensor"  # "tensor" or "program"
+    kind: str = "tensor"  # "tensor"; "region" (a tensor op with a body graph); "program" (decoding, compound)
     num_outputs: Callable[[dict], int] = field(default=lambda attrs: 1)
 
     def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:

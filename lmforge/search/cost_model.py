@@ -1,0 +1,171 @@
+"""Cost of a whole graph on a target: time along one stream and along the critical path, FLOPs, bytes,
+Kinetics eFLOPs, peak memory from liveness, and whether it fits; decode loops charged per token.
+
+Node costs come from the op registry (`OpDef.cost`) and become time on the target through the roofline
+in `lmforge.hwmodels.roofline`. Symbolic dimensions are bound by `bindings` (else the sizes the graph was
+captured with).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import networkx as nx
+
+from lmforge.ir.cost import Cost
+from lmforge.ir.graph import Graph
+from lmforge.ir.types import dim_symbols
+
+
+@dataclass(frozen=True)
+class NodeEstimate:
+    index: int
+    op: str
+    cost: Cost
+    time_s: float
+    bound: str
+    eflops: float
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    nodes: tuple[NodeEstimate, ...]
+    time_s: float            # all nodes one after another on one stream
+    critical_path_s: float   # longest dependency chain (parallel branches overlap)
+    flops: float
+    bytes: float
+    eflops: float
+    weight_bytes: float
+    peak_memory_bytes: float  # weights + inputs + the largest set of live intermediates
+    memory_capacity: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory_bytes <= self.memory_capacity
+
+
+def bindings_for(graph: Graph, bindings: Mapping[str, int] | None = None) -> dict[str, int]:
+    env = {s: 1 for v in graph.values().values() for d in v.type.shape for s in dim_symbols(d)}
+    env.update(dict(graph.get_meta("example_dims") or ()))
+    env.update(bindings or {})
+    return env
+
+
+def _concrete_attr(v, env):
+    """A dim attribute with its symbols bound (other attributes unchanged)."""
+    from lmforge.ir.types import eval_dim
+
+    if isinstance(v, str):
+        return eval_dim(v, env)
+    if isinstance(v, tuple):
+        return tuple(_concrete_attr(x, env) for x in v)
+    return v
+
+
+def node_costs(graph: Graph, env: Mapping[str, int]) -> list[Cost]:
+    """The registry cost of every node with the symbolic dims bound by `env`."""
+    from lmforge.ir.ops import get_op
+
+    out = []
+    for n in graph.nodes:
+        ins = [None if v is None else v.type.concrete(env) for v in n.inputs]
+        outs = [v.type.concrete(env) for v in n.outputs]
+        opdef = get_op(n.op)
+        attrs = {k: _concrete_attr(v, env) if opdef.attrs[k].kind in ("dim", "dims") else v for k, v in n.attrs}
+        cost = opdef.cost(ins, attrs, outs)
+        if n.regions:  # a fused region: its FLOPs, but only the node's own inputs/outputs move through memory
+            inner = [c for r in n.regions for c in node_costs(r, env)]
+            cost = Cost(cost.flops + sum(c.flops for c in inner), cost.bytes_by_tier, cost.op_class, cost.dtype)
+        out.append(cost)
+    return out
+
+
+def graph_cost(graph: Graph, hw, bindings: Mapping[str, int] | None = None) -> GraphCost:
+    """Predict the cost of one run of `graph` on hardware `hw` (a `lmforge.hwmodels.Hardware`)."""
+    from lmforge.hwmodels.roofline import node_time
+
+    env = bindings_for(graph, bindings)
+    costs = node_costs(graph, env)
+    ests = []
+    for i, (n, c) in enumerate(zip(graph.nodes, costs)):
+        e = node_time(c, hw)
+        ests.append(NodeEstimate(i, n.op, c, e.time_s, e.bound, e.eflops))
+    return GraphCost(
+        nodes=tuple(ests),
+        time_s=sum(e.time_s for e in ests),
+        critical_path_s=critical_path_time(graph, [e.time_s for e in ests]),
+        flops=sum(c.flops for c in costs),
+        bytes=sum(c.bytes for c in costs),
+        eflops=sum(e.eflops for e in ests),
+        weight_bytes=sum(v.type.concrete(env).nbytes() for v in graph.params),
+        peak_memory_bytes=peak_memory(graph, env),
+        memory_capacity=float(getattr(hw, "memory_bytes", float("inf"))),
+    )
+
+
+def critical_path_time(graph: Graph, times: list[float]) -> float:
+    """Longest path through the dependency DAG, each node weighted by its time (networkx)."""
+    g = graph.to_networkx()
+    for u, v in g.edges:
+        g.edges[u, v]["w"] = times[u] if isinstance(u, int) else 0.0
+    for v in g.nodes:  # a sink node's own time counts through an edge to a virtual end
+        if isinstance(v, int) and g.out_degree(v) == 0:
+            g.add_edge(v, "end", w=times[v])
+    return float(nx.dag_longest_path_length(g, weight="w")) if g.number_of_edges() else 0.0
+
+
+# ops whose output aliases their input (no new memory)
+_VIEWS = {"reshape", "permute", "expand", "slice", "select"}
+
+
+def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
+    """Weights + graph inputs + the largest total size of live intermediate values at any node.
+
+    A value is live from the node that makes it to its last reader (graph outputs stay live to the end);
+    views share their input's memory.
+    """
+    size = {v.name: v.type.concrete(env).nbytes() for v in graph.values().values()}
+    last_use: dict[str, int] = {}
+    end = len(graph.nodes)
+    for i, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            if v is not None:
+                last_use[v.name] = i
+    for v in graph.outputs:
+        last_use[v.name] = end
+    base = sum(size[v.name] for v in (*graph.inputs, *graph.params))
+    live: dict[str, float] = {}
+    peak = 0.0
+    for i, n in enumerate(graph.nodes):
+        for v in n.outputs:
+            live[v.name] = 0.0 if n.op in _VIEWS else size[v.name]
+        peak = max(peak, sum(live.values()))
+        for name in [k for k in live if last_use.get(k, -1) <= i]:
+            del live[name]
+    return float(base + peak)
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    tokens: int
+    time_s: float
+    flops: float
+    bytes: float
+    eflops: float
+    per_token_time_s: tuple[float, ...] = field(repr=False)
+
+
+def decode_cost(step_graph: Graph, hw, *, prompt_len: int, new_tokens: int, past_symbol: str = "past",
+                bindings: Mapping[str, int] | None = None) -> DecodeCost:
+    """Charge a decode loop per generated token: step t runs with the KV cache holding prompt_len + t
+    entries, so bytes and FLOPs of attention grow with t and the total grows quadratically."""
+    times, flops, byts, efl = [], 0.0, 0.0, 0.0
+    for t in range(new_tokens):
+        env = dict(bindings or {})
+        env[past_symbol] = prompt_len + t
+        gc = graph_cost(step_graph, hw, env)
+        times.append(gc.time_s)
+        flops += gc.flops
+        byts += gc.bytes
+        efl += gc.eflops
+    return DecodeCost(new_tokens, sum(times), flops, byts, efl, tuple(times))
