@@ -1,0 +1,106 @@
+"""Quality of a transformed model against the original, measured on given inputs.
+
+    report = lmforge.quality.compare(original, transformed, inputs)
+    report.top1_agreement, report.kl, report.max_rel_err
+
+`original` and `transformed` are callables with the model's signature (a torch module, a CompiledModel).
+The logits are the first output (or the output `logits_index` picks) and the next-token distribution
+is their softmax over the last dimension. Perplexity needs a callable that maps tokens [n, L] to logits
+[n, L, V] (a prefill model) and held-out token data; task accuracy needs the workload's checker.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    max_rel_err: float          # max over outputs of ||new - ref|| / ||ref|| (per output tensor)
+    mean_rel_err: float         # mean over outputs and inputs of the same
+    kl: float                   # mean KL(p_ref || p_new) of next-token distributions
+    top1_agreement: float       # fraction of positions whose argmax token agrees
+    ppl_ref: float | None = None
+    ppl_new: float | None = None
+    task_acc_ref: float | None = None
+    task_acc_new: float | None = None
+    n_positions: int = 0
+
+    @property
+    def ppl_delta(self) -> float | None:
+        return None if self.ppl_ref is None else self.ppl_new - self.ppl_ref
+
+    @property
+    def task_acc_delta(self) -> float | None:
+        return None if self.task_acc_ref is None else self.task_acc_new - self.task_acc_ref
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(ppl_delta=self.ppl_delta, task_acc_delta=self.task_acc_delta)
+        return d
+
+
+def _logits(out, index: int) -> torch.Tensor:
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return leaves[index]
+
+
+def rel_err(new: torch.Tensor, ref: torch.Tensor) -> float:
+    ref, new = ref.double(), new.double()
+    denom = ref.norm().item()
+    return (new - ref).norm().item() / denom if denom > 0 else (new - ref).norm().item()
+
+
+def kl_divergence(ref_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p_new) per position, over the last dimension."""
+    lp = torch.log_softmax(ref_logits.double(), -1)
+    lq = torch.log_softmax(new_logits.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def perplexity(model: Callable, token_data: torch.Tensor, logits_index: int = 0, batch: int = 64) -> float:
+    """exp(mean next-token cross-entropy) of `model(tokens) -> logits [n, L, V]` on token_data [n, L]."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, token_data.shape[0], batch):
+            toks = token_data[i:i + batch]
+            logits = _logits(model(toks), logits_index)[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                                    toks[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += toks[:, 1:].numel()
+    return math.exp(total / max(count, 1))
+
+
+def compare(original: Callable, transformed: Callable, inputs: Sequence[tuple], *, logits_index: int = 0,
+            token_data: torch.Tensor | None = None, ppl_model: tuple[Callable, Callable] | None = None,
+            checker: Callable[[Callable], float] | None = None) -> QualityReport:
+    """Run both on every input tuple and compare outputs and next-token distributions.
+
+    ppl_model: optional (original_prefill, transformed_prefill) callables for perplexity on token_data
+    (default: the models themselves, when they map tokens to logits).
+    """
+    errs, kls, agree, positions = [], [], 0, 0
+    with torch.no_grad():
+        for args in inputs:
+            ref_out, new_out = original(*args), transformed(*args)
+            ref_leaves = [x for x in pytree.tree_leaves(ref_out) if isinstance(x, torch.Tensor)]
+            new_leaves = [x for x in pytree.tree_leaves(new_out) if isinstance(x, torch.Tensor)]
+            errs += [rel_err(n, r) for n, r in zip(new_leaves, ref_leaves) if r.is_floating_point()]
+            ref_l, new_l = _logits(ref_out, logits_index), _logits(new_out, logits_index)
+            kls.append(kl_divergence(ref_l, new_l).reshape(-1))
+            agree += (ref_l.argmax(-1) == new_l.argmax(-1)).sum().item()
+            positions += ref_l[..., 0].numel()
+    kl = torch.cat(kls).mean().item() if kls else 0.0
+    ppl_ref = ppl_new = acc_ref = acc_new = None
+    if token_data is not None:
+        ref_m, new_m = ppl_model or (original, transformed)
+        ppl_ref, ppl_new = perplexity(ref_m, token_data, logits_index), perplexity(new_m, token_data, logits_index)
+    if checker is not None:
+        acc_ref, acc_new = float(checker(original)), float(checker(transformed))
+    return QualityReport(max(errs, default=0.0), sum(errs) / max(len(errs), 1), kl, agree / max(positions, 1),
+                         ppl_ref, ppl_new, acc_ref, acc_new, positions)
