@@ -2,6 +2,8 @@
 
     lmforge inspect WORKLOAD [--target h100] [--knobs] [--print-after PASS|all]
     lmforge compile WORKLOAD [--target h100] [--backend torch]
+    lmforge tune WORKLOAD --target h100 --budget 100 [--objective latency --objective quality] [--out DIR]
+    lmforge report [--study NAME] [--out DIR]
     lmforge targets [show NAME]
 
 WORKLOAD is `path/to/file.py` (its `workload()` function), `file.py:function`, or `package.module:function`;
@@ -54,6 +56,50 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from lmforge.search.report import write_report
+    from lmforge.search.tuner import tune
+
+    wl = _load(args.workload)
+    constraints = {}
+    if args.min_quality is not None:
+        constraints["quality"] = args.min_quality
+    if args.fits:
+        constraints["fits"] = True
+    result = tune(wl, target=args.target, objectives=tuple(args.objective or ["latency"]), budget=args.budget,
+                  mode=args.mode, storage=args.storage, constraints=constraints or None, seed=args.seed,
+                  warm_start_from=args.warm_start_from, sampler=args.sampler)
+    print(f"study {result.study_name} in {result.storage}: {result.n_complete} trials finished, "
+          f"{result.n_failed} failed")
+    print("Pareto front:" if len(result.objectives) > 1 else "best:")
+    print(result.table())
+    print(f"best config: {result.best_config}")
+    if args.out:
+        paths = write_report(result.study, args.out)
+        print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    import optuna
+
+    from lmforge.search.report import write_report
+    from lmforge.search.tuner import default_storage
+
+    storage = args.storage or default_storage()
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
+    if args.study is None:
+        print("studies:\n" + "\n".join(f"  {n}" for n in names) if names else f"no studies in {storage}")
+        return 0
+    matches = [n for n in names if args.study in n]
+    if len(matches) != 1:
+        raise LmforgeError(f"{len(matches)} studies match {args.study!r} in {storage}: give a unique part of "
+                           f"one of {names}")
+    paths = write_report(optuna.load_study(study_name=matches[0], storage=storage), args.out)
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_targets(args) -> int:
     from lmforge.hwmodels import get_target, targets
 
@@ -82,6 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host")
     c.add_argument("--backend", action="append", default=[], help="backend in priority order (repeatable)")
     c.set_defaults(fn=cmd_compile)
+    tu = sub.add_parser("tune", help="search the knobs of a workload for a target (Optuna)")
+    tu.add_argument("workload")
+    tu.add_argument("--target", default="h100")
+    tu.add_argument("--budget", type=int, default=50, help="number of finished trials to reach")
+    tu.add_argument("--objective", action="append", help="latency|throughput|memory|quality|kl|accuracy "
+                                                         "(repeat for a Pareto front)")
+    tu.add_argument("--mode", default="predict", choices=["predict", "measure", "hybrid"])
+    tu.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the cache)")
+    tu.add_argument("--min-quality", type=float, default=None, help="constraint: top-1 agreement >= this")
+    tu.add_argument("--fits", action="store_true", help="constraint: peak memory fits the target")
+    tu.add_argument("--sampler", default=None, choices=["tpe", "nsga2", "gp", "random"])
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--warm-start-from", default=None, help="enqueue the best configs found for this target")
+    tu.add_argument("--out", default=None, help="write the report (Pareto plot, table) here")
+    tu.set_defaults(fn=cmd_tune)
+    r = sub.add_parser("report", help="write the Pareto plot and table of a tuning study")
+    r.add_argument("--study", default=None, help="part of the study name (omit to list studies)")
+    r.add_argument("--storage", default=None)
+    r.add_argument("--out", default="lmforge-report")
+    r.set_defaults(fn=cmd_report)
     t = sub.add_parser("targets", help="list hardware targets, or `targets show NAME`")
     t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     t.add_argument("name", nargs="?")

@@ -92,11 +92,23 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
     backends: backend names in priority order; the torch reference always runs what others leave.
     """
     from lmforge.ir.frontends.torch_export import capture
-    from lmforge.passes import PassManager, default_pipeline
+    from lmforge.passes import PassManager, canonical_pipeline, default_pipeline, tunable_pipeline
 
     graph = model if isinstance(model, Graph) else capture(model, example_inputs, dynamic=dynamic)
+    if config == "best":
+        from lmforge.search.tuner import best_configs
+
+        graph = PassManager(canonical_pipeline()).run(graph)
+        found = best_configs(graph, target)
+        if not found:
+            raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database: "
+                               f"run `lmforge.tune(..., target={target!r})` first, or pass a config dict")
+        config = found[0]
+        passes = tunable_pipeline() if passes is None else passes
+    elif config is not None and not isinstance(config, Mapping):
+        raise LmforgeError(f"config must be a dict of knob values or 'best', not {type(config).__name__}")
     pm = PassManager(passes if passes is not None else default_pipeline())
-    graph = pm.run(graph, config if isinstance(config, Mapping) else None)
+    graph = pm.run(graph, config)
     chosen = default_backends(tuple(dict.fromkeys([*backends, "torch"])))
     dev = device or ("cpu" if not graph.weights else next(iter(graph.weights.values())).device)
-    return CompiledModel(graph, chosen, dev, target, config if isinstance(config, Mapping) else None, pm.report())
+    return CompiledModel(graph, chosen, dev, target, config, pm.report())

@@ -55,6 +55,7 @@ def generate(graph: Graph, kernels: Sequence[Kernel], weights: dict[str, Any],
              region_fns: dict[int, tuple] | None = None, fn_name: str = "forward") -> Callable:
     """Compile `graph` into a Python function of its inputs; `kernels[i]` runs `graph.nodes[i]`."""
     from lmforge.ir.ops import get_op
+    from lmforge.ir.ops.registry import SYMBOLIC_KINDS
 
     env: dict[str, Any] = {"_floor": math.floor, "_ceil": math.ceil}
     names: dict[str, str] = {}
@@ -75,7 +76,7 @@ def generate(graph: Graph, kernels: Sequence[Kernel], weights: dict[str, Any],
     device_src = names[graph.inputs[0].name] + ".device" if graph.inputs else "None"
     for i, (node, kernel) in enumerate(zip(graph.nodes, kernels)):
         opdef = get_op(node.op)
-        static = {k: v for k, v in node.attrs if not (opdef.attrs[k].kind in ("dim", "dims") and _is_symbolic(v))}
+        static = {k: v for k, v in node.attrs if not (opdef.attrs[k].kind in SYMBOLIC_KINDS and _is_symbolic(v))}
         dynamic = {k: v for k, v in node.attrs if k not in static}
         if region_fns and i in region_fns:
             static["regions"] = region_fns[i]

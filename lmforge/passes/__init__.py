@@ -4,18 +4,31 @@ from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
 
 
-def default_pipeline() -> list[Pass]:
+def canonical_pipeline() -> list[Pass]:
+    """Exact clean-ups with no knobs: every graph goes through these first."""
     return [
         recognize_attention,  # matmul-softmax-matmul -> attention (capture runs it too)
         fold_shapes,          # simplify symbolic dims, drop no-op reshapes/permutes/casts/slices
         cse,                  # merge duplicate computations (RoPE tables shared by layers, ...)
         recognize_rmsnorm,    # x * rsqrt(mean(x^2) + eps) * w -> rmsnorm
         recognize_rope,       # x * cos + rotate_half(x) * sin -> rope
+        dce,                  # drop what nothing reads
+    ]
+
+
+def tunable_pipeline() -> list[Pass]:
+    """The passes whose knobs the search tunes, in the order they run."""
+    return [
         merge_linears,        # linears sharing an input (QKV, gate/up) -> one GEMM + slices   [knob]
         fuse_elementwise,     # elementwise chains (SwiGLU, residual adds) -> fused regions     [knob]
         dce,                  # drop what nothing reads
     ]
 
 
-__all__ = ["fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
+def default_pipeline() -> list[Pass]:
+    """What `lmforge.compile` runs: the canonical passes, then the tunable ones (defaults unless configured)."""
+    return canonical_pipeline() + tunable_pipeline()
+
+
+__all__ = ["canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
            "recognize_attention"]

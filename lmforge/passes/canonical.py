@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from lmforge.ir.graph import Graph, Node, Value
 from lmforge.ir.ops import get_op
+from lmforge.ir.ops.registry import SYMBOLIC_KINDS
 from lmforge.ir.types import TensorType, simplify_dim
 from lmforge.passes.base import graph_pass
 from lmforge.passes.rewrite import RewriteContext, rewrite
@@ -89,7 +90,8 @@ def fold_shapes(graph: Graph) -> Graph:
     nodes = []
     for n in graph.nodes:
         opdef = get_op(n.op)
-        attrs = tuple((k, _simplify_attr(v) if opdef.attrs[k].kind in ("dim", "dims") else v) for k, v in n.attrs)
+        attrs = tuple((k, _simplify_attr(v) if opdef.attrs[k].kind in SYMBOLIC_KINDS and not isinstance(v, float)
+                       else v) for k, v in n.attrs)
         nodes.append(replace(n, inputs=tuple(fix(v) for v in n.inputs), outputs=tuple(fix(v) for v in n.outputs),
                              attrs=attrs))
     graph = replace(graph, inputs=tuple(fix(v) for v in graph.inputs), params=tuple(fix(v) for v in graph.params),

@@ -65,13 +65,14 @@ def _concrete_attr(v, env):
 def node_costs(graph: Graph, env: Mapping[str, int]) -> list[Cost]:
     """The registry cost of every node with the symbolic dims bound by `env`."""
     from lmforge.ir.ops import get_op
+    from lmforge.ir.ops.registry import SYMBOLIC_KINDS
 
     out = []
     for n in graph.nodes:
         ins = [None if v is None else v.type.concrete(env) for v in n.inputs]
         outs = [v.type.concrete(env) for v in n.outputs]
         opdef = get_op(n.op)
-        attrs = {k: _concrete_attr(v, env) if opdef.attrs[k].kind in ("dim", "dims") else v for k, v in n.attrs}
+        attrs = {k: _concrete_attr(v, env) if opdef.attrs[k].kind in SYMBOLIC_KINDS else v for k, v in n.attrs}
         cost = opdef.cost(ins, attrs, outs)
         if n.regions:  # a fused region: its FLOPs, but only the node's own inputs/outputs move through memory
             inner = [c for r in n.regions for c in node_costs(r, env)]

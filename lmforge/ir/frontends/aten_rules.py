@@ -145,9 +145,7 @@ def binary(op: str, swap: bool = False):
             attrs["alpha"] = alpha
         if isinstance(b, Value):
             return t.emit(node, op, [a, b], attrs)
-        if isinstance(b, str):
-            return None  # a symbolic size used as a number
-        attrs["scalar"] = b
+        attrs["scalar"] = b  # a number, or a symbolic size used as a number ("past")
         return t.emit(node, op, [a, None], attrs)
 
     return rule
@@ -156,7 +154,7 @@ def binary(op: str, swap: bool = False):
 def compare(op: str):
     def rule(t, node):
         a, b = t.value(node.args[0]), t.value(node.args[1])
-        if not isinstance(a, Value) or isinstance(b, str):
+        if not isinstance(a, Value):
             return None
         if isinstance(b, Value):
             return t.emit(node, op, [a, b])
@@ -186,8 +184,6 @@ def pow_scalar(t, node):
 def where(t, node):
     c, a, b = (t.value(x) for x in node.args[:3])
     attrs = {"a_scalar": None if isinstance(a, Value) else a, "b_scalar": None if isinstance(b, Value) else b}
-    if isinstance(attrs["a_scalar"], str) or isinstance(attrs["b_scalar"], str):
-        return None
     return t.emit(node, "where", [c, a if isinstance(a, Value) else None, b if isinstance(b, Value) else None], attrs)
 
 

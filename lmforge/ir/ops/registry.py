@@ -20,8 +20,10 @@ from lmforge.ir.types import TensorType, itemsize
 
 _REQUIRED = object()
 
-# Attribute kinds. "dim"/"dims" may hold symbolic dimensions (str) evaluated at run time.
-ATTR_KINDS = ("int", "float", "bool", "str", "dim", "dims", "ints", "floats", "dtype", "any")
+# Attribute kinds. "dim"/"dims" may hold symbolic dimensions (str) evaluated at run time, and so may
+# "scalar" (a number, or a symbolic size used as a number, e.g. `positions + past`).
+ATTR_KINDS = ("int", "float", "bool", "str", "dim", "dims", "scalar", "ints", "floats", "dtype", "any")
+SYMBOLIC_KINDS = ("dim", "dims", "scalar")
 
 
 @dataclass(frozen=True)

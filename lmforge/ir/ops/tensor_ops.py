@@ -67,7 +67,7 @@ def _binary(name: str, fn, flops: int) -> OpDef:
 
     return OpDef(name, f"Elementwise {name}(a, b); b may be absent, then the `scalar` attribute is used "
                        f"(`swap` puts the scalar first).",
-                 {"scalar": attr("any", None), "swap": attr("bool", False), "alpha": attr("float", 1.0)},
+                 {"scalar": attr("scalar", None), "swap": attr("bool", False), "alpha": attr("float", 1.0)},
                  _binary_infer, ref, streaming_cost(flops, "elementwise"), arity=(1, 2))
 
 
@@ -79,7 +79,7 @@ def _compare(name: str, fn) -> OpDef:
     def ref(a, b=None, *, scalar=None):
         return fn(a, b if b is not None else scalar)
 
-    return OpDef(name, f"Comparison {name}(a, b) -> bool.", {"scalar": attr("any", None)}, infer, ref,
+    return OpDef(name, f"Comparison {name}(a, b) -> bool.", {"scalar": attr("scalar", None)}, infer, ref,
                  streaming_cost(1, "elementwise"), arity=(1, 2))
 
 
@@ -344,7 +344,7 @@ def ops() -> list[OpDef]:
         OpDef("cast", "Convert to another dtype.", {"dtype": attr("dtype")},
               lambda ins, a: [ins[0].with_(dtype=a["dtype"])], _cast_ref, streaming_cost(0, "elementwise")),
         OpDef("where", "where(cond, a, b); a or b may be absent, then a_scalar / b_scalar are used.",
-              {"a_scalar": attr("any", None), "b_scalar": attr("any", None)}, _where_infer, _where_ref,
+              {"a_scalar": attr("scalar", None), "b_scalar": attr("scalar", None)}, _where_infer, _where_ref,
               streaming_cost(1, "elementwise"), arity=(3, 3)),
         OpDef("tri", "Keep the lower (tril) or upper (triu) triangle from `diagonal`.",
               {"diagonal": attr("int", 0), "upper": attr("bool", False)}, _same_type, _tri_ref,

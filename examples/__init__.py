@@ -1,0 +1,1 @@
+"""Runnable examples a user would copy; small models they use live in examples/models/."""
