@@ -2,6 +2,8 @@
 from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
 from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
+from lmforge.passes.quant import kv_quant_pass, weight_quant_pass
+from lmforge.passes.sparsity import shared_prefix_decode, sparsity_pass
 
 
 def canonical_pipeline() -> list[Pass]:
@@ -16,12 +18,16 @@ def canonical_pipeline() -> list[Pass]:
     ]
 
 
-def tunable_pipeline() -> list[Pass]:
-    """The passes whose knobs the search tunes, in the order they run."""
+def tunable_pipeline(calibration=None) -> list[Pass]:
+    """The passes whose knobs the search tunes, in the order they run. `calibration` (input tuples) lets
+    AWQ collect activations and FlexPrefill measure its density."""
     return [
-        merge_linears,        # linears sharing an input (QKV, gate/up) -> one GEMM + slices   [knob]
-        fuse_elementwise,     # elementwise chains (SwiGLU, residual adds) -> fused regions     [knob]
-        dce,                  # drop what nothing reads
+        sparsity_pass(calibration),      # window+sinks, block top-k decode, FlexPrefill prefill  [knobs attn.*]
+        kv_quant_pass,                   # KV cache stored as int8 / fp8                         [knobs quant.kv*]
+        merge_linears,                   # linears sharing an input (QKV, gate/up) -> one GEMM    [knob]
+        weight_quant_pass(calibration),  # weight-only int8 / int4, group-wise, AWQ              [knobs quant.*]
+        fuse_elementwise,                # elementwise chains (SwiGLU, residual adds) -> fused    [knob]
+        dce,                             # drop what nothing reads
     ]
 
 
@@ -30,5 +36,5 @@ def default_pipeline() -> list[Pass]:
     return canonical_pipeline() + tunable_pipeline()
 
 
-__all__ = ["canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
+__all__ = ["kv_quant_pass", "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
            "recognize_attention"]

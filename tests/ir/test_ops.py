@@ -98,8 +98,11 @@ def _needs(module):
     return importlib.util.find_spec(module) is None
 
 
-CASES["linear_wo"] = None  # built in test_linear_wo_and_merge_lse (needs packed weights)
-CASES["merge_lse"] = None
+# built in the tests below (packed weights, attention references)
+for _name in ("linear_wo", "merge_lse", "block_topk_attention", "block_sparse_attention", "flex_prefill_attention",
+              "shared_prefix_attention"):
+    CASES[_name] = None
+CASES["kv_qdq"] = ([t(2, 2, 5, 8)], {"dtype": "int8"}, None)
 
 
 def make(spec, gen):
@@ -196,3 +199,35 @@ def test_linear_wo_and_merge_lse():
     full, full_lse = attention_ref(q, k, v, causal=False, return_lse=True)
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, full_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(_needs("lmforge.ir.ops.attention_ref"), reason="attention references not built yet")
+def test_sparse_attention_ops_with_full_budget_equal_dense():
+    from lmforge.ir.ops.attention_ref import attention_ref
+
+    gen = torch.Generator().manual_seed(3)
+    q1 = torch.randn(2, 4, 1, 8, generator=gen)
+    k, v = torch.randn(2, 2, 40, 8, generator=gen), torch.randn(2, 2, 40, 8, generator=gen)
+    dense = attention_ref(q1, k, v, causal=True)
+    full = get_op("block_topk_attention").reference(q1, k, v, block_size=8, topk_blocks=5, sinks=0, window=8)
+    torch.testing.assert_close(full, dense, rtol=1e-5, atol=1e-5)
+    q = torch.randn(2, 4, 40, 8, generator=gen)
+    dense_prefill = attention_ref(q, k, v, causal=True)
+    flex = get_op("flex_prefill_attention").reference(q, k, v, gamma=1.0, block_size=8)
+    torch.testing.assert_close(flex, dense_prefill, rtol=1e-5, atol=1e-5)
+    mask = torch.ones(2, 4, 5, 5, dtype=torch.bool)
+    bs = get_op("block_sparse_attention").reference(q, k, v, mask, block_size=8)
+    torch.testing.assert_close(bs, dense_prefill, rtol=1e-5, atol=1e-5)
+    kp, vp = k[:1, :, :30], v[:1, :, :30]
+    ks, vs = k[:, :, 30:], v[:, :, 30:]
+    shared = get_op("shared_prefix_attention").reference(q1, kp, vp, ks, vs)
+    kf, vf = torch.cat([kp.expand(2, -1, -1, -1), ks], 2), torch.cat([vp.expand(2, -1, -1, -1), vs], 2)
+    torch.testing.assert_close(shared, attention_ref(q1, kf, vf, causal=True), rtol=1e-5, atol=1e-5)
+    for name, ins in [("block_topk_attention", (q1, k, v)), ("flex_prefill_attention", (q, k, v)),
+                      ("shared_prefix_attention", (q1, kp, vp, ks, vs))]:
+        op = get_op(name)
+        attrs = op.normalize_attrs({"block_size": 8, "topk_blocks": 2} if name.startswith("block") else {})
+        types = [TensorType.of(x) for x in ins]
+        (out_t,) = op.infer(types, attrs)
+        assert out_t.shape == tuple(ins[0].shape[:3]) + (8,)
+        assert op.cost(types, attrs).flops > 0

@@ -140,7 +140,7 @@ def _attention_infer(ins, attrs):
 
 
 def _attention_ref(q, k, v, mask=None, *, causal=False, scale=None, window=None, sinks=0, q_offset=None,
-                   return_lse=False):
+                   return_lse=False, kv_dtype=None):
     plain = window is None and sinks == 0 and not return_lse and (
         not causal or q_offset == 0 or (q_offset is None and q.shape[2] == k.shape[2]))
     if plain or mask is not None:
@@ -176,8 +176,19 @@ def _attention_cost(ins, attrs, outs):
     flops = 2.0 * b * hq * pairs * (d + v.shape[3]) + 5.0 * b * hq * pairs
     # K/V are read once per KV head (GQA shares them); a window reads only the visible part of the cache.
     frac = 1.0 if attrs["window"] is None or sq > 1 else min(1.0, (attrs["window"] + attrs["sinks"]) / max(skv, 1))
-    moved = nbytes(q, *outs, *(ins[3:])) + frac * nbytes(k, v)
+    moved = nbytes(q, *outs, *(ins[3:])) + frac * kv_bytes(k, v, attrs.get("kv_dtype"))
     return Cost.of(flops, moved, "attention", q.dtype)
+
+
+def kv_bytes(k: TensorType, v: TensorType, kv_dtype: str | None) -> float:
+    """Bytes of K and V as stored: in `kv_dtype` (1 byte for int8/fp8, plus one fp16 scale per token and head)
+    when the KV cache is quantized, else in their own dtype."""
+    if kv_dtype is None:
+        return nbytes(k, v)
+    from lmforge.ir.types import itemsize
+
+    scales = 2 * 2 * (numel(k) // k.shape[-1])
+    return (numel(k) + numel(v)) * itemsize(kv_dtype) + scales
 
 
 def _kv_update_infer(ins, attrs):
@@ -260,7 +271,8 @@ def ops() -> list[OpDef]:
               "step sees its whole KV cache); `window`/`sinks` restrict keys (StreamingLLM); `return_lse` adds "
               "the fp32 log-sum-exp [batch, heads, seq] as a second output.",
               {"causal": attr("bool", False), "scale": attr("float", None), "window": attr("int", None),
-               "sinks": attr("int", 0), "q_offset": attr("dim", None), "return_lse": attr("bool", False)},
+               "sinks": attr("int", 0), "q_offset": attr("dim", None), "return_lse": attr("bool", False),
+               "kv_dtype": attr("dtype", None, "storage format of a quantized KV cache (cost only)")},
               _attention_infer, _attention_ref, _attention_cost, arity=(3, 4), op_class="attention",
               num_outputs=lambda a: 2 if a.get("return_lse") else 1),
         OpDef("kv_cache_update", "The cache with `new` written at positions pos.. along `dim` (functional).",

@@ -1,0 +1,147 @@
+"""Attention variants the sparsity passes produce, and KV-cache quantize-dequantize.
+
+- block_topk_attention: decode attention over the KV blocks with the top-k scores (Kinetics: mean key;
+  Quest: min/max key bounds), always keeping the sink and local-window blocks; shared across a GQA group.
+- block_sparse_attention: prefill attention restricted to a boolean block mask (an input).
+- flex_prefill_attention: FlexPrefill's adaptive prefill: per head, a pattern (query-aware or vertical-slash,
+  chosen by a Jensen-Shannon test on the last query block) covering `gamma` of the attention mass.
+- shared_prefix_attention: Hydragen: queries of B sequences over one shared prefix (read once) plus each
+  sequence's own suffix, merged exactly by log-sum-exp.
+- kv_qdq: what attention reads from a KV cache stored in int8 / fp8 (quantize then dequantize).
+"""
+from __future__ import annotations
+
+from lmforge.errors import VerifyError
+from lmforge.ir.cost import Cost
+from lmforge.ir.ops.nn_ops import kv_bytes, visible_keys
+from lmforge.ir.ops.registry import OpDef, attr, nbytes, numel
+from lmforge.ir.types import TensorType
+
+
+def _out_like_q(ins, attrs):
+    q, v = ins[0], ins[2]
+    if q.rank != 4:
+        raise VerifyError(f"attention variants take q [batch, heads, seq, head_dim], got {q}")
+    return [q.with_(shape=(*q.shape[:3], v.shape[3]))]
+
+
+def _flops(b, hq, pairs, d, dv):
+    return 2.0 * b * hq * pairs * (d + dv) + 5.0 * b * hq * pairs
+
+
+# ---- block top-k decode ---------------------------------------------------------------------------------------
+
+def _topk_ref(q, k, v, *, block_size, topk_blocks, sinks=4, window=64, summary="mean", scale=None, kv_dtype=None):
+    from lmforge.ir.ops.attention_ref import decode_block_topk_ref
+
+    return decode_block_topk_ref(q, k, v, block_size=block_size, topk_blocks=topk_blocks, sinks=sinks,
+                                 window=window, summary=summary, scale=scale)
+
+
+def kept_keys(skv: int, block_size: int, topk_blocks: int, sinks: int, window: int) -> int:
+    """Keys block top-k attends to: the top-k blocks plus the blocks of the sinks and the local window."""
+    n_blocks = -(-skv // block_size)
+    forced = min(n_blocks, -(-sinks // block_size) + -(-window // block_size) + 1)
+    return min(skv, (min(n_blocks, forced + topk_blocks)) * block_size)
+
+
+def _topk_cost(ins, attrs, outs):
+    q, k, v = ins
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    keep = kept_keys(skv, attrs["block_size"], attrs["topk_blocks"], attrs["sinks"], attrs["window"])
+    n_blocks = -(-skv // attrs["block_size"])
+    summaries = (2 if attrs["summary"] == "minmax" else 1) * k.shape[0] * k.shape[1] * n_blocks * d * 2
+    score_flops = 2.0 * b * hq * n_blocks * d * (2 if attrs["summary"] == "minmax" else 1)
+    moved = nbytes(q, *outs) + kv_bytes(k, v, attrs["kv_dtype"]) * keep / max(skv, 1) + summaries
+    return Cost.of(_flops(b, hq, sq * keep, d, v.shape[3]) + score_flops, moved, "attention", q.dtype)
+
+
+# ---- block-sparse prefill and FlexPrefill ---------------------------------------------------------------------------
+
+def _block_sparse_ref(q, k, v, block_mask, *, block_size, scale=None, density=1.0):
+    from lmforge.ir.ops.attention_ref import attention_ref
+
+    return attention_ref(q, k, v, causal=True, scale=scale, block_mask=block_mask, block_size=block_size)
+
+
+def _sparse_cost(ins, attrs, outs):
+    q, k, v = ins[:3]
+    b, hq, sq, d = q.shape
+    pairs = visible_keys(sq, k.shape[2], True, None, 0, None) * attrs["density"]
+    moved = nbytes(q, *outs, *ins[3:]) + nbytes(k, v) * max(attrs["density"], 1.0 / max(1, q.shape[2]))
+    return Cost.of(_flops(b, hq, pairs, d, v.shape[3]), moved, "attention", q.dtype)
+
+
+def _flex_ref(q, k, v, *, gamma=0.9, tau=0.1, block_size=64, min_budget=2, scale=None, density=1.0):
+    from lmforge.ir.ops.flexprefill_ref import flex_prefill_attention_ref
+
+    return flex_prefill_attention_ref(q, k, v, gamma=gamma, tau=tau, block_size=block_size, min_budget=min_budget,
+                                      scale=scale)
+
+
+# ---- shared prefix --------------------------------------------------------------------------------------------------
+
+def _shared_infer(ins, attrs):
+    q, kp, vp, ks, vs = ins
+    if kp.shape[0] != 1:
+        raise VerifyError(f"shared_prefix_attention: the prefix K/V have batch 1 (shared), got {kp}")
+    return [q.with_(shape=(*q.shape[:3], vp.shape[3]))]
+
+
+def _shared_ref(q, kp, vp, ks, vs, *, scale=None):
+    from lmforge.ir.ops.attention_ref import shared_prefix_attention_ref
+
+    return shared_prefix_attention_ref(q, kp, vp, ks, vs)
+
+
+def _shared_cost(ins, attrs, outs):
+    q, kp, vp, ks, vs = ins
+    b, hq, sq, d = q.shape
+    pairs = sq * kp.shape[2] + visible_keys(sq, ks.shape[2], True, None, 0, None)
+    return Cost.of(_flops(b, hq, pairs, d, vp.shape[3]), nbytes(*ins, *outs), "attention", q.dtype)
+
+
+# ---- KV quantize-dequantize ------------------------------------------------------------------------------------------
+
+def _kv_qdq_ref(x, *, dtype="int8", axis="token"):
+    from lmforge.ir.ops import quant_ref
+
+    if dtype == "int8":
+        q, s = quant_ref.kv_quantize_int8(x, axis=axis)
+        return quant_ref.kv_dequantize_int8(q, s, x.dtype)
+    q, s = quant_ref.kv_quantize_fp8(x)
+    return quant_ref.kv_dequantize_fp8(q, s, x.dtype)
+
+
+def _fused_into_attention(ins, attrs, outs):
+    # The attention kernel dequantizes K/V as it reads them; the bytes are charged there (kv_dtype).
+    return Cost.of(0.0, 0.0, "elementwise", outs[0].dtype)
+
+
+def ops() -> list[OpDef]:
+    scale = attr("float", None)
+    return [
+        OpDef("block_topk_attention", "Decode attention over the top-k KV blocks (+ sink and local-window blocks), "
+                                      "selection shared by the query heads of a KV head.",
+              {"block_size": attr("int"), "topk_blocks": attr("int"), "sinks": attr("int", 4),
+               "window": attr("int", 64), "summary": attr("str", "mean"), "scale": scale,
+               "kv_dtype": attr("dtype", None)},
+              _out_like_q, _topk_ref, _topk_cost, arity=(3, 3), op_class="attention"),
+        OpDef("block_sparse_attention", "Causal attention restricted to a boolean block mask [B, H, nQ, nK]; "
+                                        "`density` is the expected kept fraction (for the cost model).",
+              {"block_size": attr("int"), "scale": scale, "density": attr("float", 1.0)},
+              _out_like_q, _block_sparse_ref, _sparse_cost, arity=(4, 4), op_class="attention"),
+        OpDef("flex_prefill_attention", "FlexPrefill adaptive sparse prefill (gamma coverage, tau JS threshold); "
+                                        "`density` is the kept fraction measured on calibration inputs (1.0 if "
+                                        "none were given: no saving is claimed without a measurement).",
+              {"gamma": attr("float", 0.9), "tau": attr("float", 0.1), "block_size": attr("int", 64),
+               "min_budget": attr("int", 2), "scale": scale, "density": attr("float", 1.0)},
+              _out_like_q, _flex_ref, _sparse_cost, arity=(3, 3), op_class="attention"),
+        OpDef("shared_prefix_attention", "Hydragen: attention of B sequences over one shared prefix (batch 1, read "
+                                         "once) and their own suffixes, merged exactly by log-sum-exp.",
+              {"scale": scale}, _shared_infer, _shared_ref, _shared_cost, arity=(5, 5), op_class="attention"),
+        OpDef("kv_qdq", "K or V as read from a cache stored in int8 (per-token or per-head scales) or fp8 e4m3.",
+              {"dtype": attr("dtype", "int8"), "axis": attr("str", "token")}, lambda i, a: [i[0]], _kv_qdq_ref,
+              _fused_into_attention),
+    ]

@@ -1,0 +1,159 @@
+"""Attention sparsity passes: sliding window + sinks (StreamingLLM), block top-k decode (Kinetics / Quest),
+FlexPrefill adaptive prefill, and the exact shared-prefix decomposition (Hydragen).
+
+Decode attention (one query per sequence) and prefill attention (queries = keys, causal) get separate
+patterns. Knob `attn.dense_layers` keeps the first layers dense (the i-th attention node is layer i).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+from lmforge.ir.graph import Graph, Node, Value
+from lmforge.ir.ops import get_op
+from lmforge.ir.types import TensorType
+from lmforge.passes.base import Knob, Pass
+from lmforge.passes.canonical import dce
+
+_DECODE = ("attn.decode_pattern", ("window", "block_topk"))
+_TOPK = ("attn.decode_pattern", ("block_topk",))
+_FLEX = ("attn.prefill_pattern", ("flex",))
+SPARSITY_KNOBS = (
+    Knob("attn.decode_pattern", "categorical", "dense", choices=("dense", "window", "block_topk")),
+    Knob("attn.prefill_pattern", "categorical", "dense", choices=("dense", "window", "flex")),
+    Knob("attn.sinks", "categorical", 4, choices=(0, 4, 16), doc="attention-sink tokens always kept"),
+    Knob("attn.decode_window", "categorical", 256, choices=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+         condition=_DECODE, doc="local window (tokens) of decode attention"),
+    Knob("attn.prefill_window", "categorical", 1024, choices=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+         condition=("attn.prefill_pattern", ("window",))),
+    Knob("attn.block_size", "categorical", 32, choices=(8, 16, 32, 64), condition=_TOPK),
+    Knob("attn.topk_blocks", "categorical", 8, choices=(1, 2, 4, 8, 16, 32, 64, 128), condition=_TOPK),
+    Knob("attn.summary", "categorical", "mean", choices=("mean", "minmax"), condition=_TOPK,
+         doc="block score: mean key (Kinetics) or min/max bounds (Quest)"),
+    Knob("attn.dense_layers", "categorical", 0, choices=(0, 1, 2), condition=_TOPK),
+    Knob("attn.flex_gamma", "float", 0.9, low=0.7, high=0.99, condition=_FLEX),
+    Knob("attn.flex_tau", "float", 0.1, low=0.0, high=0.5, condition=_FLEX),
+    Knob("attn.flex_block", "categorical", 64, choices=(16, 32, 64, 128), condition=_FLEX),
+    Knob("attn.flex_min_budget", "categorical", 2, choices=(1, 2, 4), condition=_FLEX),
+)
+
+
+def _is_decode(n: Node) -> bool:
+    return n.inputs[0].type.shape[2] == 1
+
+
+def _is_prefill(n: Node) -> bool:
+    q, k = n.inputs[0].type, n.inputs[1].type
+    return n.attr["causal"] and q.shape[2] == k.shape[2] and q.shape[2] != 1 and n.attr["q_offset"] in (None, 0)
+
+
+def _plain(n: Node) -> bool:
+    a = n.attr
+    return (n.op == "attention" and len(n.inputs) == 3 and a["window"] is None and a["sinks"] == 0
+            and not a["return_lse"])
+
+
+def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="dense", sinks=4, decode_window=256,
+                       prefill_window=1024, block_size=32, topk_blocks=8, summary="mean", dense_layers=0,
+                       flex_gamma=0.9, flex_tau=0.1, flex_block=64, flex_min_budget=2,
+                       calibration: Sequence[tuple] | None = None) -> Graph:
+    """Give decode and prefill attention their sparse pattern.
+
+        window:      %o = attention(%q, %k, %v; causal)  ->  attention(...; causal, window=W, sinks=S)
+        block_topk:  %o = attention(%q, %k, %v)          ->  block_topk_attention(%q, %k, %v; block_size, topk_blocks, ...)
+        flex:        %o = attention(%q, %k, %v; causal)  ->  flex_prefill_attention(%q, %k, %v; gamma, tau, ...)
+
+    With calibration inputs, FlexPrefill's kept fraction is measured on them and recorded as `density`, which
+    the cost rule uses; without, density stays 1 (no saving claimed).
+    """
+    nodes: list[Node] = []
+    layer = -1
+    flex_nodes: list[int] = []
+    for n in graph.nodes:
+        if n.op == "attention":
+            layer += 1
+        if not _plain(n):
+            nodes.append(n)
+            continue
+        if _is_decode(n) and decode_pattern == "window":
+            nodes.append(n.with_attrs(causal=True, q_offset=None, window=decode_window, sinks=sinks))
+        elif _is_decode(n) and decode_pattern == "block_topk" and layer >= dense_layers:
+            attrs = {"block_size": block_size, "topk_blocks": topk_blocks, "sinks": sinks, "window": decode_window,
+                     "summary": summary, "scale": n.attr["scale"], "kv_dtype": n.attr["kv_dtype"]}
+            nodes.append(Node("block_topk_attention", n.inputs, n.outputs,
+                              get_op("block_topk_attention").normalize_attrs(attrs), (), n.source))
+        elif _is_prefill(n) and prefill_pattern == "window":
+            nodes.append(n.with_attrs(q_offset=None, window=prefill_window, sinks=sinks))
+        elif _is_prefill(n) and prefill_pattern == "flex":
+            attrs = {"gamma": flex_gamma, "tau": flex_tau, "block_size": flex_block, "min_budget": flex_min_budget,
+                     "scale": n.attr["scale"]}
+            flex_nodes.append(len(nodes))
+            nodes.append(Node("flex_prefill_attention", n.inputs, n.outputs,
+                              get_op("flex_prefill_attention").normalize_attrs(attrs), (), n.source))
+        else:
+            nodes.append(n)
+    out = graph.with_nodes(nodes)
+    if flex_nodes and calibration:
+        out = _measure_flex_density(out, flex_nodes, calibration)
+    return out
+
+
+def _measure_flex_density(graph: Graph, idx: list[int], calibration) -> Graph:
+    from lmforge.ir.ops.flexprefill_ref import flex_prefill_block_mask
+    from lmforge.passes.probe import probe_values
+
+    targets = [graph.nodes[i] for i in idx]
+    got = probe_values(graph, [v for n in targets for v in n.inputs[:2]], calibration)
+    nodes = list(graph.nodes)
+    for j, (i, n) in enumerate(zip(idx, targets)):
+        kept = total = 0.0
+        for q, k in zip(got[2 * j], got[2 * j + 1]):
+            a = n.attr
+            mask, _ = flex_prefill_block_mask(q, k, gamma=a["gamma"], tau=a["tau"], block_size=a["block_size"],
+                                              min_budget=a["min_budget"], scale=a["scale"])
+            causal = mask.new_ones(mask.shape[-2:]).tril()
+            kept += mask.sum().item()
+            total += causal.sum().item() * mask.shape[0] * mask.shape[1]
+        nodes[i] = n.with_attrs(density=kept / max(total, 1.0))
+    return graph.with_nodes(nodes)
+
+
+def sparsity_pass(calibration: Sequence[tuple] | None = None) -> Pass:
+    def run(graph, **knobs):
+        return sparsify_attention(graph, calibration=calibration, **knobs)
+
+    return Pass("sparsify_attention", run, SPARSITY_KNOBS, sparsify_attention.__doc__.strip())
+
+
+def shared_prefix_decode(graph: Graph, prefix_len: int) -> Graph:
+    """Hydragen for decode steps whose batch rows share their first `prefix_len` KV entries (samples of one
+    prompt): the prefix is read once, from row 0, for every sequence. Exact when the precondition holds.
+
+        %o = attention(%q, %k, %v)  ->  %kp = slice(select-row-0 of %k; :P) ... ; %ks = slice(%k; P:)
+                                        %o = shared_prefix_attention(%q, %kp, %vp, %ks, %vs)
+    """
+    nodes: list[Node] = []
+    for n in graph.nodes:
+        if not (_plain(n) and _is_decode(n)):
+            nodes.append(n)
+            continue
+        q, k, v = n.inputs
+        parts = []
+        for name, src in (("k", k), ("v", v)):
+            row0 = Value(f"{n.output.name}_{name}row0", src.type.with_(shape=(1, *src.type.shape[1:])))
+            nodes.append(_op("slice", [src], [row0], {"dim": 0, "start": 0, "end": 1}, n.source))
+            pre_shape = (1, src.type.shape[1], prefix_len, src.type.shape[3])
+            pre = Value(f"{n.output.name}_{name}prefix", src.type.with_(shape=pre_shape))
+            nodes.append(_op("slice", [row0], [pre], {"dim": 2, "start": 0, "end": prefix_len}, n.source))
+            suf = Value(f"{n.output.name}_{name}suffix", get_op("slice").infer(
+                [src.type], {"dim": 2, "start": prefix_len, "end": None})[0])
+            nodes.append(_op("slice", [src], [suf], {"dim": 2, "start": prefix_len, "end": None}, n.source))
+            parts.append((pre, suf))
+        (kp, ks), (vp, vs) = parts
+        nodes.append(_op("shared_prefix_attention", [q, kp, vp, ks, vs], n.outputs, {"scale": n.attr["scale"]},
+                         n.source))
+    return graph.with_nodes(nodes)
+
+
+def _op(op, inputs, outputs, attrs, source=""):
+    return Node(op, tuple(inputs), tuple(outputs), get_op(op).normalize_attrs(attrs), (), source)
