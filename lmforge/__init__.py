@@ -5,6 +5,7 @@
     compiled = lmforge.compile(model, (tokens,), target="h100")
     print(compiled.inspect())
 """
+from lmforge.artifact import load
 from lmforge.compiler import CompiledModel, compile
 from lmforge.errors import LmforgeError
 from lmforge.ir.frontends.torch_export import capture
@@ -20,4 +21,19 @@ def targets():
     return _targets()
 
 
-__all__ = ["CompiledModel", "LmforgeError", "Workload", "capture", "compile", "targets", "__version__"]
+def tune(*args, **kwargs):
+    """Search the knobs of a workload for a target: see `lmforge.search.tuner.tune`."""
+    from lmforge.search.tuner import tune as _tune
+
+    return _tune(*args, **kwargs)
+
+
+def export_artifact(compiled, path, **kwargs):
+    """Write an artifact directory for a compiled model: see `lmforge.export.export`."""
+    from lmforge.export import export as _export
+
+    return _export(compiled, path, **kwargs)
+
+
+__all__ = ["CompiledModel", "LmforgeError", "Workload", "capture", "compile", "export_artifact", "load", "targets",
+           "tune", "__version__"]

@@ -4,6 +4,8 @@
     lmforge compile WORKLOAD [--target h100] [--backend torch]
     lmforge tune WORKLOAD --target h100 --budget 100 [--objective latency --objective quality] [--out DIR]
     lmforge report [--study NAME] [--out DIR]
+    lmforge export WORKLOAD --target h100 --out DIR [--config best]
+    lmforge run ARTIFACT [--device cpu] [--dim batch=4]
     lmforge targets [show NAME]
 
 WORKLOAD is `path/to/file.py` (its `workload()` function), `file.py:function`, or `package.module:function`;
@@ -100,6 +102,40 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lmforge.export import export_workload
+
+    path = export_workload(args.workload, args.target, args.out, config=args.config)
+    print(f"artifact written to {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Load an artifact (validating every file) and run it once on random inputs of its input types."""
+    import torch
+
+    import lmforge
+    from lmforge.artifact import inspect_artifact
+    from lmforge.ir.types import eval_dim, torch_dtype
+
+    manifest = inspect_artifact(args.artifact)
+    model = lmforge.load(args.artifact, device=args.device)
+    dims = dict(model.graph.get_meta("example_dims") or ())
+    for item in args.dim or []:
+        name, _, value = item.partition("=")
+        dims[name] = int(value)
+    inputs = []
+    for v in model.graph.inputs:
+        shape = [eval_dim(d, dims) for d in v.type.shape]
+        dtype = torch_dtype(v.type.dtype)
+        inputs.append(torch.randint(0, 2, shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape))
+    out = model(*inputs)
+    leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    print(f"{manifest.get('name')}: ran on {args.device} with inputs "
+          f"{[tuple(x.shape) for x in inputs]} -> outputs {[tuple(x.shape) for x in leaves]}")
+    return 0
+
+
 def cmd_targets(args) -> int:
     from lmforge.hwmodels import get_target, targets
 
@@ -148,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--storage", default=None)
     r.add_argument("--out", default="lmforge-report")
     r.set_defaults(fn=cmd_report)
+    e = sub.add_parser("export", help="compile a workload for a target and write an artifact directory")
+    e.add_argument("workload")
+    e.add_argument("--target", default="h100")
+    e.add_argument("--out", required=True)
+    e.add_argument("--config", default=None, choices=[None, "best"], help="'best': the tuned config for the target")
+    e.set_defaults(fn=cmd_export)
+    ru = sub.add_parser("run", help="load an artifact (checking every file) and run it on random inputs")
+    ru.add_argument("artifact")
+    ru.add_argument("--device", default="cpu")
+    ru.add_argument("--dim", action="append", help="value of a symbolic dim, e.g. --dim batch=4")
+    ru.set_defaults(fn=cmd_run)
     t = sub.add_parser("targets", help="list hardware targets, or `targets show NAME`")
     t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     t.add_argument("name", nargs="?")

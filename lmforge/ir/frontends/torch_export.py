@@ -307,7 +307,7 @@ if hasattr(aten, "_assert_async"):
 
 def capture(model, example_inputs, dynamic: dict | None = None, name: str | None = None,
             recognize: bool = True) -> Graph:
-    """Capture a torch.nn.Module or a function of tensors into a verified IR graph.
+    """Capture a torch.nn.Module or a function of tensors (or an ONNX model / .onnx path) into a verified graph.
 
     `dynamic` maps input names to {dim index: symbol name}, e.g. {"tokens": {0: "batch", 1: "seq"}};
     inputs sharing a symbol name share the dimension. Raises CaptureError with the cause and what to try.
@@ -315,6 +315,11 @@ def capture(model, example_inputs, dynamic: dict | None = None, name: str | None
     from lmforge.ir.verify import verify
     from lmforge.passes.canonical import recognize_attention
 
+    if type(model).__module__.startswith("onnx") or (isinstance(model, (str, os.PathLike))
+                                                     and str(model).endswith(".onnx")):
+        from lmforge.ir.frontends.onnx_import import import_onnx
+
+        return verify(import_onnx(model))
     ep, names = export_program(model, example_inputs, dynamic)
     gname = name or type(model.fn if isinstance(model, _FunctionModule) else model).__name__
     if not isinstance(model, torch.nn.Module):

@@ -1,0 +1,334 @@
+"""Loading exported artifacts: `load(path, device="cpu")` -> CompiledModel, after validating everything.
+
+An artifact directory (written by `lmforge.export.export`) holds `manifest.json`, `graph.json`,
+`weights.safetensors`, optionally `model.onnx` and `kernels/<target>/...`, and `README.md`. Loading:
+
+1. reads `manifest.json` (JSON only; a repeated key is an error) and checks it against `MANIFEST_SCHEMA`
+   (keys, types, `schema_version`, `format`);
+2. checks every path the manifest lists: relative, no `..`, no symlink, a regular file inside the
+   artifact directory; then its size and sha256. **Extra files are refused**: an artifact is a sealed
+   unit, and a file nobody listed is either a mistake or tampering (re-export, or delete the file);
+3. checks the requested device/target against the targets the artifact was built for;
+4. parses graph.json and weights.safetensors from the very bytes that were hashed (never a second read),
+   never unpickling anything (`torch.load` is not used), and checks the weights against the graph's params;
+5. builds a CompiledModel run by the torch reference backend.
+
+Every failure is an ArtifactError or TargetError raised here, saying what is wrong and what to do, with
+the library exception that detected it suppressed (`from None`). The sha256 sums detect corruption and
+edits of single files; they do not authenticate the artifact (whoever can rewrite files can rewrite the
+manifest too): load artifacts from sources you trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from lmforge.errors import ArtifactError, LmforgeError, TargetError
+
+SCHEMA_VERSION = 1
+FORMAT = "lmforge-artifact"
+MANIFEST = "manifest.json"
+GRAPH_FILE = "graph.json"
+WEIGHTS_FILE = "weights.safetensors"
+HOST = "host"
+
+# key -> (type or types, required). Nested entries are checked by _check_entries.
+MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
+    "schema_version": (int, True), "format": (str, True), "name": (str, True), "created": (str, True),
+    "versions": (dict, True), "graph_hash": (str, True), "target": (str, True), "targets": (list, True),
+    "config": (dict, True), "objectives": (dict, True), "inputs": (list, True), "outputs": (list, True),
+    "files": (dict, True), "onnx": (dict, True), "pass_report": (str, False),
+}
+_TARGET_SCHEMA = {"name": (str, True), "fingerprint": ((str, type(None)), True), "kind": (str, True)}
+_IO_SCHEMA = {"name": (str, True), "type": (dict, True)}
+_FILE_SCHEMA = {"sha256": (str, True), "bytes": (int, True)}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _fail(message: str) -> ArtifactError:
+    return ArtifactError(message)
+
+
+# ---- manifest ----------------------------------------------------------------------------------------
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of artifact `root`, checked against MANIFEST_SCHEMA (ArtifactError otherwise)."""
+    path = root / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        what = "is a symlink" if path.is_symlink() else "is missing"
+        raise _fail(f"{path} {what}: {root} is not an lmforge artifact (or an incomplete one). Export it "
+                    "again with `compiled.export(path)` or `lmforge export`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _fail(f"{path} is not valid JSON ({e}); the artifact is corrupt: export it again") from None
+    validate_manifest(manifest, str(path))
+    return manifest
+
+
+def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
+    """Hand-written schema check: required keys, their types, schema version, file and target entries."""
+    if not isinstance(manifest, dict):
+        raise _fail(f"{where} must hold a JSON object, not {type(manifest).__name__}; export the artifact again")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise _fail(f"{where} has schema_version {version!r}; this lmforge reads version {SCHEMA_VERSION}. "
+                    "Load it with the lmforge version that wrote it (see manifest 'versions'), or re-export it")
+    if manifest.get("format") != FORMAT:
+        raise _fail(f"{where}: format is {manifest.get('format')!r}, not {FORMAT!r}: not an lmforge artifact. "
+                    "Load a directory written by `compiled.export(path)`, or export the artifact again")
+    _check_entries(manifest, MANIFEST_SCHEMA, where)
+    for i, t in enumerate(manifest["targets"]):
+        _check_entries(t, _TARGET_SCHEMA, f"{where} targets[{i}]")
+    for key in ("inputs", "outputs"):
+        for i, v in enumerate(manifest[key]):
+            _check_entries(v, _IO_SCHEMA, f"{where} {key}[{i}]")
+    for rel, entry in manifest["files"].items():
+        _check_entries(entry, _FILE_SCHEMA, f"{where} files[{rel!r}]")
+        if not _SHA256.fullmatch(entry["sha256"]) or entry["bytes"] < 0:
+            raise _fail(f"{where} files[{rel!r}] needs a lowercase hex sha256 and a size >= 0; "
+                        "the manifest was edited by hand or is corrupt: export the artifact again")
+    for required in (GRAPH_FILE, WEIGHTS_FILE):
+        if required not in manifest["files"]:
+            raise _fail(f"{where} does not list {required}; every artifact has one: export it again")
+    if manifest["target"] not in {t["name"] for t in manifest["targets"]}:
+        raise _fail(f"{where}: target {manifest['target']!r} is not among its targets; export the artifact again")
+    if HOST not in {t["name"] for t in manifest["targets"]}:
+        raise _fail(f"{where} targets do not include {HOST!r} (the torch reference every artifact carries); "
+                    "export the artifact again")
+
+
+def _check_entries(obj: Any, schema: dict, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise _fail(f"{where} must be a JSON object, not {type(obj).__name__}; export the artifact again")
+    for key, (types, required) in schema.items():
+        if key not in obj:
+            if required:
+                raise _fail(f"{where} is missing key {key!r}; the manifest is incomplete: export the artifact again")
+            continue
+        value = obj[key]
+        if isinstance(value, bool) and types is int or not isinstance(value, types):
+            want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            raise _fail(f"{where} key {key!r} must be {want}, got {type(value).__name__} ({value!r:.60}); "
+                        "the manifest is corrupt or hand-edited: export the artifact again")
+
+
+# ---- files -------------------------------------------------------------------------------------------
+
+def safe_relative_path(rel: Any, where: str = MANIFEST) -> PurePosixPath:
+    """`rel` as a path inside the artifact, or ArtifactError: absolute paths, `..`, `\\` and empty parts."""
+    if not isinstance(rel, str) or not rel:
+        raise _fail(f"{where} lists a file with an empty or non-string name {rel!r}; export the artifact again")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", rel) or "\\" in rel:
+        raise _fail(f"{where} lists an absolute path {rel!r}; artifact files must be relative to the artifact "
+                    "directory. The manifest was tampered with: do not load it, export the artifact again")
+    if any(part in ("..", ".", "") for part in rel.split("/")):
+        raise _fail(f"{where} lists {rel!r}, which leaves the artifact directory (or is not normalized); "
+                    "the manifest was tampered with: do not load it, export the artifact again")
+    if rel == MANIFEST:
+        raise _fail(f"{where} lists itself under 'files'; export the artifact again")
+    return p
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """The absolute path of `rel` after checking that no component is a symlink and it stays in root."""
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            target = os.readlink(path)
+            escapes = not (root.resolve() / rel).resolve().is_relative_to(root.resolve())
+            how = "points outside the artifact directory" if escapes else "is a symlink"
+            raise _fail(f"{rel!r} in {root} {how} (-> {target}); artifact files must be regular files: "
+                        "do not load it, export the artifact again")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise _fail(f"{rel!r} resolves outside {root}; do not load this artifact, export it again")
+    return path
+
+
+def _walk_files(root: Path) -> set[str]:
+    """Every entry under root (relative, '/'-separated) except the manifest; refuses symlinks."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if full.is_symlink():
+                _inside(root, rel)  # raises, naming where the link points
+            if name in filenames:
+                found.add(rel)
+    found.discard(MANIFEST)
+    return found
+
+
+def _read_checked(root: Path, rel: str, entry: dict, keep: bool) -> bytes | None:
+    """Check size then sha256 of one listed file; return its bytes when `keep` (parsed from these bytes)."""
+    path = _inside(root, rel)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise _fail(f"{rel} is listed in the manifest but missing from {root}; the artifact is incomplete: "
+                    "copy it again or export it again") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(f"manifest entry {rel!r} is a directory or special file in {root}, not a regular file; "
+                    "the manifest is corrupt: export the artifact again")
+    if st.st_size != entry["bytes"]:
+        raise _fail(f"{rel} has {st.st_size} bytes but the manifest says {entry['bytes']}: the file is truncated "
+                    "or was modified. Copy the artifact again or export it again")
+    digest, chunks = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+            if keep:
+                chunks.append(chunk)
+    if digest.hexdigest() != entry["sha256"]:
+        raise _fail(f"{rel} does not match its sha256 in the manifest: the file is corrupt or was modified. "
+                    "Copy the artifact again or export it again")
+    return b"".join(chunks) if keep else None
+
+
+def check_files(root: Path, manifest: dict, keep: tuple[str, ...] = (GRAPH_FILE, WEIGHTS_FILE)) -> dict[str, bytes]:
+    """Validate every listed file (paths, sizes, hashes) and refuse unlisted ones; return the `keep` files' bytes."""
+    listed = manifest["files"]
+    for rel in listed:
+        safe_relative_path(rel)
+    extra = sorted(_walk_files(root) - set(listed))
+    if extra:
+        raise _fail(f"{root} holds files its manifest does not list: {extra[:5]}{' ...' if len(extra) > 5 else ''}. "
+                    "An artifact is sealed: remove them (or export the artifact again) before loading")
+    return {rel: data for rel in sorted(listed) if (data := _read_checked(root, rel, listed[rel], rel in keep))
+            is not None}
+
+
+# ---- targets -----------------------------------------------------------------------------------------
+
+def check_target(manifest: dict, device: str, target: str | None = None) -> None:
+    """TargetError unless the artifact was built for the requested target and device kind."""
+    import torch
+
+    names = [t["name"] for t in manifest["targets"]]
+    listing = ", ".join(f"{t['name']} ({t['kind']})" for t in manifest["targets"])
+    if target is not None and target.lower() not in {n.lower() for n in names}:
+        raise TargetError(f"artifact {manifest['name']!r} was not built for target {target!r}; it has: {listing}. "
+                          f"Load it with target=None (or one of those), or compile and export the model again "
+                          f"with lmforge.compile(..., target={target!r})")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise TargetError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+    if kind == "cpu":
+        return
+    if kind != "cuda":
+        raise TargetError(f"device {device!r} is not supported by lmforge artifacts; use 'cpu' or 'cuda'")
+    gpus = [t["name"] for t in manifest["targets"] if t["kind"] == "gpu"]
+    if not gpus:
+        raise TargetError(f"artifact {manifest['name']!r} has no GPU target (it has: {listing}), so it cannot "
+                          f"load on device {device!r}. Load it with device='cpu', or compile the model for a GPU "
+                          "(lmforge.compile(..., target='h100')) and export it again")
+    if not torch.cuda.is_available():
+        raise TargetError(f"artifact {manifest['name']!r} targets {gpus} but this machine has no CUDA device; "
+                          "load it with device='cpu' here, or on a machine with the GPU")
+
+
+# ---- graph and weights -------------------------------------------------------------------------------
+
+def _parse_graph(data: bytes, manifest: dict):
+    from lmforge.ir.graph import Graph
+    from lmforge.ir.verify import verify
+
+    try:
+        graph = Graph.from_json(data.decode("utf-8"))
+        verify(graph)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, LmforgeError) as e:
+        raise _fail(f"{GRAPH_FILE} is not a valid lmforge graph ({type(e).__name__}: {e}); "
+                    "export the artifact again with this lmforge version") from None
+    if graph.signature() != manifest["graph_hash"]:
+        raise _fail(f"{GRAPH_FILE} has signature {graph.signature()} but the manifest says "
+                    f"{manifest['graph_hash']}: the graph was modified. Export the artifact again")
+    return graph
+
+
+def _parse_weights(data: bytes, graph) -> dict:
+    from safetensors.torch import load as load_safetensors
+
+    from lmforge.ir.types import dtype_name
+
+    try:
+        weights = load_safetensors(data)
+    except Exception as e:  # safetensors raises its own error types (and OverflowError, ...) on bad bytes
+        raise _fail(f"{WEIGHTS_FILE} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                    "export the artifact again") from None
+    params = {p.name: p.type for p in graph.params}
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or extra:
+        raise _fail(f"{WEIGHTS_FILE} does not match the graph's parameters (missing {missing[:5]}, unexpected "
+                    f"{extra[:5]}); export the artifact again")
+    for name, t in params.items():
+        w = weights[name]
+        shape_ok = len(w.shape) == t.rank and all(isinstance(d, str) or d == s for d, s in zip(t.shape, w.shape))
+        if not shape_ok or dtype_name(w.dtype) != t.dtype:
+            raise _fail(f"weight {name!r} is {dtype_name(w.dtype)}{list(w.shape)} but the graph expects {t}; "
+                        "export the artifact again")
+    return weights
+
+
+# ---- public API --------------------------------------------------------------------------------------
+
+def artifact_dir(path) -> Path:
+    root = Path(path)
+    if not root.exists():
+        raise _fail(f"artifact {str(root)!r} does not exist; export one with `compiled.export(path)`")
+    if root.is_symlink() or not root.is_dir():
+        raise _fail(f"artifact {str(root)!r} is not a directory; an lmforge artifact is a directory with a "
+                    "manifest.json")
+    return root
+
+
+def inspect_artifact(path) -> dict:
+    """Validate an artifact fully (manifest, paths, sizes, hashes) without building a model; return its manifest."""
+    root = artifact_dir(path)
+    manifest = read_manifest(root)
+    check_files(root, manifest, keep=())
+    return manifest
+
+
+def load(path, device: str = "cpu", *, target: str | None = None):
+    """The CompiledModel exported at `path`, on `device`, run by the torch reference backend.
+
+    target: the target whose configuration you want (default: the one the artifact was compiled for);
+    TargetError when the artifact was not built for it or for the device's kind.
+
+        model = lmforge.load("out/tiny-llama")
+        logits, k, v = model(tokens, k_cache, v_cache)
+    """
+    from dataclasses import replace
+
+    from lmforge.backends import default_backends
+    from lmforge.compiler import CompiledModel
+
+    root = artifact_dir(path)
+    manifest = read_manifest(root)
+    check_target(manifest, device, target)
+    data = check_files(root, manifest)
+    graph = _parse_graph(data[GRAPH_FILE], manifest)
+    weights = _parse_weights(data[WEIGHTS_FILE], graph)
+    graph = replace(graph, weights=weights)
+    chosen = next((t["name"] for t in manifest["targets"] if target and t["name"].lower() == target.lower()),
+                  manifest["target"])
+    return CompiledModel(graph, default_backends(("torch",)), device, chosen, manifest["config"],
+                         manifest.get("pass_report", ""))

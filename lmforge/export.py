@@ -1,0 +1,283 @@
+"""Exporting a compiled model as an artifact directory: `export(compiled, path)`.
+
+    out/tiny-llama/
+      manifest.json          schema version, versions, targets + fingerprints, config, objectives, sha256 of
+                             every other file (see lmforge.artifact.MANIFEST_SCHEMA)
+      graph.json             the compiled graph (structure only)
+      weights.safetensors    every parameter, contiguous CPU tensors (packed quantized weights included)
+      model.onnx             when the graph maps to ONNX (else the manifest's "onnx" says why not)
+      kernels/<target>/...   files the backends produced (compiled.kernel_files)
+      README.md              what the artifact is and how to load it
+
+The directory is written under a temporary name beside `path` and renamed into place at the end, so a
+crash leaves no half-written artifact. An existing artifact at `path` is replaced; any other existing
+non-empty directory is refused. `lmforge.artifact.load` reads it back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import uuid
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from lmforge.artifact import FORMAT, GRAPH_FILE, HOST, MANIFEST, SCHEMA_VERSION, WEIGHTS_FILE, safe_relative_path
+from lmforge.errors import ArtifactError, LmforgeError, TargetError
+
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"
+ONNX_EXTERNAL_BYTES = 1 << 30  # above this the ONNX initializers go to model.onnx.data (protobuf caps at 2 GiB)
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# module -> distribution, for the versions recorded in the manifest
+_VERSIONED = {"lmforge": "lmforge", "torch": "torch", "triton": "triton", "tvm": "apache-tvm", "onnx": "onnx"}
+
+
+def library_versions() -> dict[str, str | None]:
+    """Version of each library in `_VERSIONED`, or None when it is not importable.
+
+    A module already imported gives its `__version__`; otherwise the installed distribution's version is
+    read from its metadata after checking the module can be found, without importing it (importing TVM
+    takes seconds).
+    """
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    out: dict[str, str | None] = {}
+    for module, dist in _VERSIONED.items():
+        version = getattr(sys.modules.get(module), "__version__", None)
+        if version is None:
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    version = importlib.metadata.version(dist)
+            except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
+                version = None
+        if version is None and module == "lmforge":
+            import lmforge
+
+            version = getattr(lmforge, "__version__", None)
+        out[module] = None if version is None else str(version)
+    return out
+
+
+def target_entry(name: str, strict: bool = True) -> dict[str, Any]:
+    """{"name", "kind", "fingerprint"} of a target. The host entry is the portable torch reference (no
+    fingerprint: it runs on any CPU). Unknown names raise TargetError when `strict`, else get kind "unknown"."""
+    if name == HOST:
+        return {"name": HOST, "kind": "cpu", "fingerprint": None}
+    try:
+        from lmforge.hwmodels.presets import get_target
+    except ImportError:  # hardware models unavailable: record the name alone
+        return {"name": name, "kind": "unknown", "fingerprint": None}
+    try:
+        hw = get_target(name)
+    except TargetError:
+        if strict:
+            raise
+        return {"name": name, "kind": "unknown", "fingerprint": None}
+    return {"name": name, "kind": hw.kind, "fingerprint": hw.fingerprint()}
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` as plain JSON (tuples become lists, anything else unknown its repr)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _kernel_files(compiled) -> dict[str, bytes]:
+    """compiled.kernel_files ({target: {relative path: bytes}}) as artifact paths, checked for escapes."""
+    out = {}
+    for target, files in (getattr(compiled, "kernel_files", None) or {}).items():
+        if not isinstance(target, str) or not _TARGET_NAME.fullmatch(target):
+            raise ArtifactError(f"kernel_files target name {target!r} is not a plain name (letters, digits, . _ -)")
+        for rel, data in files.items():
+            safe_relative_path(rel, where=f"kernel_files[{target!r}]")
+            if not isinstance(data, (bytes, bytearray)):
+                raise ArtifactError(f"kernel file {target}/{rel} must be bytes, not {type(data).__name__}")
+            out[f"kernels/{target}/{rel}"] = bytes(data)
+    return out
+
+
+def _weights_bytes(graph) -> bytes:
+    """graph.weights as safetensors: contiguous CPU tensors, copies where two share storage."""
+    import torch
+    from safetensors.torch import save
+
+    tensors, seen = {}, set()
+    for name in sorted(graph.weights):
+        w = graph.weights[name]
+        if not isinstance(w, torch.Tensor):
+            raise ArtifactError(f"weight {name!r} is a {type(w).__name__}, not a tensor; export needs tensors")
+        w = w.detach().to("cpu").contiguous()
+        ptr = w.untyped_storage().data_ptr()
+        if ptr in seen and w.numel():
+            w = w.clone()
+        seen.add(ptr)
+        tensors[name] = w
+    return save(tensors, metadata={"format": "pt", "producer": "lmforge"})
+
+
+def _onnx_files(graph) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """({file: bytes}, manifest "onnx" entry). A graph with no ONNX form gets a reason instead of a file."""
+    from lmforge.backends.onnx_export import OPSET, to_onnx
+
+    try:
+        model = to_onnx(graph)
+    except LmforgeError as e:
+        return {}, {"written": False, "reason": str(e)}
+    except Exception as e:  # a bug in the ONNX exporter must not cost the user the artifact
+        warnings.warn(f"ONNX export failed ({type(e).__name__}: {e}); the artifact is written without model.onnx")
+        return {}, {"written": False, "reason": f"ONNX export failed: {type(e).__name__}: {e}"}
+    if model.ByteSize() < ONNX_EXTERNAL_BYTES:
+        return {ONNX_FILE: model.SerializeToString()}, {"written": True, "opset": OPSET, "external_data": False}
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save_model(model, f"{tmp}/{ONNX_FILE}", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=ONNX_DATA_FILE, size_threshold=1024)
+        files = {name: Path(tmp, name).read_bytes() for name in (ONNX_FILE, ONNX_DATA_FILE)}
+    return files, {"written": True, "opset": OPSET, "external_data": True}
+
+
+def _readme(manifest: dict) -> bytes:
+    def io_lines(key):
+        return "\n".join(f"| `{v['name']}` | {v['type']['dtype']}[{', '.join(map(str, v['type']['shape']))}] |"
+                         for v in manifest[key])
+
+    onnx_line = "`model.onnx` (ONNX opset %s)" % manifest["onnx"].get("opset") if manifest["onnx"]["written"] \
+        else f"no `model.onnx`: {manifest['onnx']['reason']}"
+    targets = ", ".join(f"{t['name']} ({t['kind']}, fingerprint {t['fingerprint']})" for t in manifest["targets"])
+    files = "\n".join(f"| `{rel}` | {e['bytes']} |" for rel, e in sorted(manifest["files"].items()))
+    text = f"""# {manifest['name']}
+
+An lmforge artifact, exported {manifest['created']} (lmforge {manifest['versions']['lmforge']},
+torch {manifest['versions']['torch']}).
+
+    import lmforge
+    model = lmforge.load("path/to/this/directory")   # validated, run by the torch reference
+
+## Inputs
+
+| name | type |
+|---|---|
+{io_lines('inputs')}
+
+## Outputs
+
+| name | type |
+|---|---|
+{io_lines('outputs')}
+
+## Targets and configuration
+
+Compiled for `{manifest['target']}`; targets: {targets}.
+Graph signature `{manifest['graph_hash']}`. {onnx_line}.
+
+Configuration: `{json.dumps(manifest['config'], sort_keys=True)}`
+
+## Files
+
+| file | bytes |
+|---|---|
+{files}
+| `README.md` | this file |
+| `manifest.json` | sha256 and size of every file above |
+"""
+    return text.encode()
+
+
+def _destination(path: Path) -> bool:
+    """Whether `path` holds an artifact (or an empty dir) to replace; ArtifactError for anything else there."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if path.is_symlink() or not path.is_dir():
+        raise ArtifactError(f"{path} exists and is not a directory; choose another export path")
+    if not any(path.iterdir()):
+        return True
+    try:
+        is_artifact = json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_artifact = False
+    if not is_artifact:
+        raise ArtifactError(f"{path} is a non-empty directory that is not an lmforge artifact; refusing to "
+                            "overwrite it. Choose another path or empty it first")
+    return True
+
+
+def _write_atomically(path: Path, files: Mapping[str, bytes], manifest: dict) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    replace = _destination(path)
+    try:
+        tmp.mkdir(parents=True)
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if replace:
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            old.rename(path)  # put the previous artifact back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
+           targets: Sequence[str] | None = None) -> Path:
+    """Write `compiled` (a CompiledModel) as an artifact directory at `path`; return the path.
+
+    objectives: {"predicted": {...}, "measured": {...}} from tuning, recorded as they are.
+    targets:    more target names the configuration is meant for (besides compiled.target, the targets of
+                compiled.kernel_files, and "host", which is always listed).
+    """
+    path = Path(path)
+    graph = compiled.graph
+    files: dict[str, bytes] = {GRAPH_FILE: graph.to_json().encode(), WEIGHTS_FILE: _weights_bytes(graph)}
+    kernels = _kernel_files(compiled)
+    files.update(kernels)
+    onnx_files, onnx_entry = _onnx_files(graph)
+    files.update(onnx_files)
+    names = [HOST, compiled.target, *(targets or ())]
+    entries = {n: target_entry(n) for n in dict.fromkeys(names)}
+    for name in getattr(compiled, "kernel_files", None) or {}:
+        entries.setdefault(name, target_entry(name, strict=False))
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "format": FORMAT, "name": graph.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(), "graph_hash": graph.signature(), "target": compiled.target,
+        "targets": list(entries.values()), "config": _json_safe(dict(compiled.config or {})),
+        "objectives": _json_safe(dict(objectives or {})),
+        "inputs": [{"name": v.name, "type": v.type.to_json()} for v in graph.inputs],
+        "outputs": [{"name": v.name, "type": v.type.to_json()} for v in graph.outputs],
+        "onnx": onnx_entry, "pass_report": str(getattr(compiled, "pass_report", "") or ""), "files": {},
+    }
+    manifest["files"] = _file_entries(files)
+    files["README.md"] = _readme(manifest)
+    manifest["files"] = _file_entries(files)
+    _write_atomically(path, files, manifest)
+    return path
+
+
+def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:
+    return {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in sorted(files.items())}
+
+
+def export_workload(workload_spec: str, target: str, out_dir, *, config=None) -> Path:
+    """Load a workload (`file.py[:function]` or `module:function`), compile it for `target`, export to `out_dir`.
+
+    config: knob values, "best" (the tuning database's best for this target), or None (defaults).
+    """
+    import lmforge
+    from lmforge.workload import load_workload
+
+    work = load_workload(workload_spec)
+    compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config)
+    return export(compiled, out_dir)

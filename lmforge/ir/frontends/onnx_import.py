@@ -1,0 +1,819 @@
+"""ONNX model -> IR Graph: `import_onnx(model_or_path)`.
+
+Each ONNX node maps to IR ops through the table `_HANDLERS`. Values fall in two kinds:
+
+- run-time tensors, which become IR `Value`s (initializers read as tensors become parameters, with weights);
+- static values known at import time: constants, small initializers, and *shape arithmetic*. `Shape(x)`
+  of a tensor typed `[batch, seq, 64]` is the static vector `["batch", "seq", 64]`; Gather/Concat/Add/...
+  over static values are folded (symbolic entries combine as dimension expressions), so the
+  `Shape -> Gather -> Concat -> Reshape` chains that exporters emit for symbolic sizes become
+  `reshape(x; shape=["batch", "seq", 4, 16])`. A static value read as a tensor is materialized.
+
+Recovered patterns: MatMul/Gemm with a 2-D initializer weight -> `linear` (the weight transposed back; a
+name ending in "__transposed" loses the suffix), Gather on an initializer -> `embedding`,
+RMSNormalization/LayerNormalization/Attention -> `rmsnorm`/`layernorm`/`attention`, com.microsoft
+MatMulNBits -> `linear_wo`, "ai.lmforge" nodes -> the lmforge op they name. Decomposed patterns
+(rotate-half RoPE, matmul-softmax-matmul) are left to lmforge's recognition passes, which `compile` runs.
+
+    graph = import_onnx("model.onnx")          # dim_params ("batch") become symbolic dims
+    compiled = lmforge.compile(graph)
+"""
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from lmforge.errors import CaptureError, LmforgeError, UnsupportedOpError
+from lmforge.ir.graph import Graph, GraphBuilder, Value
+from lmforge.ir.ops import get_op
+from lmforge.ir.ops.registry import broadcast_shapes
+from lmforge.ir.types import TensorType, simplify_dim, torch_dtype
+from lmforge.ir.verify import verify
+
+from lmforge.backends.onnx_export import (BINARY, COMPARE, CUSTOM_DOMAIN, MS_DOMAIN, ONNX_DTYPES, REDUCE,
+                                          TRANSPOSED_SUFFIX, UNARY)
+
+IR_DTYPES = {v: k for k, v in ONNX_DTYPES.items()}
+FOLD_LIMIT = 4096  # static values larger than this are not folded at import time
+
+
+@dataclass
+class Static:
+    """A value known at import time: a numpy array (object dtype when it holds symbolic dims) and its dtype."""
+
+    array: np.ndarray
+    dtype: str
+
+    def __post_init__(self):
+        if not isinstance(self.array, np.ndarray):  # numpy hands back bare elements of object arrays
+            box = np.empty((), dtype=object)
+            box[()] = self.array
+            self.array = box
+
+    @property
+    def symbolic(self) -> bool:
+        return any(isinstance(x, str) for x in self.array.reshape(-1).tolist())
+
+    def item(self):
+        x = self.array.reshape(-1).tolist()[0]
+        return x
+
+
+class NotFoldable(Exception):
+    """Raised inside folding when a static computation needs run-time values; the node becomes IR ops."""
+
+
+def _dim_op(fn, sym: str):
+    """Elementwise op over ints and symbolic dims (str): numbers compute, symbols build an expression."""
+
+    def apply(a, b):
+        if isinstance(a, str) or isinstance(b, str):
+            if isinstance(a, float) or isinstance(b, float):
+                raise NotFoldable()
+            return simplify_dim(f"({a}) {sym} ({b})")
+        if fn is operator.floordiv and isinstance(a, float):
+            return a / b
+        return fn(a, b)
+
+    return np.frompyfunc(apply, 2, 1)
+
+
+_FOLD_BINARY = {"Add": _dim_op(operator.add, "+"), "Sub": _dim_op(operator.sub, "-"),
+                "Mul": _dim_op(operator.mul, "*"), "Div": _dim_op(operator.floordiv, "//"),
+                "Mod": _dim_op(operator.mod, "%")}
+
+
+def _tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
+    dtype = IR_DTYPES.get(t.data_type)
+    if dtype is None or dtype == "int4":
+        raise UnsupportedOpError(f"initializer {t.name!r} has ONNX type {t.data_type}, which lmforge has no dtype for")
+    tdt = torch_dtype(dtype)
+    if t.raw_data:
+        buf = bytearray(t.raw_data)
+        store = torch.uint8 if tdt == torch.bool else tdt
+        out = torch.frombuffer(buf, dtype=store) if buf else torch.empty(0, dtype=store)
+        return out.reshape(tuple(t.dims)).to(tdt)
+    arr = onnx.numpy_helper.to_array(t)
+    if dtype in ("bfloat16", "float8_e4m3fn"):
+        return torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(tdt)
+    return torch.from_numpy(np.array(arr))
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        if a.type == onnx.AttributeProto.FLOAT:  # float32 attribute: its shortest decimal (1e-05, not 9.99e-06)
+            v = float(str(np.float32(v)))
+        elif a.type == onnx.AttributeProto.FLOATS:
+            v = [float(str(np.float32(x))) for x in v]
+        elif isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, list) and v and isinstance(v[0], bytes):
+            v = [x.decode() for x in v]
+        out[a.name] = v
+    return out
+
+
+def _ident(name: str) -> str:
+    s = "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "v"
+    return s if not s[0].isdigit() else "v" + s
+
+
+class Importer:
+    """Converts one ONNX graph; see the module docstring."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.props = {p.key: p.value for p in model.metadata_props}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.b = GraphBuilder(self.props.get("lmforge.graph_name") or model.graph.name or "onnx_model")
+        self.values: dict[str, Value] = {}
+        self.static: dict[str, Static] = {}
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.params: dict[str, Value] = {}
+        self.used: set[str] = set()
+        self.producers: dict[str, tuple] = {}  # IR value name -> (op, inputs), for small peepholes (silu)
+        self.declared = {vi.name: vi for vi in model.graph.value_info}
+
+    # ---- value access ------------------------------------------------------------------------------
+    def get_static(self, name: str) -> Static | None:
+        if name in self.static:
+            return self.static[name]
+        t = self.inits.get(name)
+        if t is not None and int(np.prod(t.dims)) <= FOLD_LIMIT:
+            self.static[name] = Static(_tensor_from_proto(t).numpy() if t.data_type != onnx.TensorProto.BFLOAT16
+                                       else _tensor_from_proto(t).float().numpy(), IR_DTYPES[t.data_type])
+            return self.static[name]
+        return None
+
+    def tensor(self, name: str) -> Value:
+        """The IR value of an ONNX tensor name (an initializer becomes a parameter, a static is materialized)."""
+        if name in self.values:
+            return self.values[name]
+        if name in self.inits:
+            return self.param(name, _tensor_from_proto(self.inits[name]))
+        if name in self.static:
+            return self.materialize(name, self.static[name])
+        raise CaptureError(f"ONNX tensor {name!r} is read before any node produces it")
+
+    def param(self, name: str, weight: torch.Tensor, key: Any = None) -> Value:
+        """A parameter holding `weight`, cached under `key`: an ONNX initializer name (the exact content) or a
+        tuple (transform, name) for a derived tensor (a transposed or unpacked copy)."""
+        key = name if key is None else key
+        if key in self.params:
+            return self.params[key]
+        pname, i = name, 0
+        while pname in self.used:
+            i += 1
+            pname = f"{name}_{i}"
+        self.used.add(pname)
+        v = self.b.param(pname, TensorType.of(weight), weight.contiguous())
+        self.params[key] = v
+        if isinstance(key, str):
+            self.values[key] = v
+        return v
+
+    def derived(self, transform: str, onnx_name: str, weight: torch.Tensor, base: str | None = None) -> Value:
+        """A parameter for a transformed initializer; the plain initializer when the contents agree (tied weights)."""
+        base = base or onnx_name
+        if base != onnx_name and base in self.inits and tuple(self.inits[base].dims) == tuple(weight.shape) and \
+                torch.equal(_tensor_from_proto(self.inits[base]), weight):
+            return self.tensor(base)
+        return self.param(base, weight, key=(transform, onnx_name))
+
+    def op(self, op: str, inputs, attrs=None, hint: str = "v", out_types=None):
+        outs = self.b.op(op, inputs, attrs or {}, name=_ident(hint), out_types=out_types)
+        for v in (outs if isinstance(outs, tuple) else (outs,)):
+            self.used.add(v.name)
+            self.producers[v.name] = (op, tuple(inputs))
+        return outs
+
+    def materialize(self, name: str, s: Static) -> Value:
+        """A static value as a run-time tensor: a constant parameter, or arange/concat for symbolic entries."""
+        if not s.symbolic:
+            wide = np.float64 if s.dtype.startswith(("float", "bfloat")) else np.int64
+            t = torch.tensor(s.array.astype(wide)).to(torch_dtype(s.dtype)).reshape(s.array.shape)
+            return self.param(f"const_{_ident(name)}", t, key=name)
+        items = [self.op("arange", [], {"start": d, "end": simplify_dim(f"({d}) + 1")}, hint=f"{name}_dim")
+                 for d in s.array.reshape(-1).tolist()]
+        flat = items[0] if len(items) == 1 else self.op("concat", items, {"dim": 0}, hint=name)
+        out = self.op("reshape", [flat], {"shape": tuple(s.array.shape)}, hint=name)
+        return out if s.dtype == "int64" else self.op("cast", [out], {"dtype": s.dtype}, hint=name)
+
+    # ---- the graph ---------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        g = self.model.graph
+        for vi in g.input:
+            if vi.name in self.inits:  # old exporters list initializers as inputs too
+                continue
+            tt = vi.type.tensor_type
+            if tt.elem_type not in IR_DTYPES or not vi.type.HasField("tensor_type"):
+                raise UnsupportedOpError(f"ONNX input {vi.name!r} is not a tensor of a dtype lmforge knows "
+                                         f"(elem_type {tt.elem_type}); lmforge imports tensor inputs only")
+            shape = tuple(self._dim(vi.name, i, d) for i, d in enumerate(tt.shape.dim))
+            v = self.b.input(_ident(vi.name), TensorType(shape, IR_DTYPES[tt.elem_type]))
+            self.values[vi.name] = v
+            self.used.add(v.name)
+        for node in g.node:
+            try:
+                self.convert(node)
+            except (LmforgeError, NotFoldable, ValueError, KeyError) as e:
+                label = f"ONNX node {node.name or '?'} ({node.domain + '::' if node.domain else ''}{node.op_type})"
+                if isinstance(e, UnsupportedOpError):
+                    raise UnsupportedOpError(f"{label}: {e}") from None
+                raise CaptureError(f"{label} could not be imported: {e}") from None
+        outputs = [self.tensor(o.name) for o in g.output]
+        meta = {}
+        if "lmforge.meta" in self.props:
+            from lmforge.ir.serialize import _attr_from_json
+
+            meta = {k: _attr_from_json(v) for k, v in json.loads(self.props["lmforge.meta"])}
+        return verify(self.b.build(outputs, meta))
+
+    def _dim(self, input_name: str, axis: int, d):
+        if d.HasField("dim_value"):
+            return int(d.dim_value)
+        if d.HasField("dim_param"):
+            p = d.dim_param
+            if p.isidentifier():
+                return p
+            try:
+                return simplify_dim(p)
+            except Exception:  # sympy cannot parse it: keep it as a plain symbol
+                return _ident(p)
+        return f"{_ident(input_name)}_{axis}"
+
+    def convert(self, node: onnx.NodeProto) -> None:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        if node.domain == CUSTOM_DOMAIN:
+            outs = self.custom(node)
+        else:
+            if key not in _HANDLERS:
+                raise UnsupportedOpError(f"lmforge has no mapping for ONNX op {key!r}; supported: "
+                                         f"{sorted(_HANDLERS)}. Rewrite that part of the model or open an issue")
+            outs = None
+            if key in _FOLDERS and all(i == "" or self.get_static(i) is not None or (key in ("Shape", "Size") and
+                                                                                     i in self.values)
+                                       for i in node.input):
+                try:
+                    outs = _FOLDERS[key](self, node)
+                except (NotFoldable, ValueError, TypeError):  # needs run-time values: emit IR ops instead
+                    outs = None
+            if outs is None:
+                outs = _HANDLERS[key](self, node)
+        for name, v in zip(node.output, outs):
+            if name == "" or v is None:
+                continue
+            if isinstance(v, Static):
+                self.static[name] = v
+            else:
+                self.values[name] = v
+
+    def custom(self, node: onnx.NodeProto) -> list:
+        """An ai.lmforge node back to the IR op it names, attributes decoded with the op's schema."""
+        opdef = get_op(node.op_type)
+        raw = _attrs(node)
+        json_keys = set(raw.pop("lmforge_json_attrs", []))
+        from lmforge.ir.serialize import _attr_from_json
+
+        attrs = {}
+        for k, v in raw.items():
+            if k in json_keys:
+                attrs[k] = _attr_from_json(json.loads(v))
+            elif opdef.attrs[k].kind == "bool":
+                attrs[k] = bool(v)
+            else:
+                attrs[k] = tuple(v) if isinstance(v, list) else v
+        ins = [None if i == "" else self.tensor(i) for i in node.input]
+        declared = [self.declared.get(o) for o in node.output]
+        types = None
+        if opdef.infer_fn is None and all(declared):
+            types = [TensorType(tuple(self._dim(o, i, d) for i, d in enumerate(vi.type.tensor_type.shape.dim)),
+                                IR_DTYPES[vi.type.tensor_type.elem_type]) for o, vi in zip(node.output, declared)]
+        outs = self.op(node.op_type, ins, attrs, hint=node.output[0], out_types=types)
+        return list(outs) if isinstance(outs, tuple) else [outs]
+
+
+# ---- static folding -------------------------------------------------------------------------------------
+
+def _fold_shape(im: Importer, node):
+    x = node.input[0]
+    shape = im.values[x].type.shape if x in im.values else im.get_static(x).array.shape
+    a = _attrs(node)
+    dims = list(shape)[a.get("start", 0):a.get("end", len(shape))]
+    return [Static(np.array(dims, dtype=object), "int64")]
+
+
+def _fold_elementwise(im: Importer, node):
+    ins = [im.get_static(i) for i in node.input]
+    op = node.op_type
+    if op in _FOLD_BINARY:
+        arr = _FOLD_BINARY[op](ins[0].array.astype(object), ins[1].array.astype(object))
+    elif any(s.symbolic for s in ins):
+        raise NotFoldable()
+    else:
+        fn = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
+              "GreaterOrEqual": np.greater_equal, "Max": np.maximum, "Min": np.minimum, "Neg": np.negative,
+              "Not": np.logical_not, "And": np.logical_and, "Or": np.logical_or, "Where": np.where}[op]
+        arr = fn(*[s.array for s in ins])
+    dtype = "bool" if op in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or") \
+        else ins[-1].dtype
+    return [Static(np.asarray(arr, dtype=object if np.asarray(arr).dtype == object else None), dtype)]
+
+
+def _fold(fn):
+    def fold(im: Importer, node):
+        ins = [None if i == "" else im.get_static(i) for i in node.input]
+        out = fn(ins, _attrs(node), im)
+        if out.array.size > FOLD_LIMIT:
+            raise NotFoldable()
+        return [out]
+
+    return fold
+
+
+def _ints(s: Static | None) -> list:
+    return [] if s is None else [x if isinstance(x, str) else int(x) for x in s.array.reshape(-1).tolist()]
+
+
+def _fold_slice(ins, a, im):
+    x = ins[0].array
+    starts, ends = _ints(ins[1]), _ints(ins[2])
+    axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+    steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    if any(isinstance(v, str) for v in starts + ends):
+        raise NotFoldable()
+    idx = [slice(None)] * x.ndim
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        idx[ax] = slice(s, e, st)
+    return Static(x[tuple(idx)], ins[0].dtype)
+
+
+def _fold_reshape(ins, a, im):
+    x, shape = ins[0].array, _ints(ins[1])
+    if any(isinstance(v, str) for v in shape):
+        raise NotFoldable()
+    shape = [x.shape[i] if d == 0 and not a.get("allowzero") else d for i, d in enumerate(shape)]
+    return Static(x.reshape(shape), ins[0].dtype)
+
+
+def _axes(ins, a, key="axes"):
+    return _ints(ins[1]) if len(ins) > 1 and ins[1] is not None else list(a.get(key, []))
+
+
+def _fold_unsqueeze(ins, a, im):
+    x = ins[0].array
+    for ax in sorted(ax % (x.ndim + len(_axes(ins, a))) for ax in _axes(ins, a)):
+        x = np.expand_dims(x, ax)
+    return Static(x, ins[0].dtype)
+
+
+def _fold_squeeze(ins, a, im):
+    x = ins[0].array
+    axes = _axes(ins, a)
+    return Static(np.squeeze(x, axis=tuple(axes) if axes else None), ins[0].dtype)
+
+
+def _fold_cast(ins, a, im):
+    dtype = IR_DTYPES[a["to"]]
+    x = ins[0].array
+    if ins[0].symbolic:  # a size as another number type: still the same symbolic value
+        if dtype == "bool":
+            raise NotFoldable()
+        return Static(x, dtype)
+    storage = np.float32 if dtype in ("bfloat16", "float8_e4m3fn") else \
+        torch.empty(0, dtype=torch_dtype(dtype)).numpy().dtype
+    return Static(x.astype(storage), dtype)
+
+
+def _fold_range(ins, a, im):
+    start, limit, delta = (s.item() for s in ins)
+    if any(isinstance(v, str) for v in (start, limit, delta)):
+        raise NotFoldable()
+    return Static(np.arange(start, limit, delta).astype(ins[0].array.dtype), ins[0].dtype)
+
+
+def _fold_constant_of_shape(ins, a, im):
+    shape = _ints(ins[0])
+    if any(isinstance(d, str) for d in shape) or int(np.prod(shape)) > FOLD_LIMIT:
+        raise NotFoldable()
+    value = a.get("value")
+    arr = onnx.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+    dtype = IR_DTYPES[value.data_type] if value is not None else "float32"
+    return Static(np.full(shape, arr.reshape(-1)[0], dtype=arr.dtype), dtype)
+
+
+_FOLDERS = {
+    "Shape": _fold_shape,
+    **{op: _fold_elementwise for op in ("Add", "Sub", "Mul", "Div", "Mod", "Equal", "Less", "Greater",
+                                         "LessOrEqual", "GreaterOrEqual", "Max", "Min", "Neg", "Not", "And", "Or",
+                                         "Where")},
+    "Gather": _fold(lambda ins, a, im: Static(np.take(ins[0].array, ins[1].array.astype(np.int64),
+                                                      axis=a.get("axis", 0)), ins[0].dtype)),
+    "Concat": _fold(lambda ins, a, im: Static(np.concatenate([s.array.astype(object) if any(
+        t.symbolic for t in ins) else s.array for s in ins], axis=a["axis"]), ins[0].dtype)),
+    "Slice": _fold(_fold_slice), "Reshape": _fold(_fold_reshape), "Unsqueeze": _fold(_fold_unsqueeze),
+    "Squeeze": _fold(_fold_squeeze), "Cast": _fold(_fold_cast), "Range": _fold(_fold_range),
+    "ConstantOfShape": _fold(_fold_constant_of_shape), "Identity": _fold(lambda ins, a, im: ins[0]),
+}
+
+
+# ---- IR handlers ------------------------------------------------------------------------------------------
+
+def _scalar_value(s: Static, dtype: str):
+    """A size-1 static as a scalar attribute for an operand of `dtype` (symbolic sizes stay symbolic)."""
+    v = s.item()
+    if isinstance(v, str):
+        return v
+    return bool(v) if dtype == "bool" else float(v) if dtype.startswith(("float", "bfloat")) else int(v)
+
+
+def _binary(ir_op: str):
+    def handle(im: Importer, node):
+        a_name, b_name = node.input[:2]
+        sa, sb = im.get_static(a_name), im.get_static(b_name)
+        if node.op_type == "Pow" and sb is not None and sb.array.size == 1 and not sb.symbolic:
+            return [im.op("pow_scalar", [im.tensor(a_name)], {"exponent": float(sb.item())}, hint=node.output[0])]
+        for s, other, swap in ((sb, a_name, False), (sa, b_name, True)):
+            if s is not None and s.array.size == 1 and other not in im.static and other not in im.inits:
+                x = im.tensor(other)
+                value = _scalar_value(s, x.type.dtype)
+                if value is not None and s.array.ndim <= x.type.rank:
+                    attrs = {"scalar": value, **({"swap": True} if swap else {})}
+                    return [im.op(ir_op, [x, None], attrs, hint=node.output[0])]
+        xa, xb = im.tensor(a_name), im.tensor(b_name)
+        if ir_op == "mul":  # x * sigmoid(x) is silu (the exporter's form of it)
+            for x, y in ((xa, xb), (xb, xa)):
+                if im.producers.get(y.name, ("", ()))[0] == "sigmoid" and im.producers[y.name][1][0] == x:
+                    return [im.op("silu", [x], hint=node.output[0])]
+        return [im.op(ir_op, [xa, xb], hint=node.output[0])]
+
+    return handle
+
+
+def _variadic(ir_op: str):
+    def handle(im: Importer, node):
+        if len(node.input) == 2:
+            return _binary(ir_op)(im, node)
+        out = im.tensor(node.input[0])
+        for name in node.input[1:]:
+            out = im.op(ir_op, [out, im.tensor(name)], hint=node.output[0])
+        return [out]
+
+    return handle
+
+
+def _compare(ir_op: str):
+    def handle(im: Importer, node):
+        x, s = node.input[0], im.get_static(node.input[1])
+        if s is not None and s.array.size == 1 and x not in im.static:
+            xv = im.tensor(x)
+            return [im.op(ir_op, [xv, None], {"scalar": _scalar_value(s, xv.type.dtype)}, hint=node.output[0])]
+        return [im.op(ir_op, [im.tensor(x), im.tensor(node.input[1])], hint=node.output[0])]
+
+    return handle
+
+
+def _where(im: Importer, node):
+    cond = im.tensor(node.input[0])
+    ins, attrs = [cond], {}
+    for name, key in zip(node.input[1:], ("a_scalar", "b_scalar")):
+        s = im.get_static(name)
+        if s is not None and s.array.size == 1:
+            ins.append(None)
+            attrs[key] = _scalar_value(s, s.dtype)
+        else:
+            ins.append(im.tensor(name))
+    return [im.op("where", ins, attrs, hint=node.output[0])]
+
+
+def _shape_list(im: Importer, name: str) -> list:
+    s = im.get_static(name)
+    if s is None:
+        raise UnsupportedOpError(f"shape input {name!r} is computed from run-time values, not from shapes; "
+                                 "lmforge needs shapes it can express with symbolic dims")
+    return _ints(s)
+
+
+def _numel(dims) -> Any:
+    return simplify_dim(" * ".join(f"({d})" for d in dims)) if dims else 1
+
+
+def _reshape(im: Importer, node):
+    x = im.tensor(node.input[0])
+    shape = _shape_list(im, node.input[1])
+    allowzero = _attrs(node).get("allowzero", 0)
+    shape = [x.type.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(shape)]
+    if -1 in shape:
+        known = [d for d in shape if d != -1]
+        shape[shape.index(-1)] = simplify_dim(f"({_numel(x.type.shape)}) // ({_numel(known)})")
+    return [im.op("reshape", [x], {"shape": tuple(shape)}, hint=node.output[0])]
+
+
+def _reshape_to(im: Importer, node, shape):
+    return [im.op("reshape", [im.tensor(node.input[0])], {"shape": tuple(shape)}, hint=node.output[0])]
+
+
+def _unsqueeze(im: Importer, node):
+    x = im.tensor(node.input[0])
+    axes = _ints(im.get_static(node.input[1])) if len(node.input) > 1 else _attrs(node)["axes"]
+    shape = list(x.type.shape)
+    for ax in sorted(ax % (x.type.rank + len(axes)) for ax in axes):
+        shape.insert(ax, 1)
+    return _reshape_to(im, node, shape)
+
+
+def _squeeze(im: Importer, node):
+    x = im.tensor(node.input[0])
+    axes = _ints(im.get_static(node.input[1])) if len(node.input) > 1 else _attrs(node).get("axes")
+    drop = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
+    return _reshape_to(im, node, [d for i, d in enumerate(x.type.shape) if i not in drop])
+
+
+def _flatten(im: Importer, node):
+    x = im.tensor(node.input[0])
+    axis = _attrs(node).get("axis", 1) % (x.type.rank + 1)
+    return _reshape_to(im, node, [_numel(x.type.shape[:axis]), _numel(x.type.shape[axis:])])
+
+
+def _expand(im: Importer, node):
+    x = im.tensor(node.input[0])
+    shape = broadcast_shapes(x.type.shape, _shape_list(im, node.input[1]))
+    return [im.op("expand", [x], {"shape": tuple(shape)}, hint=node.output[0])]
+
+
+def _slice(im: Importer, node):
+    x = im.tensor(node.input[0])
+    starts, ends = _shape_list(im, node.input[1]), _shape_list(im, node.input[2])
+    axes = _shape_list(im, node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
+    steps = _shape_list(im, node.input[4]) if len(node.input) > 4 and node.input[4] else [1] * len(starts)
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        if not isinstance(st, int) or st < 1:
+            raise UnsupportedOpError(f"Slice step {st} (lmforge slices take positive static steps)")
+        end = None if isinstance(e, int) and e >= 2**62 else e
+        x = im.op("slice", [x], {"dim": ax, "start": s, "end": end, "step": st}, hint=node.output[0])
+    return [x]
+
+
+def _split(im: Importer, node):
+    x, a = im.tensor(node.input[0]), _attrs(node)
+    axis = a.get("axis", 0) % x.type.rank
+    size = x.type.shape[axis]
+    if len(node.input) > 1 and node.input[1]:
+        sizes = _shape_list(im, node.input[1])
+    elif isinstance(size, int):
+        n = a.get("num_outputs", len(node.output))
+        chunk = -(-size // n)
+        sizes = [min(chunk, size - i * chunk) for i in range(n)]
+    else:
+        raise UnsupportedOpError("Split of a symbolic dim without explicit sizes")
+    outs, start = [], 0
+    for sz in sizes:
+        end = simplify_dim(f"({start}) + ({sz})")
+        outs.append(im.op("slice", [x], {"dim": axis, "start": start, "end": end}, hint=node.output[0]))
+        start = end
+    return outs
+
+
+def _gather(im: Importer, node):
+    axis = _attrs(node).get("axis", 0)
+    data, idx_name = node.input
+    s = im.get_static(idx_name)
+    if s is not None and s.array.ndim == 0:
+        return [im.op("select", [im.tensor(data)], {"dim": axis, "index": _ints(s)[0]}, hint=node.output[0])]
+    if data in im.inits and axis == 0 and idx_name in im.values and len(im.inits[data].dims) == 2:
+        return [im.op("embedding", [im.tensor(idx_name), im.tensor(data)], hint=node.output[0])]
+    x, idx = im.tensor(data), im.tensor(idx_name)
+    axis %= x.type.rank
+    flat = idx if idx.type.rank == 1 else im.op("reshape", [idx], {"shape": (_numel(idx.type.shape),)}, hint="idx")
+    out = im.op("index_select", [x, flat], {"dim": axis}, hint=node.output[0])
+    if idx.type.rank == 1:
+        return [out]
+    shape = (*x.type.shape[:axis], *idx.type.shape, *x.type.shape[axis + 1:])
+    return [im.op("reshape", [out], {"shape": shape}, hint=node.output[0])]
+
+
+def _weight_name(name: str) -> str:
+    return name[:-len(TRANSPOSED_SUFFIX)] if name.endswith(TRANSPOSED_SUFFIX) else name
+
+
+def _linear(im: Importer, node, x: Value, w: torch.Tensor, w_name: str, bias: Value | None = None):
+    """linear(x, w) with w [out, in] taken from initializer `w_name` transposed back."""
+    wv = im.derived("T", w_name, w.contiguous(), base=_weight_name(w_name))
+    return [im.op("linear", [x, wv] + ([bias] if bias is not None else []), hint=node.output[0])]
+
+
+def _matmul(im: Importer, node):
+    a, b = node.input
+    if b in im.inits and len(im.inits[b].dims) == 2:
+        return _linear(im, node, im.tensor(a), _tensor_from_proto(im.inits[b]).t(), b)
+    return [im.op("matmul", [im.tensor(a), im.tensor(b)], hint=node.output[0])]
+
+
+def _gemm(im: Importer, node):
+    at = _attrs(node)
+    a, b = node.input[:2]
+    c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0 or b not in im.inits:
+        raise UnsupportedOpError("Gemm is imported with alpha = beta = 1 and an initializer B")
+    x = im.tensor(a)
+    if at.get("transA", 0):
+        x = im.op("permute", [x], {"perm": (1, 0)}, hint=node.output[0])
+    bias = None
+    if c is not None and c in im.inits and len(im.inits[c].dims) == 1:
+        bias = im.tensor(c)
+    if at.get("transB", 0):
+        out = [im.op("linear", [x, im.tensor(b)] + ([bias] if bias is not None else []), hint=node.output[0])]
+    else:
+        out = _linear(im, node, x, _tensor_from_proto(im.inits[b]).t(), b, bias)
+    if c is not None and bias is None:
+        out = [im.op("add", [out[0], im.tensor(c)], hint=node.output[0])]
+    return out
+
+
+def _norm(ir_op: str):
+    def handle(im: Importer, node):
+        a = _attrs(node)
+        x = im.tensor(node.input[0])
+        if any(o for o in node.output[1:]):
+            raise UnsupportedOpError(f"{node.op_type} with mean/inv-std outputs")
+        ndim = x.type.rank - a.get("axis", -1) % x.type.rank
+        ins = [x] + [im.tensor(i) if i else None for i in node.input[1:]]
+        return [im.op(ir_op, ins, {"eps": a.get("epsilon", 1e-5), "ndim": ndim}, hint=node.output[0])]
+
+    return handle
+
+
+def _attention(im: Importer, node):
+    a = _attrs(node)
+    if len(node.input) > 4 and any(node.input[4:]) or any(node.output[1:]) or a.get("softcap", 0.0):
+        raise UnsupportedOpError("Attention with a past KV cache, softcap or extra outputs; use plain q, k, v [, mask]")
+    ins = [im.tensor(i) if i else None for i in node.input[:4]]
+    if ins[0].type.rank != 4:
+        raise UnsupportedOpError("Attention with 3-D inputs; lmforge imports the [batch, heads, seq, dim] form")
+    attrs = {"causal": bool(a.get("is_causal", 0)), **({"q_offset": 0} if a.get("is_causal") else {})}
+    if "scale" in a:
+        attrs["scale"] = a["scale"]
+    if len(ins) == 4 and ins[3] is None:
+        ins = ins[:3]
+    return [im.op("attention", ins, attrs, hint=node.output[0])]
+
+
+def _reduce(ir_op: str):
+    def handle(im: Importer, node):
+        a = _attrs(node)
+        x = im.tensor(node.input[0])
+        axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("axes")
+        if not axes and a.get("noop_with_empty_axes"):
+            return [x]
+        attrs = {"dims": tuple(axes) if axes else None, "keepdim": bool(a.get("keepdims", 1))}
+        return [im.op(ir_op, [x], attrs, hint=node.output[0])]
+
+    return handle
+
+
+def _reduce_logsumexp(im: Importer, node):
+    """log(sum(exp(x - m))) + m with m = amax(x): the stable form (the IR has no logsumexp op)."""
+    a = _attrs(node)
+    x = im.tensor(node.input[0])
+    axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("axes")
+    dims, keep = (tuple(axes) if axes else None), bool(a.get("keepdims", 1))
+    m = im.op("amax", [x], {"dims": dims, "keepdim": True}, hint="lse_max")
+    e = im.op("exp", [im.op("sub", [x, m], hint="lse")], hint="lse")
+    s = im.op("log", [im.op("sum", [e], {"dims": dims, "keepdim": True}, hint="lse")], hint="lse")
+    out = im.op("add", [s, m], hint=node.output[0])
+    if not keep:
+        shape = [d for i, d in enumerate(out.type.shape) if dims is not None and i not in
+                 {ax % x.type.rank for ax in dims}]
+        out = im.op("reshape", [out], {"shape": tuple(shape)}, hint=node.output[0])
+    return [out]
+
+
+def _range(im: Importer, node):
+    start, limit, delta = (im.get_static(i) for i in node.input)
+    if None in (start, limit, delta) or isinstance(delta.item(), str):
+        raise UnsupportedOpError("Range needs bounds computed from shapes or constants and a constant step")
+    attrs = {"start": _ints(start)[0], "end": _ints(limit)[0], "step": int(delta.item()), "dtype": start.dtype}
+    if start.dtype.startswith("float"):
+        attrs["dtype"] = "int64"
+        return [im.op("cast", [im.op("arange", [], attrs, hint=node.output[0])], {"dtype": start.dtype},
+                      hint=node.output[0])]
+    return [im.op("arange", [], attrs, hint=node.output[0])]
+
+
+def _constant_of_shape(im: Importer, node):
+    value = _attrs(node).get("value")
+    arr = onnx.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+    dtype = IR_DTYPES[value.data_type] if value is not None else "float32"
+    v = arr.reshape(-1)[0].item()
+    return [im.op("full", [], {"shape": tuple(_shape_list(im, node.input[0])), "value": v, "dtype": dtype},
+                  hint=node.output[0])]
+
+
+def _topk(im: Importer, node):
+    a = _attrs(node)
+    k = _ints(im.get_static(node.input[1]))[0]
+    return list(im.op("topk", [im.tensor(node.input[0])], {"k": k, "dim": a.get("axis", -1),
+                                                            "largest": bool(a.get("largest", 1))}, hint=node.output[0]))
+
+
+def _matmul_nbits(im: Importer, node):
+    """MatMulNBits -> linear_wo: qweight [N, K*bits/8], scales and unpacked zero points [N, K/block]."""
+    a = _attrs(node)
+    k, n, bits, block = a["K"], a["N"], a.get("bits", 4), a["block_size"]
+    if len(node.input) > 4 and node.input[4]:
+        raise UnsupportedOpError("MatMulNBits with g_idx (act-order) has no lmforge form")
+    blocks = k // block
+    q = _tensor_from_proto(im.inits[node.input[1]]).reshape(n, k * bits // 8)
+    s = _tensor_from_proto(im.inits[node.input[2]]).reshape(n, blocks)
+    if len(node.input) > 3 and node.input[3]:
+        z = _tensor_from_proto(im.inits[node.input[3]])
+        if z.dtype == torch.uint8 and bits == 4:
+            z = z.reshape(n, -1)
+            z = torch.stack([z & 0xF, z >> 4], dim=-1).reshape(n, -1)[:, :blocks]
+        z = z.reshape(n, blocks)
+    else:
+        z = torch.full((n, blocks), 2 ** (bits - 1), dtype=torch.uint8)
+    names = [node.input[i] if i < len(node.input) and node.input[i] else node.input[1] + "_zeros" for i in (1, 2, 3)]
+    qv, sv, zv = (im.param(n.removesuffix("__nbits"), t, key=("nbits", n)) for n, t in zip(names, (q, s, z)))
+    bias = im.tensor(node.input[5]) if len(node.input) > 5 and node.input[5] else None
+    ins = [im.tensor(node.input[0]), qv, sv, zv] + ([bias] if bias is not None else [])
+    return [im.op("linear_wo", ins, {"bits": bits, "group_size": block},
+                  hint=node.output[0])]
+
+
+def _constant(im: Importer, node):
+    a = _attrs(node)
+    if "value" in a:
+        t = _tensor_from_proto(a["value"])
+        return [Static(t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy(), IR_DTYPES[a["value"].data_type])]
+    for key, dtype in (("value_int", "int64"), ("value_float", "float32"), ("value_ints", "int64"),
+                       ("value_floats", "float32")):
+        if key in a:
+            return [Static(np.array(a[key]), dtype)]
+    raise UnsupportedOpError("Constant with a sparse or string value")
+
+
+def _unary(ir_op: str):
+    return lambda im, node: [im.op(ir_op, [im.tensor(node.input[0])], hint=node.output[0])]
+
+
+_HANDLERS = {
+    **{t: _unary(op) for op, t in UNARY.items()},
+    **{t: _binary(op) for op, t in BINARY.items() if t not in ("Max", "Min")},
+    "Max": _variadic("maximum"), "Min": _variadic("minimum"), "Sum": _variadic("add"),
+    **{t: _compare(op) for op, t in COMPARE.items()},
+    "Gelu": lambda im, n: [im.op("gelu", [im.tensor(n.input[0])], {"approximate": _attrs(n).get("approximate", "none")},
+                                 hint=n.output[0])],
+    "Where": _where, "Identity": lambda im, n: [im.tensor(n.input[0])], "Dropout": lambda im, n: [im.tensor(n.input[0])],
+    "Cast": lambda im, n: [im.op("cast", [im.tensor(n.input[0])], {"dtype": IR_DTYPES[_attrs(n)["to"]]},
+                                 hint=n.output[0])],
+    "Trilu": lambda im, n: [im.op("tri", [im.tensor(n.input[0])], {
+        "diagonal": _ints(im.get_static(n.input[1]))[0] if len(n.input) > 1 else 0,
+        "upper": bool(_attrs(n).get("upper", 1))}, hint=n.output[0])],
+    **{t: _reduce(op) for op, t in REDUCE.items()}, "ReduceLogSumExp": _reduce_logsumexp,
+    "ArgMax": lambda im, n: [im.op("argmax", [im.tensor(n.input[0])], {"dim": _attrs(n).get("axis", 0),
+                                                                       "keepdim": bool(_attrs(n).get("keepdims", 1))},
+                                   hint=n.output[0])],
+    "Softmax": lambda im, n: [im.op("softmax", [im.tensor(n.input[0])], {"dim": _attrs(n).get("axis", -1)},
+                                    hint=n.output[0])],
+    "LogSoftmax": lambda im, n: [im.op("softmax", [im.tensor(n.input[0])],
+                                       {"dim": _attrs(n).get("axis", -1), "log": True}, hint=n.output[0])],
+    "Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Flatten": _flatten, "Expand": _expand,
+    "Transpose": lambda im, n: [im.op("permute", [x := im.tensor(n.input[0])], {
+        "perm": tuple(_attrs(n).get("perm", range(x.type.rank - 1, -1, -1)))}, hint=n.output[0])],
+    "Concat": lambda im, n: [im.op("concat", [im.tensor(i) for i in n.input], {"dim": _attrs(n)["axis"]},
+                                   hint=n.output[0])],
+    "Slice": _slice, "Split": _split, "Gather": _gather, "MatMul": _matmul, "Gemm": _gemm,
+    "RMSNormalization": _norm("rmsnorm"), "LayerNormalization": _norm("layernorm"), "Attention": _attention,
+    "Range": _range, "ConstantOfShape": _constant_of_shape, "TopK": _topk, "Constant": _constant,
+    "Shape": _fold_shape, f"{MS_DOMAIN}::MatMulNBits": _matmul_nbits,
+}
+
+
+def import_onnx(model_or_path: onnx.ModelProto | str | Path) -> Graph:
+    """An ONNX model (a ModelProto or a path to a .onnx file) as an IR Graph with its weights.
+
+    Raises CaptureError when the file cannot be read and UnsupportedOpError naming an ONNX op lmforge
+    has no mapping for.
+    """
+    model = model_or_path
+    if not isinstance(model, onnx.ModelProto):
+        path = Path(model_or_path)
+        if not path.is_file():
+            raise CaptureError(f"ONNX model {str(path)!r} does not exist or is not a file")
+        try:
+            model = onnx.load(str(path))
+        except Exception as e:  # protobuf / external-data errors: say what to do, not where protobuf failed
+            raise CaptureError(f"cannot read ONNX model {str(path)!r} ({type(e).__name__}: {e}); "
+                               "is it a valid .onnx file with its external data beside it?") from None
+    return Importer(model).run()
