@@ -78,13 +78,17 @@ def perplexity(model: Callable, token_data: torch.Tensor, logits_index: int = 0,
 
 def compare(original: Callable, transformed: Callable, inputs: Sequence[tuple], *, logits_index: int = 0,
             token_data: torch.Tensor | None = None, ppl_model: tuple[Callable, Callable] | None = None,
-            checker: Callable[[Callable], float] | None = None) -> QualityReport:
+            checker: Callable[[Callable], float] | None = None,
+            positions: slice | torch.Tensor | None = None) -> QualityReport:
     """Run both on every input tuple and compare outputs and next-token distributions.
 
     ppl_model: optional (original_prefill, transformed_prefill) callables for perplexity on token_data
     (default: the models themselves, when they map tokens to logits).
+    positions: which sequence positions count for KL and top-1 (a slice over dim -2 of the logits, or a
+    bool mask of the logits' leading shape), e.g. only the answer positions of a task whose prompt tokens
+    are random and so have no meaningful "next token".
     """
-    errs, kls, agree, positions = [], [], 0, 0
+    errs, kls, agree, n_pos = [], [], 0, 0
     with torch.no_grad():
         for args in inputs:
             ref_out, new_out = original(*args), transformed(*args)
@@ -92,9 +96,13 @@ def compare(original: Callable, transformed: Callable, inputs: Sequence[tuple], 
             new_leaves = [x for x in pytree.tree_leaves(new_out) if isinstance(x, torch.Tensor)]
             errs += [rel_err(n, r) for n, r in zip(new_leaves, ref_leaves) if r.is_floating_point()]
             ref_l, new_l = _logits(ref_out, logits_index), _logits(new_out, logits_index)
+            if isinstance(positions, slice):
+                ref_l, new_l = ref_l[..., positions, :], new_l[..., positions, :]
+            elif positions is not None:
+                ref_l, new_l = ref_l[positions], new_l[positions]
             kls.append(kl_divergence(ref_l, new_l).reshape(-1))
             agree += (ref_l.argmax(-1) == new_l.argmax(-1)).sum().item()
-            positions += ref_l[..., 0].numel()
+            n_pos += ref_l[..., 0].numel()
     kl = torch.cat(kls).mean().item() if kls else 0.0
     ppl_ref = ppl_new = acc_ref = acc_new = None
     if token_data is not None:
@@ -102,5 +110,5 @@ def compare(original: Callable, transformed: Callable, inputs: Sequence[tuple], 
         ppl_ref, ppl_new = perplexity(ref_m, token_data, logits_index), perplexity(new_m, token_data, logits_index)
     if checker is not None:
         acc_ref, acc_new = float(checker(original)), float(checker(transformed))
-    return QualityReport(max(errs, default=0.0), sum(errs) / max(len(errs), 1), kl, agree / max(positions, 1),
-                         ppl_ref, ppl_new, acc_ref, acc_new, positions)
+    return QualityReport(max(errs, default=0.0), sum(errs) / max(len(errs), 1), kl, agree / max(n_pos, 1),
+                         ppl_ref, ppl_new, acc_ref, acc_new, n_pos)

@@ -48,3 +48,12 @@ def test_kl_matches_closed_form():
     q = torch.tensor([[0.0, 0.0]])            # probs 1/2, 1/2
     want = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
     assert quality.kl_divergence(p, q).item() == pytest.approx(want)
+
+
+def test_positions_restrict_where_agreement_is_counted():
+    ref = lambda t: torch.nn.functional.one_hot(t, 5).float()
+    new = lambda t: torch.nn.functional.one_hot(torch.where(torch.arange(t.shape[1]) < 2, (t + 1) % 5, t), 5).float()
+    toks = [(torch.randint(0, 5, (3, 6)),)]
+    assert quality.compare(ref, new, toks).top1_agreement == pytest.approx(4 / 6)
+    r = quality.compare(ref, new, toks, positions=slice(2, 6))
+    assert r.top1_agreement == 1.0 and r.n_positions == 12
