@@ -1,0 +1,338 @@
+"""`lmforge.tune`: search every knob of the pass pipeline with Optuna, under the cost model of a target.
+
+    result = lmforge.tune(workload, target="h100", objectives=("latency", "quality"), budget=100)
+    result.best_config, result.pareto
+
+Objectives (name -> direction):
+  latency    minimize  seconds per call on the target (predicted by the cost model for any target;
+                       measured where the target is this machine: mode "measure", or "hybrid", which
+                       screens every trial with the cost model and measures only the best few)
+  throughput maximize  tokens per second (tokens = elements of the first input) on the target
+  memory     minimize  peak memory in bytes (weights + KV cache + live activations)
+  quality    maximize  top-1 next-token agreement with the untransformed model on the eval inputs
+  kl         minimize  mean KL divergence of next-token distributions against the untransformed model
+  accuracy   maximize  task accuracy from the workload's checker
+Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) go through Optuna's
+constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
+whose passes fail is recorded as a failed trial and the search goes on.
+
+Samplers: TPE by default (seeded, multivariate); NSGA-II for several objectives with budget >= 100;
+GP for one objective with budget <= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides.
+
+The tuning database is Optuna storage: SQLite under `cache_dir("tuning")` unless `storage` gives another
+URL (PostgreSQL for many workers). The study is keyed by the workload's graph signature and the target's
+fingerprint, so re-running resumes it and `compile(..., config="best")` finds its best config.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+
+from lmforge.errors import LmforgeError
+from lmforge.ir.graph import Graph
+from lmforge.passes.base import Knob, PassManager
+from lmforge.search.space import defaults, suggest
+
+DIRECTIONS = {"latency": "minimize", "throughput": "maximize", "memory": "minimize", "quality": "maximize",
+              "kl": "minimize", "accuracy": "maximize"}
+
+
+@dataclass
+class TuneResult:
+    study: optuna.Study
+    objectives: tuple[str, ...]
+    best_config: dict[str, Any]
+    best_values: dict[str, float]
+    pareto: list[dict]
+    study_name: str
+    storage: str
+    n_complete: int
+    n_failed: int
+    measured: dict[int, float] = field(default_factory=dict)  # trial number -> measured latency (hybrid)
+
+    def table(self) -> str:
+        rows = [f"{'trial':>5}  " + "  ".join(f"{o:>12}" for o in self.objectives) + "  config"]
+        for p in self.pareto:
+            vals = "  ".join(f"{p['values'][o]:>12.4g}" for o in self.objectives)
+            rows.append(f"{p['trial']:>5}  {vals}  {p['config']}")
+        return "\n".join(rows)
+
+
+@dataclass
+class TuneContext:
+    """What every trial needs: the base graph, the pipeline, the target and the evaluation data."""
+
+    graph: Graph
+    pipeline: Sequence
+    hw: Any
+    eval_inputs: list[tuple]
+    checker: Callable | None
+    bindings: dict[str, int]
+    mode: str
+    reference: Any = None  # CompiledModel of the untransformed graph (for quality)
+
+    @property
+    def knobs(self) -> list[Knob]:
+        return PassManager(self.pipeline).knobs()
+
+
+def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Sequence[str],
+                    measure_latency: bool = False) -> dict[str, float]:
+    """Apply a config and compute every objective (plus "fits" and the predicted latency)."""
+    from lmforge.compiler import CompiledModel
+    from lmforge.quality import compare
+    from lmforge.search.cost_model import graph_cost
+
+    graph = PassManager(ctx.pipeline).run(ctx.graph, config)
+    cost = graph_cost(graph, ctx.hw, ctx.bindings)
+    values: dict[str, float] = {"predicted_latency": cost.time_s, "memory": cost.peak_memory_bytes,
+                                "fits": float(cost.fits), "eflops": cost.eflops}
+    values["latency"] = cost.time_s
+    compiled = None
+    if measure_latency or any(o in objectives for o in ("quality", "kl", "accuracy")):
+        compiled = CompiledModel(graph)
+    if measure_latency:
+        from lmforge.search.measure import measure
+
+        args = ctx.eval_inputs[0]
+        values["latency"] = values["measured_latency"] = measure(lambda: compiled(*args)).median_s
+    tokens = ctx.graph.inputs[0].type.numel(ctx.bindings) if ctx.graph.inputs else 1
+    values["throughput"] = tokens / values["latency"]
+    if "quality" in objectives or "kl" in objectives:
+        report = compare(ctx.reference, compiled, ctx.eval_inputs)
+        values["quality"], values["kl"] = report.top1_agreement, report.kl
+    if "accuracy" in objectives:
+        if ctx.checker is None:
+            raise LmforgeError("objective 'accuracy' needs a workload with a checker")
+        values["accuracy"] = float(ctx.checker(compiled))
+    return values
+
+
+def constraint_values(values: Mapping[str, float], constraints: Mapping[str, Any]) -> list[float]:
+    """Optuna's convention: each value <= 0 means satisfied."""
+    out = []
+    for name, bound in constraints.items():
+        if name == "fits":
+            out.append(0.0 if values["fits"] or not bound else 1.0)
+        elif DIRECTIONS.get(name) == "maximize":
+            out.append(float(bound) - values[name])
+        else:
+            out.append(values[name] - float(bound))
+    return out
+
+
+def make_sampler(name: str | None, n_objectives: int, budget: int, seed: int):
+    """Constraints reach the samplers through `trial.set_constraint` (Optuna >= 5)."""
+    if name is None:
+        name = "nsga2" if n_objectives > 1 and budget >= 100 else ("gp" if n_objectives == 1 and budget <= 20 else "tpe")
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(2, budget // 4)))
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(5, max(2, budget // 4)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise LmforgeError(f"unknown sampler {name!r}; use tpe, nsga2, gp or random")
+
+
+def default_storage() -> str:
+    from lmforge.cache import cache_dir
+
+    return f"sqlite:///{cache_dir('tuning') / 'studies.db'}"
+
+
+def study_key(name: str, graph: Graph, hw, objectives: Sequence[str], mode: str) -> str:
+    """Graph signature and target fingerprint first, so a lookup by (workload, target) is a prefix match."""
+    return f"{graph.signature()}:{hw.fingerprint()}:{'+'.join(objectives)}:{mode}:{name}"
+
+
+def prepare(model_or_workload, example_inputs=None, *, dynamic=None, eval_inputs=None, checker=None,
+            name=None, pipeline=None):
+    """Capture the workload once and run the canonical (knob-free) passes: the graph every trial starts from."""
+    from lmforge.ir.frontends.torch_export import capture
+    from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
+    from lmforge.workload import Workload
+
+    if isinstance(model_or_workload, Workload):
+        wl = model_or_workload
+    else:
+        if example_inputs is None and not isinstance(model_or_workload, Graph):
+            raise LmforgeError("tune needs example_inputs (or a lmforge.Workload that carries them)")
+        wl = Workload(model=model_or_workload, example_inputs=tuple(example_inputs or ()), dynamic=dynamic,
+                      eval_inputs=eval_inputs, checker=checker, name=name or "workload")
+    graph = wl.model if isinstance(wl.model, Graph) else capture(wl.model, wl.example_inputs, dynamic=wl.dynamic)
+    graph = PassManager(canonical_pipeline()).run(graph)
+    evals = list(wl.eval_inputs or [wl.example_inputs])
+    return wl, graph, list(pipeline if pipeline is not None else tunable_pipeline()), evals
+
+
+def tune(model_or_workload, example_inputs=None, *, target: str = "h100", objectives: Sequence[str] = ("latency",),
+         constraints: Mapping[str, Any] | None = None, budget: int = 50, mode: str = "predict",
+         storage: str | None = None, study_name: str | None = None, sampler: str | None = None, seed: int = 0,
+         warm_start_from: str | None = None, bindings: Mapping[str, int] | None = None, hybrid_top: int = 5,
+         pipeline=None, progress: bool = True, dynamic=None) -> TuneResult:
+    """Tune the knobs of `model_or_workload` for `target`. See the module docstring."""
+    from lmforge.compiler import CompiledModel
+    from lmforge.hwmodels import get_target
+
+    objectives = tuple(objectives)
+    unknown = [o for o in objectives if o not in DIRECTIONS]
+    if unknown:
+        raise LmforgeError(f"unknown objective(s) {unknown}; choose from {sorted(DIRECTIONS)}")
+    if mode not in ("predict", "measure", "hybrid"):
+        raise LmforgeError(f"mode must be predict, measure or hybrid, not {mode!r}")
+    hw = get_target(target) if isinstance(target, str) else target
+    if mode != "predict" and getattr(hw, "kind", "") != "cpu" and target != "host":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LmforgeError(f"mode {mode!r} measures on the target, but {target} is not this machine: "
+                               "use mode='predict' (cost model), or target='host'")
+    wl, graph, pipe, evals = prepare(model_or_workload, example_inputs, dynamic=dynamic, pipeline=pipeline)
+    env = dict(graph.get_meta("example_dims") or ())
+    env.update(dict(wl.extras.get("serving_dims", {})) if wl.extras else {})
+    env.update(bindings or {})
+    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph))
+    knobs = ctx.knobs
+    constraints = dict(constraints or {})
+    storage = storage or default_storage()
+    name = study_name or study_key(wl.name, graph, hw, objectives, mode)
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                                directions=[DIRECTIONS[o] for o in objectives],
+                                sampler=make_sampler(sampler, len(objectives), budget, seed))
+    study.set_user_attr("graph_signature", graph.signature())
+    study.set_user_attr("target", target)
+    study.set_user_attr("target_fingerprint", hw.fingerprint())
+    study.set_user_attr("objectives", list(objectives))
+    if not study.trials:
+        study.enqueue_trial({k.name: k.default for k in knobs if k.condition is None}, skip_if_exists=True)
+    if warm_start_from:
+        for cfg in best_configs(graph, warm_start_from, storage, limit=3):
+            study.enqueue_trial({k: v for k, v in cfg.items() if k in {kn.name for kn in knobs}},
+                                skip_if_exists=True)
+
+    def objective(trial: optuna.Trial):
+        config = suggest(trial, knobs)
+        values = evaluate_config(ctx, config, objectives, measure_latency=(mode == "measure"))
+        trial.set_user_attr("config", config)
+        trial.set_user_attr("values", {k: float(v) for k, v in values.items()})
+        cons = constraint_values(values, constraints) if constraints else [0.0]
+        trial.set_user_attr("constraints", cons)
+        for (cname, _), c in zip(constraints.items(), cons):
+            trial.set_constraint(cname, c)
+        return tuple(values[o] for o in objectives) if len(objectives) > 1 else values[objectives[0]]
+
+    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    remaining = max(0, budget - done)
+    callbacks = [_progress(remaining, objectives)] if progress and remaining else []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(objective, n_trials=remaining, catch=(LmforgeError, RuntimeError, ValueError),
+                       callbacks=callbacks, gc_after_trial=False)
+    except KeyboardInterrupt:
+        pass  # every finished trial is already in the storage; the result below covers them
+    finally:
+        for cb in callbacks:
+            cb.close()
+    measured = _measure_top(ctx, study, objectives, hybrid_top) if mode == "hybrid" else {}
+    return _result(study, objectives, name, storage, measured)
+
+
+def _measure_top(ctx: TuneContext, study, objectives, k: int) -> dict[int, float]:
+    """Hybrid mode: measure the k best predicted feasible configs on this machine."""
+    trials = _feasible(study)
+    trials.sort(key=lambda t: t.user_attrs["values"]["predicted_latency"])
+    out = {}
+    for t in trials[:k]:
+        values = evaluate_config(ctx, t.user_attrs["config"], (), measure_latency=True)
+        out[t.number] = values["measured_latency"]
+        study.set_user_attr(f"measured_latency:{t.number}", values["measured_latency"])
+    return out
+
+
+def _feasible(study) -> list:
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))]
+
+
+def _result(study, objectives, name, storage, measured) -> TuneResult:
+    feasible = _feasible(study)
+    failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
+    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    if not feasible:
+        raise LmforgeError(f"no feasible configuration among {complete} finished trials ({failed} failed) of "
+                           f"study {name!r}: relax the constraints or raise the budget")
+    pareto = _pareto(feasible, objectives)
+    if measured:
+        best = min((t for t in feasible if t.number in measured), key=lambda t: measured[t.number])
+    elif len(objectives) == 1:
+        sign = 1 if DIRECTIONS[objectives[0]] == "minimize" else -1
+        best = min(feasible, key=lambda t: sign * t.values[0])
+    else:
+        best = pareto[0]["_trial"]
+    front = [{k: v for k, v in p.items() if k != "_trial"} for p in pareto]
+    return TuneResult(study, tuple(objectives), dict(best.user_attrs["config"]), dict(best.user_attrs["values"]),
+                      front, name, storage, complete, failed, measured)
+
+
+def _pareto(trials, objectives) -> list[dict]:
+    signs = [1 if DIRECTIONS[o] == "minimize" else -1 for o in objectives]
+    vals = [[s * v for s, v in zip(signs, t.values)] for t in trials]
+    front = []
+    for i, t in enumerate(trials):
+        dominated = any(all(a <= b for a, b in zip(vals[j], vals[i])) and vals[j] != vals[i]
+                        for j in range(len(trials)) if j != i)
+        if not dominated:
+            front.append({"trial": t.number, "config": t.user_attrs["config"],
+                          "values": dict(zip(objectives, t.values)), "_trial": t})
+    front.sort(key=lambda p: [s * p["values"][o] for s, o in zip(signs, objectives)])
+    return front
+
+
+def best_configs(graph: Graph, target: str, storage: str | None = None, limit: int = 1) -> list[dict]:
+    """The best configs found so far for this graph (by signature, after the canonical passes) on `target`."""
+    from lmforge.hwmodels import get_target
+
+    storage = storage or default_storage()
+    prefix = f"{graph.signature()}:{get_target(target).fingerprint()}:"
+    out = []
+    for summary in optuna.get_all_study_summaries(storage=storage):
+        if not summary.study_name.startswith(prefix):
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        feasible = _feasible(study)
+        if not feasible:
+            continue
+        objectives = study.user_attrs.get("objectives", ["latency"])
+        sign = 1 if DIRECTIONS[objectives[0]] == "minimize" else -1
+        feasible.sort(key=lambda t: sign * t.values[0])
+        out += [dict(t.user_attrs["config"]) for t in feasible[:limit]]
+    return out[:limit]
+
+
+class _progress:
+    """A tqdm progress bar showing the best value so far and trials per second."""
+
+    def __init__(self, total: int, objectives):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="tuning", unit="trial")
+        self.objectives = objectives
+        self.t0 = time.perf_counter()
+
+    def __call__(self, study, trial):
+        self.bar.update(1)
+        try:
+            if len(self.objectives) == 1 and study.best_trials:
+                self.bar.set_postfix({f"best {self.objectives[0]}": f"{study.best_value:.4g}",
+                                      "trials/s": f"{self.bar.n / (time.perf_counter() - self.t0):.2f}"})
+        except ValueError:
+            pass
+
+    def close(self):
+        self.bar.close()

@@ -1,0 +1,98 @@
+"""The tuner: knobs become an Optuna space (conditions respected), trials use the cost model, constraints
+mark infeasible trials, failures are recorded, studies resume, the best config is found again by compile."""
+import optuna
+import pytest
+import torch
+
+import lmforge
+from lmforge.errors import LmforgeError
+from lmforge.ir.graph import Graph
+from lmforge.passes.base import Knob, graph_pass
+from lmforge.passes import dce, fuse_elementwise, merge_linears
+from lmforge.search.space import expand_per_group, knob_value, ordered, suggest
+from lmforge.search.tuner import tune
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(32, 64)
+        self.c = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.c(torch.nn.functional.silu(self.a(x)) * self.b(x))
+
+
+def test_space_respects_conditions_and_order():
+    knobs = [Knob("x.size", "int", 4, low=1, high=8, condition=("x.pattern", ("topk",))),
+             Knob("x.pattern", "categorical", "dense", choices=("dense", "topk"))]
+    assert [k.name for k in ordered(knobs)] == ["x.pattern", "x.size"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        cfg = suggest(trial, knobs)
+        seen.add(cfg["x.pattern"])
+        assert ("x.size" in trial.params) == (cfg["x.pattern"] == "topk")
+        study.tell(trial, 0.0)
+    assert seen == {"dense", "topk"}
+
+
+def test_per_group_knobs():
+    knobs = expand_per_group([Knob("a", "int", 1, low=1, high=4), Knob("b", "bool", True, choices=(True, False))],
+                             groups=2, per_layer=["a"])
+    assert [k.name for k in knobs] == ["a@g0", "a@g1", "b"]
+    cfg = {"a@g0": 3, "a@g1": 4}
+    assert [knob_value(cfg, "a", 1, layer, 4) for layer in range(4)] == [3, 3, 4, 4]
+    assert knob_value({"a": 2}, "a", 1, 0, 4) == 2
+
+
+def test_tune_predict_finds_fusion_on_h100_and_resumes(tmp_path):
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    x = torch.randn(4, 32)
+    pipe = [merge_linears, fuse_elementwise, dce]
+    res = tune(MLP(), (x,), target="h100", objectives=("latency",), budget=6, storage=storage, progress=False,
+               pipeline=pipe)
+    assert res.best_config == {"fusion.merge_linears": True, "fusion.elementwise": True}
+    assert res.n_complete == 6 and res.n_failed == 0
+    assert res.best_values["latency"] == min(t.values[0] for t in res.study.trials)
+    again = tune(MLP(), (x,), target="h100", objectives=("latency",), budget=8, storage=storage, progress=False,
+                 pipeline=pipe)
+    assert again.study_name == res.study_name and again.n_complete == 8, "the study resumed, adding 2 trials"
+    import os
+    os.environ["LMFORGE_CACHE"] = str(tmp_path)
+    try:
+        from lmforge.search import tuner
+        orig = tuner.default_storage
+        tuner.default_storage = lambda: storage
+        compiled = lmforge.compile(MLP(), (x,), target="h100", config="best")
+        assert compiled.config == res.best_config
+        assert any(n.op == "fused" for n in compiled.graph.nodes)
+    finally:
+        tuner.default_storage = orig
+
+
+def test_constraints_mark_infeasible_and_failures_are_recorded(tmp_path):
+    calls = {"n": 0}
+
+    @graph_pass("flaky", knobs=[Knob("flaky.break", "bool", False, choices=(True, False))])
+    def flaky(graph: Graph, **kw):
+        if kw["break"]:
+            raise LmforgeError("this config cannot be compiled")
+        return graph
+
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    res = tune(MLP(), (torch.randn(4, 32),), target="h100", objectives=("latency", "quality"), budget=8,
+               storage=storage, constraints={"quality": 0.999}, pipeline=[flaky, merge_linears, fuse_elementwise, dce],
+               progress=False, sampler="random", seed=3)
+    assert res.n_failed >= 1, "configs whose passes fail are failed trials, not made-up scores"
+    states = {t.state for t in res.study.trials}
+    assert optuna.trial.TrialState.FAIL in states
+    for p in res.pareto:
+        assert p["values"]["quality"] >= 0.999
+
+
+def test_infeasible_everywhere_is_a_clear_error(tmp_path):
+    with pytest.raises(LmforgeError, match="no feasible configuration"):
+        tune(MLP(), (torch.randn(4, 32),), target="h100", objectives=("latency",), budget=3,
+             storage=f"sqlite:///{tmp_path}/db.sqlite", constraints={"latency": 1e-12}, progress=False)
