@@ -6,6 +6,7 @@
     lmforge report [--study NAME] [--out DIR]
     lmforge export WORKLOAD --target h100 --out DIR [--config best]
     lmforge run ARTIFACT [--device cpu] [--dim batch=4]
+    lmforge calibrate [--target host]
     lmforge targets [show NAME]
 
 WORKLOAD is `path/to/file.py` (its `workload()` function), `file.py:function`, or `package.module:function`;
@@ -136,6 +137,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Time op instances on the machine at hand, fit the target's efficiency factors, save them."""
+    import torch
+
+    from lmforge.hwmodels import get_target
+    from lmforge.hwmodels.calibrate import calibrate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = get_target(args.target)
+    cal = calibrate(hw, progress=True)
+    print(f"calibrated {hw.name} ({len(cal.samples)} op instances); saved for fingerprint {cal.hw_fingerprint}")
+    for cls, (ec, em) in sorted(cal.efficiency.items()):
+        print(f"  {cls:<12} compute efficiency {ec:5.2f}  memory efficiency {em:5.2f}")
+    print(f"  launch overhead {cal.launch_overhead_s * 1e6:.2f} us")
+    return 0
+
+
 def cmd_targets(args) -> int:
     from lmforge.hwmodels import get_target, targets
 
@@ -195,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--device", default="cpu")
     ru.add_argument("--dim", action="append", help="value of a symbolic dim, e.g. --dim batch=4")
     ru.set_defaults(fn=cmd_run)
+    ca = sub.add_parser("calibrate", help="fit the cost model's efficiency factors by timing ops here")
+    ca.add_argument("--target", default="host", help="host, or the GPU preset of the GPU in this machine")
+    ca.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    ca.set_defaults(fn=cmd_calibrate)
     t = sub.add_parser("targets", help="list hardware targets, or `targets show NAME`")
     t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     t.add_argument("name", nargs="?")

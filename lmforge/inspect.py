@@ -30,7 +30,9 @@ def inspect_graph(graph: Graph, kernels: Sequence | None = None, target: str | N
             k = kernels[i]
             parts.append(k.backend + (f":{k.detail}" if k.detail else ""))
         c = costs.get(i)
-        if c is not None:
+        if c is not None and c.flops == 0 and c.bytes == 0:
+            parts.append("view (no memory traffic)")
+        elif c is not None:
             parts.append(f"{_fmt(c.flops, 'FLOP')} {_fmt(c.bytes, 'B')}")
             if hw is not None:
                 from lmforge.hwmodels.roofline import node_time
@@ -50,8 +52,6 @@ def inspect_graph(graph: Graph, kernels: Sequence | None = None, target: str | N
 def _target(name: str | None):
     if not name:
         return None
-    try:
-        from lmforge.hwmodels import get_target
-    except ImportError:
-        return None
-    return get_target(name) if name != "host" else None
+    from lmforge.hwmodels import calibrated, get_target
+
+    return calibrated(get_target(name))

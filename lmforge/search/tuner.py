@@ -178,7 +178,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
          pipeline=None, progress: bool = True, dynamic=None) -> TuneResult:
     """Tune the knobs of `model_or_workload` for `target`. See the module docstring."""
     from lmforge.compiler import CompiledModel
-    from lmforge.hwmodels import get_target
+    from lmforge.hwmodels import calibrated, get_target
 
     objectives = tuple(objectives)
     unknown = [o for o in objectives if o not in DIRECTIONS]
@@ -186,7 +186,8 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
         raise LmforgeError(f"unknown objective(s) {unknown}; choose from {sorted(DIRECTIONS)}")
     if mode not in ("predict", "measure", "hybrid"):
         raise LmforgeError(f"mode must be predict, measure or hybrid, not {mode!r}")
-    hw = get_target(target) if isinstance(target, str) else target
+    base_hw = get_target(target) if isinstance(target, str) else target
+    hw = calibrated(base_hw)  # a saved calibration (`lmforge calibrate`) refines the preset's efficiencies
     if mode != "predict" and getattr(hw, "kind", "") != "cpu" and target != "host":
         import torch
 
@@ -198,6 +199,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     env.update(dict(wl.extras.get("serving_dims", {})) if wl.extras else {})
     env.update(bindings or {})
     ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph))
+    hw = base_hw  # studies are keyed by the target itself, calibrated or not
     knobs = ctx.knobs
     constraints = dict(constraints or {})
     storage = storage or default_storage()
