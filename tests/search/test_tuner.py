@@ -96,3 +96,37 @@ def test_infeasible_everywhere_is_a_clear_error(tmp_path):
     with pytest.raises(LmforgeError, match="no feasible configuration"):
         tune(MLP(), (torch.randn(4, 32),), target="h100", objectives=("latency",), budget=3,
              storage=f"sqlite:///{tmp_path}/db.sqlite", constraints={"latency": 1e-12}, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["measure", "hybrid"])
+def test_measure_and_hybrid_modes_time_real_runs_on_the_host(tmp_path, mode):
+    pipe = [merge_linears, fuse_elementwise, dce]
+    res = tune(MLP(), (torch.randn(64, 32),), target="host", objectives=("latency",), budget=4, mode=mode,
+               storage=f"sqlite:///{tmp_path}/db.sqlite", pipeline=pipe, progress=False, hybrid_top=2)
+    if mode == "measure":
+        assert all("measured_latency" in t.user_attrs["values"] for t in res.study.trials)
+        assert res.best_values["latency"] == res.best_values["measured_latency"]
+    else:
+        assert len(res.measured) == 2, "hybrid measures only the top predicted configs"
+        assert res.best_config == next(t.user_attrs["config"] for t in res.study.trials
+                                       if t.number == min(res.measured, key=res.measured.get))
+
+
+def test_measure_mode_refuses_a_target_that_is_not_here(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(LmforgeError, match="not this machine"):
+        tune(MLP(), (torch.randn(4, 32),), target="h100", mode="measure", budget=2,
+             storage=f"sqlite:///{tmp_path}/db.sqlite", progress=False)
+
+
+def test_report_writes_plots_and_table(tmp_path):
+    from lmforge.search.report import write_report
+
+    res = tune(MLP(), (torch.randn(4, 32),), target="h100", objectives=("latency", "memory"), budget=5,
+               storage=f"sqlite:///{tmp_path}/db.sqlite", pipeline=[merge_linears, fuse_elementwise, dce],
+               progress=False, sampler="random")
+    paths = write_report(res.study, tmp_path / "report")
+    assert paths["pareto"].read_bytes()[:4] == b"\x89PNG" and paths["history"].stat().st_size > 1000
+    table = paths["table"].read_text()
+    assert "| trial | latency | memory |" in table and len(res.pareto) >= 1
