@@ -36,8 +36,15 @@ def assign_kernels(graph: Graph, backends: Sequence[Backend], device: str = "cpu
 
 def default_backends(names: Sequence[str] = ("torch",)) -> list[Backend]:
     from lmforge.backends.torch import TorchReference
+    from lmforge.backends.triton.backend import TritonBackend
 
-    table = {"torch": TorchReference}
+    table = {"torch": TorchReference, "triton": TritonBackend}
+    try:
+        from lmforge.backends.tvm import TVMBackend  # noqa: F401  (registered once the TVM backend lands)
+
+        table["tvm"] = TVMBackend
+    except ImportError:
+        pass
     out = []
     for n in names:
         if n not in table:
