@@ -102,19 +102,16 @@ class TritonBackend:
         return lambda gate, up, *, regions=None, kind="swiglu": norms.swiglu(gate, up, cfg)
 
     def _claim_attention(self, node: Node) -> Callable | None:
-        from lmforge.backends.triton import attention_glue
-
-        return attention_glue.claim_attention(node, self.config)
+        glue = _module("attention_glue")
+        return None if glue is None else glue.claim_attention(node, self.config)
 
     def _claim_block_topk_attention(self, node: Node) -> Callable | None:
-        from lmforge.backends.triton import attention_glue
-
-        return attention_glue.claim_block_topk(node, self.config)
+        glue = _module("attention_glue")
+        return None if glue is None else glue.claim_block_topk(node, self.config)
 
     def _claim_shared_prefix_attention(self, node: Node) -> Callable | None:
-        from lmforge.backends.triton import attention_glue
-
-        return attention_glue.claim_shared_prefix(node, self.config)
+        glue = _module("attention_glue")
+        return None if glue is None else glue.claim_shared_prefix(node, self.config)
 
 
 def _is_swiglu(node: Node) -> bool:
