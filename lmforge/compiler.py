@@ -54,6 +54,15 @@ class CompiledModel:
             return outs[0] if len(outs) == 1 else outs
         return pytree.tree_unflatten(list(outs), self._out_spec)
 
+    def use_cuda_graphs(self, max_graphs: int = 8) -> "CompiledModel":
+        """Replay the generated code as CUDA graphs (one per input shape); see lmforge.backends.cuda_graphs."""
+        from lmforge.backends.cuda_graphs import CUDAGraphRunner
+
+        if self.device.type != "cuda":
+            raise LmforgeError("use_cuda_graphs needs the model on a CUDA device: call .to('cuda') first")
+        self._fn = CUDAGraphRunner(self._fn, max_graphs)
+        return self
+
     def to(self, device) -> "CompiledModel":
         return CompiledModel(self.graph, self.backends, device, self.target, self.config, self.pass_report)
 
