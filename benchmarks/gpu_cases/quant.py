@@ -1,0 +1,60 @@
+"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1) and int4 GEMM (prefill).
+
+Baseline: cuBLAS fp16 through torch.nn.functional.linear with the dequantized fp16 weight, i.e. what runs
+if the weight is not kept quantized. Weights W [N, K] (out x in), group size 128, fp16 activations.
+The config of each lmforge kernel is picked by a quick measurement over its CANDIDATE_CONFIGS (named in
+the note), unless --quick, which keeps the default config.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.gpu_cases import describe, pick_fastest
+from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, DEFAULT_CONFIGS, kernel_for_rows,
+                                                  linear_weight_only)
+from lmforge.ir.ops.quant_ref import dequantize_weight, linear_weight_only_ref, quantize_weight
+
+GEMV_SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]   # (N, K)
+GEMM_SHAPES = [(4096, 4096), (14336, 4096)]
+GEMM_ROWS = [16, 256]
+GROUP_SIZE = 128
+
+
+def _weight_bytes(n: int, k: int, bits: int) -> int:
+    groups = k // GROUP_SIZE
+    return n * k * bits // 8 + n * groups * (2 + 1)  # codes + fp16 scales + uint8 zeros
+
+
+def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.Generator) -> dict:
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    qw = quantize_weight(w.half(), bits, GROUP_SIZE, symmetric=True)
+    del w
+    x = torch.randn(m, k, device="cuda", generator=gen).half()
+    w_fp16 = dequantize_weight(qw, torch.float16)
+    kernel_name = kernel_for_rows(m)
+    configs = [DEFAULT_CONFIGS[kernel_name]] if quick else CANDIDATE_CONFIGS[kernel_name]
+    config, kernel = pick_fastest(lambda c: (lambda: linear_weight_only(x, qw, None, c)), configs)
+    return {
+        "name": f"quant/int{bits}_{kind}_M{m}_N{n}_K{k}",
+        "kernel": kernel,
+        "reference": lambda: linear_weight_only_ref(x, qw),
+        "baseline": lambda: F.linear(x, w_fp16),
+        "baseline_name": "cuBLAS fp16 (F.linear)",
+        "rtol": 2e-2, "atol": 2e-2,
+        "bytes": _weight_bytes(n, k, bits) + (m * k + m * n) * 2,
+        "flops": 2 * m * n * k,
+        "note": f"{kernel_name} {describe(config)}",
+    }
+
+
+def cases(quick: bool) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for bits in (4, 8):
+        for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
+            out.append(_case("gemv", bits, n, k, 1, quick, gen))
+    for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
+        for m in GEMM_ROWS:
+            out.append(_case("gemm", 4, n, k, m, quick, gen))
+    return out

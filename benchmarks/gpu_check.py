@@ -1,0 +1,201 @@
+"""Check and time lmforge's Triton kernels on the CUDA GPU at hand, against exact references and baselines.
+
+    python benchmarks/gpu_check.py [--quick] [--only SUBSTRING]
+
+Runs from a plain checkout (the repo root goes on sys.path; nothing is installed). For every case of
+benchmarks/gpu_cases/{attention,quant,norms}.py: run the kernel and the reference, check allclose and the
+relative L2 error, then time kernel and baseline with triton.testing.do_bench (median) and report
+speedup = baseline / kernel; then time both again as pure GPU time (CUDA graphs, cold L2: see
+gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and TFLOP/s from the GPU time
+(and the share of the GPU's memory bandwidth when the GPU is known). A module that fails to import or a
+case that raises becomes an error row; the run goes on. Prints a versions header, then a Markdown table last; with $OUT set, also writes gpu_check.md and
+gpu_check.json there. Without a CUDA GPU it says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CASE_MODULES = ("attention", "quant", "norms")
+# Peak HBM bandwidth (bytes/s) by device-name fragment, from NVIDIA's datasheets.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
+                  "A100-SXM4-80GB": 2.04e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12}
+TIMING = {True: (10, 30), False: (25, 100)}  # quick -> (warmup ms, rep ms)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, default configs, shorter timing")
+    parser.add_argument("--only", metavar="SUBSTRING", default=None,
+                        help="run only the cases (or case modules) whose name contains SUBSTRING")
+    return parser.parse_args(argv)
+
+
+def versions() -> dict:
+    import torch
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def peak_bandwidth(gpu_name: str) -> float | None:
+    for fragment, bandwidth in PEAK_BANDWIDTH.items():
+        if fragment in gpu_name:
+            return bandwidth
+    return None
+
+
+def load_cases(quick: bool, only: str | None) -> list[dict]:
+    """All cases of all modules; an import or cases() failure becomes one error entry for that module."""
+    found = []
+    whole_modules = [m for m in CASE_MODULES if only and only in m]
+    for module_name in CASE_MODULES:
+        if whole_modules and module_name not in whole_modules:
+            continue  # --only names a module: skip building the others' inputs
+        try:
+            module = importlib.import_module(f"benchmarks.gpu_cases.{module_name}")
+            module_cases = module.cases(quick)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+            found.append({"name": f"{module_name}/*", "error": f"{type(exc).__name__}: {exc}",
+                          "trace": traceback.format_exc()})
+            continue
+        found += [c for c in module_cases if not only or only in c["name"]]
+    return found
+
+
+def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
+    """Run one case: correctness against the reference, then median times of kernel and baseline."""
+    import torch
+    import triton.testing
+
+    row = {"name": case["name"], "baseline_name": case.get("baseline_name", ""), "note": case.get("note", "")}
+    out = case["kernel"]()
+    ref = case["reference"]()
+    torch.cuda.synchronize()
+    diff = (out.float() - ref.float())
+    row["max_abs_err"] = diff.abs().max().item()
+    row["rel_l2"] = (diff.norm() / ref.float().norm().clamp_min(1e-30)).item()
+    row["ok"] = bool(torch.allclose(out.float(), ref.float(), rtol=case["rtol"], atol=case["atol"]))
+    warmup, rep = TIMING[quick]
+    row["kernel_ms"] = triton.testing.do_bench(case["kernel"], warmup=warmup, rep=rep, return_mode="median")
+    row["baseline_ms"] = triton.testing.do_bench(case["baseline"], warmup=warmup, rep=rep, return_mode="median")
+    row["speedup"] = row["baseline_ms"] / row["kernel_ms"]
+    # GPU-only times (CUDA graphs, cold L2): do_bench above includes Python launch time where it exceeds
+    # do_bench's cache flush, which hides fast kernels (a batch-1 GEMV) behind their launcher.
+    try:
+        from benchmarks.gpu_cases import graph_time_ms
+
+        row["kernel_graph_ms"] = graph_time_ms(case["kernel"])
+        row["baseline_graph_ms"] = graph_time_ms(case["baseline"])
+        row["graph_speedup"] = row["baseline_graph_ms"] / row["kernel_graph_ms"]
+    except Exception as exc:  # noqa: BLE001 - e.g. a kernel that cannot be captured; do_bench still stands
+        row["kernel_graph_ms"] = row["baseline_graph_ms"] = row["graph_speedup"] = None
+        row["note"] = f"{row['note']} (no graph timing: {type(exc).__name__})".strip()
+    seconds = (row["kernel_graph_ms"] or row["kernel_ms"]) * 1e-3
+    row["gb_s"] = case["bytes"] / seconds / 1e9
+    row["tflop_s"] = case["flops"] / seconds / 1e12
+    row["bw_util"] = case["bytes"] / seconds / peak if peak else None
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| case | ok | max abs err | rel L2 | kernel ms | baseline | baseline ms | speedup | "
+              "graph kernel ms | graph baseline ms | graph speedup | GB/s | % peak BW | TFLOP/s | note |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | ERROR |" + " |" * 13 + f" {r['error'][:160].replace('|', '/')} |")
+            continue
+        util = None if r.get("bw_util") is None else 100 * r["bw_util"]
+        lines.append(
+            f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {_fmt(r['max_abs_err'], '.2e')} | "
+            f"{_fmt(r['rel_l2'], '.2e')} | {_fmt(r['kernel_ms'], '.4f')} | {r['baseline_name']} | "
+            f"{_fmt(r['baseline_ms'], '.4f')} | {_fmt(r['speedup'], '.2f')}x | {_fmt(r['kernel_graph_ms'], '.4f')} | "
+            f"{_fmt(r['baseline_graph_ms'], '.4f')} | {_fmt(r['graph_speedup'], '.2f')}x | {_fmt(r['gb_s'], '.0f')} | "
+            f"{_fmt(util, '.0f')} | {_fmt(r['tflop_s'], '.2f')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); nothing to check. "
+              "Run this on a machine with an NVIDIA GPU.")
+        return 0
+    info = versions()
+    peak = peak_bandwidth(info["gpu"])
+    print("# lmforge gpu_check")
+    for key, value in info.items():
+        print(f"- {key}: {value}")
+    print(f"- peak memory bandwidth: {peak / 1e12:.2f} TB/s" if peak else "- peak memory bandwidth: unknown GPU")
+    started = time.time()
+    rows = []
+    for case in load_cases(args.quick, args.only):
+        if "error" in case:
+            rows.append(case)
+            print(f"[error] {case['name']}: {case['error']}", flush=True)
+            continue
+        try:
+            row = check_and_time(case, args.quick, peak)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+            row = {"name": case["name"], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        rows.append(row)
+        print(f"[{'error' if 'error' in row else 'ok' if row['ok'] else 'MISMATCH'}] {case['name']} "
+              f"({time.time() - started:.0f}s)", flush=True)
+    table = markdown_table(rows)
+    print()
+    print(table)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "gpu_check.md").write_text(table + "\n")
+        (Path(out_dir) / "gpu_check.json").write_text(json.dumps({"versions": info, "rows": rows}, indent=2))
+    return 0
+
+
+def import_lmforge_from_checkout() -> None:
+    """Make `lmforge` importable from the checkout; if its package __init__ needs a dependency this machine
+    lacks, register the package without running __init__, since the kernels themselves need only torch
+    and triton."""
+    import types
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        import lmforge  # noqa: F401
+    except ImportError as exc:
+        print(f"- note: `import lmforge` failed ({exc}); loading its kernel modules without the package __init__")
+        for name in [m for m in sys.modules if m == "lmforge" or m.startswith("lmforge.")]:
+            del sys.modules[name]
+        package = types.ModuleType("lmforge")
+        package.__path__ = [str(REPO_ROOT / "lmforge")]
+        sys.modules["lmforge"] = package
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import_lmforge_from_checkout()
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Ahead-of-time builds for sm_80 / sm_90 on a machine without a GPU, resource reports and pruning.
+
+Under the interpreter (CPU-only machines) every build batch runs in one child process (a few seconds to
+start: it imports torch), so the templates are built together once, by a module-scoped fixture. Triton
+caches compiled kernels (~/.triton/cache), so later runs are faster still.
+"""
+import json
+
+import pytest
+import triton
+import triton.language as tl
+
+from lmforge.backends.triton import aot, norms, quant_matmul
+from lmforge.backends.triton.config import KernelConfig
+from lmforge.errors import ArtifactError, LmforgeError, TargetError
+
+SPECS = {spec.name: spec for spec in quant_matmul.aot_specs() + norms.aot_specs()}
+PTX_TARGET = {"sm_80": ".target sm_80", "sm_90": ".target sm_90a"}
+
+
+ARCHS = ["sm_80", "sm_90"]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Every template built for every arch with its default config, in one batch: {(name, arch): result}."""
+    keys = [(name, arch) for name in sorted(SPECS) for arch in ARCHS]
+    results = aot.build_many(aot.spec_request(SPECS[name], arch) for name, arch in keys)
+    return dict(zip(keys, results))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_template_builds_with_its_default_config(built, name, arch):
+    spec = SPECS[name]
+    binary = built[name, arch]
+    assert isinstance(binary, aot.KernelBinary), binary  # else: the compiler's message
+    meta = binary.metadata
+    assert binary.arch == arch and binary.name.startswith(f"{name}_{arch}_")
+    assert PTX_TARGET[arch] in binary.ptx and f".entry {meta['entry']}" in binary.ptx
+    assert binary.cubin[:4] == b"\x7fELF"
+    config = spec.adapt(spec.config) if spec.adapt else spec.config
+    assert (meta["num_warps"], meta["num_stages"]) == (config.num_warps, config.num_stages)
+    assert 1 <= meta["registers"] <= 255 and meta["shared"] >= 0
+    assert meta["signature"] == dict(spec.signature)
+    for knob, value in config.params:
+        assert meta["constexprs"][knob] == value
+    assert aot.fits(aot.ResourceReport.of(binary), aot.ARCH_LIMITS[arch])
+    json.dumps(meta)  # the launch metadata is plain JSON
+
+
+def test_adapt_builds_the_config_the_launcher_runs(built):
+    row = built["rmsnorm_row_fp16", "sm_90"].metadata["constexprs"]  # default BLOCK_D 8192 > rows of 4096
+    assert row["BLOCK_D"] == 4096 and row["ONE_PASS"] is True
+    assert built["softmax_long_fp16", "sm_90"].metadata["constexprs"]["ONE_PASS"] is False
+
+
+def test_oversized_and_uncompilable_configs_are_pruned_with_reasons():
+    spec = SPECS["wo_gemm_int8_g128_fp16"]
+    huge = KernelConfig.make(num_warps=8, num_stages=7, BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=8)
+    not_a_power_of_two = KernelConfig.make(num_warps=4, num_stages=2, BLOCK_M=48, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+    kept, dropped = aot.prune_configs(spec, [quant_matmul.GEMM_DEFAULT_CONFIG, huge, not_a_power_of_two], "sm_90")
+    assert kept == [quant_matmul.GEMM_DEFAULT_CONFIG]
+    reasons = dict(dropped)
+    assert list(reasons) == [huge, not_a_power_of_two]
+    assert "shared memory" in reasons[huge] and "sm_90" in reasons[huge]
+    assert reasons[not_a_power_of_two].startswith("does not compile")
+
+
+@pytest.mark.parametrize("report,arch,expected", [
+    (aot.ResourceReport(64, 0, 0, 100 * 1024, 4), "sm_89", ["shared memory"]),   # 100 KB > 99 KB
+    (aot.ResourceReport(64, 0, 0, 100 * 1024, 4), "sm_90", []),
+    (aot.ResourceReport(64, 0, 0, 200 * 1024, 4), "sm_80", ["shared memory"]),   # 200 KB > 163 KB
+    (aot.ResourceReport(300, 0, 0, 0, 4), "sm_90", ["registers per thread"]),
+    (aot.ResourceReport(255, 0, 0, 0, 16), "sm_90", ["registers per block"]),    # 255 x 512 > 64K
+    (aot.ResourceReport(32, 0, 0, 0, 64), "sm_80", ["threads per block"]),
+])
+def test_fits_reports_each_exceeded_limit(report, arch, expected):
+    found = aot.violations(report, aot.ARCH_LIMITS[arch])
+    assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found))
+    assert aot.fits(report, aot.ARCH_LIMITS[arch]) == (not expected)
+
+
+def test_save_and_load_round_trip_without_pickle(built, tmp_path):
+    binary = built["swiglu_fp16", "sm_90"]
+    aot.save(binary, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{binary.name}.{e}" for e in ("cubin", "json", "ptx"))
+    loaded = aot.load(tmp_path, binary.name)
+    assert loaded == binary
+    cubin = tmp_path / f"{binary.name}.cubin"
+    data = cubin.read_bytes()
+    cubin.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # tamper with one byte
+    with pytest.raises(ArtifactError, match="sha256"):
+        aot.load(tmp_path, binary.name)
+    with pytest.raises(ArtifactError):
+        aot.load(tmp_path, "missing_kernel")
+    with pytest.raises(ArtifactError):
+        aot.load(tmp_path, "../escape")
+
+
+@triton.jit
+def _scaled(v, factor):
+    return v * factor
+
+
+@triton.jit
+def _strided_scale_kernel(x_ptr, out_ptr, n, stride, factor, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, _scaled(tl.load(x_ptr + offs * stride, mask=mask), factor), mask=mask)
+
+
+def test_build_is_generic_over_any_jit_function_with_helpers_and_unit_stride():
+    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "factor": "fp32"}
+    binary = aot.build(_strided_scale_kernel, signature, {"stride": 1}, KernelConfig.make(num_warps=2, BLOCK=256),
+                       "sm_89", divisible_by_16=["n"])
+    assert ".target sm_89" in binary.ptx and binary.metadata["constexprs"] == {"stride": 1, "BLOCK": 256}
+    assert binary.metadata["divisible_by_16"] == ["n"] and binary.metadata["num_warps"] == 2
+    assert "ld.global.v4" in binary.ptx  # unit stride + 16-divisibility hints: vectorised loads
+
+
+@pytest.mark.parametrize("call,error", [
+    (lambda: aot.build(_strided_scale_kernel, {"x_ptr": "*fp32"}, {}, KernelConfig.make(BLOCK=64), "sm_90"),
+     LmforgeError),                                                              # arguments without a type
+    (lambda: aot.build(_strided_scale_kernel, {"nope": "i32"}, {}, KernelConfig.make(BLOCK=64), "sm_90"),
+     LmforgeError),                                                              # unknown argument
+    (lambda: aot.build_spec(SPECS["swiglu_fp16"], "sm_75"), TargetError),        # unknown architecture
+])
+def test_build_errors(call, error):
+    with pytest.raises(error):
+        call()

@@ -1,0 +1,128 @@
+"""Triton weight-only quantized linear (GEMV and GEMM kernels) against the pure-torch reference.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py), so the
+shapes are tiny; the same tests run the compiled kernels where CUDA is present.
+"""
+import pytest
+import torch
+
+from lmforge.backends.triton.config import KernelConfig
+from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, GEMV_MAX_ROWS, gemm_plan, gemv_plan,
+                                                  kernel_for_rows, linear_weight_only, wo_gemm, wo_gemv)
+from lmforge.errors import LmforgeError
+from lmforge.ir.ops.quant_ref import dequantize_weight, linear_weight_only_ref, quantize_weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def _problem(n, k, m, bits, group_size, symmetric, dtype, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qw = quantize_weight(w, bits, group_size, symmetric, scale_dtype=dtype).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEVICE) if bias else None
+    return x, qw, b
+
+
+def _assert_matches_reference(y, x, qw, b):
+    expected = linear_weight_only_ref(x, qw, b)
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    tol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol)
+    rel_l2 = ((y.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert rel_l2 < tol
+
+
+CASES = [(bits, gs, sym, m, dtype) for bits in (4, 8) for gs in (32, 64, 128) for sym in (True, False)
+         for m in (1, 3, 17) for dtype in (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,m,dtype", CASES)
+def test_linear_weight_only_matches_reference(bits, group_size, symmetric, m, dtype):
+    x, qw, b = _problem(40, 256, m, bits, group_size, symmetric, dtype, seed=m + bits, bias=(m == 3))
+    _assert_matches_reference(linear_weight_only(x, qw, b), x, qw, b)
+
+
+# Triton's interpreter stores bf16 as uint16 and so computes tl.dot on it as an integer product.
+BF16_DOT_NEEDS_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="tl.dot on bf16 is wrong in the interpreter")
+
+
+@pytest.mark.parametrize("m", [1, pytest.param(17, marks=BF16_DOT_NEEDS_GPU)])
+def test_bf16_activations(m):
+    x, qw, b = _problem(24, 128, m, 4, 64, False, torch.bfloat16, seed=7, bias=True)
+    _assert_matches_reference(linear_weight_only(x, qw, b), x, qw, b)
+
+
+@pytest.mark.parametrize("config", CANDIDATE_CONFIGS["wo_gemv"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_gemv_candidate_config(config, bits):
+    x, qw, b = _problem(40, 256, 2, bits, 32, False, torch.float16, seed=3, bias=True)
+    _assert_matches_reference(wo_gemv(x, qw, b, config), x, qw, b)
+
+
+@pytest.mark.parametrize("config", CANDIDATE_CONFIGS["wo_gemm"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_gemm_candidate_config(config, bits):
+    x, qw, b = _problem(72, 256, 20, bits, 128, True, torch.float16, seed=4, bias=True)
+    _assert_matches_reference(wo_gemm(x, qw, b, config), x, qw, b)
+
+
+def test_split_k_accumulates_all_groups():
+    x, qw, _ = _problem(24, 512, 2, 4, 32, True, torch.float32, seed=5)
+    for split_k in (3, 64):
+        config = KernelConfig.make(BLOCK_N=16, GROUPS_PER_STEP=4, SPLIT_K=split_k)
+        _assert_matches_reference(wo_gemv(x, qw, None, config), x, qw, None)
+
+
+def test_gemv_plan_keeps_steps_whole_and_gemm_plan_clamps_block_k():
+    plan, per_split = gemv_plan(KernelConfig.make(BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=4), n_groups=12)
+    assert plan.get("GROUPS_PER_STEP") == 4 and per_split % 4 == 0
+    assert plan.get("SPLIT_K") * per_split >= 12 > (plan.get("SPLIT_K") - 1) * per_split
+    assert gemm_plan(KernelConfig.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=4), 32).get("BLOCK_K") == 32
+
+
+def test_leading_dims_and_strided_input():
+    g = torch.Generator().manual_seed(6)
+    qw = quantize_weight(torch.randn(24, 128, generator=g) * 0.05, 4, 32).to(DEVICE)
+    x = torch.randn(2, 3, 256, generator=g).to(DEVICE)[..., ::2]  # last dim strided
+    y = linear_weight_only(x, qw)
+    assert y.shape == (2, 3, 24)
+    _assert_matches_reference(y.reshape(6, 24), x.reshape(6, 128), qw, None)
+
+
+def test_dispatch_by_rows_and_empty_input():
+    assert [kernel_for_rows(m) for m in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1)] == ["wo_gemv", "wo_gemv", "wo_gemm"]
+    _, qw, _ = _problem(8, 64, 1, 4, 32, True, torch.float32)
+    assert linear_weight_only(torch.zeros(0, 64, device=DEVICE), qw).shape == (0, 8)
+
+
+def test_quantized_kernel_tracks_full_precision_linear():
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    x = torch.randn(5, 256, generator=g).to(DEVICE)
+    exact = x @ w.to(DEVICE).T
+    for bits, bound in ((4, 0.15), (8, 0.01)):
+        y = linear_weight_only(x, quantize_weight(w, bits, 64).to(DEVICE))
+        assert ((y - exact).norm() / exact.norm()).item() < bound
+    y4 = linear_weight_only(x, quantize_weight(w, 4, 64).to(DEVICE))
+    torch.testing.assert_close(y4, x @ dequantize_weight(quantize_weight(w, 4, 64)).to(DEVICE).T,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda x, qw: (x[:, :32], qw, None, None),                                  # wrong in_features
+    lambda x, qw: (x.to(torch.int32), qw, None, None),                          # unsupported activations
+    lambda x, qw: (x, qw, torch.zeros(3, device=x.device), None),              # wrong bias shape
+    lambda x, qw: (x, qw, None, KernelConfig.make(BLOCK_N=16)),                 # config lacks knobs
+])
+def test_user_errors_raise_lmforge_error(make_args):
+    x, qw, _ = _problem(8, 64, 1, 4, 32, True, torch.float32)
+    with pytest.raises(LmforgeError):
+        linear_weight_only(*make_args(x, qw))
+
+
+def test_group_size_not_power_of_two_is_rejected():
+    qw = quantize_weight(torch.randn(8, 96), 4, 48).to(DEVICE)
+    with pytest.raises(LmforgeError, match="group_size"):
+        linear_weight_only(torch.randn(1, 96, device=DEVICE), qw)
