@@ -1,0 +1,140 @@
+"""Torch references of the attention family: the ground truth every attention kernel is tested against.
+
+Layout: q [B, Hq, Sq, D], k / v [B, Hkv, Skv, D]; GQA when Hq is a multiple of Hkv (query head h reads KV
+head h // (Hq / Hkv)). Everything is computed in fp32 and returned in q's dtype; the log-sum-exp (natural
+log, of the scaled scores) is fp32 [B, Hq, Sq]. A query row that sees no key gets output 0 and lse -inf.
+
+Causal alignment: query i sits at absolute position q_offset + i, with q_offset = Skv - Sq by default, so a
+decode step (Sq = 1) sees its whole cache. Key j is visible to position p iff j <= p, and, with a sliding
+window (StreamingLLM), also p - j < window or j < sinks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    return x if x.shape[1] == hq else x.repeat_interleave(hq // x.shape[1], dim=1)
+
+
+def visibility_mask(sq: int, skv: int, *, causal: bool, window=None, sinks: int = 0, q_offset=None,
+                    device=None) -> torch.Tensor:
+    """Bool [Sq, Skv]: which keys each query sees."""
+    off = skv - sq if q_offset is None else q_offset
+    p = torch.arange(sq, device=device)[:, None] + off
+    j = torch.arange(skv, device=device)[None, :]
+    mask = torch.ones(sq, skv, dtype=torch.bool, device=device)
+    if causal:
+        mask &= j <= p
+    if window is not None:
+        mask &= ((p - j) < window) | (j < sinks)
+    return mask
+
+
+def attention_ref(q, k, v, *, causal=True, scale=None, window=None, sinks=0, block_mask=None, block_size=None,
+                  q_offset=None, return_lse=False):
+    """Softmax attention with causal / sliding-window / block-sparse masks; optionally returns the lse.
+
+    block_mask: bool [B, Hkv or Hq, ceil(Sq/bs), ceil(Skv/bs)] of (query block, key block) pairs to keep, on top
+    of the other masks (blocks of `block_size` along both sequence axes).
+    """
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    kf, vf = _expand_kv(k.float(), hq), _expand_kv(v.float(), hq)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    mask = visibility_mask(sq, skv, causal=causal, window=window, sinks=sinks, q_offset=q_offset,
+                           device=q.device)[None, None]
+    if block_mask is not None:
+        bm = _expand_kv(block_mask, hq) if block_mask.shape[1] != hq else block_mask
+        full = bm.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)[:, :, :sq, :skv]
+        mask = mask & full
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None].clamp(min=-1e30)).nan_to_num(0.0)
+    out = (probs @ vf).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def merge_lse_ref(outs, lses):
+    """Exact merge of partial attentions over disjoint key sets: weights exp(lse_i - lse)."""
+    lse = torch.logsumexp(torch.stack([l.float() for l in lses]), dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = sum(o.float() * torch.exp(l.float() - safe)[..., None].nan_to_num(0.0) for o, l in zip(outs, lses))
+    return out.to(outs[0].dtype), lse
+
+
+def block_summary(k_cache: torch.Tensor, block_size: int, kind: str = "mean"):
+    """Per KV block: the mean key (Kinetics), or (min, max) keys (Quest). [B, Hkv, nblocks, D]."""
+    b, h, s, d = k_cache.shape
+    nb = -(-s // block_size)
+    pad = nb * block_size - s
+    kf = k_cache.float()
+    if kind == "mean":
+        total = torch.nn.functional.pad(kf, (0, 0, 0, pad)).reshape(b, h, nb, block_size, d).sum(3)
+        counts = torch.full((nb,), float(block_size), device=k_cache.device)
+        counts[-1] = block_size - pad
+        return total / counts[None, None, :, None]
+    if kind == "minmax":
+        lo = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).reshape(b, h, nb, block_size, d)
+        hi = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).reshape(b, h, nb, block_size, d)
+        return lo.amin(3), hi.amax(3)
+    raise ValueError(f"block summary kind must be 'mean' or 'minmax', not {kind!r}")
+
+
+def block_scores(q: torch.Tensor, summary, kind: str) -> torch.Tensor:
+    """Score of each KV block for decode queries q [B, Hq, 1, D], summed over the query heads of a KV head."""
+    b, hq, _, d = q.shape
+    qf = q.float()[:, :, 0]
+    if kind == "mean":
+        hkv = summary.shape[1]
+        s = torch.einsum("bhd,bhnd->bhn", qf, _expand_kv(summary, hq))
+    else:
+        lo, hi = summary
+        hkv = lo.shape[1]
+        lo, hi = _expand_kv(lo, hq), _expand_kv(hi, hq)
+        s = torch.maximum(qf[:, :, None] * lo, qf[:, :, None] * hi).sum(-1)
+    return s.reshape(b, hkv, hq // hkv, -1).sum(2)  # [B, Hkv, nblocks]
+
+
+def select_blocks(scores: torch.Tensor, skv: int, block_size: int, topk_blocks: int, sinks: int, window: int):
+    """Bool [B, Hkv, nblocks]: the sink blocks, the local-window blocks, and the top-k others by score."""
+    nb = scores.shape[-1]
+    idx = torch.arange(nb, device=scores.device)
+    forced = (idx * block_size < sinks) | ((idx + 1) * block_size > skv - window)
+    rest = scores.masked_fill(forced, float("-inf"))
+    k = max(0, min(topk_blocks, nb - int(forced.sum())))
+    keep = forced.expand_as(scores).clone()
+    if k:
+        top = rest.topk(k, dim=-1).indices
+        keep.scatter_(-1, top, True)
+    return keep
+
+
+def decode_block_topk_ref(q, k_cache, v_cache, *, block_size, topk_blocks, sinks=0, window=0, summary="mean",
+                          scale=None, dense_len=None, return_indices=False):
+    """Kinetics / Quest block top-k decode attention (Sq == 1): attend to the selected KV blocks only."""
+    if q.shape[2] != 1:
+        raise ValueError("block top-k attention is for decode steps (one query per sequence)")
+    skv = k_cache.shape[2]
+    summ = block_summary(k_cache, block_size, summary)
+    keep = select_blocks(block_scores(q, summ, summary), skv, block_size, topk_blocks, sinks, window)
+    token_keep = keep.repeat_interleave(block_size, -1)[..., :skv]              # [B, Hkv, Skv]
+    mask = _expand_kv(token_keep[:, :, None, :], q.shape[1])                    # [B, Hq, 1, Skv]
+    b, hq, _, d = q.shape
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = (q.float() @ _expand_kv(k_cache.float(), hq).transpose(-1, -2)) * sc
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    out = (probs @ _expand_kv(v_cache.float(), hq)).to(q.dtype)
+    return (out, keep) if return_indices else out
+
+
+def shared_prefix_attention_ref(q, k_prefix, v_prefix, k_suffix, v_suffix, scale=None):
+    """Hydragen: B sequences share one prefix (batch 1); each attends to all of it and causally to its suffix."""
+    b = q.shape[0]
+    o1, l1 = attention_ref(q, k_prefix.expand(b, -1, -1, -1), v_prefix.expand(b, -1, -1, -1), causal=False,
+                           scale=scale, return_lse=True)
+    o2, l2 = attention_ref(q, k_suffix, v_suffix, causal=True, scale=scale, return_lse=True)
+    return merge_lse_ref([o1, o2], [l1, l2])[0]
