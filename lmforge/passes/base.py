@@ -46,12 +46,22 @@ class Knob:
 
 @dataclass(frozen=True)
 class Pass:
-    """A named graph transformation. `fn(graph, **knob_values) -> graph`."""
+    """A named graph transformation. `fn(graph, **knob_values) -> graph`.
+
+    `relevant(graph, knob) -> bool`, when given, says whether a knob can change this graph (a prefill-pattern
+    knob cannot change a decode-step graph), so the search does not spend trials on knobs without effect.
+    """
 
     name: str
     fn: Callable[..., Graph]
     knobs: tuple[Knob, ...] = ()
     doc: str = ""
+    relevant: Callable[[Graph, Knob], bool] | None = None
+
+    def knobs_for(self, graph: Graph | None) -> list[Knob]:
+        if graph is None or self.relevant is None:
+            return list(self.knobs)
+        return [k for k in self.knobs if self.relevant(graph, k)]
 
     def __call__(self, graph: Graph, config: Mapping[str, Any] | None = None) -> Graph:
         config = config or {}
@@ -83,8 +93,9 @@ class PassManager:
     print_after: str | None = None
     records: list[PassRecord] = field(default_factory=list)
 
-    def knobs(self) -> list[Knob]:
-        return [k for p in self.passes for k in p.knobs]
+    def knobs(self, graph: Graph | None = None) -> list[Knob]:
+        """The knobs of the pipeline (only those that can change `graph`, when one is given)."""
+        return [k for p in self.passes for k in p.knobs_for(graph)]
 
     def run(self, graph: Graph, config: Mapping[str, Any] | None = None) -> Graph:
         show = self.print_after or os.environ.get("LMFORGE_PRINT_AFTER")

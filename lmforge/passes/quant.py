@@ -131,7 +131,13 @@ def weight_quant_pass(calibration: Sequence[tuple] | None = None) -> Pass:
     def run(graph, **knobs):
         return quantize_weights(graph, calibration=calibration, **knobs)
 
-    return Pass("quantize_weights", run, WEIGHT_KNOBS, quantize_weights.__doc__.strip())
+    def relevant(graph: Graph, knob: Knob) -> bool:
+        if knob.name == "quant.awq" and not calibration:
+            return False
+        return any(n.op == "linear" for n in graph.nodes)
+
+    return Pass("quantize_weights", run, WEIGHT_KNOBS, quantize_weights.__doc__.strip(), relevant)
 
 
-kv_quant_pass = Pass("quantize_kv", quantize_kv, KV_KNOBS, quantize_kv.__doc__.strip())
+kv_quant_pass = Pass("quantize_kv", quantize_kv, KV_KNOBS, quantize_kv.__doc__.strip(),
+                     lambda graph, knob: any(n.op == "attention" for n in graph.nodes))

@@ -118,11 +118,22 @@ def _measure_flex_density(graph: Graph, idx: list[int], calibration) -> Graph:
     return graph.with_nodes(nodes)
 
 
+def _relevant(graph: Graph, knob: Knob) -> bool:
+    plain = [n for n in graph.nodes if _plain(n)]
+    has_decode = any(_is_decode(n) for n in plain)
+    has_prefill = any(_is_prefill(n) for n in plain)
+    if knob.name.startswith(("attn.decode", "attn.block_size", "attn.topk", "attn.summary", "attn.dense")):
+        return has_decode
+    if knob.name.startswith(("attn.prefill", "attn.flex")):
+        return has_prefill
+    return has_decode or has_prefill
+
+
 def sparsity_pass(calibration: Sequence[tuple] | None = None) -> Pass:
     def run(graph, **knobs):
         return sparsify_attention(graph, calibration=calibration, **knobs)
 
-    return Pass("sparsify_attention", run, SPARSITY_KNOBS, sparsify_attention.__doc__.strip())
+    return Pass("sparsify_attention", run, SPARSITY_KNOBS, sparsify_attention.__doc__.strip(), _relevant)
 
 
 def shared_prefix_decode(graph: Graph, prefix_len: int) -> Graph:

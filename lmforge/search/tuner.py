@@ -54,11 +54,19 @@ class TuneResult:
     n_failed: int
     measured: dict[int, float] = field(default_factory=dict)  # trial number -> measured latency (hybrid)
 
-    def table(self) -> str:
-        rows = [f"{'trial':>5}  " + "  ".join(f"{o:>12}" for o in self.objectives) + "  config"]
+    def table(self, defaults: Mapping[str, Any] | None = None) -> str:
+        """The Pareto front, one row per distinct objective vector; configs show the knobs off their default."""
+        defaults = defaults if defaults is not None else self.study.user_attrs.get("knob_defaults", {})
+        rows = [f"{'trial':>5}  " + "  ".join(f"{o:>12}" for o in self.objectives) + "  config (non-default knobs)"]
+        seen = set()
         for p in self.pareto:
+            key = tuple(round(p["values"][o], 12) for o in self.objectives)
+            if key in seen:
+                continue
+            seen.add(key)
             vals = "  ".join(f"{p['values'][o]:>12.4g}" for o in self.objectives)
-            rows.append(f"{p['trial']:>5}  {vals}  {p['config']}")
+            changed = {k: v for k, v in p["config"].items() if defaults.get(k, object()) != v}
+            rows.append(f"{p['trial']:>5}  {vals}  {changed}")
         return "\n".join(rows)
 
 
@@ -77,7 +85,7 @@ class TuneContext:
 
     @property
     def knobs(self) -> list[Knob]:
-        return PassManager(self.pipeline).knobs()
+        return PassManager(self.pipeline).knobs(self.graph)
 
 
 def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Sequence[str],
@@ -211,6 +219,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     study.set_user_attr("target", target)
     study.set_user_attr("target_fingerprint", hw.fingerprint())
     study.set_user_attr("objectives", list(objectives))
+    study.set_user_attr("knob_defaults", {k.name: k.default for k in knobs})
     if not study.trials:
         study.enqueue_trial({k.name: k.default for k in knobs if k.condition is None}, skip_if_exists=True)
     if warm_start_from:
