@@ -1,6 +1,6 @@
 """Graph passes. `default_pipeline()` lists the passes lmforge runs, one line each."""
 from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
-from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention
+from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention, recognize_cache_append
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
 from lmforge.passes.quant import kv_quant_pass, weight_quant_pass
 from lmforge.passes.sparsity import shared_prefix_decode, sparsity_pass
@@ -14,6 +14,7 @@ def canonical_pipeline() -> list[Pass]:
         cse,                  # merge duplicate computations (RoPE tables shared by layers, ...)
         recognize_rmsnorm,    # x * rsqrt(mean(x^2) + eps) * w -> rmsnorm
         recognize_rope,       # x * cos + rotate_half(x) * sin -> rope
+        recognize_cache_append,  # concat(past KV, new) -> kv_cache_append (charged as an in-place append)
         dce,                  # drop what nothing reads
     ]
 
@@ -36,5 +37,5 @@ def default_pipeline() -> list[Pass]:
     return canonical_pipeline() + tunable_pipeline()
 
 
-__all__ = ["kv_quant_pass", "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
+__all__ = ["recognize_cache_append", "kv_quant_pass", "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
            "recognize_attention"]

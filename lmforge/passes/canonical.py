@@ -186,4 +186,45 @@ def recognize_attention(graph: Graph) -> Graph:
     return dce(rewrite(graph, rule))
 
 
+_VIEW_OPS = {"select", "slice", "reshape", "permute"}
+
+
+@graph_pass("recognize_cache_append")
+def recognize_cache_append(graph: Graph) -> Graph:
+    """A functional KV cache grown by concatenation becomes `kv_cache_append`, and the stacking of the layers'
+    grown caches an in-place concat, so the cost model charges what a serving runtime moves (the new entries),
+    not a copy of the whole cache per step. Numerics are unchanged (the references concatenate).
+
+        %k0 = select(%k_cache; 0, 0); %c = concat(%k0, %k_new; dim=2)   ->   %c = kv_cache_append(%k0, %k_new; dim=2)
+        %s = concat(reshape(%c0), reshape(%c1); dim=0)                  ->   ... concat(...; dim=0, inplace=True)
+    """
+    inputs = {v.name for v in graph.inputs}
+    producers = graph.producers()
+
+    def from_input(v) -> bool:
+        while v.name not in inputs:
+            p = producers.get(v.name)
+            if p is None or p.op not in _VIEW_OPS:
+                return False
+            v = p.inputs[0]
+        return True
+
+    appended: set[str] = set()
+    nodes = []
+    for n in graph.nodes:
+        if n.op == "concat" and len(n.inputs) == 2 and from_input(n.inputs[0]):
+            attrs = get_op("kv_cache_append").normalize_attrs({"dim": n.attr["dim"]})
+            n = Node("kv_cache_append", n.inputs, n.outputs, tuple(sorted(attrs.items())), (), n.source)
+            appended.add(n.output.name)
+        elif n.op == "concat" and n.inputs and all(_through_reshape(v, producers) in appended for v in n.inputs):
+            n = n.with_attrs(inplace=True)
+        nodes.append(n)
+    return graph.with_nodes(nodes)
+
+
+def _through_reshape(v, producers) -> str:
+    p = producers.get(v.name)
+    return p.inputs[0].name if p is not None and p.op == "reshape" else v.name
+
+
 CANONICAL_PIPELINE = (fold_shapes, cse, dce)

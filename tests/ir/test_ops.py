@@ -30,6 +30,7 @@ CASES = {
     "attention": ([t(2, 4, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8)], {"causal": True},
                   lambda q, k, v: F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
                                                                  v.repeat_interleave(2, 1), is_causal=True)),
+    "kv_cache_append": ([t(1, 2, 6, 4), t(1, 2, 1, 4)], {"dim": 2}, lambda c, n: torch.cat([c, n], 2)),
     "kv_cache_update": ([t(1, 2, 6, 4), t(1, 2, 2, 4)], {"dim": 2, "pos": 3},
                         lambda c, n: torch.cat([c[:, :, :3], n, c[:, :, 5:]], 2)),
     "topk": ([t(3, 10)], {"k": 4}, lambda x: torch.topk(x, 4)),

@@ -87,3 +87,25 @@ def test_pass_manager_verifies_times_and_names_earlier_passes(capsys):
     pm.run(g)
     assert "// IR after cse" in capsys.readouterr().err
     assert [r.name for r in pm.records] == ["dce", "cse"]
+
+
+def test_cache_append_is_recognized_exact_and_charged_in_place():
+    from lmforge.passes import recognize_cache_append
+    from lmforge.search.cost_model import bindings_for, node_costs
+    import lmforge
+
+    def step(k_cache, k_new):
+        layers = [torch.cat([k_cache[i], k_new[i]], dim=2) for i in range(2)]
+        return torch.stack(layers)
+
+    kc, kn = torch.randn(2, 3, 2, 50, 8), torch.randn(2, 3, 2, 1, 8)
+    g = lmforge.capture(step, (kc, kn), dynamic={"k_cache": {3: "past"}})
+    g2 = recognize_cache_append(g)
+    assert [n.op for n in g2.nodes].count("kv_cache_append") == 2
+    assert any(n.op == "concat" and n.attr["inplace"] for n in g2.nodes)
+    torch.testing.assert_close(run(g2, kc, kn)[0], step(kc, kn))
+    env = bindings_for(g)
+    before = sum(c.bytes for c in node_costs(g, env))
+    after = sum(c.bytes for c in node_costs(g2, env))
+    assert after == 2 * kn.numel() * 4, "only the new entries are read and written"
+    assert before > 10 * after

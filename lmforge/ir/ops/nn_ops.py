@@ -206,6 +206,26 @@ def _kv_update_cost(ins, attrs, outs):
     return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=ins[0].annotation("memory_tier", "dram"))
 
 
+def _append_infer(ins, attrs):
+    past, new = ins
+    from lmforge.ir.types import simplify_dim
+
+    d = attrs["dim"] % past.rank
+    shape = list(past.shape)
+    a, b = past.shape[d], new.shape[d]
+    shape[d] = a + b if isinstance(a, int) and isinstance(b, int) else simplify_dim(f"({a}) + ({b})")
+    return [past.with_(shape=tuple(shape))]
+
+
+def _append_ref(past, new, *, dim):
+    return torch.cat([past, new], dim)
+
+
+def _append_cost(ins, attrs, outs):
+    # A serving runtime appends into a preallocated cache: only the new entries are read and written.
+    return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=ins[0].annotation("memory_tier", "dram"))
+
+
 # ---- decoding helpers ------------------------------------------------------------------------------------
 
 def _topk_infer(ins, attrs):
@@ -278,6 +298,9 @@ def ops() -> list[OpDef]:
         OpDef("kv_cache_update", "The cache with `new` written at positions pos.. along `dim` (functional).",
               {"dim": attr("int"), "pos": attr("dim")}, _kv_update_infer, _kv_update_ref, _kv_update_cost,
               arity=(2, 2), op_class="data_movement"),
+        OpDef("kv_cache_append", "The KV cache grown by `new` along `dim` (functional; the torch reference "
+                                 "concatenates, a serving runtime appends in place, which is what the cost charges).",
+              {"dim": attr("int")}, _append_infer, _append_ref, _append_cost, arity=(2, 2), op_class="data_movement"),
         OpDef("topk", "The k largest (or smallest) values along `dim` and their indices.",
               {"k": attr("int"), "dim": attr("int", -1), "largest": attr("bool", True)}, _topk_infer, _topk_ref,
               lambda i, a, o: Cost.of(numel(i[0]), nbytes(i[0], *o), "reduction", i[0].dtype),

@@ -207,8 +207,17 @@ def _concat_infer(ins, attrs):
     return [ts[0].with_(shape=tuple(shape))]
 
 
-def _concat_ref(*xs, dim):
+def _concat_ref(*xs, dim, inplace=False):
     return torch.cat(xs, dim)
+
+
+def _concat_cost(ins, attrs, outs):
+    """A plain concat reads its inputs and writes its output. `inplace`: a serving runtime keeps the result in
+    one preallocated buffer that its inputs were already written into (the layers' KV caches stacked), so no
+    bytes move; the torch reference still materializes the concatenation."""
+    if attrs.get("inplace"):
+        return Cost.of(0.0, 0.0, "data_movement", outs[0].dtype)
+    return Cost.of(0.0, nbytes(*ins, *outs), "data_movement", outs[0].dtype)
 
 
 def _slice_infer(ins, attrs):
@@ -365,8 +374,9 @@ def ops() -> list[OpDef]:
               op_class="data_movement"),
         OpDef("expand", "Broadcast to a larger shape (-1 keeps a dim).", {"shape": attr("dims")}, _expand_infer,
               _expand_ref, view_cost, op_class="data_movement"),
-        OpDef("concat", "Concatenate along `dim`.", {"dim": attr("int")}, _concat_infer, _concat_ref,
-              streaming_cost(0, "data_movement"), arity=(1, None), op_class="data_movement"),
+        OpDef("concat", "Concatenate along `dim` (`inplace`: see the cost rule).",
+              {"dim": attr("int"), "inplace": attr("bool", False)}, _concat_infer, _concat_ref, _concat_cost,
+              arity=(1, None), op_class="data_movement"),
         OpDef("slice", "x[start:end:step] along `dim` (start/end may be symbolic).",
               {"dim": attr("int"), "start": attr("dim", 0), "end": attr("dim", None), "step": attr("int", 1)},
               _slice_infer, _slice_ref, view_cost, op_class="data_movement"),
