@@ -40,7 +40,7 @@ METHODS = [
     ("KV cache int8 (per token)", {"quant.kv": "int8"}),
     ("KV cache fp8 e4m3", {"quant.kv": "fp8"}),
     ("window 4 + 1 sink (decode)", {"attn.decode_pattern": "window", "attn.decode_window": 4, "attn.sinks": 1}),
-    ("block top-k, 1/4 budget (bs 1, 2 blocks + 1 sink + 1 local)",
+    ("block top-k, 4 keys (bs 1: 2 top + 1 sink + 1 local; 1/4 of the task context)",
      {"attn.decode_pattern": "block_topk", "attn.block_size": 1, "attn.topk_blocks": 2, "attn.decode_window": 1,
       "attn.sinks": 1}),
 ]
