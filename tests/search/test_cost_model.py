@@ -1,0 +1,67 @@
+"""Graph-level cost: decode loops charged per token with the KV cache growing, critical path, peak memory."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.hwmodels import get_target
+from lmforge.passes import PassManager, canonical_pipeline
+from lmforge.search.cost_model import decode_cost, graph_cost
+
+
+@pytest.fixture(scope="module")
+def step_graph():
+    from examples.models.llama import Llama, LlamaConfig, LlamaDecodeStep
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.preset("tiny")).eval()
+    _, k, v = model.prefill(torch.randint(0, 14, (2, 5)))
+    g = lmforge.capture(LlamaDecodeStep(model), (torch.randint(0, 14, (2, 1)), k, v),
+                        dynamic={"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"},
+                                 "v_cache": {1: "batch", 3: "past"}})
+    return PassManager(canonical_pipeline()).run(g)
+
+
+def test_decode_cost_grows_with_generated_length_as_the_closed_form(step_graph):
+    hw = get_target("h100")
+    prompt = 100
+    costs = [decode_cost(step_graph, hw, prompt_len=prompt, new_tokens=n, bindings={"batch": 4}) for n in (1, 2, 3, 8)]
+    per_step = [graph_cost(step_graph, hw, {"batch": 4, "past": prompt + t}) for t in range(8)]
+    # bytes and FLOPs of one step are affine in the cache length: b(t) = a + c * (prompt + t)
+    c_bytes = per_step[1].bytes - per_step[0].bytes
+    c_flops = per_step[1].flops - per_step[0].flops
+    assert c_bytes > 0 and c_flops > 0
+    for t in range(8):
+        assert per_step[t].bytes == pytest.approx(per_step[0].bytes + c_bytes * t)
+        assert per_step[t].flops == pytest.approx(per_step[0].flops + c_flops * t)
+    for cost, n in zip(costs, (1, 2, 3, 8)):
+        # sum_{t<n} (a + c (L + t)) = n a + c (n L + n (n - 1) / 2): quadratic in the generated length
+        want = n * per_step[0].bytes + c_bytes * n * (n - 1) / 2
+        assert cost.bytes == pytest.approx(want)
+        assert cost.tokens == n and len(cost.per_token_time_s) == n
+    assert costs[-1].per_token_time_s[-1] > costs[-1].per_token_time_s[0]
+
+
+def test_critical_path_overlaps_parallel_branches_and_memory_fits():
+    def two_branches(x, y):
+        return torch.relu(x @ x) + torch.tanh(y @ y)
+
+    x = torch.randn(256, 256)
+    g = lmforge.capture(two_branches, (x, x))
+    gc = graph_cost(g, get_target("h100"))
+    assert 0 < gc.critical_path_s < gc.time_s
+    assert gc.fits and gc.peak_memory_bytes >= 2 * x.numel() * 4
+    from dataclasses import replace
+
+    small = replace(get_target("h100"), memory_bytes=float(x.numel() * 4))
+    assert not graph_cost(g, small).fits, "two 256x256 fp32 inputs do not fit in the memory of one"
+
+
+def test_inspect_with_a_target_shows_time_bound_and_eflops():
+    out = subprocess.run([sys.executable, "-m", "lmforge", "inspect", "examples/llama_workload.py", "--target", "h100"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if "= attention(" in l)
+    assert "us " in line and "-bound" in line and "eFLOPs=" in line
