@@ -90,7 +90,8 @@ class TuneContext:
 
 def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Sequence[str],
                     measure_latency: bool = False) -> dict[str, float]:
-    """Apply a config and compute every objective (plus "fits" and the predicted latency)."""
+    """Apply a config and compute the named objectives / constrained quantities (plus latency, memory, fits,
+    eFLOPs, which the cost model gives at once)."""
     from lmforge.compiler import CompiledModel
     from lmforge.quality import compare
     from lmforge.search.cost_model import graph_cost
@@ -229,7 +230,8 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
 
     def objective(trial: optuna.Trial):
         config = suggest(trial, knobs)
-        values = evaluate_config(ctx, config, objectives, measure_latency=(mode == "measure"))
+        values = evaluate_config(ctx, config, tuple(objectives) + tuple(constraints),
+                                 measure_latency=(mode == "measure"))
         trial.set_user_attr("config", config)
         trial.set_user_attr("values", {k: float(v) for k, v in values.items()})
         cons = constraint_values(values, constraints) if constraints else [0.0]
