@@ -34,20 +34,32 @@ def assign_kernels(graph: Graph, backends: Sequence[Backend], device: str = "cpu
     return kernels
 
 
-def default_backends(names: Sequence[str] = ("torch",)) -> list[Backend]:
+def _torch():
     from lmforge.backends.torch import TorchReference
+
+    return TorchReference
+
+
+def _triton():
     from lmforge.backends.triton.backend import TritonBackend
 
-    table = {"torch": TorchReference, "triton": TritonBackend}
-    try:
-        from lmforge.backends.tvm import TVMBackend  # noqa: F401  (registered once the TVM backend lands)
+    return TritonBackend
 
-        table["tvm"] = TVMBackend
-    except ImportError:
-        pass
+
+def _tvm():
+    from lmforge.backends.tvm import TVMBackend  # imported only when asked for: TVM takes seconds to import
+
+    return TVMBackend
+
+
+BACKENDS = {"torch": _torch, "triton": _triton, "tvm": _tvm}
+
+
+def default_backends(names: Sequence[str] = ("torch",)) -> list[Backend]:
+    """Backend instances by name, in priority order ("triton", "tvm", "torch")."""
     out = []
     for n in names:
-        if n not in table:
-            raise UnsupportedOpError(f"unknown backend {n!r}; available: {sorted(table)}")
-        out.append(table[n]())
+        if n not in BACKENDS:
+            raise UnsupportedOpError(f"unknown backend {n!r}; available: {sorted(BACKENDS)}")
+        out.append(BACKENDS[n]()())
     return out

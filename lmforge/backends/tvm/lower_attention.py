@@ -1,0 +1,167 @@
+"""Attention lowered to TE: dense or causal, sliding window + sinks, decode over a KV cache, GQA, optional lse.
+
+q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv]; query head h reads KV head h // (Hq / Hkv).
+Query i sits at absolute position p = q_offset + i (q_offset defaults to Skv - Sq, so a decode step sees its
+whole cache); key j is visible iff (not causal or j <= p) and (window is None or p - j < window or j < sinks)
+(the semantics of lmforge.ir.ops.attention_ref). Rows that see no key give 0 and lse = -inf.
+
+The computation, per (b, h, i) row, in stages the schedule keeps in a per-row scratch:
+
+    part[j, l]  = sum_{d0} q[d0 * vec + l] * k[j, d0 * vec + l]      (the dot product in vec-lane partial sums)
+    s[j]        = scale * sum_l part[j, l]       (the scale is applied where s is read)
+    m           = max_{visible j} s[j]
+    p[j]        = visible ? exp(s[j] - m) : 0;  l = sum_j p[j]
+    acc[e]      = sum_j p[j] * v[j, e];  out[e] = l > 0 ? acc[e] / l : 0;  lse = l > 0 ? m + log(l) : -inf
+
+B, Sq and Skv are symbolic: one build serves every batch, prompt length and cache length. A symbolic
+q_offset (e.g. "past") is passed at call time as a scalar argument.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmforge.backends.tvm.build import F32, Lowered, OpKernel, ready
+from lmforge.backends.tvm.fast_math import exp_f32
+from lmforge.backends.tvm.knobs import largest_divisor
+from lmforge.ir.graph import Node
+
+
+def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale: float, window, sinks: int,
+                      q_offset, return_lse: bool, vec: int) -> Lowered:
+    """TE of attention. `q_offset` is None (Skv - Sq), an int, or "dynamic" (a scalar argument)."""
+    from tvm import te, tirx
+
+    batch, sq, skv = te.var("batch"), te.var("sq"), te.var("skv")
+    q = te.placeholder((batch, hq, sq, d), "float32", name="q")
+    k = te.placeholder((batch, hkv, skv, d), "float32", name="k")
+    v = te.placeholder((batch, hkv, skv, dv), "float32", name="v")
+    group = hq // hkv
+    scalars = []
+    if q_offset == "dynamic":
+        offset = te.var("q_offset")
+        scalars.append(offset)
+    elif q_offset is None:
+        offset = skv - sq
+    else:
+        offset = tirx.const(int(q_offset), "int32")
+    lanes = largest_divisor(d, vec)
+    d0 = te.reduce_axis((0, d // lanes), "d0")
+    part = te.compute((batch, hq, sq, skv, lanes), lambda b, h, i, j, l: te.sum(
+        q[b, h, i, d0 * lanes + l] * k[b, h // group, j, d0 * lanes + l], axis=d0), name="part")
+    lane = te.reduce_axis((0, lanes), "lane")
+    dots = te.compute((batch, hq, sq, skv), lambda b, h, i, j: te.sum(part[b, h, i, j, lane], axis=lane),
+                      name="scores")
+
+    def s(b, h, i, j):
+        return dots[b, h, i, j] * tirx.const(scale, "float32")
+
+    def visible(i, j):
+        pos = offset + i
+        conds = []
+        if causal:
+            conds.append(j <= pos)
+        if window is not None:
+            near = pos - j < window
+            conds.append(tirx.Or(near, j < sinks) if sinks else near)
+        if not conds:
+            return None
+        return conds[0] if len(conds) == 1 else tirx.And(conds[0], conds[1])
+
+    lowest = tirx.min_value("float32")
+    zero = tirx.const(0.0, "float32")
+    jr = te.reduce_axis((0, skv), "jm")
+
+    def masked(b, h, i, j):
+        vis = visible(i, j)
+        return s(b, h, i, j) if vis is None else tirx.Select(vis, s(b, h, i, j), lowest)
+
+    mx = te.compute((batch, hq, sq), lambda b, h, i: te.max(masked(b, h, i, jr), axis=jr), name="row_max")
+
+    def prob(b, h, i, j):
+        e = exp_f32(s(b, h, i, j) - mx[b, h, i])
+        vis = visible(i, j)
+        return e if vis is None else tirx.Select(vis, e, zero)
+
+    p = te.compute((batch, hq, sq, skv), prob, name="probs")
+    js = te.reduce_axis((0, skv), "js")
+    denom = te.compute((batch, hq, sq), lambda b, h, i: te.sum(p[b, h, i, js], axis=js), name="row_sum")
+    jv = te.reduce_axis((0, skv), "jv")
+    acc = te.compute((batch, hq, sq, dv), lambda b, h, i, e: te.sum(p[b, h, i, jv] * v[b, h // group, jv, e], axis=jv),
+                     name="acc")
+    out = te.compute((batch, hq, sq, dv), lambda b, h, i, e: tirx.Select(
+        denom[b, h, i] > zero, acc[b, h, i, e] / denom[b, h, i], zero), name="out")
+    outs = [out]
+    if return_lse:
+        neg_inf = tirx.const(-math.inf, "float32")
+        lse = te.compute((batch, hq, sq), lambda b, h, i: tirx.Select(
+            denom[b, h, i] > zero, mx[b, h, i] + te.log(denom[b, h, i]), neg_inf), name="lse")
+        outs.append(lse)
+    return Lowered("attention", [q, k, v], outs, scalars,
+                   info={"d": d, "dv": dv, "lanes": lanes, "return_lse": return_lse})
+
+
+class AttentionKernel(OpKernel):
+    """attention(q, k, v; causal, scale, window, sinks, q_offset, return_lse) on fp32, without a mask input."""
+
+    family = "attention"
+
+    @staticmethod
+    def supports(node: Node) -> bool:
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            return False  # explicit masks stay with the reference
+        q, k, v = node.inputs[:3]
+        if any(t is None or t.type.dtype != "float32" or t.type.rank != 4 for t in (q, k, v)):
+            return False
+        fixed = (q.type.shape[1], k.type.shape[1], q.type.shape[3], k.type.shape[3], v.type.shape[3])
+        if not all(isinstance(x, int) for x in fixed):
+            return False
+        hq, hkv, d, dk, _ = fixed
+        return hq % hkv == 0 and d == dk and k.type.shape[1] == v.type.shape[1]
+
+    def __init__(self, node, knobs, cache, target):
+        super().__init__(node, knobs, cache, target)
+        q, k, v = node.inputs[:3]
+        self.hq, self.hkv, self.d = q.type.shape[1], k.type.shape[1], q.type.shape[3]
+        self.dv = v.type.shape[3]
+        a = self.attrs
+        self.scale = float(a["scale"]) if a["scale"] is not None else 1.0 / math.sqrt(self.d)
+        off = a["q_offset"]
+        masked = a["causal"] or a["window"] is not None
+        self.offset_mode = None if (off is None or not masked) else ("dynamic" if isinstance(off, str) else int(off))
+        self.return_lse = bool(a["return_lse"])
+
+    def key(self):
+        a = self.attrs
+        return ("attention", self.hq, self.hkv, self.d, self.dv, bool(a["causal"]), self.scale, a["window"],
+                int(a["sinks"]), self.offset_mode, self.return_lse)
+
+    def lower(self, variant) -> Lowered:
+        a = self.attrs
+        return attention_lowered(self.hq, self.hkv, self.d, self.dv, causal=bool(a["causal"]), scale=self.scale,
+                                 window=a["window"], sinks=int(a["sinks"]), q_offset=self.offset_mode,
+                                 return_lse=self.return_lse, vec=int(self.knobs["tvm.attention.vec"]))
+
+    def describe(self) -> str:
+        a = self.attrs
+        mode = "causal" if a["causal"] else "dense"
+        if a["window"] is not None:
+            mode += f" window={a['window']} sinks={a['sinks']}"
+        return f"attention {mode} Hq={self.hq} Hkv={self.hkv} D={self.d}"
+
+    def __call__(self, q, k, v, mask=None, **attrs):
+        fn = self._main or self.main()
+        if fn is False or mask is not None:
+            return self.run_reference(q, k, v, mask, **attrs)
+        b, _, sq, _ = q.shape
+        out = torch.empty(b, self.hq, sq, self.dv, dtype=F32)
+        args = [ready(q), ready(k), ready(v)]
+        if self.offset_mode == "dynamic":
+            args.append(int(attrs["q_offset"]))
+        if self.return_lse:
+            lse = torch.empty(b, self.hq, sq, dtype=F32)
+            fn(*args, out, lse)
+            return out, lse
+        fn(*args, out)
+        return out
