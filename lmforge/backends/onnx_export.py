@@ -531,6 +531,8 @@ _LOWERINGS: dict[str, Lowering] = {
     "expand": lambda em, n, i: [em.node("Expand", [i[0], em.shape(n.output.type.shape)], hint=n.output.name)],
     "concat": lambda em, n, i: [em.node("Concat", [x for x in i if x is not None], hint=n.output.name,
                                         axis=n.attr["dim"])],
+    "kv_cache_append": lambda em, n, i: [em.node("Concat", [x for x in i if x is not None], hint=n.output.name,
+                                        axis=n.attr["dim"])],
     "index_select": lambda em, n, i: [em.node("Gather", i[:2], hint=n.output.name, axis=n.attr["dim"])],
     "embedding": lambda em, n, i: [em.node("Gather", [i[1], i[0]], hint=n.output.name, axis=0)],
     "matmul": lambda em, n, i: [em.node("MatMul", i[:2], hint=n.output.name)],

@@ -103,7 +103,10 @@ def select_blocks(scores: torch.Tensor, skv: int, block_size: int, topk_blocks: 
     """Bool [B, Hkv, nblocks]: the sink blocks, the local-window blocks, and the top-k others by score."""
     nb = scores.shape[-1]
     idx = torch.arange(nb, device=scores.device)
-    forced = (idx * block_size < sinks) | ((idx + 1) * block_size > skv - window)
+    block_end = ((idx + 1) * block_size).clamp(max=skv)  # the last block may be short
+    forced = idx * block_size < (sinks or 0)
+    if window:
+        forced |= block_end > skv - window
     rest = scores.masked_fill(forced, float("-inf"))
     k = max(0, min(topk_blocks, nb - int(forced.sum())))
     keep = forced.expand_as(scores).clone()
@@ -115,12 +118,21 @@ def select_blocks(scores: torch.Tensor, skv: int, block_size: int, topk_blocks: 
 
 def decode_block_topk_ref(q, k_cache, v_cache, *, block_size, topk_blocks, sinks=0, window=0, summary="mean",
                           scale=None, dense_len=None, return_indices=False):
-    """Kinetics / Quest block top-k decode attention (Sq == 1): attend to the selected KV blocks only."""
+    """Kinetics / Quest block top-k decode attention (Sq == 1): attend to the selected KV blocks only.
+
+    Block scores per KV head (summed over its query heads): "mean" = q . mean(K_block) (Kinetics), "minmax" =
+    sum_d max(q_d * kmin_d, q_d * kmax_d) (Quest's upper bound). The blocks holding the first `sinks` tokens
+    and the last `window` tokens are always kept; `topk_blocks` more are chosen among the rest. A cache of at
+    most `dense_len` tokens is attended densely. return_indices=True also returns the kept-block mask
+    bool [B, Hkv, nblocks].
+    """
     if q.shape[2] != 1:
         raise ValueError("block top-k attention is for decode steps (one query per sequence)")
     skv = k_cache.shape[2]
     summ = block_summary(k_cache, block_size, summary)
     keep = select_blocks(block_scores(q, summ, summary), skv, block_size, topk_blocks, sinks, window)
+    if dense_len is not None and skv <= dense_len:
+        keep = torch.ones_like(keep)
     token_keep = keep.repeat_interleave(block_size, -1)[..., :skv]              # [B, Hkv, Skv]
     mask = _expand_kv(token_keep[:, :, None, :], q.shape[1])                    # [B, Hq, 1, Skv]
     b, hq, _, d = q.shape
@@ -134,6 +146,8 @@ def decode_block_topk_ref(q, k_cache, v_cache, *, block_size, topk_blocks, sinks
 def shared_prefix_attention_ref(q, k_prefix, v_prefix, k_suffix, v_suffix, scale=None):
     """Hydragen: B sequences share one prefix (batch 1); each attends to all of it and causally to its suffix."""
     b = q.shape[0]
+    if k_prefix.shape[0] != 1:
+        raise ValueError(f"the shared prefix K/V have batch 1, got {tuple(k_prefix.shape)}")
     o1, l1 = attention_ref(q, k_prefix.expand(b, -1, -1, -1), v_prefix.expand(b, -1, -1, -1), causal=False,
                            scale=scale, return_lse=True)
     o2, l2 = attention_ref(q, k_suffix, v_suffix, causal=True, scale=scale, return_lse=True)

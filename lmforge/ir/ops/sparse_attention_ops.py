@@ -92,7 +92,7 @@ def _shared_infer(ins, attrs):
 def _shared_ref(q, kp, vp, ks, vs, *, scale=None):
     from lmforge.ir.ops.attention_ref import shared_prefix_attention_ref
 
-    return shared_prefix_attention_ref(q, kp, vp, ks, vs)
+    return shared_prefix_attention_ref(q, kp, vp, ks, vs, scale=scale)
 
 
 def _shared_cost(ins, attrs, outs):
