@@ -29,6 +29,16 @@ class KernelConfig:
             raise KeyError(f"kernel config has no parameter {name!r} (it has {[k for k, _ in self.params]})")
         return default
 
+    def require(self, name: str, kernel: str) -> int:
+        """A parameter a kernel cannot run without; a clear error names the kernel and where to start from."""
+        for k, v in self.params:
+            if k == name and v is not None:
+                return int(v)
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError(f"{kernel} config {self.to_dict()} lacks {name!r}; start from "
+                           f"DEFAULT_CONFIGS[{kernel!r}] or one of CANDIDATE_CONFIGS[{kernel!r}].")
+
     def with_(self, **changes: int) -> "KernelConfig":
         params = dict(self.params)
         warps = changes.pop("num_warps", self.num_warps)

@@ -177,14 +177,7 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 
 
 def _param(config: KernelConfig, name: str, kernel: str) -> int:
-    try:
-        value = config.get(name)
-    except KeyError:
-        value = None
-    if value is None:
-        raise LmforgeError(f"{kernel} config {config.to_dict()} lacks {name!r}; start from "
-                           f"DEFAULT_CONFIGS[{kernel!r}] or one of CANDIDATE_CONFIGS[{kernel!r}].")
-    return int(value)
+    return config.require(name, kernel)
 
 
 def _rows_view(x: torch.Tensor, op: str) -> torch.Tensor:

@@ -162,14 +162,7 @@ DEFAULT_CONFIGS = {"wo_gemv": GEMV_DEFAULT_CONFIG, "wo_gemm": GEMM_DEFAULT_CONFI
 
 
 def _param(config: KernelConfig, name: str, kernel: str) -> int:
-    try:
-        value = config.get(name)
-    except KeyError:
-        value = None
-    if value is None:
-        raise LmforgeError(f"{kernel} config {config.to_dict()} lacks {name!r}; start from "
-                           f"DEFAULT_CONFIGS[{kernel!r}] or one of CANDIDATE_CONFIGS[{kernel!r}].")
-    return int(value)
+    return config.require(name, kernel)
 
 
 def _check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:

@@ -295,30 +295,17 @@ def arange(t, node):
                                        "dtype": dtype_name(node.meta["val"].dtype)})
 
 
+# ATen creation ops -> `full`: the constant they fill with, or the index of the argument holding it
+_FILL = {aten.zeros.default: 0, aten.ones.default: 1, aten.new_zeros.default: 0, aten.new_ones.default: 1,
+         aten.zeros_like.default: 0, aten.ones_like.default: 1}
+_FILL_ARG = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1}
+
+
 def full(t, node):
-    value = {aten.zeros.default: 0, aten.ones.default: 1}.get(node.target)
+    """full / zeros / ones and their new_* and *_like forms: a `full` of the output's (symbolic) shape."""
+    value = _FILL.get(node.target)
     if value is None:
-        value = t.value(node.args[1])
-    if not isinstance(value, (int, float, bool)):
-        return None
-    return t.emit(node, "full", [], {"shape": _out_shape(t, node), "value": value,
-                                     "dtype": dtype_name(node.meta["val"].dtype)})
-
-
-def new_full(t, node):
-    value = {aten.new_zeros.default: 0, aten.new_ones.default: 1}.get(node.target)
-    if value is None:
-        value = t.value(node.args[2])
-    if not isinstance(value, (int, float, bool)):
-        return None
-    return t.emit(node, "full", [], {"shape": _out_shape(t, node), "value": value,
-                                     "dtype": dtype_name(node.meta["val"].dtype)})
-
-
-def full_like(t, node):
-    value = {aten.zeros_like.default: 0, aten.ones_like.default: 1}.get(node.target)
-    if value is None:
-        value = t.value(node.args[1])
+        value = t.value(node.args[_FILL_ARG[node.target]])
     if not isinstance(value, (int, float, bool)):
         return None
     return t.emit(node, "full", [], {"shape": _out_shape(t, node), "value": value,
@@ -378,11 +365,11 @@ ATEN_RULES = {
     aten.split_with_sizes.default: split, aten.__and__.Tensor: bool_binary("logical_and"),
     aten.__or__.Tensor: bool_binary("logical_or"), aten.bitwise_and.Tensor: bool_binary("logical_and"),
     aten.bitwise_or.Tensor: bool_binary("logical_or"),
-    aten.new_zeros.default: new_full, aten.new_ones.default: new_full, aten.new_full.default: new_full,
+    aten.new_zeros.default: full, aten.new_ones.default: full, aten.new_full.default: full,
     aten.type_as.default: to_copy,
     aten.arange.default: arange, aten.arange.start: arange, aten.arange.start_step: arange,
     aten.full.default: full, aten.zeros.default: full, aten.ones.default: full,
-    aten.full_like.default: full_like, aten.zeros_like.default: full_like, aten.ones_like.default: full_like,
+    aten.full_like.default: full, aten.zeros_like.default: full, aten.ones_like.default: full,
     aten.triu.default: tri(True), aten.tril.default: tri(False),
     aten.topk.default: topk,
     aten.slice_scatter.default: slice_scatter,
