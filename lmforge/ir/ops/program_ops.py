@@ -1,0 +1,185 @@
+"""Program ops: decoding (`generate`) and Archon-style compound ops (ensemble, rank, fuse, verify, vote).
+
+Values between program ops are candidates: `tokens` int64 [batch, k, T] (k candidates of T tokens per
+prompt, padded with EOS after they finish) and `scores` float32 [batch, k] (summed log-probabilities; -inf
+marks a rejected candidate). Prompts are int64 [batch, L].
+
+    %tok, %lp = generate(%prompts; model="tiny", strategy="best_of_n", n=8, aggregator="scorer", ...)
+                region: the model's decode step graph (tokens [R,1], k_cache, v_cache) -> (logits, k, v)
+    %tok2, %s2 = verify(%prompts, %tok, %lp; checker="addition_checker", first_k=1)
+    %tok3, %s3 = vote(%tok2, %s2)
+
+`rank`, `verify` and `fuse` take an optional region: a scoring model (its decode step), used when no
+function is named. Checker and scorer functions are named, not stored (see lmforge.programs.functions).
+Strategy-specific rules (a beam's width, an aggregator's scorer, Archon's layer rules) are checked by
+`lmforge.programs.verify_program`. The registry cost of a program op is zero: what a program costs depends
+on what it decoded, which `lmforge.programs.cost.program_cost` charges from the token accounting.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lmforge.errors import VerifyError
+from lmforge.ir.cost import Cost
+from lmforge.ir.ops.registry import OpDef, attr
+from lmforge.ir.types import TensorType
+
+STRATEGIES = ("greedy", "sample", "beam", "diverse_beam", "best_of_n", "first_finish", "momentum", "trie_beam")
+AGGREGATORS = ("vote", "scorer", "logprob")
+
+GENERATE_ATTRS = {
+    "model": attr("str", doc="name of the model whose decode step is the region"),
+    "strategy": attr("str", "greedy", f"one of {STRATEGIES}"),
+    "max_new_tokens": attr("int"),
+    "eos_id": attr("int", -1, "end-of-sequence token (-1: none)"),
+    "kv_shape": attr("ints", doc="(layers, kv_heads, head_dim) of the region's KV cache"),
+    "n": attr("int", 1, "samples (sample, best_of_n, first_finish)"),
+    "temperature": attr("float", 1.0),
+    "top_p": attr("float", 1.0),
+    "seed": attr("int", 0),
+    "width": attr("int", 1, "beams (beam, diverse_beam, trie_beam)"),
+    "groups": attr("int", 1, "diverse beam groups"),
+    "diversity": attr("float", 0.0, "diverse beam Hamming penalty lambda"),
+    "aggregator": attr("str", "vote", f"best_of_n: one of {AGGREGATORS}"),
+    "scorer": attr("str", "", "best_of_n with aggregator scorer: a registered function name"),
+    "alpha": attr("float", 0.0, "momentum penalty"),
+    "max_ngram": attr("int", 2, "momentum: longest n-gram checked for loops"),
+    "resistance": attr("floats", (1.0,), "momentum resistance table"),
+    "catalog": attr("any", (), "trie_beam: the allowed token sequences"),
+    "shared_prefix": attr("bool", True, "prefill the prompt once and share its KV cache among the rows"),
+}
+
+
+def num_candidates(a) -> int:
+    s = a["strategy"]
+    if s == "sample":
+        return a["n"]
+    if s in ("beam", "diverse_beam", "trie_beam"):
+        return a["width"]
+    return 1
+
+
+def candidates(batch, k: int, T) -> list[TensorType]:
+    return [TensorType((batch, k, T), "int64"), TensorType((batch, k), "float32")]
+
+
+def _prompts_type(t, op: str) -> None:
+    if t is None or t.rank != 2 or t.dtype != "int64":
+        raise VerifyError(f"{op}: prompts must be int64 [batch, prompt_len], got {t}")
+
+
+def _cand_types(tok, sc, op: str):
+    if tok is None or tok.rank != 3 or tok.dtype != "int64" or sc is None or sc.rank != 2:
+        raise VerifyError(f"{op}: expected candidates (int64 [batch, k, T], float32 [batch, k]), got {tok}, {sc}")
+    return tok.shape
+
+
+def _check_step_region(op: str, regions, a=None, required: bool = True) -> None:
+    if not regions:
+        if required:
+            raise VerifyError(f"{op} needs one region: the model's decode step graph")
+        return
+    if len(regions) != 1:
+        raise VerifyError(f"{op} takes one region (a decode step graph), got {len(regions)}")
+    r = regions[0]
+    if len(r.inputs) != 3 or len(r.outputs) < 3:
+        raise VerifyError(f"{op}: the region must be a decode step (tokens, k_cache, v_cache) -> (logits, k, v); "
+                          f"it has {len(r.inputs)} inputs and {len(r.outputs)} outputs")
+    if a is not None:
+        ks = r.inputs[1].type.shape
+        want = (ks[0], ks[2], ks[4]) if len(ks) == 5 else None
+        if want is None or tuple(a["kv_shape"]) != tuple(want):
+            raise VerifyError(f"{op}: kv_shape {tuple(a['kv_shape'])} does not match the region's k_cache {ks} "
+                              f"(expected (layers, kv_heads, head_dim) = {want})")
+
+
+def _generate_infer(ins, a, regions):
+    _prompts_type(ins[0], "generate")
+    _check_step_region("generate", regions, a)
+    return candidates(ins[0].shape[0], num_candidates(a), a["max_new_tokens"])
+
+
+def _ensemble_infer(ins, a, regions):
+    if len(ins) % 2:
+        raise VerifyError("ensemble takes pairs of (tokens, scores) inputs")
+    shapes = [_cand_types(t, s, "ensemble") for t, s in zip(ins[0::2], ins[1::2])]
+    if len({s[2] for s in shapes}) != 1:
+        raise VerifyError(f"ensemble: candidates have different lengths T {[s[2] for s in shapes]}; "
+                          "give every generator the same max_new_tokens")
+    return candidates(shapes[0][0], sum(s[1] for s in shapes), shapes[0][2])
+
+
+def _select_infer(op: str, k_out):
+    def infer(ins, a, regions):
+        _prompts_type(ins[0], op)
+        batch, k, T = _cand_types(ins[1], ins[2], op)
+        _check_step_region(op, regions, required=False)
+        k2 = k_out(a, k)
+        if isinstance(k, int) and k2 > k:
+            raise VerifyError(f"{op}: top_k={k2} but only {k} candidates come in")
+        return candidates(batch, k2, T)
+
+    return infer
+
+
+def _vote_infer(ins, a, regions):
+    batch, _, T = _cand_types(ins[0], ins[1], "vote")
+    return candidates(batch, 1, T)
+
+
+def _program_cost(ins, attrs, outs) -> Cost:
+    return Cost.of(0.0, 0.0, "program")
+
+
+def _reference(op: str):
+    """The torch reference of a program op: the runtime's node executor with no cache and no accounting."""
+
+    def ref(*inputs, regions=(), **attrs):
+        from lmforge.programs.decoding import StepModel
+        from lmforge.programs.runtime import ExecContext, run_node
+
+        kv = attrs.get("kv_shape")
+
+        def step_model(idx, region, prefix_len):
+            shape = kv if kv else _region_kv_shape_unknown(op)
+            return StepModel(regions[region], tuple(shape))
+
+        node = SimpleNamespace(op=op, attr=attrs, regions=regions)
+        return run_node(ExecContext(step_model), 0, node, list(inputs))
+
+    return ref
+
+
+def _region_kv_shape_unknown(op):
+    raise VerifyError(f"{op}: a scoring region needs the node's `kv_shape` attribute")
+
+
+def _cand_attrs(**extra):
+    return {**extra, "kv_shape": attr("ints", (), "(layers, kv_heads, head_dim) of the scoring region, if any")}
+
+
+def ops() -> list[OpDef]:
+    two = lambda a: 2  # noqa: E731
+    return [
+        OpDef("generate", "Decode a batch of prompts with a decoding strategy over the decode step in its region.",
+              GENERATE_ATTRS, _generate_infer, _reference("generate"), _program_cost, arity=(1, 1),
+              op_class="program", kind="program", num_outputs=two),
+        OpDef("ensemble", "All candidates of several generators (inputs: tokens, scores, tokens, scores, ...).",
+              {}, _ensemble_infer, _reference("ensemble"), _program_cost, arity=(2, None), op_class="program",
+              kind="program", num_outputs=two),
+        OpDef("rank", "The top_k candidates by log-probability, a scorer function, or a scoring model (region).",
+              _cand_attrs(by=attr("str", "logprob", "logprob | a registered scorer name"), top_k=attr("int", 1)),
+              _select_infer("rank", lambda a, k: a["top_k"]), _reference("rank"), _program_cost, arity=(3, 3),
+              op_class="program", kind="program", num_outputs=two),
+        OpDef("verify", "Reject candidates a checker function (or a model, region) does not accept; early exit "
+                        "after first_k accepted.",
+              _cand_attrs(checker=attr("str", ""), first_k=attr("int", 0), threshold=attr("float", 0.5)),
+              _select_infer("verify", lambda a, k: k), _reference("verify"), _program_cost, arity=(3, 3),
+              op_class="program", kind="program", num_outputs=two),
+        OpDef("fuse", "One candidate fused from all accepted ones (weighted token-level vote; weights from a "
+                      "fuser model in the region, else from the scores).",
+              _cand_attrs(), _select_infer("fuse", lambda a, k: 1), _reference("fuse"), _program_cost,
+              arity=(3, 3), op_class="program", kind="program", num_outputs=two),
+        OpDef("vote", "Majority vote over the accepted candidates.", {}, _vote_infer, _reference("vote"),
+              _program_cost, arity=(2, 2), op_class="program", kind="program", num_outputs=two),
+    ]

@@ -1,0 +1,193 @@
+"""Write programs in Python; get a program graph (verified like any graph, plus Archon's rules).
+
+    b = ProgramBuilder("best_of_8", models={"tiny": step_graph})        # step_graph: a captured decode step
+    c = b.generate("tiny", strategy="sample", n=8, temperature=0.8, max_new_tokens=4, eos_id=12)
+    c = b.verify(c, checker="addition_checker", first_k=1)
+    graph = b.build(b.vote(c))
+
+or, as a decorator:
+
+    @program("best_of_8")
+    def best_of_8(b):
+        return b.vote(b.verify(b.generate("tiny", strategy="sample", n=8, max_new_tokens=4), checker="..."))
+    graph = best_of_8(models={"tiny": step_graph})
+
+Each model's decode-step graph becomes the region of the nodes that use it; its parameters are renamed
+`<model>::<name>` so several models live in one program, and their weights go into the program graph's
+weights (the compiler compiles regions against them). Checkers and scorers are named (registered in
+lmforge.programs.functions), because a program graph round-trips through JSON and a callable cannot.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+from lmforge.errors import LmforgeError, VerifyError
+from lmforge.ir.graph import Graph, GraphBuilder, Value
+from lmforge.ir.types import TensorType
+from lmforge.ir.verify import verify
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A handle on a program value: candidate tokens [batch, k, T] and their scores [batch, k]."""
+
+    tokens: Value
+    scores: Value
+
+    @property
+    def k(self) -> int:
+        return self.tokens.type.shape[1]
+
+
+def prefix_params(graph: Graph, prefix: str) -> Graph:
+    """The same graph with every parameter renamed `<prefix>::<name>` (weights too)."""
+    new = {p.name: Value(f"{prefix}::{p.name}", p.type) for p in graph.params}
+    nodes = [replace(n, inputs=tuple(None if v is None else new.get(v.name, v) for v in n.inputs))
+             for n in graph.nodes]
+    weights = {new[k].name: w for k, w in graph.weights.items() if k in new}
+    return replace(graph, params=tuple(new[p.name] for p in graph.params), nodes=tuple(nodes), weights=weights)
+
+
+def kv_shape_of(step: Graph) -> tuple[int, int, int]:
+    shape = step.inputs[1].type.shape
+    if len(step.inputs) != 3 or len(shape) != 5:
+        raise LmforgeError(f"graph {step.name!r} is not a decode step (tokens, k_cache, v_cache): "
+                           "capture the model's decode step, e.g. LlamaDecodeStep, with a dynamic 'past' dim")
+    return int(shape[0]), int(shape[2]), int(shape[4])
+
+
+class ProgramBuilder:
+    """Builds a program graph; see the module docstring."""
+
+    def __init__(self, name: str, models: Mapping[str, Graph], prompt_len: int | str = "prompt_len"):
+        self._b = GraphBuilder(name)
+        self.prompts = self._b.input("prompts", TensorType(("batch", prompt_len), "int64"))
+        self.models = {m: prefix_params(g, m) for m, g in models.items()}
+        for g in self.models.values():
+            self._b.weights.update(g.weights)
+
+    def _region(self, model: str) -> Graph:
+        if model not in self.models:
+            raise LmforgeError(f"program uses model {model!r} but only {sorted(self.models)} were given")
+        return self.models[model]
+
+    def _op(self, op: str, inputs, attrs, regions=()) -> Candidates:
+        tok, sc = self._b.op(op, list(inputs), attrs, regions=regions, name=op)
+        return Candidates(tok, sc)
+
+    def generate(self, model: str, *, max_new_tokens: int, strategy: str = "greedy", **attrs) -> Candidates:
+        region = self._region(model)
+        attrs = dict(attrs, model=model, strategy=strategy, max_new_tokens=max_new_tokens,
+                     kv_shape=kv_shape_of(region))
+        if "catalog" in attrs:
+            attrs["catalog"] = tuple(tuple(int(t) for t in e) for e in attrs["catalog"])
+        return self._op("generate", [self.prompts], attrs, (region,))
+
+    def ensemble(self, *parts: Candidates) -> Candidates:
+        return self._op("ensemble", [v for c in parts for v in (c.tokens, c.scores)], {})
+
+    def _scored(self, op: str, c: Candidates, attrs, model: str | None) -> Candidates:
+        regions = (self._region(model),) if model else ()
+        if model:
+            attrs = dict(attrs, kv_shape=kv_shape_of(regions[0]))
+        return self._op(op, [self.prompts, c.tokens, c.scores], attrs, regions)
+
+    def rank(self, c: Candidates, by: str = "logprob", top_k: int = 1, model: str | None = None) -> Candidates:
+        return self._scored("rank", c, {"by": by, "top_k": top_k}, model)
+
+    def verify(self, c: Candidates, checker: str = "", first_k: int = 0, threshold: float = 0.5,
+               model: str | None = None) -> Candidates:
+        return self._scored("verify", c, {"checker": checker, "first_k": first_k, "threshold": threshold}, model)
+
+    def fuse(self, c: Candidates, model: str | None = None) -> Candidates:
+        return self._scored("fuse", c, {}, model)
+
+    def vote(self, c: Candidates) -> Candidates:
+        return self._op("vote", [c.tokens, c.scores], {})
+
+    def build(self, out: Candidates) -> Graph:
+        graph = self._b.build([out.tokens, out.scores])
+        return verify_program(verify(graph))
+
+
+def program(name: str):
+    """Decorator: `fn(builder) -> Candidates` becomes `fn(models=..., prompt_len=...) -> program Graph`."""
+
+    def wrap(fn: Callable[[ProgramBuilder], Candidates]):
+        @functools.wraps(fn)
+        def build(models: Mapping[str, Graph], prompt_len: int | str = "prompt_len") -> Graph:
+            b = ProgramBuilder(name, models, prompt_len)
+            return b.build(fn(b))
+
+        return build
+
+    return wrap
+
+
+def verify_program(graph: Graph) -> Graph:
+    """Archon's construction rules and the strategies' own rules; raises VerifyError naming the node.
+
+    - the first layer generates: every ensemble/rank/fuse/verify/vote reads candidates made (through any
+      chain) by a generate node, and a program has at least one generate node;
+    - a verifier needs candidates: verify/rank need >= 1 candidate coming in (fuse and vote need >= 1 too),
+      and verify needs a checker function or a model region;
+    - strategies: beam widths >= 1, diverse beam width divisible by groups, n >= 1, a best_of_n with
+      aggregator "scorer" names a registered function, a trie beam has a non-empty catalog.
+    """
+    from lmforge.ir.ops.program_ops import AGGREGATORS, STRATEGIES
+    from lmforge.programs.functions import has_function
+
+    producers = graph.producers()
+    if not any(n.op == "generate" for n in graph.nodes):
+        raise VerifyError(f"program {graph.name!r} has no generate node: Archon's first layer must generate "
+                          "candidates (add b.generate(...))")
+    for i, n in enumerate(graph.nodes):
+        where = f"program {graph.name!r}, node {i} ({n.op})"
+        a = n.attr
+        if n.op == "generate":
+            _check_generate(a, where, STRATEGIES, AGGREGATORS, has_function)
+            continue
+        if n.op not in ("ensemble", "rank", "fuse", "verify", "vote"):
+            continue
+        cand_inputs = [v for v in n.inputs if v is not None and v.type.dtype == "int64" and v.type.rank == 3]
+        for v in cand_inputs:
+            src = producers.get(v.name)
+            if src is None:
+                raise VerifyError(f"{where}: its candidates %{v.name} come from outside the program; Archon's "
+                                  "first layer must be a generate node")
+            if v.type.shape[1] == 0:
+                raise VerifyError(f"{where}: a {n.op} needs candidates, but none come in")
+        if n.op == "verify" and not a["checker"] and not n.regions:
+            raise VerifyError(f"{where}: a verifier needs a checker function (checker=...) or a model (model=...)")
+        for fn_attr in ("checker",) if n.op == "verify" else (("by",) if n.op == "rank" else ()):
+            name = a[fn_attr]
+            if name and name != "logprob" and not has_function(name):
+                raise VerifyError(f"{where}: {fn_attr}={name!r} is not a registered program function; register it "
+                                  "with lmforge.programs.register_function first")
+    return graph
+
+
+def _check_generate(a, where, strategies, aggregators, has_function) -> None:
+    s = a["strategy"]
+    if s not in strategies:
+        raise VerifyError(f"{where}: unknown strategy {s!r}; choose one of {strategies}")
+    if a["max_new_tokens"] < 1:
+        raise VerifyError(f"{where}: max_new_tokens must be >= 1")
+    if s in ("sample", "best_of_n", "first_finish") and a["n"] < 1:
+        raise VerifyError(f"{where}: n must be >= 1 samples")
+    if s in ("beam", "diverse_beam", "trie_beam") and a["width"] < 1:
+        raise VerifyError(f"{where}: beam width must be >= 1")
+    if s == "diverse_beam" and (a["groups"] < 1 or a["width"] % a["groups"]):
+        raise VerifyError(f"{where}: diverse beam width {a['width']} must be a multiple of groups {a['groups']}")
+    if s == "best_of_n":
+        if a["aggregator"] not in aggregators:
+            raise VerifyError(f"{where}: aggregator {a['aggregator']!r} is not one of {aggregators}")
+        if a["aggregator"] == "scorer" and not has_function(a["scorer"]):
+            raise VerifyError(f"{where}: aggregator 'scorer' needs scorer=<a registered program function>, "
+                              f"got {a['scorer']!r}")
+    if s == "trie_beam" and not a["catalog"]:
+        raise VerifyError(f"{where}: trie_beam needs a non-empty catalog of allowed token sequences")
+    if s == "first_finish" and a["eos_id"] < 0:
+        raise VerifyError(f"{where}: first_finish needs eos_id (the first sample to emit it wins)")

@@ -1,0 +1,109 @@
+"""Archon-style compound operations on the candidates of one prompt (Saad-Falcon et al., "Archon", 2024).
+
+Candidates are (tokens [k, T], scores [k]); a score of -inf marks a candidate a verifier rejected (or did
+not reach, with early exit). Every function here is pure: it takes the prompt [L] and candidates and
+returns new candidates, plus the number of candidates it scored with a model or a function (for the token
+accounting). A model scorer is `score_fn(prompt [L], tokens [k, T]) -> log-probabilities [k]`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from lmforge.programs.functions import get_function
+
+NEG_INF = float("-inf")
+
+
+def ensemble(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All candidates of several generators, one after another."""
+    return torch.cat([t for t, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def function_scores(name: str, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(get_function(name).fn(prompt, tokens), dtype=torch.float32).reshape(tokens.shape[0])
+
+
+def rank(prompt, tokens, scores, by: str, top_k: int, score_fn: Callable | None = None):
+    """The top_k candidates by their log-probability (by="logprob"), a model's log-probability of them
+    (by="model", score_fn given), or a registered scorer function (by=<name>). Ties keep the earlier one."""
+    if by == "logprob":
+        key = scores
+    elif by == "model":
+        key = score_fn(prompt, tokens)
+    else:
+        key = function_scores(by, prompt, tokens)
+    key = torch.where(torch.isfinite(scores), key, torch.full_like(key, NEG_INF))  # rejected stay rejected
+    order = torch.sort(key, descending=True, stable=True).indices[:top_k]
+    return tokens[order], key[order].float()
+
+
+def verify(prompt, tokens, scores, checker: str = "", first_k: int = 0, threshold: float = 0.5,
+           score_fn: Callable | None = None):
+    """Mark candidates that fail the check with score -inf. checker: a registered function name; else the
+    model's mean per-token log-probability (score_fn) must reach log(threshold). first_k > 0: stop after
+    the first first_k passing candidates (early exit); the unchecked rest are rejected too.
+    Returns (tokens, scores, number of candidates checked)."""
+    out = scores.clone()
+    passed = checked = 0
+    for i in range(tokens.shape[0]):
+        if first_k and passed >= first_k or not torch.isfinite(scores[i]):
+            out[i] = NEG_INF
+            continue
+        checked += 1
+        if checker:
+            ok = bool(function_scores(checker, prompt, tokens[i:i + 1])[0] > 0.5)
+        else:
+            ok = bool(score_fn(prompt, tokens[i:i + 1])[0] / tokens.shape[1] >= torch.log(torch.tensor(threshold)))
+        passed += ok
+        if not ok:
+            out[i] = NEG_INF
+    return tokens, out, checked
+
+
+def vote(tokens, scores):
+    """Majority vote over the accepted candidates (whole sequences); ties go to the higher summed score,
+    then to the earlier candidate. With no accepted candidate, the first candidate stands (score -inf)."""
+    alive = torch.isfinite(scores)
+    if not alive.any():
+        return tokens[:1], scores[:1]
+    best, best_key = 0, None
+    rows = [tuple(r) for r in tokens.tolist()]
+    for i in range(tokens.shape[0]):
+        if not alive[i]:
+            continue
+        same = [j for j in range(tokens.shape[0]) if alive[j] and rows[j] == rows[i]]
+        key = (len(same), float(max(scores[j] for j in same)), -i)
+        if best_key is None or key > best_key:
+            best, best_key = i, key
+    return tokens[best:best + 1], scores[best:best + 1]
+
+
+def fuse(prompt, tokens, scores, score_fn: Callable | None = None):
+    """One candidate fused from all accepted ones, position by position: each position takes the token
+    with the largest total weight, weights = softmax of the candidates' scores (their log-probability, or the
+    fuser model's log-probability of them when score_fn is given): a weighted token-level vote. Its score is
+    the log of the weight that agrees with the fused token, summed over positions."""
+    alive = torch.isfinite(scores)
+    if not alive.any():
+        return tokens[:1], scores[:1]
+    key = score_fn(prompt, tokens) if score_fn is not None else scores
+    weights = torch.where(alive, key, torch.full_like(key, NEG_INF)).softmax(0)
+    vocab = int(tokens.max()) + 1
+    onehot = torch.nn.functional.one_hot(tokens, vocab).float()          # [k, T, V]
+    fused = (weights[:, None, None] * onehot).sum(0).argmax(-1)          # [T]
+    return fused[None], torch.log((weights[:, None] * (tokens == fused).float()).sum(0).clamp_min(1e-30)).sum()[None]
+
+
+def aggregate(prompt, tokens, scores, aggregator: str, scorer: str = ""):
+    """Best-of-N's choice of one sample: "vote" (majority), "logprob" (highest), or "scorer" (the registered
+    function `scorer`, ties to the higher log-probability)."""
+    if aggregator == "vote":
+        return vote(tokens, scores)
+    if aggregator == "logprob":
+        return rank(prompt, tokens, scores, "logprob", 1)
+    key = function_scores(scorer, prompt, tokens)
+    # lexicographic: function score, then log-probability, then the earlier sample
+    order = sorted(range(tokens.shape[0]), key=lambda i: (-float(key[i]), -float(scores[i]), i))
+    return tokens[order[:1]], scores[order[:1]]

@@ -1,0 +1,275 @@
+"""Decoding strategies over a decode-step callable, one prompt at a time (its samples are one batch).
+
+Every strategy drives `StepModel.step(tokens [R, 1], k, v) -> (logits [R, 1, V], k, v)` (a compiled step
+graph, or any callable with that signature) and returns a `Generation`: candidate token rows [k, T] padded
+with EOS after they finish, their summed log-probabilities, their lengths (EOS included), and a
+`DecodeTrace` (how many rows were decoded at each step), from which the token accounting and the cost on
+a target follow (lmforge.programs.cost).
+
+The prompt is prefilled once and its cache expanded to the rows that share it (`shared_prefix=True`), or
+prefilled once per row (`False`); the outputs are the same either way.
+
+Sampling draws sample i of a prompt from its own generator seeded by (seed, prompt, i), so a sample does
+not depend on which other samples run beside it: generations can be cached per sample index.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class DecodeTrace:
+    """What one generation decoded: rows per step (the batch at each decode step) and the prefill."""
+
+    prompt_len: int
+    prefill_rows: int                    # rows prefilled (1 when the prompt prefix is shared)
+    rows_per_step: list[int] = field(default_factory=list)
+    shared_prefix: bool = True
+
+    @property
+    def steps(self) -> int:
+        return len(self.rows_per_step)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor     # [k, T] int64
+    logprobs: torch.Tensor   # [k] float32 (sum of the model's log-probabilities of the chosen tokens)
+    lengths: torch.Tensor    # [k] int64, EOS included
+    trace: DecodeTrace
+
+
+@dataclass
+class StepModel:
+    """A decode step and the cache layout it expects: kv_shape = (layers, kv_heads, head_dim)."""
+
+    step: Callable
+    kv_shape: tuple[int, int, int]
+    dtype: torch.dtype = torch.float32
+    hydragen_step: Callable | None = None  # the same step after `shared_prefix_decode` (rows share a prefix)
+
+    def empty(self, rows: int):
+        layers, heads, dim = self.kv_shape
+        z = torch.zeros((layers, rows, heads, 0, dim), dtype=self.dtype)
+        return z, z.clone()
+
+    def run(self, tokens, k, v, shared: bool = False):
+        fn = self.hydragen_step if (shared and self.hydragen_step is not None) else self.step
+        logits, k, v = fn(tokens.reshape(-1, 1), k, v)[:3]
+        return logits[:, -1, :].float(), k, v
+
+    def prefill(self, prompt: torch.Tensor, rows: int, shared_prefix: bool):
+        """Feed the prompt [L] token by token; return (last logits [rows, V], k, v) for `rows` rows."""
+        pre = 1 if shared_prefix else rows
+        k, v = self.empty(pre)
+        logits = None
+        for tok in prompt:
+            logits, k, v = self.run(tok.repeat(pre), k, v)
+        if shared_prefix and rows > 1:
+            logits, k, v = logits.expand(rows, -1), k.repeat_interleave(rows, 1), v.repeat_interleave(rows, 1)
+        return logits, k, v
+
+
+def sample_generator(seed: int, prompt: torch.Tensor, index: int) -> torch.Generator:
+    """The generator of sample `index` of `prompt`: seeded by a hash of (seed, prompt tokens, index)."""
+    key = f"{seed}:{','.join(map(str, prompt.tolist()))}:{index}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:7], "little"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (nucleus); others get -inf."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p   # tokens after the nucleus is already full
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _decode_rows(model: StepModel, prompt, rows: int, max_new: int, eos: int, pick, shared_prefix: bool,
+                 stop_at_first: bool = False) -> Generation:
+    """The common loop: pick(logits [R, V], step, generated [R, step]) -> tokens [R]. Finished rows emit EOS.
+
+    Rows that finished are still in the batch (their tokens are EOS), but the trace counts only active rows:
+    a serving engine drops finished sequences. With stop_at_first the loop ends at the first EOS (first-finish).
+    """
+    logits, k, v = model.prefill(prompt, rows, shared_prefix)
+    trace = DecodeTrace(len(prompt), 1 if shared_prefix else rows, shared_prefix=shared_prefix)
+    out = torch.full((rows, max_new), max(eos, 0), dtype=torch.long)
+    logp_sum = torch.zeros(rows)
+    lengths = torch.full((rows,), max_new, dtype=torch.long)
+    finished = torch.zeros(rows, dtype=torch.bool)
+    for t in range(max_new):
+        trace.rows_per_step.append(int((~finished).sum()))
+        tok = pick(logits, t, out[:, :t])
+        logp = logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
+        if eos >= 0:
+            tok = torch.where(finished, torch.full_like(tok, eos), tok)
+        logp_sum += torch.where(finished, torch.zeros_like(logp), logp)
+        out[:, t] = tok
+        if eos >= 0:
+            newly = (tok == eos) & ~finished
+            lengths[newly] = t + 1
+            finished |= newly
+        if finished.all() or (stop_at_first and finished.any()) or t + 1 == max_new:
+            break
+        logits, k, v = model.run(tok, k, v, shared=shared_prefix)
+    return Generation(out, logp_sum, lengths, trace)
+
+
+def greedy(model: StepModel, prompt, max_new: int, eos: int = -1, shared_prefix: bool = True) -> Generation:
+    return _decode_rows(model, prompt, 1, max_new, eos, lambda lg, t, h: lg.argmax(-1), shared_prefix)
+
+
+def sample(model: StepModel, prompt, indices: Sequence[int], max_new: int, eos: int = -1, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int = 0, shared_prefix: bool = True, stop_at_first: bool = False) -> Generation:
+    """Samples `indices` of `prompt` (temperature / top-p), run as one batch; see `sample_generator`."""
+    gens = [sample_generator(seed, prompt, i) for i in indices]
+
+    def pick(logits, t, hist):
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = top_p_filter(logits / temperature, top_p).softmax(-1).cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g) for g in gens]) * probs[:, -1]
+        return torch.searchsorted(probs, u[:, None]).squeeze(1).clamp_max(logits.shape[-1] - 1)
+
+    return _decode_rows(model, prompt, len(gens), max_new, eos, pick, shared_prefix, stop_at_first)
+
+
+def momentum(model: StepModel, prompt, max_new: int, eos: int = -1, alpha: float = 0.0, max_ngram: int = 2,
+             resistance: Sequence[float] = (1.0,), shared_prefix: bool = True) -> Generation:
+    """Momentum decoding (Lan et al., 2022): greedy, but a token that would close a loop, i.e. repeat an
+    n-gram (n <= max_ngram) already in the context, is penalized by alpha x resistance[c], c = how often
+    that n-gram was already visited (the last entry of the table applies beyond its length)."""
+    table = list(resistance) or [1.0]
+    prompt_list = prompt.tolist()
+
+    def pick(logits, t, hist):
+        adjusted = logits.clone()
+        if alpha:
+            for r in range(logits.shape[0]):
+                ctx = prompt_list + hist[r].tolist()
+                for tok in range(logits.shape[1]):
+                    visits = _ngram_visits(ctx, tok, max_ngram)
+                    if visits:
+                        adjusted[r, tok] -= alpha * table[min(visits - 1, len(table) - 1)]
+        return adjusted.argmax(-1)
+
+    return _decode_rows(model, prompt, 1, max_new, eos, pick, shared_prefix)
+
+
+def _ngram_visits(ctx: list[int], tok: int, max_ngram: int) -> int:
+    """How many times the longest n-gram (2 <= n <= max_ngram) ending in `tok` already occurs in ctx."""
+    for n in range(max_ngram, 1, -1):
+        if len(ctx) < n - 1:
+            continue
+        gram = ctx[len(ctx) - n + 1:] + [tok]
+        visits = sum(ctx[i:i + n] == gram for i in range(len(ctx) - n + 1))
+        if visits:
+            return visits
+    return 0
+
+
+def catalog_trie(catalog: Sequence[Sequence[int]]) -> dict[tuple, set]:
+    """prefix -> the tokens that continue it to some catalog entry."""
+    trie: dict[tuple, set] = {}
+    for entry in catalog:
+        for i in range(len(entry)):
+            trie.setdefault(tuple(entry[:i]), set()).add(int(entry[i]))
+    return trie
+
+
+def beam_search(model: StepModel, prompt, max_new: int, eos: int = -1, width: int = 1, groups: int = 1,
+                diversity: float = 0.0, catalog: Sequence[Sequence[int]] | None = None,
+                shared_prefix: bool = True) -> Generation:
+    """Diverse beam search (Vijayakumar et al., 2018): `groups` groups of width/groups beams; at each step
+    group g's scores are lowered by diversity x (times each token was chosen by groups < g at this step,
+    the Hamming penalty). groups=1 is plain beam search. With a catalog, only continuations of catalog
+    entries are allowed (trie-constrained beam search); an entry that is complete may only emit EOS.
+    Returns all beams group by group, each group best first (by summed log-probability)."""
+    per = width // groups
+    trie = catalog_trie(catalog) if catalog is not None else None
+    logits, k, v = model.prefill(prompt, width, shared_prefix)
+    trace = DecodeTrace(len(prompt), 1 if shared_prefix else width, shared_prefix=shared_prefix)
+    scores = torch.full((width,), NEG_INF)
+    scores[::per] = 0.0                    # one live beam per group at the start
+    tokens = torch.zeros((width, 0), dtype=torch.long)
+    finished = torch.zeros(width, dtype=torch.bool)
+    for t in range(max_new):
+        trace.rows_per_step.append(int((~finished).sum()))
+        logp = logits.log_softmax(-1)
+        if eos >= 0:  # a finished beam can only emit EOS, at no cost
+            done_row = torch.full_like(logp[0], NEG_INF)
+            done_row[eos] = 0.0
+            logp = torch.where(finished[:, None], done_row, logp)
+        if trie is not None:
+            logp = logp + _trie_mask(trie, tokens, finished, eos, logp.shape[-1])
+        src, new_tok, new_scores = _select_beams(scores, logp, per, groups, diversity)
+        tokens = torch.cat((tokens[src], new_tok[:, None]), 1)
+        finished = finished[src] | ((new_tok == eos) if eos >= 0 else torch.zeros_like(finished))
+        scores = new_scores
+        k, v = k[:, src], v[:, src]
+        if finished.all() or t + 1 == max_new:
+            break
+        logits, k, v = model.run(new_tok, k, v, shared=shared_prefix)
+    return _finish_beams(tokens, scores, max_new, eos, trace, per)
+
+
+def _trie_mask(trie, tokens, finished, eos, vocab) -> torch.Tensor:
+    mask = torch.full((tokens.shape[0], vocab), NEG_INF)
+    for r in range(tokens.shape[0]):
+        prefix = tuple(tokens[r].tolist())
+        if finished[r]:
+            mask[r, eos] = 0.0
+            continue
+        allowed = trie.get(prefix, set())
+        if not allowed and eos >= 0:
+            allowed = {eos}  # a complete entry: only EOS (or nothing when there is no EOS)
+        mask[r, list(allowed)] = 0.0
+    return mask
+
+
+def _select_beams(scores, logp, per: int, groups: int, diversity: float):
+    """Per group: the top `per` (beam, token) continuations, after the Hamming diversity penalty."""
+    vocab = logp.shape[-1]
+    counts = torch.zeros(vocab)
+    src, toks, new_scores = [], [], []
+    for g in range(groups):
+        rows = slice(g * per, (g + 1) * per)
+        cand = (scores[rows, None] + logp[rows]) - diversity * counts
+        flat = cand.reshape(-1)
+        top = flat.topk(per)
+        # report the beam's true log-probability, not the penalized one
+        beam, tok = top.indices // vocab, top.indices % vocab
+        true = scores[rows][beam] + logp[rows][beam, tok]
+        src.append(beam + g * per)
+        toks.append(tok)
+        new_scores.append(torch.where(torch.isfinite(top.values), true, torch.full_like(true, NEG_INF)))
+        counts += torch.bincount(tok, minlength=vocab).float()
+    return torch.cat(src), torch.cat(toks), torch.cat(new_scores)
+
+
+def _finish_beams(tokens, scores, max_new, eos, trace, per: int) -> Generation:
+    width, steps = tokens.shape
+    out = torch.full((width, max_new), max(eos, 0), dtype=torch.long)
+    out[:, :steps] = tokens
+    lengths = torch.full((width,), max_new, dtype=torch.long)
+    if eos >= 0:
+        is_eos = out == eos
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(lengths, max_new))
+        lengths = first
+    order = torch.cat([g * per + torch.sort(scores[g * per:(g + 1) * per], descending=True, stable=True).indices
+                       for g in range(width // per)])
+    out, scores, lengths = out[order], scores[order], lengths[order]
+    for g in range(0, width, per):  # fewer legal continuations than beams: repeat the group's best beam
+        dead = ~torch.isfinite(scores[g:g + per])
+        if dead.any():
+            out[g:g + per][dead], lengths[g:g + per][dead] = out[g], lengths[g]
+    return Generation(out, scores, lengths, trace)

@@ -1,0 +1,203 @@
+"""Search program knobs together with pass knobs: accuracy on a dev set (measured by running the program)
+vs eFLOPs per prompt on a target, under an eFLOPs budget (Archon / Kinetics style).
+
+    ev = ProgramEvaluator(steps={"tiny": step_graph, ...}, prompts=dev_prompts, answers=dev_answers, hw=h100)
+    result = search(ev, space, budget_eflops=2e9, n_trials=30)
+    result.best, result.front, result.problems_evaluated
+    grid = grid_search(ev, space, budget_eflops=2e9)        # the exhaustive reference
+
+Knobs: which model, strategy (greedy, best_of_n, first_finish, beam) and its parameters, max new tokens,
+and two pass knobs applied to the model's decode step: a sliding decode window (sparse attention, with
+4 sink tokens) and KV-cache int8. Multi-fidelity: a trial is evaluated on a growing prefix of the dev
+set (`fidelities`), reports its accuracy after each, and Optuna's median pruner stops the weak ones.
+The budget is an Optuna constraint (`trial.set_constraint`), never a made-up score. Generations are
+cached by (model, prompt, seed, sample index) across trials, so a best-of-8 after a best-of-4 decodes
+only the 4 new samples.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import optuna
+import torch
+
+from lmforge.passes.base import Knob
+from lmforge.programs.builder import ProgramBuilder
+from lmforge.programs.cost import _StepCosts, program_cost
+from lmforge.programs.runtime import GenerationCache, ProgramRunner
+
+_SAMPLED = ("program.strategy", ("best_of_n", "first_finish"))
+
+
+def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choices=(3, 4),
+                  windows=(0, 4), kv=("none", "int8"), scorer: str = "") -> list[Knob]:
+    """The program + pass knobs (conditions as in lmforge.search.space). window 0 = dense attention."""
+    aggs = ("vote", "scorer") if scorer else ("vote",)
+    return [
+        Knob("program.model", "categorical", models[0], choices=tuple(models)),
+        Knob("program.strategy", "categorical", "greedy", choices=("greedy", "best_of_n", "first_finish", "beam")),
+        Knob("program.n", "categorical", n_choices[0], choices=tuple(n_choices), condition=_SAMPLED),
+        Knob("program.aggregator", "categorical", "vote", choices=aggs, condition=("program.strategy", ("best_of_n",))),
+        Knob("program.width", "categorical", 2, choices=(2, 4), condition=("program.strategy", ("beam",))),
+        Knob("program.max_new_tokens", "categorical", max_new_choices[-1], choices=tuple(max_new_choices)),
+        Knob("attn.decode_window", "categorical", 0, choices=tuple(windows), doc="0 = dense"),
+        Knob("quant.kv", "categorical", "none", choices=tuple(kv)),
+    ]
+
+
+def grid(knobs: Sequence[Knob]) -> list[dict]:
+    """Every distinct config of the space (knobs whose condition fails take their default)."""
+    from lmforge.search.space import ordered
+
+    configs = [{}]
+    for k in ordered(knobs):
+        nxt = []
+        for c in configs:
+            if k.condition and c.get(k.condition[0]) not in k.condition[1]:
+                nxt.append({**c, k.name: k.default})
+            else:
+                nxt += [{**c, k.name: v} for v in k.choices]
+        configs = nxt
+    return configs
+
+
+@dataclass
+class Evaluation:
+    config: dict
+    accuracy: float
+    eflops: float            # tensor cost model, per prompt
+    kinetics_eflops: float   # per prompt
+    latency_s: float         # per prompt (critical path)
+    problems: int
+
+
+class ProgramEvaluator:
+    """Builds, runs and costs the program of a config on the first `n` dev problems (results memoized)."""
+
+    def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
+                 eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0):
+        self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
+        self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
+        self.cache = GenerationCache()
+        self._variants: dict[tuple, Any] = {}
+        self._costs: dict[tuple, _StepCosts] = {}
+        self.memo: dict[tuple, Evaluation] = {}
+        self.problems_evaluated = 0
+
+    def step_variant(self, model: str, window: int, kv: str):
+        """The model's decode step after the pass knobs (sparse decode window, KV-cache quantization)."""
+        from lmforge.passes.quant import quantize_kv
+        from lmforge.passes.sparsity import sparsify_attention
+
+        key = (model, window, kv)
+        if key not in self._variants:
+            g = self.steps[model]
+            if window:
+                g = sparsify_attention(g, decode_pattern="window", decode_window=window, sinks=4)
+            g = quantize_kv(g, kv)
+            self._variants[key] = g
+        return self._variants[key]
+
+    def build(self, c: Mapping[str, Any]):
+        model = c["program.model"]
+        b = ProgramBuilder("program", {model: self.step_variant(model, c["attn.decode_window"], c["quant.kv"])})
+        s = c["program.strategy"]
+        attrs = dict(max_new_tokens=c["program.max_new_tokens"], eos_id=self.eos_id, strategy=s, seed=self.seed)
+        if s in ("best_of_n", "first_finish"):
+            attrs.update(n=c["program.n"], temperature=self.temperature)
+        if s == "best_of_n":
+            attrs.update(aggregator=c["program.aggregator"], scorer=self.scorer if c["program.aggregator"] ==
+                         "scorer" else "")
+        if s == "beam":
+            attrs.update(width=c["program.width"])
+        return b.build(b.generate(model, **attrs))
+
+    def __call__(self, config: Mapping[str, Any], n: int | None = None) -> Evaluation:
+        n = n or len(self.prompts)
+        key = (tuple(sorted(config.items())), n)
+        if key in self.memo:
+            return self.memo[key]
+        graph = self.build(config)
+        result = ProgramRunner(graph, cache=self.cache).run(self.prompts[:n])
+        skey = (config["program.model"], config["attn.decode_window"], config["quant.kv"])
+        cost = program_cost(graph, result, self.hw, step_costs=self._costs.setdefault(skey, _StepCosts(self.hw)))
+        T = min(result.tokens.shape[-1], self.answers.shape[1])
+        correct = (result.tokens[:, 0, :T] == self.answers[:n, :T]).all(1) & (T == self.answers.shape[1])
+        ev = Evaluation(dict(config), float(correct.float().mean()), cost.per_prompt("eflops"),
+                        cost.per_prompt("kinetics_eflops"), cost.per_prompt("time_s"), n)
+        self.problems_evaluated += n
+        self.memo[key] = ev
+        return ev
+
+
+@dataclass
+class SearchResult:
+    best: Evaluation | None
+    evaluations: list[Evaluation]
+    front: list[Evaluation]
+    problems_evaluated: int
+    trials: int
+    pruned: int
+    study: Any = field(repr=False, default=None)
+
+
+def pareto_front(evals: Sequence[Evaluation]) -> list[Evaluation]:
+    """Accuracy up, eFLOPs down; one point per distinct (accuracy, eFLOPs), cheapest first."""
+    pts = sorted(evals, key=lambda e: (e.eflops, -e.accuracy))
+    front, best_acc = [], -1.0
+    for e in pts:
+        if e.accuracy > best_acc:
+            front.append(e)
+            best_acc = e.accuracy
+    return front
+
+
+def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float) -> SearchResult:
+    """Evaluate every config on the full dev set (the exhaustive reference)."""
+    before = ev.problems_evaluated
+    evals = [ev(c) for c in grid(knobs)]
+    feasible = [e for e in evals if e.eflops <= budget_eflops]
+    best = max(feasible, key=lambda e: (e.accuracy, -e.eflops), default=None)
+    return SearchResult(best, evals, pareto_front(evals), ev.problems_evaluated - before, len(evals), 0)
+
+
+def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float, n_trials: int = 30, *,
+           fidelities: Sequence[int] | None = None, seed: int = 0) -> SearchResult:
+    """TPE over the knobs, maximizing dev accuracy subject to eFLOPs per prompt <= budget (a constraint),
+    with a growing dev subset and Optuna's median pruner (module docstring)."""
+    from lmforge.search.space import suggest
+
+    full = len(ev.prompts)
+    fidelities = list(fidelities or (full // 4, full // 2, full))
+    before = ev.problems_evaluated
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                                                   n_startup_trials=max(4, n_trials // 4)),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    finals: list[Evaluation] = []
+
+    def objective(trial):
+        config = suggest(trial, knobs)
+        e = None
+        for step, n in enumerate(fidelities):
+            e = ev(config, n)
+            over = e.eflops - budget_eflops
+            if over > 0:
+                break  # infeasible: its cost is known, more problems would not change that
+            trial.report(e.accuracy, step)
+            if n < full and trial.should_prune():
+                trial.set_constraint("eflops", over)
+                raise optuna.TrialPruned()
+        trial.set_constraint("eflops", e.eflops - budget_eflops)
+        if e.problems == full:
+            finals.append(e)
+        return e.accuracy
+
+    study.optimize(objective, n_trials=n_trials)
+    feasible = [e for e in finals if e.eflops <= budget_eflops]
+    best = max(feasible, key=lambda e: (e.accuracy, -e.eflops), default=None)
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    return SearchResult(best, finals, pareto_front(finals), ev.problems_evaluated - before, n_trials, pruned, study)

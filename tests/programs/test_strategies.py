@@ -1,0 +1,119 @@
+"""Decoding strategies on the trained tiny task model, against torch references and each other."""
+import pytest
+import torch
+
+from examples.models.llama import LlamaDecodeStep, greedy_generate
+from examples.models.tiny_task import EOS, exact_match
+from lmforge.programs import ProgramBuilder, ProgramRunner
+
+T = 4
+
+
+def run(step, prompts, **attrs):
+    b = ProgramBuilder("p", {"tiny": step})
+    graph = b.build(b.generate("tiny", max_new_tokens=attrs.pop("max_new_tokens", T), eos_id=EOS, **attrs))
+    return ProgramRunner(graph).run(prompts)
+
+
+def test_greedy_matches_eager_reference(tiny, task):
+    model, step = tiny
+    prompts, _ = task
+    got = run(step, prompts[:12]).tokens[:, 0]
+    assert torch.equal(got, greedy_generate(LlamaDecodeStep(model), prompts[:12], T, EOS))
+
+
+def test_beam_width_one_is_greedy(tiny, task):
+    _, step = tiny
+    prompts, _ = task
+    greedy = run(step, prompts[:12])
+    beam = run(step, prompts[:12], strategy="beam", width=1)
+    assert torch.equal(beam.tokens, greedy.tokens)
+    torch.testing.assert_close(beam.scores, greedy.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width,groups", [(4, 2), (6, 3)])
+def test_diverse_beam_lambda_zero_is_beam_per_group(tiny, task, width, groups):
+    _, step = tiny
+    prompts, _ = task
+    diverse = run(step, prompts[:6], strategy="diverse_beam", width=width, groups=groups, diversity=0.0)
+    beam = run(step, prompts[:6], strategy="beam", width=width // groups)
+    per = width // groups
+    for g in range(groups):
+        assert torch.equal(diverse.tokens[:, g * per:(g + 1) * per], beam.tokens)
+        torch.testing.assert_close(diverse.scores[:, g * per:(g + 1) * per], beam.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_diverse_beam_penalty_diversifies(tiny, task):
+    _, step = tiny
+    prompts, _ = task
+    plain = run(step, prompts[:6], strategy="diverse_beam", width=4, groups=2, diversity=0.0)
+    spread = run(step, prompts[:6], strategy="diverse_beam", width=4, groups=2, diversity=50.0)
+    distinct = lambda r: sum(len({tuple(x) for x in r.tokens[b].tolist()}) for b in range(6))  # noqa: E731
+    assert distinct(spread) > distinct(plain)
+
+
+@pytest.mark.parametrize("n,temperature", [(4, 1.0), (8, 1.5)])
+def test_first_finish_is_the_shortest_sample(tiny, task, n, temperature):
+    _, step = tiny
+    prompts, _ = task
+    samples = run(step, prompts[:8], strategy="sample", n=n, temperature=temperature, max_new_tokens=6, seed=3)
+    first = run(step, prompts[:8], strategy="first_finish", n=n, temperature=temperature, max_new_tokens=6, seed=3)
+    for b in range(8):
+        rows = samples.tokens[b]
+        lengths = [(r.tolist() + [EOS]).index(EOS) + 1 for r in rows]
+        shortest = min(lengths)
+        winners = [i for i in range(n) if lengths[i] == shortest]
+        assert any(torch.equal(first.tokens[b, 0], rows[i]) for i in winners)
+        assert first.accounts[0].traces[b].steps == min(shortest, 6)
+
+
+def test_trie_beam_output_is_in_the_catalog(tiny, task):
+    _, step = tiny
+    prompts, _ = task
+    gen = torch.Generator().manual_seed(11)
+    catalog = [tuple(torch.randint(0, 10, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist())
+               + (EOS,) for _ in range(5)]
+    got = run(step, prompts[:8], strategy="trie_beam", width=3, catalog=catalog)
+    for row in got.tokens.reshape(-1, T).tolist():
+        cut = row[:row.index(EOS) + 1]
+        assert tuple(cut) in catalog
+
+
+def test_best_of_n_with_perfect_verifier_beats_greedy(tiny, task):
+    _, step = tiny
+    prompts, answers = task
+    greedy = exact_match(run(step, prompts).tokens[:, 0], answers)
+    best = run(step, prompts, strategy="best_of_n", n=8, temperature=1.0, aggregator="scorer",
+               scorer="addition_checker").tokens[:, 0]
+    assert exact_match(best, answers) >= greedy
+
+
+def test_momentum_alpha_zero_is_greedy_and_penalty_changes_repeats(tiny, task):
+    _, step = tiny
+    prompts, _ = task
+    greedy = run(step, prompts[:8], max_new_tokens=6)
+    mom0 = run(step, prompts[:8], strategy="momentum", alpha=0.0, max_new_tokens=6)
+    assert torch.equal(mom0.tokens, greedy.tokens)
+    mom = run(step, prompts[:8], strategy="momentum", alpha=100.0, max_ngram=2, max_new_tokens=6)
+    for b in range(8):  # with a huge penalty no bigram of prompt + output repeats before EOS
+        seq = prompts[b].tolist() + mom.tokens[b, 0].tolist()
+        seq = seq[:len(prompts[b]) + (mom.tokens[b, 0].tolist() + [EOS]).index(EOS)]
+        bigrams = list(zip(seq, seq[1:]))
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_samples_are_cached_by_index(tiny, task):
+    _, step = tiny
+    prompts, _ = task
+    b = ProgramBuilder("p", {"tiny": step})
+    g4 = b.build(b.generate("tiny", strategy="sample", n=4, max_new_tokens=T, eos_id=EOS, seed=5))
+    b = ProgramBuilder("p", {"tiny": step})
+    g8 = b.build(b.generate("tiny", strategy="sample", n=8, max_new_tokens=T, eos_id=EOS, seed=5))
+    runner4 = ProgramRunner(g4)
+    r4 = runner4.run(prompts[:4])
+    runner8 = ProgramRunner(g8, cache=runner4.cache)
+    r8 = runner8.run(prompts[:4])
+    assert torch.equal(r8.tokens[:, :4], r4.tokens)
+    fresh = ProgramRunner(g8).run(prompts[:4])
+    assert torch.equal(fresh.tokens, r8.tokens)
+    assert runner4.cache.hits >= 16
