@@ -48,3 +48,33 @@ def test_backend_claims_nothing_on_cpu_without_interpreter_opt_in():
     g = lmforge.capture(m, (torch.randn(2, 3, 64),))
     c = CompiledModel(g, backends=[TritonBackend(interpret=False), TorchReference()])
     assert all(k.backend == "torch" for k in c.kernels) or torch.cuda.is_available()
+
+
+def test_attention_nodes_run_on_the_triton_kernels():
+    from lmforge.passes import sparsity_pass, shared_prefix_decode
+
+    def prefill(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def decode(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    g0 = torch.Generator().manual_seed(0)
+    qp, kp, vp = torch.randn(1, 4, 20, 16, generator=g0), torch.randn(1, 2, 20, 16, generator=g0), \
+        torch.randn(1, 2, 20, 16, generator=g0)
+    qd, kd, vd = torch.randn(2, 4, 1, 16, generator=g0), torch.randn(2, 2, 64, 16, generator=g0), \
+        torch.randn(2, 2, 64, 16, generator=g0)
+    kd[1, :, :48], vd[1, :, :48] = kd[0, :, :48], vd[0, :, :48]  # the two rows share a 48-token prefix
+    graphs = [
+        (lmforge.capture(prefill, (qp, kp, vp)), (qp, kp, vp)),
+        (lmforge.capture(decode, (qd, kd, vd)), (qd, kd, vd)),
+        (PassManager([sparsity_pass()]).run(lmforge.capture(decode, (qd, kd, vd)), {
+            "attn.decode_pattern": "block_topk", "attn.block_size": 16, "attn.topk_blocks": 1,
+            "attn.decode_window": 16, "attn.sinks": 4}), (qd, kd, vd)),
+        (shared_prefix_decode(lmforge.capture(decode, (qd, kd, vd)), 48), (qd, kd, vd)),
+    ]
+    for g, inputs in graphs:
+        tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
+        ops = {n.op for n, k in zip(g.nodes, tri.kernels) if k.backend == "triton"}
+        assert ops & {"attention", "block_topk_attention", "shared_prefix_attention"}, ops
+        torch.testing.assert_close(tri(*inputs), CompiledModel(g)(*inputs), rtol=2e-4, atol=2e-4)

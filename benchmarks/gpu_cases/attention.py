@@ -1,0 +1,185 @@
+"""Attention kernels on the GPU against torch SDPA: prefill (dense causal, GQA, sliding window + sinks, block
+sparse) and decode (dense at 32k / 128k, block top-k at 128k with a 1/16 budget, shared prefix), all fp16.
+
+Every reference is `lmforge.ir.ops.attention_ref` computed in fp32 on the GPU from the same inputs (fine at
+batch 1; the shared-prefix one expands the prefix to the 16 sequences, ~9 GB). Baselines are what a torch
+model runs instead: F.scaled_dot_product_attention in fp16 (enable_gqa=True where SDPA has a fused GQA path;
+with a boolean mask SDPA has none, so the masked baseline gets K / V already repeated to every query head,
+outside its timing). Block top-k and shared prefix are compared with dense SDPA decode over the full cache,
+which is what they replace. Unless --quick, each case's config is picked by a quick measurement over the
+module's CANDIDATE_CONFIGS (named in the note). `bytes` is the minimal traffic (each tensor read or written
+once; for the sparse cases only the kept KV blocks and the block summaries), `flops` counts 4 * D per
+visible (query, key) pair.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.gpu_cases import describe, pick_fastest
+from lmforge.backends.triton import attention_decode, attention_prefill
+from lmforge.ir.ops.attention_ref import attention_ref, decode_block_topk_ref, shared_prefix_attention_ref
+
+D = 128
+HALF = 2  # bytes per fp16 element
+TOL = {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.float16)
+
+
+def _tuned(quick: bool, default, candidates, make_kernel):
+    """(kernel, note): the default config under --quick, else the fastest candidate."""
+    configs = [default] if quick else list(candidates)
+    config, kernel = pick_fastest(make_kernel, configs)
+    return kernel, describe(config)
+
+
+def _fp32(*tensors):
+    return [t.float() for t in tensors]
+
+
+def _visible_pairs_causal(sq: int, skv: int, window=None, sinks: int = 0) -> int:
+    """Visible (query, key) pairs of one head under the causal (+ window / sinks) rule of attention_ref."""
+    pos = torch.arange(sq, dtype=torch.int64) + (skv - sq)
+    seen = (pos + 1).clamp(0, skv)
+    if window is not None:
+        in_window = seen.clamp(max=window)
+        seen = in_window + (seen - in_window).clamp(max=sinks)
+    return int(seen.sum())
+
+
+# ---- prefill ---------------------------------------------------------------------------------------------------------
+
+def _prefill_dense(gen, quick, hq, hkv, s) -> dict:
+    q, k, v = _randn(gen, 1, hq, s, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
+    default = attention_prefill.default_config(torch.float16, D)
+    kernel, note = _tuned(quick, default, attention_prefill.CANDIDATE_CONFIGS,
+                          lambda c: (lambda: attention_prefill.flash_prefill(q, k, v, config=c, return_lse=False)))
+    return {"name": f"attention/prefill_causal_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16", "kernel": kernel,
+            "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True),
+            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv),
+            "baseline_name": "torch SDPA fp16 (is_causal)", **TOL,
+            "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * hq * _visible_pairs_causal(s, s),
+            "note": note}
+
+
+def _prefill_window(gen, quick, hq, hkv, s, window, sinks) -> dict:
+    q, k, v = _randn(gen, 1, hq, s, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
+    pos = torch.arange(s, device="cuda")
+    mask = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < window) | (pos[None, :] < sinks))
+    k_rep, v_rep = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    default = attention_prefill.default_config(torch.float16, D)
+    kernel, note = _tuned(quick, default, attention_prefill.CANDIDATE_CONFIGS,
+                          lambda c: (lambda: attention_prefill.flash_prefill(q, k, v, window=window, sinks=sinks,
+                                                                             config=c, return_lse=False)))
+    return {"name": f"attention/prefill_window{window}_sinks{sinks}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
+            "kernel": kernel,
+            "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True, window=window, sinks=sinks),
+            "baseline": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask),
+            "baseline_name": "torch SDPA fp16 (bool mask, K/V repeated)", **TOL,
+            "bytes": (2 * hq + 2 * hkv) * s * D * HALF,
+            "flops": 4 * D * hq * _visible_pairs_causal(s, s, window, sinks), "note": note}
+
+
+def _random_block_mask(gen, hkv, n_blocks, keep) -> torch.Tensor:
+    """Causal block mask [1, Hkv, n, n]: the diagonal and first blocks, and each other causal block w.p. keep."""
+    mask = torch.rand(1, hkv, n_blocks, n_blocks, device="cuda", generator=gen) < keep
+    eye = torch.eye(n_blocks, dtype=torch.bool, device="cuda")
+    mask |= eye
+    mask[..., 0] = True
+    return mask & torch.ones_like(eye).tril()
+
+
+def _prefill_sparse(gen, quick, hq, hkv, s, block_size, keep) -> dict:
+    q, k, v = _randn(gen, 1, hq, s, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
+    n_blocks = s // block_size
+    mask = _random_block_mask(gen, hkv, n_blocks, keep)
+    block_idx, block_cnt = attention_prefill.block_mask_to_index(mask)
+    off_diagonal = int(mask.sum()) - hkv * n_blocks
+    pairs_per_kv_head = off_diagonal * block_size ** 2 + hkv * n_blocks * block_size * (block_size + 1) // 2
+    density = pairs_per_kv_head / (hkv * _visible_pairs_causal(s, s))
+    default = attention_prefill.default_config(torch.float16, D)
+    kernel, note = _tuned(quick, default, attention_prefill.CANDIDATE_CONFIGS,
+                          lambda c: (lambda: attention_prefill.block_sparse_prefill(
+                              q, k, v, block_idx, block_cnt, block_size=block_size, config=c, return_lse=False)))
+    return {"name": f"attention/prefill_block_sparse{block_size}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
+            "kernel": kernel,
+            "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True, block_mask=mask, block_size=block_size),
+            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv),
+            "baseline_name": "torch SDPA fp16 dense causal", **TOL,
+            "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * (hq // hkv) * pairs_per_kv_head,
+            "note": f"{note}; kept {density:.0%} of causal pairs"}
+
+
+# ---- decode ----------------------------------------------------------------------------------------------------------
+
+def _decode_dense(gen, quick, hq, hkv, s) -> dict:
+    q, k, v = _randn(gen, 1, hq, 1, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
+    kernel, note = _tuned(quick, attention_decode.DEFAULT_CONFIG, attention_decode.CANDIDATE_CONFIGS,
+                          lambda c: (lambda: attention_decode.decode_attention(q, k, v, config=c)))
+    return {"name": f"attention/decode_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16", "kernel": kernel,
+            "reference": lambda: attention_ref(*_fp32(q, k, v)),
+            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            "baseline_name": "torch SDPA fp16 decode (enable_gqa)", **TOL,
+            "bytes": 2 * hkv * s * D * HALF + 2 * hq * D * HALF, "flops": 4 * D * hq * s, "note": note}
+
+
+def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> dict:
+    q, k, v = _randn(gen, 1, hq, 1, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
+    n_blocks = s // block_size
+    sinks, window = 4, 2 * block_size
+    _, _, n_forced = attention_decode.forced_blocks(s, block_size, sinks, window)
+    kept_blocks = n_blocks // budget
+    topk = kept_blocks - n_forced
+    kept = attention_decode.build_block_summary(k, block_size, summary)  # serving keeps it beside the cache
+    args = dict(block_size=block_size, topk_blocks=topk, sinks=sinks, window=window, summary=summary)
+    kernel, note = _tuned(quick, attention_decode.DEFAULT_CONFIG, attention_decode.CANDIDATE_CONFIGS,
+                          lambda c: (lambda: attention_decode.block_topk_decode(q, k, v, block_summary=kept, config=c,
+                                                                                **args)))
+    summary_bytes = (2 if summary == "minmax" else 1) * hkv * n_blocks * D * 4
+    return {"name": f"attention/decode_block_topk_{summary}_1of{budget}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
+            "kernel": kernel,
+            "reference": lambda: decode_block_topk_ref(*_fp32(q, k, v), **args),
+            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            "baseline_name": "torch SDPA fp16 dense decode", **TOL,
+            "bytes": 2 * hkv * kept_blocks * block_size * D * HALF + summary_bytes + 2 * hq * D * HALF,
+            "flops": 4 * D * hq * kept_blocks * block_size + 2 * D * hq * n_blocks,
+            "note": f"{note}; {kept_blocks} of {n_blocks} blocks of {block_size} (sinks {sinks}, window {window})"}
+
+
+def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix) -> dict:
+    q = _randn(gen, b, hq, 1, D)
+    k_prefix, v_prefix = _randn(gen, 1, hkv, prefix, D), _randn(gen, 1, hkv, prefix, D)
+    k_suffix, v_suffix = _randn(gen, b, hkv, suffix, D), _randn(gen, b, hkv, suffix, D)
+    k_full = torch.cat([k_prefix.expand(b, -1, -1, -1), k_suffix], 2)   # what a per-sequence cache holds
+    v_full = torch.cat([v_prefix.expand(b, -1, -1, -1), v_suffix], 2)
+    kernel, note = _tuned(quick, attention_decode.DEFAULT_CONFIG, attention_decode.CANDIDATE_CONFIGS,
+                          lambda c: (lambda: attention_decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix,
+                                                                                   v_suffix, config=c)))
+    return {"name": f"attention/shared_prefix_decode_B{b}_H{hq}_KV{hkv}_P{prefix}_S{suffix}_D{D}_fp16",
+            "kernel": kernel,
+            "reference": lambda: shared_prefix_attention_ref(*_fp32(q, k_prefix, v_prefix, k_suffix, v_suffix)),
+            "baseline": lambda: F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True),
+            "baseline_name": "torch SDPA fp16 decode over each sequence's full KV", **TOL,
+            "bytes": 2 * hkv * (prefix + b * suffix) * D * HALF + 2 * b * hq * D * HALF,
+            "flops": 4 * D * b * hq * (prefix + suffix), "note": note}
+
+
+def cases(quick: bool) -> list[dict]:
+    """The attention cases; inputs are made on CUDA here, one generator so every run sees the same data."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = [
+        _prefill_dense(gen, quick, 32, 32, 4096),
+        _prefill_dense(gen, quick, 32, 8, 4096),
+        _prefill_window(gen, quick, 32, 8, 4096, window=1024, sinks=4),
+        _prefill_sparse(gen, quick, 32, 8, 4096, block_size=64, keep=0.2),
+        _decode_dense(gen, quick, 32, 8, 32768),
+        _decode_dense(gen, quick, 32, 8, 131072),
+        _decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="mean"),
+        _shared_prefix(gen, quick, 16, 32, 8, 16384, 256),
+    ]
+    if not quick:
+        out.append(_decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="minmax"))
+    return out
