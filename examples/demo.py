@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     compiled = lmforge.compile(wl.model, wl.example_inputs, dynamic=wl.dynamic, target=args.target,
                                config=result.best_config, passes=canonical_pipeline() + pipeline)
     print(f"[3/6] compiled with {result.best_config}")
+    kernels = compiled.add_gpu_kernels([args.target])
+    print(f"      generated {len(kernels[args.target]) - 1} CUDA kernels for {args.target} (TVM backend, no GPU needed)")
 
     objectives = {"predicted": {k: best[k] for k in ("latency", "memory", "eflops") if k in best},
                   "measured": {"quality_top1": best.get("quality")}}

@@ -106,7 +106,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from lmforge.export import export_workload
 
-    path = export_workload(args.workload, args.target, args.out, config=args.config)
+    path = export_workload(args.workload, args.target, args.out, config=args.config, gpu_kernels=args.kernels)
     print(f"artifact written to {path}")
     return 0
 
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="h100")
     e.add_argument("--out", required=True)
     e.add_argument("--config", default=None, choices=[None, "best"], help="'best': the tuned config for the target")
+    e.add_argument("--kernels", action="store_true", help="also generate the target GPU's kernels (CUDA source)")
     e.set_defaults(fn=cmd_export)
     ru = sub.add_parser("run", help="load an artifact (checking every file) and run it on random inputs")
     ru.add_argument("artifact")

@@ -54,6 +54,28 @@ class CompiledModel:
             return outs[0] if len(outs) == 1 else outs
         return pytree.tree_unflatten(list(outs), self._out_spec)
 
+    def add_gpu_kernels(self, targets=("h100",)) -> dict[str, list[str]]:
+        """Generate the GPU kernels of this graph for each target (no GPU needed) and keep them for export.
+
+        Today this is the TVM backend's CUDA source, one `.cu` file per distinct kernel plus an index
+        (`kernels.json`: which nodes each file serves, and which nodes stay with the reference). They land in
+        the artifact under `kernels/<target>/tvm-cuda/`. Returns {target: [file names]}.
+        """
+        from lmforge.backends.tvm import TVMBackend
+        from lmforge.hwmodels import get_target
+
+        self.kernel_files = dict(getattr(self, "kernel_files", {}) or {})
+        added = {}
+        for name in targets:
+            arch = get_target(name).arch
+            if not arch.startswith("sm_"):
+                raise LmforgeError(f"target {name!r} ({arch}) is not a CUDA GPU; GPU kernels need e.g. h100 or a100")
+            sources = TVMBackend.cuda_sources(self.graph, arch, {k: v for k, v in self.config.items()
+                                                                 if k.startswith("tvm.")})
+            self.kernel_files[name] = {f"tvm-cuda/{f}": text.encode() for f, text in sources.items()}
+            added[name] = sorted(sources)
+        return added
+
     def use_cuda_graphs(self, max_graphs: int = 8) -> "CompiledModel":
         """Replay the generated code as CUDA graphs (one per input shape); see lmforge.backends.cuda_graphs."""
         from lmforge.backends.cuda_graphs import CUDAGraphRunner

@@ -270,7 +270,7 @@ def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:
     return {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in sorted(files.items())}
 
 
-def export_workload(workload_spec: str, target: str, out_dir, *, config=None) -> Path:
+def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gpu_kernels: bool = False) -> Path:
     """Load a workload (`file.py[:function]` or `module:function`), compile it for `target`, export to `out_dir`.
 
     config: knob values, "best" (the tuning database's best for this target), or None (defaults).
@@ -280,4 +280,6 @@ def export_workload(workload_spec: str, target: str, out_dir, *, config=None) ->
 
     work = load_workload(workload_spec)
     compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config)
+    if gpu_kernels:
+        compiled.add_gpu_kernels([target])
     return export(compiled, out_dir)
