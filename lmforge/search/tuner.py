@@ -16,6 +16,9 @@ Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) 
 constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
 whose passes fail is recorded as a failed trial and the search goes on.
 
+Measure mode times the graph on `backends` (e.g. ("tvm",) on the host), and their schedule knobs join the
+search space, so kernel schedules are tuned together with the passes against real timings.
+
 Samplers: TPE by default (seeded, multivariate); NSGA-II for several objectives with budget >= 100;
 GP for one objective with budget <= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides.
 
@@ -82,10 +85,29 @@ class TuneContext:
     bindings: dict[str, int]
     mode: str
     reference: Any = None  # CompiledModel of the untransformed graph (for quality)
+    backends: tuple[str, ...] = ()  # kernel backends whose real timings "measure" mode takes (e.g. "tvm")
 
     @property
     def knobs(self) -> list[Knob]:
-        return PassManager(self.pipeline).knobs(self.graph)
+        """The pipeline's knobs for this graph, plus the schedule knobs of the measured kernel backends."""
+        knobs = PassManager(self.pipeline).knobs(self.graph)
+        if self.mode != "predict" and "tvm" in self.backends:
+            from lmforge.backends.tvm import TVMBackend
+
+            knobs += TVMBackend.knobs()
+        return knobs
+
+    def compiled(self, graph: Graph, config: Mapping[str, Any]):
+        """The graph on the chosen backends, each configured with its own knob values (torch takes the rest)."""
+        from lmforge.backends import BACKENDS
+        from lmforge.compiler import CompiledModel
+
+        instances = []
+        for name in (*self.backends, "torch"):
+            cls = BACKENDS[name]()
+            own = {k: v for k, v in config.items() if k.startswith(f"{name}.")}
+            instances.append(cls(own) if name in ("tvm", "triton") else cls())
+        return CompiledModel(graph, instances)
 
 
 def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Sequence[str],
@@ -103,7 +125,7 @@ def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Seq
     values["latency"] = cost.time_s
     compiled = None
     if measure_latency or any(o in objectives for o in ("quality", "kl", "accuracy")):
-        compiled = CompiledModel(graph)
+        compiled = ctx.compiled(graph, config)
     if measure_latency:
         from lmforge.search.measure import measure
 
@@ -184,7 +206,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
          constraints: Mapping[str, Any] | None = None, budget: int = 50, mode: str = "predict",
          storage: str | None = None, study_name: str | None = None, sampler: str | None = None, seed: int = 0,
          warm_start_from: str | None = None, bindings: Mapping[str, int] | None = None, hybrid_top: int = 5,
-         pipeline=None, progress: bool = True, dynamic=None) -> TuneResult:
+         pipeline=None, progress: bool = True, dynamic=None, backends: Sequence[str] = ()) -> TuneResult:
     """Tune the knobs of `model_or_workload` for `target`. See the module docstring."""
     from lmforge.compiler import CompiledModel
     from lmforge.hwmodels import calibrated, get_target
@@ -207,7 +229,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     env = dict(graph.get_meta("example_dims") or ())
     env.update(dict(wl.extras.get("serving_dims", {})) if wl.extras else {})
     env.update(bindings or {})
-    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph))
+    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends))
     hw = base_hw  # studies are keyed by the target itself, calibrated or not
     knobs = ctx.knobs
     constraints = dict(constraints or {})

@@ -130,3 +130,13 @@ def test_report_writes_plots_and_table(tmp_path):
     assert paths["pareto"].read_bytes()[:4] == b"\x89PNG" and paths["history"].stat().st_size > 1000
     table = paths["table"].read_text()
     assert "| trial | latency | memory |" in table and len(res.pareto) >= 1
+
+
+def test_measure_mode_tunes_tvm_schedules_with_real_timings(tmp_path):
+    pytest.importorskip("tvm")
+    res = tune(MLP(), (torch.randn(16, 32),), target="host", objectives=("latency",), budget=3, mode="measure",
+               storage=f"sqlite:///{tmp_path}/db.sqlite", pipeline=[merge_linears, fuse_elementwise, dce],
+               progress=False, backends=("tvm",), sampler="random")
+    assert any(k.startswith("tvm.") for k in res.best_config), "the TVM schedule knobs are in the space"
+    assert all("measured_latency" in t.user_attrs["values"] for t in res.study.trials
+               if t.state == optuna.trial.TrialState.COMPLETE)
