@@ -36,6 +36,7 @@ class Knob:
     log: bool = False
     condition: tuple[str, tuple] | None = None
     doc: str = ""
+    per_layer: bool = False  # the pass can take a different value per layer group (see search.space)
 
     def describe(self) -> str:
         rng = (f"{{{', '.join(map(str, self.choices))}}}" if self.choices else f"[{self.low}, {self.high}]"
@@ -66,6 +67,8 @@ class Pass:
     def __call__(self, graph: Graph, config: Mapping[str, Any] | None = None) -> Graph:
         config = config or {}
         values = {k.name.split(".")[-1]: config.get(k.name, k.default) for k in self.knobs}
+        if any(k.per_layer for k in self.knobs):
+            values["layer_config"] = config  # per-layer-group copies (`name@g0`, ...) are read per layer
         return self.fn(graph, **values)
 
 

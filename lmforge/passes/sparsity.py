@@ -19,15 +19,15 @@ _DECODE = ("attn.decode_pattern", ("window", "block_topk"))
 _TOPK = ("attn.decode_pattern", ("block_topk",))
 _FLEX = ("attn.prefill_pattern", ("flex",))
 SPARSITY_KNOBS = (
-    Knob("attn.decode_pattern", "categorical", "dense", choices=("dense", "window", "block_topk")),
+    Knob("attn.decode_pattern", "categorical", "dense", choices=("dense", "window", "block_topk"), per_layer=True),
     Knob("attn.prefill_pattern", "categorical", "dense", choices=("dense", "window", "flex")),
-    Knob("attn.sinks", "categorical", 4, choices=(0, 4, 16), doc="attention-sink tokens always kept"),
+    Knob("attn.sinks", "categorical", 4, choices=(0, 4, 16), doc="attention-sink tokens always kept", per_layer=True),
     Knob("attn.decode_window", "categorical", 256, choices=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-         condition=_DECODE, doc="local window (tokens) of decode attention"),
+         condition=_DECODE, doc="local window (tokens) of decode attention", per_layer=True),
     Knob("attn.prefill_window", "categorical", 1024, choices=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
          condition=("attn.prefill_pattern", ("window",))),
     Knob("attn.block_size", "categorical", 32, choices=(8, 16, 32, 64), condition=_TOPK),
-    Knob("attn.topk_blocks", "categorical", 8, choices=(1, 2, 4, 8, 16, 32, 64, 128), condition=_TOPK),
+    Knob("attn.topk_blocks", "categorical", 8, choices=(1, 2, 4, 8, 16, 32, 64, 128), condition=_TOPK, per_layer=True),
     Knob("attn.summary", "categorical", "mean", choices=("mean", "minmax"), condition=_TOPK,
          doc="block score: mean key (Kinetics) or min/max bounds (Quest)"),
     Knob("attn.dense_layers", "categorical", 0, choices=(0, 1, 2), condition=_TOPK),
@@ -56,7 +56,7 @@ def _plain(n: Node) -> bool:
 def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="dense", sinks=4, decode_window=256,
                        prefill_window=1024, block_size=32, topk_blocks=8, summary="mean", dense_layers=0,
                        flex_gamma=0.9, flex_tau=0.1, flex_block=64, flex_min_budget=2,
-                       calibration: Sequence[tuple] | None = None) -> Graph:
+                       calibration: Sequence[tuple] | None = None, layer_config=None) -> Graph:
     """Give decode and prefill attention their sparse pattern.
 
         window:      %o = attention(%q, %k, %v; causal)  ->  attention(...; causal, window=W, sinks=S)
@@ -64,14 +64,22 @@ def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="de
         flex:        %o = attention(%q, %k, %v; causal)  ->  flex_prefill_attention(%q, %k, %v; gamma, tau, ...)
 
     With calibration inputs, FlexPrefill's kept fraction is measured on them and recorded as `density`, which
-    the cost rule uses; without, density stays 1 (no saving claimed).
+    the cost rule uses; without, density stays 1 (no saving claimed). `layer_config` may hold per-layer-group
+    values of the decode knobs (`attn.decode_window@g0`, ...; the i-th attention node is layer i).
     """
+    from lmforge.search.space import knob_value
+
     nodes: list[Node] = []
     layer = -1
+    n_layers = sum(n.op == "attention" for n in graph.nodes)
     flex_nodes: list[int] = []
+    base = {"decode_pattern": decode_pattern, "decode_window": decode_window, "sinks": sinks,
+            "topk_blocks": topk_blocks}
     for n in graph.nodes:
         if n.op == "attention":
             layer += 1
+            per = {k: knob_value(layer_config or {}, f"attn.{k}", v, layer, n_layers) for k, v in base.items()}
+            decode_pattern, decode_window, sinks, topk_blocks = (per[k] for k in base)
         if not _plain(n):
             nodes.append(n)
             continue

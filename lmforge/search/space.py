@@ -21,8 +21,9 @@ def suggest(trial, knobs: Sequence[Knob]) -> dict[str, Any]:
     for k in ordered(knobs):
         if k.condition is not None:
             dep, allowed = k.condition
-            dep_value = config.get(dep, _default(knobs, dep))
-            if dep_value not in allowed:
+            # with per-group copies of `dep` (name@g0, ...), the knob applies when any group allows it
+            dep_values = [v for name, v in config.items() if name.startswith(dep + "@g")]
+            if not any(v in allowed for v in dep_values or [config.get(dep, _default(knobs, dep))]):
                 config[k.name] = k.default
                 continue
         config[k.name] = _suggest_one(trial, k)
@@ -95,8 +96,9 @@ def knob_value(config: Mapping[str, Any], name: str, default: Any, layer: int | 
                n_layers: int | None = None) -> Any:
     """A knob's value for one layer: the layer group's copy when the config has per-group values."""
     if layer is not None and n_layers:
-        grouped = sorted(k for k in config if k.startswith(name + "@g"))
-        if grouped:
-            g = min(len(grouped) - 1, layer * len(grouped) // n_layers)
-            return config[f"{name}@g{g}"]
+        groups = [int(k.rsplit("@g", 1)[1]) for k in config if k.startswith(name + "@g")]
+        if groups:
+            n_groups = max(groups) + 1
+            g = min(n_groups - 1, layer * n_groups // n_layers)
+            return config.get(f"{name}@g{g}", config.get(name, default))
     return config.get(name, default)

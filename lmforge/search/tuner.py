@@ -16,6 +16,9 @@ Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) 
 constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
 whose passes fail is recorded as a failed trial and the search goes on.
 
+`layer_groups=G` tunes the per-layer knobs (attention pattern, window, sinks, top-k) separately for G groups of
+consecutive layers instead of sharing one value across layers.
+
 Measure mode times the graph on `backends` (e.g. ("tvm",) on the host), and their schedule knobs join the
 search space, so kernel schedules are tuned together with the passes against real timings.
 
@@ -206,7 +209,8 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
          constraints: Mapping[str, Any] | None = None, budget: int = 50, mode: str = "predict",
          storage: str | None = None, study_name: str | None = None, sampler: str | None = None, seed: int = 0,
          warm_start_from: str | None = None, bindings: Mapping[str, int] | None = None, hybrid_top: int = 5,
-         pipeline=None, progress: bool = True, dynamic=None, backends: Sequence[str] = ()) -> TuneResult:
+         pipeline=None, progress: bool = True, dynamic=None, backends: Sequence[str] = (),
+         layer_groups: int = 1) -> TuneResult:
     """Tune the knobs of `model_or_workload` for `target`. See the module docstring."""
     from lmforge.compiler import CompiledModel
     from lmforge.hwmodels import calibrated, get_target
@@ -232,6 +236,10 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends))
     hw = base_hw  # studies are keyed by the target itself, calibrated or not
     knobs = ctx.knobs
+    if layer_groups > 1:  # one copy of each per-layer knob per group of consecutive layers
+        from lmforge.search.space import expand_per_group
+
+        knobs = expand_per_group(knobs, layer_groups, [k.name for k in knobs if k.per_layer])
     constraints = dict(constraints or {})
     storage = storage or default_storage()
     name = study_name or study_key(wl.name, graph, hw, objectives, mode)

@@ -140,3 +140,22 @@ def test_measure_mode_tunes_tvm_schedules_with_real_timings(tmp_path):
     assert any(k.startswith("tvm.") for k in res.best_config), "the TVM schedule knobs are in the space"
     assert all("measured_latency" in t.user_attrs["values"] for t in res.study.trials
                if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def test_per_layer_groups_give_layers_their_own_attention_pattern(tmp_path):
+    from lmforge.passes import PassManager, sparsity_pass
+
+    def two_layers(q, k, v):
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(a, k, v)
+
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    g = lmforge.capture(two_layers, (q, k, v))
+    cfg = {"attn.decode_pattern@g0": "dense", "attn.decode_pattern@g1": "window", "attn.decode_window@g1": 16}
+    out = PassManager([sparsity_pass()]).run(g, cfg)
+    attn = [n for n in out.nodes if n.op == "attention"]
+    assert attn[0].attr["window"] is None and attn[1].attr["window"] == 16
+    res = tune(two_layers, (q, k, v), target="h100", budget=4, storage=f"sqlite:///{tmp_path}/db.sqlite",
+               pipeline=[sparsity_pass()], progress=False, layer_groups=2, sampler="random")
+    names = {n for t in res.study.trials for n in t.params}
+    assert {"attn.decode_pattern@g0", "attn.decode_pattern@g1"} <= names and "attn.decode_pattern" not in names
