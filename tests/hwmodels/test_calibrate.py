@@ -163,8 +163,9 @@ def test_measure_statistic(statistic, expected_ms):
             pass
 
     t = default_measure("cpu", repeats=9, warmup=0, min_sample_s=1e-4, statistic=statistic)(busy)
-    # A busy wait never ends early; on a loaded machine it can end late, hence the wide upper bounds.
-    assert expected_ms * 1e-3 <= t < (2.9e-3 if expected_ms == 1.0 else 6e-3)
+    # A busy wait never ends early; on a loaded machine it can end late (a descheduled waiter), so only the
+    # minimum gets a tight upper bound: it must stay below the 3 ms samples the median picks.
+    assert expected_ms * 1e-3 <= t < (2.9e-3 if expected_ms == 1.0 else 50e-3)
 
 
 def test_runner_runs_the_registry_reference():
