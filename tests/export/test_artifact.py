@@ -39,18 +39,24 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_round_trip_in_a_fresh_process_gives_identical_outputs(
-        tmp_path, llama, prefill_compiled, decode_compiled, make_tokens, make_decode_inputs):
-    cases = {"prefill": (prefill_compiled, (make_tokens(3, 7, seed=5),), llama.prefill),
-             "decode": (decode_compiled, make_decode_inputs(2, 6, seed=9), llama.decode_step)}
-    for name, (compiled, inputs, _) in cases.items():
+def round_trip_in_child(tmp_path, cases: dict) -> dict:
+    """Export each {name: (compiled, inputs, ...)} case, load and run it in a fresh interpreter (CHILD);
+    returns the child's outputs keyed "<name>.<i>"."""
+    for name, (compiled, inputs, *_) in cases.items():
         export(compiled, tmp_path / name)
         save_file({str(i): x for i, x in enumerate(inputs)}, str(tmp_path / f"{name}-inputs.safetensors"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *cases], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    outputs = load_file(str(tmp_path / "outputs.safetensors"))
+    return load_file(str(tmp_path / "outputs.safetensors"))
+
+
+def test_round_trip_in_a_fresh_process_gives_identical_outputs(
+        tmp_path, llama, prefill_compiled, decode_compiled, make_tokens, make_decode_inputs):
+    cases = {"prefill": (prefill_compiled, (make_tokens(3, 7, seed=5),), llama.prefill),
+             "decode": (decode_compiled, make_decode_inputs(2, 6, seed=9), llama.decode_step)}
+    outputs = round_trip_in_child(tmp_path, cases)
     for name, (compiled, inputs, eager) in cases.items():
         with torch.no_grad():
             before, reference = compiled(*inputs), eager(*inputs)

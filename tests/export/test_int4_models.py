@@ -1,19 +1,14 @@
 """The int4-quantized example model through export: identical outputs after load in a fresh process, and its
 ONNX (MatMulNBits) runs in onnxruntime and matches the quantized model."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import lmforge
 from examples.models.llama import LlamaDecodeStep, LlamaPrefill
 from lmforge.backends.onnx_export import to_onnx
-from lmforge.export import export
 
-from test_artifact import CHILD, REPO  # noqa: E402  (tests/export is on sys.path under pytest)
+from test_artifact import round_trip_in_child  # noqa: E402  (tests/export is on sys.path under pytest)
 
 PREFILL_DYNAMIC = {"tokens": {0: "batch", 1: "seq"}}
 DECODE_DYNAMIC = {"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"}, "v_cache": {1: "batch", 3: "past"}}
@@ -32,14 +27,7 @@ def int4_models(llama, make_tokens, make_decode_inputs):
 def test_int4_round_trip_in_a_fresh_process(tmp_path, int4_models, make_tokens, make_decode_inputs):
     pre, dec = int4_models
     cases = {"prefill": (pre, (make_tokens(3, 7, seed=5),)), "decode": (dec, make_decode_inputs(2, 6, seed=9))}
-    for name, (compiled, inputs) in cases.items():
-        export(compiled, tmp_path / name)
-        save_file({str(i): x for i, x in enumerate(inputs)}, str(tmp_path / f"{name}-inputs.safetensors"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *cases], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    outputs = load_file(str(tmp_path / "outputs.safetensors"))
+    outputs = round_trip_in_child(tmp_path, cases)
     for name, (compiled, inputs) in cases.items():
         for i, before in enumerate(compiled(*inputs)):
             assert torch.equal(outputs[f"{name}.{i}"], before)
