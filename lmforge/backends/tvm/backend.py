@@ -86,7 +86,7 @@ class TVMBackend:
         if cls is None:
             return None
         kernel = cls(node, self.values, self.cache, self.target)
-        return Kernel(kernel, self.name, kernel.describe())
+        return Kernel(kernel, self.name, kernel.describe(), reuse_output=kernel.enable_output_reuse)
 
     @staticmethod
     def cuda_sources(graph: Graph, arch: str, config: Mapping[str, Any] | None = None) -> dict[str, str]:

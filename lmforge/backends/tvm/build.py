@@ -135,6 +135,8 @@ class OpKernel:
         self._fns: dict[Any, Any] = {}
         self._main = None  # the packed function of variant 0 once resolved (False: its build failed)
         self.failures: dict[Any, str] = {}
+        self._reuse = False
+        self._buffers: dict[int, torch.Tensor] = {}  # output slot -> the buffer of the last call (reuse on)
 
     # ---- to define in subclasses ------------------------------------------------------------------
     def key(self) -> tuple:
@@ -179,6 +181,26 @@ class OpKernel:
         if fn is None:
             fn = self._main = self.fn(0) or False
         return fn
+
+    def enable_output_reuse(self) -> None:
+        """Let every call write into the previous call's output buffer when the shape is the same.
+
+        The generated code turns this on for nodes whose outputs do not leave the graph (nor alias a value
+        that does), so the buffer is dead by the next call. It saves a `torch.empty` (~1 us) per kernel call,
+        a tenth of the cost of a small decode-step kernel. One buffer per output, replaced when the shape
+        changes, so memory stays bounded when the shapes vary (prefill lengths).
+        """
+        self._reuse = True
+
+    def empty(self, shape, slot: int = 0) -> torch.Tensor:
+        """An fp32 output buffer of `shape`: fresh, or the last call's when output reuse is on."""
+        if self._reuse:
+            buf = self._buffers.get(slot)
+            if buf is not None and buf.shape == shape:
+                return buf
+            buf = self._buffers[slot] = torch.empty(shape, dtype=F32)
+            return buf
+        return torch.empty(shape, dtype=F32)
 
     def run_reference(self, *inputs, **attrs):
         """The op's torch reference on the same arguments (attrs the caller left out come from the node)."""

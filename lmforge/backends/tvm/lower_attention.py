@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from lmforge.backends.tvm.build import F32, Lowered, OpKernel, ready
+from lmforge.backends.tvm.build import Lowered, OpKernel, ready
 from lmforge.backends.tvm.fast_math import exp_f32
 from lmforge.backends.tvm.knobs import largest_divisor
 from lmforge.ir.graph import Node
@@ -155,12 +154,12 @@ class AttentionKernel(OpKernel):
         if fn is False or mask is not None:
             return self.run_reference(q, k, v, mask, **attrs)
         b, _, sq, _ = q.shape
-        out = torch.empty(b, self.hq, sq, self.dv, dtype=F32)
+        out = self.empty((b, self.hq, sq, self.dv))
         args = [ready(q), ready(k), ready(v)]
         if self.offset_mode == "dynamic":
             args.append(int(attrs["q_offset"]))
         if self.return_lse:
-            lse = torch.empty(b, self.hq, sq, dtype=F32)
+            lse = self.empty((b, self.hq, sq), slot=1)
             fn(*args, out, lse)
             return out, lse
         fn(*args, out)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from lmforge.backends.tvm.build import F32, Lowered, OpKernel, ready
+from lmforge.backends.tvm.build import Lowered, OpKernel, ready
 from lmforge.backends.tvm.fast_math import exp_f32
 from lmforge.ir.graph import Graph, Node
 
@@ -242,7 +241,6 @@ class ElementwiseKernel(OpKernel):
             return self.run_reference(*inputs, **attrs)
         tensors = [ready(inputs[i]) for i in self.tensor_inputs]
         src = self.shape_source
-        out = torch.empty_like(tensors[src]) if isinstance(src, int) else torch.empty(*self.output_shape(tensors),
-                                                                                      dtype=F32)
+        out = self.empty(tensors[src].shape if isinstance(src, int) else tuple(self.output_shape(tensors)))
         fn(*tensors, out)
         return out

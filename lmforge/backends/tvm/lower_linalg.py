@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from lmforge.backends.tvm.build import F32, Lowered, OpKernel, ready
+from lmforge.backends.tvm.build import Lowered, OpKernel, ready
 from lmforge.backends.tvm.knobs import largest_divisor
 from lmforge.ir.graph import Node
 
@@ -232,10 +232,10 @@ class RowsKernel(OpKernel):
             fn = self._fns[lead] if lead in self._fns else self.fn(tuple(lead))
             if fn is None:
                 return self.run_reference(x, *weights, **attrs)
-            out = torch.empty(*lead, self.n, dtype=F32)
+            out = self.empty((*lead, self.n))
             fn(ready(x), *weights, out)
             return out
-        out = torch.empty(*lead, self.n, dtype=F32)
+        out = self.empty((*lead, self.n))
         x2 = ready(x).view(rows, self.k)
         o2 = out.view(rows, self.n)
         if rows <= self.max_rows:
@@ -387,6 +387,6 @@ class BatchedMatmulKernel(OpKernel):
         if fn is False:
             return self.run_reference(a, b, **attrs)
         m, n = a.shape[-2], b.shape[-1]
-        out = torch.empty(*a.shape[:-1], n, dtype=F32)
+        out = self.empty((*a.shape[:-1], n))
         fn(ready(a).view(-1, m, self.k), ready(b).view(-1, self.k, n), out.view(-1, m, n))
         return out

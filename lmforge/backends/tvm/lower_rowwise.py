@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.backends.tvm.build import F32, Lowered, OpKernel, ready
+from lmforge.backends.tvm.build import Lowered, OpKernel, ready
 from lmforge.backends.tvm.fast_math import exp_f32
 from lmforge.backends.tvm.knobs import largest_divisor
 from lmforge.backends.tvm.lower_elementwise import BroadcastTE, broadcast_plan, out_shape_source
@@ -125,7 +125,7 @@ class RMSNormKernel(OpKernel):
         if fn is False:
             return self.run_reference(x, w, **attrs)
         x = ready(x)
-        out = torch.empty_like(x)
+        out = self.empty(x.shape)
         if self.has_weight:
             fn(x, ready(w), out)
         else:
@@ -162,7 +162,7 @@ class SoftmaxKernel(OpKernel):
         if fn is False or x.numel() == 0:
             return self.run_reference(x, **attrs)
         x = ready(x)
-        out = torch.empty_like(x)
+        out = self.empty(x.shape)
         fn(x, out)
         return out
 
@@ -213,7 +213,7 @@ class RopeKernel(OpKernel):
         if fn is False:
             return self.run_reference(x, cos, sin, **attrs)
         x = ready(x)
-        out = torch.empty_like(x)
+        out = self.empty(x.shape)
         fn(x, ready(cos), ready(sin), out)
         return out
 
@@ -245,6 +245,6 @@ class EmbeddingKernel(OpKernel):
         fn = self._main or self.main()
         if fn is False:
             return self.run_reference(ids, w, **attrs)
-        out = torch.empty(*ids.shape, self.dim, dtype=F32)
+        out = self.empty((*ids.shape, self.dim))
         fn(ready(ids), ready(w), out)
         return out

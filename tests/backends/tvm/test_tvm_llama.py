@@ -82,3 +82,43 @@ def test_symbolic_batch_graph_runs_every_batch(tiny_step, tvm_backend):
         with torch.no_grad():
             got, want = compiled(*inputs(batch)), step(*inputs(batch))
         assert all(relative_error(g_, w_) <= 1e-5 for g_, w_ in zip(got, want))
+
+
+def test_decode_step_executor_plans(tiny_step, tvm_backend):
+    """The generated code writes each layer's appended cache into its row of the returned stack, keeps views
+    inline, reuses the buffers of values that stay inside the step, and still returns fresh outputs: results
+    of an earlier call are not overwritten by a later one with other inputs."""
+    from lmforge.backends.codegen import escaping_values, plan_stacked_appends
+
+    cfg, step = tiny_step
+    g = torch.Generator().manual_seed(7)
+
+    def inputs(past):
+        shape = (cfg.n_layers, 2, cfg.n_kv_heads, past, cfg.head_dim)
+        return (torch.randint(0, cfg.vocab_size, (2, 1), generator=g), torch.randn(shape, generator=g),
+                torch.randn(shape, generator=g))
+
+    first = inputs(4)
+    graph = lmforge.compile(step, first, dynamic={"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"},
+                                                   "v_cache": {1: "batch", 3: "past"}}).graph
+    compiled = CompiledModel(graph, backends=[tvm_backend(), TorchReference()])
+    plan = plan_stacked_appends(graph, compiled.kernels)
+    appends = [i for i, n in enumerate(graph.nodes) if n.op == "kv_cache_append"]
+    assert sorted(plan.appends) == appends and len(plan.concats) == 2   # K and V stacks, every layer
+    escaping = escaping_values(graph)
+    assert {v.name for v in graph.outputs} <= escaping
+    assert not any(v.name in escaping for n in graph.nodes if n.op == "rmsnorm" for v in n.outputs)
+    source = compiled._fn.__lmforge_source__
+    assert ".reshape(" in source and "out=_stack" in source
+    with torch.no_grad():
+        got1 = compiled(*first)
+        kept = [t.clone() for t in got1]
+        second = inputs(9)                                # another batch of inputs and another cache length
+        got2 = compiled(*second)
+        want2 = step(*second)
+    for a, b in zip(got1, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the first call's outputs were not reused
+    for g_, w_ in zip(got2, want2):
+        assert relative_error(g_, w_) <= 1e-5
+    for g_, w_ in zip(got1, step(*first)):
+        assert relative_error(g_, w_) <= 1e-5
