@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-
 from lmforge.backends.tvm.build import Lowered, OpKernel, ready
 from lmforge.backends.tvm.fast_math import exp_f32
 from lmforge.ir.graph import Graph, Node
