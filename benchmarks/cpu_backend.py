@@ -1,7 +1,7 @@
 """The TVM backend on this CPU: matmul GFLOP/s against torch and MetaSchedule, decode tokens/s of the example Llama.
 
     .venv/bin/python benchmarks/cpu_backend.py [--threads 1] [--trials 16] [--rounds 5] [--past 128]
-                                               [--only matmul,decode,int8] [--skip-metaschedule] [--out FILE]
+                                               [--only matmul,decode,int8,sparse] [--skip-metaschedule] [--out FILE]
 
 (a) matmul   1024^3 fp32 GFLOP/s: torch (MKL) vs lmforge (TVM kernel, default knobs and after `tune_op`: TPE
              over the gemm knobs, --trials real measurements) vs TVM MetaSchedule (`tvm.s_tir.meta_schedule`,
@@ -10,6 +10,7 @@
              8: lmforge (TVM backend + torch reference for views/concat) vs torch eager vs torch.compile.
 (c) int8     the "100m" preset, batch 1: int8 weight-only (the quant pass's linear_wo, group 128, LM head
              included, run by the TVM kernels) vs fp32 eager; the TVM fp32 graph beside it.
+(d) sparse   causal prefill attention (8 x 1024 x 64): block-sparse from block lists vs dense, on TVM, and SDPA.
 
 Every comparison runs in the same process at the same thread count (torch.set_num_threads and
 TVM_NUM_THREADS, set before TVM loads). Timings are medians: each variant is timed in --rounds rounds,
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=16, help="measured trials of each matmul search")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per variant")
     p.add_argument("--past", type=int, default=128, help="cached tokens before the timed decode step")
-    p.add_argument("--only", default="matmul,decode,int8", help="comma-separated parts to run")
+    p.add_argument("--only", default="matmul,decode,int8,sparse", help="comma-separated parts to run")
     p.add_argument("--skip-metaschedule", action="store_true", help="leave MetaSchedule out of (a)")
     p.add_argument("--out", help="write the results as JSON here")
     return p.parse_args(argv)
@@ -226,6 +227,51 @@ def bench_int8(args) -> dict:
             "vs_fp32_eager": {name: eager / t for name, (t, _, _) in times.items()}, "rel_err": errs}
 
 
+def bench_sparse(args) -> dict:
+    """(d) causal prefill attention, 8 heads x 1024 tokens x 64: block-sparse (blocks of 64, a FlexPrefill-like
+    mask: the diagonal block, the first (sink) block and a random quarter of the rest) vs dense causal, both on
+    the TVM backend, and torch SDPA (causal) beside them."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.backends.torch import TorchReference
+    from lmforge.backends.tvm import TVMBackend
+    from lmforge.compiler import CompiledModel
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+
+    h, s, d, bs = 8, 1024, 64, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, s, d, generator=g) for _ in range(3))
+    n = s // bs
+    causal_blocks = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = (torch.rand(1, h, n, n, generator=g) < 0.25) & causal_blocks
+    mask |= torch.eye(n, dtype=torch.bool)
+    mask[..., 0] = True
+    density = float(mask.sum() / (causal_blocks.sum() * h))
+
+    def graph(op, extra, attrs):
+        b = GraphBuilder(op)
+        ins = [b.input(name, TensorType.of(t)) for name, t in zip("qkvm", (q, k, v, *extra))]
+        return b.build([b.op(op, ins, attrs)])
+
+    backend = TVMBackend()
+    sparse = CompiledModel(graph("block_sparse_attention", [mask], {"block_size": bs}), [backend, TorchReference()])
+    dense = CompiledModel(graph("attention", [], {"causal": True}), [backend, TorchReference()])
+    reference = CompiledModel(graph("block_sparse_attention", [mask], {"block_size": bs}), [TorchReference()])
+    with torch.no_grad():
+        err = relative_error(sparse(q, k, v, mask), reference(q, k, v, mask))
+        dense_err = relative_error(dense(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    times = interleaved({"torch SDPA causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                         "lmforge tvm dense causal": lambda: dense(q, k, v),
+                         "lmforge tvm block-sparse": lambda: sparse(q, k, v, mask)}, args.rounds, 3)
+    sdpa = times["torch SDPA causal"][0]
+    return {"shape": [1, h, s, d], "block_size": bs, "density_of_causal_blocks": density,
+            "ms": {name: [t * 1e3, lo * 1e3, hi * 1e3] for name, (t, lo, hi) in times.items()},
+            "vs_sdpa": {name: sdpa / t for name, (t, _, _) in times.items()},
+            "rel_err_vs_reference": err, "dense_rel_err_vs_sdpa": dense_err}
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 
 def environment(args) -> dict:
@@ -277,6 +323,15 @@ def print_tables(results: dict) -> None:
             ms, lo, hi = q["step_ms"][name]
             print(f"{name:<18} {tps:10.1f} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {q['vs_fp32_eager'][name]:13.2f}x")
         print(f"rel err of logits: {q['rel_err']}")
+    if "sparse" in results:
+        r = results["sparse"]
+        print(f"\n(d) causal prefill attention {r['shape']}, blocks of {r['block_size']}, block-sparse keeps "
+              f"{r['density_of_causal_blocks']:.0%} of the causal blocks")
+        print(f"{'variant':<26} {'ms (min..max)':>24} {'vs SDPA':>8}")
+        for name, (ms, lo, hi) in r["ms"].items():
+            print(f"{name:<26} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {r['vs_sdpa'][name]:7.2f}x")
+        print(f"rel err: block-sparse vs reference {r['rel_err_vs_reference']:.1e}, dense vs SDPA "
+              f"{r['dense_rel_err_vs_sdpa']:.1e}")
 
 
 def main(argv=None) -> dict:
@@ -287,7 +342,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     parts = set(args.only.split(","))
     results: dict = {"env": environment(args)}
-    for name, fn in (("matmul", bench_matmul), ("decode", bench_decode), ("int8", bench_int8)):
+    for name, fn in (("matmul", bench_matmul), ("decode", bench_decode), ("int8", bench_int8),
+                     ("sparse", bench_sparse)):
         if name in parts:
             print(f"running ({name}) ...", flush=True)
             results[name] = fn(args)

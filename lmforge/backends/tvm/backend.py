@@ -13,6 +13,7 @@ every node with the same computation (see lmforge.backends.tvm.build).
 What is lowered (fp32 unless noted):
   linear, matmul (2-D right operand; batched with equal batch dims), linear_wo (int8 / int4 weights),
   attention (dense, causal, window + sinks, decode with a KV cache, GQA, lse; no mask input),
+  block_sparse_attention (causal, over per-query-block lists of kept key blocks made from the block mask),
   rmsnorm (ndim=1), softmax (last axis), rope, embedding (int64 ids), fused elementwise regions and single
   elementwise ops (add, sub, mul, div, pow, maximum, minimum, neg, exp, log, sqrt, rsqrt, abs, sin, cos,
   tanh, sigmoid, relu, silu, reciprocal, gelu, pow_scalar, cast to fp32).
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 from lmforge.backends.codegen import Kernel
 from lmforge.backends.tvm.build import BuildCache, OpKernel
 from lmforge.backends.tvm.knobs import KNOBS, resolve
-from lmforge.backends.tvm.lower_attention import AttentionKernel
+from lmforge.backends.tvm.lower_attention import AttentionKernel, BlockSparseAttentionKernel
 from lmforge.backends.tvm.lower_elementwise import ELEMENTWISE, ElementwiseKernel
 from lmforge.backends.tvm.lower_linalg import BatchedMatmulKernel, LinearKernel, LinearWOKernel, MatmulKernel
 from lmforge.backends.tvm.lower_rowwise import EmbeddingKernel, RMSNormKernel, RopeKernel, SoftmaxKernel
@@ -41,6 +42,7 @@ LOWERINGS: dict[str, tuple[type[OpKernel], ...]] = {
     "linear_wo": (LinearWOKernel,),
     "matmul": (MatmulKernel, BatchedMatmulKernel),
     "attention": (AttentionKernel,),
+    "block_sparse_attention": (BlockSparseAttentionKernel,),
     "rmsnorm": (RMSNormKernel,),
     "softmax": (SoftmaxKernel,),
     "rope": (RopeKernel,),

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from lmforge.backends.tvm.build import Lowered, OpKernel, ready
 from lmforge.backends.tvm.fast_math import exp_f32
 from lmforge.backends.tvm.knobs import largest_divisor
@@ -35,7 +37,6 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
     q = te.placeholder((batch, hq, sq, d), "float32", name="q")
     k = te.placeholder((batch, hkv, skv, d), "float32", name="k")
     v = te.placeholder((batch, hkv, skv, dv), "float32", name="v")
-    group = hq // hkv
     scalars = []
     if q_offset == "dynamic":
         offset = te.var("q_offset")
@@ -44,18 +45,8 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
         offset = skv - sq
     else:
         offset = tirx.const(int(q_offset), "int32")
-    lanes = largest_divisor(d, vec)
-    d0 = te.reduce_axis((0, d // lanes), "d0")
-    part = te.compute((batch, hq, sq, skv, lanes), lambda b, h, i, j, l: te.sum(
-        q[b, h, i, d0 * lanes + l] * k[b, h // group, j, d0 * lanes + l], axis=d0), name="part")
-    lane = te.reduce_axis((0, lanes), "lane")
-    dots = te.compute((batch, hq, sq, skv), lambda b, h, i, j: te.sum(part[b, h, i, j, lane], axis=lane),
-                      name="scores")
 
-    def s(b, h, i, j):
-        return dots[b, h, i, j] * tirx.const(scale, "float32")
-
-    def visible(i, j):
+    def visible(b, h, i, j):
         pos = offset + i
         conds = []
         if causal:
@@ -67,27 +58,92 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
             return None
         return conds[0] if len(conds) == 1 else tirx.And(conds[0], conds[1])
 
+    outs = _softmax_stages(q, k, v, skv, lambda b, h, i, t: t, visible, scale=scale, return_lse=return_lse,
+                           vec=vec)
+    return Lowered("attention", [q, k, v], outs, scalars,
+                   info={"d": d, "dv": dv, "lanes": largest_divisor(d, vec), "return_lse": return_lse})
+
+
+def block_sparse_attention_lowered(hq: int, hkv: int, hm: int, d: int, dv: int, *, block_size: int, scale: float,
+                                   vec: int) -> Lowered:
+    """TE of causal attention over the key blocks listed per (batch, mask head, query block).
+
+    Extra inputs: `blocks` int32 [B, Hm, nQ, maxk], the kept key blocks of each query block (ascending; padded),
+    and `counts` int32 [B, Hm, nQ], how many of them are real. Row i of head h scans t in [0, maxk * bs):
+    key j = blocks[b, h', i // bs, t // bs] * bs + t % bs, visible iff t // bs < counts and j <= offset + i and
+    j < Skv, where h' = h (Hm = Hq) or h // (Hq / Hm). The work per row is maxk * bs keys instead of Skv.
+    """
+    from tvm import te, tirx
+
+    batch, sq, skv = te.var("batch"), te.var("sq"), te.var("skv")
+    nq, maxk = te.var("nq"), te.var("maxk")
+    q = te.placeholder((batch, hq, sq, d), "float32", name="q")
+    k = te.placeholder((batch, hkv, skv, d), "float32", name="k")
+    v = te.placeholder((batch, hkv, skv, dv), "float32", name="v")
+    blocks = te.placeholder((batch, hm, nq, maxk), "int32", name="blocks")
+    counts = te.placeholder((batch, hm, nq), "int32", name="counts")
+    offset = skv - sq
+    mask_group = hq // hm
+
+    def key_of(b, h, i, t):
+        j = blocks[b, h // mask_group, i // block_size, t // block_size] * block_size + t % block_size
+        return tirx.min(j, skv - 1)  # the tail of the last block reads a valid row; visible() drops it
+
+    def visible(b, h, i, t):
+        j = blocks[b, h // mask_group, i // block_size, t // block_size] * block_size + t % block_size
+        real = t // block_size < counts[b, h // mask_group, i // block_size]
+        return tirx.And(real, tirx.And(j <= offset + i, j < skv))
+
+    outs = _softmax_stages(q, k, v, maxk * block_size, key_of, visible, scale=scale, return_lse=False, vec=vec,
+                           visible_by_slot=True)
+    return Lowered("attention", [q, k, v, blocks, counts], outs, [],
+                   info={"d": d, "dv": dv, "lanes": largest_divisor(d, vec), "return_lse": False})
+
+
+def _softmax_stages(q, k, v, n_keys, key_of, visible, *, scale: float, return_lse: bool, vec: int,
+                    visible_by_slot: bool = False) -> list:
+    """The stages of the module docstring over key slots t in [0, n_keys): slot t reads key row key_of(b, h, i, t)
+    and counts iff visible(b, h, i, j) (j = key_of(...); or the slot t itself when visible_by_slot) holds."""
+    from tvm import te, tirx
+
+    batch, hq, sq, d = q.shape
+    hkv, dv = k.shape[1], v.shape[3]
+    group = hq // hkv
+    lanes = largest_divisor(int(d), vec)
+    d0 = te.reduce_axis((0, int(d) // lanes), "d0")
+    part = te.compute((batch, hq, sq, n_keys, lanes), lambda b, h, i, t, l: te.sum(
+        q[b, h, i, d0 * lanes + l] * k[b, h // group, key_of(b, h, i, t), d0 * lanes + l], axis=d0), name="part")
+    lane = te.reduce_axis((0, lanes), "lane")
+    dots = te.compute((batch, hq, sq, n_keys), lambda b, h, i, t: te.sum(part[b, h, i, t, lane], axis=lane),
+                      name="scores")
+
+    def s(b, h, i, t):
+        return dots[b, h, i, t] * tirx.const(scale, "float32")
+
+    def vis(b, h, i, t):
+        return visible(b, h, i, t if visible_by_slot else key_of(b, h, i, t))
+
     lowest = tirx.min_value("float32")
     zero = tirx.const(0.0, "float32")
-    jr = te.reduce_axis((0, skv), "jm")
+    jr = te.reduce_axis((0, n_keys), "jm")
 
-    def masked(b, h, i, j):
-        vis = visible(i, j)
-        return s(b, h, i, j) if vis is None else tirx.Select(vis, s(b, h, i, j), lowest)
+    def masked(b, h, i, t):
+        cond = vis(b, h, i, t)
+        return s(b, h, i, t) if cond is None else tirx.Select(cond, s(b, h, i, t), lowest)
 
     mx = te.compute((batch, hq, sq), lambda b, h, i: te.max(masked(b, h, i, jr), axis=jr), name="row_max")
 
-    def prob(b, h, i, j):
-        e = exp_f32(s(b, h, i, j) - mx[b, h, i])
-        vis = visible(i, j)
-        return e if vis is None else tirx.Select(vis, e, zero)
+    def prob(b, h, i, t):
+        e = exp_f32(s(b, h, i, t) - mx[b, h, i])
+        cond = vis(b, h, i, t)
+        return e if cond is None else tirx.Select(cond, e, zero)
 
-    p = te.compute((batch, hq, sq, skv), prob, name="probs")
-    js = te.reduce_axis((0, skv), "js")
+    p = te.compute((batch, hq, sq, n_keys), prob, name="probs")
+    js = te.reduce_axis((0, n_keys), "js")
     denom = te.compute((batch, hq, sq), lambda b, h, i: te.sum(p[b, h, i, js], axis=js), name="row_sum")
-    jv = te.reduce_axis((0, skv), "jv")
-    acc = te.compute((batch, hq, sq, dv), lambda b, h, i, e: te.sum(p[b, h, i, jv] * v[b, h // group, jv, e], axis=jv),
-                     name="acc")
+    jv = te.reduce_axis((0, n_keys), "jv")
+    acc = te.compute((batch, hq, sq, dv), lambda b, h, i, e: te.sum(
+        p[b, h, i, jv] * v[b, h // group, key_of(b, h, i, jv), e], axis=jv), name="acc")
     out = te.compute((batch, hq, sq, dv), lambda b, h, i, e: tirx.Select(
         denom[b, h, i] > zero, acc[b, h, i, e] / denom[b, h, i], zero), name="out")
     outs = [out]
@@ -96,8 +152,7 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
         lse = te.compute((batch, hq, sq), lambda b, h, i: tirx.Select(
             denom[b, h, i] > zero, mx[b, h, i] + te.log(denom[b, h, i]), neg_inf), name="lse")
         outs.append(lse)
-    return Lowered("attention", [q, k, v], outs, scalars,
-                   info={"d": d, "dv": dv, "lanes": lanes, "return_lse": return_lse})
+    return outs
 
 
 class AttentionKernel(OpKernel):
@@ -162,4 +217,63 @@ class AttentionKernel(OpKernel):
             fn(*args, out, lse)
             return out, lse
         fn(*args, out)
+        return out
+
+
+class BlockSparseAttentionKernel(OpKernel):
+    """block_sparse_attention(q, k, v, block_mask; block_size, scale) on fp32: the boolean block mask becomes
+    per-query-block lists of kept key blocks (on the torch side, per call), and the kernel visits only those."""
+
+    family = "attention"
+
+    @staticmethod
+    def supports(node: Node) -> bool:
+        q, k, v, mask = node.inputs
+        if any(t is None or t.type.dtype != "float32" or t.type.rank != 4 for t in (q, k, v)):
+            return False
+        fixed = (q.type.shape[1], k.type.shape[1], q.type.shape[3], k.type.shape[3], v.type.shape[3],
+                 mask.type.shape[1])
+        if not all(isinstance(x, int) for x in fixed) or mask.type.dtype != "bool":
+            return False
+        hq, hkv, d, dk, _, hm = fixed
+        return hq % hkv == 0 and d == dk and hm in (hq, hkv)
+
+    def __init__(self, node, knobs, cache, target):
+        super().__init__(node, knobs, cache, target)
+        q, k, v, mask = node.inputs
+        self.hq, self.hkv, self.d = q.type.shape[1], k.type.shape[1], q.type.shape[3]
+        self.dv, self.hm = v.type.shape[3], mask.type.shape[1]
+        self.block_size = int(self.attrs["block_size"])
+        scale = self.attrs["scale"]
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(self.d)
+
+    def key(self):
+        return ("block_sparse_attention", self.hq, self.hkv, self.hm, self.d, self.dv, self.block_size, self.scale)
+
+    def lower(self, variant) -> Lowered:
+        return block_sparse_attention_lowered(self.hq, self.hkv, self.hm, self.d, self.dv, block_size=self.block_size,
+                                              scale=self.scale, vec=int(self.knobs["tvm.attention.vec"]))
+
+    def describe(self) -> str:
+        return f"block-sparse attention bs={self.block_size} Hq={self.hq} Hkv={self.hkv} D={self.d}"
+
+    @staticmethod
+    def block_lists(mask: torch.Tensor):
+        """Bool [B, Hm, nQ, nK] -> (blocks int32 [B, Hm, nQ, maxk] ascending, padded; counts int32 [B, Hm, nQ])."""
+        counts = mask.sum(-1, dtype=torch.int32)
+        maxk = max(1, int(counts.max())) if counts.numel() else 1
+        # a stable sort of ~mask puts the kept blocks first, in ascending order
+        blocks = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :maxk]
+        return blocks.to(torch.int32).contiguous(), counts.contiguous()
+
+    def __call__(self, q, k, v, block_mask, **attrs):
+        fn = self._main or self.main()
+        if fn is False:
+            return self.run_reference(q, k, v, block_mask, **attrs)
+        b, _, sq, _ = q.shape
+        if block_mask.shape[0] != b or block_mask.dtype != torch.bool:
+            return self.run_reference(q, k, v, block_mask, **attrs)  # a broadcast mask: not this kernel's layout
+        blocks, counts = self.block_lists(block_mask)
+        out = self.empty((b, self.hq, sq, self.dv))
+        fn(ready(q), ready(k), ready(v), blocks, counts, out)
         return out

@@ -149,6 +149,32 @@ def test_attention_symbolic_cache_length_and_offset(tvm_backend, single_op_graph
     assert len(kernel._fns) == 1 and not kernel.failures
 
 
+BLOCK_SPARSE_CASES = [  # q shape, k shape, mask heads, block size, keep probability
+    ((1, 2, 8, 16), (1, 2, 8, 16), 2, 4, 0.5),        # prefill, mask per query head
+    ((2, 4, 11, 16), (2, 2, 11, 16), 2, 4, 0.6),      # GQA, mask per KV head, ragged last block
+    ((1, 4, 6, 8), (1, 1, 13, 8), 4, 3, 0.4),         # a chunk at the end of a longer cache (q_offset 7), MQA
+    ((1, 2, 9, 16), (1, 2, 9, 16), 2, 2, 0.0),        # nothing kept: every row is empty -> zeros
+]
+
+
+@pytest.mark.parametrize("q_shape,k_shape,hm,bs,keep", BLOCK_SPARSE_CASES)
+def test_block_sparse_attention(tvm_backend, run_on_tvm, randn, q_shape, k_shape, hm, bs, keep):
+    """Visits only the listed key blocks and matches the reference (which masks the dense scores)."""
+    q, k, v = randn(*q_shape, seed=21), randn(*k_shape, seed=22), randn(*k_shape, seed=23)
+    nq, nk = -(-q_shape[2] // bs), -(-k_shape[2] // bs)
+    g = torch.Generator().manual_seed(24)
+    mask = torch.rand(q_shape[0], hm, nq, nk, generator=g) < keep
+    got, want, compiled = run_on_tvm(tvm_backend(), "block_sparse_attention", [q, k, v, mask], {"block_size": bs})
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple)
+                               else want, rtol=1e-5, atol=1e-5)
+    assert not compiled.kernels[0].fn.failures                   # the TVM build ran, not the fallback
+    blocks, counts = compiled.kernels[0].fn.block_lists(mask)
+    assert blocks.shape[-1] == max(1, int(mask.sum(-1).max()))    # the kernel's key extent is the densest row's
+    assert torch.equal(counts, mask.sum(-1).int())
+    if keep == 0.0:
+        assert torch.count_nonzero(got[0] if isinstance(got, tuple) else got) == 0
+
+
 ROWWISE_CASES = [  # op, input shapes, attrs
     ("rmsnorm", [(2, 1, 64), (64,)], {"eps": 1e-5}),
     ("rmsnorm", [(3, 5, 48)], {}),                      # no weight, eps = finfo.eps
