@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--quick] [--only SUBSTRING]
 
 Runs from a plain checkout (the repo root goes on sys.path; nothing is installed). For every case of
-benchmarks/gpu_cases/{attention,quant,norms}.py: run the kernel and the reference, check allclose and the
+benchmarks/gpu_cases/{attention,quant,norms,artifact}.py: run the kernel and the reference, check allclose and the
 relative L2 error, then time kernel and baseline with triton.testing.do_bench (median) and report
 speedup = baseline / kernel; then time both again as pure GPU time (CUDA graphs, cold L2: see
 gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and TFLOP/s from the GPU time
@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CASE_MODULES = ("attention", "quant", "norms")
+CASE_MODULES = ("attention", "quant", "norms", "artifact")
 # Peak HBM bandwidth (bytes/s) by device-name fragment, from NVIDIA's datasheets.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
                   "A100-SXM4-80GB": 2.04e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12}

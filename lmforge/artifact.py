@@ -11,7 +11,9 @@ An artifact directory (written by `lmforge.export.export`) holds `manifest.json`
 3. checks the requested device/target against the targets the artifact was built for;
 4. parses graph.json and weights.safetensors from the very bytes that were hashed (never a second read),
    never unpickling anything (`torch.load` is not used), and checks the weights against the graph's params;
-5. builds a CompiledModel run by the torch reference backend.
+5. builds a CompiledModel run by the torch reference backend; on a CUDA device, when a GPU target's Triton
+   kernels (kernels/<target>/triton/, see lmforge.backends.triton.artifact_kernels) were built for this
+   GPU's arch, their cubins run the nodes they serve (`kernels="auto" | "required" | "none"`, see `load`).
 
 Every failure is an ArtifactError or TargetError raised here, saying what is wrong and what to do, with
 the library exception that detected it suppressed (`from None`). The sha256 sums detect corruption and
@@ -307,28 +309,94 @@ def inspect_artifact(path) -> dict:
     return manifest
 
 
-def load(path, device: str = "cpu", *, target: str | None = None):
-    """The CompiledModel exported at `path`, on `device`, run by the torch reference backend.
+KERNEL_MODES = ("auto", "required", "none")
 
-    target: the target whose configuration you want (default: the one the artifact was compiled for);
-    TargetError when the artifact was not built for it or for the device's kind.
+
+def load(path, device: str = "cpu", *, target: str | None = None, kernels: str = "auto"):
+    """The CompiledModel exported at `path`, on `device`.
+
+    target:  the target whose configuration you want (default: the one the artifact was compiled for);
+             TargetError when the artifact was not built for it or for the device's kind.
+    kernels: what runs the graph on a CUDA device (ignored on the CPU, where the torch reference runs):
+             "auto"      the artifact's Triton cubins for the nodes they serve when a GPU target's arch matches
+                         this GPU (kernels/<target>/triton/), the torch reference for the rest; without a
+                         matching arch (or if a cubin fails to load) the reference alone, with a warning;
+             "required"  the same, but an LmforgeError instead of the warning (and on the CPU);
+             "none"      the torch reference alone.
 
         model = lmforge.load("out/tiny-llama")
         logits, k, v = model(tokens, k_cache, v_cache)
+        gpu = lmforge.load("out/tiny-llama", device="cuda", kernels="required")
     """
     from dataclasses import replace
 
     from lmforge.backends import default_backends
     from lmforge.compiler import CompiledModel
 
+    if kernels not in KERNEL_MODES:
+        raise LmforgeError(f"kernels={kernels!r}: use one of {KERNEL_MODES}")
     root = artifact_dir(path)
     manifest = read_manifest(root)
+    if kernels == "required" and not str(device).startswith("cuda"):
+        raise LmforgeError(f"kernels='required' asks for the artifact's GPU kernels, which run on a CUDA device, "
+                           f"not {device!r}: load with device='cuda' on a GPU machine, or kernels='auto'")
     check_target(manifest, device, target)
-    data = check_files(root, manifest)
+    gpu_kernels = kernels != "none" and str(device).startswith("cuda")
+    keep = (GRAPH_FILE, WEIGHTS_FILE) + tuple(rel for rel in manifest["files"]
+                                              if gpu_kernels and re.fullmatch(r"kernels/[^/]+/triton/.+", rel))
+    data = check_files(root, manifest, keep)
     graph = _parse_graph(data[GRAPH_FILE], manifest)
     weights = _parse_weights(data[WEIGHTS_FILE], graph)
     graph = replace(graph, weights=weights)
     chosen = next((t["name"] for t in manifest["targets"] if target and t["name"].lower() == target.lower()),
                   manifest["target"])
-    return CompiledModel(graph, default_backends(("torch",)), device, chosen, manifest["config"],
-                         manifest.get("pass_report", ""))
+    backends = default_backends(("torch",))
+    triton_dir = _matching_triton_dir(manifest, data, device, kernels == "required") if gpu_kernels else None
+    if triton_dir:
+        cubins = _load_cubins(triton_dir, data, kernels == "required")
+        if cubins is None:
+            triton_dir = None
+        else:
+            backends = [cubins, *backends]
+    model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
+    model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
+    return model
+
+
+def _matching_triton_dir(manifest: dict, data: dict[str, bytes], device, required: bool) -> str | None:
+    """kernels/<target>/triton whose index is for the arch of `device`, or None after a warning (an
+    LmforgeError when `required`)."""
+    from lmforge.backends.triton.artifact_kernels import local_arch, read_index, warn_or_raise
+
+    arch = local_arch(device)
+    archs = {}
+    for rel in sorted(data):
+        if re.fullmatch(r"kernels/[^/]+/triton/index\.json", rel):
+            archs[rel.rsplit("/", 1)[0]] = read_index(data[rel], rel).get("arch")
+    matching = [d for d, a in archs.items() if a == arch]
+    if matching:
+        return matching[0]
+    have = ", ".join(f"{d.split('/')[1]} ({a})" for d, a in archs.items()) or "none"
+    what = ("Export it with add_gpu_kernels([...]) / `lmforge export --kernels` for a target of this GPU's arch"
+            if required else "The torch reference runs on the GPU instead")
+    warn_or_raise(f"artifact {manifest['name']!r} has no Triton kernels for this GPU ({arch}); it has: {have}. {what}",
+                  required)
+    return None
+
+
+def _load_cubins(triton_dir: str, data: dict[str, bytes], required: bool):
+    """The CubinBackend of `triton_dir` (files already hash-checked), or None after a warning when a kernel
+    cannot be loaded on this GPU (LmforgeError instead when `required`)."""
+    from lmforge.backends.triton.artifact_kernels import load_kernels, read_index, warn_or_raise
+
+    index = read_index(data[f"{triton_dir}/index.json"], f"{triton_dir}/index.json")
+    files = {rel[len(triton_dir) + 1:]: blob for rel, blob in data.items() if rel.startswith(triton_dir + "/")}
+    try:
+        return load_kernels(index, files, triton_dir)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # the driver or Triton's runtime refused a binary (arch, version, resources)
+        what = "Export the artifact again on this machine" if required else "The torch reference runs instead"
+        warn_or_raise(f"the Triton kernels in {triton_dir} could not be loaded on this GPU ({type(exc).__name__}: "
+                      f"{str(exc)[:300]}; built with Triton {index.get('triton_version')}). {what}", required)
+        return None

@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
     from lmforge.ir.types import eval_dim, torch_dtype
 
     manifest = inspect_artifact(args.artifact)
-    model = lmforge.load(args.artifact, device=args.device)
+    model = lmforge.load(args.artifact, device=args.device, kernels=args.kernels)
     dims = dict(model.graph.get_meta("example_dims") or ())
     for item in args.dim or []:
         name, _, value = item.partition("=")
@@ -129,7 +129,8 @@ def cmd_run(args) -> int:
     for v in model.graph.inputs:
         shape = [eval_dim(d, dims) for d in v.type.shape]
         dtype = torch_dtype(v.type.dtype)
-        inputs.append(torch.randint(0, 2, shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape))
+        inputs.append(torch.randint(0, 2, shape, dtype=dtype, device=args.device) if not dtype.is_floating_point
+                      else torch.randn(shape, device=args.device))
     out = model(*inputs)
     leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
     print(f"{manifest.get('name')}: ran on {args.device} with inputs "
@@ -208,11 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="h100")
     e.add_argument("--out", required=True)
     e.add_argument("--config", default=None, choices=[None, "best"], help="'best': the tuned config for the target")
-    e.add_argument("--kernels", action="store_true", help="also generate the target GPU's kernels (CUDA source)")
+    e.add_argument("--kernels", action="store_true",
+                   help="also build the target GPU's kernels: Triton PTX/cubin (launched by `run --device cuda` on "
+                        "that GPU) and TVM CUDA source")
     e.set_defaults(fn=cmd_export)
     ru = sub.add_parser("run", help="load an artifact (checking every file) and run it on random inputs")
     ru.add_argument("artifact")
     ru.add_argument("--device", default="cpu")
+    ru.add_argument("--kernels", default="auto", choices=["auto", "required", "none"],
+                    help="on a GPU: launch the artifact's cubins when one matches the GPU (auto: else the torch "
+                         "reference with a warning; required: else an error; none: always the reference)")
     ru.add_argument("--dim", action="append", help="value of a symbolic dim, e.g. --dim batch=4")
     ru.set_defaults(fn=cmd_run)
     ca = sub.add_parser("calibrate", help="fit the cost model's efficiency factors by timing ops here")

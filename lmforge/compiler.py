@@ -54,27 +54,61 @@ class CompiledModel:
             return outs[0] if len(outs) == 1 else outs
         return pytree.tree_unflatten(list(outs), self._out_spec)
 
-    def add_gpu_kernels(self, targets=("h100",)) -> dict[str, list[str]]:
+    def add_gpu_kernels(self, targets=("h100",), backends=("tvm", "triton")) -> dict[str, list[str]]:
         """Generate the GPU kernels of this graph for each target (no GPU needed) and keep them for export.
 
-        Today this is the TVM backend's CUDA source, one `.cu` file per distinct kernel plus an index
-        (`kernels.json`: which nodes each file serves, and which nodes stay with the reference). They land in
-        the artifact under `kernels/<target>/tvm-cuda/`. Returns {target: [file names]}.
+        backends: which producers run, each into its own folder of the artifact's `kernels/<target>/`:
+          "tvm"     the TVM backend's CUDA source, one `.cu` per distinct kernel plus `kernels.json` (which
+                    nodes each file serves, which stay with the reference), under `tvm-cuda/`;
+          "triton"  ahead-of-time Triton builds for the target's arch of every node the Triton backend
+                    claims on a GPU: `<name>.ptx`, `<name>.cubin`, `<name>.json` (launch metadata) and
+                    `index.json`, under `triton/` (see lmforge.backends.triton.artifact_kernels). The kernel
+                    configs are the Triton backend's (`TritonBackend(config)` among this model's backends),
+                    else each kernel's default. `lmforge.load(path, device="cuda")` launches these cubins on
+                    a GPU of that arch.
+        Returns {target: [file names]}: the TVM files by name (`kernels.json`, `*.cu`) and the Triton files as
+        `triton/<file>`.
         """
-        from lmforge.backends.tvm import TVMBackend
         from lmforge.hwmodels import get_target
 
+        unknown = set(backends) - {"tvm", "triton"}
+        if unknown:
+            raise LmforgeError(f"add_gpu_kernels backends must be among 'tvm', 'triton', not {sorted(unknown)}")
         self.kernel_files = dict(getattr(self, "kernel_files", {}) or {})
-        added = {}
+        archs = {}
         for name in targets:
-            arch = get_target(name).arch
-            if not arch.startswith("sm_"):
-                raise LmforgeError(f"target {name!r} ({arch}) is not a CUDA GPU; GPU kernels need e.g. h100 or a100")
-            sources = TVMBackend.cuda_sources(self.graph, arch, {k: v for k, v in self.config.items()
-                                                                 if k.startswith("tvm.")})
-            self.kernel_files[name] = {f"tvm-cuda/{f}": text.encode() for f, text in sources.items()}
-            added[name] = sorted(sources)
+            archs[name] = get_target(name).arch
+            if not archs[name].startswith("sm_"):
+                raise LmforgeError(f"target {name!r} ({archs[name]}) is not a CUDA GPU; GPU kernels need e.g. h100 "
+                                   "or a100")
+        triton_files = {}
+        if "triton" in backends and archs:  # one build batch for every target
+            from lmforge.backends.triton.artifact_kernels import build_for_targets
+
+            triton_files = build_for_targets(self.graph, archs, self._triton_configs())
+        added = {}
+        for name, arch in archs.items():
+            files, listed = {}, []
+            if "tvm" in backends:
+                from lmforge.backends.tvm import TVMBackend
+
+                sources = TVMBackend.cuda_sources(self.graph, arch, {k: v for k, v in self.config.items()
+                                                                     if k.startswith("tvm.")})
+                files.update({f"tvm-cuda/{f}": text.encode() for f, text in sources.items()})
+                listed += sorted(sources)
+            for f, data in sorted(triton_files.get(name, {}).items()):
+                files[f"triton/{f}"] = data
+                listed.append(f"triton/{f}")
+            self.kernel_files[name] = files
+            added[name] = listed
         return added
+
+    def _triton_configs(self) -> dict:
+        """The kernel configs of this model's Triton backend (name -> KernelConfig), empty when it has none."""
+        for backend in self.backends:
+            if getattr(backend, "name", None) == "triton":
+                return dict(getattr(backend, "config", {}) or {})
+        return {}
 
     def use_cuda_graphs(self, max_graphs: int = 8) -> "CompiledModel":
         """Replay the generated code as CUDA graphs (one per input shape); see lmforge.backends.cuda_graphs."""

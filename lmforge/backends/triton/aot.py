@@ -277,8 +277,10 @@ def _build_one(request: BuildRequest) -> KernelBinary:
                            f"{config.to_dict()}: {type(exc).__name__}: {str(exc)[:1500]}") from exc
     ptx = compiled.asm["ptx"]
     meta = compiled.metadata
+    raw = getattr(jit_fn, "fn", jit_fn)
     metadata = {
-        "kernel": jit_fn.__name__, "entry": meta.name, "num_warps": meta.num_warps,
+        "kernel": jit_fn.__name__, "entry": meta.name, "module": raw.__module__, "qualname": raw.__qualname__,
+        "arg_names": list(jit_fn.arg_names), "triton_metadata": _triton_metadata(compiled), "num_warps": meta.num_warps,
         "num_stages": meta.num_stages, "num_ctas": getattr(meta, "num_ctas", 1), "shared": meta.shared,
         **ptxas_resources(ptx, limits.capability), "signature": dict(request.signature),
         "constexprs": {k: _jsonable(v) for k, v in all_constexprs.items()},
@@ -287,6 +289,16 @@ def _build_one(request: BuildRequest) -> KernelBinary:
     }
     name = request.name or _default_name(jit_fn.__name__, request.arch, request.signature, all_constexprs, config)
     return KernelBinary(name, request.arch, ptx, bytes(compiled.asm["cubin"]), metadata)
+
+
+def _triton_metadata(compiled) -> dict:
+    """Triton's own metadata of a compiled kernel as the JSON object its cache stores (what
+    triton.compiler.CompiledKernel reads back to launch the binary; see cubin_runner)."""
+    group = getattr(compiled, "metadata_group", None) or {}
+    path = next((p for key, p in group.items() if key.endswith(".json")), None)
+    if path is not None and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return json.loads(json.dumps(compiled.metadata._asdict(), default=vars))
 
 
 def _build_or_reason(request: BuildRequest) -> KernelBinary | str:

@@ -1,0 +1,99 @@
+"""An exported artifact's Triton cubins, loaded and launched on this GPU: correctness and decode-step time.
+
+For the example Llama ("5m" preset, random weights, fp16) and its int4 weight-only variant (group size 64):
+compile the decode step, build its Triton kernels ahead of time for this GPU's arch
+(`add_gpu_kernels([target], backends=("triton",))`), export to a temporary directory, and load it back with
+`lmforge.load(path, device="cuda", kernels="required")` (which raises unless the cubins load). Then:
+
+    kernel      the loaded artifact's decode step (cubins for the nodes they serve, the torch reference for the
+                rest, e.g. attention, which has no AOT launch spec yet)
+    reference   the same graph run by the torch reference on the GPU (fp32 math where the ops do it)
+    baselines   the JIT Triton backend (lmforge.compile(..., backends=("triton", "torch")) on the GPU), and
+                torch eager (the nn.Module), each in its own row
+
+Outputs compared: the logits of one decode step at batch 1 with 128 cached positions. The note says how many
+nodes the cubins serve and how many calls fell back to the reference (should be 0).
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from examples.models.llama import Llama, LlamaConfig, LlamaDecodeStep
+
+PRESET = "5m"
+BATCH, PAST = 1, 128
+INT4 = {"quant.weight_bits": 4, "quant.group_size": 64, "quant.lm_head": True}
+DECODE_DYNAMIC = {"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"}, "v_cache": {1: "batch", 3: "past"}}
+TARGET_FOR_ARCH = {"sm_80": "a100", "sm_89": "l40s", "sm_90": "h100"}
+
+
+def _inputs(model: Llama, device, batch: int = BATCH, past: int = PAST) -> tuple:
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, past, cfg.head_dim)
+    dtype = next(model.parameters()).dtype
+    k = torch.randn(shape, generator=gen).to(dtype)
+    v = torch.randn(shape, generator=gen).to(dtype)
+    return tuple(t.to(device) for t in (tokens, k, v))
+
+
+def build_and_load(variant: str, arch: str, out_dir: str, device: str = "cuda"):
+    """(loaded artifact, reference CompiledModel, JIT Triton CompiledModel, eager module, inputs, index)."""
+    import json
+
+    import lmforge
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Llama(LlamaConfig.preset(PRESET)).eval().half()
+    step = LlamaDecodeStep(model)
+    config = INT4 if variant == "int4" else None
+    example = _inputs(model, "cpu", batch=2, past=8)  # torch.export specialises dims of size 1
+    compiled = lmforge.compile(step, example, dynamic=DECODE_DYNAMIC, config=config, backends=("triton", "torch"))
+    target = TARGET_FOR_ARCH[arch]
+    compiled.add_gpu_kernels([target], backends=("triton",))
+    path = compiled.export(f"{out_dir}/{variant}")
+    index = json.loads((path / f"kernels/{target}/triton/index.json").read_text())
+    loaded = lmforge.load(path, device=device, kernels="required" if device == "cuda" else "auto")
+    reference = lmforge.load(path, device=device, kernels="none")
+    jit = compiled.to(device)
+    return loaded, reference, jit, step.to(device), _inputs(model, device), index
+
+
+def _logits(fn, inputs):
+    """A zero-argument call returning the logits of fn(*inputs), without autograd."""
+    def run():
+        with torch.no_grad():
+            return fn(*inputs)[0]
+
+    return run
+
+
+def cases(quick: bool) -> list[dict]:
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    if arch not in TARGET_FOR_ARCH:
+        raise RuntimeError(f"no lmforge GPU target for {arch}; AOT builds support {sorted(TARGET_FOR_ARCH)}")
+    tmp = tempfile.mkdtemp(prefix="lmforge-artifact-")
+    out = []
+    for variant in ("fp16", "int4"):
+        loaded, reference, jit, eager, inputs, index = build_and_load(variant, arch, tmp)
+        cubin = next(b for b in loaded.backends if b.name == "triton-cubin")
+        served = sum(k.backend == "triton-cubin" for k in loaded.kernels)
+        run = _logits(loaded, inputs)
+        run()
+        note = (f"{len(index['kernels'])} cubins serve {served} nodes ({len(index['not_served'])} claimed nodes stay "
+                f"with the reference); fallbacks after the first call: {sum(cubin.fallbacks.values())} "
+                f"{dict(cubin.fallbacks) or ''}").strip()
+        common = {"kernel": run, "reference": _logits(reference, inputs), "rtol": 2e-2, "atol": 2e-2,
+                  "bytes": sum(w.numel() * w.element_size() for w in loaded.weights.values()), "flops": 0,
+                  "note": note}
+        name = f"artifact/{PRESET}_{variant}_decode_b{BATCH}_past{PAST}_{arch}"
+        out.append({**common, "name": f"{name}_vs_jit", "baseline": _logits(jit, inputs),
+                    "baseline_name": "JIT Triton backend"})
+        out.append({**common, "name": f"{name}_vs_eager", "baseline": _logits(eager, inputs),
+                    "baseline_name": "torch eager"})
+    return out

@@ -1,0 +1,296 @@
+"""Triton kernels in artifacts: AOT builds at export (`build_for_targets`) and the backend that launches them
+after `lmforge.load(path, device="cuda")` (`load_kernels` -> `CubinBackend`).
+
+Export (no GPU needed), for each target's architecture (sm_80 / sm_89 / sm_90):
+
+1. every graph node the Triton backend would claim on a GPU gets its launch spec (launch_specs.py): the
+   kernel variants it may launch, specialised from the graph's static types, with the configured
+   KernelConfig (TritonBackend.config, else each kernel's default) adapted as the JIT launcher adapts it;
+2. identical variants of different nodes are built once; the builds of every target run in one
+   `aot.build_many` batch (one subprocess when the caller runs Triton's interpreter);
+3. a build that fails or exceeds the architecture's limits (ptxas registers, shared memory, threads) is
+   rebuilt with the kernel's default config, noted in the index; if that fails too the variant is listed
+   under "failed" with the reason and its calls run the torch reference;
+4. the files: `<name>.ptx`, `<name>.cubin`, `<name>.json` per kernel (aot.save: launch metadata, Triton's
+   own metadata, ptxas resources, sha256 of both binaries, plus the grid rule) and `index.json`: which
+   nodes each kernel serves, which nodes stay with the reference and why.
+
+Load: `load_kernels(index, files)` loads every cubin on the current GPU (cubin_runner.CubinKernel) into a
+`CubinBackend`, which claims the nodes the index lists; each call computes its variant and arguments (the launch spec), checks
+the specialisation (alignment, divisibility; launch_specs.check_values) and launches, or runs the torch
+reference for that call when the call falls outside what was built (e.g. an unaligned view).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from typing import Any, Mapping
+
+from lmforge.backends.codegen import Kernel
+from lmforge.backends.triton import aot
+from lmforge.backends.triton import launch_specs as ls
+from lmforge.backends.triton.config import KernelConfig
+from lmforge.errors import ArtifactError, LmforgeError
+from lmforge.ir.graph import Graph, Node
+
+INDEX = "index.json"
+INDEX_SCHEMA = 1
+
+
+def _node_id(i: int, node: Node) -> dict:
+    return {"node": i, "op": node.op, "output": node.outputs[0].name if node.outputs else None}
+
+
+def _variant_hash(v: ls.Variant, arch: str) -> str:
+    raw = getattr(v.fn, "fn", v.fn)
+    key = json.dumps([raw.__module__, raw.__qualname__, arch, sorted(v.signature.items()),
+                      sorted((k, str(x)) for k, x in v.constexprs.items()), v.config.to_dict(),
+                      sorted(v.divisible_by_16)], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _request(v: ls.Variant, arch: str, name: str) -> aot.BuildRequest:
+    return aot.BuildRequest(v.fn, dict(v.signature), dict(v.constexprs), v.config, arch, v.divisible_by_16, name)
+
+
+def _portable(meta: dict) -> dict:
+    """Triton's metadata without the build machine's file paths (extern_libs keep their file names only)."""
+    meta = dict(meta)
+    if meta.get("extern_libs"):
+        meta["extern_libs"] = [[lib, str(path).rsplit("/", 1)[-1]] for lib, path in meta["extern_libs"]]
+    return meta
+
+
+def _fit_reason(result, arch: str) -> str | None:
+    """Why a build result cannot be used on `arch` (it failed, or it exceeds the limits), else None."""
+    if isinstance(result, str):
+        return f"does not compile: {result.splitlines()[0][:300]}"
+    reasons = aot.violations(aot.ResourceReport.of(result), aot.arch_limits(arch))
+    return "; ".join(reasons) or None
+
+
+def plan_for_graph(graph: Graph, arch: str, configs: Mapping[str, KernelConfig] | None = None):
+    """What to build for `graph` on `arch`, without building: (served, not_served, variants).
+
+    served: [{"node", "op", "output", "variants": {variant key: kernel name}}] for the nodes the Triton backend
+    claims on a GPU and a launch spec covers; not_served: the other claimed nodes, each with its reason;
+    variants: kernel name -> (variant with the configured config, the same variant with the default config).
+    """
+    from lmforge.backends.triton.backend import TritonBackend
+
+    configs = dict(configs or {})
+    claims = TritonBackend(configs)
+    aot.arch_limits(arch)
+    variants: dict[str, tuple[ls.Variant, ls.Variant]] = {}
+    served, not_served = [], []
+    for i, node in enumerate(graph.nodes):
+        if claims.claim(node, "cuda") is None:
+            continue
+        try:
+            spec = ls.spec_for(node)
+            configured = spec.variants(node, configs)
+            defaults = {v.key: v for v in spec.variants(node, {})}
+        except ls.Unservable as exc:
+            not_served.append({**_node_id(i, node), "reason": str(exc)})
+            continue
+        names = {}
+        for v in configured:
+            name = f"{v.kernel}_{_variant_hash(v, arch)}"
+            variants.setdefault(name, (v, defaults[v.key]))
+            names[v.key] = name
+        served.append({**_node_id(i, node), "variants": names})
+    return served, not_served, variants
+
+
+def variant_metadata(v: ls.Variant) -> dict:
+    """The launch fields of a variant as its <name>.json records them (what CubinBackend reads)."""
+    raw = getattr(v.fn, "fn", v.fn)
+    arg_names = list(getattr(v.fn, "arg_names", None) or raw.__code__.co_varnames[:raw.__code__.co_argcount])
+    return {"module": raw.__module__, "qualname": raw.__qualname__, "arg_names": arg_names,
+            "signature": dict(v.signature), "divisible_by_16": sorted(v.divisible_by_16),
+            "constexprs": {**{k: aot._jsonable(x) for k, x in v.constexprs.items()},
+                           **{k: x for k, x in v.config.params if k in arg_names}},
+            "config": v.config.to_dict(), "grid": json.loads(json.dumps(v.grid)), "static": dict(v.static),
+            "variant": v.key}
+
+
+def build_for_graph(graph: Graph, arch: str, configs: Mapping[str, KernelConfig] | None = None,
+                    target: str | None = None) -> dict[str, bytes]:
+    """The Triton files of `graph` for `arch` ({relative path: bytes}, to go under kernels/<target>/triton/)."""
+    return build_for_targets(graph, {target or arch: arch}, configs)[target or arch]
+
+
+def build_for_targets(graph: Graph, archs: Mapping[str, str],
+                      configs: Mapping[str, KernelConfig] | None = None) -> dict[str, dict[str, bytes]]:
+    """`build_for_graph` for several targets ({target: arch}) with one build batch (and one retry batch)."""
+    plans = {t: plan_for_graph(graph, arch, configs) for t, arch in archs.items()}
+    jobs = [(t, n) for t, (_, _, variants) in plans.items() for n in sorted(variants)]
+    results = dict(zip(jobs, aot.build_many(_request(plans[t][2][n][0], archs[t], n) for t, n in jobs)))
+    retry = {job: reason for job in jobs if (reason := _fit_reason(results[job], archs[job[0]]))}
+    retried = [(t, n) for t, n in retry if plans[t][2][n][1].config != plans[t][2][n][0].config]
+    for job, result in zip(retried, aot.build_many(_request(plans[t][2][n][1], archs[t], n) for t, n in retried)):
+        results[job] = result
+    return {t: _files(t, archs[t], *plans[t], {n: results[(t, n)] for n in plans[t][2]},
+                      {n: r for (t2, n), r in retry.items() if t2 == t}, {n for t2, n in retried if t2 == t})
+            for t in archs}
+
+
+def _files(target, arch, served, not_served, variants, results, retry, retried) -> dict[str, bytes]:
+    """The kernel files and index.json of one target from its build results (see build_for_graph)."""
+    files: dict[str, bytes] = {}
+    kernels, failed = {}, {}
+    for n in sorted(variants):
+        configured, default = variants[n]
+        used = default if n in retried else configured
+        reason = _fit_reason(results[n], arch)
+        if reason:
+            failed[n] = {"kernel": configured.kernel, "config": configured.config.to_dict(),
+                         "reason": f"{retry[n]}; with the default config: {reason}" if n in retried else reason}
+            continue
+        binary = results[n]
+        metadata = {**binary.metadata, "triton_metadata": _portable(binary.metadata["triton_metadata"]),
+                    "grid": json.loads(json.dumps(used.grid)), "static": dict(used.static), "variant": used.key}
+        binary = aot.KernelBinary(n, arch, binary.ptx, binary.cubin, metadata)
+        entry = {"kernel": used.kernel, "variant": used.key, "config": used.config.to_dict(),
+                 "files": [f"{n}.ptx", f"{n}.cubin", f"{n}.json"],
+                 "resources": {k: metadata[k] for k in ("registers", "spill_stores", "spill_loads", "shared")}}
+        if n in retry:
+            entry["note"] = (f"configured {configured.config} {retry[n]} on {arch}; "
+                             f"built with the default config {default.config} instead")
+        kernels[n] = entry
+        files.update(_saved_files(binary))
+    nodes = []
+    for e in served:
+        wanted = e["variants"]
+        nodes.append({**e, "variants": {key: n for key, n in wanted.items() if n in kernels},
+                      "failed_variants": {key: n for key, n in wanted.items() if n in failed}})
+    index = {"schema": INDEX_SCHEMA, "arch": arch, "target": target, "capability": aot.arch_limits(arch).capability,
+             "triton_version": _triton_version(), "kernels": kernels, "failed": failed,
+             "nodes": [e for e in nodes if e["variants"]],
+             "not_served": not_served + [{k: e[k] for k in ("node", "op", "output")} |
+                                         {"reason": "every variant failed to build (see 'failed')"}
+                                         for e in nodes if not e["variants"]]}
+    files[INDEX] = json.dumps(index, indent=1, sort_keys=True).encode()
+    return files
+
+
+def _saved_files(binary: aot.KernelBinary) -> dict[str, bytes]:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        aot.save(binary, tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+# ---- load -----------------------------------------------------------------------------------------------------
+
+def read_index(data: bytes, where: str) -> dict:
+    """The parsed index.json of an artifact's Triton kernels (ArtifactError when it is not one)."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where} is not valid JSON ({exc}); export the artifact again") from None
+    if not isinstance(index, dict) or index.get("schema") != INDEX_SCHEMA or not isinstance(index.get("kernels"), dict):
+        raise ArtifactError(f"{where} is not a Triton kernel index of schema {INDEX_SCHEMA}; export the artifact again")
+    return index
+
+
+def read_record(data: bytes, where: str) -> dict:
+    """The launch record (<name>.json) of one kernel, checked for the keys the launcher needs."""
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where} is not valid JSON ({exc}); export the artifact again") from None
+    needed = ("module", "qualname", "arg_names", "signature", "constexprs", "divisible_by_16", "grid",
+              "triton_metadata", "config", "static", "variant")
+    meta = record.get("metadata") if isinstance(record, dict) else None
+    missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ArtifactError(f"{where} lacks the launch metadata {missing}; export the artifact again")
+    return record
+
+
+class CubinBackend:
+    """Runs the nodes an artifact's Triton index serves with the loaded cubins (see module docstring).
+
+    `kernels`: kernel name -> an object with `launch(grid, values)` (cubin_runner.CubinKernel on a GPU;
+    tests pass fakes); `records`: kernel name -> its launch record's "metadata". Calls whose values break
+    the kernel's specialisation run the torch reference; `fallbacks` counts them per reason.
+    """
+
+    name = "triton-cubin"
+
+    def __init__(self, index: Mapping[str, Any], records: Mapping[str, dict], kernels: Mapping[str, Any]):
+        self.index = index
+        self.records = records
+        self.kernels = kernels
+        self.by_output = {e["output"]: e for e in index.get("nodes", [])}
+        self.fallbacks: dict[str, int] = {}
+
+    def claim(self, node: Node, device: str) -> Kernel | None:
+        entry = self.by_output.get(node.outputs[0].name if node.outputs else None)
+        if entry is None or entry["op"] != node.op or not device.startswith("cuda"):
+            return None
+        from lmforge.backends.torch import TorchReference
+
+        spec = ls.spec_for(node)
+        names = entry["variants"]
+        built = {key: ls.Built(KernelConfig.from_dict(self.records[n]["config"]), self.records[n]["static"])
+                 for key, n in names.items()}
+        reference = TorchReference().claim(node, device).fn
+
+        def run(*inputs, **attrs):  # attrs: the node's attributes, as the generated code passes them
+            call = spec.call(node, built, *inputs, **attrs)
+            reason = "no kernel for this call" if call is None else None
+            if call is not None:
+                meta = self.records[names[call.variant]]
+                reason = ls.check_values(meta["signature"], meta["divisible_by_16"], meta["constexprs"], call.values)
+            if reason is not None:
+                self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+                return reference(*inputs, **attrs)
+            grid = ls.grid_of(meta["grid"], call.values, meta["constexprs"])
+            self.kernels[names[call.variant]].launch(grid, call.values)
+            return call.result()
+
+        return Kernel(run, self.name, ", ".join(sorted(names)))
+
+
+def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> CubinBackend:
+    """Load every kernel of `index` (files: name -> bytes, already hash-checked) on the current GPU."""
+    from lmforge.backends.triton.cubin_runner import CubinKernel
+
+    records, kernels = {}, {}
+    for name in sorted(index["kernels"]):
+        try:
+            record = read_record(files[f"{name}.json"], f"{where}/{name}.json")
+            meta = record["metadata"]
+            kernels[name] = CubinKernel(name, meta, files[f"{name}.ptx"].decode(), files[f"{name}.cubin"])
+        except KeyError as exc:
+            raise ArtifactError(f"{where} index lists kernel {name!r} but its file {exc} is not in the artifact; "
+                                "export the artifact again") from None
+        records[name] = meta
+    return CubinBackend(index, records, kernels)
+
+
+def local_arch(device=None) -> str | None:
+    """"sm_XY" of `device` (default: the current CUDA device), or None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def warn_or_raise(message: str, required: bool) -> None:
+    if required:
+        raise LmforgeError(message)
+    warnings.warn(message, stacklevel=3)

@@ -1,0 +1,297 @@
+"""Triton PTX/cubin in artifacts (kernels/<target>/triton/) and the load path that launches them on a GPU.
+
+Builds are ahead of time for sm_80 and sm_90 on this CPU machine (one module-scoped artifact of the tiny
+fp32 decode step: 2 kernels per arch). The launch itself needs a GPU (benchmarks/gpu_cases/artifact.py);
+here the path up to it is checked: argument order and grid from the artifact's metadata against what the
+JIT launchers pass for the same node, and the whole model run through CubinBackend with each "cubin"
+replaced by the same @triton.jit function under Triton's interpreter, fed exactly the arguments and grid
+computed from the metadata.
+"""
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+import lmforge
+from examples.models.llama import LlamaDecodeStep
+from lmforge.artifact import inspect_artifact
+from lmforge.backends.torch import TorchReference
+from lmforge.backends.triton import artifact_kernels as ak
+from lmforge.backends.triton import launch_specs as ls
+from lmforge.backends.triton import norms
+from lmforge.backends.triton import quant_matmul as qm
+from lmforge.backends.triton.backend import TritonBackend
+from lmforge.backends.triton.config import KernelConfig
+from lmforge.backends.triton.cubin_runner import ordered_args
+from lmforge.compiler import build_callable
+from lmforge.errors import ArtifactError, LmforgeError
+
+DECODE_DYNAMIC = {"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"}, "v_cache": {1: "batch", 3: "past"}}
+INT4 = {"quant.weight_bits": 4, "quant.group_size": 16, "quant.lm_head": True}
+TARGETS = {"a100": "sm_80", "h100": "sm_90"}
+EM_CUDA = 190
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="runs kernels under Triton's interpreter")
+
+
+@pytest.fixture(scope="module")
+def decode(llama, make_decode_inputs):
+    return lmforge.compile(LlamaDecodeStep(llama), make_decode_inputs(2, 4, 0), dynamic=DECODE_DYNAMIC)
+
+
+@pytest.fixture(scope="module")
+def int4_decode(llama, make_decode_inputs):
+    return lmforge.compile(LlamaDecodeStep(llama), make_decode_inputs(2, 4, 0), dynamic=DECODE_DYNAMIC, config=INT4)
+
+
+@pytest.fixture(scope="module")
+def artifact(decode, tmp_path_factory):
+    """The fp32 decode step exported with Triton kernels for sm_80 and sm_90 (the only AOT builds here)."""
+    decode.add_gpu_kernels(list(TARGETS), backends=("triton",))
+    return decode.export(tmp_path_factory.mktemp("triton") / "art")
+
+
+def _index(path, target):
+    return json.loads((path / f"kernels/{target}/triton/index.json").read_text())
+
+
+def _cubin_arch(data: bytes) -> int:
+    """The SM number a CUDA ELF is for, from e_flags (low byte up to ELF ABI v7; bits 8-15 from v8)."""
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "not a 64-bit ELF"
+    e_machine = struct.unpack_from("<H", data, 18)[0]
+    assert e_machine == EM_CUDA, e_machine
+    e_flags = struct.unpack_from("<I", data, 48)[0]
+    abi_version = data[8]
+    return (e_flags >> 8) & 0xFF if abi_version >= 8 else e_flags & 0xFF
+
+
+def test_artifact_holds_ptx_cubin_and_metadata_per_kernel_and_target(artifact, decode):
+    manifest = inspect_artifact(artifact)
+    claimed = [i for i, n in enumerate(decode.graph.nodes) if TritonBackend().claim(n, "cuda") is not None]
+    for target, arch in TARGETS.items():
+        index = _index(artifact, target)
+        assert index["arch"] == arch and index["failed"] == {}
+        served = {e["node"] for e in index["nodes"]}
+        unserved = {e["node"]: e["reason"] for e in index["not_served"]}
+        assert sorted(served | set(unserved)) == claimed            # every claimed node is accounted for
+        assert {decode.graph.nodes[i].op for i in served} == {"rmsnorm", "fused"}
+        assert {decode.graph.nodes[i].op for i in unserved} == {"attention"}
+        assert all("no ahead-of-time launch spec" in r for r in unserved.values())
+        for e in index["nodes"]:
+            assert decode.graph.nodes[e["node"]].outputs[0].name == e["output"]
+            assert set(e["variants"].values()) <= set(index["kernels"])
+        assert len(index["kernels"]) == 2                            # 5 rmsnorms and 2 SwiGLUs share 2 kernels
+        for name, entry in index["kernels"].items():
+            for f in entry["files"]:
+                assert f"kernels/{target}/triton/{f}" in manifest["files"]   # hashed like every file
+            base = artifact / f"kernels/{target}/triton"
+            assert _cubin_arch((base / f"{name}.cubin").read_bytes()) == int(arch[3:])
+            assert f".target {arch}" in (base / f"{name}.ptx").read_text()
+            record = json.loads((base / f"{name}.json").read_text())
+            meta = record["metadata"]
+            assert record["arch"] == arch and meta["capability"] == int(arch[3:])
+            assert meta["entry"] in (base / f"{name}.ptx").read_text()
+            for key in ("signature", "constexprs", "num_warps", "num_stages", "shared", "grid", "registers",
+                        "triton_version", "arg_names", "triton_metadata"):
+                assert key in meta, key
+            assert meta["num_warps"] == entry["config"]["num_warps"]
+            assert meta["triton_metadata"]["target"]["arch"] == int(arch[3:])
+            assert "/" not in json.dumps(meta["triton_metadata"].get("extern_libs"))  # no build-machine paths
+
+
+def test_records_launch_what_the_launch_spec_plans(artifact, decode):
+    """The built kernels' records carry exactly the variant the launch spec gives (what the tests below use)."""
+    served, _, variants = ak.plan_for_graph(decode.graph, "sm_90")
+    index = _index(artifact, "h100")
+    assert sorted(variants) == sorted(index["kernels"])
+    for name, (variant, _) in variants.items():
+        meta = json.loads((artifact / f"kernels/h100/triton/{name}.json").read_text())["metadata"]
+        for key, value in ak.variant_metadata(variant).items():
+            assert meta[key] == value, key
+
+
+def test_a_changed_or_missing_triton_file_is_refused_at_load(artifact, tmp_path):
+    name = sorted(_index(artifact, "h100")["kernels"])[0]
+    for suffix, damage in ((".cubin", "flip"), (".json", "remove"), (".ptx", "truncate")):
+        copy = tmp_path / f"{suffix[1:]}-{damage}"
+        shutil.copytree(artifact, copy)
+        victim = copy / f"kernels/h100/triton/{name}{suffix}"
+        if damage == "flip":
+            data = bytearray(victim.read_bytes())
+            data[100] ^= 0xFF
+            victim.write_bytes(bytes(data))
+        elif damage == "remove":
+            victim.unlink()
+        else:
+            victim.write_bytes(victim.read_bytes()[:-10])
+        expected = {"flip": "sha256", "remove": "missing", "truncate": "truncated"}[damage]
+        with pytest.raises(ArtifactError, match=expected) as info:
+            lmforge.load(copy)
+        assert f"kernels/h100/triton/{name}{suffix}" in str(info.value)
+
+
+def test_loading_on_the_cpu_ignores_the_gpu_kernels(artifact, decode, make_decode_inputs):
+    model = lmforge.load(artifact)
+    assert model.kernel_source is None and {k.backend for k in model.kernels} == {"torch"}
+    inputs = make_decode_inputs(3, 6, 7)
+    for got, want in zip(model(*inputs), decode(*inputs)):
+        assert torch.equal(got, want)
+
+
+def test_kernel_modes_are_checked(artifact):
+    with pytest.raises(LmforgeError, match="kernels="):
+        lmforge.load(artifact, kernels="fast")
+    with pytest.raises(LmforgeError, match="CUDA device"):
+        lmforge.load(artifact, device="cpu", kernels="required")
+    if not torch.cuda.is_available():
+        with pytest.raises(LmforgeError, match="no CUDA device"):
+            lmforge.load(artifact, device="cuda", kernels="required")
+
+
+def test_an_oversized_config_falls_back_to_the_default_with_a_note(decode):
+    """2048 threads per block exceed every target's limit: the SwiGLU kernel is rebuilt with its default."""
+    bad = KernelConfig.make(num_warps=64, num_stages=1, BLOCK=1024)
+    files = ak.build_for_graph(decode.graph, "sm_90", {"swiglu": bad}, target="h100")
+    index = json.loads(files["index.json"])
+    [swiglu] = [e for e in index["kernels"].values() if e["kernel"] == "swiglu"]
+    assert swiglu["config"] == norms.DEFAULT_CONFIGS["swiglu"].to_dict()
+    assert "default config" in swiglu["note"] and "num_warps=64" in swiglu["note"]
+    assert index["failed"] == {} and len(index["nodes"]) == 7
+
+
+# ---- the launch path, up to the launch ---------------------------------------------------------------------
+
+class _Recorder:
+    """Stands in for a @triton.jit function: records what `kernel[grid](*args, **kwargs)` was given."""
+
+    def __init__(self, fn):
+        self.arg_names = fn.arg_names
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def _jit_call(monkeypatch, module, kernel_name, run):
+    recorder = _Recorder(getattr(module, kernel_name))
+    monkeypatch.setattr(module, kernel_name, recorder)
+    run()
+    monkeypatch.undo()
+    [call] = recorder.calls
+    return call
+
+
+def _same(a, b, name):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), name
+        if name not in ("out_ptr", "bias_ptr"):           # outputs are allocated by each launcher
+            assert a.data_ptr() == b.data_ptr(), name
+    else:
+        assert a == b, (name, a, b)
+
+
+def _check_against_jit(jit_call, variant, call):
+    grid, jit_args, jit_kwargs = jit_call
+    meta = ak.variant_metadata(variant)
+    assert call.variant == variant.key
+    assert ls.grid_of(meta["grid"], call.values, meta["constexprs"]) == tuple(grid) + (1,) * (3 - len(grid))
+    assert {k: v for k, v in jit_kwargs.items() if k not in ("num_warps", "num_stages")} == \
+        {k: v for k, v in meta["constexprs"].items() if k in jit_kwargs}
+    assert (jit_kwargs["num_warps"], jit_kwargs["num_stages"]) == (variant.config.num_warps, variant.config.num_stages)
+    ours = ordered_args(meta, call.values)
+    positional = [n for n in meta["arg_names"] if n not in jit_kwargs]
+    assert len(positional) == len(jit_args)
+    for name, theirs in zip(positional, jit_args):
+        _same(theirs, ours[meta["arg_names"].index(name)], name)
+    assert ls.check_values(meta["signature"], meta["divisible_by_16"], meta["constexprs"], call.values) is None
+
+
+def _node(graph, op):
+    return next(n for n in graph.nodes if n.op == op)
+
+
+def test_row_kernels_launch_like_the_jit_launcher(monkeypatch, decode):
+    graph = decode.graph
+    rms, swiglu = _node(graph, "rmsnorm"), _node(graph, "fused")
+    x, w = torch.randn(3, 1, 32), torch.randn(32)
+    eps = rms.attr["eps"]
+    jit = _jit_call(monkeypatch, norms, "_rmsnorm_kernel", lambda: norms.rmsnorm(x, w, eps))
+    [variant] = ls.spec_for(rms).variants(rms, {})
+    _check_against_jit(jit, variant, ls.spec_for(rms).call(rms, {}, x, w, eps=eps, ndim=1))
+    g, u = torch.randn(3, 1, 48), torch.randn(3, 1, 48)
+    jit = _jit_call(monkeypatch, norms, "_swiglu_kernel", lambda: norms.swiglu(g, u))
+    [variant] = ls.spec_for(swiglu).variants(swiglu, {})
+    _check_against_jit(jit, variant, ls.spec_for(swiglu).call(swiglu, {}, g, u, kind="swiglu"))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("gemv_config", [None, KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=32,
+                                                                 GROUPS_PER_STEP=1, SPLIT_K=2)])
+def test_quantized_linear_launches_like_the_jit_launcher(monkeypatch, int4_decode, rows, gemv_config):
+    """GEMV for 1-4 rows (BLOCK_M = rows; split-K into an fp32 workspace), GEMM beyond, on the lm head (N = 37)."""
+    node = [n for n in int4_decode.graph.nodes if n.op == "linear_wo"][-1]
+    weights = int4_decode.weights
+    qweight, scales, zeros = (weights[v.name] for v in node.inputs[1:4])
+    x = torch.randn(rows, 1, node.inputs[0].type.shape[-1])
+    configs = {"wo_gemv": gemv_config} if gemv_config else {}
+    variants = {v.key: v for v in ls.spec_for(node).variants(node, configs)}
+    assert sorted(variants) == ["wo_gemm", "wo_gemv.m1", "wo_gemv.m2", "wo_gemv.m3", "wo_gemv.m4"]
+    run = TritonBackend(configs).claim(node, "cuda").fn
+    kernel = "_wo_gemv_kernel" if rows <= qm.GEMV_MAX_ROWS else "_wo_gemm_kernel"
+    jit = _jit_call(monkeypatch, qm, kernel, lambda: run(x, qweight, scales, zeros, **node.attr))
+    built = {k: ls.Built(v.config, v.static) for k, v in variants.items()}
+    call = ls.spec_for(node).call(node, built, x, qweight, scales, zeros, **node.attr)
+    _check_against_jit(jit, variants[call.variant], call)
+
+
+class _InterpretedCubin:
+    """A loaded cubin's stand-in: the same @triton.jit function, run by Triton's interpreter with exactly the
+    positional arguments and grid that CubinBackend computed from the kernel's metadata."""
+
+    def __init__(self, meta):
+        import importlib
+
+        self.fn = getattr(importlib.import_module(meta["module"]), meta["qualname"])
+        self.meta = meta
+        self.launches = 0
+
+    def launch(self, grid, values):
+        self.fn[grid](*ordered_args(self.meta, values))
+        self.launches += 1
+
+
+def _interpreted_backend(graph, configs=None):
+    served, _, variants = ak.plan_for_graph(graph, "sm_90", configs)
+    records = {name: ak.variant_metadata(v) for name, (v, _) in variants.items()}
+    return ak.CubinBackend({"nodes": served}, records, {n: _InterpretedCubin(m) for n, m in records.items()})
+
+
+@interpreter_only
+@pytest.mark.parametrize("model", ["decode", "int4_decode"])
+def test_the_cubin_backend_runs_the_model_as_the_reference(request, model, make_decode_inputs):
+    compiled = request.getfixturevalue(model)
+    backend = _interpreted_backend(compiled.graph)
+    fn, kernels = build_callable(compiled.graph, [backend, TorchReference()], "cuda", compiled.weights)
+    served = sum(k.backend == "triton-cubin" for k in kernels)
+    assert served == sum(n.op in ("rmsnorm", "fused", "linear_wo") for n in compiled.graph.nodes) >= 7
+    for batch, past in [(1, 3), (3, 6), (6, 2)]:                # GEMV (1 and 3 rows) and GEMM (6 rows)
+        inputs = make_decode_inputs(batch, past, batch)
+        for got, want in zip(fn(*inputs), compiled(*inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert backend.fallbacks == {}
+    assert all(k.launches for k in backend.kernels.values()) or model == "int4_decode"
+
+
+@interpreter_only
+def test_a_call_outside_the_specialisation_runs_the_reference(decode):
+    backend = _interpreted_backend(decode.graph)
+    node = _node(decode.graph, "rmsnorm")
+    run = backend.claim(node, "cuda").fn
+    buffer = torch.randn(1 + 2 * 32)
+    x = buffer[1:].view(2, 1, 32)                              # 4 bytes past an aligned address
+    w = torch.randn(32)
+    got = run(x, w, **node.attr)
+    torch.testing.assert_close(got, TorchReference().claim(node, "cpu").fn(x, w, **node.attr))
+    assert backend.fallbacks == {"x_ptr is not 16-byte aligned": 1}
+    assert not any(k.launches for k in backend.kernels.values())
