@@ -6,17 +6,15 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
 from lmforge.backends import assign_kernels, default_backends
-from lmforge.backends.codegen import Kernel, generate
+from lmforge.backends.codegen import generate
 from lmforge.errors import LmforgeError
 from lmforge.ir.graph import Graph, Node
-from lmforge.ir.printer import format_graph
 
 
 class CompiledModel:
