@@ -1,12 +1,20 @@
 """How many trials TPE, random search and a grid need to get within 2% of the exhaustive optimum.
 
-    python benchmarks/search_efficiency.py [--seeds 10] [--out result.json]
+    python benchmarks/search_efficiency.py [--seeds 10] [--layer-groups 1] [--out result.json]
 
-Space: the example decode step's attention pattern (dense / window / block top-k with window, block size and
-top-k), KV-cache format, weight bits and group size, and the two fusion knobs: 3,960 configurations with the
-conditions applied. Objective: predicted latency of one decode step of the "5m" example model (random weights)
-on the H100 preset for 8 sequences with 1024 cached tokens (the cost model, no quality term, so the optimum is well defined). Every configuration is
-evaluated once up front (the exhaustive optimum); the searches then look configurations up in that table, so
+Space: the pass knobs of the example decode step (attention pattern dense / window / block top-k with its
+window, block size and top-k; KV-cache format; weight bits and group size; elementwise fusion) times the kernel
+knobs of the Triton templates the graph will run (`lmforge.search.kernel_model`: the tile config of the
+weight-only GEMM, which exists only when weights are quantized, of RMSNorm, SwiGLU, the split-K decode attention,
+and of the flash kernel that a windowed decode runs). Objective: predicted latency of one decode step of the
+"5m" example model (random weights) on the H100 preset for 8 sequences with 1024 cached tokens (the cost model
+with the kernel efficiency model, no quality term, so the optimum is well defined). `--layer-groups 2` tunes the
+weight bits and group size separately for the first and the second half of the layers (as
+`lmforge.tune(layer_groups=2)` does), which multiplies the pass configurations by 5.
+
+Kernel knobs do not change the graph, only node costs, so each pass configuration's graph is built and priced
+once (`kernel_table`: the time of its kernel nodes under every candidate config) and every kernel choice is a
+sum of table entries: the whole space is evaluated exhaustively. The searches then look configurations up, so
 they are compared on trials, not on wall time. Reported: the median over seeds of the trials each method needs.
 """
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -25,58 +34,99 @@ import optuna  # noqa: E402
 
 from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline  # noqa: E402
 from lmforge.passes.base import Knob  # noqa: E402
-from lmforge.search.space import suggest  # noqa: E402
+from lmforge.search.space import expand_per_group, suggest  # noqa: E402
 
 TOPK = ("attn.decode_pattern", ("block_topk",))
-SPACE = [
+PASS_SPACE = [
     Knob("attn.decode_pattern", "categorical", "dense", choices=("dense", "window", "block_topk")),
-    Knob("attn.decode_window", "categorical", 256, choices=(64, 128, 256, 512, 1024),
+    Knob("attn.decode_window", "categorical", 256, choices=(64, 256, 1024),
          condition=("attn.decode_pattern", ("window", "block_topk"))),
-    Knob("attn.block_size", "categorical", 32, choices=(16, 32, 64), condition=TOPK),
-    Knob("attn.topk_blocks", "categorical", 8, choices=(4, 8, 16, 32), condition=TOPK),
+    Knob("attn.block_size", "categorical", 32, choices=(16, 64), condition=TOPK),
+    Knob("attn.topk_blocks", "categorical", 8, choices=(4, 16), condition=TOPK),
     Knob("quant.kv", "categorical", "none", choices=("none", "int8", "fp8")),
     Knob("quant.weight_bits", "categorical", 16, choices=(16, 8, 4)),
     Knob("quant.group_size", "categorical", 64, choices=(32, 64), condition=("quant.weight_bits", (8, 4))),
-    Knob("fusion.merge_linears", "bool", True, choices=(True, False)),
     Knob("fusion.elementwise", "bool", True, choices=(True, False)),
 ]
-
-
 SERVING = {"batch": 8, "past": 1024}
+PER_GROUP = ("quant.weight_bits", "quant.group_size")
 
 
-def key(config: dict) -> tuple:
-    """The active knobs of a config (inactive conditional knobs do not matter)."""
-    active = {}
-    for k in SPACE:
-        if k.condition is None or config.get(k.condition[0]) in k.condition[1]:
-            active[k.name] = config.get(k.name, k.default)
-    return tuple(sorted(active.items()))
+def pass_space(groups: int) -> list[Knob]:
+    return expand_per_group(PASS_SPACE, groups, PER_GROUP)
 
 
-def enumerate_space() -> list[dict]:
+def applies(knob: Knob, config: dict) -> bool:
+    """Whether a trial suggests `knob` given the other values (as lmforge.search.space.suggest decides: with
+    per-group copies of the knob it depends on, when any group allows it)."""
+    if knob.condition is None:
+        return True
+    dep, allowed = knob.condition
+    values = [v for name, v in config.items() if name.startswith(dep + "@g")] or [config.get(dep)]
+    return any(v in allowed for v in values)
+
+
+def active(space, config: dict) -> tuple:
+    """The knobs a trial of `space` suggests for `config` (inactive conditional knobs do not matter)."""
     out = {}
-    names = [k.name for k in SPACE]
-    for values in itertools.product(*[k.choices for k in SPACE]):
+    for k in space:
+        if applies(k, {**{j.name: j.default for j in space}, **config}):
+            out[k.name] = config.get(k.name, k.default)
+    return tuple(sorted(out.items()))
+
+
+def pass_configs(space) -> list[dict]:
+    out = {}
+    names = [k.name for k in space]
+    for values in itertools.product(*[k.choices for k in space]):
         cfg = dict(zip(names, values))
-        out[key(cfg)] = dict(key(cfg))
+        out[active(space, cfg)] = dict(active(space, cfg))
     return list(out.values())
 
 
-def exhaustive(configs: list[dict]) -> dict[tuple, float]:
-    from examples.llama_workload import random_workload
+def build(groups: int = 1, aot: bool = True):
+    """The base graph, the kernel knobs, and every pass configuration's kernel table."""
     import lmforge
+    from examples.llama_workload import random_workload
     from lmforge.hwmodels import get_target
-    from lmforge.search.cost_model import graph_cost
+    from lmforge.search.kernel_model import kernel_knobs, kernel_table
 
     wl = random_workload("5m", phase="decode")
     base = PassManager(canonical_pipeline()).run(lmforge.capture(wl.model, wl.example_inputs, dynamic=wl.dynamic))
     hw = get_target("h100")
+    kknobs = kernel_knobs(base, tunable_pipeline(), hw, SERVING, PASS_SPACE)
     pm = PassManager(tunable_pipeline(), verify_each=False)
-    table = {}
-    for cfg in configs:
-        table[key(cfg)] = graph_cost(pm.run(base, cfg), hw, SERVING).time_s
-    return table
+    space = pass_space(groups)
+    tables = {}
+    for cfg in pass_configs(space):
+        tables[active(space, cfg)] = kernel_table(pm.run(base, cfg), hw, SERVING, aot=aot)
+    return space, kknobs, tables
+
+
+class Space:
+    """Every configuration of pass knobs x kernel knobs, priced through the per-pass-config kernel tables."""
+
+    def __init__(self, pass_knobs, kknobs, tables):
+        self.pass_knobs = pass_knobs
+        self.knobs = pass_knobs + kknobs
+        self.kknobs = kknobs
+        self.tables = tables
+
+    def value(self, config: dict) -> float:
+        table = self.tables[active(self.pass_knobs, config)]
+        choice = {k.name.split(".", 1)[1]: config.get(k.name, k.default) for k in self.kknobs}
+        return table.total(choice)
+
+    def all_values(self) -> list[float]:
+        """The value of every distinct configuration (kernel knobs inactive under a pass config are left out)."""
+        out = []
+        for key, table in self.tables.items():
+            cfg = dict(key)
+            live = [k for k in self.kknobs if applies(k, cfg)]
+            for combo in itertools.product(*[k.choices for k in live]):
+                choice = {k.name.split(".", 1)[1]: v for k, v in zip(live, combo)}
+                out.append(table.total(choice))
+        return out
 
 
 def trials_to_target(values: list[float], target: float) -> int:
@@ -86,56 +136,83 @@ def trials_to_target(values: list[float], target: float) -> int:
     return len(values) + 1
 
 
-def run_sampler(sampler, table, target, max_trials) -> int:
+def run_sampler(sampler, space: Space, target: float, max_trials: int) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=sampler)
-    seen = []
-    for _ in range(max_trials):
+    for i in range(1, max_trials + 1):
         trial = study.ask()
-        value = table[key(suggest(trial, SPACE))]
+        value = space.value(suggest(trial, space.knobs))
+        if math.isinf(value):  # a kernel config the target cannot launch: pruned, as lmforge.tune does
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
         study.tell(trial, value)
-        seen.append(value)
         if value <= target:
-            break
-    return trials_to_target(seen, target)
+            return i
+    return max_trials + 1
+
+
+SAMPLERS = {
+    # lmforge.tune's default for one objective and a budget >= 40 (make_sampler)
+    "tpe (lmforge default: multivariate, 10 startup)":
+        lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=10),
+    "tpe (multivariate, group)":
+        lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True, n_startup_trials=10),
+    "tpe (multivariate, 5 startup)":
+        lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=5),
+    # (optuna 5's TPESampler is multivariate unless told otherwise)
+    "tpe (independent, 10 startup)":
+        lambda s: optuna.samplers.TPESampler(seed=s, multivariate=False, n_startup_trials=10),
+    "random": lambda s: optuna.samplers.RandomSampler(seed=s),
+}
 
 
 def main(argv=None) -> int:
+    import random
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--max-trials", type=int, default=3000)
+    p.add_argument("--layer-groups", type=int, default=1, help="per-layer-group weight bits / group size")
+    p.add_argument("--no-aot", action="store_true", help="estimate kernel resources instead of AOT ptxas reports")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    import random
 
-    configs = enumerate_space()
     t0 = time.perf_counter()
-    table = exhaustive(configs)
+    pass_knobs, kknobs, tables = build(args.layer_groups, aot=not args.no_aot)
+    space = Space(pass_knobs, kknobs, tables)
+    values = space.all_values()
     t_exh = time.perf_counter() - t0
-    best = min(table.values())
+    finite = [v for v in values if not math.isinf(v)]
+    best = min(finite)
     target = best * (1 + args.tolerance)
-    n = len(table)
-    good = sum(v <= target for v in table.values())
-    print(f"space: {n} configurations, exhaustive evaluation {t_exh:.1f} s; optimum {best * 1e6:.2f} us; "
-          f"{good} configurations within {args.tolerance:.0%}")
-    results = {"tpe": [], "random": [], "grid": []}
+    n = len(values)
+    good = sum(v <= target for v in values)
+    default = space.value({})
+    print(f"space: {len(tables)} pass configurations x kernel knobs {[k.name for k in kknobs]} = {n} "
+          f"configurations ({n - len(finite)} infeasible); exhaustive evaluation {t_exh:.1f} s")
+    print(f"optimum {best * 1e6:.2f} us (default config {default * 1e6:.2f} us); {good} configurations "
+          f"({100 * good / n:.2f} %) within {args.tolerance:.0%}")
+    results = {name: [] for name in (*SAMPLERS, "grid (shuffled enumeration)")}
     for seed in range(args.seeds):
-        results["tpe"].append(run_sampler(optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10),
-                                          table, target, n))
-        results["random"].append(run_sampler(optuna.samplers.RandomSampler(seed=seed), table, target, n))
-        order = list(table.values())
+        for name, make in SAMPLERS.items():
+            results[name].append(run_sampler(make(seed), space, target, args.max_trials))
+        order = list(values)
         random.Random(seed).shuffle(order)
-        results["grid"].append(trials_to_target(order, target))
-    print(f"| method | median trials to within {args.tolerance:.0%} | % of the space | all seeds |")
-    print("|---|---|---|---|")
+        results["grid (shuffled enumeration)"].append(trials_to_target(order, target))
+    print(f"| method | median trials to within {args.tolerance:.0%} | mean | % of the space (median) | all seeds |")
+    print("|---|---|---|---|---|")
     for name, vals in results.items():
         med = statistics.median(vals)
-        print(f"| {name} | {med:.0f} | {100 * med / n:.1f}% | {vals} |")
-    tpe, rnd = statistics.median(results["tpe"]), statistics.median(results["random"])
-    print(f"TPE / random = {tpe / rnd:.2f}")
+        print(f"| {name} | {med:.0f} | {statistics.mean(vals):.1f} | {100 * med / n:.3f}% | {vals} |")
+    rnd = statistics.median(results["random"])
+    for name in SAMPLERS:
+        if name.startswith("tpe"):
+            print(f"{name}: TPE / random = {statistics.median(results[name]) / rnd:.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"space": n, "optimum_s": best, "within": good,
-                                              "exhaustive_s": t_exh, "trials": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"space": n, "pass_configs": len(tables), "optimum_s": best,
+                                              "default_s": default, "within": good, "exhaustive_s": t_exh,
+                                              "trials": results}, indent=1))
     return 0
 
 

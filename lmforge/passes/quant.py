@@ -22,8 +22,10 @@ from lmforge.passes.base import Knob, Pass
 from lmforge.passes.canonical import dce
 
 WEIGHT_KNOBS = (
-    Knob("quant.weight_bits", "categorical", 16, choices=(16, 8, 4), doc="weight-only bits (16 = not quantized)"),
-    Knob("quant.group_size", "categorical", 128, choices=(32, 64, 128), condition=("quant.weight_bits", (8, 4))),
+    Knob("quant.weight_bits", "categorical", 16, choices=(16, 8, 4), doc="weight-only bits (16 = not quantized)",
+         per_layer=True),
+    Knob("quant.group_size", "categorical", 128, choices=(32, 64, 128), condition=("quant.weight_bits", (8, 4)),
+         per_layer=True),
     Knob("quant.symmetric", "bool", True, choices=(True, False), condition=("quant.weight_bits", (8, 4))),
     Knob("quant.awq", "bool", False, choices=(True, False), condition=("quant.weight_bits", (4,)),
          doc="AWQ activation-aware scaling from calibration inputs"),
@@ -41,7 +43,8 @@ def _node(op, inputs, outputs, attrs=None, source=""):
 
 
 def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128, symmetric: bool = True,
-                     awq: bool = False, lm_head: bool = False, calibration: Sequence[tuple] | None = None) -> Graph:
+                     awq: bool = False, lm_head: bool = False, calibration: Sequence[tuple] | None = None,
+                     layer_config=None) -> Graph:
     """Weight-only quantization of every linear whose weight is a parameter (K divisible by the group).
 
         %y = linear(%x, w)    ->   %y = linear_wo(%x, w.qweight, w.scales, w.zeros; bits=4, group_size=128)
@@ -49,13 +52,17 @@ def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128,
     With `awq`, each linear's input channels are scaled by AWQ's s (searched on activations collected from the
     calibration inputs): W*s is quantized and the input is multiplied by 1/s (`mul` by a parameter), exact in
     real arithmetic.
+
+    `layer_config` may hold per-layer-group values (`quant.weight_bits@g0`, `quant.group_size@g1`, ...): a
+    linear's layer is the first integer in its weight's name (`model.layers.3.attention.wq.weight` -> 3, as
+    torch names the modules of an nn.ModuleList); linears without one (the LM head) take the shared values.
     """
-    if weight_bits == 16:
-        return graph
+    per_linear = _per_layer_quant(graph, weight_bits, group_size, layer_config)
     params = {p.name for p in graph.params}
     outputs = {v.name for v in graph.outputs}
     targets = [i for i, n in enumerate(graph.nodes) if n.op == "linear" and n.inputs[1].name in params
-               and n.inputs[1].type.shape[1] % group_size == 0 and (lm_head or n.output.name not in outputs)]
+               and per_linear[i][0] != 16 and n.inputs[1].type.shape[1] % per_linear[i][1] == 0
+               and (lm_head or n.output.name not in outputs)]
     if not targets:
         return graph
     acts = _linear_inputs(graph, [graph.nodes[i] for i in targets], calibration) if awq and calibration else {}
@@ -69,6 +76,7 @@ def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128,
         if i not in target_set:
             nodes.append(n)
             continue
+        weight_bits, group_size = per_linear[i]
         x, w = n.inputs[0], n.inputs[1]
         wt = weights[w.name].float()
         if n.output.name in acts:
@@ -90,6 +98,27 @@ def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128,
         nodes.append(_node("linear_wo", [x, *packed, *bias], n.outputs,
                            {"bits": weight_bits, "group_size": group_size}, n.source))
     return dce(replace(graph, params=tuple(new_params), nodes=tuple(nodes), weights=weights))
+
+
+def layer_of(weight_name: str) -> int | None:
+    """The layer index of a weight: the first integer component of its dotted name (None when it has none)."""
+    for part in weight_name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _per_layer_quant(graph: Graph, weight_bits: int, group_size: int, layer_config) -> dict[int, tuple[int, int]]:
+    """Node index -> (bits, group size) of every linear, per layer group when `layer_config` has group copies."""
+    from lmforge.search.space import knob_value
+
+    linears = {i: layer_of(n.inputs[1].name) for i, n in enumerate(graph.nodes) if n.op == "linear"}
+    layers = [l for l in linears.values() if l is not None]
+    n_layers = max(layers) + 1 if layers else None
+    cfg = layer_config or {}
+    return {i: (knob_value(cfg, "quant.weight_bits", weight_bits, layer, n_layers),
+                knob_value(cfg, "quant.group_size", group_size, layer, n_layers)) if layer is not None
+            else (weight_bits, group_size) for i, layer in linears.items()}
 
 
 def _linear_inputs(graph: Graph, linears: list[Node], calibration: Sequence[tuple]) -> dict[str, torch.Tensor]:

@@ -81,16 +81,32 @@ def node_costs(graph: Graph, env: Mapping[str, int]) -> list[Cost]:
     return out
 
 
-def graph_cost(graph: Graph, hw, bindings: Mapping[str, int] | None = None) -> GraphCost:
-    """Predict the cost of one run of `graph` on hardware `hw` (a `lmforge.hwmodels.Hardware`)."""
+def graph_cost(graph: Graph, hw, bindings: Mapping[str, int] | None = None,
+               kernels: Mapping[str, int] | None = None) -> GraphCost:
+    """Predict the cost of one run of `graph` on hardware `hw` (a `lmforge.hwmodels.Hardware`).
+
+    `kernels` (Triton template name -> candidate config index, see `lmforge.search.kernel_model`) charges the
+    nodes a Triton template claims by the kernel model of that config (index 0 for templates not named);
+    None keeps the plain roofline for every node. A config that cannot launch raises KernelConfigInfeasible.
+    """
     from lmforge.hwmodels.roofline import node_time
 
     env = bindings_for(graph, bindings)
     costs = node_costs(graph, env)
+    owner = {}
+    if kernels is not None:
+        from lmforge.search.kernel_model import claimed
+
+        owner = claimed(graph, env)
     ests = []
     for i, (n, c) in enumerate(zip(graph.nodes, costs)):
         e = node_time(c, hw)
-        ests.append(NodeEstimate(i, n.op, c, e.time_s, e.bound, e.eflops))
+        time_s = e.time_s
+        if i in owner:
+            from lmforge.search.kernel_model import kernel_time
+
+            time_s = kernel_time(n, c, env, owner[i], kernels.get(owner[i].name, 0), hw)
+        ests.append(NodeEstimate(i, n.op, c, time_s, e.bound, e.eflops))
     return GraphCost(
         nodes=tuple(ests),
         time_s=sum(e.time_s for e in ests),

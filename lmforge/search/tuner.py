@@ -16,11 +16,15 @@ Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) 
 constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
 whose passes fail is recorded as a failed trial and the search goes on.
 
-`layer_groups=G` tunes the per-layer knobs (attention pattern, window, sinks, top-k) separately for G groups of
-consecutive layers instead of sharing one value across layers.
+`layer_groups=G` tunes the per-layer knobs (attention pattern, window, sinks, top-k; weight bits and group size)
+separately for G groups of consecutive layers instead of sharing one value across layers.
 
 Measure mode times the graph on `backends` (e.g. ("tvm",) on the host), and their schedule knobs join the
 search space, so kernel schedules are tuned together with the passes against real timings.
+With "triton" in `backends` and a GPU target, the tile configs of the Triton kernel templates the graph will run
+become knobs (`triton.<template>`, conditional on the pass choice that creates the template) in every mode; in
+predict mode `lmforge.search.kernel_model` prices them, and a config over the target's resource limits is a
+pruned trial.
 
 Samplers: TPE by default (seeded, multivariate); NSGA-II for several objectives with budget >= 100;
 GP for one objective with budget <= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides.
@@ -98,7 +102,16 @@ class TuneContext:
             from lmforge.backends.tvm import TVMBackend
 
             knobs += TVMBackend.knobs()
+        if self.kernel_knobs:
+            from lmforge.search.kernel_model import kernel_knobs
+
+            knobs += kernel_knobs(self.graph, self.pipeline, self.hw, self.bindings, knobs)
         return knobs
+
+    @property
+    def kernel_knobs(self) -> bool:
+        """Triton tile configs are knobs (and priced by the kernel model) when triton is a backend of a GPU target."""
+        return "triton" in self.backends and getattr(self.hw, "kind", "") == "gpu"
 
     def compiled(self, graph: Graph, config: Mapping[str, Any]):
         """The graph on the chosen backends, each configured with its own knob values (torch takes the rest)."""
@@ -109,6 +122,10 @@ class TuneContext:
         for name in (*self.backends, "torch"):
             cls = BACKENDS[name]()
             own = {k: v for k, v in config.items() if k.startswith(f"{name}.")}
+            if name == "triton":
+                from lmforge.search.kernel_model import backend_config
+
+                own = backend_config(graph, config)
             instances.append(cls(own) if name in ("tvm", "triton") else cls())
         return CompiledModel(graph, instances)
 
@@ -122,7 +139,12 @@ def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Seq
     from lmforge.search.cost_model import graph_cost
 
     graph = PassManager(ctx.pipeline).run(ctx.graph, config)
-    cost = graph_cost(graph, ctx.hw, ctx.bindings)
+    kernels = None
+    if ctx.kernel_knobs:  # Triton tile configs priced by lmforge.search.kernel_model (infeasible ones raise)
+        from lmforge.search.kernel_model import chosen_kernels
+
+        kernels = chosen_kernels(config)
+    cost = graph_cost(graph, ctx.hw, ctx.bindings, kernels=kernels)
     values: dict[str, float] = {"predicted_latency": cost.time_s, "memory": cost.peak_memory_bytes,
                                 "fits": float(cost.fits), "eflops": cost.eflops}
     values["latency"] = cost.time_s
@@ -259,9 +281,16 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
                                 skip_if_exists=True)
 
     def objective(trial: optuna.Trial):
+        from lmforge.search.kernel_model import KernelConfigInfeasible
+
         config = suggest(trial, knobs)
-        values = evaluate_config(ctx, config, tuple(objectives) + tuple(constraints),
-                                 measure_latency=(mode == "measure"))
+        try:
+            values = evaluate_config(ctx, config, tuple(objectives) + tuple(constraints),
+                                     measure_latency=(mode == "measure"))
+        except KernelConfigInfeasible as e:  # a tile config over the target's limits: pruned, never scored
+            trial.set_user_attr("config", config)
+            trial.set_user_attr("pruned_reason", str(e))
+            raise optuna.TrialPruned(str(e)) from e
         trial.set_user_attr("config", config)
         trial.set_user_attr("values", {k: float(v) for k, v in values.items()})
         cons = constraint_values(values, constraints) if constraints else [0.0]

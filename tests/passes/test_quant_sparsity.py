@@ -203,3 +203,48 @@ def test_shared_prefix_decomposition_is_exact(batch, prefix, suffix, hq, hkv):
     assert any(n.op == "shared_prefix_attention" for n in hydra.nodes)
     torch.testing.assert_close(CompiledModel(hydra)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
     assert total_bytes(dce(hydra)) < total_bytes(g)
+
+
+def test_weight_quant_per_layer_group_matches_per_layer_reference():
+    """A 2-group config quantizes the first half of the layers with group 0's bits / group size and the second half
+    with group 1's; each layer's packed weights are exactly those the uniform setting gives that layer."""
+    import lmforge
+    from lmforge.compiler import CompiledModel
+    from lmforge.passes import PassManager as PM, canonical_pipeline
+    from lmforge.passes.quant import WEIGHT_KNOBS, layer_of, weight_quant_pass
+    from lmforge.search.space import expand_per_group
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(128, 128) for _ in range(4))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x
+
+    x = torch.randn(3, 128)
+    base = PM(canonical_pipeline()).run(lmforge.capture(Stack(), (x,)))
+    names = [k.name for k in expand_per_group(WEIGHT_KNOBS, 2, [k.name for k in WEIGHT_KNOBS if k.per_layer])]
+    assert {"quant.weight_bits@g0", "quant.weight_bits@g1", "quant.group_size@g0", "quant.group_size@g1"} <= set(names)
+    grouped = {"quant.weight_bits@g0": 8, "quant.group_size@g0": 32, "quant.weight_bits@g1": 4,
+               "quant.group_size@g1": 64}
+    pm = PM([weight_quant_pass()])
+    g = pm.run(base, grouped)
+    wo = {layer_of(n.inputs[1].name): (n.attr["bits"], n.attr["group_size"]) for n in g.nodes if n.op == "linear_wo"}
+    assert wo == {0: (8, 32), 1: (8, 32), 2: (4, 64), 3: (4, 64)}
+    uniform = {bits: pm.run(base, {"quant.weight_bits": bits, "quant.group_size": gs}) for bits, gs in ((8, 32), (4, 64))}
+    for p in g.params:
+        layer = layer_of(p.name)
+        ref = uniform[8 if layer < 2 else 4]
+        assert torch.equal(g.weights[p.name], ref.weights[p.name]), p.name
+    half = {"quant.weight_bits@g0": 16, "quant.weight_bits@g1": 4, "quant.group_size@g1": 64}
+    mixed = pm.run(base, half)
+    assert sorted(layer_of(n.inputs[1].name) for n in mixed.nodes if n.op == "linear_wo") == [2, 3]
+    assert sum(n.op == "linear" for n in mixed.nodes) == 2
+    want = Stack()(x)
+    got = CompiledModel(g)(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert torch.allclose(got, want, atol=0.1, rtol=0.1)

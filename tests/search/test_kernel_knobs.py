@@ -1,0 +1,176 @@
+"""Kernel knobs in predict mode: Triton templates become knobs only where the graph will run them (with the pass
+choice that creates them as condition), the kernel efficiency model has the properties it claims, an oversized
+config is a pruned trial, and tuning the kernel knobs never predicts worse than the defaults."""
+import math
+
+import optuna
+import pytest
+import torch
+
+import lmforge
+from lmforge.hwmodels import get_target
+from lmforge.passes import PassManager, canonical_pipeline
+from lmforge.passes.quant import weight_quant_pass
+from lmforge.search import kernel_model as km
+from lmforge.search.cost_model import graph_cost
+from lmforge.search.kernel_model import KernelConfigInfeasible, Launch, Resources
+from lmforge.search.tuner import tune
+
+H100 = get_target("h100")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch, tmp_path):
+    """Studies, calibrations and resource reports of these tests stay in a fresh cache directory."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+
+
+class Stack(torch.nn.Module):
+    """Four 256x256 linears with SiLU between them (weights named layers.<i>.weight)."""
+
+    def __init__(self, n=4, d=256):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.nn.functional.silu(layer(x))
+        return x
+
+
+def _graph(rows=2):
+    return PassManager(canonical_pipeline()).run(lmforge.capture(Stack(), (torch.randn(rows, 256),)))
+
+
+def _estimated(template, node, env, config, hw, aot=True):
+    """Resources without AOT builds (keeps the tests fast and independent of the Triton compiler)."""
+    return Resources(*template.estimate(node, config), "estimate")
+
+
+def test_kernel_knobs_only_for_templates_the_graph_uses():
+    g = _graph(rows=2)
+    knobs = km.kernel_knobs(g, [weight_quant_pass()], H100)
+    assert [k.name for k in knobs] == ["triton.wo_gemv"]      # rows <= 4: the GEMV, and only under quantization
+    assert knobs[0].condition == ("quant.weight_bits", (8, 4))
+    assert knobs[0].choices == tuple(range(len(km.templates()[0].configs(None))))
+    assert [k.name for k in km.kernel_knobs(_graph(rows=16), [weight_quant_pass()], H100)] == ["triton.wo_gemm"]
+    assert km.kernel_knobs(g, [], H100) == []                  # no pass makes a Triton-claimed op
+    assert km.kernel_knobs(g, [weight_quant_pass()], get_target("host")) == []  # not a GPU
+
+
+def test_more_waves_and_too_few_ctas_lower_efficiency():
+    res = Resources(32, 0, "estimate")
+    sms = H100.sm_count
+    threads = 1024  # 2 resident CTAs per SM by threads
+    full = km.efficiency(Launch(sms, threads, 64 * 1024), res, H100)
+    tail = km.efficiency(Launch(sms + 1, threads, 64 * 1024), res, H100)
+    assert tail.compute < full.compute and full.compute == pytest.approx(1.0)
+    many = km.efficiency(Launch(10 * 2 * sms + 1, threads, 64 * 1024), res, H100)
+    assert tail.compute < many.compute < 1.0                  # a partial wave matters less among many full ones
+    few = km.efficiency(Launch(4, threads, 16 * 1024), res, H100)
+    enough = km.efficiency(Launch(2 * sms, threads, 16 * 1024), res, H100)
+    assert few.memory < 0.1 and enough.memory == pytest.approx(1.0)  # Little's law: too few bytes in flight
+    assert km.efficiency(Launch(sms, threads, 1.0, pad=0.5), res, H100).compute == pytest.approx(0.5)
+
+
+def _quantized(rows):
+    g = PassManager([weight_quant_pass()]).run(_graph(rows), {"quant.weight_bits": 4, "quant.group_size": 64})
+    env = dict(g.get_meta("example_dims") or ())
+    i, t = next(iter(km.claimed(g, env).items()))
+    return g, env, g.nodes[i], t
+
+
+def test_tile_padding_waste():
+    g, env, node, gemm = _quantized(rows=8)
+    assert gemm.name == "wo_gemm"
+    configs = gemm.configs(node)
+    by_bm = {c.get("BLOCK_M"): gemm.launch(node, env, c, H100).pad for c in configs}
+    assert by_bm[16] == pytest.approx(8 / 16) and by_bm[64] == pytest.approx(8 / 64)
+    assert by_bm[128] < by_bm[64] < by_bm[16]
+
+
+def test_gemv_with_too_few_ctas_is_predicted_slower(monkeypatch):
+    monkeypatch.setattr(km, "resources", _estimated)
+    g, env, node, gemv = _quantized(rows=1)
+    assert gemv.name == "wo_gemv"
+    cost = graph_cost(g, H100, kernels={}).nodes[next(iter(km.claimed(g, env)))].cost
+    configs = gemv.configs(node)
+    narrow = next(i for i, c in enumerate(configs) if c.get("BLOCK_N") == 16 and c.get("SPLIT_K") == 1)
+    wide = next(i for i, c in enumerate(configs) if c.get("BLOCK_N") == 64)
+    assert gemv.launch(node, env, configs[wide], H100).ctas < gemv.launch(node, env, configs[narrow], H100).ctas
+    assert km.kernel_time(node, cost, env, gemv, wide, H100) > km.kernel_time(node, cost, env, gemv, narrow, H100)
+
+
+def test_backend_config_maps_knob_indices_to_kernel_configs():
+    from lmforge.backends.triton import quant_matmul as qm
+
+    g, env, node, gemv = _quantized(rows=2)
+    assert km.chosen_kernels({"triton.wo_gemv": 3, "quant.weight_bits": 4, "tvm.tile": 8}) == {"wo_gemv": 3}
+    assert km.backend_config(g, {"triton.wo_gemv": 3}) == {"wo_gemv": qm.CANDIDATE_CONFIGS["wo_gemv"][3]}
+
+
+def _oversized(template, node, env, config, hw, aot=True):
+    if config == template.configs(node)[1]:
+        return Resources(64, 300 * 1024, "ptxas")  # more shared memory than any block may have
+    return _estimated(template, node, env, config, hw, aot)
+
+
+def test_oversized_config_is_infeasible_and_a_pruned_trial(monkeypatch, tmp_path):
+    monkeypatch.setattr(km, "resources", _oversized)
+    g, env, node, gemv = _quantized(rows=2)
+    with pytest.raises(KernelConfigInfeasible, match="shared memory"):
+        graph_cost(g, H100, kernels={"wo_gemv": 1})
+    assert math.isinf(km.kernel_table(g, H100).per_config["wo_gemv"][1])
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    study = "oversized"
+    optuna.create_study(storage=storage, study_name=study).enqueue_trial(
+        {"quant.weight_bits": 4, "quant.group_size": 64, "triton.wo_gemv": 1})
+    res = tune(Stack(), (torch.randn(2, 256),), target="h100", budget=4, storage=storage, study_name=study,
+               pipeline=[weight_quant_pass()], backends=("triton",), sampler="random", progress=False)
+    pruned = [t for t in res.study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and "shared memory" in pruned[0].user_attrs["pruned_reason"]
+    assert all(t.params.get("triton.wo_gemv") == 1 for t in pruned)
+    assert res.best_config.get("triton.wo_gemv") != 1
+
+
+def test_predict_tune_over_kernel_knobs_beats_or_matches_default(monkeypatch, tmp_path):
+    monkeypatch.setattr(km, "resources", _estimated)
+    res = tune(Stack(), (torch.randn(2, 256),), target="h100", budget=12, storage=f"sqlite:///{tmp_path}/db",
+               pipeline=[weight_quant_pass()], backends=("triton",), progress=False, seed=0)
+    names = {k for t in res.study.trials for k in t.params}
+    assert "triton.wo_gemv" in names
+    default = res.study.trials[0]  # the enqueued default configuration
+    assert default.params == {"quant.weight_bits": 16}
+    assert res.best_values["latency"] <= default.values[0]
+    g = PassManager([weight_quant_pass()]).run(_graph(), res.best_config)
+    again = graph_cost(g, H100, kernels=km.chosen_kernels(res.best_config)).time_s
+    assert again == pytest.approx(res.best_values["latency"])
+
+
+def test_resource_reports_are_built_once_and_cached_on_disk(monkeypatch):
+    from lmforge.backends.triton import aot
+
+    calls = []
+
+    def fake_build_many(requests):
+        requests = list(requests)
+        calls.append(requests)
+        if requests[0].config.get("BLOCK_N") == 64:
+            return ["Triton could not compile: out of resources"]
+        meta = {"registers": 40, "spill_stores": 0, "spill_loads": 0, "shared": 32, "num_warps": 8}
+        return [aot.KernelBinary("fake", "sm_90", "", b"", meta)]
+
+    monkeypatch.setattr(aot, "build_many", fake_build_many)
+    monkeypatch.setattr(km, "_MEMORY_CACHE", {})
+    g, env, node, gemv = _quantized(rows=1)
+    configs = gemv.configs(node)
+    first = km.resources(gemv, node, env, configs[0], H100)
+    assert (first.registers, first.shared_bytes, first.source) == (40, 32, "ptxas") and len(calls) == 1
+    km._MEMORY_CACHE.clear()  # a new process: the report comes from the disk cache, nothing is rebuilt
+    assert km.resources(gemv, node, env, configs[0], H100) == first and len(calls) == 1
+    wide = next(c for c in configs if c.get("BLOCK_N") == 64)
+    broken = km.resources(gemv, node, env, wide, H100)
+    assert "does not compile" in broken.reason
+    with pytest.raises(KernelConfigInfeasible, match="does not compile"):
+        km.efficiency(gemv.launch(node, env, wide, H100), broken, H100)
