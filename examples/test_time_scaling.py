@@ -4,7 +4,8 @@
 
 Models: "tiny" (the trained task model, about 99% greedy accuracy) and "tiny-early" (the same preset
 trained for fewer steps, an earlier and weaker model: trained once, about 20 s, cached), so that
-test-time scaling has room to show. Accuracy is measured by running each program on held-out problems;
+test-time scaling has room to show. Best-of-k's aggregators: majority vote, fuse by a token vote, fuse by the
+generative fuser model (examples/models/fuser_task.py), and the task's perfect verifier (an oracle). Accuracy is measured by running each program on held-out problems;
 eFLOPs per prompt are predicted on the H100 preset from the token accounting.
 """
 from __future__ import annotations
@@ -35,10 +36,12 @@ def addition_checker(prompt: torch.Tensor, candidates: torch.Tensor) -> torch.Te
 
 
 EARLY_STEPS = 700  # the "tiny-early" checkpoint: the tiny recipe cut short
+CUT_SHORT = {"tiny-early": EARLY_STEPS, "tiny-mid": 750}   # weaker "tiny" models: the recipe cut to these steps
 
 
 def task_models(names=("tiny-early", "tiny")) -> dict:
-    """name -> trained Llama; "tiny-early" is trained with the tiny recipe cut to EARLY_STEPS (cached)."""
+    """name -> trained Llama; "tiny-early" / "tiny-mid" are trained with the tiny recipe cut to CUT_SHORT steps
+    (cached like the task models)."""
     from dataclasses import replace
 
     from examples.models.llama import LlamaConfig
@@ -47,13 +50,20 @@ def task_models(names=("tiny-early", "tiny")) -> dict:
 
     out = {}
     for name in names:
-        if name != "tiny-early":
+        if name not in CUT_SHORT:
             out[name] = load_or_train(name)
             continue
-        config, recipe = LlamaConfig.preset("tiny"), replace(RECIPES["tiny"], steps=EARLY_STEPS)
+        config, recipe = LlamaConfig.preset("tiny"), replace(RECIPES["tiny"], steps=CUT_SHORT[name])
         stem = cache_dir("models") / f"tiny_task-{recipe_hash(config, recipe)}"
         out[name] = load_cached(config, stem) or train_and_cache(config, recipe, stem)
     return out
+
+
+def fuser_step():
+    """The decode step of the task's generative fuser (examples/models/fuser_task.py; trained once, cached)."""
+    from examples.models.fuser_task import load_or_train_fuser
+
+    return capture_steps({"fuser": load_or_train_fuser()})["fuser"]
 
 
 def capture_steps(models: dict) -> dict:
@@ -68,8 +78,8 @@ def capture_steps(models: dict) -> dict:
             for name, m in models.items()}
 
 
-def plot_front(points_by_model: dict, path: str, title: str) -> None:
-    """Accuracy vs eFLOPs per prompt, all evaluated configs faint, the Pareto front as a line."""
+def plot_front(points_by_model: dict, path: str, title: str, budget: float | None = None) -> None:
+    """Accuracy vs eFLOPs per prompt, all evaluated configs faint, the Pareto front as a line (and the budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,6 +93,8 @@ def plot_front(points_by_model: dict, path: str, title: str) -> None:
         front = pareto_front(evals)
         ax.plot([e.eflops for e in front], [e.accuracy for e in front], "o-", color=pts.get_facecolor()[0][:3],
                 label=f"{name} front")
+    if budget is not None:
+        ax.axvline(budget, color="grey", linestyle="--", label="budget")
     ax.set_xscale("log")
     ax.set_xlabel("eFLOPs per prompt on H100 (tensor cost model)")
     ax.set_ylabel("exact-match accuracy (measured)")
@@ -103,20 +115,47 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="test_time_scaling.png")
     ap.add_argument("--problems", type=int, default=64)
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)
     register_task_functions()
     steps = capture_steps(task_models())
     prompts, answers = make_problems(args.problems, seed=2024)
-    ev = ProgramEvaluator(steps, prompts, answers, get_target("h100"), eos_id=EOS, scorer="addition_checker")
+    ev = ProgramEvaluator(steps, prompts, answers, get_target("h100"), eos_id=EOS, scorer="addition_checker",
+                          fuser=fuser_step())
     by_model = {}
     for name in steps:
-        space = program_space([name], scorer="addition_checker", windows=(0,), kv=("none",))
+        space = program_space([name], scorer="addition_checker", windows=(0,), kv=("none",), fuser=True)
         by_model[name] = [ev(c) for c in grid(space)]
         print(f"\n{name}: front of accuracy vs eFLOPs per prompt (H100)")
         for e in pareto_front(by_model[name]):
-            knobs = {k.split('.')[-1]: v for k, v in e.config.items() if k != "program.model"}
-            print(f"  acc {e.accuracy:6.3f}  eFLOPs {e.eflops:10.3e}  Kinetics {e.kinetics_eflops:10.3e}  {knobs}")
+            print(f"  acc {e.accuracy:6.3f}  eFLOPs {e.eflops:10.3e}  Kinetics {e.kinetics_eflops:10.3e}  "
+                  f"{short(e.config)}")
+        print(f"{name}: best-of-k aggregators, max_new_tokens 4 (accuracy / eFLOPs per prompt)")
+        print(f"  {'k':>3} {'majority vote':>22} {'fuse: token vote':>22} {'fuse: fuser model':>22} "
+              f"{'oracle verifier':>22}")
+        greedy = [e for e in by_model[name] if e.config["program.strategy"] == "greedy"
+                  and e.config["program.max_new_tokens"] == 4][0]
+        print(f"  greedy: {greedy.accuracy:.3f} / {greedy.eflops:.3e}")
+        for n in (2, 4, 8, 16):
+            row = {e.config["program.aggregator"]: e for e in by_model[name]
+                   if e.config["program.strategy"] == "best_of_n" and e.config["program.n"] == n
+                   and e.config["program.max_new_tokens"] == 4}
+            print(f"  {n:>3} " + " ".join(f"{row[a].accuracy:>12.3f} / {row[a].eflops:.3e}"
+                                          for a in ("vote", "fuse_vote", "fuser", "scorer")))
     plot_front(by_model, args.out, "Test-time scaling on 2-digit addition (H100 cost model)")
     print(f"plot: {args.out}")
+
+
+def short(config: dict) -> dict:
+    """The knobs of a config that matter for it, without their prefixes (for printing)."""
+    s = config.get("program.strategy")
+    drop = {"program.model"}
+    if s not in ("best_of_n", "first_finish"):
+        drop.add("program.n")
+    if s != "best_of_n":
+        drop.add("program.aggregator")
+    if s != "beam":
+        drop.add("program.width")
+    return {k.split(".")[-1]: v for k, v in config.items() if k not in drop}
 
 
 def register_task_functions() -> None:

@@ -101,8 +101,21 @@ class ProgramBuilder:
                model: str | None = None) -> Candidates:
         return self._scored("verify", c, {"checker": checker, "first_k": first_k, "threshold": threshold}, model)
 
-    def fuse(self, c: Candidates, model: str | None = None) -> Candidates:
-        return self._scored("fuse", c, {}, model)
+    def fuse(self, c: Candidates, by: str = "vote", model: str | None = None) -> Candidates:
+        """One answer from the candidates. by="vote": a token-level vote weighted by the candidates' scores
+        (no model). by="model": Archon's generative fuser: `model` (a decode step whose vocabulary is the
+        task's plus a separator, its last id) reads "prompt SEP cand_1 ... SEP cand_k SEP" and writes a new
+        answer of the candidates' length (lmforge.programs.compound.fuse_by_model)."""
+        if by not in ("vote", "model"):
+            raise LmforgeError(f"fuse: by must be 'vote' or 'model', got {by!r}")
+        if by == "model" and not model:
+            raise LmforgeError("fuse(by='model') needs model=<the fuser's name in models>")
+        if by == "vote" and model:
+            raise LmforgeError("fuse(by='vote') takes no model; a fuser model generates: use by='model'")
+        if by == "model" and c.k == 0:
+            raise LmforgeError("a fuser model needs candidates to read, but none come in (Archon: fuse after a "
+                               "generating layer)")
+        return self._scored("fuse", c, {"by": by}, model)
 
     def vote(self, c: Candidates) -> Candidates:
         return self._op("vote", [c.tokens, c.scores], {})
@@ -132,7 +145,8 @@ def verify_program(graph: Graph) -> Graph:
     - the first layer generates: every ensemble/rank/fuse/verify/vote reads candidates made (through any
       chain) by a generate node, and a program has at least one generate node;
     - a verifier needs candidates: verify/rank need >= 1 candidate coming in (fuse and vote need >= 1 too),
-      and verify needs a checker function or a model region;
+      and verify needs a checker function or a model region; a fuse with a model (by="model") is a
+      generative fuser and needs >= 1 candidate to read;
     - strategies: beam widths >= 1, diverse beam width divisible by groups, n >= 1, a best_of_n with
       aggregator "scorer" names a registered function, a trie beam has a non-empty catalog.
     """
@@ -158,7 +172,13 @@ def verify_program(graph: Graph) -> Graph:
                 raise VerifyError(f"{where}: its candidates %{v.name} come from outside the program; Archon's "
                                   "first layer must be a generate node")
             if v.type.shape[1] == 0:
-                raise VerifyError(f"{where}: a {n.op} needs candidates, but none come in")
+                what = "a fuser model" if n.op == "fuse" and a["by"] == "model" else f"a {n.op}"
+                raise VerifyError(f"{where}: {what} needs candidates, but none come in")
+        if n.op == "fuse" and (a["by"] == "model") != bool(n.regions):
+            raise VerifyError(f"{where}: fuse(by={a['by']!r}) " + ("needs a fuser model region" if a["by"] == "model"
+                                                                   else "takes no model region (use by='model')"))
+        if n.op == "fuse" and n.regions and n.regions[0].outputs[0].type.shape[-1] in (0, 1):
+            raise VerifyError(f"{where}: a fuser model needs a vocabulary of the task's tokens plus a separator")
         if n.op == "verify" and not a["checker"] and not n.regions:
             raise VerifyError(f"{where}: a verifier needs a checker function (checker=...) or a model (model=...)")
         for fn_attr in ("checker",) if n.op == "verify" else (("by",) if n.op == "rank" else ()):

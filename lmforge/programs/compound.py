@@ -80,20 +80,44 @@ def vote(tokens, scores):
     return tokens[best:best + 1], scores[best:best + 1]
 
 
-def fuse(prompt, tokens, scores, score_fn: Callable | None = None):
-    """One candidate fused from all accepted ones, position by position: each position takes the token
-    with the largest total weight, weights = softmax of the candidates' scores (their log-probability, or the
-    fuser model's log-probability of them when score_fn is given): a weighted token-level vote. Its score is
-    the log of the weight that agrees with the fused token, summed over positions."""
+def fuse(prompt, tokens, scores):
+    """fuse(by="vote"): one candidate fused from the accepted ones, position by position: each position takes
+    the token with the largest total weight, weights = softmax of the candidates' scores (their summed
+    log-probabilities): a weighted token-level vote. Its score is the log of the weight that agrees with the
+    fused token, summed over positions."""
     alive = torch.isfinite(scores)
     if not alive.any():
         return tokens[:1], scores[:1]
-    key = score_fn(prompt, tokens) if score_fn is not None else scores
-    weights = torch.where(alive, key, torch.full_like(key, NEG_INF)).softmax(0)
+    weights = torch.where(alive, scores, torch.full_like(scores, NEG_INF)).softmax(0)
     vocab = int(tokens.max()) + 1
     onehot = torch.nn.functional.one_hot(tokens, vocab).float()          # [k, T, V]
     fused = (weights[:, None, None] * onehot).sum(0).argmax(-1)          # [T]
     return fused[None], torch.log((weights[:, None] * (tokens == fused).float()).sum(0).clamp_min(1e-30)).sum()[None]
+
+
+def fuser_input(prompt: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, sep: int) -> torch.Tensor:
+    """What a generative fuser reads: the prompt, then SEP + each accepted candidate, then SEP.
+
+        prompt [6] "47+08=", candidates ["550" EOS, "540" EOS]  ->  47+08= SEP 550 EOS SEP 540 EOS SEP
+    """
+    parts = [prompt]
+    for row, ok in zip(tokens, torch.isfinite(scores)):
+        if ok:
+            parts += [torch.tensor([sep]), row]
+    return torch.cat(parts + [torch.tensor([sep])])
+
+
+def fuse_by_model(prompt, tokens, scores, sep: int, run: Callable):
+    """fuse(by="model"), Archon's generative fuser: a model reads the prompt and the accepted candidates
+    (`fuser_input`, separator id `sep`) and greedily writes a new answer of the candidates' length T.
+    `run(input [L'], T) -> Generation` runs the fuser model (the runtime charges its prefill of the L' tokens
+    and its T decode steps). With no accepted candidate, the first candidate stands (score -inf) and the model
+    does not run. Returns (tokens [1, T], score [1] = the fuser's log-probability of its answer, Generation|None)."""
+    alive = torch.isfinite(scores)
+    if not alive.any():
+        return tokens[:1], scores[:1], None
+    gen = run(fuser_input(prompt, tokens, scores, sep), tokens.shape[1])
+    return gen.tokens[:1], gen.logprobs[:1].float(), gen
 
 
 def aggregate(prompt, tokens, scores, aggregator: str, scorer: str = ""):

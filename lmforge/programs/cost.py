@@ -73,7 +73,11 @@ class ModelDims:
 def model_dims(step: Graph) -> ModelDims:
     layers, kv_heads, head_dim = (int(step.inputs[1].type.shape[i]) for i in (0, 2, 4))
     embed = {n.inputs[1].name for n in step.nodes if n.op == "embedding" and len(n.inputs) > 1}
-    P = float(sum(p.type.numel() for p in step.params if p.name not in embed and p.type.rank >= 2))
+    # a weight-only quantized linear counts its logical N x K parameters, not its packed tensors
+    packed = [n for n in step.nodes if n.op == "linear_wo"]
+    skip = embed | {v.name for n in packed for v in n.inputs[1:4] if v is not None}
+    P = float(sum(p.type.numel() for p in step.params if p.name not in skip and p.type.rank >= 2))
+    P += float(sum(int(n.inputs[0].type.shape[-1]) * int(n.outputs[0].type.shape[-1]) for n in packed))
     attn = [n for n in step.nodes if "attention" in n.op]
     q_heads = int(attn[0].inputs[0].type.shape[1]) if attn else kv_heads
     kv_dtype = next((n.attr.get("kv_dtype") for n in attn if n.attr.get("kv_dtype")), None)

@@ -185,7 +185,46 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     return torch.stack(outs_t), torch.stack(outs_s)
 
 
+def run_fuser(ctx: ExecContext, idx: int, node: Node, prompt, tokens, scores, traces):
+    """fuse(by="model") on one prompt: the fuser region (a decode step) reads prompt + candidates and decodes
+    T tokens greedily (no EOS stop: the answer has the candidates' length). Its separator is the last id of
+    its vocabulary. The fuser's generation is cached by (fuser, input tokens, T) and its trace (one row,
+    prefill of the whole input, T steps) goes into the node's accounting like any model call."""
+    model = ctx.step_model(idx, 0, None)
+    sep = vocab_size(model, node.regions[0]) - 1
+    if int(tokens.max()) >= sep:
+        raise LmforgeError(f"fuse(by='model'): candidate token {int(tokens.max())} is not in the fuser's task "
+                           f"vocabulary (ids < {sep}; {sep} is its separator)")
+
+    def run(inp, T):
+        key = ("fuse", ctx.model_keys.get(idx, idx), tuple(inp.tolist()), T)
+        got = ctx.cache.get(key) if ctx.cache is not None else None
+        if got is None:
+            got = greedy(model, inp, T, -1, shared_prefix=False)
+            if ctx.cache is not None:
+                ctx.cache.put(key, got)
+        return got
+
+    out_t, out_s, gen = compound.fuse_by_model(prompt, tokens, scores, sep, run)
+    if gen is not None:
+        traces.append(gen.trace)
+    return out_t, out_s, 0
+
+
+def vocab_size(model: StepModel, region) -> int:
+    """The vocabulary of a decode step: from its graph's logits type, or (a compiled region) by one probe step."""
+    if isinstance(region, Graph):
+        return int(region.outputs[0].type.shape[-1])
+    k, v = model.empty(1)
+    return int(model.run(torch.zeros(1, dtype=torch.long), k, v)[0].shape[-1])
+
+
 def _compound_row(ctx, idx, node, a, row, traces):
+    if node.op == "fuse":
+        prompt, tokens, scores = row
+        if a["by"] == "model":
+            return run_fuser(ctx, idx, node, prompt, tokens, scores, traces)
+        return (*compound.fuse(prompt, tokens, scores), 0)
     score_fn = model_score_fn(ctx.step_model(idx, 0, None), traces) if node.regions else None
     if node.op == "ensemble":
         return (*compound.ensemble(list(zip(row[0::2], row[1::2]))), 0)
@@ -198,8 +237,6 @@ def _compound_row(ctx, idx, node, a, row, traces):
         return t, s, tokens.shape[0] if by not in ("logprob", "model") else 0
     if node.op == "verify":
         return compound.verify(prompt, tokens, scores, a["checker"], a["first_k"], a["threshold"], score_fn)
-    if node.op == "fuse":
-        return (*compound.fuse(prompt, tokens, scores, score_fn), 0)
     raise LmforgeError(f"{node.op!r} is not a program op this runtime knows")
 
 

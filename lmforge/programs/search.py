@@ -17,12 +17,14 @@ only the 4 new samples.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import optuna
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.passes.base import Knob
 from lmforge.programs.builder import ProgramBuilder
 from lmforge.programs.cost import _StepCosts, program_cost
@@ -32,9 +34,14 @@ _SAMPLED = ("program.strategy", ("best_of_n", "first_finish"))
 
 
 def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choices=(3, 4),
-                  windows=(0, 4), kv=("none", "int8"), scorer: str = "") -> list[Knob]:
-    """The program + pass knobs (conditions as in lmforge.search.space). window 0 = dense attention."""
-    aggs = ("vote", "scorer") if scorer else ("vote",)
+                  windows=(0, 4), kv=("none", "int8"), scorer: str = "", fuser: bool = False,
+                  weight_bits=(16,)) -> list[Knob]:
+    """The program + pass knobs (conditions as in lmforge.search.space). window 0 = dense attention.
+
+    Best-of-N's aggregator: "vote" (majority over whole answers), "scorer" (the registered function `scorer`,
+    when given), and with `fuser`: "fuse_vote" (fuse by a score-weighted token vote) and "fuser" (fuse by the
+    generative fuser model). Pass knobs: decode window, KV-cache format, weight-only bits (16 = none)."""
+    aggs = ("vote",) + (("scorer",) if scorer else ()) + (("fuse_vote", "fuser") if fuser else ())
     return [
         Knob("program.model", "categorical", models[0], choices=tuple(models)),
         Knob("program.strategy", "categorical", "greedy", choices=("greedy", "best_of_n", "first_finish", "beam")),
@@ -44,6 +51,8 @@ def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choice
         Knob("program.max_new_tokens", "categorical", max_new_choices[-1], choices=tuple(max_new_choices)),
         Knob("attn.decode_window", "categorical", 0, choices=tuple(windows), doc="0 = dense"),
         Knob("quant.kv", "categorical", "none", choices=tuple(kv)),
+        Knob("quant.weight_bits", "categorical", weight_bits[0], choices=tuple(weight_bits),
+             doc="weight-only quantization of the generator's linears (16 = none)"),
     ]
 
 
@@ -77,39 +86,54 @@ class ProgramEvaluator:
     """Builds, runs and costs the program of a config on the first `n` dev problems (results memoized)."""
 
     def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
-                 eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0):
+                 eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0, fuser: Any = None,
+                 group_size: int = 32):
         self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
+        self.fuser, self.group_size = fuser, group_size   # fuser: the fuser model's decode step (full precision)
         self.cache = GenerationCache()
         self._variants: dict[tuple, Any] = {}
         self._costs: dict[tuple, _StepCosts] = {}
         self.memo: dict[tuple, Evaluation] = {}
         self.problems_evaluated = 0
 
-    def step_variant(self, model: str, window: int, kv: str):
-        """The model's decode step after the pass knobs (sparse decode window, KV-cache quantization)."""
-        from lmforge.passes.quant import quantize_kv
-        from lmforge.passes.sparsity import sparsify_attention
+    def step_variant(self, model: str, window: int = 0, kv: str = "none", weight_bits: int = 16):
+        """The model's decode step after the pass knobs, run through lmforge's tunable pass pipeline: sparse
+        decode window (4 sinks), KV-cache format, weight-only int8/int4 (group-wise, `group_size`); the
+        fusion passes stay off so that only these knobs change the step graph."""
+        from lmforge.passes import PassManager, tunable_pipeline
 
-        key = (model, window, kv)
+        key = (model, window, kv, weight_bits)
         if key not in self._variants:
-            g = self.steps[model]
-            if window:
-                g = sparsify_attention(g, decode_pattern="window", decode_window=window, sinks=4)
-            g = quantize_kv(g, kv)
-            self._variants[key] = g
+            config = {"attn.decode_pattern": "window" if window else "dense", "attn.decode_window": window,
+                      "attn.sinks": 4, "quant.kv": kv, "quant.weight_bits": weight_bits,
+                      "quant.group_size": self.group_size, "fusion.merge_linears": False,
+                      "fusion.elementwise": False}
+            self._variants[key] = PassManager(tunable_pipeline()).run(self.steps[model], config)
         return self._variants[key]
+
+    def _variant_key(self, c: Mapping[str, Any]) -> tuple:
+        return (c["program.model"], c["attn.decode_window"], c["quant.kv"], c.get("quant.weight_bits", 16))
 
     def build(self, c: Mapping[str, Any]):
         model = c["program.model"]
-        b = ProgramBuilder("program", {model: self.step_variant(model, c["attn.decode_window"], c["quant.kv"])})
-        s = c["program.strategy"]
+        models = {model: self.step_variant(*self._variant_key(c))}
+        s, agg = c["program.strategy"], c.get("program.aggregator", "vote")
+        fused = s == "best_of_n" and agg in ("fuse_vote", "fuser")
+        if fused and agg == "fuser":
+            if self.fuser is None:
+                raise LmforgeError("aggregator 'fuser' needs ProgramEvaluator(fuser=<the fuser's decode step>)")
+            models["fuser"] = self.fuser
+        b = ProgramBuilder("program", models)
         attrs = dict(max_new_tokens=c["program.max_new_tokens"], eos_id=self.eos_id, strategy=s, seed=self.seed)
+        if fused:  # n samples, then a fuse node reads them all
+            attrs.update(strategy="sample", n=c["program.n"], temperature=self.temperature)
+            cands = b.generate(model, **attrs)
+            return b.build(b.fuse(cands, by="model", model="fuser") if agg == "fuser" else b.fuse(cands))
         if s in ("best_of_n", "first_finish"):
             attrs.update(n=c["program.n"], temperature=self.temperature)
         if s == "best_of_n":
-            attrs.update(aggregator=c["program.aggregator"], scorer=self.scorer if c["program.aggregator"] ==
-                         "scorer" else "")
+            attrs.update(aggregator=agg, scorer=self.scorer if agg == "scorer" else "")
         if s == "beam":
             attrs.update(width=c["program.width"])
         return b.build(b.generate(model, **attrs))
@@ -121,8 +145,8 @@ class ProgramEvaluator:
             return self.memo[key]
         graph = self.build(config)
         result = ProgramRunner(graph, cache=self.cache).run(self.prompts[:n])
-        skey = (config["program.model"], config["attn.decode_window"], config["quant.kv"])
-        cost = program_cost(graph, result, self.hw, step_costs=self._costs.setdefault(skey, _StepCosts(self.hw)))
+        cost = program_cost(graph, result, self.hw, step_costs=self._costs.setdefault(self._variant_key(config),
+                                                                                       _StepCosts(self.hw)))
         T = min(result.tokens.shape[-1], self.answers.shape[1])
         correct = (result.tokens[:, 0, :T] == self.answers[:n, :T]).all(1) & (T == self.answers.shape[1])
         ev = Evaluation(dict(config), float(correct.float().mean()), cost.per_prompt("eflops"),
@@ -164,18 +188,23 @@ def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: floa
 
 
 def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float, n_trials: int = 30, *,
-           fidelities: Sequence[int] | None = None, seed: int = 0) -> SearchResult:
+           fidelities: Sequence[int] | None = None, seed: int = 0, max_problems: int | None = None,
+           startup_trials: int | None = None) -> SearchResult:
     """TPE over the knobs, maximizing dev accuracy subject to eFLOPs per prompt <= budget (a constraint),
-    with a growing dev subset and Optuna's median pruner (module docstring)."""
+    with a growing dev subset and Optuna's median pruner (module docstring). max_problems: stop the study
+    once this many dev-problem evaluations are spent (the search's budget in the currency of the grid).
+    startup_trials: random trials before TPE models the results (default n_trials // 4)."""
     from lmforge.search.space import suggest
 
     full = len(ev.prompts)
     fidelities = list(fidelities or (full // 4, full // 2, full))
     before = ev.problems_evaluated
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                                                   n_startup_trials=max(4, n_trials // 4)),
+    with warnings.catch_warnings():  # group=True (conditional knobs modelled jointly) is "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                             n_startup_trials=startup_trials or max(4, n_trials // 4))
+    study = optuna.create_study(direction="maximize", sampler=sampler,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
     finals: list[Evaluation] = []
 
@@ -196,8 +225,13 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float, n_
             finals.append(e)
         return e.accuracy
 
-    study.optimize(objective, n_trials=n_trials)
+    def out_of_problems(study, trial):
+        if max_problems is not None and ev.problems_evaluated - before >= max_problems:
+            study.stop()
+
+    study.optimize(objective, n_trials=n_trials, callbacks=[out_of_problems])
     feasible = [e for e in finals if e.eflops <= budget_eflops]
     best = max(feasible, key=lambda e: (e.accuracy, -e.eflops), default=None)
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
-    return SearchResult(best, finals, pareto_front(finals), ev.problems_evaluated - before, n_trials, pruned, study)
+    return SearchResult(best, finals, pareto_front(finals), ev.problems_evaluated - before, len(study.trials), pruned,
+                        study)

@@ -176,9 +176,11 @@ def ops() -> list[OpDef]:
               _cand_attrs(checker=attr("str", ""), first_k=attr("int", 0), threshold=attr("float", 0.5)),
               _select_infer("verify", lambda a, k: k), _reference("verify"), _program_cost, arity=(3, 3),
               op_class="program", kind="program", num_outputs=two),
-        OpDef("fuse", "One candidate fused from all accepted ones (weighted token-level vote; weights from a "
-                      "fuser model in the region, else from the scores).",
-              _cand_attrs(), _select_infer("fuse", lambda a, k: 1), _reference("fuse"), _program_cost,
+        OpDef("fuse", "One candidate fused from all accepted ones: by='vote', a token-level vote weighted by "
+                      "the candidates' scores; by='model', Archon's generative fuser, the decode step in the region "
+                      "reads the prompt and the candidates and writes a new answer.",
+              _cand_attrs(by=attr("str", "vote", "'vote' or 'model' (a fuser model in the region)")),
+              _select_infer("fuse", lambda a, k: 1), _reference("fuse"), _program_cost,
               arity=(3, 3), op_class="program", kind="program", num_outputs=two),
         OpDef("vote", "Majority vote over the accepted candidates.", {}, _vote_infer, _reference("vote"),
               _program_cost, arity=(2, 2), op_class="program", kind="program", num_outputs=two),
