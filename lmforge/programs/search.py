@@ -16,7 +16,6 @@ only the 4 new samples.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
