@@ -1,6 +1,7 @@
 """Quality and predicted savings of each numerics-changing pass on the trained example model.
 
     python benchmarks/quality_table.py [--small] [--out table.json]
+    python benchmarks/quality_table.py --task recall [--n 256] [--out table.json]
 
 For each method: the knobs, the bytes one decode step moves according to the cost model (H100 preset) at
 batch 1 with 8 cached tokens and at batch 32 with 2048 cached tokens, and the saving against fp32 (with the
@@ -9,6 +10,13 @@ and KL of next-token distributions on the answer positions of 256 held-out probl
 prefill), and exact-match task accuracy of greedy decoding with the transformed decode step (128 problems).
 `--small` adds the 128-wide "small" model (trained on first use, ~3.5 min), whose layers admit int4 with
 group size 128 (the tiny model's 64-wide layers do not).
+
+`--task recall` judges sparse decode attention on a long-context task instead: the associative-recall model of
+examples/models/recall_task.py (99-token prompts of 32 key -> value pairs, then a query key). Each prompt is
+prefilled densely (all but its last token); the transformed decode step then runs the last prompt token and the
+answer tokens. Per method: the knobs, the tokens one decode step attends to at the recall context (99 cached
+tokens, counted like the cost model), the bytes one decode step moves at batch 1 with 99 cached tokens and at
+batch 32 with 2048, and exact-match accuracy on `--n` held-out prompts.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import torch  # noqa: E402
 import lmforge  # noqa: E402
 from lmforge.compiler import CompiledModel  # noqa: E402
 from lmforge.hwmodels import get_target  # noqa: E402
-from lmforge.passes import PassManager, canonical_pipeline, dce, tunable_pipeline  # noqa: E402
+from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline  # noqa: E402
 from lmforge.quality import compare  # noqa: E402
 from lmforge.search.cost_model import graph_cost  # noqa: E402
 
@@ -44,6 +52,90 @@ METHODS = [
      {"attn.decode_pattern": "block_topk", "attn.block_size": 1, "attn.topk_blocks": 2, "attn.decode_window": 1,
       "attn.sinks": 1}),
 ]
+
+# Decode-attention methods judged on the recall task. Budgets count the tokens one decode step attends to
+# at the 99-token context, as the cost model does (lmforge.ir.ops.sparse_attention_ops.kept_keys): the sink
+# and window blocks (one extra window block for misalignment) plus the top-k blocks.
+_TOPK = {"attn.decode_pattern": "block_topk", "attn.sinks": 0}
+RECALL_METHODS = [
+    ("dense (reference)", {}),
+    ("window 20 + 4 sinks (1/4)", {"attn.decode_pattern": "window", "attn.decode_window": 20, "attn.sinks": 4}),
+    ("block top-k mean, bs 1, top 21 + window 2 (1/4)",
+     {**_TOPK, "attn.block_size": 1, "attn.topk_blocks": 21, "attn.decode_window": 2, "attn.summary": "mean"}),
+    ("block top-k mean, bs 2, top 10 + window 2 (1/4)",
+     {**_TOPK, "attn.block_size": 2, "attn.topk_blocks": 10, "attn.decode_window": 2, "attn.summary": "mean"}),
+    ("block top-k min/max, bs 2, top 10 + window 2 (1/4)",
+     {**_TOPK, "attn.block_size": 2, "attn.topk_blocks": 10, "attn.decode_window": 2, "attn.summary": "minmax"}),
+    ("block top-k mean, bs 4, top 4 + window 4 (1/4)",
+     {**_TOPK, "attn.block_size": 4, "attn.topk_blocks": 4, "attn.decode_window": 4, "attn.summary": "mean"}),
+    ("block top-k min/max, bs 4, top 4 + window 4 (1/4)",
+     {**_TOPK, "attn.block_size": 4, "attn.topk_blocks": 4, "attn.decode_window": 4, "attn.summary": "minmax"}),
+    ("block top-k min/max, bs 4, top 4 + window 4, layer 0 dense",
+     {**_TOPK, "attn.block_size": 4, "attn.topk_blocks": 4, "attn.decode_window": 4, "attn.summary": "minmax",
+      "attn.dense_layers": 1}),
+    ("block top-k mean, bs 8, top 1 + window 8 (1/4)",
+     {**_TOPK, "attn.block_size": 8, "attn.topk_blocks": 1, "attn.decode_window": 8, "attn.summary": "mean"}),
+    ("block top-k min/max, bs 8, top 1 + window 8 (1/4)",
+     {**_TOPK, "attn.block_size": 8, "attn.topk_blocks": 1, "attn.decode_window": 8, "attn.summary": "minmax"}),
+    ("window 8 + 4 sinks (1/8)", {"attn.decode_pattern": "window", "attn.decode_window": 8, "attn.sinks": 4}),
+    ("block top-k mean, bs 1, top 9 + window 2 (1/8)",
+     {**_TOPK, "attn.block_size": 1, "attn.topk_blocks": 9, "attn.decode_window": 2, "attn.summary": "mean"}),
+    ("block top-k mean, bs 2, top 4 + window 2 (1/8)",
+     {**_TOPK, "attn.block_size": 2, "attn.topk_blocks": 4, "attn.decode_window": 2, "attn.summary": "mean"}),
+    ("block top-k min/max, bs 2, top 4 + window 2 (1/8)",
+     {**_TOPK, "attn.block_size": 2, "attn.topk_blocks": 4, "attn.decode_window": 2, "attn.summary": "minmax"}),
+    ("block top-k min/max, bs 4, top 1 + window 4 (1/8)",
+     {**_TOPK, "attn.block_size": 4, "attn.topk_blocks": 1, "attn.decode_window": 4, "attn.summary": "minmax"}),
+]
+
+
+def attended_tokens(cfg: dict, context: int) -> int:
+    """Tokens one decode step attends to over `context` cached tokens under the decode knobs `cfg`."""
+    from lmforge.ir.ops.sparse_attention_ops import kept_keys
+
+    pattern = cfg.get("attn.decode_pattern", "dense")
+    if pattern == "window":
+        return min(context, cfg["attn.decode_window"] + cfg["attn.sinks"])
+    if pattern == "block_topk":
+        return kept_keys(context, cfg["attn.block_size"], cfg["attn.topk_blocks"], cfg["attn.sinks"],
+                         cfg["attn.decode_window"])
+    return context
+
+
+def evaluate_recall(n: int = 256, methods=RECALL_METHODS) -> list[dict]:
+    """Rows (method, knobs, attended tokens, bytes per decode step, task accuracy) for the recall model."""
+    from examples.models import recall_task
+
+    model = recall_task.load_or_train()
+    g_dec = recall_task.decode_graph(model)
+    hw = get_target("h100")
+    context = recall_task.PROMPT_LEN
+    short, long = {"batch": 1, "past": context}, {"batch": 32, "past": 2048}
+    base = PassManager(tunable_pipeline()).run(g_dec, {})
+    base_short, base_long = graph_cost(base, hw, short).bytes, graph_cost(base, hw, long).bytes
+    rows = []
+    for name, cfg in methods:
+        t0 = time.perf_counter()
+        new_dec = PassManager(tunable_pipeline()).run(g_dec, cfg)
+        acc = recall_task.accuracy(CompiledModel(new_dec), n=n, model=model)
+        b_short, b_long = graph_cost(new_dec, hw, short).bytes, graph_cost(new_dec, hw, long).bytes
+        rows.append({"model": "recall", "method": name, "knobs": cfg, "attended": attended_tokens(cfg, context),
+                     "context": context, "bytes_short": b_short, "saved_short": 1 - b_short / base_short,
+                     "bytes_long": b_long, "saved_long": 1 - b_long / base_long, "task_acc": acc, "n": n,
+                     "seconds": time.perf_counter() - t0})
+    return rows
+
+
+def print_recall(rows: list[dict]) -> None:
+    context = rows[0]["context"]
+    dense = next((r["task_acc"] for r in rows if not r["knobs"]), None)
+    print(f"| method | tokens attended of {context} | bytes/step, b1 past {context} (saved) | "
+          f"bytes/step, b32 past 2048 (saved) | task acc ({rows[0]['n']} held-out) | vs dense |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        delta = "" if dense is None else f"{(r['task_acc'] - dense) * 100:+.1f}"
+        print(f"| {r['method']} | {r['attended']} | {r['bytes_short'] / 1e3:.1f} kB ({r['saved_short'] * 100:.0f}%) | "
+              f"{r['bytes_long'] / 1e6:.1f} MB ({r['saved_long'] * 100:.0f}%) | {r['task_acc'] * 100:.1f}% | {delta} |")
 
 
 def evaluate(preset: str) -> list[dict]:
@@ -94,8 +186,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--task", choices=("addition", "recall"), default="addition",
+                   help="addition: the tiny/small models (default); recall: sparse decode on the long-context task")
+    p.add_argument("--n", type=int, default=256, help="held-out prompts per method (--task recall)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.task == "recall":
+        rows = evaluate_recall(args.n)
+        print_recall(rows)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+        return 0
     rows = evaluate("tiny") + (evaluate("small") if args.small else [])
     print("| model | method | bytes/step, batch 1 past 8 (saved) | bytes/step, batch 32 past 2048 (saved) | "
           "top-1 | KL | task acc (fp32) |")
