@@ -45,7 +45,7 @@ def task_models(names=("tiny-early", "tiny")) -> dict:
     from dataclasses import replace
 
     from examples.models.llama import LlamaConfig
-    from examples.models.tiny_task import RECIPES, load_cached, load_or_train, recipe_hash, train_and_cache
+    from examples.models.tiny_task import RECIPES, load_or_train, load_or_train_cached, recipe_hash, train_and_describe
     from lmforge.cache import cache_dir
 
     out = {}
@@ -55,7 +55,7 @@ def task_models(names=("tiny-early", "tiny")) -> dict:
             continue
         config, recipe = LlamaConfig.preset("tiny"), replace(RECIPES["tiny"], steps=CUT_SHORT[name])
         stem = cache_dir("models") / f"tiny_task-{recipe_hash(config, recipe)}"
-        out[name] = load_cached(config, stem) or train_and_cache(config, recipe, stem)
+        out[name] = load_or_train_cached(config, stem, lambda: train_and_describe(config, recipe))
     return out
 
 

@@ -25,23 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 from examples.models.llama import Llama, LlamaConfig
 from examples.models.tiny_task import (ANSWER_LEN, EOS, N_DIGITS, PROMPT_LEN, RECIPES, VOCAB_SIZE, encode,
-                                       is_held_out, load_cached, lr_at, make_problems, recipe_hash, sample_operands,
-                                       train_and_cache)
+                                       is_held_out, load_or_train_cached, lr_at, make_problems, recipe_hash,
+                                       sample_operands, train_and_describe)
 from lmforge.cache import cache_dir
 
 SEP = VOCAB_SIZE                 # 14: the separator, the last id of the fuser's vocabulary
@@ -90,7 +83,7 @@ def weak_generator() -> Llama:
     """"tiny-early": the task's tiny recipe cut to EARLY_STEPS (cached next to the task models)."""
     config, recipe = LlamaConfig.preset("tiny"), replace(RECIPES["tiny"], steps=EARLY_STEPS)
     stem = cache_dir("models") / f"tiny_task-{recipe_hash(config, recipe)}"
-    return load_cached(config, stem) or train_and_cache(config, recipe, stem)
+    return load_or_train_cached(config, stem, lambda: train_and_describe(config, recipe))
 
 
 @torch.no_grad()
@@ -194,33 +187,14 @@ def load_or_train_fuser(recipe: FuserRecipe = RECIPE) -> Llama:
     """The trained fuser from cache_dir("models") (fuser_task-<hash>.safetensors/.json), else trained and cached.
     Concurrent first callers train once (a lock file), like tiny_task.load_or_train."""
     stem = cache_dir("models") / f"fuser_task-{fuser_hash(recipe)}"
-    model = load_cached(FUSER_CONFIG, stem)
-    if model is not None:
-        return model
-    with open(stem.with_suffix(".lock"), "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        model = load_cached(FUSER_CONFIG, stem)
-        if model is None:
-            model = _train_and_cache(recipe, stem)
-    return model
+    return load_or_train_cached(FUSER_CONFIG, stem, lambda: _train_and_describe(recipe))
 
 
-def _train_and_cache(recipe: FuserRecipe, stem: Path) -> Llama:
+def _train_and_describe(recipe: FuserRecipe) -> tuple[Llama, dict]:
     start = time.perf_counter()
     model = train_fuser(recipe)
     seconds = time.perf_counter() - start
     info = {"config": FUSER_CONFIG.to_dict(), "recipe": asdict(recipe), "version": FUSER_VERSION,
             "train_seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "heldout_k8_512": heldout_fuse_accuracy(model, 8)}
-    weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    tmp_w, tmp_i = f"{weights_path}.{os.getpid()}.tmp", f"{info_path}.{os.getpid()}.tmp"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_w)
-    with open(tmp_i, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp_w, weights_path)
-    os.replace(tmp_i, info_path)
-    return model
-
+    return model, info

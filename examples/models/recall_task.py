@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,13 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-try:
-    import fcntl  # POSIX file locks; without them concurrent first calls just train twice
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 from examples.models.llama import Llama, LlamaConfig, LlamaDecodeStep, greedy_generate
-from examples.models.tiny_task import exact_match, load_cached, lr_at
+from examples.models.tiny_task import exact_match, load_or_train_cached, lr_at
 from lmforge.cache import cache_dir
 from lmforge.errors import LmforgeError
 
@@ -359,34 +353,15 @@ def load_or_train(config_name: str = "recall") -> Llama:
     """
     stem = cache_stem(config_name)
     config = CONFIGS[config_name]
-    model = load_cached(config, stem)
-    if model is not None:
-        return model
-    with open(stem.with_suffix(".lock"), "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        model = load_cached(config, stem)
-        if model is None:
-            model = train_and_cache(config, RECIPES[config_name], stem)
-    return model
+    return load_or_train_cached(config, stem, lambda: _train_and_describe(config, RECIPES[config_name]))
 
 
-def train_and_cache(config: LlamaConfig, recipe: RecallRecipe, stem: Path) -> Llama:
-    """Train, measure held-out accuracy, and write <stem>.safetensors and <stem>.json atomically."""
-    from safetensors.torch import save_file
-
+def _train_and_describe(config: LlamaConfig, recipe: RecallRecipe) -> tuple[Llama, dict]:
+    """Train and measure held-out accuracy: (model, info for the cache's json)."""
     start = time.perf_counter()
     model = train_with_recipe(config, recipe)
     seconds = time.perf_counter() - start
     info = {"config": config.to_dict(), "recipe": asdict(recipe), "version": RECIPE_VERSION,
             "heldout_accuracy_512": accuracy(LlamaDecodeStep(model), n=512), "train_seconds": round(seconds, 2),
             "torch_threads": 1, "torch": torch.__version__}
-    # Write under temporary names, then rename (weights first), so a reader never sees half a file.
-    weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    tmp_weights, tmp_info = f"{weights_path}.{os.getpid()}.tmp", f"{info_path}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_weights)
-    with open(tmp_info, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp_weights, weights_path)
-    os.replace(tmp_info, info_path)
-    return model
+    return model, info

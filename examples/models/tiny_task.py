@@ -30,6 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +249,16 @@ def load_or_train(config_name: str = "tiny") -> Llama:
         raise LmforgeError(f"no training recipe for preset {config_name!r}; trainable presets: {sorted(RECIPES)}")
     config, recipe = LlamaConfig.preset(config_name), RECIPES[config_name]
     stem = cache_dir("models") / f"tiny_task-{recipe_hash(config, recipe)}"
+    return load_or_train_cached(config, stem, lambda: train_and_describe(config, recipe))
+
+
+def load_or_train_cached(config: LlamaConfig, stem: Path, train_fn: Callable[[], tuple[Llama, dict]]) -> Llama:
+    """The Llama(config) cached at <stem>.safetensors, else `train_fn() -> (model, info)` run once and cached.
+
+    Shared by the task modules (addition, recall, fuser). Concurrent first callers train once: the others wait
+    on <stem>.lock, then load. The weights and <stem>.json (info: config, recipe, accuracy, training time) are
+    written atomically, so a reader never sees half a file; unreadable files are retrained.
+    """
     model = load_cached(config, stem)
     if model is not None:
         return model
@@ -256,7 +267,8 @@ def load_or_train(config_name: str = "tiny") -> Llama:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         model = load_cached(config, stem)
         if model is None:
-            model = train_and_cache(config, recipe, stem)
+            model, info = train_fn()
+            save_cached(model, info, stem)
     return model
 
 
@@ -273,15 +285,8 @@ def load_cached(config: LlamaConfig, stem: Path) -> Llama | None:
     return model.eval()
 
 
-def train_and_cache(config: LlamaConfig, recipe: TrainRecipe, stem: Path) -> Llama:
-    """Train, measure held-out accuracy, and write <stem>.safetensors and <stem>.json atomically."""
-    start = time.perf_counter()
-    model = train_with_recipe(config, recipe)
-    seconds = time.perf_counter() - start
-    info = {"config": config.to_dict(), "recipe": asdict(recipe), "version": RECIPE_VERSION,
-            "heldout_accuracy_512": accuracy(LlamaDecodeStep(model), n=512), "train_seconds": round(seconds, 2),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    # Write under temporary names, then rename (weights first), so a reader never sees half a file.
+def save_cached(model: Llama, info: dict, stem: Path) -> None:
+    """Write <stem>.safetensors and <stem>.json under temporary names, then rename (weights first)."""
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     tmp_weights, tmp_info = f"{weights_path}.{os.getpid()}.tmp", f"{info_path}.{os.getpid()}.tmp"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_weights)
@@ -289,4 +294,21 @@ def train_and_cache(config: LlamaConfig, recipe: TrainRecipe, stem: Path) -> Lla
         json.dump(info, f, indent=2)
     os.replace(tmp_weights, weights_path)
     os.replace(tmp_info, info_path)
+
+
+def train_and_describe(config: LlamaConfig, recipe: TrainRecipe) -> tuple[Llama, dict]:
+    """Train, and measure held-out accuracy: (model, info for the cache's json)."""
+    start = time.perf_counter()
+    model = train_with_recipe(config, recipe)
+    seconds = time.perf_counter() - start
+    info = {"config": config.to_dict(), "recipe": asdict(recipe), "version": RECIPE_VERSION,
+            "heldout_accuracy_512": accuracy(LlamaDecodeStep(model), n=512), "train_seconds": round(seconds, 2),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return model, info
+
+
+def train_and_cache(config: LlamaConfig, recipe: TrainRecipe, stem: Path) -> Llama:
+    """Train, measure held-out accuracy, and write <stem>.safetensors and <stem>.json atomically."""
+    model, info = train_and_describe(config, recipe)
+    save_cached(model, info, stem)
     return model
