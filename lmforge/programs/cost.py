@@ -105,12 +105,22 @@ def kv_bytes_read(trace, dims: ModelDims) -> float:
 
 
 class _StepCosts:
-    """graph_cost of a step graph at (batch, past), memoized per graph."""
+    """graph_cost of a step graph at (batch, past), memoized per graph.
 
-    def __init__(self, hw):
+    tune_tiles: on a GPU target, charge each step with the best tile config of every Triton template it runs
+    (the kernel knobs of lmforge.search.kernel_model, chosen exactly: they change no output, so for a given
+    program the fastest candidate of each template is the right one); `tiles` records the choices. Otherwise
+    (and on CPU targets) the roofline time without kernel configs. aot: read registers / shared memory from
+    ahead-of-time builds (cached on disk) rather than estimate them.
+    """
+
+    def __init__(self, hw, tune_tiles: bool = False, aot: bool = True):
         self.hw = hw
+        self.tune_tiles = tune_tiles and getattr(hw, "kind", "") == "gpu"
+        self.aot = aot
         self.memo: dict[tuple, tuple[float, float]] = {}
         self.graphs: dict[int, Graph] = {}
+        self.tiles: dict[tuple, dict[str, int]] = {}   # (id(graph), batch, past) -> template -> config index
 
     def __call__(self, graph: Graph, batch: int, past: int) -> tuple[float, float]:
         from lmforge.search.cost_model import graph_cost
@@ -118,7 +128,16 @@ class _StepCosts:
         key = (id(graph), batch, past)
         if key not in self.memo or self.graphs.get(id(graph)) is not graph:
             self.graphs[id(graph)] = graph
-            gc = graph_cost(graph, self.hw, {"batch": batch, "past": past})
+            bindings = {"batch": batch, "past": past}
+            kernels = None
+            if self.tune_tiles:
+                from lmforge.search.kernel_model import kernel_table
+
+                table = kernel_table(graph, self.hw, bindings, aot=self.aot)
+                kernels = {name: min(range(len(times)), key=times.__getitem__)
+                           for name, times in table.per_config.items()}
+                self.tiles[key] = kernels
+            gc = graph_cost(graph, self.hw, bindings, kernels=kernels)
             self.memo[key] = (gc.time_s, gc.eflops)
         return self.memo[key]
 

@@ -1,10 +1,17 @@
-"""Search program knobs together with pass knobs: accuracy on a dev set (measured by running the program)
-vs eFLOPs per prompt on a target, under an eFLOPs budget (Archon / Kinetics style).
+"""Search program knobs together with pass and kernel knobs: accuracy on a dev set (measured by running the
+program) vs cost per prompt on a target, under a budget of eFLOPs or of predicted latency (Archon / Kinetics).
 
     ev = ProgramEvaluator(steps={"tiny": step_graph, ...}, prompts=dev_prompts, answers=dev_answers, hw=h100)
     result = search(ev, space, budget_eflops=2e9, n_trials=30)
     result.best, result.front, result.problems_evaluated
     grid = grid_search(ev, space, budget_eflops=2e9)        # the exhaustive reference
+    ev = ProgramEvaluator(..., tune_tiles=True)              # latency with each step's best Triton tile configs
+    result = search(ev, space, budget_latency_s=1e-3)
+
+Kernel knobs (the Triton tile configs of lmforge.search.kernel_model) change latency but neither outputs nor
+eFLOPs, so with `tune_tiles` each program is charged with the fastest candidate config of every template its
+step graphs run (an exact inner minimisation per step graph and shape): the search over program and pass knobs
+then sees latencies with tuned kernels, and a latency budget makes the kernel choice matter.
 
 Knobs: which model, strategy (greedy, best_of_n, first_finish, beam) and its parameters, max new tokens,
 and two pass knobs applied to the model's decode step: a sliding decode window (sparse attention, with
@@ -86,10 +93,11 @@ class ProgramEvaluator:
 
     def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
                  eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0, fuser: Any = None,
-                 group_size: int = 32):
+                 group_size: int = 32, tune_tiles: bool = False):
         self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
         self.fuser, self.group_size = fuser, group_size   # fuser: the fuser model's decode step (full precision)
+        self.tune_tiles = tune_tiles  # charge latency with each step's best Triton tile configs (GPU targets)
         self.cache = GenerationCache()
         self._variants: dict[tuple, Any] = {}
         self._costs: dict[tuple, _StepCosts] = {}
@@ -144,8 +152,8 @@ class ProgramEvaluator:
             return self.memo[key]
         graph = self.build(config)
         result = ProgramRunner(graph, cache=self.cache).run(self.prompts[:n])
-        cost = program_cost(graph, result, self.hw, step_costs=self._costs.setdefault(self._variant_key(config),
-                                                                                       _StepCosts(self.hw)))
+        step_costs = self._costs.setdefault(self._variant_key(config), _StepCosts(self.hw, self.tune_tiles))
+        cost = program_cost(graph, result, self.hw, step_costs=step_costs)
         T = min(result.tokens.shape[-1], self.answers.shape[1])
         correct = (result.tokens[:, 0, :T] == self.answers[:n, :T]).all(1) & (T == self.answers.shape[1])
         ev = Evaluation(dict(config), float(correct.float().mean()), cost.per_prompt("eflops"),
@@ -177,24 +185,36 @@ def pareto_front(evals: Sequence[Evaluation]) -> list[Evaluation]:
     return front
 
 
-def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float) -> SearchResult:
-    """Evaluate every config on the full dev set (the exhaustive reference)."""
+def _budget(budget_eflops: float | None, budget_latency_s: float | None) -> tuple[str, float]:
+    """(Evaluation field, limit) of the one budget given: eFLOPs per prompt or predicted seconds per prompt."""
+    if (budget_eflops is None) == (budget_latency_s is None):
+        raise LmforgeError("give exactly one budget: budget_eflops (eFLOPs per prompt) or budget_latency_s "
+                           "(predicted seconds per prompt on the target)")
+    return ("eflops", budget_eflops) if budget_eflops is not None else ("latency_s", budget_latency_s)
+
+
+def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | None = None, *,
+                budget_latency_s: float | None = None) -> SearchResult:
+    """Evaluate every config on the full dev set (the exhaustive reference); the best is the most accurate
+    within the budget (eFLOPs, or predicted latency on the target)."""
+    field_name, limit = _budget(budget_eflops, budget_latency_s)
     before = ev.problems_evaluated
     evals = [ev(c) for c in grid(knobs)]
-    feasible = [e for e in evals if e.eflops <= budget_eflops]
-    best = max(feasible, key=lambda e: (e.accuracy, -e.eflops), default=None)
+    feasible = [e for e in evals if getattr(e, field_name) <= limit]
+    best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     return SearchResult(best, evals, pareto_front(evals), ev.problems_evaluated - before, len(evals), 0)
 
 
-def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float, n_trials: int = 30, *,
+def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | None = None, n_trials: int = 30, *,
            fidelities: Sequence[int] | None = None, seed: int = 0, max_problems: int | None = None,
-           startup_trials: int | None = None) -> SearchResult:
+           startup_trials: int | None = None, budget_latency_s: float | None = None) -> SearchResult:
     """TPE over the knobs, maximizing dev accuracy subject to eFLOPs per prompt <= budget (a constraint),
     with a growing dev subset and Optuna's median pruner (module docstring). max_problems: stop the study
     once this many dev-problem evaluations are spent (the search's budget in the currency of the grid).
     startup_trials: random trials before TPE models the results (default n_trials // 4)."""
     from lmforge.search.space import suggest
 
+    field_name, limit = _budget(budget_eflops, budget_latency_s)
     full = len(ev.prompts)
     fidelities = list(fidelities or (full // 4, full // 2, full))
     before = ev.problems_evaluated
@@ -212,14 +232,14 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float, n_
         e = None
         for step, n in enumerate(fidelities):
             e = ev(config, n)
-            over = e.eflops - budget_eflops
+            over = getattr(e, field_name) - limit
             if over > 0:
                 break  # infeasible: its cost is known, more problems would not change that
             trial.report(e.accuracy, step)
             if n < full and trial.should_prune():
-                trial.set_constraint("eflops", over)
+                trial.set_constraint(field_name, over)
                 raise optuna.TrialPruned()
-        trial.set_constraint("eflops", e.eflops - budget_eflops)
+        trial.set_constraint(field_name, getattr(e, field_name) - limit)
         if e.problems == full:
             finals.append(e)
         return e.accuracy
@@ -229,8 +249,8 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float, n_
             study.stop()
 
     study.optimize(objective, n_trials=n_trials, callbacks=[out_of_problems])
-    feasible = [e for e in finals if e.eflops <= budget_eflops]
-    best = max(feasible, key=lambda e: (e.accuracy, -e.eflops), default=None)
+    feasible = [e for e in finals if getattr(e, field_name) <= limit]
+    best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     return SearchResult(best, finals, pareto_front(finals), ev.problems_evaluated - before, len(study.trials), pruned,
                         study)

@@ -146,3 +146,37 @@ def test_fuse_attribute_and_region_must_agree(tiny, fuser):
     graph = b.build(b.fuse(b.generate("tiny", strategy="sample", n=2, max_new_tokens=4, eos_id=EOS), by="model",
                            model="fuser"))
     assert [n.attr["by"] for n in graph.nodes if n.op == "fuse"] == ["model"]
+
+
+def test_tile_tuned_latency_and_a_latency_budget(tiny, task):
+    """With tune_tiles the step graphs are charged with their fastest Triton tile configs: latency is never above
+    the default tiles', eFLOPs and outputs do not change, and a latency budget bounds the search's answer."""
+    from lmforge.programs.search import ProgramEvaluator, grid_search, program_space, search
+
+    prompts, answers = task
+    from dataclasses import replace
+
+    space = [replace(k, choices=("greedy",)) if k.name == "program.strategy" else k   # 2 configs: 16 / 4 bits
+             for k in program_space(["tiny"], max_new_choices=(4,), windows=(0,), kv=("none",), weight_bits=(16, 4))]
+    plain = ProgramEvaluator({"tiny": tiny[1]}, prompts[:8], answers[:8], H100, eos_id=EOS)
+    tuned = ProgramEvaluator({"tiny": tiny[1]}, prompts[:8], answers[:8], H100, eos_id=EOS, tune_tiles=True)
+    config = {"program.model": "tiny", "program.strategy": "greedy", "program.n": 2, "program.aggregator": "vote",
+              "program.width": 2, "program.max_new_tokens": 4, "attn.decode_window": 0, "quant.kv": "none",
+              "quant.weight_bits": 4}
+    a, b = plain(config), tuned(config)
+    assert b.eflops == a.eflops and b.accuracy == a.accuracy and b.latency_s != a.latency_s
+    # per step graph and shape: the chosen tiles are at least as fast as every template's default config
+    from lmforge.search.cost_model import graph_cost
+
+    (costs,) = tuned._costs.values()
+    assert costs.tiles and all(costs.tiles.values())  # the int4 step runs Triton templates; a choice was made
+    for (gid, batch, past), tiles in costs.tiles.items():
+        graph = costs.graphs[gid]
+        default = graph_cost(graph, H100, {"batch": batch, "past": past}, kernels={}).time_s
+        assert costs(graph, batch, past)[0] <= default
+    grid = grid_search(tuned, space, budget_latency_s=b.latency_s * 1.01)
+    assert grid.best is not None and grid.best.latency_s <= b.latency_s * 1.01
+    found = search(tuned, space, n_trials=4, budget_latency_s=b.latency_s * 1.01, fidelities=(8,))
+    assert found.best is None or found.best.latency_s <= b.latency_s * 1.01
+    with pytest.raises(LmforgeError, match="exactly one budget"):
+        grid_search(tuned, space)
