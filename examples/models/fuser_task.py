@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from examples.models.llama import Llama, LlamaConfig
 from examples.models.tiny_task import (ANSWER_LEN, EOS, N_DIGITS, PROMPT_LEN, RECIPES, VOCAB_SIZE, encode,
-                                       is_held_out, load_or_train_cached, lr_at, make_problems, recipe_hash,
+                                       fit, is_held_out, load_or_train_cached, make_problems, recipe_hash,
                                        sample_operands, train_and_describe)
 from lmforge.cache import cache_dir
 
@@ -122,24 +122,15 @@ def train_fuser(recipe: FuserRecipe = RECIPE, generator_model: Llama | None = No
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = Llama(FUSER_CONFIG)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
-    model.train()
-    for step in range(recipe.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe)
+
+    def loss_at(step: int) -> torch.Tensor:
         k = recipe.ks[step % len(recipe.ks)]
         idx = torch.randint(0, len(prompts), (recipe.batch_size,), generator=gen)
         pick = torch.rand(recipe.batch_size, recipe.samples_per_pair, generator=gen).argsort(1)[:, :k]
         cands = pool[idx[:, None], pick]
-        loss = fuser_loss(model, fuser_input(prompts[idx], cands), answers[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return model.eval()
+        return fuser_loss(model, fuser_input(prompts[idx], cands), answers[idx])
+
+    return fit(model, recipe, loss_at)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from examples.models.llama import Llama, LlamaConfig, LlamaDecodeStep, greedy_generate
-from examples.models.tiny_task import exact_match, load_or_train_cached, lr_at
+from examples.models.tiny_task import exact_match, fit, load_or_train_cached
 from lmforge.cache import cache_dir
 from lmforge.errors import LmforgeError
 
@@ -243,21 +243,12 @@ def _train(config: LlamaConfig, recipe: RecallRecipe) -> Llama:
             if param.dim() >= 2 and not name.endswith(("wo.weight", "w2.weight")):
                 torch.nn.init.normal_(param, std=recipe.init_std)
     data = torch.Generator().manual_seed(recipe.seed + 1)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
-    model.train()
-    for step in range(recipe.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe)
+
+    def loss_at(step: int) -> torch.Tensor:
         inputs, targets = training_batch(recipe.batch_size, pairs_at(step, recipe, data), recipe.queries, data)
-        loss = batch_loss(model, inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    return model.eval()
+        return batch_loss(model, inputs, targets)
+
+    return fit(model, recipe, loss_at)
 
 
 def train(config: LlamaConfig, steps: int, seed: int = 0, batch_size: int = 64, **recipe_overrides) -> Llama:

@@ -167,6 +167,17 @@ def train_with_recipe(config: LlamaConfig, recipe: TrainRecipe) -> Llama:
         torch.manual_seed(recipe.seed)
         model = Llama(config)
     data = torch.Generator().manual_seed(recipe.seed + 1)
+
+    def loss_at(step: int) -> torch.Tensor:
+        return answer_loss(model, *encode(*sample_operands(recipe.batch_size, data, "train")))
+
+    return fit(model, recipe, loss_at)
+
+
+def fit(model: Llama, recipe, loss_at: Callable[[int], torch.Tensor]) -> Llama:
+    """The training loop the task modules share: AdamW (betas 0.9/0.98, weight decay on matrices only), the
+    warmup + cosine schedule of `lr_at`, gradient clipping at 1.0, `recipe.steps` steps of `loss_at(step)`.
+    recipe needs steps, lr, warmup_steps, min_lr_ratio and weight_decay. Returns the model in eval mode."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -175,8 +186,7 @@ def train_with_recipe(config: LlamaConfig, recipe: TrainRecipe) -> Llama:
     for step in range(recipe.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
-        prompts, answers = encode(*sample_operands(recipe.batch_size, data, "train"))
-        loss = answer_loss(model, prompts, answers)
+        loss = loss_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
