@@ -1,18 +1,21 @@
 """An exported artifact's Triton cubins, loaded and launched on this GPU: correctness and decode-step time.
 
-For the example Llama ("5m" preset, random weights, fp16) and its int4 weight-only variant (group size 64):
+For the example Llama ("5m" preset, random weights, fp16), its int4 weight-only variant (group size 64) and
+its block top-k decode variant (blocks of 16, 2 chosen besides the sink and 32-token window blocks):
 compile the decode step, build its Triton kernels ahead of time for this GPU's arch
 (`add_gpu_kernels([target], backends=("triton",))`), export to a temporary directory, and load it back with
 `lmforge.load(path, device="cuda", kernels="required")` (which raises unless the cubins load). Then:
 
-    kernel      the loaded artifact's decode step (cubins for the nodes they serve, the torch reference for the
-                rest, e.g. attention, which has no AOT launch spec yet)
+    kernel      the loaded artifact's decode step (cubins for the nodes they serve, attention included: split-K
+                decode, or block top-k's score / top-k / sparse split / merge; the torch reference for the rest)
     reference   the same graph run by the torch reference on the GPU (fp32 math where the ops do it)
     baselines   the JIT Triton backend (lmforge.compile(..., backends=("triton", "torch")) on the GPU), and
-                torch eager (the nn.Module), each in its own row
+                torch eager (the nn.Module; not for block top-k, which computes something else), each in its
+                own row
 
 Outputs compared: the logits of one decode step at batch 1 with 128 cached positions. The note says how many
-nodes the cubins serve and how many calls fell back to the reference (should be 0).
+nodes the cubins serve (and how many of them are attention) and how many calls fell back to the reference
+(should be 0).
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ import tempfile
 import torch
 
 from examples.models.llama import Llama, LlamaConfig, LlamaDecodeStep
+from lmforge.backends.triton.launch_specs import ATTENTION_OPS
 
 PRESET = "5m"
 BATCH, PAST = 1, 128
 INT4 = {"quant.weight_bits": 4, "quant.group_size": 64, "quant.lm_head": True}
+TOPK = {"attn.decode_pattern": "block_topk", "attn.block_size": 16, "attn.topk_blocks": 2,
+        "attn.decode_window": 32, "attn.sinks": 4}
+CONFIGS = {"fp16": None, "int4": INT4, "fp16_topk": TOPK}
 DECODE_DYNAMIC = {"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"}, "v_cache": {1: "batch", 3: "past"}}
 TARGET_FOR_ARCH = {"sm_80": "a100", "sm_89": "l40s", "sm_90": "h100"}
 
@@ -50,7 +57,7 @@ def build_and_load(variant: str, arch: str, out_dir: str, device: str = "cuda"):
         torch.manual_seed(0)
         model = Llama(LlamaConfig.preset(PRESET)).eval().half()
     step = LlamaDecodeStep(model)
-    config = INT4 if variant == "int4" else None
+    config = CONFIGS[variant]
     example = _inputs(model, "cpu", batch=2, past=8)  # torch.export specialises dims of size 1
     compiled = lmforge.compile(step, example, dynamic=DECODE_DYNAMIC, config=config, backends=("triton", "torch"))
     target = TARGET_FOR_ARCH[arch]
@@ -79,21 +86,23 @@ def cases(quick: bool) -> list[dict]:
         raise RuntimeError(f"no lmforge GPU target for {arch}; AOT builds support {sorted(TARGET_FOR_ARCH)}")
     tmp = tempfile.mkdtemp(prefix="lmforge-artifact-")
     out = []
-    for variant in ("fp16", "int4"):
+    for variant in CONFIGS:
         loaded, reference, jit, eager, inputs, index = build_and_load(variant, arch, tmp)
         cubin = next(b for b in loaded.backends if b.name == "triton-cubin")
         served = sum(k.backend == "triton-cubin" for k in loaded.kernels)
+        attention = sum(e["op"] in ATTENTION_OPS for e in index["nodes"])
         run = _logits(loaded, inputs)
         run()
-        note = (f"{len(index['kernels'])} cubins serve {served} nodes ({len(index['not_served'])} claimed nodes stay "
-                f"with the reference); fallbacks after the first call: {sum(cubin.fallbacks.values())} "
-                f"{dict(cubin.fallbacks) or ''}").strip()
+        note = (f"{len(index['kernels'])} cubins serve {served} nodes, {attention} of them attention "
+                f"({len(index['not_served'])} claimed nodes stay with the reference); fallbacks after the first "
+                f"call: {sum(cubin.fallbacks.values())} {dict(cubin.fallbacks) or ''}").strip()
         common = {"kernel": run, "reference": _logits(reference, inputs), "rtol": 2e-2, "atol": 2e-2,
                   "bytes": sum(w.numel() * w.element_size() for w in loaded.weights.values()), "flops": 0,
                   "note": note}
         name = f"artifact/{PRESET}_{variant}_decode_b{BATCH}_past{PAST}_{arch}"
         out.append({**common, "name": f"{name}_vs_jit", "baseline": _logits(jit, inputs),
                     "baseline_name": "JIT Triton backend"})
-        out.append({**common, "name": f"{name}_vs_eager", "baseline": _logits(eager, inputs),
-                    "baseline_name": "torch eager"})
+        if variant != "fp16_topk":
+            out.append({**common, "name": f"{name}_vs_eager", "baseline": _logits(eager, inputs),
+                        "baseline_name": "torch eager"})
     return out

@@ -1,11 +1,12 @@
 """Triton PTX/cubin in artifacts (kernels/<target>/triton/) and the load path that launches them on a GPU.
 
 Builds are ahead of time for sm_80 and sm_90 on this CPU machine (one module-scoped artifact of the tiny
-fp32 decode step: 2 kernels per arch). The launch itself needs a GPU (benchmarks/gpu_cases/artifact.py);
-here the path up to it is checked: argument order and grid from the artifact's metadata against what the
-JIT launchers pass for the same node, and the whole model run through CubinBackend with each "cubin"
-replaced by the same @triton.jit function under Triton's interpreter, fed exactly the arguments and grid
-computed from the metadata.
+fp32 decode step: 4 kernels per arch, plus one batch of the other attention variants). The launch itself
+needs a GPU (benchmarks/gpu_cases/artifact.py); here the path up to it is checked: argument order and grid
+from the artifact's metadata against what the JIT launchers pass for the same node (for attention, launch
+by launch, each kernel also run so workspaces and results can be compared), and whole models run through
+CubinBackend with each "cubin" replaced by the same @triton.jit function under Triton's interpreter, fed
+exactly the arguments and grid computed from the metadata.
 """
 import json
 import shutil
@@ -19,6 +20,8 @@ from examples.models.llama import LlamaDecodeStep
 from lmforge.artifact import inspect_artifact
 from lmforge.backends.torch import TorchReference
 from lmforge.backends.triton import artifact_kernels as ak
+from lmforge.backends.triton import attention_decode as ad
+from lmforge.backends.triton import attention_prefill as ap
 from lmforge.backends.triton import launch_specs as ls
 from lmforge.backends.triton import norms
 from lmforge.backends.triton import quant_matmul as qm
@@ -27,6 +30,8 @@ from lmforge.backends.triton.config import KernelConfig
 from lmforge.backends.triton.cubin_runner import ordered_args
 from lmforge.compiler import build_callable
 from lmforge.errors import ArtifactError, LmforgeError
+from lmforge.ir.graph import GraphBuilder
+from lmforge.ir.types import TensorType
 
 DECODE_DYNAMIC = {"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"}, "v_cache": {1: "batch", 3: "past"}}
 INT4 = {"quant.weight_bits": 4, "quant.group_size": 16, "quant.lm_head": True}
@@ -75,13 +80,14 @@ def test_artifact_holds_ptx_cubin_and_metadata_per_kernel_and_target(artifact, d
         served = {e["node"] for e in index["nodes"]}
         unserved = {e["node"]: e["reason"] for e in index["not_served"]}
         assert sorted(served | set(unserved)) == claimed            # every claimed node is accounted for
-        assert {decode.graph.nodes[i].op for i in served} == {"rmsnorm", "fused"}
-        assert {decode.graph.nodes[i].op for i in unserved} == {"attention"}
-        assert all("no ahead-of-time launch spec" in r for r in unserved.values())
+        assert {decode.graph.nodes[i].op for i in served} == {"rmsnorm", "fused", "attention"}
+        assert unserved == {}
         for e in index["nodes"]:
             assert decode.graph.nodes[e["node"]].outputs[0].name == e["output"]
             assert set(e["variants"].values()) <= set(index["kernels"])
-        assert len(index["kernels"]) == 2                            # 5 rmsnorms and 2 SwiGLUs share 2 kernels
+        assert len(index["kernels"]) == 4           # 5 rmsnorms, 2 SwiGLUs, 2 attentions (split + merge): 4 kernels
+        attention = [e for e in index["nodes"] if e["op"] == "attention"]
+        assert len(attention) == 2 and all(sorted(e["variants"]) == ["decode.split", "merge"] for e in attention)
         for name, entry in index["kernels"].items():
             for f in entry["files"]:
                 assert f"kernels/{target}/triton/{f}" in manifest["files"]   # hashed like every file
@@ -157,7 +163,7 @@ def test_an_oversized_config_falls_back_to_the_default_with_a_note(decode):
     [swiglu] = [e for e in index["kernels"].values() if e["kernel"] == "swiglu"]
     assert swiglu["config"] == norms.DEFAULT_CONFIGS["swiglu"].to_dict()
     assert "default config" in swiglu["note"] and "num_warps=64" in swiglu["note"]
-    assert index["failed"] == {} and len(index["nodes"]) == 7
+    assert index["failed"] == {} and len(index["nodes"]) == 9
 
 
 # ---- the launch path, up to the launch ---------------------------------------------------------------------
@@ -194,6 +200,7 @@ def _same(a, b, name):
 def _check_against_jit(jit_call, variant, call):
     grid, jit_args, jit_kwargs = jit_call
     meta = ak.variant_metadata(variant)
+    [call] = call.steps                                     # one launch, no torch step
     assert call.variant == variant.key
     assert ls.grid_of(meta["grid"], call.values, meta["constexprs"]) == tuple(grid) + (1,) * (3 - len(grid))
     assert {k: v for k, v in jit_kwargs.items() if k not in ("num_warps", "num_stages")} == \
@@ -242,7 +249,7 @@ def test_quantized_linear_launches_like_the_jit_launcher(monkeypatch, int4_decod
     jit = _jit_call(monkeypatch, qm, kernel, lambda: run(x, qweight, scales, zeros, **node.attr))
     built = {k: ls.Built(v.config, v.static) for k, v in variants.items()}
     call = ls.spec_for(node).call(node, built, x, qweight, scales, zeros, **node.attr)
-    _check_against_jit(jit, variants[call.variant], call)
+    _check_against_jit(jit, variants[call.launches[0].variant], call)
 
 
 class _InterpretedCubin:
@@ -274,7 +281,7 @@ def test_the_cubin_backend_runs_the_model_as_the_reference(request, model, make_
     backend = _interpreted_backend(compiled.graph)
     fn, kernels = build_callable(compiled.graph, [backend, TorchReference()], "cuda", compiled.weights)
     served = sum(k.backend == "triton-cubin" for k in kernels)
-    assert served == sum(n.op in ("rmsnorm", "fused", "linear_wo") for n in compiled.graph.nodes) >= 7
+    assert served == sum(n.op in ("rmsnorm", "fused", "linear_wo", "attention") for n in compiled.graph.nodes) >= 9
     for batch, past in [(1, 3), (3, 6), (6, 2)]:                # GEMV (1 and 3 rows) and GEMM (6 rows)
         inputs = make_decode_inputs(batch, past, batch)
         for got, want in zip(fn(*inputs), compiled(*inputs)):
@@ -295,3 +302,216 @@ def test_a_call_outside_the_specialisation_runs_the_reference(decode):
     torch.testing.assert_close(got, TorchReference().claim(node, "cpu").fn(x, w, **node.attr))
     assert backend.fallbacks == {"x_ptr is not 16-byte aligned": 1}
     assert not any(k.launches for k in backend.kernels.values())
+
+
+# ---- attention: several launches per call --------------------------------------------------------------------
+
+class _Through:
+    """Stands in for a @triton.jit function: logs each launch (function, grid, args, kwargs), then runs it."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log, self.arg_names = fn, log, fn.arg_names
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.fn, tuple(grid), args, kwargs))
+            self.fn[grid](*args, **kwargs)
+
+        return launch
+
+
+def _jit_launches(monkeypatch, run):
+    """(launches, result) of `run()` with every attention kernel logged and run under the interpreter."""
+    log = []
+    with monkeypatch.context() as patch:
+        for module, name in ((ad, "_decode_split_kernel"), (ad, "_merge_splits_kernel"), (ad, "_block_score_kernel"),
+                             (ap, "_flash_prefill_kernel")):
+            patch.setattr(module, name, _Through(getattr(module, name), log))
+        result = run()
+    return log, result
+
+
+def _spec_launches(call, variants):
+    """(launches, result) of a spec's call run as CubinBackend runs it, each kernel interpreted from exactly the
+    positional arguments and grid its metadata gives; each launch's values pass its specialisation check."""
+    log = []
+    for step in call.steps:
+        if not isinstance(step, ls.Launch):
+            step()
+            continue
+        variant = variants[step.variant]
+        meta = ak.variant_metadata(variant)
+        assert ls.check_values(meta["signature"], meta["divisible_by_16"], meta["constexprs"], step.values) is None
+        grid = ls.grid_of(meta["grid"], step.values, meta["constexprs"])
+        args = ordered_args(meta, step.values)
+        variant.fn[grid](*args)
+        log.append((variant, grid, dict(zip(meta["arg_names"], args))))
+    return log, call.result()
+
+
+def _same_launches(jit_log, spec_log):
+    """Same kernels in the same order, same grids, warps, stages and constexprs, and every argument equal: ints
+    and floats by value, tensors by layout and by content once both ran (workspaces are each side's own)."""
+    assert [fn for fn, *_ in jit_log] == [v.fn for v, *_ in spec_log]
+    for (fn, grid, args, kwargs), (variant, our_grid, ours) in zip(jit_log, spec_log):
+        assert our_grid == grid + (1,) * (3 - len(grid)), fn
+        assert (kwargs.pop("num_warps"), kwargs.pop("num_stages", 3)) == \
+            (variant.config.num_warps, variant.config.num_stages)
+        assert {k: ours[k] for k in kwargs} == kwargs
+        positional = [n for n in fn.arg_names if n not in kwargs]
+        assert len(positional) == len(args)
+        unwritten = None if kwargs.get("WRITE_LSE", True) else args[positional.index("LSE")].data_ptr()
+        for name, theirs in zip(positional, args):
+            mine = ours[name]
+            if isinstance(theirs, torch.Tensor):
+                assert (mine.shape, mine.stride(), mine.dtype) == (theirs.shape, theirs.stride(), theirs.dtype), name
+                assert theirs.data_ptr() == unwritten or torch.equal(mine, theirs), name
+            else:
+                assert type(mine) is type(theirs) and mine == theirs, (name, mine, theirs)
+
+
+def _one_node(op, shapes, attrs, dtype="float32"):
+    builder = GraphBuilder("g")
+    inputs = [builder.input(f"x{i}", TensorType(shape, dtype)) for i, shape in enumerate(shapes)]
+    return builder.build([builder.op(op, inputs, attrs)]).nodes[0]
+
+
+B, S, P = "batch", "past", "prefix"
+SMALL_DECODE = KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, MAX_BLOCK_M=32)
+SMALL_PREFILL = KernelConfig.make(num_warps=4, num_stages=2, BLOCK_M=16, BLOCK_N=16)
+# (op, static shapes, attrs, runtime shapes, configs, variant keys the node builds, dtype)
+ATTENTION_CASES = {
+    "decode": ("attention", [(B, 4, 1, 16), (B, 2, S, 16), (B, 2, S, 16)], {}, [(2, 4, 1, 16), (2, 2, 40, 16)],
+               {"attention_decode": SMALL_DECODE}, ["decode.split", "merge"], "float32"),
+    "decode_fp16_lse": ("attention", [(B, 4, "seq", 32), (B, 1, S, 32), (B, 1, S, 32)], {"return_lse": True},
+                        [(3, 4, 1, 32), (3, 1, 37, 32)], {}, ["decode.split", "merge", "prefill"], "float16"),
+    "prefill_dense_lse": ("attention", [(1, 4, "seq", 16), (1, 2, S, 16), (1, 2, S, 16)], {"return_lse": True},
+                          [(1, 4, 5, 16), (1, 2, 21, 16)], {"attention_prefill": SMALL_PREFILL},
+                          ["decode.split", "merge", "prefill"], "float32"),
+    "prefill_causal_offset": ("attention", [(1, 4, "seq", 16), (1, 2, S, 16), (1, 2, S, 16)],
+                              {"causal": True, "q_offset": 3}, [(1, 4, 18, 16), (1, 2, 24, 16)],
+                              {"attention_prefill": SMALL_PREFILL}, ["prefill"], "float32"),
+    "prefill_window_sinks": ("attention", [(1, 4, 20, 16), (1, 2, 20, 16), (1, 2, 20, 16)],
+                             {"causal": True, "window": 6, "sinks": 2}, [(1, 4, 20, 16), (1, 2, 20, 16)],
+                             {"attention_prefill": SMALL_PREFILL}, ["prefill"], "float32"),
+    "block_topk_mean": ("block_topk_attention", [(B, 4, 1, 16), (B, 2, S, 16), (B, 2, S, 16)],
+                        {"block_size": 16, "topk_blocks": 1, "sinks": 4, "window": 16},
+                        [(2, 4, 1, 16), (2, 2, 70, 16)], {}, ["merge", "topk.score", "topk.split"], "float32"),
+    "block_topk_minmax": ("block_topk_attention", [(B, 4, 1, 16), (B, 2, S, 16), (B, 2, S, 16)],
+                          {"block_size": 32, "topk_blocks": 2, "sinks": 0, "window": 8, "summary": "minmax"},
+                          [(1, 4, 1, 16), (1, 2, 150, 16)], {"attention_decode": SMALL_DECODE},
+                          ["merge", "topk.score", "topk.split"], "float32"),
+    "shared_prefix": ("shared_prefix_attention",
+                      [(B, 4, 1, 16), (1, 2, P, 16), (1, 2, P, 16), (B, 2, S, 16), (B, 2, S, 16)], {},
+                      [(3, 4, 1, 16), (1, 2, 40, 16), (3, 2, 9, 16)], {"attention_decode": SMALL_DECODE},
+                      ["merge", "prefix.split.m16", "prefix.split.m32", "suffix.split"], "float32"),
+}
+
+
+def _attention_inputs(op, shapes, dtype):
+    gen = torch.Generator().manual_seed(len(op) + sum(map(sum, shapes)))
+    q_shape, kv_shape, *rest = shapes
+    tensors = [torch.randn(q_shape, generator=gen), torch.randn(kv_shape, generator=gen),
+               torch.randn(kv_shape, generator=gen)]
+    if op == "shared_prefix_attention":
+        tensors += [torch.randn(rest[0], generator=gen), torch.randn(rest[0], generator=gen)]
+    return [t.to(getattr(torch, dtype)) for t in tensors]
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_launches_like_the_jit_launcher(monkeypatch, case):
+    """Every launch of the spec's call (split / merge / score / prefill, in order) has the kernel, grid, warps,
+    constexprs and arguments the JIT launcher (attention_glue) gives for the same inputs; both results equal,
+    and equal the reference."""
+    torch.set_num_threads(1)
+    op, shapes, attrs, runtime, configs, keys, dtype = ATTENTION_CASES[case]
+    node = _one_node(op, shapes, attrs, dtype)
+    spec = ls.spec_for(node)
+    variants = {v.key: v for v in spec.variants(node, configs)}
+    assert sorted(variants) == keys
+    inputs = _attention_inputs(op, runtime, dtype)
+    jit_log, jit_result = _jit_launches(monkeypatch, lambda: TritonBackend(configs).claim(node, "cuda").fn(
+        *inputs, **node.attr))
+    built = {k: ls.Built(v.config, v.static) for k, v in variants.items()}
+    call = spec.call(node, built, *inputs, **node.attr)
+    spec_log, result = _spec_launches(call, variants)
+    assert len(spec_log) >= (1 if "prefill" in case else 2)
+    _same_launches(jit_log, spec_log)
+    for got, jit in zip(*(r if isinstance(r, tuple) else (r,) for r in (result, jit_result))):
+        assert torch.equal(got, jit)
+    want = TorchReference().claim(node, "cpu").fn(*inputs, **node.attr)
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == "float16" else {"rtol": 1e-4, "atol": 1e-5}
+    for got, ref in zip(*(r if isinstance(r, tuple) else (r,) for r in (result, want))):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+@interpreter_only
+@pytest.mark.parametrize("pattern", ["block_topk", "window"])
+def test_the_cubin_backend_runs_sparse_decode_as_the_reference(decode, make_decode_inputs, pattern):
+    """The decode step with block top-k attention (score, top-k, sparse split, merge) or a sliding window with
+    sinks (flash prefill on one query row) through the cubin backend gives the reference's outputs."""
+    from lmforge.passes.sparsity import sparsify_attention
+
+    torch.set_num_threads(1)
+    graph = sparsify_attention(decode.graph, decode_pattern=pattern, block_size=16, topk_blocks=1, sinks=4,
+                               decode_window=8)
+    op = "block_topk_attention" if pattern == "block_topk" else "attention"
+    assert sum(n.op == op for n in graph.nodes) == 2
+    backend = _interpreted_backend(graph)
+    fn, kernels = build_callable(graph, [backend, TorchReference()], "cuda", decode.weights)
+    reference, _ = build_callable(graph, [TorchReference()], "cpu", decode.weights)
+    assert sum(k.backend == "triton-cubin" and n.op == op for n, k in zip(graph.nodes, kernels)) == 2
+    for batch, past in [(2, 59), (1, 20)]:              # 4 blocks of 16, one left out by the top-k; 2 blocks
+        inputs = make_decode_inputs(batch, past, batch)
+        for got, want in zip(fn(*inputs), reference(*inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert backend.fallbacks == {}
+    assert all(k.launches for k in backend.kernels.values())
+
+
+@interpreter_only
+def test_an_attention_call_with_one_unfit_launch_runs_the_reference(decode):
+    """A cache view that is not 16-byte aligned breaks the split launch's check, a merge variant that was not
+    built (e.g. it failed to build) breaks the last launch: either way the whole call runs the reference and
+    nothing is launched."""
+    node = _node(decode.graph, "attention")
+    q, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8)
+    k = torch.randn(1 + 2 * 2 * 5 * 8)[1:].view(2, 2, 5, 8)            # 4 bytes past an aligned address
+    want = TorchReference().claim(node, "cpu").fn(q, k, v, **node.attr)
+    backend = _interpreted_backend(decode.graph)
+    torch.testing.assert_close(backend.claim(node, "cuda").fn(q, k, v, **node.attr), want)
+    assert backend.fallbacks == {"K is not 16-byte aligned": 1}
+    assert not any(kernel.launches for kernel in backend.kernels.values())
+
+    for entry in backend.index["nodes"]:
+        entry["variants"].pop("merge", None)
+    backend = ak.CubinBackend(backend.index, backend.records, backend.kernels)
+    k = k.clone()                                                       # aligned
+    torch.testing.assert_close(backend.claim(node, "cuda").fn(q, k, v, **node.attr),
+                               TorchReference().claim(node, "cpu").fn(q, k, v, **node.attr))
+    assert backend.fallbacks == {"variant merge was not built": 1}
+    assert not any(kernel.launches for kernel in backend.kernels.values())
+
+
+def test_attention_variants_build_for_sm80_and_sm90():
+    """Prefill (window + sinks), block top-k (score, sparse split, merge) and shared prefix (prefix, suffix)
+    variants build ahead of time for both architectures, in one batch; the decode ones build in `artifact`."""
+    builder = GraphBuilder("g")
+    f16 = [builder.input(n, TensorType(s, "float16")) for n, s in
+           (("q", (B, 8, 1, 64)), ("k", (B, 2, S, 64)), ("v", (B, 2, S, 64)), ("kp", (1, 2, 512, 64)),
+            ("vp", (1, 2, 512, 64)), ("qp", (1, 8, "seq", 64)))]
+    q, k, v, kp, vp, qp = f16
+    outs = [builder.op("attention", [qp, k, v], {"causal": True, "window": 128, "sinks": 4}),
+            builder.op("block_topk_attention", [q, k, v], {"block_size": 64, "topk_blocks": 8}),
+            builder.op("shared_prefix_attention", [q, kp, vp, k, v], {})]
+    graph = builder.build(outs)
+    files = ak.build_for_targets(graph, TARGETS)
+    for target, arch in TARGETS.items():
+        index = json.loads(files[target]["index.json"])
+        assert index["failed"] == {} and index["not_served"] == []
+        assert [e["op"] for e in index["nodes"]] == ["attention", "block_topk_attention", "shared_prefix_attention"]
+        kernels = {entry["kernel"] for entry in index["kernels"].values()}
+        assert kernels == {"flash_prefill", "block_score", "decode_split", "merge_splits"}
+        for name in index["kernels"]:
+            assert _cubin_arch(files[target][f"{name}.cubin"]) == int(arch[3:])

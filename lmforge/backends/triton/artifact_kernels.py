@@ -16,9 +16,16 @@ Export (no GPU needed), for each target's architecture (sm_80 / sm_89 / sm_90):
    nodes each kernel serves, which nodes stay with the reference and why.
 
 Load: `load_kernels(index, files)` loads every cubin on the current GPU (cubin_runner.CubinKernel) into a
-`CubinBackend`, which claims the nodes the index lists; each call computes its variant and arguments (the launch spec), checks
-the specialisation (alignment, divisibility; launch_specs.check_values) and launches, or runs the torch
-reference for that call when the call falls outside what was built (e.g. an unaligned view).
+`CubinBackend`, which claims the nodes the index lists. Each call asks the launch spec for its steps: one
+launch for the row kernels, SwiGLU and the quantized linear; several for attention (split-K decode: split,
+merge; flash prefill; block top-k: score, a torch top-k, sparse split, merge; shared prefix: prefix split,
+suffix split, merge). Every launch's specialisation is checked first (a built variant, alignment,
+divisibility; launch_specs.check_values); then the steps run in order. A call with any launch outside what
+was built (e.g. an unaligned view, a variant that failed to build) runs the torch reference as a whole.
+
+Served ops: rmsnorm, layernorm, softmax, fused (SwiGLU), linear_wo, attention, block_topk_attention,
+shared_prefix_attention (as far as the Triton backend claims them); the index lists any other claimed node
+under "not_served" with the reason.
 """
 from __future__ import annotations
 
@@ -97,7 +104,7 @@ def plan_for_graph(graph: Graph, arch: str, configs: Mapping[str, KernelConfig] 
         names = {}
         for v in configured:
             name = f"{v.kernel}_{_variant_hash(v, arch)}"
-            variants.setdefault(name, (v, defaults[v.key]))
+            variants.setdefault(name, (v, defaults.get(v.key, v)))  # a variant only the config has: no retry
             names[v.key] = name
         served.append({**_node_id(i, node), "variants": names})
     return served, not_served, variants
@@ -222,8 +229,10 @@ class CubinBackend:
     """Runs the nodes an artifact's Triton index serves with the loaded cubins (see module docstring).
 
     `kernels`: kernel name -> an object with `launch(grid, values)` (cubin_runner.CubinKernel on a GPU;
-    tests pass fakes); `records`: kernel name -> its launch record's "metadata". Calls whose values break
-    the kernel's specialisation run the torch reference; `fallbacks` counts them per reason.
+    tests pass fakes); `records`: kernel name -> its launch record's "metadata". A call runs the launch spec's
+    steps in order (launches and torch steps); a call with any launch whose variant was not built or whose
+    values break its kernel's specialisation runs the torch reference instead, as a whole; `fallbacks`
+    counts them per reason.
     """
 
     name = "triton-cubin"
@@ -249,18 +258,32 @@ class CubinBackend:
 
         def run(*inputs, **attrs):  # attrs: the node's attributes, as the generated code passes them
             call = spec.call(node, built, *inputs, **attrs)
-            reason = "no kernel for this call" if call is None else None
-            if call is not None:
-                meta = self.records[names[call.variant]]
-                reason = ls.check_values(meta["signature"], meta["divisible_by_16"], meta["constexprs"], call.values)
+            reason = "no kernel for this call" if call is None else self._unfit(call, names)
             if reason is not None:
                 self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
                 return reference(*inputs, **attrs)
-            grid = ls.grid_of(meta["grid"], call.values, meta["constexprs"])
-            self.kernels[names[call.variant]].launch(grid, call.values)
+            for step in call.steps:
+                if isinstance(step, ls.Launch):
+                    meta = self.records[names[step.variant]]
+                    grid = ls.grid_of(meta["grid"], step.values, meta["constexprs"])
+                    self.kernels[names[step.variant]].launch(grid, step.values)
+                else:
+                    step()                  # a torch step between launches (e.g. top-k selection)
             return call.result()
 
         return Kernel(run, self.name, ", ".join(sorted(names)))
+
+    def _unfit(self, call: ls.Call, names: Mapping[str, str]) -> str | None:
+        """Why `call` cannot run on the built kernels (a variant that was not built, or values outside a
+        kernel's specialisation), else None. Every launch is checked before any step runs."""
+        for launch in call.launches:
+            if launch.variant not in names:
+                return f"variant {launch.variant} was not built"
+            meta = self.records[names[launch.variant]]
+            reason = ls.check_values(meta["signature"], meta["divisible_by_16"], meta["constexprs"], launch.values)
+            if reason is not None:
+                return reason
+        return None
 
 
 def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> CubinBackend:

@@ -1,29 +1,40 @@
 """What an IR node launches when it runs from an artifact's cubins: the kernel variants to build, and per call
-the variant, its runtime argument values and the grid.
+the launches (variant, runtime argument values, grid), in order, with any torch steps between them.
 
-The Triton backend's JIT launchers (norms.rmsnorm, quant_matmul.linear_weight_only, ...) decide grids and
-arguments from the tensors at hand and let Triton specialise the kernel per call. An ahead-of-time kernel is
-specialised once, at export, from the graph's static types; this module states that specialisation for each
-op the artifact path serves, mirroring the JIT launchers (tests/export/test_triton_kernels.py checks the
-grid and argument order against the JIT launcher for the same inputs):
+The Triton backend's JIT launchers (norms.rmsnorm, quant_matmul.linear_weight_only, attention_glue's
+choices, ...) decide grids and arguments from the tensors at hand and let Triton specialise the kernel per
+call. An ahead-of-time kernel is specialised once, at export, from the graph's static types; this module
+states that specialisation for each op the artifact path serves, mirroring the JIT launchers
+(tests/export/test_triton_kernels.py checks kernels, grids, constexprs and arguments, launch by launch,
+against the JIT launcher for the same inputs):
 
-    op          variants                                     grid rule
-    rmsnorm     one (row kernel, BLOCK_D from row_plan)      (cdiv(n_rows, BLOCK_R),)
-    layernorm   one                                          (cdiv(n_rows, BLOCK_R),)
-    softmax     one                                          (cdiv(n_rows, BLOCK_R),)
-    fused       swiglu: one                                  (cdiv(numel, BLOCK),)
-    linear_wo   GEMV for M = 1..4 rows (BLOCK_M = M),        (cdiv(N, BLOCK_N), SPLIT_K)
-                GEMM for M > 4                               (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
+    op                        variants (key)                                  launches per call, grid rule
+    rmsnorm                   one (row kernel, BLOCK_D from row_plan)         (cdiv(n_rows, BLOCK_R),)
+    layernorm                 one                                             (cdiv(n_rows, BLOCK_R),)
+    softmax                   one                                             (cdiv(n_rows, BLOCK_R),)
+    fused                     swiglu: one                                     (cdiv(numel, BLOCK),)
+    linear_wo                 GEMV for M = 1..4 rows (BLOCK_M = M),           (cdiv(N, BLOCK_N), SPLIT_K)
+                              GEMM for M > 4                                  (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
+    attention                 one query row (attention_glue's decode rule):   split  (B*Hkv, splits, cdiv(ROWS, BLOCK_M))
+                              decode.split + merge                            merge  (B*Hq*Sq,)
+                              otherwise: prefill (dense / causal / window     prefill (cdiv(Sq, BLOCK_M), B*Hq)
+                              + sinks, q_offset); a symbolic Sq builds both
+    block_topk_attention      topk.score, topk.split (sparse), merge          score (B*Hkv, cdiv(nblocks, BLOCK_NB)),
+                                                                              torch top-k, split, merge
+    shared_prefix_attention   prefix.split, suffix.split (causal), merge      prefix split (Hkv, ...), suffix split
+                                                                              (B*Hkv, ...), merge
+
+The attention specs live in attention_specs.py (loaded by `spec_for` on first use). A split variant whose query-row count is only known at run time (the shared prefix's B x group x Sq rows)
+has one variant per BLOCK_M the launcher can pick (`<key>.m16`, `.m32`, ...); the number of splits is a
+run-time integer (plan_splits: the device's SM count at load time). Workspaces (partial outputs and
+log-sum-exps, block scores, kept-block indices) are allocated by the spec's `call` before any step runs.
 
 Specialisation follows the JIT (see `Hint`): an integer argument statically known to be 1 becomes a
 constexpr, one known to be a multiple of 16 gets the divisibility hint, and every pointer is assumed
-16-byte aligned. Values only known at run time (batch, sequence) stay plain i32 arguments. Each variant
-lists these assumptions, and `Variant.check` verifies them on every call: a call that breaks one (an
-unaligned view, a stride that is not a multiple of 16) runs the torch reference instead of a kernel built
-for other values.
-
-Attention ops (flash prefill, split-K decode, block top-k, shared prefix) launch several kernels with
-workspaces; they have no spec here yet, so artifacts list them as served by the torch reference.
+16-byte aligned. Values only known at run time (batch, sequence, splits) stay plain i32 arguments. Each
+variant lists these assumptions, and `check_values` verifies them for every launch of a call before the
+first one runs: a call that breaks one (an unaligned view, a stride that is not a multiple of 16) runs the
+torch reference, as a whole, instead of kernels built for other values.
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ from lmforge.backends.triton.config import KernelConfig
 from lmforge.ir.graph import Node
 
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "uint8": "u8", "int8": "i8",
-                "int32": "i32"}
+                "int32": "i32", "int64": "i64"}
 I32_MAX = 2 ** 31 - 1
 
 
@@ -115,13 +126,35 @@ class Built:
     static: Mapping[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class Call:
-    """One call of a node: which variant, its argument values by name, and how to get the node's result."""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the variant and its argument values by name. `values` may also hold integers that
+    only the variant's grid rule reads (e.g. "grid_bh"); the launcher passes the kernel's arguments only."""
 
     variant: str
-    values: dict[str, Any]
+    values: Mapping[str, Any]
+
+
+@dataclass
+class Call:
+    """One call of a node: the steps to run in order, and how to get the node's result once they ran.
+
+    A step is a `Launch` or a zero-argument torch callable run between launches (e.g. the top-k selection that
+    block top-k reads). The spec's `call` allocates every workspace and fixes every launch's values before
+    the first step runs, so the backend checks all launches first and, if any breaks its kernel's
+    specialisation, runs the torch reference for the whole call without having launched anything.
+    """
+
+    steps: list
     result: Callable[[], Any]
+
+    @classmethod
+    def single(cls, variant: str, values: dict[str, Any], result: Callable[[], Any]) -> "Call":
+        return cls([Launch(variant, values)], result)
+
+    @property
+    def launches(self) -> list[Launch]:
+        return [s for s in self.steps if isinstance(s, Launch)]
 
 
 class Unservable(Exception):
@@ -203,7 +236,7 @@ class RMSNormSpec:
         out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         values = _row_values(x2, out, {"x_ptr": x2, "w_ptr": w if w is not None else x2, "out_ptr": out,
                                        "eps": _eps(x, eps)})
-        return Call("rmsnorm", values, lambda: out.reshape(x.shape))
+        return Call.single("rmsnorm", values, lambda: out.reshape(x.shape))
 
 
 class LayerNormSpec:
@@ -223,7 +256,7 @@ class LayerNormSpec:
         out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         values = _row_values(x2, out, {"x_ptr": x2, "w_ptr": w if w is not None else x2,
                                        "b_ptr": b if b is not None else x2, "out_ptr": out, "eps": float(eps)})
-        return Call("layernorm", values, lambda: out.reshape(x.shape))
+        return Call.single("layernorm", values, lambda: out.reshape(x.shape))
 
 
 class SoftmaxSpec:
@@ -238,7 +271,8 @@ class SoftmaxSpec:
         if x2.numel() == 0:
             return None
         out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        return Call("softmax", _row_values(x2, out, {"x_ptr": x2, "out_ptr": out}), lambda: out.reshape(x.shape))
+        values = _row_values(x2, out, {"x_ptr": x2, "out_ptr": out})
+        return Call.single("softmax", values, lambda: out.reshape(x.shape))
 
 
 class SwiGLUSpec:
@@ -259,7 +293,7 @@ class SwiGLUSpec:
         if g.numel() == 0:
             return None
         out = torch.empty_like(g)
-        return Call("swiglu", {"gate_ptr": g, "up_ptr": u, "out_ptr": out, "numel": g.numel()}, lambda: out)
+        return Call.single("swiglu", {"gate_ptr": g, "up_ptr": u, "out_ptr": out, "numel": g.numel()}, lambda: out)
 
 
 # ---- weight-only quantized linear --------------------------------------------------------------------------
@@ -338,15 +372,20 @@ class LinearWOSpec:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split else \
             torch.empty((m, n), device=x.device, dtype=x.dtype)
         values.update(bias_ptr=bias if bias is not None else out, out_ptr=out, stride_om=out.stride(0))
-        return Call(key, values, lambda: (out.to(x.dtype) if split else out).reshape(*lead, n))
+        return Call.single(key, values, lambda: (out.to(x.dtype) if split else out).reshape(*lead, n))
 
 
+ATTENTION_OPS = ("attention", "block_topk_attention", "shared_prefix_attention")  # in attention_specs.py
 SPECS: dict[str, Any] = {"rmsnorm": RMSNormSpec(), "layernorm": LayerNormSpec(), "softmax": SoftmaxSpec(),
                          "fused": SwiGLUSpec(), "linear_wo": LinearWOSpec()}
 
 
 def spec_for(node: Node):
     """The launch spec of a node's op, or Unservable saying why the artifact path has none."""
+    if node.op in ATTENTION_OPS:
+        from lmforge.backends.triton import attention_specs   # imports this module: loaded on first use
+
+        return attention_specs.SPECS[node.op]
     if node.op not in SPECS:
         raise Unservable(f"no ahead-of-time launch spec for {node.op!r} yet (its launcher runs several kernels "
                          "or workspaces); the torch reference runs it from an artifact")
