@@ -11,8 +11,8 @@ is their softmax over the last dimension. Perplexity needs a callable that maps 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree

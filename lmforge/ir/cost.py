@@ -5,7 +5,7 @@ The op registry computes a `Cost` for every node from its types and attributes; 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Op classes group ops whose efficiency on a target behaves alike; calibration fits one factor each.
 OP_CLASSES = ("matmul", "attention", "norm", "elementwise", "reduction", "data_movement", "gather", "program", "other")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.ir.graph import Graph, Node, Value
-from lmforge.ir.types import TensorType, _freeze, _thaw
+from lmforge.ir.types import TensorType, _freeze
 
 SCHEMA_VERSION = 1
 

@@ -6,14 +6,11 @@ patterns. Knob `attn.dense_layers` keeps the first layers dense (the i-th attent
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 from lmforge.ir.graph import Graph, Node, Value
 from lmforge.ir.ops import get_op
-from lmforge.ir.types import TensorType
 from lmforge.passes.base import Knob, Pass
-from lmforge.passes.canonical import dce
 
 _DECODE = ("attn.decode_pattern", ("window", "block_topk"))
 _TOPK = ("attn.decode_pattern", ("block_topk",))

@@ -10,7 +10,7 @@ def test_cuda_graph_replay_matches_direct_calls():
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8)).cuda()
     x = torch.randn(4, 64, device="cuda")
     compiled = lmforge.compile(m, (x,), device="cuda")
-    direct = compiled(x)
+    compiled(x)  # direct call first, as a user would
     graphed = lmforge.compile(m, (x,), device="cuda").use_cuda_graphs()
     for _ in range(3):
         x = torch.randn(4, 64, device="cuda")

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import lmforge
 from examples.models.llama import LlamaDecodeStep

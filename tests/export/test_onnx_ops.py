@@ -134,7 +134,8 @@ def attention_lse(b):
 
 def cache_and_topk(b):
     cache, new = b.input("cache", T("batch", 2, 8, 4)), b.input("new", T("batch", 2, 1, 4))
-    marker, x = b.input("marker", T("past")), b.input("x", T("batch", 10))
+    b.input("marker", T("past"))  # binds the symbol "past"
+    x = b.input("x", T("batch", 10))
     values, indices = b.op("topk", [x], {"k": 3})
     low_values, low_indices = b.op("topk", [x], {"k": 1, "dim": 0, "largest": False})
     return [b.op("kv_cache_update", [cache, new], {"dim": 2, "pos": "past"}),

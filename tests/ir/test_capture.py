@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import lmforge
 from lmforge.errors import CaptureError
-from lmforge.ir import Graph, verify
+from lmforge.ir import Graph
 
 
 class Block(nn.Module):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmforge.errors import VerifyError
-from lmforge.ir import GraphBuilder, Node, TensorType, Value, verify
+from lmforge.ir import GraphBuilder, Node, TensorType, Value
 from lmforge.passes import PassManager, cse, dce, fold_shapes, graph_pass, recognize_attention
 from lmforge.backends import default_backends, assign_kernels
 from lmforge.backends.codegen import generate

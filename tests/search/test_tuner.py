@@ -73,8 +73,6 @@ def test_tune_predict_finds_fusion_on_h100_and_resumes(tmp_path):
 
 
 def test_constraints_mark_infeasible_and_failures_are_recorded(tmp_path):
-    calls = {"n": 0}
-
     @graph_pass("flaky", knobs=[Knob("flaky.break", "bool", False, choices=(True, False))])
     def flaky(graph: Graph, **kw):
         if kw["break"]:

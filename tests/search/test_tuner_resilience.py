@@ -8,7 +8,6 @@ import textwrap
 import time
 
 import optuna
-import pytest
 import torch
 
 from lmforge.passes import dce, fuse_elementwise, merge_linears

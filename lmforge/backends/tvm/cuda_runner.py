@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         except Exception as e:  # report and go on
             results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         results[name]["wall_s"] = time.perf_counter() - t0
-    print(f"| case | op | kernels | ok | max abs err | us/call |\n|---|---|---|---|---|---|")
+    print("| case | op | kernels | ok | max abs err | us/call |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         op = manifest["cases"][name]["op"]
         if "error" in r:

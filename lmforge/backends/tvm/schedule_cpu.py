@@ -84,7 +84,7 @@ def gemv(sch, info: dict, knobs: Mapping[str, Any]) -> None:
 
 
 def gemm(sch, info: dict, knobs: Mapping[str, Any]) -> None:
-    mr, nr, k = info["mr"], info["nr"], info["k"]
+    nr, k = info["nr"], info["k"]
     acc = sch.get_sblock("acc")
     if info["bias"]:
         sch.set_scope(acc, 0, "local")

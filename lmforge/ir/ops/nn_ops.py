@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
 from lmforge.ir.ops.registry import OpDef, attr, broadcast_shapes, nbytes, numel, streaming_cost
-from lmforge.ir.types import TensorType, eval_dim
+from lmforge.ir.types import TensorType
 
 
 # ---- linear algebra -------------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ from __future__ import annotations
 from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
 from lmforge.ir.ops.nn_ops import kv_bytes, visible_keys
-from lmforge.ir.ops.registry import OpDef, attr, nbytes, numel
-from lmforge.ir.types import TensorType
+from lmforge.ir.ops.registry import OpDef, attr, nbytes
 
 
 def _out_like_q(ins, attrs):

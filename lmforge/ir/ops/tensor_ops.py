@@ -1,7 +1,6 @@
 """Tensor ops: elementwise, comparisons, reductions, softmax, data movement, creation, torch fallback."""
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch

@@ -45,7 +45,7 @@ def test_cuda_sources_cover_the_lowered_nodes(decoder_graph, arch):
     for name, source in files.items():
         assert name.endswith(".cu") and "__global__" in source
         for entry in index["kernels"][name]["entry_points"]:
-            assert f"void __launch_bounds__" in source and entry in source
+            assert "void __launch_bounds__" in source and entry in source
 
 
 def test_cuda_sources_of_quantized_linears():
