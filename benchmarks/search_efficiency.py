@@ -1,13 +1,15 @@
 """How many trials TPE, random search and a grid need to get within 2% of the exhaustive optimum.
 
-    python benchmarks/search_efficiency.py [--seeds 10] [--layer-groups 1] [--out result.json]
+    python benchmarks/search_efficiency.py [--preset 5m|100m] [--seeds 10] [--first-seed 0] [--layer-groups 1]
+                                          [--target h100] [--batch 8] [--past 1024] [--out result.json]
 
 Space: the pass knobs of the example decode step (attention pattern dense / window / block top-k with its
 window, block size and top-k; KV-cache format; weight bits and group size; elementwise fusion) times the kernel
 knobs of the Triton templates the graph will run (`lmforge.search.kernel_model`: the tile config of the
 weight-only GEMM, which exists only when weights are quantized, of RMSNorm, SwiGLU, the split-K decode attention,
 and of the flash kernel that a windowed decode runs). Objective: predicted latency of one decode step of the
-"5m" example model (random weights) on the H100 preset for 8 sequences with 1024 cached tokens (the cost model
+example model at `--preset` (random weights; "5m" by default, "100m" is the setting where the knobs matter,
+see docs/benchmarks.md) on the `--target` preset for 8 sequences with 1024 cached tokens (the cost model
 with the kernel efficiency model, no quality term, so the optimum is well defined). `--layer-groups 2` tunes the
 weight bits and group size separately for the first and the second half of the layers (as
 `lmforge.tune(layer_groups=2)` does), which multiplies the pass configurations by 5.
@@ -15,7 +17,8 @@ weight bits and group size separately for the first and the second half of the l
 Kernel knobs do not change the graph, only node costs, so each pass configuration's graph is built and priced
 once (`kernel_table`: the time of its kernel nodes under every candidate config) and every kernel choice is a
 sum of table entries: the whole space is evaluated exhaustively. The searches then look configurations up, so
-they are compared on trials, not on wall time. Reported: the median over seeds of the trials each method needs.
+they are compared on trials, not on wall time. Reported: the median over seeds of the trials each method needs,
+and the exact chance that one random draw is within the tolerance (`Space.random_hit_probability`).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import optuna  # noqa: E402
 from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline  # noqa: E402
 from lmforge.passes.base import Knob  # noqa: E402
 from lmforge.search.space import expand_per_group, suggest  # noqa: E402
+from lmforge.search.tuner import make_sampler  # noqa: E402
 
 TOPK = ("attn.decode_pattern", ("block_topk",))
 PASS_SPACE = [
@@ -84,22 +88,24 @@ def pass_configs(space) -> list[dict]:
     return list(out.values())
 
 
-def build(groups: int = 1, aot: bool = True):
+def build(groups: int = 1, aot: bool = True, preset: str = "5m", serving: dict | None = None,
+          target: str = "h100"):
     """The base graph, the kernel knobs, and every pass configuration's kernel table."""
+    serving = serving or SERVING
     import lmforge
     from examples.llama_workload import random_workload
     from lmforge.hwmodels import get_target
     from lmforge.search.kernel_model import kernel_knobs, kernel_table
 
-    wl = random_workload("5m", phase="decode")
+    wl = random_workload(preset, phase="decode")
     base = PassManager(canonical_pipeline()).run(lmforge.capture(wl.model, wl.example_inputs, dynamic=wl.dynamic))
-    hw = get_target("h100")
-    kknobs = kernel_knobs(base, tunable_pipeline(), hw, SERVING, PASS_SPACE)
+    hw = get_target(target)
+    kknobs = kernel_knobs(base, tunable_pipeline(), hw, serving, PASS_SPACE)
     pm = PassManager(tunable_pipeline(), verify_each=False)
     space = pass_space(groups)
     tables = {}
     for cfg in pass_configs(space):
-        tables[active(space, cfg)] = kernel_table(pm.run(base, cfg), hw, SERVING, aot=aot)
+        tables[active(space, cfg)] = kernel_table(pm.run(base, cfg), hw, serving, aot=aot)
     return space, kknobs, tables
 
 
@@ -117,16 +123,35 @@ class Space:
         choice = {k.name.split(".", 1)[1]: config.get(k.name, k.default) for k in self.kknobs}
         return table.total(choice)
 
-    def all_values(self) -> list[float]:
-        """The value of every distinct configuration (kernel knobs inactive under a pass config are left out)."""
-        out = []
+    def all_values(self) -> tuple[list[float], dict]:
+        """The value of every distinct configuration (kernel knobs inactive under a pass config are left out),
+        and the best configuration."""
+        out, best, best_cfg = [], math.inf, {}
         for key, table in self.tables.items():
             cfg = dict(key)
             live = [k for k in self.kknobs if applies(k, cfg)]
             for combo in itertools.product(*[k.choices for k in live]):
-                choice = {k.name.split(".", 1)[1]: v for k, v in zip(live, combo)}
-                out.append(table.total(choice))
-        return out
+                value = table.total({k.name.split(".", 1)[1]: v for k, v in zip(live, combo)})
+                out.append(value)
+                if value < best:
+                    best, best_cfg = value, {**cfg, **{k.name: v for k, v in zip(live, combo)}}
+        return out, best_cfg
+
+
+    def random_hit_probability(self, target: float) -> float:
+        """The chance that one random draw (knob by knob through the conditions, as RandomSampler and TPE's
+        start-up trials sample) is within `target`: each pass configuration weighs the product of 1 / #choices
+        over its active knobs, times the share of its kernel combinations within `target`."""
+        p = 0.0
+        for key, table in self.tables.items():
+            cfg = dict(key)
+            weight = math.prod(1 / len(k.choices) for k in self.pass_knobs if k.name in cfg)
+            live = [k for k in self.kknobs if applies(k, cfg)]
+            combos = list(itertools.product(*[k.choices for k in live]))
+            hits = sum(table.total({k.name.split(".", 1)[1]: v for k, v in zip(live, combo)}) <= target
+                       for combo in combos)
+            p += weight * hits / len(combos)
+        return p
 
 
 def trials_to_target(values: list[float], target: float) -> int:
@@ -152,14 +177,15 @@ def run_sampler(sampler, space: Space, target: float, max_trials: int) -> int:
 
 
 SAMPLERS = {
-    # lmforge.tune's default for one objective and a budget >= 40 (make_sampler)
-    "tpe (lmforge default: multivariate, 10 startup)":
+    # lmforge.tune's own choice for one objective and a budget of 100 (multivariate, TPE_STARTUP start-up trials)
+    "tpe (lmforge default)": lambda s: make_sampler(None, 1, 100, s),
+    "tpe (multivariate, 10 startup: Optuna's default, lmforge's before)":
         lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=10),
     "tpe (multivariate, group)":
         lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True, n_startup_trials=10),
-    "tpe (multivariate, 5 startup)":
-        lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=5),
     # (optuna 5's TPESampler is multivariate unless told otherwise)
+    "tpe (multivariate, group, 5 startup)":
+        lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, group=True, n_startup_trials=5),
     "tpe (independent, 10 startup)":
         lambda s: optuna.samplers.TPESampler(seed=s, multivariate=False, n_startup_trials=10),
     "random": lambda s: optuna.samplers.RandomSampler(seed=s),
@@ -175,13 +201,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-trials", type=int, default=3000)
     p.add_argument("--layer-groups", type=int, default=1, help="per-layer-group weight bits / group size")
     p.add_argument("--no-aot", action="store_true", help="estimate kernel resources instead of AOT ptxas reports")
+    p.add_argument("--target", default="h100", help="hardware preset the cost model prices for")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--preset", default="5m", help="example Llama preset (random weights): 5m | 100m")
+    p.add_argument("--batch", type=int, default=SERVING["batch"])
+    p.add_argument("--past", type=int, default=SERVING["past"], help="cached tokens per sequence")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    pass_knobs, kknobs, tables = build(args.layer_groups, aot=not args.no_aot)
+    pass_knobs, kknobs, tables = build(args.layer_groups, aot=not args.no_aot, preset=args.preset,
+                                       serving={"batch": args.batch, "past": args.past}, target=args.target)
     space = Space(pass_knobs, kknobs, tables)
-    values = space.all_values()
+    values, best_cfg = space.all_values()
     t_exh = time.perf_counter() - t0
     finite = [v for v in values if not math.isinf(v)]
     best = min(finite)
@@ -193,8 +225,12 @@ def main(argv=None) -> int:
           f"configurations ({n - len(finite)} infeasible); exhaustive evaluation {t_exh:.1f} s")
     print(f"optimum {best * 1e6:.2f} us (default config {default * 1e6:.2f} us); {good} configurations "
           f"({100 * good / n:.2f} %) within {args.tolerance:.0%}")
+    print(f"optimum: {best_cfg}")
+    hit = space.random_hit_probability(target)
+    print(f"a random draw is within {args.tolerance:.0%} with probability {hit:.4f} (median trials for random search "
+          f"~ {math.log(0.5) / math.log(1 - hit):.1f})" if 0 < hit < 1 else f"random hit probability {hit}")
     results = {name: [] for name in (*SAMPLERS, "grid (shuffled enumeration)")}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, make in SAMPLERS.items():
             results[name].append(run_sampler(make(seed), space, target, args.max_trials))
         order = list(values)
@@ -211,7 +247,7 @@ def main(argv=None) -> int:
             print(f"{name}: TPE / random = {statistics.median(results[name]) / rnd:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"space": n, "pass_configs": len(tables), "optimum_s": best,
-                                              "default_s": default, "within": good, "exhaustive_s": t_exh,
+                                              "default_s": default, "within": good, "optimum": best_cfg, "random_hit_probability": hit, "exhaustive_s": t_exh,
                                               "trials": results}, indent=1))
     return 0
 

@@ -26,8 +26,11 @@ become knobs (`triton.<template>`, conditional on the pass choice that creates t
 predict mode `lmforge.search.kernel_model` prices them, and a config over the target's resource limits is a
 pruned trial.
 
-Samplers: TPE by default (seeded, multivariate); NSGA-II for several objectives with budget >= 100;
-GP for one objective with budget <= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides.
+Samplers: TPE by default (seeded, multivariate, 5 random start-up trials: fewer than Optuna's 10, because
+on lmforge's spaces the model-guided trials are what beats random search, and a 50-trial budget should not
+spend a fifth of itself at random; `benchmarks/search_efficiency.py` measured the choice, see
+docs/benchmarks.md); NSGA-II for several objectives with budget >= 100; GP for one objective with budget
+<= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides.
 
 The tuning database is Optuna storage: SQLite under `cache_dir("tuning")` unless `storage` gives another
 URL (PostgreSQL for many workers). The study is keyed by the workload's graph signature and the target's
@@ -35,7 +38,6 @@ fingerprint, so re-running resumes it and `compile(..., config="best")` finds it
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -45,7 +47,7 @@ import optuna
 from lmforge.errors import LmforgeError
 from lmforge.ir.graph import Graph
 from lmforge.passes.base import Knob, PassManager
-from lmforge.search.space import defaults, suggest
+from lmforge.search.space import suggest
 
 DIRECTIONS = {"latency": "minimize", "throughput": "maximize", "memory": "minimize", "quality": "maximize",
               "kl": "minimize", "accuracy": "maximize"}
@@ -134,7 +136,6 @@ def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Seq
                     measure_latency: bool = False) -> dict[str, float]:
     """Apply a config and compute the named objectives / constrained quantities (plus latency, memory, fits,
     eFLOPs, which the cost model gives at once)."""
-    from lmforge.compiler import CompiledModel
     from lmforge.quality import compare
     from lmforge.search.cost_model import graph_cost
 
@@ -181,12 +182,15 @@ def constraint_values(values: Mapping[str, float], constraints: Mapping[str, Any
     return out
 
 
+TPE_STARTUP = 5   # random trials before TPE models the results (the module docstring says why 5)
+
+
 def make_sampler(name: str | None, n_objectives: int, budget: int, seed: int):
     """Constraints reach the samplers through `trial.set_constraint` (Optuna >= 5)."""
     if name is None:
         name = "nsga2" if n_objectives > 1 and budget >= 100 else ("gp" if n_objectives == 1 and budget <= 20 else "tpe")
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(2, budget // 4)))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(TPE_STARTUP, max(2, budget // 4)))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "gp":
