@@ -95,9 +95,12 @@ def graph_cost(graph: Graph, hw, bindings: Mapping[str, int] | None = None,
     costs = node_costs(graph, env)
     owner = {}
     if kernels is not None:
-        from lmforge.search.kernel_model import claimed
+        from lmforge.search.kernel_model import claimed, prefetch_resources
 
         owner = claimed(graph, env)
+        prefetch_resources([(t, graph.nodes[i], env, t.configs(graph.nodes[i])[kernels.get(t.name, 0)])
+                            for i, t in owner.items() if 0 <= kernels.get(t.name, 0) < len(t.configs(graph.nodes[i]))],
+                           hw)
     ests = []
     for i, (n, c) in enumerate(zip(graph.nodes, costs)):
         e = node_time(c, hw)

@@ -125,20 +125,64 @@ def _cache_file(arch: str):
     return cache_dir("kernel_resources") / f"{arch}.json"
 
 
+def _aot_request(template: KernelTemplate, node: Node, env: Mapping[str, int], config, hw, aot: bool):
+    """(cache key, BuildRequest) of the AOT build that reports `config`'s resources, or None (no AOT spec)."""
+    spec = template.aot_spec(node, env) if (aot and template.aot_spec is not None) else None
+    if spec is None:
+        return None
+    from lmforge.backends.triton.aot import spec_request
+
+    request = spec_request(spec, hw.arch, config)
+    return f"{hw.arch}:{request.name}", request
+
+
+def _report_entry(result) -> dict:
+    from lmforge.backends.triton.aot import ResourceReport
+
+    if isinstance(result, str):
+        return {"error": result.splitlines()[0][:300]}
+    rep = ResourceReport.of(result)
+    return {"registers": rep.registers, "shared": rep.shared_bytes}
+
+
+def prefetch_resources(items, hw, aot: bool = True) -> None:
+    """Build, in one batch, the AOT reports that `resources` would need for `items` ((template, node, env,
+    config) tuples) and are in neither cache. A batch is one build process where the interpreter runs (tests),
+    instead of one per config. Does nothing where Triton cannot build (resources then estimates)."""
+    from lmforge.backends.triton.aot import build_many
+
+    path = _cache_file(hw.arch)
+    disk = json.loads(path.read_text()) if path.exists() else {}
+    todo = {}
+    for template, node, env, config in items:
+        got = _aot_request(template, node, env, config, hw, aot)
+        if got is not None and got[0] not in _MEMORY_CACHE and got[0] not in disk:
+            todo.setdefault(got[0], got[1])
+    if not todo:
+        return
+    try:
+        results = build_many(list(todo.values()))
+    except Exception:  # no Triton compiler / ptxas here: `resources` falls back to the estimate
+        return
+    disk = json.loads(path.read_text()) if path.exists() else {}   # another process may have written meanwhile
+    disk.update({key: _report_entry(result) for key, result in zip(todo, results)})
+    path.write_text(json.dumps(disk, indent=0, sort_keys=True))
+
+
 def resources(template: KernelTemplate, node: Node, env: Mapping[str, int], config, hw, aot: bool = True) -> Resources:
     """Registers and shared memory of `template` with `config` for `node` on `hw`.
 
     With an AOT spec (and `aot`), the kernel is built for hw.arch and ptxas's report is used; reports are cached
     per (kernel, constexprs, config, arch) in memory and in `cache_dir("kernel_resources")/<arch>.json`, so
-    each config is built once per machine. Otherwise (or when Triton cannot build here) an estimate."""
-    spec = template.aot_spec(node, env) if (aot and template.aot_spec is not None) else None
-    if spec is None:
+    each config is built once per machine (`prefetch_resources` builds many in one batch). Otherwise (or when
+    Triton cannot build here) an estimate."""
+    got = _aot_request(template, node, env, config, hw, aot)
+    if got is None:
         regs, smem = template.estimate(node, config)
         return Resources(regs, smem, "estimate")
-    from lmforge.backends.triton.aot import ResourceReport, build_many, spec_request
+    from lmforge.backends.triton.aot import build_many
 
-    request = spec_request(spec, hw.arch, config)
-    key = f"{hw.arch}:{request.name}"
+    key, request = got
     if key in _MEMORY_CACHE:
         return _MEMORY_CACHE[key]
     path = _cache_file(hw.arch)
@@ -149,11 +193,7 @@ def resources(template: KernelTemplate, node: Node, env: Mapping[str, int], conf
         except Exception as exc:  # no Triton compiler / ptxas here: fall back to the estimate
             regs, smem = template.estimate(node, config)
             return Resources(regs, smem, f"estimate (AOT build unavailable: {type(exc).__name__})")
-        if isinstance(result, str):
-            disk[key] = {"error": result.splitlines()[0][:300]}
-        else:
-            rep = ResourceReport.of(result)
-            disk[key] = {"registers": rep.registers, "shared": rep.shared_bytes}
+        disk[key] = _report_entry(result)
         path.write_text(json.dumps(disk, indent=0, sort_keys=True))
     entry = disk[key]
     if "error" in entry:
@@ -301,6 +341,8 @@ def kernel_table(graph: Graph, hw, bindings: Mapping[str, int] | None = None, ao
     fixed = sum(node_time(c, hw).time_s for i, c in enumerate(costs) if i not in owner)
     per: dict[str, list[float]] = {}
     bad: dict[tuple[str, int], str] = {}
+    prefetch_resources([(t, graph.nodes[i], env, c) for i, t in owner.items() for c in t.configs(graph.nodes[i])],
+                       hw, aot)
     for i, t in owner.items():
         n = len(t.configs(graph.nodes[i]))
         times = per.setdefault(t.name, [0.0] * n)

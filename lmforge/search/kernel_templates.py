@@ -1,7 +1,8 @@
 """The Triton kernel templates the kernel model knows: which IR nodes each runs (mirroring the claims of
 `lmforge.backends.triton`), its candidate configs (each kernel module's CANDIDATE_CONFIGS, the config that runs by
 default first), the launch geometry of a config on a node (grid, threads, bytes in flight, padding, extra
-traffic), a resource estimate for templates without an AOT spec, and the AOT spec that gives ptxas's report.
+traffic), the AOT spec that gives ptxas's report of registers and shared memory, and a resource estimate for
+when Triton cannot build here or the node has no AOT spec.
 
 The efficiency model that turns a `Launch` into time lives in `lmforge.search.kernel_model`.
 """
@@ -265,6 +266,55 @@ def _decode_estimate(node, config):
     return int(min(255, regs)), config.num_stages * bn * d * 2 * 2
 
 
+def _attention_spec(kernel: str, knob: str):
+    """The AOT spec of an attention template's main kernel (decode: the split-K kernel, "decode_split";
+    prefill: the flash kernel, "flash_prefill"), taken from the artifact launch specs
+    (`lmforge.backends.triton.attention_specs`), so the search prices the very build an artifact ships.
+
+    The launcher turns a candidate config into what runs (block top-k clamps BLOCK_N to the block size, a
+    query tile of >= 64 rows takes >= 8 warps, the decode's BLOCK_M follows MAX_BLOCK_M and the query rows per KV
+    head); the spec's `adapt` replays that through the launch spec's own variants. None (so an estimate) when
+    the launch spec cannot serve the node (an explicit mask, a quantized KV cache, a symbolic head dim, ...).
+    """
+    def spec(node, env):
+        from lmforge.backends.triton import attention_decode as ad
+        from lmforge.backends.triton.aot import KernelSpec
+        from lmforge.backends.triton.launch_specs import Unservable, spec_for
+
+        try:
+            launch_spec = spec_for(node)
+        except Unservable:
+            return None
+        rows = None
+        if kernel == "decode_split":
+            b, hq, sq, d, hkv, s, xb = _attn_dims(node, env)
+            rows = (hq // hkv) * sq
+
+        def variant(config):
+            try:
+                found = [v for v in launch_spec.variants(node, {knob: config}) if v.kernel == kernel]
+            except Unservable:
+                return None
+            if rows is not None:  # the BLOCK_M the launcher picks for this node's query rows
+                block_m = ad._row_block(rows, ad._config(config)[0]["MAX_BLOCK_M"])
+                found = [v for v in found if v.constexprs["BLOCK_M"] == block_m]
+            return found[0] if found else None
+
+        default = variant(None)
+        if default is None:
+            return None
+
+        def adapt(config):
+            v = variant(config)
+            # BLOCK_M goes into the config (config params win over the spec's constexprs at build time)
+            return v.config.with_(BLOCK_M=v.constexprs["BLOCK_M"]) if rows is not None else v.config
+
+        return KernelSpec(f"{node.op}_{kernel}", default.fn, default.signature, default.constexprs,
+                          default.config, default.divisible_by_16, adapt=adapt)
+
+    return spec
+
+
 def _prefill_configs(node):
     from lmforge.backends.triton import attention_prefill as ap
 
@@ -317,9 +367,9 @@ def templates() -> list[KernelTemplate]:
         KernelTemplate("swiglu", _claims_swiglu, _candidates("norms", "swiglu"), _swiglu_launch,
                        lambda node, config: (32, 0), _swiglu_spec),
         KernelTemplate("attention_decode", _is_triton_decode, _candidates("attention_decode"), _decode_launch,
-                       _decode_estimate),
+                       _decode_estimate, _attention_spec("decode_split", "attention_decode")),
         KernelTemplate("attention_prefill", _is_triton_prefill, _prefill_configs, _prefill_launch,
-                       _prefill_estimate),
+                       _prefill_estimate, _attention_spec("flash_prefill", "attention_prefill")),
     ]
 
 

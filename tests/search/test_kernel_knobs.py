@@ -174,3 +174,65 @@ def test_resource_reports_are_built_once_and_cached_on_disk(monkeypatch):
     assert "does not compile" in broken.reason
     with pytest.raises(KernelConfigInfeasible, match="does not compile"):
         km.efficiency(gemv.launch(node, env, wide, H100), broken, H100)
+
+
+def _attention_graph():
+    from lmforge.ir.graph import GraphBuilder, TensorType
+
+    b = GraphBuilder("attn")
+    q = b.input("q", TensorType(("batch", 8, 1, 64), "float16"))
+    k = b.input("k", TensorType(("batch", 2, "past", 64), "float16"))
+    v = b.input("v", TensorType(("batch", 2, "past", 64), "float16"))
+    qp = b.input("qp", TensorType((1, 8, "seq", 64), "float32"))
+    kp = b.input("kp", TensorType((1, 8, "seq", 64), "float32"))
+    vp = b.input("vp", TensorType((1, 8, "seq", 64), "float32"))
+    outs = [b.op("attention", [q, k, v], {}),
+            b.op("block_topk_attention", [q, k, v], {"block_size": 16, "topk_blocks": 8}),
+            b.op("attention", [qp, kp, vp], {"causal": True})]
+    return b.build(outs), {"batch": 1, "past": 4096, "seq": 1024}
+
+
+def test_attention_templates_price_configs_with_ptxas_reports(monkeypatch):
+    """The attention templates' configs are priced with ptxas's report of the kernel an artifact would ship
+    (built from attention_specs, with the launcher's adaptations), and a prefill tile that needs more shared
+    memory than an L40S has is infeasible there but not on an H100."""
+    from lmforge.backends.triton import aot
+
+    monkeypatch.setattr(km, "_MEMORY_CACHE", {})
+    g, env = _attention_graph()
+    owner = km.claimed(g, env)
+    assert [t.name for t in owner.values()] == ["attention_decode", "attention_decode", "attention_prefill"]
+    decode, topk, prefill = (g.nodes[i] for i in owner)
+    dec_t, pre_t = owner[0], owner[2]
+    dec_configs = dec_t.configs(decode)[:1]
+    km.prefetch_resources([(dec_t, n, env, c) for n in (decode, topk) for c in dec_configs], H100)
+    for node in (decode, topk):
+        spec = dec_t.aot_spec(node, env)
+        assert spec is not None and spec.fn.__name__ == "_decode_split_kernel"
+        for c in dec_configs:
+            res = km.resources(dec_t, node, env, c, H100)
+            assert res.source == "ptxas" and res.registers > 0 and not res.reason, res
+            built = aot.spec_request(spec, "sm_90", c).config
+            # as the launcher: 4 query rows per KV head -> BLOCK_M 16; block top-k tiles one block at a time
+            assert built.get("BLOCK_M") == 16
+            assert built.get("BLOCK_N") == (16 if node is topk else c.get("BLOCK_N"))
+    assert km.resources(dec_t, topk, env, dec_configs[0], H100) != km.resources(dec_t, decode, env, dec_configs[0], H100)
+
+    l40s = get_target("l40s")
+    tiles = {(c.get("BLOCK_M"), c.get("BLOCK_N"), c.num_stages): c for c in pre_t.configs(prefill)}
+    small, large, huge = tiles[64, 32, 2], tiles[64, 64, 4], tiles[128, 128, 3]   # fp32 tiles, 64-wide heads
+    for hw in (H100, l40s):
+        km.prefetch_resources([(pre_t, prefill, env, c) for c in (small, large, huge)], hw)
+
+    def fits(c, hw):
+        res = km.resources(pre_t, prefill, env, c, hw)
+        assert res.source == "ptxas", res
+        try:
+            km.efficiency(pre_t.launch(prefill, env, c, hw), res, hw)
+            return True
+        except KernelConfigInfeasible as exc:
+            assert "shared memory" in str(exc)
+            return False
+
+    assert [fits(c, H100) for c in (small, large, huge)] == [True, True, False]
+    assert [fits(c, l40s) for c in (small, large, huge)] == [True, False, False]
