@@ -127,7 +127,7 @@ def _cache_file(arch: str):
 
 def _aot_request(template: KernelTemplate, node: Node, env: Mapping[str, int], config, hw, aot: bool):
     """(cache key, BuildRequest) of the AOT build that reports `config`'s resources, or None (no AOT spec)."""
-    spec = template.aot_spec(node, env) if (aot and template.aot_spec is not None) else None
+    spec = template.aot_spec(node, env, config) if (aot and template.aot_spec is not None) else None
     if spec is None:
         return None
     from lmforge.backends.triton.aot import spec_request

@@ -36,7 +36,7 @@ class KernelTemplate:
     configs: Callable[[Node], tuple]                  # candidate KernelConfigs (index 0 = what runs by default)
     launch: Callable[[Node, Mapping[str, int], Any, Any], Launch]   # (node, env, config, hw)
     estimate: Callable[[Node, Any], tuple[int, int]]  # (registers, shared bytes) when there is no AOT report
-    aot_spec: Callable[[Node, Mapping[str, int]], Any] | None = None  # KernelSpec for ptxas reports
+    aot_spec: Callable[[Node, Mapping[str, int], Any], Any] | None = None  # (node, env, config) -> KernelSpec
 
 
 def _shapes(node: Node, env: Mapping[str, int]):
@@ -77,7 +77,7 @@ def _gemv_launch(node, env, config, hw) -> Launch:
     from lmforge.backends.triton import quant_matmul as qm
 
     m, n, k, bits, gs, xb = _linear_wo_dims(node, env)
-    plan, _ = qm.gemv_plan(config, k // gs)
+    plan, _ = qm.gemv_plan(config, k // gs, gs * bits // 32)
     block_n, split, steps = plan.get("BLOCK_N"), plan.get("SPLIT_K"), plan.get("GROUPS_PER_STEP")
     tiles = math.ceil(n / block_n)
     extra = 0.0 if split == 1 else m * n * 4 * (split + 2) + m * n * xb  # fp32 atomics, zero fill, final cast
@@ -94,12 +94,14 @@ def _gemm_launch(node, env, config, hw) -> Launch:
     bm, bn, bk = plan.get("BLOCK_M"), plan.get("BLOCK_N"), plan.get("BLOCK_K")
     tm, tn = math.ceil(m / bm), math.ceil(n / bn)
     step = bk * min(bn, n) * bits / 8 + min(bm, m) * bk * xb
-    return Launch(ctas=tm * tn, threads=32 * plan.num_warps, bytes_in_flight=step * plan.num_stages,
-                  pad=(m * n) / (tm * bm * tn * bn))
+    split = plan.get("SPLIT_K", 1)  # the swapped kernel (SWAP_AB=1) may split K: fp32 atomics, zero fill, cast
+    extra = 0.0 if split == 1 else m * n * 4 * (split + 2) + m * n * xb
+    return Launch(ctas=tm * tn * split, threads=32 * plan.num_warps, bytes_in_flight=step * plan.num_stages,
+                  pad=(m * n) / (tm * bm * tn * bn), extra_bytes=extra, extra_launches=0 if split == 1 else 2)
 
 
 def _wo_spec(kernel: str):
-    def spec(node, env):
+    def spec(node, env, config=None):
         from lmforge.backends.triton import quant_matmul as qm
 
         m, n, k, bits, gs, _ = _linear_wo_dims(node, env)
@@ -107,7 +109,8 @@ def _wo_spec(kernel: str):
         if act not in qm.TRITON_TYPES or gs < 16 or gs & (gs - 1):
             return None
         rows = m if kernel == "wo_gemv" else 1
-        name = f"{kernel}_int{bits}_g{gs}_{qm.TRITON_TYPES[act]}"
+        swap = kernel == "wo_gemm" and config is not None and config.get("SWAP_AB", 0)
+        name = f"{kernel}{'_swapped' if swap else ''}_int{bits}_g{gs}_{qm.TRITON_TYPES[act]}"
         return next((s for s in qm.aot_specs(act, gs, k, rows=rows) if s.name == name), None)
 
     return spec
@@ -156,7 +159,7 @@ def _row_launch(kernel: str):
 
 
 def _row_spec(kernel: str):
-    def spec(node, env):
+    def spec(node, env, config=None):
         from lmforge.backends.triton import norms
 
         rows, d, _ = _rows_dims(node, env)
@@ -192,7 +195,7 @@ def _swiglu_launch(node, env, config, hw) -> Launch:
                   bytes_in_flight=2 * min(block, g.numel()) * _dtype_bytes(g), pad=g.numel() / (ctas * block))
 
 
-def _swiglu_spec(node, env):
+def _swiglu_spec(node, env, config=None):
     from lmforge.backends.triton import norms
 
     dtype = _torch_dtype(node.inputs[0].type.dtype)
@@ -276,7 +279,7 @@ def _attention_spec(kernel: str, knob: str):
     head); the spec's `adapt` replays that through the launch spec's own variants. None (so an estimate) when
     the launch spec cannot serve the node (an explicit mask, a quantized KV cache, a symbolic head dim, ...).
     """
-    def spec(node, env):
+    def spec(node, env, config=None):
         from lmforge.backends.triton import attention_decode as ad
         from lmforge.backends.triton.aot import KernelSpec
         from lmforge.backends.triton.launch_specs import Unservable, spec_for

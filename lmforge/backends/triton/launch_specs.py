@@ -299,7 +299,8 @@ class SwiGLUSpec:
 # ---- weight-only quantized linear --------------------------------------------------------------------------
 
 class LinearWOSpec:
-    """GEMV variants for 1..4 rows (BLOCK_M is the row count, a constexpr) and one GEMM for more rows."""
+    """GEMV variants for 1..4 rows (BLOCK_M is the row count, a constexpr) and one GEMM for more rows (the
+    tiled kernel, or quant_gemm's swapped one for a config with SWAP_AB=1)."""
 
     def _shapes(self, node: Node):
         x, qweight, scales, zeros = node.inputs[:4]
@@ -331,7 +332,7 @@ class LinearWOSpec:
         gemv_rows = [rows.exact] if rows.exact is not None else list(range(1, qm.GEMV_MAX_ROWS + 1))
         gemv_config = configs.get("wo_gemv")
         for m in [r for r in gemv_rows if 1 <= r <= qm.GEMV_MAX_ROWS]:
-            plan, groups_per_split = qm.gemv_plan(gemv_config, n_groups)
+            plan, groups_per_split = qm.gemv_plan(gemv_config, n_groups, group_size * bits // 32)
             ints, ones, divisible = _ints({**strides, "groups_per_split": Hint(groups_per_split)})
             split = plan.get("SPLIT_K") > 1
             sig = {**pointers, **({"out_ptr": "*fp32", "bias_ptr": pointers["bias_ptr"] if has_bias else "*fp32"}
@@ -340,10 +341,22 @@ class LinearWOSpec:
                                plan, divisible, (["cdiv", "N", "BLOCK_N"], "SPLIT_K"),
                                {"groups_per_split": groups_per_split}))
         if rows.exact is None or rows.exact > qm.GEMV_MAX_ROWS:
-            ints, ones, divisible = _ints({**strides, "M": rows})
             plan = qm.gemm_plan(configs.get("wo_gemm"), group_size)
-            out.append(Variant("wo_gemm", "wo_gemm", qm._wo_gemm_kernel, {**pointers, **ints}, {**fixed, **ones},
-                               plan, divisible, (["mul", ["cdiv", "M", "BLOCK_M"], ["cdiv", "N", "BLOCK_N"]],)))
+            tiles = ["mul", ["cdiv", "M", "BLOCK_M"], ["cdiv", "N", "BLOCK_N"]]
+            if plan.get("SWAP_AB", 0):  # quant_gemm's kernel: K split into k_per_split columns per program
+                from lmforge.backends.triton import quant_gemm
+
+                k_per_split, split_k = quant_gemm._k_per_split(k, plan.get("BLOCK_K"), plan.get("SPLIT_K"))
+                plan = plan.with_(SPLIT_K=split_k)
+                ints, ones, divisible = _ints({**strides, "M": rows, "k_per_split": Hint(k_per_split)})
+                sig = {**pointers, **({"out_ptr": "*fp32", "bias_ptr": pointers["bias_ptr"] if has_bias else "*fp32"}
+                                      if split_k > 1 else {}), **ints}
+                out.append(Variant("wo_gemm", "wo_gemm_swapped", quant_gemm._wo_gemm_swapped_kernel, sig,
+                                   {**fixed, **ones}, plan, divisible, (tiles, "SPLIT_K"), {"k_per_split": k_per_split}))
+            else:
+                ints, ones, divisible = _ints({**strides, "M": rows})
+                out.append(Variant("wo_gemm", "wo_gemm", qm._wo_gemm_kernel, {**pointers, **ints}, {**fixed, **ones},
+                                   plan, divisible, (tiles,)))
         return out
 
     def call(self, node: Node, built: Mapping[str, Built], x, qweight, scales, zeros, bias=None, **_) -> Call | None:
@@ -365,7 +378,9 @@ class LinearWOSpec:
                   "stride_xm": x2.stride(0), "stride_qn": qweight.stride(0), "stride_sn": scales.stride(0)}
         if key == "wo_gemm":
             values["M"] = m
-            split = False
+            split = built[key].config.get("SPLIT_K", 1) > 1   # only the swapped kernel splits K
+            if "k_per_split" in built[key].static:
+                values["k_per_split"] = built[key].static["k_per_split"]
         else:  # the built plan decides the split-K workspace (fp32, zeroed) and the groups per split
             split = built[key].config.get("SPLIT_K") > 1
             values["groups_per_split"] = built[key].static["groups_per_split"]

@@ -6,36 +6,154 @@ qweight uint8 [N, K * bits / 8], per-group scales and zero points [N, K / group_
 Two kernels, picked by the number of rows M of x (flattened to [M, K]):
 
 - `_wo_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): memory bound, so the point is to stream the packed weight
-  at full bandwidth. Each program owns BLOCK_N output rows and walks its K range one quantization group at a
-  time, GROUPS_PER_STEP groups per loop trip (unrolled so their loads are in flight together); a group is
-  one contiguous run of group_size * bits / 8 bytes per row (a wide uint8 load), unpacked in registers
-  with shifts, masks and the 2^23 float trick (no int-to-float conversions). Products accumulate
-  elementwise, scaled per group, and are reduced once at the end, so each weight byte costs a handful of
-  ALU instructions. SPLIT_K > 1 splits K across programs (fp32 atomic adds into a zeroed workspace, cast
-  at the end) so that small weights still fill every SM.
-- `_wo_gemm_kernel` (prefill): tiled [BLOCK_M, BLOCK_N] output; each K step loads a [BLOCK_K, BLOCK_N]
+  at full bandwidth. Each program owns BLOCK_N output rows and walks its K range GROUPS_PER_STEP
+  quantization groups per loop trip (their loads in flight together). SPLIT_K > 1 splits K across programs
+  (fp32 atomic adds into a zeroed workspace, cast at the end) so that small weights still fill every SM.
+  The config's WORD_TILES picks the loop body (int4 and int8 alike):
+  - 0, byte tiles (the default, measured in docs/benchmarks.md): a [BLOCK_N, group bytes] uint8 tile per
+    group, unpacked with shifts, masks and the 2^23 float trick, even and odd k against stride-2 x loads,
+    products accumulated elementwise and scaled per element; ~20 SASS instructions per weight byte on sm_90.
+  - 1, word tiles: a [BLOCK_N, GROUPS_PER_STEP, group words] int32 tile per trip, one word of one group
+    per thread and the BLOCK_N rows in its registers, so one contiguous x load (16 bytes for int4 and
+    fp16 / bf16) serves BLOCK_N words; codes become floats with one LOP3 and one FFMA each, zero point and scale are applied once per
+    word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x
+    tile (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
+- `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a [BLOCK_K, BLOCK_N]
   weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half, each its own
   tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
   dtype and accumulates tl.dot into one fp32 tile. BLOCK_K never exceeds group_size, so one K step sees
-  exactly one group and loads one scale and zero per column.
+  exactly one group and loads one scale and zero per column. Measured 0.1-0.7x cuBLAS fp16 on an H100.
+- `quant_gemm._wo_gemm_swapped_kernel` (prefill, GEMM configs with SWAP_AB=1): y^T = dequant(W) @ x^T, the
+  dequantized weight as the MMA's register operand and x streamed to shared memory; see quant_gemm.py.
 
 Only long-standing tl APIs are used (program_id, arange, load/store with masks, dot, sum, where, shifts,
-atomic_add), so the kernels compile on Triton 3.6 through 3.9.
+atomic_add, reshape, split, pointer casts), so the kernels compile on Triton 3.6 through 3.9 (built and
+tested here with 3.9; the word tiles' APIs were checked against the 3.6 sources, not compiled with 3.6).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from lmforge.backends.triton import quant_gemm as swapped
 from lmforge.backends.triton.config import KernelConfig
-from lmforge.errors import LmforgeError
+from lmforge.backends.triton.quant_common import TRITON_TYPES, _check_inputs, _memoized, _packed
 from lmforge.ir.ops.quant_ref import QuantizedWeight
 
 GEMV_MAX_ROWS = 4
-SUPPORTED_ACTIVATIONS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _gemv_row_byte_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, mask_n, stride_qn, stride_sn, g_begin, g_end,
+                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUPS_PER_STEP: tl.constexpr):
+    """sum_k x[k] * (q[n, k] - zero[n, g]) * scale[n, g] over groups [g_begin, g_end) -> [BLOCK_N] fp32.
+
+    Byte tiles (WORD_TILES=0, the kernel measured in docs/benchmarks.md): products accumulate elementwise in
+    a [BLOCK_N, GROUP_BYTES] fp32 tile that is reduced once at the end: no per-group reduction or layout
+    change in the loop. Codes become floats without a conversion instruction: OR-ing a code into the
+    mantissa of 2^23 (0x4B000000) gives the float 2^23 + q, and subtracting 2^23 + zero leaves q - zero.
+    """
+    GROUP_BYTES: tl.constexpr = GROUP_SIZE * BITS // 8
+    offs_b = tl.arange(0, GROUP_BYTES)
+    w_rows = qw_ptr + offs_n[:, None] * stride_qn + offs_b[None, :]
+    acc = tl.zeros((BLOCK_N, GROUP_BYTES), dtype=tl.float32)
+    for g0 in range(g_begin, g_end, GROUPS_PER_STEP):
+        for s in tl.static_range(GROUPS_PER_STEP):
+            g = g0 + s
+            packed = tl.load(w_rows + g * GROUP_BYTES, mask=mask_n[:, None], other=0).to(tl.int32)
+            scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
+            zero = tl.load(zeros_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
+            offset = (zero + 8388608.0)[:, None]  # 2^23 + zero
+            x_group = x_row + g * GROUP_SIZE
+            if BITS == 4:
+                x_even = tl.load(x_group + 2 * offs_b).to(tl.float32)
+                x_odd = tl.load(x_group + 2 * offs_b + 1).to(tl.float32)
+                w_even = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset
+                w_odd = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset
+                acc += (w_even * x_even[None, :] + w_odd * x_odd[None, :]) * scale[:, None]
+            else:
+                x_vals = tl.load(x_group + offs_b).to(tl.float32)
+                w_vals = (packed | 0x4B000000).to(tl.float32, bitcast=True) - offset
+                acc += w_vals * x_vals[None, :] * scale[:, None]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _split_codes(x, CODES: tl.constexpr):
+    """x [G, W, CODES] -> CODES tensors [G, W], x[:, :, i] for i = 0 .. CODES - 1 (register moves only)."""
+    G: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    even, odd = tl.split(tl.reshape(x, (G, W, CODES // 2, 2)))  # codes 0, 2, 4, ... and 1, 3, 5, ...
+    if CODES == 4:
+        e0, e1 = tl.split(even)
+        o0, o1 = tl.split(odd)
+        return e0, o0, e1, o1
+    else:
+        e0, e1 = tl.split(tl.reshape(even, (G, W, 2, 2)))  # codes 0, 4 and 2, 6
+        o0, o1 = tl.split(tl.reshape(odd, (G, W, 2, 2)))  # codes 1, 5 and 3, 7
+        e00, e01 = tl.split(e0)
+        e10, e11 = tl.split(e1)
+        o00, o01 = tl.split(o0)
+        o10, o11 = tl.split(o1)
+        return e00, o00, e10, o10, e01, o01, e11, o11
+
+
+@triton.jit
+def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn, g_begin, g_end,
+                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUPS_PER_STEP: tl.constexpr):
+    """The same sum as _gemv_row_byte_tiles, over 32-bit words (WORD_TILES=1).
+
+    A loop trip covers GROUPS_PER_STEP groups of the BLOCK_N rows as a [BLOCK_N, GROUPS_PER_STEP, WORDS]
+    tile of int32 words (WORDS = GROUP_SIZE * BITS / 32). Word and group indices are permuted
+    ((w * 5) % WORDS, (s * 3) % GROUPS_PER_STEP) so that the compiler sees no contiguity along them and
+    gives the tile one element per thread, with the BLOCK_N rows in registers (replicated along the rows,
+    not vectorised along the words). The x tile [GROUPS_PER_STEP, WORDS, CODES] (CODES = 32 / BITS) is then
+    one contiguous 16-byte load per thread whose layout matches the words' once split into CODES
+    [GROUPS_PER_STEP, WORDS] tiles, and one x load serves BLOCK_N words. Scales and zeros are loaded as
+    tiles of the same shape, so they share that layout too; no layout conversion, no barrier in the loop.
+    Code i of a word sits at bit BITS * i; one AND-OR (a LOP3) moves it into the mantissa of 1.0 (codes that
+    would reach bit 23 come from the word shifted right by 16): f = 1 + code * 2^-E with E = 23 - its bit
+    position, and f * 2^E - 2^E = code exactly (one FFMA). Zero point and scale are applied once per word:
+    scale * (sum_i code_i x_i - zero * sum_i x_i). Rows past N are clamped to N - 1 (loaded, never stored).
+    """
+    CODES: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = GROUP_SIZE // CODES
+    words_perm = (tl.arange(0, WORDS) * 5) % WORDS
+    step_perm = (tl.arange(0, GROUPS_PER_STEP) * 3) % GROUPS_PER_STEP
+    code = tl.arange(0, CODES)
+    rows = tl.minimum(offs_n, n_last)[:, None, None]  # rows past N repeat the last one (never stored)
+    w_tile = (qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4)
+              + (step_perm * WORDS)[None, :, None] + words_perm[None, None, :])
+    x_tile = x_row + (step_perm * GROUP_SIZE)[:, None, None] + (words_perm * CODES)[None, :, None] + code[None, None, :]
+    # scales and zeros as [BLOCK_N, GROUPS_PER_STEP, WORDS] tiles too (constant along the words), so that
+    # their loads get the words' layout instead of one of their own that would need a conversion
+    s_tile = tl.broadcast_to(rows * stride_sn + step_perm[None, :, None], (BLOCK_N, GROUPS_PER_STEP, WORDS))
+    # 1.0f as an opaque value (program ids stay below 2^30), so the AND-OR of each code below is one LOP3
+    # with its mask as the immediate and this constant in a register, instead of a MOV per code.
+    one_bits = (tl.program_id(0) >> 30) | 0x3F800000
+    acc = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
+    for g0 in range(g_begin, g_end, GROUPS_PER_STEP):  # a whole number of steps (see gemv_plan)
+        words = tl.load(w_tile + g0 * WORDS)
+        scale = tl.load(s_tile + g0 + scales_ptr).to(tl.float32)
+        zero_bits = tl.load(s_tile + g0 + zeros_ptr).to(tl.int32) | 0x4B000000
+        zero = zero_bits.to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + zero - 2^23
+        xs = _split_codes(tl.load(x_tile + g0 * GROUP_SIZE).to(tl.float32), CODES)
+        x_sum = xs[0]
+        for i in tl.static_range(1, CODES):
+            x_sum += xs[i]
+        t = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
+        for i in tl.static_range(CODES):
+            high = BITS * i + BITS > 23  # the code would reach the exponent: take it from the word >> 16
+            field = BITS * i - 16 if high else BITS * i
+            exp2 = (1 << (23 - field)) * 1.0
+            src = words >> 16 if high else words
+            f = ((src & (((1 << BITS) - 1) << field)) | one_bits).to(tl.float32, bitcast=True)
+            t += (f * exp2 - exp2) * xs[i][None, :, :]
+        acc += scale * (t - zero * x_sum[None, :, :])
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
@@ -43,44 +161,26 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                     N, K, stride_xm, stride_qn, stride_sn, stride_om, groups_per_split,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
+                    SPLIT_K: tl.constexpr, WORD_TILES: tl.constexpr):
     """out[m, n] (+)= sum_k x[m, k] * (q[n, k] - zero[n, g]) * scale[n, g] over this program's K groups.
 
-    BLOCK_M is the exact row count M (<= 4). Products accumulate elementwise in a [BLOCK_N, GROUP_BYTES]
-    fp32 tile that is reduced once at the end: no per-group reduction or layout change in the loop.
-    Codes become floats without a conversion instruction: OR-ing a code into the mantissa of 2^23
-    (0x4B000000) gives the float 2^23 + q, and subtracting 2^23 + zero leaves q - zero exactly.
+    BLOCK_M is the exact row count M (<= 4); each row walks the program's groups with the byte-tile
+    (WORD_TILES=0) or the word-tile (WORD_TILES=1) loop.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    GROUP_BYTES: tl.constexpr = GROUP_SIZE * BITS // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, GROUP_BYTES)
     mask_n = offs_n < N
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // GROUP_SIZE)  # both multiples of GROUPS_PER_STEP
-    w_rows = qw_ptr + offs_n[:, None] * stride_qn + offs_b[None, :]
     for m in tl.static_range(BLOCK_M):
-        acc = tl.zeros((BLOCK_N, GROUP_BYTES), dtype=tl.float32)
-        for g0 in range(g_begin, g_end, GROUPS_PER_STEP):
-            for s in tl.static_range(GROUPS_PER_STEP):
-                g = g0 + s
-                packed = tl.load(w_rows + g * GROUP_BYTES, mask=mask_n[:, None], other=0).to(tl.int32)
-                scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
-                zero = tl.load(zeros_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
-                offset = (zero + 8388608.0)[:, None]  # 2^23 + zero
-                x_group = x_ptr + m * stride_xm + g * GROUP_SIZE
-                if BITS == 4:
-                    x_even = tl.load(x_group + 2 * offs_b).to(tl.float32)
-                    x_odd = tl.load(x_group + 2 * offs_b + 1).to(tl.float32)
-                    w_even = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - offset
-                    w_odd = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset
-                    acc += (w_even * x_even[None, :] + w_odd * x_odd[None, :]) * scale[:, None]
-                else:
-                    x_vals = tl.load(x_group + offs_b).to(tl.float32)
-                    w_vals = (packed | 0x4B000000).to(tl.float32, bitcast=True) - offset
-                    acc += w_vals * x_vals[None, :] * scale[:, None]
-        row = tl.sum(acc, axis=1)
+        x_row = x_ptr + m * stride_xm
+        if WORD_TILES:
+            row = _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
+                                       g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)
+        else:
+            row = _gemv_row_byte_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, mask_n, stride_qn, stride_sn,
+                                       g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)
         if HAS_BIAS:
             row += tl.where(pid_k == 0, tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32), 0.0)
         if SPLIT_K > 1:
@@ -135,8 +235,11 @@ def _wo_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# GEMV candidates use 8 warps: with fewer, Triton (3.9, sm_90) gives the x vectors a layout of their own and
-# converts them through shared memory inside the K loop (visible as bar.sync in the PTX; see aot.py).
+# Byte-tile GEMV candidates (WORD_TILES=0) use 8 warps: with fewer, Triton (3.9, sm_90) gives the x vectors a
+# layout of their own and converts them through shared memory inside the K loop (bar.sync in the PTX).
+# Word-tile candidates (WORD_TILES=1): one thread per (group, word) of a step and BLOCK_N rows in registers;
+# benchmarks/sass_stats.py shows their loop at ~10.3-11.3 instructions per weight byte against ~19.8 for
+# the default (int4, g128, fp16, sm_90), but they are not timed yet, so the measured kernel stays the default.
 GEMV_DEFAULT_CONFIG = KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1)
 GEMM_DEFAULT_CONFIG = KernelConfig.make(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
@@ -149,6 +252,12 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=32, GROUPS_PER_STEP=4, SPLIT_K=2),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=64, GROUPS_PER_STEP=2, SPLIT_K=2),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=64, GROUPS_PER_STEP=4, SPLIT_K=4),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=4, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
     ],
     "wo_gemm": [
         GEMM_DEFAULT_CONFIG,
@@ -156,6 +265,9 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=4, num_stages=4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         KernelConfig.make(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         KernelConfig.make(num_warps=8, num_stages=4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        # the swapped GEMM (quant_gemm): compiles to register-A wgmma with pipelined x loads on sm_90, not timed
+        # yet, so the measured kernel above stays the default
+        *(c.with_(SWAP_AB=1) for c in swapped.CANDIDATE_CONFIGS),
     ],
 }
 DEFAULT_CONFIGS = {"wo_gemv": GEMV_DEFAULT_CONFIG, "wo_gemm": GEMM_DEFAULT_CONFIG}
@@ -165,55 +277,23 @@ def _param(config: KernelConfig, name: str, kernel: str) -> int:
     return config.require(name, kernel)
 
 
-def _check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
-    if x.shape[-1] != qw.in_features:
-        raise LmforgeError(f"linear_weight_only: x has {x.shape[-1]} features but the weight expects "
-                           f"{qw.in_features}.")
-    if x.dtype not in SUPPORTED_ACTIVATIONS:
-        raise LmforgeError(f"linear_weight_only supports activations in {SUPPORTED_ACTIVATIONS}, got {x.dtype}; "
-                           "cast x first.")
-    gs = qw.group_size
-    if gs < 16 or gs & (gs - 1):
-        raise LmforgeError(f"the Triton weight-only kernels need a power-of-two group_size >= 16, got {gs}; "
-                           "use lmforge.ir.ops.quant_ref.linear_weight_only_ref or requantize with 32/64/128.")
-    tensors = {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros, "bias": bias}
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise LmforgeError(f"linear_weight_only: {name} is on {t.device} but x is on {x.device}; move the "
-                               "weight with QuantizedWeight.to(device).")
-    if bias is not None and tuple(bias.shape) != (qw.out_features,):
-        raise LmforgeError(f"linear_weight_only: bias must be [{qw.out_features}], got {list(bias.shape)}.")
-
-
-def _packed(qw: QuantizedWeight):
-    tensors = (qw.qweight, qw.scales, qw.zeros)
-    return tensors if all(t.is_contiguous() for t in tensors) else tuple(t.contiguous() for t in tensors)
-
-
-def _memoized(fn):
-    """functools.lru_cache, falling back to a plain call when an argument (a config) is not hashable."""
-    cached = functools.lru_cache(maxsize=1024)(fn)
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        try:
-            return cached(*args, **kwargs)
-        except TypeError:  # unhashable argument; a TypeError raised by fn itself is raised again below
-            return fn(*args, **kwargs)
-
-    return call
-
-
 @_memoized
-def gemv_plan(config: KernelConfig | None, n_groups: int) -> tuple[KernelConfig, int]:
+def gemv_plan(config: KernelConfig | None, n_groups: int,
+              words_per_group: int | None = None) -> tuple[KernelConfig, int]:
     """The GEMV config that really runs for a weight of `n_groups` groups per row, and groups per split.
 
     GROUPS_PER_STEP is halved until it divides the group count (so every program's range is a whole
     number of unrolled steps and needs no bounds check) and SPLIT_K is capped by the number of steps.
+    With WORD_TILES=1 and `words_per_group` (group_size * bits / 32) given, GROUPS_PER_STEP is first
+    raised to 32 * num_warps / words_per_group, so that every thread owns a word of the step's tile (with
+    fewer, threads hold copies and Triton converts layouts through shared memory in the loop).
     Cached: decode calls it once per token and layer, so it must cost nothing after the first time.
     """
     config = config or GEMV_DEFAULT_CONFIG
+    word_tiles = 1 if config.get("WORD_TILES", 0) else 0
     groups_per_step = max(1, _param(config, "GROUPS_PER_STEP", "wo_gemv"))
+    if word_tiles and words_per_group:
+        groups_per_step = max(groups_per_step, 32 * config.num_warps // words_per_group)
     while n_groups % groups_per_step:
         groups_per_step //= 2
     split_k = max(1, _param(config, "SPLIT_K", "wo_gemv"))
@@ -221,14 +301,17 @@ def gemv_plan(config: KernelConfig | None, n_groups: int) -> tuple[KernelConfig,
     split_k = triton.cdiv(n_groups, groups_per_split)
     plan = KernelConfig.make(num_warps=config.num_warps, num_stages=config.num_stages,
                              BLOCK_N=_param(config, "BLOCK_N", "wo_gemv"), GROUPS_PER_STEP=groups_per_step,
-                             SPLIT_K=split_k)
+                             SPLIT_K=split_k, WORD_TILES=word_tiles)
     return plan, groups_per_split
 
 
 @_memoized
 def gemm_plan(config: KernelConfig | None, group_size: int) -> KernelConfig:
-    """The GEMM config that really runs: BLOCK_K clamped to group_size, so one K step sees one group."""
+    """The GEMM config that really runs: BLOCK_K clamped to group_size, so one K step sees one group.
+    A config with SWAP_AB=1 runs the swapped kernel (quant_gemm.plan), and its plan keeps SWAP_AB=1."""
     config = config or GEMM_DEFAULT_CONFIG
+    if config.get("SWAP_AB", 0):
+        return swapped.plan(config, group_size).with_(SWAP_AB=1)
     return KernelConfig.make(num_warps=config.num_warps, num_stages=config.num_stages,
                              BLOCK_M=_param(config, "BLOCK_M", "wo_gemm"),
                              BLOCK_N=_param(config, "BLOCK_N", "wo_gemm"),
@@ -241,9 +324,11 @@ def wo_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = N
     """The GEMV kernel on x2 [M, K] (M <= GEMV_MAX_ROWS, last dim contiguous) -> [M, N] in x2's dtype."""
     m, k = x2.shape
     n = qw.out_features
-    plan, groups_per_split = gemv_plan(config, k // qw.group_size)
+    plan, groups_per_split = gemv_plan(config, k // qw.group_size, qw.group_size * qw.bits // 32)
     block_n, split_k = plan.get("BLOCK_N"), plan.get("SPLIT_K")
     qweight, scales, zeros = _packed(qw)
+    if plan.get("WORD_TILES") and qweight.data_ptr() % 4:
+        qweight = qweight.clone()  # word tiles read qweight as int32: its start must be 4-byte aligned
     out = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if split_k > 1 else \
         torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton.cdiv(n, block_n), split_k)
@@ -252,13 +337,16 @@ def wo_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = N
         n, k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), groups_per_split,
         BITS=qw.bits, GROUP_SIZE=qw.group_size, HAS_BIAS=bias is not None,
         BLOCK_M=m, BLOCK_N=block_n, GROUPS_PER_STEP=plan.get("GROUPS_PER_STEP"),
-        SPLIT_K=split_k, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        SPLIT_K=split_k, WORD_TILES=plan.get("WORD_TILES"), num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out.to(x2.dtype) if split_k > 1 else out
 
 
 def wo_gemm(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
             config: KernelConfig | None = None) -> torch.Tensor:
-    """The tiled GEMM kernel on x2 [M, K] (last dim contiguous) -> [M, N] in x2's dtype."""
+    """The tiled GEMM kernel on x2 [M, K] (last dim contiguous) -> [M, N] in x2's dtype (a config with
+    SWAP_AB=1: quant_gemm.wo_gemm_swapped)."""
+    if config is not None and config.get("SWAP_AB", 0):
+        return swapped.wo_gemm_swapped(x2, qw, bias, config)
     m, k = x2.shape
     n = qw.out_features
     plan = gemm_plan(config, qw.group_size)
@@ -298,12 +386,10 @@ def kernel_for_rows(m: int) -> str:
     return "wo_gemv" if m <= GEMV_MAX_ROWS else "wo_gemm"
 
 
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def aot_specs(activation: torch.dtype = torch.float16, group_size: int = 128, in_features: int = 4096,
               rows: int = 1) -> list:
-    """KernelSpecs (lmforge.backends.triton.aot) of the GEMV and GEMM kernels, int4 and int8, no bias.
+    """KernelSpecs (lmforge.backends.triton.aot) of the GEMV and GEMM kernels, int4 and int8, no bias, then
+    those of the swapped GEMM (quant_gemm.aot_specs, for configs with SWAP_AB=1).
 
     The GEMV specs are for `rows` rows (BLOCK_M = rows); scales are in the activation dtype.
     The GEMV output pointer has the activation dtype, as with SPLIT_K = 1 (the default); a split-K config
@@ -323,8 +409,9 @@ def aot_specs(activation: torch.dtype = torch.float16, group_size: int = 128, in
         specs.append(KernelSpec(
             f"wo_gemv_int{bits}_g{group_size}_{act}", _wo_gemv_kernel,
             {**pointers, **ints, "groups_per_split": "i32"}, {**fixed, "BLOCK_M": rows},
-            GEMV_DEFAULT_CONFIG, divisible, adapt=lambda c, g=n_groups: gemv_plan(c, g)[0]))
+            GEMV_DEFAULT_CONFIG, divisible,
+            adapt=lambda c, g=n_groups, w=group_size * bits // 32: gemv_plan(c, g, w)[0]))
         specs.append(KernelSpec(
             f"wo_gemm_int{bits}_g{group_size}_{act}", _wo_gemm_kernel, {**pointers, **ints, "M": "i32"}, fixed,
             GEMM_DEFAULT_CONFIG, divisible, adapt=lambda c, gs=group_size: gemm_plan(c, gs)))
-    return specs
+    return specs + swapped.aot_specs(activation, group_size, in_features)

@@ -5,8 +5,10 @@ start: it imports torch), so the templates are built together once, by a module-
 caches compiled kernels (~/.triton/cache), so later runs are faster still.
 """
 import json
+import re
 
 import pytest
+import torch
 import triton
 import triton.language as tl
 
@@ -65,6 +67,60 @@ def test_oversized_and_uncompilable_configs_are_pruned_with_reasons():
     assert list(reasons) == [huge, not_a_power_of_two]
     assert "shared memory" in reasons[huge] and "sm_90" in reasons[huge]
     assert reasons[not_a_power_of_two].startswith("does not compile")
+
+
+# The word-tile GEMV (quant_matmul, WORD_TILES=1) relies on its K loop having no layout conversion through
+# shared memory (a bar.sync per trip); GROUPS_PER_STEP=2 is raised by the plan to one word per thread.
+WORD_TILES = KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1, WORD_TILES=1)
+WORD_TILE_SPECS = {spec.name: spec for act in (torch.float16, torch.bfloat16, torch.float32)
+                   for spec in quant_matmul.aot_specs(act) if spec.name.startswith("wo_gemv")}
+
+
+def _loop_bodies(ptx: str) -> list[str]:
+    """The PTX of every loop: the lines from a label to a later branch back to it."""
+    lines, labels, bodies = ptx.splitlines(), {}, []
+    for i, line in enumerate(lines):
+        label = re.match(r"(\$L__BB\d+_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and branch.group(1) in labels:
+            bodies.append("\n".join(lines[labels[branch.group(1)]:i + 1]))
+    return bodies
+
+
+@pytest.fixture(scope="module")
+def word_tiles():
+    keys = [(name, arch) for name in ("wo_gemv_int4_g128_fp16", "wo_gemv_int8_g128_fp16", "wo_gemv_int4_g128_bf16")
+            for arch in ARCHS] + [("wo_gemv_int4_g128_fp32", "sm_90")]
+    results = aot.build_many(aot.spec_request(WORD_TILE_SPECS[name], arch, WORD_TILES) for name, arch in keys)
+    return dict(zip(keys, results))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name,groups_per_step,x_load", [
+    ("wo_gemv_int4_g128_fp16", 8, "ld.global.v4.b32"),      # the x values of one word: 8 halves, 16 bytes
+    ("wo_gemv_int8_g128_fp16", 4, "ld.global.v2.b32"),      # 4 halves
+    ("wo_gemv_int4_g128_bf16", 8, "ld.global.v4.b32"),
+])
+def test_word_tile_gemv_builds_with_a_barrier_free_k_loop(word_tiles, name, groups_per_step, x_load, arch):
+    binary = word_tiles[name, arch]
+    assert isinstance(binary, aot.KernelBinary), binary
+    constexprs = binary.metadata["constexprs"]
+    assert constexprs["WORD_TILES"] == 1 and constexprs["GROUPS_PER_STEP"] == groups_per_step  # 128 threads
+    assert aot.fits(aot.ResourceReport.of(binary), aot.ARCH_LIMITS[arch])
+    assert binary.metadata["spill_stores"] == binary.metadata["spill_loads"] == 0
+    [loop] = _loop_bodies(binary.ptx)                       # the K loop (rows M = 1)
+    assert "bar.sync" not in loop and "st.shared" not in loop
+    assert x_load in loop                                    # one vector load of x per thread and group
+    assert "bar.sync" in binary.ptx                          # the final cross-warp sum, after the loop
+
+
+def test_loop_check_sees_a_barrier_in_the_loop(word_tiles):
+    """fp32 activations give the x tile (32 bytes per thread) a layout of its own, converted in the loop."""
+    binary = word_tiles["wo_gemv_int4_g128_fp32", "sm_90"]
+    assert isinstance(binary, aot.KernelBinary), binary
+    assert any("bar.sync" in loop for loop in _loop_bodies(binary.ptx))
 
 
 @pytest.mark.parametrize("report,arch,expected", [

@@ -10,7 +10,7 @@ from lmforge.backends.triton.config import KernelConfig
 from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, GEMV_MAX_ROWS, gemm_plan, gemv_plan,
                                                   kernel_for_rows, linear_weight_only, wo_gemm, wo_gemv)
 from lmforge.errors import LmforgeError
-from lmforge.ir.ops.quant_ref import dequantize_weight, linear_weight_only_ref, quantize_weight
+from lmforge.ir.ops.quant_ref import QuantizedWeight, dequantize_weight, linear_weight_only_ref, quantize_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -73,6 +73,70 @@ def test_split_k_accumulates_all_groups():
     for split_k in (3, 64):
         config = KernelConfig.make(BLOCK_N=16, GROUPS_PER_STEP=4, SPLIT_K=split_k)
         _assert_matches_reference(wo_gemv(x, qw, None, config), x, qw, None)
+
+
+# Word tiles (WORD_TILES=1): (bits, group_size, rows M, activations, bias, symmetric, BLOCK_N, SPLIT_K).
+# N = 36 is not a multiple of any BLOCK_N (the last program clamps its rows), K = 256.
+WORD_TILE_CASES = [
+    (4, 32, 1, torch.float16, False, False, 8, 1),
+    (4, 64, 2, torch.float16, True, True, 4, 1),
+    (4, 128, 3, torch.float16, True, False, 16, 1),
+    (4, 128, 1, torch.bfloat16, True, False, 8, 1),
+    (4, 64, 3, torch.bfloat16, False, True, 8, 2),
+    (4, 32, 2, torch.float32, True, False, 4, 3),
+    (4, 128, 1, torch.float32, False, True, 8, 2),
+    (8, 32, 1, torch.float16, True, False, 8, 1),
+    (8, 64, 2, torch.bfloat16, False, False, 4, 2),
+    (8, 128, 3, torch.float32, True, True, 8, 1),
+]
+
+
+@pytest.mark.parametrize("bits,group_size,m,dtype,bias,symmetric,block_n,split_k", WORD_TILE_CASES)
+def test_word_tile_gemv_matches_reference(bits, group_size, m, dtype, bias, symmetric, block_n, split_k):
+    x, qw, b = _problem(36, 256, m, bits, group_size, symmetric, dtype, seed=11 * m + group_size + bits, bias=bias)
+    config = KernelConfig.make(num_warps=4, BLOCK_N=block_n, GROUPS_PER_STEP=2, SPLIT_K=split_k, WORD_TILES=1)
+    y = wo_gemv(x, qw, b, config)
+    _assert_matches_reference(y, x, qw, b)
+    # the same numbers as the byte-tile kernel up to fp32 rounding: both sum the same products
+    y_bytes = wo_gemv(x, qw, b, config.with_(WORD_TILES=0))
+    torch.testing.assert_close(y.float(), y_bytes.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_word_tiles_cover_extreme_codes_and_zeros():
+    """Codes 0 and 15 / 255 and zero points at both ends: the mantissa trick must stay exact at the edges."""
+    g = torch.Generator().manual_seed(12)
+    for bits in (4, 8):
+        x, qw, _ = _problem(16, 128, 1, bits, 32, False, torch.float32, seed=13)
+        top = (1 << bits) - 1
+        codes = torch.randint(0, 2, (16, 128), generator=g) * top                    # only 0 and the top code
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4) if bits == 4 else codes
+        zeros = torch.randint(0, 2, qw.zeros.shape, generator=g) * top
+        qw = QuantizedWeight(packed.to(torch.uint8).to(DEVICE), qw.scales, zeros.to(torch.uint8).to(DEVICE), bits, 32,
+                             qw.shape)
+        config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=1)
+        _assert_matches_reference(wo_gemv(x, qw, None, config), x, qw, None)
+
+
+def test_word_tiles_read_a_qweight_that_starts_off_a_word_boundary():
+    x, qw, _ = _problem(12, 64, 1, 4, 32, False, torch.float16, seed=14)
+    storage = torch.zeros(qw.qweight.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    shifted = storage[1:].view(qw.qweight.shape)                                   # contiguous, data_ptr % 4 == 1
+    shifted.copy_(qw.qweight)
+    qw_shifted = QuantizedWeight(shifted, qw.scales, qw.zeros, 4, 32, qw.shape)
+    config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=2, SPLIT_K=1, WORD_TILES=1)
+    _assert_matches_reference(wo_gemv(x, qw_shifted, None, config), x, qw_shifted, None)
+
+
+def test_gemv_plan_gives_word_tiles_a_word_per_thread():
+    words = KernelConfig.make(num_warps=4, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1, WORD_TILES=1)
+    plan, per_split = gemv_plan(words, n_groups=64, words_per_group=16)          # int4, group 128
+    assert plan.get("GROUPS_PER_STEP") == 8 and plan.get("WORD_TILES") == 1 and per_split == 64
+    assert gemv_plan(words, n_groups=64, words_per_group=4)[0].get("GROUPS_PER_STEP") == 32  # int4, group 32
+    assert gemv_plan(words, n_groups=12, words_per_group=4)[0].get("GROUPS_PER_STEP") == 4   # must divide 12
+    assert gemv_plan(words, n_groups=64)[0].get("GROUPS_PER_STEP") == 2           # no word count: as configured
+    byte_plan = gemv_plan(words.with_(WORD_TILES=0), n_groups=64, words_per_group=16)[0]
+    assert byte_plan.get("GROUPS_PER_STEP") == 2 and byte_plan.get("WORD_TILES") == 0
+    assert gemv_plan(None, 32)[0].get("WORD_TILES") == 0                          # the default: byte tiles
 
 
 def test_gemv_plan_keeps_steps_whole_and_gemm_plan_clamps_block_k():
