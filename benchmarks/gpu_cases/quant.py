@@ -2,8 +2,9 @@
 
 Baseline: cuBLAS fp16 through torch.nn.functional.linear with the dequantized fp16 weight, i.e. what runs
 if the weight is not kept quantized. Weights W [N, K] (out x in), group size 128, fp16 activations.
-The config of each lmforge kernel is picked by a quick measurement over its CANDIDATE_CONFIGS (named in
-the note), unless --quick, which keeps the default config.
+The config of each lmforge kernel is picked by a quick measurement over its CANDIDATE_CONFIGS of one design
+(named in the note; one row per design), unless --quick, which keeps the default config (or the design's
+first).
 """
 from __future__ import annotations
 
@@ -26,17 +27,25 @@ def _weight_bytes(n: int, k: int, bits: int) -> int:
     return n * k * bits // 8 + n * groups * (2 + 1)  # codes + fp16 scales + uint8 zeros
 
 
-def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.Generator) -> dict:
+# Each kernel's candidates by design, so the table shows both designs' best: the measured byte-tile GEMV and
+# tiled GEMM (the defaults), and the word-tile GEMV / swapped GEMM, chosen from their compiled code, not timed yet.
+DESIGNS = {"wo_gemv": {"byte tiles": lambda c: not c.get("WORD_TILES", 0), "word tiles": lambda c: c.get("WORD_TILES", 0)},
+           "wo_gemm": {"tiled": lambda c: not c.get("SWAP_AB", 0), "swapped": lambda c: c.get("SWAP_AB", 0)}}
+
+
+def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.Generator, design: str) -> dict:
     w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
     qw = quantize_weight(w.half(), bits, GROUP_SIZE, symmetric=True)
     del w
     x = torch.randn(m, k, device="cuda", generator=gen).half()
     w_fp16 = dequantize_weight(qw, torch.float16)
     kernel_name = kernel_for_rows(m)
-    configs = [DEFAULT_CONFIGS[kernel_name]] if quick else CANDIDATE_CONFIGS[kernel_name]
+    configs = [c for c in CANDIDATE_CONFIGS[kernel_name] if DESIGNS[kernel_name][design](c)]
+    if quick:
+        configs = [DEFAULT_CONFIGS[kernel_name]] if DEFAULT_CONFIGS[kernel_name] in configs else configs[:1]
     config, kernel = pick_fastest(lambda c: (lambda: linear_weight_only(x, qw, None, c)), configs)
     return {
-        "name": f"quant/int{bits}_{kind}_M{m}_N{n}_K{k}",
+        "name": f"quant/int{bits}_{kind}_M{m}_N{n}_K{k}/{design.replace(' ', '_')}",
         "kernel": kernel,
         "reference": lambda: linear_weight_only_ref(x, qw),
         "baseline": lambda: F.linear(x, w_fp16),
@@ -53,8 +62,10 @@ def cases(quick: bool) -> list[dict]:
     out = []
     for bits in (4, 8):
         for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
-            out.append(_case("gemv", bits, n, k, 1, quick, gen))
+            for design in DESIGNS["wo_gemv"]:
+                out.append(_case("gemv", bits, n, k, 1, quick, gen, design))
     for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
         for m in GEMM_ROWS:
-            out.append(_case("gemm", 4, n, k, m, quick, gen))
+            for design in DESIGNS["wo_gemm"]:
+                out.append(_case("gemm", 4, n, k, m, quick, gen, design))
     return out

@@ -166,6 +166,68 @@ def test_an_oversized_config_falls_back_to_the_default_with_a_note(decode):
     assert index["failed"] == {} and len(index["nodes"]) == 9
 
 
+def _triton_files(path, target):
+    base = path / f"kernels/{target}/triton"
+    return {p.name: p.read_bytes() for p in base.iterdir()}
+
+
+# What Triton's CUDA launcher (CudaLauncher) and CompiledKernel read from the metadata, on 3.6 as on 3.9: an
+# artifact exported under one Triton version is loaded on the GPU machine under another (3.6 there).
+LAUNCH_FIELDS = ("name", "target", "num_warps", "num_ctas", "shared", "global_scratch_size", "global_scratch_align",
+                 "profile_scratch_size", "profile_scratch_align", "launch_cooperative_grid", "launch_pdl")
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_cubin_kernels_rebuild_tritons_compiled_kernel_up_to_the_driver(monkeypatch, artifact, target):
+    """load_kernels rebuilds each kernel's triton CompiledKernel from the artifact's files (metadata, source,
+    cubin) and loads it on the device at once; only that device load (_init_handles) is stubbed here."""
+    from triton.compiler.compiler import CompiledKernel
+
+    loaded = []
+    monkeypatch.setattr(CompiledKernel, "_init_handles", lambda self: loaded.append(self.name))
+    index = _index(artifact, target)
+    files = _triton_files(artifact, target)
+    backend = ak.load_kernels(index, files, f"kernels/{target}/triton")
+    assert sorted(backend.kernels) == sorted(index["kernels"])
+    for name, kernel in backend.kernels.items():
+        meta = json.loads(files[f"{name}.json"])["metadata"]
+        compiled = kernel.compiled
+        assert compiled.name == meta["entry"] and compiled.kernel == files[f"{name}.cubin"]
+        assert compiled.metadata.target.arch == int(TARGETS[target][3:])
+        assert (compiled.metadata.num_warps, compiled.metadata.shared) == (meta["num_warps"], meta["shared"])
+        assert [f for f in LAUNCH_FIELDS if not hasattr(compiled.metadata, f)] == []
+        src = compiled.src                   # what the launcher derives the argument layout from
+        assert list(src.fn.arg_names) == meta["arg_names"]
+        assert {k: v for k, v in src.signature.items() if v != "constexpr"} == meta["signature"]
+        assert all(src.signature[k] == "constexpr" for k in meta["constexprs"])
+    assert sorted(loaded) == sorted(json.loads(files[f"{n}.json"])["metadata"]["entry"] for n in index["kernels"])
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_cubins_the_driver_refuses_fall_back_to_the_reference_or_raise(monkeypatch, artifact, required):
+    """A cubin the GPU's driver or Triton runtime will not load (another Triton or CUDA version, arch, resources):
+    kernels='auto' warns and runs the reference; kernels='required' raises with the Triton version it was built
+    with."""
+    from triton.compiler.compiler import CompiledKernel
+
+    from lmforge.artifact import _load_cubins
+
+    def refuse(self):
+        raise RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+
+    monkeypatch.setattr(CompiledKernel, "_init_handles", refuse)
+    data = {f"kernels/h100/triton/{n}": b for n, b in _triton_files(artifact, "h100").items()}
+    built_with = f"built with Triton {_index(artifact, 'h100')['triton_version']}"
+    if required:
+        with pytest.raises(LmforgeError, match="UNSUPPORTED_PTX_VERSION") as info:
+            _load_cubins("kernels/h100/triton", data, True)
+        assert built_with in str(info.value) and "Export the artifact again" in str(info.value)
+    else:
+        with pytest.warns(UserWarning, match="torch reference runs instead") as caught:
+            assert _load_cubins("kernels/h100/triton", data, False) is None
+        assert built_with in str(caught[0].message)
+
+
 # ---- the launch path, up to the launch ---------------------------------------------------------------------
 
 class _Recorder:
@@ -232,21 +294,35 @@ def test_row_kernels_launch_like_the_jit_launcher(monkeypatch, decode):
     _check_against_jit(jit, variant, ls.spec_for(swiglu).call(swiglu, {}, g, u, kind="swiglu"))
 
 
+QUANT_CONFIGS = {
+    "default": {},
+    "byte_tiles_split": {"wo_gemv": KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=32, GROUPS_PER_STEP=1,
+                                                      SPLIT_K=2)},
+    "word_tiles_split": {"wo_gemv": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8,
+                                                      SPLIT_K=2, WORD_TILES=1)},
+    "swapped_gemm_split": {"wo_gemm": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, BLOCK_M=16,
+                                                        BLOCK_K=32, SPLIT_K=2, SWAP_AB=1)},
+}
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
-@pytest.mark.parametrize("gemv_config", [None, KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=32,
-                                                                 GROUPS_PER_STEP=1, SPLIT_K=2)])
-def test_quantized_linear_launches_like_the_jit_launcher(monkeypatch, int4_decode, rows, gemv_config):
-    """GEMV for 1-4 rows (BLOCK_M = rows; split-K into an fp32 workspace), GEMM beyond, on the lm head (N = 37)."""
+@pytest.mark.parametrize("configs", sorted(QUANT_CONFIGS))
+def test_quantized_linear_launches_like_the_jit_launcher(monkeypatch, int4_decode, rows, configs):
+    """GEMV for 1-4 rows (BLOCK_M = rows; byte or word tiles; split-K into an fp32 workspace), GEMM beyond (the
+    tiled or the swapped kernel, which may split K too), on the lm head (N = 37)."""
+    from lmforge.backends.triton import quant_gemm
+
+    configs = QUANT_CONFIGS[configs]
     node = [n for n in int4_decode.graph.nodes if n.op == "linear_wo"][-1]
     weights = int4_decode.weights
     qweight, scales, zeros = (weights[v.name] for v in node.inputs[1:4])
     x = torch.randn(rows, 1, node.inputs[0].type.shape[-1])
-    configs = {"wo_gemv": gemv_config} if gemv_config else {}
     variants = {v.key: v for v in ls.spec_for(node).variants(node, configs)}
     assert sorted(variants) == ["wo_gemm", "wo_gemv.m1", "wo_gemv.m2", "wo_gemv.m3", "wo_gemv.m4"]
     run = TritonBackend(configs).claim(node, "cuda").fn
-    kernel = "_wo_gemv_kernel" if rows <= qm.GEMV_MAX_ROWS else "_wo_gemm_kernel"
-    jit = _jit_call(monkeypatch, qm, kernel, lambda: run(x, qweight, scales, zeros, **node.attr))
+    module, kernel = (qm, "_wo_gemv_kernel") if rows <= qm.GEMV_MAX_ROWS else \
+        (quant_gemm, "_wo_gemm_swapped_kernel") if "wo_gemm" in configs else (qm, "_wo_gemm_kernel")
+    jit = _jit_call(monkeypatch, module, kernel, lambda: run(x, qweight, scales, zeros, **node.attr))
     built = {k: ls.Built(v.config, v.static) for k, v in variants.items()}
     call = ls.spec_for(node).call(node, built, x, qweight, scales, zeros, **node.attr)
     _check_against_jit(jit, variants[call.launches[0].variant], call)
