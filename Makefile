@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CPU_TORCH := torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-triton36 gpu-export install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,5 +24,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
+# What benchmarks/gpu_check.py needs from this machine on a GPU machine without TVM: TVM's CUDA kernels for sm_90
+# with their inputs and reference outputs (carry .gpu_export to the GPU run).
+gpu-export: $(STAMP)
+	TVM_NUM_THREADS=1 $(PY) -m lmforge.backends.tvm.gpu_check export .gpu_export/tvm --arch sm_90
+
+# The Triton tests again under Triton 3.6, the version of the GPU machines this project is lent (by hand, not
+# in CI: it downloads a second Triton). Its interpreter needs numpy < 2.4 (it int()s 1-element arrays).
+VENV36 := .venv-triton36
+test-triton36:
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VENV36)/bin/python -m pip install -q $(CPU_TORCH); fi
+	$(VENV36)/bin/python -m pip install -q 'triton==3.6.0' 'numpy<2.4'
+	$(VENV36)/bin/python -m pip install -q -e '.[test]' 'triton==3.6.0' 'numpy<2.4'
+	$(VENV36)/bin/python -m pytest -n 2 tests/backends/triton tests/export/test_triton_kernels.py \
+		tests/export/test_kernel_files.py tests/search/test_kernel_knobs.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV36) build *.egg-info

@@ -1,15 +1,15 @@
-"""Check and time lmforge's Triton kernels on the CUDA GPU at hand, against exact references and baselines.
+"""Check and time lmforge's Triton and TVM kernels on the CUDA GPU at hand, against exact references and baselines.
 
     python benchmarks/gpu_check.py [--quick] [--only SUBSTRING]
 
 Runs from a plain checkout (the repo root goes on sys.path; nothing is installed). For every case of
-benchmarks/gpu_cases/{attention,quant,norms,artifact}.py: run the kernel and the reference, check allclose and the
-relative L2 error, then time kernel and baseline with triton.testing.do_bench (median) and report
-speedup = baseline / kernel; then time both again as pure GPU time (CUDA graphs, cold L2: see
-gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and TFLOP/s from the GPU time
-(and the share of the GPU's memory bandwidth when the GPU is known). A module that fails to import or a
-case that raises becomes an error row; the run goes on. Prints a versions header, then a Markdown table last; with $OUT set, also writes gpu_check.md and
-gpu_check.json there. Without a CUDA GPU it says so and exits 0.
+benchmarks/gpu_cases/{attention,quant,norms,artifact,tvm}.py: run the kernel and the reference, check allclose and
+the relative L2 error, then time kernel and baseline (where the case has one; else "-" cells) with
+triton.testing.do_bench (median) and report speedup = baseline / kernel; then time both again as pure GPU time
+(CUDA graphs, cold L2: see gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and TFLOP/s
+from the GPU time (and the share of the GPU's memory bandwidth when the GPU is known). A module that fails to
+import or a case that raises becomes an error row; the run goes on. Prints a versions header, then a Markdown table
+last; with $OUT set, also writes gpu_check.md and gpu_check.json there. Without a CUDA GPU it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CASE_MODULES = ("attention", "quant", "norms", "artifact")
+CASE_MODULES = ("attention", "quant", "norms", "artifact", "tvm")
 # Peak HBM bandwidth (bytes/s) by device-name fragment, from NVIDIA's datasheets.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
                   "A100-SXM4-80GB": 2.04e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12}
@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer shapes, default configs, shorter timing")
     parser.add_argument("--only", metavar="SUBSTRING", default=None,
                         help="run only the cases (or case modules) whose name contains SUBSTRING")
+    parser.add_argument("--sweep-budget", metavar="SECONDS", type=float, default=180.0,
+                        help="after this many seconds, stop sweeping candidate configs (each case then runs its "
+                             "first candidate, usually the default); default 180")
     return parser.parse_args(argv)
 
 
@@ -76,7 +79,8 @@ def load_cases(quick: bool, only: str | None) -> list[dict]:
 
 
 def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
-    """Run one case: correctness against the reference, then median times of kernel and baseline."""
+    """Run one case: correctness against the reference, then median times of kernel and baseline (a case
+    without a `baseline` gets None for the baseline times and speedups)."""
     import torch
     import triton.testing
 
@@ -90,16 +94,20 @@ def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
     row["ok"] = bool(torch.allclose(out.float(), ref.float(), rtol=case["rtol"], atol=case["atol"]))
     warmup, rep = TIMING[quick]
     row["kernel_ms"] = triton.testing.do_bench(case["kernel"], warmup=warmup, rep=rep, return_mode="median")
-    row["baseline_ms"] = triton.testing.do_bench(case["baseline"], warmup=warmup, rep=rep, return_mode="median")
-    row["speedup"] = row["baseline_ms"] / row["kernel_ms"]
+    baseline = case.get("baseline")
+    row["baseline_ms"] = row["speedup"] = row["baseline_graph_ms"] = row["graph_speedup"] = None
+    if baseline is not None:
+        row["baseline_ms"] = triton.testing.do_bench(baseline, warmup=warmup, rep=rep, return_mode="median")
+        row["speedup"] = row["baseline_ms"] / row["kernel_ms"]
     # GPU-only times (CUDA graphs, cold L2): do_bench above includes Python launch time where it exceeds
     # do_bench's cache flush, which hides fast kernels (a batch-1 GEMV) behind their launcher.
     try:
         from benchmarks.gpu_cases import graph_time_ms
 
         row["kernel_graph_ms"] = graph_time_ms(case["kernel"])
-        row["baseline_graph_ms"] = graph_time_ms(case["baseline"])
-        row["graph_speedup"] = row["baseline_graph_ms"] / row["kernel_graph_ms"]
+        if baseline is not None:
+            row["baseline_graph_ms"] = graph_time_ms(baseline)
+            row["graph_speedup"] = row["baseline_graph_ms"] / row["kernel_graph_ms"]
     except Exception as exc:  # noqa: BLE001 - e.g. a kernel that cannot be captured; do_bench still stands
         row["kernel_graph_ms"] = row["baseline_graph_ms"] = row["graph_speedup"] = None
         row["note"] = f"{row['note']} (no graph timing: {type(exc).__name__})".strip()
@@ -110,10 +118,10 @@ def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
     return row
 
 
-def _fmt(value, spec: str) -> str:
+def _fmt(value, spec: str, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return format(value, spec)
+    return format(value, spec) + unit
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -127,9 +135,10 @@ def markdown_table(rows: list[dict]) -> str:
         util = None if r.get("bw_util") is None else 100 * r["bw_util"]
         lines.append(
             f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {_fmt(r['max_abs_err'], '.2e')} | "
-            f"{_fmt(r['rel_l2'], '.2e')} | {_fmt(r['kernel_ms'], '.4f')} | {r['baseline_name']} | "
-            f"{_fmt(r['baseline_ms'], '.4f')} | {_fmt(r['speedup'], '.2f')}x | {_fmt(r['kernel_graph_ms'], '.4f')} | "
-            f"{_fmt(r['baseline_graph_ms'], '.4f')} | {_fmt(r['graph_speedup'], '.2f')}x | {_fmt(r['gb_s'], '.0f')} | "
+            f"{_fmt(r['rel_l2'], '.2e')} | {_fmt(r['kernel_ms'], '.4f')} | {r.get('baseline_name') or '-'} | "
+            f"{_fmt(r.get('baseline_ms'), '.4f')} | {_fmt(r.get('speedup'), '.2f', 'x')} | "
+            f"{_fmt(r['kernel_graph_ms'], '.4f')} | {_fmt(r.get('baseline_graph_ms'), '.4f')} | "
+            f"{_fmt(r.get('graph_speedup'), '.2f', 'x')} | {_fmt(r['gb_s'], '.0f')} | "
             f"{_fmt(util, '.0f')} | {_fmt(r['tflop_s'], '.2f')} | {r['note']} |")
     return "\n".join(lines)
 
@@ -148,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"- {key}: {value}")
     print(f"- peak memory bandwidth: {peak / 1e12:.2f} TB/s" if peak else "- peak memory bandwidth: unknown GPU")
     started = time.time()
+    from benchmarks.gpu_cases import SWEEP
+
+    SWEEP["deadline"] = started + args.sweep_budget
     rows = []
     for case in load_cases(args.quick, args.only):
         if "error" in case:
@@ -162,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{'error' if 'error' in row else 'ok' if row['ok'] else 'MISMATCH'}] {case['name']} "
               f"({time.time() - started:.0f}s)", flush=True)
     table = markdown_table(rows)
+    print(f"- total {time.time() - started:.0f} s; candidate sweeps cut short by --sweep-budget "
+          f"({args.sweep_budget:.0f} s): {SWEEP['cut']}")
     print()
     print(table)
     out_dir = os.environ.get("OUT")

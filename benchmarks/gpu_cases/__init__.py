@@ -60,12 +60,23 @@ def graph_time_ms(fn, reps: int = 20, trials: int = 5, flush_mb: int = 128) -> f
     return max(statistics.median(diffs), 1e-6)
 
 
+# Wall-clock time (time.time()) after which pick_fastest stops sweeping and takes each list's first config, so
+# that a whole gpu_check run fits a short GPU lease; gpu_check sets it (--sweep-budget) and reports the cuts.
+SWEEP = {"deadline": None, "cut": 0}
+
+
 def pick_fastest(make_kernel, configs, reps: int = 10, trials: int = 3):
     """The (config, kernel) of `configs` whose kernel `make_kernel(config)` runs fastest (`graph_time_ms`).
 
     A config that raises (does not compile, runs out of resources) is skipped, as Triton's autotuner
     does; if every config fails, the first config's kernel is returned so the case reports the error.
+    Past SWEEP["deadline"] only the first config is tried (counted in SWEEP["cut"]).
     """
+    import time
+
+    if SWEEP["deadline"] is not None and time.time() > SWEEP["deadline"] and len(configs) > 1:
+        SWEEP["cut"] += 1
+        configs = configs[:1]
     best = None
     for config in configs:
         kernel = make_kernel(config)

@@ -9,6 +9,9 @@ beside it is the fallback where NVRTC is missing), allocate the inputs (DIR/tens
 scratch buffers on the GPU, launch every kernel in order with cuLaunchKernel, and compare the outputs with
 the torch reference (allclose, max abs error). Then time the whole case with CUDA events. Prints a table and
 writes runner.json to $OUT when it is set. Exits 0 without a GPU.
+
+`prepare_case` is the reusable part (compile, load and allocate once; `launch_all()` on torch's current
+stream): benchmarks/gpu_cases/tvm.py builds benchmarks/gpu_check.py's cases from it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 PRELUDE = """typedef signed char int8_t; typedef unsigned char uint8_t; typedef short int16_t;
 typedef unsigned short uint16_t; typedef int int32_t; typedef unsigned int uint32_t;
@@ -110,6 +114,13 @@ class Driver:
             funcs[name] = fn
         return funcs
 
+    def current_stream(self) -> int:
+        """torch's current CUDA stream, read at each call: inside `torch.cuda.graph(...)` it is the capture
+        stream, so launches made there are captured into the graph."""
+        import torch
+
+        return torch.cuda.current_stream().cuda_stream
+
     def launch(self, fn, grid, block, args: list, stream: int) -> None:
         holders = [ctypes.c_void_p(a) if isinstance(a, PtrArg) else ctypes.c_int(a) for a in args]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
@@ -121,49 +132,97 @@ class PtrArg(int):
     """A device pointer argument (an int subclass, to tell it from int size arguments)."""
 
 
-def run_case(name: str, case: dict, tensors: dict, source_dir: Path, drv: Driver, nvrtc, arch: str,
-             repeat: int) -> dict:
+RTOL = ATOL = 1e-4  # the exported kernels compute in fp32, as the torch reference does
+
+
+class PreparedCase(NamedTuple):
+    """One exported case compiled, loaded and allocated on the GPU, ready to launch any number of times."""
+
+    launch_all: Callable[[], None]  # launches every kernel of the case in order on torch's current stream
+    outputs: dict                   # output buffer name -> device tensor the kernels write
+    expected: dict                  # output buffer name -> the torch reference, on the same device
+    compiled_with: str              # "nvrtc" (source compiled here) or "ptx" (nvcc's PTX from the export)
+    kernels: int
+    buffers: dict                   # every buffer (inputs, outputs, scratch) by name: alive as long as this is
+
+
+def compile_case(case: dict, source_dir: Path, nvrtc, arch: str) -> tuple[bytes, str]:
+    """(module image, "nvrtc" | "ptx"): the case's source through NVRTC, else the .ptx exported beside it."""
+    source_file = Path(source_dir) / case["file"]
+    if nvrtc is not None:
+        return nvrtc_compile(nvrtc, strip_rtc_prelude(source_file.read_text()), arch), "nvrtc"
+    return source_file.with_suffix(".ptx").read_bytes() + b"\0", "ptx"
+
+
+def allocate_buffers(case: dict, tensors: dict, device: str = "cuda") -> dict:
+    """Buffer name -> tensor on `device`: inputs copied from `tensors`, outputs filled with NaN (so an element
+    no kernel writes shows up), scratch zeroed."""
     import torch
 
-    source = (source_dir / case["file"]).read_text()
-    entries = [k["entry"] for k in case["kernels"]]
-    if nvrtc is not None:
-        image, how = nvrtc_compile(nvrtc, strip_rtc_prelude(source), arch), "nvrtc"
-    else:
-        image, how = (source_dir / case["file"]).with_suffix(".ptx").read_bytes() + b"\0", "ptx"
-    funcs = drv.load(image, entries)
     dev = {}
     scratch_numel = max([_numel(b["shape"]) for b in case["buffers"].values() if b["role"] == "scratch"] or [0])
     for buf, spec in case["buffers"].items():
         if spec["role"] == "input":
-            dev[buf] = tensors["inputs"][buf].cuda()
+            dev[buf] = tensors["inputs"][buf].to(device).contiguous()  # kernels index it densely
         elif spec["role"] == "output":
-            dev[buf] = torch.full(spec["shape"], float("nan"), device="cuda").to(getattr(torch, spec["dtype"][6:]))
+            dev[buf] = torch.full(spec["shape"], float("nan"), device=device).to(_dtype(spec["dtype"]))
         else:  # TVM may pack several scratch buffers into one: give each the largest size
-            dev[buf] = torch.zeros(scratch_numel, dtype=getattr(torch, spec["dtype"][6:]), device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
+            dev[buf] = torch.zeros(scratch_numel, dtype=_dtype(spec["dtype"]), device=device)
+    return dev
 
-    def launch_all():
-        for k in case["kernels"]:
-            args = [PtrArg(dev[p[1]].data_ptr()) if p[0] == "ptr" else int(p[2]) for p in k["params"]]
-            drv.launch(funcs[k["entry"]], k["grid"], k["block"], args, stream)
 
-    launch_all()
+def kernel_args(kernel: dict, dev: dict) -> list:
+    """The launch arguments of one kernel of cases.json: PtrArg(data_ptr) per buffer, int per size."""
+    return [PtrArg(dev[p[1]].data_ptr()) if p[0] == "ptr" else int(p[2]) for p in kernel["params"]]
+
+
+def prepare_case(case: dict, tensors: dict, source_dir: Path, drv: Driver, nvrtc, arch: str,
+                 device: str = "cuda") -> PreparedCase:
+    """Compile and load the case's kernels once and allocate its buffers once; `launch_all()` then runs
+    every kernel in order on the stream current at that call (so it can be captured in a CUDA graph)."""
+    image, how = compile_case(case, source_dir, nvrtc, arch)
+    funcs = drv.load(image, [k["entry"] for k in case["kernels"]])
+    dev = allocate_buffers(case, tensors, device)
+    launches = [(funcs[k["entry"]], k["grid"], k["block"], kernel_args(k, dev)) for k in case["kernels"]]
+
+    def launch_all(buffers=dev) -> None:  # holds `dev`: the launches point into its tensors
+        stream = drv.current_stream()
+        for fn, grid, block, args in launches:
+            drv.launch(fn, grid, block, args, stream)
+
+    outputs = {buf: dev[buf] for buf, spec in case["buffers"].items() if spec["role"] == "output"}
+    expected = {buf: want.to(device) for buf, want in tensors["expected"].items()}
+    return PreparedCase(launch_all, outputs, expected, how, len(launches), dev)
+
+
+def run_case(name: str, case: dict, tensors: dict, source_dir: Path, drv: Driver, nvrtc, arch: str,
+             repeat: int) -> dict:
+    import torch
+
+    prepared = prepare_case(case, tensors, source_dir, drv, nvrtc, arch)
+    prepared.launch_all()
     torch.cuda.synchronize()
-    result = {"compiled_with": how, "kernels": len(entries), "ok": True, "max_abs_err": 0.0}
-    for buf, want in tensors["expected"].items():
-        got = dev[buf].cpu()
+    result = {"compiled_with": prepared.compiled_with, "kernels": prepared.kernels, "ok": True, "max_abs_err": 0.0}
+    for buf, want in prepared.expected.items():
+        got, want = prepared.outputs[buf].cpu(), want.cpu()
         err = float((got.double() - want.double()).abs().nan_to_num(float("inf")).max()) if want.numel() else 0.0
         result["max_abs_err"] = max(result["max_abs_err"], err)
-        result["ok"] &= bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4, equal_nan=True))
+        result["ok"] &= bool(torch.allclose(got, want, rtol=RTOL, atol=ATOL, equal_nan=True))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeat):
-        launch_all()
+        prepared.launch_all()
     end.record()
     torch.cuda.synchronize()
     result["us_per_call"] = start.elapsed_time(end) * 1e3 / repeat
     return result
+
+
+def _dtype(name: str):
+    """torch dtype of a cases.json dtype string ("torch.float32")."""
+    import torch
+
+    return getattr(torch, name.removeprefix("torch."))
 
 
 def _numel(shape) -> int:
