@@ -26,8 +26,13 @@ test: $(STAMP)
 
 # What benchmarks/gpu_check.py needs from this machine on a GPU machine without TVM: TVM's CUDA kernels for sm_90
 # with their inputs and reference outputs (carry .gpu_export to the GPU run).
+# Also the wheels (Python 3.12, x86_64) of what the artifact cases need beyond torch; gpu_check extracts those the
+# GPU machine lacks to a temporary directory (nothing is installed there).
+GPU_WHEELS := onnx protobuf ml_dtypes safetensors
 gpu-export: $(STAMP)
 	TVM_NUM_THREADS=1 $(PY) -m lmforge.backends.tvm.gpu_check export .gpu_export/tvm --arch sm_90
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform manylinux2014_x86_64 -d .gpu_export/wheels $(GPU_WHEELS)
 
 # The Triton tests again under Triton 3.6, the version of the GPU machines this project is lent (by hand, not
 # in CI: it downloads a second Triton). Its interpreter needs numpy < 2.4 (it int()s 1-element arrays).

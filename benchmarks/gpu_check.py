@@ -186,6 +186,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Import names of the carried distributions whose name differs from their import name.
+IMPORT_NAMES = {"protobuf": "google.protobuf"}
+
+
+def use_carried_wheels(wheel_dir: Path = REPO_ROOT / ".gpu_export" / "wheels") -> list[str]:
+    """Make importable the wheels `make gpu-export` put in .gpu_export/wheels (onnx, safetensors, ...: what the
+    artifact cases need and a bare GPU machine with torch lacks), for the packages not importable here: each is
+    extracted to a temporary directory put first on sys.path. Nothing is installed. Returns the wheels used."""
+    import importlib.util
+    import tempfile
+    import zipfile
+
+    if not wheel_dir.is_dir():
+        return []
+    site, used = Path(tempfile.mkdtemp(prefix="lmforge-gpu-site-")), []
+    for wheel in sorted(wheel_dir.glob("*.whl")):
+        distribution = wheel.name.split("-")[0]
+        try:
+            present = importlib.util.find_spec(IMPORT_NAMES.get(distribution, distribution)) is not None
+        except (ImportError, ValueError):
+            present = False
+        if not present:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
+            used.append(wheel.name)
+    if used:
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
+    return used
+
+
 def import_lmforge_from_checkout() -> None:
     """Make `lmforge` importable from the checkout; if its package __init__ needs a dependency this machine
     lacks, register the package without running __init__, since the kernels themselves need only torch
@@ -207,6 +238,9 @@ def import_lmforge_from_checkout() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    carried = use_carried_wheels()
+    if carried:
+        print(f"- using carried wheels (not installed): {', '.join(carried)}")
     import_lmforge_from_checkout()
     return run(args)
 
