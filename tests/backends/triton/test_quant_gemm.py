@@ -13,29 +13,11 @@ from lmforge.backends.triton import aot, quant_gemm
 from lmforge.backends.triton.config import KernelConfig
 from lmforge.backends.triton.quant_gemm import CANDIDATE_CONFIGS, DEFAULT_CONFIG, plan, wo_gemm_swapped
 from lmforge.errors import LmforgeError
-from lmforge.ir.ops.quant_ref import linear_weight_only_ref, quantize_weight
+from lmforge.ir.ops.quant_ref import quantize_weight
+from test_quant_kernels import DEVICE, _assert_matches_reference, _problem  # the GEMV/GEMM tests' helpers
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 # Small tiles so that the tiny problems still span several tiles, a partial last tile and several K steps.
 SMALL = KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1)
-
-
-def _problem(n, k, m, bits, group_size, symmetric, dtype, seed, bias=False):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    qw = quantize_weight(w, bits, group_size, symmetric, scale_dtype=dtype).to(DEVICE)
-    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
-    b = (torch.randn(n, generator=g) * 0.1).to(dtype).to(DEVICE) if bias else None
-    return x, qw, b
-
-
-def _assert_matches_reference(y, x, qw, b):
-    expected = linear_weight_only_ref(x, qw, b)
-    assert y.dtype == x.dtype and y.shape == expected.shape
-    tol = TOLERANCE[x.dtype]
-    torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol)
-    assert ((y.float() - expected.float()).norm() / expected.float().norm()).item() < tol
 
 
 CASES = [(bits, gs, sym, m, k) for bits in (4, 8) for gs in (32, 64, 128) for sym in (True, False)
