@@ -13,13 +13,14 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
   - 0, byte tiles (the default, measured in docs/benchmarks.md): a [BLOCK_N, group bytes] uint8 tile per
     group, unpacked with shifts, masks and the 2^23 float trick, even and odd k against stride-2 x loads,
     products accumulated elementwise and scaled per element; ~20 SASS instructions per weight byte on sm_90.
-  - 1, word tiles: a [BLOCK_N, GROUPS_PER_STEP, group words] int32 tile per trip, one word of one group
-    per thread and the BLOCK_N rows in its registers, so one contiguous x load (16 bytes for int4 and
-    fp16 / bf16) serves BLOCK_N words; codes become floats with one LOP3 and one FFMA each, zero point and scale are applied once per
-    word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x
-    tile (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
-- `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a [BLOCK_K, BLOCK_N]
-  weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half, each its own
+  - 1, word tiles: a [BLOCK_N, GROUPS_PER_STEP * group words] int32 tile per trip (loaded as one 1-D tile,
+    so that its layout is the same under every Triton version), one word of one group per thread and the
+    BLOCK_N rows in its registers, so one contiguous x load (16 bytes for int4 and fp16 / bf16) serves BLOCK_N
+    words; codes become floats with one LOP3 and one FFMA each, zero point and scale are applied once per
+    word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x tile
+    (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
+- `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a
+  [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half, each its own
   tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
   dtype and accumulates tl.dot into one fp32 tile. BLOCK_K never exceeds group_size, so one K step sees
   exactly one group and loads one scale and zero per column. Measured 0.1-0.7x cuBLAS fp16 on an H100.
@@ -28,7 +29,9 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
 
 Only long-standing tl APIs are used (program_id, arange, load/store with masks, dot, sum, where, shifts,
 atomic_add, reshape, split, pointer casts), so the kernels compile on Triton 3.6 through 3.9 (built and
-tested here with 3.9; the word tiles' APIs were checked against the 3.6 sources, not compiled with 3.6).
+tested with 3.9 and with 3.6, `make test-triton36`; the word-tile K loop compiles to the same SASS instruction
+mix on both: its loads are 1-D tiles because the two versions order the threads of a tile with no contiguous
+dimension differently, and 3.6 then converted x through shared memory in every trip).
 """
 from __future__ import annotations
 
@@ -81,18 +84,29 @@ def _gemv_row_byte_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, mask_n, s
 
 
 @triton.jit
+def _load_flat(ptrs):
+    """tl.load of a 2-D pointer tile as one 1-D tile, given back in the tile's shape (register moves only).
+
+    The compiler picks a load's thread order from the pointers' contiguity; with none along any dimension
+    it falls back to dimension order, and Triton 3.6 and 3.9 break that tie in opposite directions (3.6
+    spreads a [BLOCK_N, words] tile's threads over the rows first, 3.9 over the words). A 1-D load has no
+    such choice: consecutive elements go to consecutive threads, wrapping into registers, whatever the version.
+    """
+    return tl.reshape(tl.load(tl.reshape(ptrs, (ptrs.numel,))), ptrs.shape)
+
+
+@triton.jit
 def _split_codes(x, CODES: tl.constexpr):
-    """x [G, W, CODES] -> CODES tensors [G, W], x[:, :, i] for i = 0 .. CODES - 1 (register moves only)."""
-    G: tl.constexpr = x.shape[0]
-    W: tl.constexpr = x.shape[1]
-    even, odd = tl.split(tl.reshape(x, (G, W, CODES // 2, 2)))  # codes 0, 2, 4, ... and 1, 3, 5, ...
+    """x [W, CODES] -> CODES tensors [W], x[:, i] for i = 0 .. CODES - 1 (register moves only)."""
+    W: tl.constexpr = x.shape[0]
+    even, odd = tl.split(tl.reshape(x, (W, CODES // 2, 2)))  # codes 0, 2, 4, ... and 1, 3, 5, ...
     if CODES == 4:
         e0, e1 = tl.split(even)
         o0, o1 = tl.split(odd)
         return e0, o0, e1, o1
     else:
-        e0, e1 = tl.split(tl.reshape(even, (G, W, 2, 2)))  # codes 0, 4 and 2, 6
-        o0, o1 = tl.split(tl.reshape(odd, (G, W, 2, 2)))  # codes 1, 5 and 3, 7
+        e0, e1 = tl.split(tl.reshape(even, (W, 2, 2)))  # codes 0, 4 and 2, 6
+        o0, o1 = tl.split(tl.reshape(odd, (W, 2, 2)))  # codes 1, 5 and 3, 7
         e00, e01 = tl.split(e0)
         e10, e11 = tl.split(e1)
         o00, o01 = tl.split(o0)
@@ -106,14 +120,16 @@ def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
                          GROUPS_PER_STEP: tl.constexpr):
     """The same sum as _gemv_row_byte_tiles, over 32-bit words (WORD_TILES=1).
 
-    A loop trip covers GROUPS_PER_STEP groups of the BLOCK_N rows as a [BLOCK_N, GROUPS_PER_STEP, WORDS]
-    tile of int32 words (WORDS = GROUP_SIZE * BITS / 32). Word and group indices are permuted
-    ((w * 5) % WORDS, (s * 3) % GROUPS_PER_STEP) so that the compiler sees no contiguity along them and
-    gives the tile one element per thread, with the BLOCK_N rows in registers (replicated along the rows,
-    not vectorised along the words). The x tile [GROUPS_PER_STEP, WORDS, CODES] (CODES = 32 / BITS) is then
-    one contiguous 16-byte load per thread whose layout matches the words' once split into CODES
-    [GROUPS_PER_STEP, WORDS] tiles, and one x load serves BLOCK_N words. Scales and zeros are loaded as
-    tiles of the same shape, so they share that layout too; no layout conversion, no barrier in the loop.
+    A loop trip covers GROUPS_PER_STEP groups of the BLOCK_N rows as a [BLOCK_N, STEP_WORDS] tile of int32
+    words (STEP_WORDS = GROUPS_PER_STEP * GROUP_SIZE * BITS / 32, the step's words of a row). The tile is
+    loaded as one 1-D tile (_load_flat), so that thread t gets word t of every row, with the BLOCK_N rows in
+    its registers, on every Triton version; the words are permuted within their group ((w * 5) % WORDS) so
+    that the compiler sees no contiguity and does not vectorise along them. The x tile [STEP_WORDS, CODES]
+    (CODES = 32 / BITS) is then one contiguous 16-byte load per thread (contiguous along the codes, so its
+    thread order does not depend on a tie either) whose layout matches the words' once split into CODES
+    [STEP_WORDS] tiles, and one x load serves BLOCK_N words. Scales and zeros are loaded as [BLOCK_N,
+    STEP_WORDS] tiles too (constant along a group's words), so they share that layout; no layout conversion,
+    no barrier in the loop (tests/backends/triton/test_aot.py checks the PTX under the Triton installed).
     Code i of a word sits at bit BITS * i; one AND-OR (a LOP3) moves it into the mantissa of 1.0 (codes that
     would reach bit 23 come from the word shifted right by 16): f = 1 + code * 2^-E with E = 23 - its bit
     position, and f * 2^E - 2^E = code exactly (one FFMA). Zero point and scale are applied once per word:
@@ -121,39 +137,39 @@ def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     """
     CODES: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = GROUP_SIZE // CODES
-    words_perm = (tl.arange(0, WORDS) * 5) % WORDS
-    step_perm = (tl.arange(0, GROUPS_PER_STEP) * 3) % GROUPS_PER_STEP
-    code = tl.arange(0, CODES)
-    rows = tl.minimum(offs_n, n_last)[:, None, None]  # rows past N repeat the last one (never stored)
-    w_tile = (qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4)
-              + (step_perm * WORDS)[None, :, None] + words_perm[None, None, :])
-    x_tile = x_row + (step_perm * GROUP_SIZE)[:, None, None] + (words_perm * CODES)[None, :, None] + code[None, None, :]
-    # scales and zeros as [BLOCK_N, GROUPS_PER_STEP, WORDS] tiles too (constant along the words), so that
-    # their loads get the words' layout instead of one of their own that would need a conversion
-    s_tile = tl.broadcast_to(rows * stride_sn + step_perm[None, :, None], (BLOCK_N, GROUPS_PER_STEP, WORDS))
+    STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
+    j = tl.arange(0, STEP_WORDS)
+    group = j // WORDS
+    word = group * WORDS + (j * 5) % WORDS  # a permutation of the group's words: no contiguity to vectorise
+    rows = tl.minimum(offs_n, n_last)[:, None]  # rows past N repeat the last one (never stored)
+    w_tile = qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4) + word[None, :]
+    x_tile = x_row + (word * CODES)[:, None] + tl.arange(0, CODES)[None, :]
+    # scales and zeros as [BLOCK_N, STEP_WORDS] tiles too (constant along a group's words), so that their
+    # loads get the words' layout instead of one of their own that would need a conversion
+    s_tile = rows * stride_sn + group[None, :]
     # 1.0f as an opaque value (program ids stay below 2^30), so the AND-OR of each code below is one LOP3
     # with its mask as the immediate and this constant in a register, instead of a MOV per code.
     one_bits = (tl.program_id(0) >> 30) | 0x3F800000
-    acc = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.float32)
     for g0 in range(g_begin, g_end, GROUPS_PER_STEP):  # a whole number of steps (see gemv_plan)
-        words = tl.load(w_tile + g0 * WORDS)
-        scale = tl.load(s_tile + g0 + scales_ptr).to(tl.float32)
-        zero_bits = tl.load(s_tile + g0 + zeros_ptr).to(tl.int32) | 0x4B000000
+        words = _load_flat(w_tile + g0 * WORDS)
+        scale = _load_flat(s_tile + g0 + scales_ptr).to(tl.float32)
+        zero_bits = _load_flat(s_tile + g0 + zeros_ptr).to(tl.int32) | 0x4B000000
         zero = zero_bits.to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + zero - 2^23
         xs = _split_codes(tl.load(x_tile + g0 * GROUP_SIZE).to(tl.float32), CODES)
         x_sum = xs[0]
         for i in tl.static_range(1, CODES):
             x_sum += xs[i]
-        t = tl.zeros((BLOCK_N, GROUPS_PER_STEP, WORDS), dtype=tl.float32)
+        t = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.float32)
         for i in tl.static_range(CODES):
             high = BITS * i + BITS > 23  # the code would reach the exponent: take it from the word >> 16
             field = BITS * i - 16 if high else BITS * i
             exp2 = (1 << (23 - field)) * 1.0
             src = words >> 16 if high else words
             f = ((src & (((1 << BITS) - 1) << field)) | one_bits).to(tl.float32, bitcast=True)
-            t += (f * exp2 - exp2) * xs[i][None, :, :]
-        acc += scale * (t - zero * x_sum[None, :, :])
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+            t += (f * exp2 - exp2) * xs[i][None, :]
+        acc += scale * (t - zero * x_sum[None, :])
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
