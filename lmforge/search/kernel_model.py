@@ -35,9 +35,13 @@ The templates (which nodes each runs, candidate configs, launch geometry) are in
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lmforge.errors import LmforgeError
@@ -125,6 +129,19 @@ def _cache_file(arch: str):
     return cache_dir("kernel_resources") / f"{arch}.json"
 
 
+@functools.lru_cache(maxsize=None)
+def _code_version(source_file: str | None) -> str:
+    """A hash of a kernel module's source and the Triton version: part of the resource cache key, so that a
+    report cached before the kernel (or Triton, and with it ptxas) changed is not reused."""
+    import triton
+
+    try:
+        source = Path(source_file).read_bytes() if source_file else b""
+    except OSError:
+        source = b""
+    return hashlib.sha256(source + triton.__version__.encode()).hexdigest()[:10]
+
+
 def _aot_request(template: KernelTemplate, node: Node, env: Mapping[str, int], config, hw, aot: bool):
     """(cache key, BuildRequest) of the AOT build that reports `config`'s resources, or None (no AOT spec)."""
     spec = template.aot_spec(node, env, config) if (aot and template.aot_spec is not None) else None
@@ -133,7 +150,12 @@ def _aot_request(template: KernelTemplate, node: Node, env: Mapping[str, int], c
     from lmforge.backends.triton.aot import spec_request
 
     request = spec_request(spec, hw.arch, config)
-    return f"{hw.arch}:{request.name}", request
+    raw = getattr(request.fn, "fn", request.fn)
+    try:
+        source_file = inspect.getsourcefile(raw)
+    except TypeError:
+        source_file = None
+    return f"{hw.arch}:{request.name}:{_code_version(source_file)}", request
 
 
 def _report_entry(result) -> dict:
