@@ -1,10 +1,10 @@
 """Static comparison of the weight-only GEMM kernels from their compiled SASS (no GPU needed).
 
 For each kernel and config: compile ahead of time for sm_90 / sm_80 (lmforge.backends.triton.aot), disassemble
-the cubin with Triton's bundled nvdisasm (benchmarks/sass_stats.py), find the K loop (the backward branch whose body holds the MMA
-instructions) and count, per trip (= one K step), the MMA instructions by kind and shape, async copies
-(cp.async = LDGSTS, TMA = UTMALDG), plain global loads, shared-memory loads / stores, barriers, conversions and
-all instructions; plus ptxas registers / spills and the shared memory Triton allocates.
+the cubin with Triton's bundled nvdisasm (benchmarks/sass_stats.py), find the K loop (the loop whose body holds
+the most MMA instructions) and count, per trip (= one K step), the MMA instructions by kind and shape, async
+copies (cp.async = LDGSTS, TMA = UTMALDG), plain global loads, shared-memory loads / stores, barriers,
+conversions and all instructions; plus ptxas registers / spills and the shared memory Triton allocates.
 
     python benchmarks/gemm_sass.py                     # int4 g128 fp16, N = K = 4096, sm_90 and sm_80
     python benchmarks/gemm_sass.py --arch sm_90 --bits 8 --sass-dir /tmp/sass   # also keep the SASS text
@@ -86,7 +86,7 @@ def kernels(bits: int, group_size: int, k: int):
     old = next(s for s in quant_matmul.aot_specs(torch.float16, group_size, k)
                if s.name.startswith(f"wo_gemm_int{bits}"))
     new = next(s for s in quant_gemm.aot_specs(torch.float16, group_size, k) if f"_int{bits}_" in s.name)
-    return [("old wo_gemm", old, [c for c in quant_matmul.CANDIDATE_CONFIGS["wo_gemm"] if not c.get("SWAP_AB", 0)]),
+    return [("old wo_gemm", old, quant_matmul.CANDIDATE_CONFIGS["wo_gemm"]),
             ("new wo_gemm_swapped", new, quant_gemm.CANDIDATE_CONFIGS)]
 
 

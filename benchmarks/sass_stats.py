@@ -1,7 +1,7 @@
 """Instruction mix of a Triton kernel's main loop, read from its SASS: no GPU needed.
 
     python benchmarks/sass_stats.py wo_gemv_int4_g128_fp16                       # default config, sm_90
-    python benchmarks/sass_stats.py wo_gemv_int4_g128_fp16 --candidates          # every CANDIDATE_CONFIG
+    python benchmarks/sass_stats.py wo_gemv_int4_g128_fp16 --candidates          # every candidate (timed and untimed)
     python benchmarks/sass_stats.py wo_gemv_int4_g128_fp16 \
         --config '{"num_warps": 8, "num_stages": 2, "params": {"BLOCK_N": 16, "GROUPS_PER_STEP": 8, "SPLIT_K": 1}}'
     python benchmarks/sass_stats.py rmsnorm_row_fp16 --bytes-per-trip 64 --opcodes
@@ -264,7 +264,8 @@ def main(argv=None) -> None:
     parser.add_argument("spec", help="an AOT spec name, e.g. wo_gemv_int4_g128_fp16")
     parser.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_89", "sm_90"])
     parser.add_argument("--config", help="a KernelConfig as JSON (KernelConfig.to_dict form)")
-    parser.add_argument("--candidates", action="store_true", help="every CANDIDATE_CONFIGS entry of the kernel")
+    parser.add_argument("--candidates", action="store_true",
+                        help="every CANDIDATE_CONFIGS and UNTIMED_CONFIGS entry of the kernel")
     parser.add_argument("--bytes-per-trip", type=float, default=None,
                         help="bytes of the streamed operand per thread and loop trip (automatic for wo_gemv)")
     parser.add_argument("--act", default="fp16", choices=["fp16", "bf16", "fp32"])
@@ -277,7 +278,7 @@ def main(argv=None) -> None:
     spec = find_spec(args.spec, args)
     if args.candidates:
         kernel = spec.name.split("_int")[0]
-        configs = quant_matmul.CANDIDATE_CONFIGS.get(kernel)
+        configs = quant_matmul.CANDIDATE_CONFIGS.get(kernel, []) + quant_matmul.UNTIMED_CONFIGS.get(kernel, [])
         if not configs:
             raise SystemExit(f"no CANDIDATE_CONFIGS for {kernel!r}")
     else:

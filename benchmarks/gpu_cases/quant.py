@@ -2,9 +2,9 @@
 
 Baseline: cuBLAS fp16 through torch.nn.functional.linear with the dequantized fp16 weight, i.e. what runs
 if the weight is not kept quantized. Weights W [N, K] (out x in), group size 128, fp16 activations.
-The config of each lmforge kernel is picked by a quick measurement over its CANDIDATE_CONFIGS of one design
-(named in the note; one row per design), unless --quick, which keeps the default config (or the design's
-first).
+The config of each lmforge kernel is picked by a quick measurement over the candidates of one design
+(CANDIDATE_CONFIGS or UNTIMED_CONFIGS; named in the note; one row per design), unless --quick, which keeps
+the default config (or the design's first).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_cases import describe, pick_fastest
-from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, DEFAULT_CONFIGS, kernel_for_rows,
-                                                  linear_weight_only)
+from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, DEFAULT_CONFIGS, UNTIMED_CONFIGS,
+                                                  kernel_for_rows, linear_weight_only)
 from lmforge.ir.ops.quant_ref import dequantize_weight, linear_weight_only_ref, quantize_weight
 
 GEMV_SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336)]   # (N, K)
@@ -29,7 +29,8 @@ def _weight_bytes(n: int, k: int, bits: int) -> int:
 
 # Each kernel's candidates by design, so the table shows both designs' best: the measured byte-tile GEMV and
 # tiled GEMM (the defaults), and the word-tile GEMV / swapped GEMM, chosen from their compiled code, not timed yet.
-DESIGNS = {"wo_gemv": {"byte tiles": lambda c: not c.get("WORD_TILES", 0), "word tiles": lambda c: c.get("WORD_TILES", 0)},
+DESIGNS = {"wo_gemv": {"byte tiles": lambda c: not c.get("WORD_TILES", 0),
+                         "word tiles": lambda c: c.get("WORD_TILES", 0)},
            "wo_gemm": {"tiled": lambda c: not c.get("SWAP_AB", 0), "swapped": lambda c: c.get("SWAP_AB", 0)}}
 
 
@@ -40,7 +41,8 @@ def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.
     x = torch.randn(m, k, device="cuda", generator=gen).half()
     w_fp16 = dequantize_weight(qw, torch.float16)
     kernel_name = kernel_for_rows(m)
-    configs = [c for c in CANDIDATE_CONFIGS[kernel_name] if DESIGNS[kernel_name][design](c)]
+    configs = [c for c in CANDIDATE_CONFIGS[kernel_name] + UNTIMED_CONFIGS[kernel_name]
+               if DESIGNS[kernel_name][design](c)]
     if quick:
         configs = [DEFAULT_CONFIGS[kernel_name]] if DEFAULT_CONFIGS[kernel_name] in configs else configs[:1]
     config, kernel = pick_fastest(lambda c: (lambda: linear_weight_only(x, qw, None, c)), configs)

@@ -352,7 +352,8 @@ class LinearWOSpec:
                 sig = {**pointers, **({"out_ptr": "*fp32", "bias_ptr": pointers["bias_ptr"] if has_bias else "*fp32"}
                                       if split_k > 1 else {}), **ints}
                 out.append(Variant("wo_gemm", "wo_gemm_swapped", quant_gemm._wo_gemm_swapped_kernel, sig,
-                                   {**fixed, **ones}, plan, divisible, (tiles, "SPLIT_K"), {"k_per_split": k_per_split}))
+                                   {**fixed, **ones}, plan, divisible, (tiles, "SPLIT_K"),
+                                   {"k_per_split": k_per_split}))
             else:
                 ints, ones, divisible = _ints({**strides, "M": rows})
                 out.append(Variant("wo_gemm", "wo_gemm", qm._wo_gemm_kernel, {**pointers, **ints}, {**fixed, **ones},

@@ -20,8 +20,8 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
     word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x tile
     (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
 - `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a
-  [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half, each its own
-  tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
+  [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half,
+  each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
   dtype and accumulates tl.dot into one fp32 tile. BLOCK_K never exceeds group_size, so one K step sees
   exactly one group and loads one scale and zero per column. Measured 0.1-0.7x cuBLAS fp16 on an H100.
 - `quant_gemm._wo_gemm_swapped_kernel` (prefill, GEMM configs with SWAP_AB=1): y^T = dequant(W) @ x^T, the
@@ -253,12 +253,10 @@ def _wo_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
 
 # Byte-tile GEMV candidates (WORD_TILES=0) use 8 warps: with fewer, Triton (3.9, sm_90) gives the x vectors a
 # layout of their own and converts them through shared memory inside the K loop (bar.sync in the PTX).
-# Word-tile candidates (WORD_TILES=1): one thread per (group, word) of a step and BLOCK_N rows in registers;
-# benchmarks/sass_stats.py shows their loop at ~10.3-11.3 instructions per weight byte against ~19.8 for
-# the default (int4, g128, fp16, sm_90), but they are not timed yet, so the measured kernel stays the default.
 GEMV_DEFAULT_CONFIG = KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1)
 GEMM_DEFAULT_CONFIG = KernelConfig.make(num_warps=4, num_stages=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
+# The measured designs' candidates: what the tuner's kernel knobs (lmforge.search.kernel_templates) offer.
 CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
     "wo_gemv": [
         GEMV_DEFAULT_CONFIG,
@@ -268,12 +266,6 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=32, GROUPS_PER_STEP=4, SPLIT_K=2),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=64, GROUPS_PER_STEP=2, SPLIT_K=2),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=64, GROUPS_PER_STEP=4, SPLIT_K=4),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=4, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
-        KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
     ],
     "wo_gemm": [
         GEMM_DEFAULT_CONFIG,
@@ -281,10 +273,27 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=4, num_stages=4, BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         KernelConfig.make(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         KernelConfig.make(num_warps=8, num_stages=4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        # the swapped GEMM (quant_gemm): compiles to register-A wgmma with pipelined x loads on sm_90, not timed
-        # yet, so the measured kernel above stays the default
-        *(c.with_(SWAP_AB=1) for c in swapped.CANDIDATE_CONFIGS),
     ],
+}
+
+# The new designs' candidates: word-tile GEMV (~10-11 loop instructions per weight byte against ~19.8 for the
+# default; benchmarks/sass_stats.py) and the swapped GEMM (quant_gemm: register-A wgmma, x by cp.async on sm_90).
+# Built and tested, chosen from their compiled code, NOT timed on a GPU yet: benchmarks/gpu_check.py times them
+# beside CANDIDATE_CONFIGS, and any caller may pass one as a config, but the tuner does not offer them. Its kernel
+# model prices launch geometry and occupancy, not the dequantization work that tells the designs apart, so it
+# would choose between untimed designs by geometry alone (and 9 more values of the GEMM knob took TPE from 0.29
+# to 0.79 of random search's trials on the 100m benchmark; docs/benchmarks.md). Move them into
+# CANDIDATE_CONFIGS once a GPU run shows where they win.
+UNTIMED_CONFIGS: dict[str, list[KernelConfig]] = {
+    "wo_gemv": [
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=4, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
+    ],
+    "wo_gemm": [c.with_(SWAP_AB=1) for c in swapped.CANDIDATE_CONFIGS],
 }
 DEFAULT_CONFIGS = {"wo_gemv": GEMV_DEFAULT_CONFIG, "wo_gemm": GEMM_DEFAULT_CONFIG}
 

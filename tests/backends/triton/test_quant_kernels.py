@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lmforge.backends.triton.config import KernelConfig
-from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, GEMV_MAX_ROWS, gemm_plan, gemv_plan,
-                                                  kernel_for_rows, linear_weight_only, wo_gemm, wo_gemv)
+from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, GEMV_MAX_ROWS, UNTIMED_CONFIGS, gemm_plan,
+                                                  gemv_plan, kernel_for_rows, linear_weight_only, wo_gemm, wo_gemv)
 from lmforge.errors import LmforgeError
 from lmforge.ir.ops.quant_ref import QuantizedWeight, dequantize_weight, linear_weight_only_ref, quantize_weight
 
@@ -54,14 +54,14 @@ def test_bf16_activations(m):
     _assert_matches_reference(linear_weight_only(x, qw, b), x, qw, b)
 
 
-@pytest.mark.parametrize("config", CANDIDATE_CONFIGS["wo_gemv"])
+@pytest.mark.parametrize("config", CANDIDATE_CONFIGS["wo_gemv"] + UNTIMED_CONFIGS["wo_gemv"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_every_gemv_candidate_config(config, bits):
     x, qw, b = _problem(40, 256, 2, bits, 32, False, torch.float16, seed=3, bias=True)
     _assert_matches_reference(wo_gemv(x, qw, b, config), x, qw, b)
 
 
-@pytest.mark.parametrize("config", CANDIDATE_CONFIGS["wo_gemm"])
+@pytest.mark.parametrize("config", CANDIDATE_CONFIGS["wo_gemm"] + UNTIMED_CONFIGS["wo_gemm"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_every_gemm_candidate_config(config, bits):
     x, qw, b = _problem(72, 256, 20, bits, 128, True, torch.float16, seed=4, bias=True)
