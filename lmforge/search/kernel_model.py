@@ -167,37 +167,51 @@ def _report_entry(result) -> dict:
     return {"registers": rep.registers, "shared": rep.shared_bytes}
 
 
+def _resources_of(entry: dict, arch: str) -> Resources:
+    """A cache entry (ptxas's registers and shared memory, or why the build failed) as Resources."""
+    if "error" in entry:
+        return Resources(0, 0, "ptxas", f"does not compile for {arch}: {entry['error']}")
+    return Resources(int(entry["registers"]), int(entry["shared"]), "ptxas")
+
+
 def prefetch_resources(items, hw, aot: bool = True) -> None:
     """Build, in one batch, the AOT reports that `resources` would need for `items` ((template, node, env,
     config) tuples) and are in neither cache. A batch is one build process where the interpreter runs (tests),
     instead of one per config. Does nothing where Triton cannot build (resources then estimates)."""
     from lmforge.backends.triton.aot import build_many
 
-    path = _cache_file(hw.arch)
-    disk = json.loads(path.read_text()) if path.exists() else {}
     todo = {}
     for template, node, env, config in items:
         got = _aot_request(template, node, env, config, hw, aot)
-        if got is not None and got[0] not in _MEMORY_CACHE and got[0] not in disk:
+        if got is not None and got[0] not in _MEMORY_CACHE:
             todo.setdefault(got[0], got[1])
+    if not todo:  # the common case once warm (a tuning trial): no disk read
+        return
+    path = _cache_file(hw.arch)
+    disk = json.loads(path.read_text()) if path.exists() else {}
+    for key in [k for k in todo if k in disk]:
+        _MEMORY_CACHE[key] = _resources_of(disk[key], hw.arch)
+        del todo[key]
     if not todo:
         return
     try:
         results = build_many(list(todo.values()))
     except Exception:  # no Triton compiler / ptxas here: `resources` falls back to the estimate
         return
+    built = {key: _report_entry(result) for key, result in zip(todo, results)}
     disk = json.loads(path.read_text()) if path.exists() else {}   # another process may have written meanwhile
-    disk.update({key: _report_entry(result) for key, result in zip(todo, results)})
+    disk.update(built)
     path.write_text(json.dumps(disk, indent=0, sort_keys=True))
+    _MEMORY_CACHE.update({key: _resources_of(entry, hw.arch) for key, entry in built.items()})
 
 
 def resources(template: KernelTemplate, node: Node, env: Mapping[str, int], config, hw, aot: bool = True) -> Resources:
     """Registers and shared memory of `template` with `config` for `node` on `hw`.
 
     With an AOT spec (and `aot`), the kernel is built for hw.arch and ptxas's report is used; reports are cached
-    per (kernel, constexprs, config, arch) in memory and in `cache_dir("kernel_resources")/<arch>.json`, so
-    each config is built once per machine (`prefetch_resources` builds many in one batch). Otherwise (or when
-    Triton cannot build here) an estimate."""
+    per (kernel, constexprs, config, arch, kernel source, Triton version) in memory and in
+    `cache_dir("kernel_resources")/<arch>.json`, so each config is built once per machine (`prefetch_resources`
+    builds many in one batch). Otherwise (or when Triton cannot build here) an estimate."""
     got = _aot_request(template, node, env, config, hw, aot)
     if got is None:
         regs, smem = template.estimate(node, config)
@@ -217,12 +231,7 @@ def resources(template: KernelTemplate, node: Node, env: Mapping[str, int], conf
             return Resources(regs, smem, f"estimate (AOT build unavailable: {type(exc).__name__})")
         disk[key] = _report_entry(result)
         path.write_text(json.dumps(disk, indent=0, sort_keys=True))
-    entry = disk[key]
-    if "error" in entry:
-        res = Resources(0, 0, "ptxas", f"does not compile for {hw.arch}: {entry['error']}")
-    else:
-        res = Resources(int(entry["registers"]), int(entry["shared"]), "ptxas")
-    _MEMORY_CACHE[key] = res
+    res = _MEMORY_CACHE[key] = _resources_of(disk[key], hw.arch)
     return res
 
 
