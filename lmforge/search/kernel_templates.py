@@ -309,6 +309,11 @@ def _attention_spec(kernel: str, knob: str):
 
         def adapt(config):
             v = variant(config)
+            if v is None:
+                from lmforge.errors import LmforgeError
+
+                raise LmforgeError(f"{knob} config {config} has no {kernel} launch for this {node.op} node; "
+                                   "use one of the template's candidate configs")
             # BLOCK_M goes into the config (config params win over the spec's constexprs at build time)
             return v.config.with_(BLOCK_M=v.constexprs["BLOCK_M"]) if rows is not None else v.config
 
