@@ -14,7 +14,6 @@ cases have none. The cases are small, so `quick` changes nothing.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -125,16 +124,8 @@ def build_case(name: str, case: dict, tensors: dict, root: Path, drv, nvrtc, arc
 
 
 def cases(quick: bool) -> list[dict]:
-    import torch
-
     root = export_dir()  # first: a missing export is reported without touching CUDA
-    runner = load_cuda_runner()
-    manifest = json.loads((root / "cases.json").read_text())
-    tensors = torch.load(root / "tensors.pt")
-    torch.zeros(1, device="cuda")  # makes torch's primary context current for the driver calls
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
-    drv, nvrtc = runner.Driver(), runner.find_nvrtc()
+    manifest, tensors, drv, nvrtc, arch = load_cuda_runner().open_export(root)
     out = []
     for name, case in manifest["cases"].items():
         try:

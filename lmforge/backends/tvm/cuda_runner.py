@@ -232,6 +232,18 @@ def _numel(shape) -> int:
     return n
 
 
+def open_export(root: Path):
+    """(manifest, tensors, driver, nvrtc or None, this GPU's arch) for an export directory, with torch's primary
+    CUDA context made current for the driver calls."""
+    import torch
+
+    manifest = json.loads((root / "cases.json").read_text())
+    tensors = torch.load(root / "tensors.pt")
+    torch.zeros(1, device="cuda")  # makes torch's primary context current on this thread
+    major, minor = torch.cuda.get_device_capability()
+    return manifest, tensors, Driver(), find_nvrtc(), f"sm_{major}{minor}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="run exported TVM CUDA kernels on this GPU and check them")
     p.add_argument("dir")
@@ -243,12 +255,7 @@ def main(argv=None) -> int:
         print("no CUDA GPU here: nothing to run")
         return 0
     root = Path(args.dir)
-    manifest = json.loads((root / "cases.json").read_text())
-    tensors = torch.load(root / "tensors.pt")
-    torch.zeros(1, device="cuda")  # makes torch's primary context current on this thread
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
-    drv, nvrtc = Driver(), find_nvrtc()
+    manifest, tensors, drv, nvrtc, arch = open_export(root)
     print(f"# {torch.cuda.get_device_name()} ({arch}), torch {torch.__version__}, kernels exported for "
           f"{manifest['arch']}, compiled with {'NVRTC' if nvrtc else 'PTX from nvcc'}")
     results = {}
