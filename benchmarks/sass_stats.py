@@ -169,6 +169,8 @@ def instruction_mix(loop: list[Instruction]) -> tuple[Counter, Counter]:
     classes, opcodes = Counter(), Counter()
     for ins in loop:
         cls = classify(ins.opcode)
+        if ins.opcode == "HFMA2.MMA" and ins.operands[1:3] != ("-RZ", "RZ"):
+            cls = "fp16 alu"  # a real f16x2 FMA on the MMA pipe (ptxas's second HFMA2 pipe), not a constant move
         if cls == "global load":
             cls = f"global load {load_bits(ins.opcode)}-bit"
         classes[cls] += 1

@@ -19,6 +19,10 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
     words; codes become floats with one LOP3 and one FFMA each, zero point and scale are applied once per
     word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x tile
     (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
+  - 2, fp16-pair word tiles (int4 weights and fp16 activations; otherwise the plan runs 1): the word tiles'
+    loads, with the codes as pairs of fp16 in int32 words and one HFMA2 (inline PTX fma.rn.f16x2) per pair
+    for code - zero and one for the product with x (emulated lane by lane under the interpreter); ~8.8
+    instructions per weight byte. Partial sums are fp16 within a word (see _gemv_row_half_words).
 - `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a
   [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half,
   each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
@@ -28,12 +32,14 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
   dequantized weight as the MMA's register operand and x streamed to shared memory; see quant_gemm.py.
 
 Only long-standing tl APIs are used (program_id, arange, load/store with masks, dot, sum, where, shifts,
-atomic_add, reshape, split, pointer casts), so the kernels compile on Triton 3.6 through 3.9 (built and
+atomic_add, reshape, split, join, pointer casts, inline_asm_elementwise), so the kernels compile on Triton 3.6 through 3.9 (built and
 tested with 3.9 and with 3.6, `make test-triton36`; the word-tile K loop compiles to the same SASS instruction
 mix on both: its loads are 1-D tiles because the two versions order the threads of a tile with no contiguous
 dimension differently, and 3.6 then converted x through shared memory in every trip).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -172,6 +178,98 @@ def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     return tl.sum(acc, axis=1)
 
 
+# fp16-pair arithmetic (WORD_TILES=2) as PTX f16x2 instructions when compiling, emulated lane by lane under
+# Triton's interpreter, which has no inline assembly (read when this module is imported; the CPU tests set
+# TRITON_INTERPRET first, and AOT builds run in a process without it).
+PAIR_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def _lanes(pair):
+    """int32 words holding two fp16 bit patterns -> (low, high) as fp32 tensors."""
+    low = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    high = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return low.to(tl.float32), high.to(tl.float32)
+
+
+@triton.jit
+def _pair(low, high):
+    """Two fp16 tensors -> int32 words with `low` in bits 0-15 and `high` in bits 16-31."""
+    return low.to(tl.uint16, bitcast=True).to(tl.int32) | (high.to(tl.uint16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _fma_f16x2(a, b, c):
+    """a * b + c on fp16 pairs packed in int32 words: one fma.rn.f16x2 (HFMA2) per word when compiled. The
+    interpreter's emulation rounds the fp32 result to fp16 (the product of two fp16 is exact in fp32)."""
+    if PAIR_ASM:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        a_low, a_high = _lanes(a)
+        b_low, b_high = _lanes(b)
+        c_low, c_high = _lanes(c)
+        return _pair((a_low * b_low + c_low).to(tl.float16), (a_high * b_high + c_high).to(tl.float16))
+
+
+@triton.jit
+def _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn, g_begin, g_end,
+                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUPS_PER_STEP: tl.constexpr):
+    """The word-tile sum with fp16 arithmetic on pairs of codes (WORD_TILES=2: int4 weights, fp16 activations).
+
+    Same tiles and loads as _gemv_row_word_tiles; the loop body works on int32 words that hold two fp16
+    values, with one f16x2 fused multiply-add (HFMA2) per instruction (inline PTX: written as fp16 tensor
+    arithmetic, the compiler pairs lanes as its vectoriser likes and shuffles them with PRMTs). Codes k and
+    k + 4 of a weight word sit 16 bits apart, so one AND-OR with 0x64006400 (two fp16 1024.0) puts both into
+    the mantissas of one pair: 1024 + code (codes 1, 3, 5, 7 come out as 1024 + 16 * code). One HFMA2 gives
+    code - zero exactly: pair * 1 - (1024 + zero), or pair * 1/16 - (64 + zero) for the 16x codes (every
+    value is an integer below 2^11, exact in fp16). A second multiplies by the matching x pair and adds to
+    the word's sum. The word's two partial sums (4 products each, |code - zero| <= 15) are then added in fp32
+    and scaled: 2 instructions per code instead of 3 (~8.8 SASS instructions per weight byte against 10.75
+    for word tiles, benchmarks/sass_stats.py). Range: a partial sum overflows fp16 only if activations reach
+    |x| > 65504 / 60 ~ 1092 (fp32 word tiles have no such limit); precision: 11 bits per partial sum.
+    """
+    tl.static_assert(BITS == 4, "fp16-pair word tiles are for int4 weights (gemv_plan gives int8 WORD_TILES=1)")
+    CODES: tl.constexpr = 8
+    WORDS: tl.constexpr = GROUP_SIZE // CODES
+    STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
+    j = tl.arange(0, STEP_WORDS)
+    group = j // WORDS
+    word = group * WORDS + (j * 5) % WORDS  # as in _gemv_row_word_tiles: no contiguity to vectorise
+    rows = tl.minimum(offs_n, n_last)[:, None]
+    w_tile = qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4) + word[None, :]
+    x_tile = x_row + (word * CODES)[:, None] + tl.arange(0, CODES)[None, :]
+    s_tile = rows * stride_sn + group[None, :]
+    # two fp16 1024.0 as an opaque value (program ids stay below 2^30): each AND-OR below is then one LOP3 with
+    # its mask as the immediate and this constant in a register, instead of a constant move per code pair
+    magic = (tl.program_id(0) >> 30) | 0x64006400
+    ones = tl.full((BLOCK_N, STEP_WORDS), 0x3C003C00, tl.int32)      # fp16 (1, 1)
+    sixteenths = tl.full((BLOCK_N, STEP_WORDS), 0x2C002C00, tl.int32)  # fp16 (1/16, 1/16)
+    acc = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.float32)
+    for g0 in range(g_begin, g_end, GROUPS_PER_STEP):  # a whole number of steps (see gemv_plan)
+        words = _load_flat(w_tile + g0 * WORDS)
+        scale = _load_flat(s_tile + g0 + scales_ptr).to(tl.float32)
+        zero = _load_flat(s_tile + g0 + zeros_ptr).to(tl.int32)
+        minus_z = (zero * 0x10001 | magic) ^ -0x7FFF8000  # -(1024 + zero) in both halves (sign bits 0x80008000)
+        xs = _split_codes(tl.load(x_tile + g0 * GROUP_SIZE), CODES)
+        t = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.int32)  # (+0, +0)
+        # -(64 + zero): fp16 64.0 is 0x5400 and its mantissa counts sixteenths; sign bits set
+        minus_z16 = ((zero << 4) * 0x10001 | 0x54005400) ^ -0x7FFF8000
+        shifted = words >> 8
+        for i in tl.static_range(4):  # code pairs (0, 4), (1, 5), (2, 6), (3, 7)
+            src = shifted if i >= 2 else words
+            x_pair = tl.broadcast_to(_pair(xs[i], xs[i + 4])[None, :], (BLOCK_N, STEP_WORDS))
+            if i % 2 == 0:
+                d = _fma_f16x2((src & 0x000F000F) | magic, ones, minus_z)
+            else:
+                d = _fma_f16x2((src & 0x00F000F0) | magic, sixteenths, minus_z16)
+            t = _fma_f16x2(d, x_pair, t)
+        t_low, t_high = _lanes(t)
+        acc += (t_low + t_high) * scale
+    return tl.sum(acc, axis=1)
+
+
 @triton.jit
 def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                     N, K, stride_xm, stride_qn, stride_sn, stride_om, groups_per_split,
@@ -181,7 +279,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     """out[m, n] (+)= sum_k x[m, k] * (q[n, k] - zero[n, g]) * scale[n, g] over this program's K groups.
 
     BLOCK_M is the exact row count M (<= 4); each row walks the program's groups with the byte-tile
-    (WORD_TILES=0) or the word-tile (WORD_TILES=1) loop.
+    (WORD_TILES=0), the word-tile (WORD_TILES=1) or the fp16-pair word-tile (WORD_TILES=2) loop.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -191,7 +289,10 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     g_end = tl.minimum(g_begin + groups_per_split, K // GROUP_SIZE)  # both multiples of GROUPS_PER_STEP
     for m in tl.static_range(BLOCK_M):
         x_row = x_ptr + m * stride_xm
-        if WORD_TILES:
+        if WORD_TILES == 2:
+            row = _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
+                                       g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)
+        elif WORD_TILES:
             row = _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
                                        g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)
         else:
@@ -277,7 +378,7 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 }
 
 # The new designs' candidates: word-tile GEMV (~10-11 loop instructions per weight byte against ~19.8 for the
-# default; benchmarks/sass_stats.py) and the swapped GEMM (quant_gemm: register-A wgmma, x by cp.async on sm_90).
+# default; benchmarks/sass_stats.py), its fp16-pair variant (~8.8; int4 + fp16 only, else it runs as 1) and the swapped GEMM (quant_gemm: register-A wgmma, x by cp.async on sm_90).
 # Built and tested, chosen from their compiled code, NOT timed on a GPU yet: benchmarks/gpu_check.py times them
 # beside CANDIDATE_CONFIGS, and any caller may pass one as a config, but the tuner does not offer them. Its kernel
 # model prices launch geometry and occupancy, not the dequantization work that tells the designs apart, so it
@@ -292,6 +393,9 @@ UNTIMED_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=2),
     ],
     "wo_gemm": [c.with_(SWAP_AB=1) for c in swapped.CANDIDATE_CONFIGS],
 }
@@ -303,19 +407,24 @@ def _param(config: KernelConfig, name: str, kernel: str) -> int:
 
 
 @_memoized
-def gemv_plan(config: KernelConfig | None, n_groups: int,
-              words_per_group: int | None = None) -> tuple[KernelConfig, int]:
+def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int | None = None,
+              activation: torch.dtype | str | None = None, bits: int | None = None) -> tuple[KernelConfig, int]:
     """The GEMV config that really runs for a weight of `n_groups` groups per row, and groups per split.
 
     GROUPS_PER_STEP is halved until it divides the group count (so every program's range is a whole
     number of unrolled steps and needs no bounds check) and SPLIT_K is capped by the number of steps.
-    With WORD_TILES=1 and `words_per_group` (group_size * bits / 32) given, GROUPS_PER_STEP is first
+    With WORD_TILES=1 or 2 and `words_per_group` (group_size * bits / 32) given, GROUPS_PER_STEP is first
     raised to 32 * num_warps / words_per_group, so that every thread owns a word of the step's tile (with
     fewer, threads hold copies and Triton converts layouts through shared memory in the loop).
+    WORD_TILES=2 (fp16 pairs) is for int4 weights and fp16 activations: with other `bits` or `activation`
+    (a torch dtype or the IR's dtype name) it becomes 1.
     Cached: decode calls it once per token and layer, so it must cost nothing after the first time.
     """
     config = config or GEMV_DEFAULT_CONFIG
-    word_tiles = 1 if config.get("WORD_TILES", 0) else 0
+    word_tiles = min(2, max(0, int(config.get("WORD_TILES", 0))))
+    if word_tiles == 2 and ((activation is not None and str(activation).removeprefix("torch.") != "float16")
+                            or (bits is not None and bits != 4)):
+        word_tiles = 1
     groups_per_step = max(1, _param(config, "GROUPS_PER_STEP", "wo_gemv"))
     if word_tiles and words_per_group:
         groups_per_step = max(groups_per_step, 32 * config.num_warps // words_per_group)
@@ -349,7 +458,7 @@ def wo_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = N
     """The GEMV kernel on x2 [M, K] (M <= GEMV_MAX_ROWS, last dim contiguous) -> [M, N] in x2's dtype."""
     m, k = x2.shape
     n = qw.out_features
-    plan, groups_per_split = gemv_plan(config, k // qw.group_size, qw.group_size * qw.bits // 32)
+    plan, groups_per_split = gemv_plan(config, k // qw.group_size, qw.group_size * qw.bits // 32, x2.dtype, qw.bits)
     block_n, split_k = plan.get("BLOCK_N"), plan.get("SPLIT_K")
     qweight, scales, zeros = _packed(qw)
     if plan.get("WORD_TILES") and qweight.data_ptr() % 4:
@@ -435,7 +544,7 @@ def aot_specs(activation: torch.dtype = torch.float16, group_size: int = 128, in
             f"wo_gemv_int{bits}_g{group_size}_{act}", _wo_gemv_kernel,
             {**pointers, **ints, "groups_per_split": "i32"}, {**fixed, "BLOCK_M": rows},
             GEMV_DEFAULT_CONFIG, divisible,
-            adapt=lambda c, g=n_groups, w=group_size * bits // 32: gemv_plan(c, g, w)[0]))
+            adapt=lambda c, g=n_groups, w=group_size * bits // 32, b=bits: gemv_plan(c, g, w, activation, b)[0]))
         specs.append(KernelSpec(
             f"wo_gemm_int{bits}_g{group_size}_{act}", _wo_gemm_kernel, {**pointers, **ints, "M": "i32"}, fixed,
             GEMM_DEFAULT_CONFIG, divisible, adapt=lambda c, gs=group_size: gemm_plan(c, gs)))

@@ -102,19 +102,61 @@ def test_word_tile_gemv_matches_reference(bits, group_size, m, dtype, bias, symm
     torch.testing.assert_close(y.float(), y_bytes.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
-def test_word_tiles_cover_extreme_codes_and_zeros():
-    """Codes 0 and 15 / 255 and zero points at both ends: the mantissa trick must stay exact at the edges."""
+@pytest.mark.parametrize("word_tiles,dtype", [(1, torch.float32), (2, torch.float16)])
+def test_word_tiles_cover_extreme_codes_and_zeros(word_tiles, dtype):
+    """Codes 0 and 15 / 255 and zero points at both ends: the mantissa tricks must stay exact at the edges."""
     g = torch.Generator().manual_seed(12)
-    for bits in (4, 8):
-        x, qw, _ = _problem(16, 128, 1, bits, 32, False, torch.float32, seed=13)
+    for bits in (4, 8) if word_tiles == 1 else (4,):
+        x, qw, _ = _problem(16, 128, 1, bits, 32, False, dtype, seed=13)
         top = (1 << bits) - 1
         codes = torch.randint(0, 2, (16, 128), generator=g) * top                    # only 0 and the top code
         packed = codes[:, 0::2] | (codes[:, 1::2] << 4) if bits == 4 else codes
         zeros = torch.randint(0, 2, qw.zeros.shape, generator=g) * top
         qw = QuantizedWeight(packed.to(torch.uint8).to(DEVICE), qw.scales, zeros.to(torch.uint8).to(DEVICE), bits, 32,
                              qw.shape)
-        config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=1)
+        config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=word_tiles)
+        assert gemv_plan(config, 4, 4, dtype, bits)[0].get("WORD_TILES") == word_tiles
         _assert_matches_reference(wo_gemv(x, qw, None, config), x, qw, None)
+
+
+# fp16-pair word tiles (WORD_TILES=2; int4, fp16): (group_size, rows M, bias, symmetric, BLOCK_N, SPLIT_K)
+HALF_WORD_CASES = [(32, 1, False, False, 8, 1), (64, 2, True, True, 4, 1), (128, 3, True, False, 16, 1),
+                   (32, 1, True, True, 8, 3), (128, 2, False, False, 4, 2)]
+
+
+@pytest.mark.parametrize("group_size,m,bias,symmetric,block_n,split_k", HALF_WORD_CASES)
+def test_fp16_pair_word_tiles_match_reference(group_size, m, bias, symmetric, block_n, split_k):
+    x, qw, b = _problem(36, 256, m, 4, group_size, symmetric, torch.float16, seed=5 * m + group_size, bias=bias)
+    config = KernelConfig.make(num_warps=4, BLOCK_N=block_n, GROUPS_PER_STEP=2, SPLIT_K=split_k, WORD_TILES=2)
+    y = wo_gemv(x, qw, b, config)
+    _assert_matches_reference(y, x, qw, b)
+    y_words = wo_gemv(x, qw, b, config.with_(WORD_TILES=1))  # fp32 products: the same sum up to fp16 rounding
+    torch.testing.assert_close(y.float(), y_words.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_fp16_pair_word_tiles_keep_large_activations_finite():
+    """|x| up to 1000 (far past any normalised activation) with codes 15 against zero 0: partial sums of
+    4 products stay below fp16's 65504."""
+    g = torch.Generator().manual_seed(21)
+    x, qw, _ = _problem(16, 128, 1, 4, 32, False, torch.float16, seed=22)
+    packed = torch.full((16, 64), 0xFF, dtype=torch.uint8)
+    qw = QuantizedWeight(packed.to(DEVICE), qw.scales, torch.zeros_like(qw.zeros), 4, 32, qw.shape)
+    x = (torch.rand(1, 128, generator=g) * 2000 - 1000).to(torch.float16).to(DEVICE)
+    config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=2)
+    y = wo_gemv(x, qw, None, config)
+    assert torch.isfinite(y).all()
+    expected = linear_weight_only_ref(x.float(), qw).float()
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_gemv_plan_runs_fp16_pairs_only_for_int4_and_fp16():
+    pairs = KernelConfig.make(num_warps=4, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1, WORD_TILES=2)
+    assert gemv_plan(pairs, 64, 16, torch.float16, 4)[0].get("WORD_TILES") == 2
+    assert gemv_plan(pairs, 64, 16, "float16", 4)[0].get("WORD_TILES") == 2     # the IR's dtype names too
+    for activation, bits in ((torch.bfloat16, 4), (torch.float32, 4), ("bfloat16", 4), (torch.float16, 8)):
+        assert gemv_plan(pairs, 64, 16, activation, bits)[0].get("WORD_TILES") == 1
+    # the word-per-thread step applies to both word-tile loops
+    assert gemv_plan(pairs, 64, 16, torch.float16, 4)[0].get("GROUPS_PER_STEP") == 8
 
 
 def test_word_tiles_read_a_qweight_that_starts_off_a_word_boundary():
