@@ -387,7 +387,7 @@ def _matching_triton_dir(manifest: dict, data: dict[str, bytes], device, require
 def _load_cubins(triton_dir: str, data: dict[str, bytes], required: bool):
     """The CubinBackend of `triton_dir` (files already hash-checked), or None after a warning when a kernel
     cannot be loaded on this GPU (LmforgeError instead when `required`)."""
-    from lmforge.backends.triton.artifact_kernels import load_kernels, read_index, warn_or_raise
+    from lmforge.backends.triton.artifact_kernels import DriverTooOld, load_kernels, read_index, warn_or_raise
 
     index = read_index(data[f"{triton_dir}/index.json"], f"{triton_dir}/index.json")
     files = {rel[len(triton_dir) + 1:]: blob for rel, blob in data.items() if rel.startswith(triton_dir + "/")}
@@ -395,6 +395,9 @@ def _load_cubins(triton_dir: str, data: dict[str, bytes], required: bool):
         return load_kernels(index, files, triton_dir)
     except ArtifactError:
         raise
+    except DriverTooOld as exc:  # its message names both CUDA versions and what to do
+        warn_or_raise(f"{exc}{'' if required else '. The torch reference runs instead'}.", required)
+        return None
     except Exception as exc:  # the driver or Triton's runtime refused a binary (arch, version, resources)
         what = "Export the artifact again on this machine" if required else "The torch reference runs instead"
         warn_or_raise(f"the Triton kernels in {triton_dir} could not be loaded on this GPU ({type(exc).__name__}: "

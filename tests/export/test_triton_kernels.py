@@ -228,6 +228,95 @@ def test_cubins_the_driver_refuses_fall_back_to_the_reference_or_raise(monkeypat
         assert built_with in str(caught[0].message)
 
 
+def test_exported_cubins_are_portable_to_cuda_12_drivers(artifact):
+    """Every kernel of the export: PTX ISA 8.7, assembled by a CUDA 12 ptxas (CUDA 12 ELF), recorded as such."""
+    for target, arch in TARGETS.items():
+        index = _index(artifact, target)
+        base = artifact / f"kernels/{target}/triton"
+        for name, entry in index["kernels"].items():
+            meta = json.loads((base / f"{name}.json").read_text())["metadata"]
+            assert ".version 8.7\n" in (base / f"{name}.ptx").read_text()
+            assert meta["ptx_version"] == entry["ptx_version"] == "8.7" and meta["portable"] is True
+            assert meta["ptxas_version"] == entry["ptxas_version"] and meta["ptxas_version"].startswith("12.")
+            assert (base / f"{name}.cubin").read_bytes()[8] == 7    # ELF ABI of CUDA 12 cubins (13 writes 8)
+
+
+def _h100_data(artifact, **record_changes):
+    """The h100 Triton files as _load_cubins gets them, each record's metadata updated (None: key removed)."""
+    data = {}
+    for n, b in _triton_files(artifact, "h100").items():
+        if n.endswith(".json") and n != "index.json":
+            record = json.loads(b)
+            for key, value in record_changes.items():
+                record["metadata"].pop(key, None)
+                if value is not None:
+                    record["metadata"][key] = value
+            b = json.dumps(record).encode()
+        data[f"kernels/h100/triton/{n}"] = b
+    return data
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    """Fakes the CUDA driver version (torch._C._cuda_getDriverVersion, absent from CPU builds of torch) and the
+    device load; returns a function that sets the version, and the list of entries loaded."""
+    from triton.compiler.compiler import CompiledKernel
+
+    loaded = []
+    monkeypatch.setattr(CompiledKernel, "_init_handles", lambda self: loaded.append(self.name))
+
+    def set_version(version):
+        monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: version, raising=False)
+        return loaded
+
+    return set_version
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_driver_older_than_the_cubins_ptxas_falls_back_or_raises(artifact, driver, required):
+    """Cubins of a CUDA 13 ptxas (what a non-portable sm_90 export under Triton 3.9 made) on a CUDA 12.8 driver:
+    nothing is loaded; kernels='auto' warns and runs the reference, 'required' raises; both name the versions."""
+    from lmforge.artifact import _load_cubins
+
+    loaded = driver(12080)
+    data = _h100_data(artifact, ptxas_version="13.4")
+    if required:
+        with pytest.raises(LmforgeError, match="CUDA 13.4") as info:
+            _load_cubins("kernels/h100/triton", data, True)
+        message = str(info.value)
+    else:
+        with pytest.warns(UserWarning, match="CUDA 13.4") as caught:
+            assert _load_cubins("kernels/h100/triton", data, False) is None
+        message = str(caught[0].message)
+        assert "torch reference runs instead" in message
+    assert "CUDA 12.8" in message and "Update the NVIDIA driver" in message and "export the artifact again" in message
+    assert loaded == []                                     # checked before any cubin reaches the driver
+
+
+@pytest.mark.parametrize("version,ptxas", [(12080, None), (12020, None), (13000, "13.4"), (11080, "delete")])
+def test_a_driver_new_enough_or_an_old_record_loads_without_complaint(artifact, driver, recwarn, version, ptxas):
+    """As exported (12.x ptxas) on 12.8 and 12.2 drivers (minor versions do not matter to cubins), CUDA 13 cubins
+    on a 13.0 driver, and records exported before lmforge noted the ptxas version (nothing to check) all load."""
+    from lmforge.artifact import _load_cubins
+
+    loaded = driver(version)
+    changes = {} if ptxas is None else {"ptxas_version": ptxas} if ptxas != "delete" else \
+        {"ptxas_version": None, "ptx_version": None, "portable": None}
+    backend = _load_cubins("kernels/h100/triton", _h100_data(artifact, **changes), True)
+    assert sorted(backend.kernels) == sorted(_index(artifact, "h100")["kernels"])
+    assert len(loaded) == len(backend.kernels)
+    assert not [w for w in recwarn if "driver" in str(w.message)]
+
+
+def test_the_driver_check_compares_cuda_major_versions():
+    records = {"a": {"ptxas_version": "12.9"}, "b": {"ptxas_version": "13.0"}, "c": {}}
+    ak.check_driver(records, "here", 13000)
+    ak.check_driver(records, "here", None)                  # unknown driver: the load itself will say
+    ak.check_driver({"c": {}}, "here", 11000)
+    with pytest.raises(ak.DriverTooOld, match=r"CUDA 13\.0 \(e\.g\. b\).*CUDA 12\.9 only"):
+        ak.check_driver(records, "here", 12090)
+
+
 # ---- the launch path, up to the launch ---------------------------------------------------------------------
 
 class _Recorder:
@@ -300,6 +389,9 @@ QUANT_CONFIGS = {
                                                       SPLIT_K=2)},
     "word_tiles_split": {"wo_gemv": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8,
                                                       SPLIT_K=2, WORD_TILES=1)},
+    # fp16 pairs on this fp32 model: the launch spec must downgrade to word tiles as the JIT launcher does
+    "pair_tiles_fp32": {"wo_gemv": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8,
+                                                     SPLIT_K=1, WORD_TILES=2)},
     "swapped_gemm_split": {"wo_gemm": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, BLOCK_M=16,
                                                         BLOCK_K=32, SPLIT_K=2, SWAP_AB=1)},
 }

@@ -16,7 +16,18 @@ that enable vectorised loads and software pipelining); a stride that is 1 is pas
     binary = build_spec(spec, "sm_90")       # KernelBinary: ptx, cubin, metadata (registers, smem, ...)
     save(binary, "kernels/sm_90"); load("kernels/sm_90", binary.name)
 
-Files written by `save` are plain text / bytes / JSON (never pickle); `load` checks their sha256.
+Files written by `save` are plain text / bytes / JSON (never pickle); `load` checks their sha256. Each record
+names the PTX ISA of its PTX (`ptx_version`, e.g. "8.7") and the CUDA version of the ptxas that assembled its
+cubin (`ptxas_version`, e.g. "12.9"): a driver older than that CUDA major version cannot load the cubin.
+
+Portable builds (`BuildRequest(..., portable=True)`, what artifact exports ask for): a GPU machine with a CUDA 12
+driver cannot load a cubin from a CUDA 13 ptxas, and Triton 3.9 assembles sm_90 with its bundled CUDA 13
+`ptxas-blackwell` and PTX ISA 9.x. A portable build for an architecture below sm_100 asks Triton for PTX ISA 8.7
+(`PORTABLE_PTX_VERSION`, CUDA 12.8) and makes `triton.compile` assemble it with Triton's pre-Blackwell CUDA 12
+`ptxas` (knobs.nvidia.ptxas, overridable with TRITON_PTXAS_PATH), for the duration of the build only; its
+resource report comes from that same ptxas. Under Triton 3.6 get_ptxas(90) is already that ptxas. Other
+builds (`build`, `build_spec` unless asked; `prune_configs`, the kernel model) keep Triton's defaults, what its
+JIT would run on this machine.
 
 A process that runs Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) cannot also compile for a
 GPU, so `build_many` then hands the whole batch to one child Python process without the interpreter;
@@ -34,7 +45,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -44,6 +57,7 @@ from lmforge.backends.triton.config import KernelConfig
 from lmforge.errors import ArtifactError, LmforgeError, TargetError
 
 KB = 1024
+PORTABLE_PTX_VERSION = 87   # PTX ISA 8.7 (CUDA 12.8): what the Triton 3.6 JIT emits for sm_90
 
 
 @dataclass(frozen=True)
@@ -191,7 +205,7 @@ def _source(jit_fn, signature: Mapping[str, str], constexprs: Mapping[str, Any],
 
 
 def _ptxas_path(capability: int) -> str:
-    """Triton's bundled ptxas; the helper's name and return type changed across Triton versions."""
+    """The ptxas Triton uses for `capability`; the helper's name and return type changed across Triton versions."""
     from triton.backends.nvidia import compiler as nv
 
     tool = None
@@ -212,6 +226,56 @@ def _ptxas_path(capability: int) -> str:
     return str(path)
 
 
+@lru_cache(maxsize=None)
+def ptxas_version(path: str) -> str:
+    """The CUDA release of a ptxas binary ("12.9"), from `ptxas --version`."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    except OSError as exc:
+        raise LmforgeError(f"could not run ptxas at {path} ({exc}); reinstall triton (it ships one).") from None
+    found = re.search(r"release (\d+\.\d+)", out)
+    if found is None:
+        raise LmforgeError(f"{path} --version does not name a CUDA release:\n{out[-500:]}")
+    return found.group(1)
+
+
+@contextmanager
+def _cuda12_ptxas(capability: int):
+    """Within it, `triton.compile` for sm_<capability> (< 100) assembles with Triton's CUDA 12 ptxas; yields its path.
+
+    Triton 3.9 picks `knobs.nvidia.ptxas_blackwell` (CUDA 13) for sm_90: it is pointed at the pre-Blackwell
+    `knobs.nvidia.ptxas` inside a knobs scope, which restores the knobs and their environment variables after.
+    Triton 3.6 already uses that ptxas below sm_100. LmforgeError when no CUDA 12 ptxas is found.
+    """
+    nv_knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if nv_knobs is None:                      # a Triton without knobs: its own choice must already be CUDA 12
+        path = _ptxas_path(capability)
+        _require_cuda12(path)
+        yield path
+        return
+    cuda12 = nv_knobs.ptxas.path
+    _require_cuda12(cuda12)
+    with nv_knobs.scope():
+        nv_knobs.ptxas_blackwell = cuda12
+        chosen = _ptxas_path(capability)
+        if Path(chosen).resolve() != Path(cuda12).resolve():
+            raise LmforgeError(f"Triton {triton.__version__} assembles sm_{capability} with {chosen}, not with the "
+                               f"CUDA 12 ptxas {cuda12} lmforge asked for: portable builds do not support this "
+                               "Triton; export with Triton 3.6 - 3.9.")
+        yield cuda12
+
+
+def _require_cuda12(path: str) -> None:
+    """LmforgeError unless `path` is a ptxas of CUDA 12.8 or newer 12.x (the first to accept PTX ISA 8.7)."""
+    version = ptxas_version(path)
+    major, minor = (int(x) for x in version.split("."))
+    if major != 12 or minor < 8:
+        raise LmforgeError(f"the ptxas for portable builds ({path}) is CUDA {version}, not CUDA 12.8 - 12.x: its "
+                           "cubins may not load on CUDA 12 drivers, or it cannot read PTX ISA 8.7. Point "
+                           "TRITON_PTXAS_PATH at a ptxas of CUDA 12.8 or a later 12.x, or export with Triton 3.6 - "
+                           "3.9, which bundle one.")
+
+
 _PTXAS_NUMBERS = {
     "registers": r"Used (\d+) registers",
     "spill_stores": r"(\d+) bytes spill stores",
@@ -221,13 +285,16 @@ _PTXAS_NUMBERS = {
 }
 
 
-def ptxas_resources(ptx: str, capability: int) -> dict[str, int]:
-    """Registers, spills, stack and static shared memory that ptxas -v reports for the PTX's kernel."""
+def ptxas_resources(ptx: str, capability: int, ptxas: str | None = None) -> dict[str, int]:
+    """Registers, spills, stack and static shared memory that ptxas -v reports for the PTX's kernel.
+
+    `ptxas`: the binary to run (the one that made the cubin); default: the one Triton uses for `capability`.
+    """
     gpu_name = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        cmd = [_ptxas_path(capability), "-v", f"--gpu-name={gpu_name}", str(src), "-o", str(Path(tmp) / "k.o")]
+        cmd = [ptxas or _ptxas_path(capability), "-v", f"--gpu-name={gpu_name}", str(src), "-o", str(Path(tmp) / "k.o")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -241,15 +308,20 @@ def _jsonable(value):
     return str(value)
 
 
-def _default_name(fn_name: str, arch: str, signature, constexprs, config: KernelConfig) -> str:
+def _default_name(fn_name: str, arch: str, signature, constexprs, config: KernelConfig,
+                  portable: bool = False) -> str:
     key = json.dumps([sorted(signature.items()), sorted((k, _jsonable(v)) for k, v in constexprs.items()),
-                      config.to_dict()], sort_keys=True, default=str)
+                      config.to_dict()] + (["portable"] if portable else []), sort_keys=True, default=str)
     return f"{fn_name}_{arch}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """One kernel to build: a @triton.jit function, its argument types and constexprs, a config, a target."""
+    """One kernel to build: a @triton.jit function, its argument types and constexprs, a config, a target.
+
+    `portable`: PTX ISA 8.7 assembled by a CUDA 12 ptxas below sm_100, for cubins CUDA 12 drivers load (see
+    the module docstring); False: Triton's defaults (its newest ptxas and PTX ISA for the target).
+    """
 
     fn: Any
     signature: Mapping[str, str]
@@ -258,18 +330,27 @@ class BuildRequest:
     arch: str
     divisible_by_16: tuple[str, ...] = ()
     name: str | None = None
+    portable: bool = False
 
 
 def _build_one(request: BuildRequest) -> KernelBinary:
     """Compile in this process (which must not be in interpreter mode)."""
+    limits = arch_limits(request.arch)
+    if request.portable and limits.capability < 100:
+        with _cuda12_ptxas(limits.capability) as ptxas:
+            return _compile(request, limits, {"ptx_version": PORTABLE_PTX_VERSION}, ptxas)
+    return _compile(request, limits, {}, _ptxas_path(limits.capability))
+
+
+def _compile(request: BuildRequest, limits: ArchLimits, extra_options: dict, ptxas: str) -> KernelBinary:
+    """triton.compile for the request; `ptxas`: the binary Triton assembles with (read back for resources)."""
     from triton.backends.compiler import GPUTarget
 
-    limits = arch_limits(request.arch)
     jit_fn = _as_jit_function(request.fn)
     config = request.config
     all_constexprs = _all_constexprs(request)
     src = _source(jit_fn, request.signature, all_constexprs, request.divisible_by_16)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, **extra_options}
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", limits.capability, 32), options=options)
     except Exception as exc:  # the compiler raises many types (CompilationError, PTXASError, RuntimeError)
@@ -278,16 +359,20 @@ def _build_one(request: BuildRequest) -> KernelBinary:
     ptx = compiled.asm["ptx"]
     meta = compiled.metadata
     raw = getattr(jit_fn, "fn", jit_fn)
+    ptx_isa = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, flags=re.MULTILINE)
     metadata = {
         "kernel": jit_fn.__name__, "entry": meta.name, "module": raw.__module__, "qualname": raw.__qualname__,
         "arg_names": list(jit_fn.arg_names), "triton_metadata": _triton_metadata(compiled), "num_warps": meta.num_warps,
         "num_stages": meta.num_stages, "num_ctas": getattr(meta, "num_ctas", 1), "shared": meta.shared,
-        **ptxas_resources(ptx, limits.capability), "signature": dict(request.signature),
+        **ptxas_resources(ptx, limits.capability, ptxas), "signature": dict(request.signature),
         "constexprs": {k: _jsonable(v) for k, v in all_constexprs.items()},
         "config": config.to_dict(), "divisible_by_16": sorted(set(request.divisible_by_16)),
         "triton_version": triton.__version__, "capability": limits.capability,
+        "ptx_version": ptx_isa.group(1) if ptx_isa else None, "ptxas_version": ptxas_version(ptxas),
+        "portable": bool(extra_options),
     }
-    name = request.name or _default_name(jit_fn.__name__, request.arch, request.signature, all_constexprs, config)
+    name = request.name or _default_name(jit_fn.__name__, request.arch, request.signature, all_constexprs, config,
+                                         request.portable)
     return KernelBinary(name, request.arch, ptx, bytes(compiled.asm["cubin"]), metadata)
 
 
@@ -335,7 +420,7 @@ def _encode_request(request: BuildRequest) -> dict:
             "signature": dict(request.signature),
             "constexprs": {k: _encode_value(v) for k, v in request.constexprs.items()},
             "config": request.config.to_dict(), "arch": request.arch,
-            "divisible_by_16": list(request.divisible_by_16), "name": request.name}
+            "divisible_by_16": list(request.divisible_by_16), "name": request.name, "portable": request.portable}
 
 
 def _resolve_function(module_name: str, qualname: str, file: str | None):
@@ -357,7 +442,7 @@ def _decode_request(data: dict) -> BuildRequest:
     fn = _resolve_function(data["module"], data["qualname"], data["file"])
     return BuildRequest(fn, data["signature"], {k: _decode_value(v) for k, v in data["constexprs"].items()},
                         KernelConfig.from_dict(data["config"]), data["arch"], tuple(data["divisible_by_16"]),
-                        data["name"])
+                        data["name"], data.get("portable", False))
 
 
 def _build_in_subprocess(requests: list[BuildRequest]) -> list[KernelBinary | str]:
@@ -413,32 +498,38 @@ def build_many(requests: Iterable[BuildRequest]) -> list[KernelBinary | str]:
 
 
 def build(kernel_fn, signature: Mapping[str, str], constexprs: Mapping[str, Any], config: KernelConfig,
-          arch: str, divisible_by_16: Iterable[str] = (), name: str | None = None) -> KernelBinary:
+          arch: str, divisible_by_16: Iterable[str] = (), name: str | None = None,
+          portable: bool = False) -> KernelBinary:
     """Compile `kernel_fn` with `config` for `arch` ("sm_80" | "sm_89" | "sm_90") -> KernelBinary.
 
     The config's params that are arguments of the kernel become constexprs (they override `constexprs`);
-    num_warps / num_stages become compiler options. Raises LmforgeError when compilation fails.
+    num_warps / num_stages become compiler options; `portable`: see BuildRequest. Raises LmforgeError when
+    compilation fails.
     """
-    request = BuildRequest(kernel_fn, dict(signature), dict(constexprs), config, arch, tuple(divisible_by_16), name)
+    request = BuildRequest(kernel_fn, dict(signature), dict(constexprs), config, arch, tuple(divisible_by_16), name,
+                           portable)
     result = build_many([request])[0]
     if isinstance(result, str):
         raise LmforgeError(result)
     return result
 
 
-def spec_request(spec: KernelSpec, arch: str, config: KernelConfig | None = None) -> BuildRequest:
+def spec_request(spec: KernelSpec, arch: str, config: KernelConfig | None = None,
+                 portable: bool = False) -> BuildRequest:
     """The BuildRequest for a KernelSpec: its default config unless `config` is given, adapted by spec.adapt."""
     config = config or spec.config
     if spec.adapt is not None:
         config = spec.adapt(config)
-    name = _default_name(spec.name, arch, spec.signature, {**dict(spec.constexprs), **dict(config.params)}, config)
+    name = _default_name(spec.name, arch, spec.signature, {**dict(spec.constexprs), **dict(config.params)}, config,
+                         portable)
     return BuildRequest(spec.fn, dict(spec.signature), dict(spec.constexprs), config, arch,
-                        tuple(spec.divisible_by_16), name)
+                        tuple(spec.divisible_by_16), name, portable)
 
 
-def build_spec(spec: KernelSpec, arch: str, config: KernelConfig | None = None) -> KernelBinary:
+def build_spec(spec: KernelSpec, arch: str, config: KernelConfig | None = None,
+               portable: bool = False) -> KernelBinary:
     """`build` for a KernelSpec (see `spec_request`)."""
-    result = build_many([spec_request(spec, arch, config)])[0]
+    result = build_many([spec_request(spec, arch, config, portable)])[0]
     if isinstance(result, str):
         raise LmforgeError(result)
     return result

@@ -7,21 +7,27 @@ Export (no GPU needed), for each target's architecture (sm_80 / sm_89 / sm_90):
    kernel variants it may launch, specialised from the graph's static types, with the configured
    KernelConfig (TritonBackend.config, else each kernel's default) adapted as the JIT launcher adapts it;
 2. identical variants of different nodes are built once; the builds of every target run in one
-   `aot.build_many` batch (one subprocess when the caller runs Triton's interpreter);
+   `aot.build_many` batch (one subprocess when the caller runs Triton's interpreter), as portable builds
+   (aot.BuildRequest.portable: PTX ISA 8.7 assembled by a CUDA 12 ptxas, so that CUDA 12 drivers load the
+   cubins whatever Triton exports them);
 3. a build that fails or exceeds the architecture's limits (ptxas registers, shared memory, threads) is
    rebuilt with the kernel's default config, noted in the index; if that fails too the variant is listed
    under "failed" with the reason and its calls run the torch reference;
 4. the files: `<name>.ptx`, `<name>.cubin`, `<name>.json` per kernel (aot.save: launch metadata, Triton's
-   own metadata, ptxas resources, sha256 of both binaries, plus the grid rule) and `index.json`: which
-   nodes each kernel serves, which nodes stay with the reference and why.
+   own metadata, ptxas resources, PTX ISA and ptxas CUDA version, sha256 of both binaries, plus the grid
+   rule) and `index.json`: which nodes each kernel serves, which nodes stay with the reference and why.
 
-Load: `load_kernels(index, files)` loads every cubin on the current GPU (cubin_runner.CubinKernel) into a
-`CubinBackend`, which claims the nodes the index lists. Each call asks the launch spec for its steps: one
-launch for the row kernels, SwiGLU and the quantized linear; several for attention (split-K decode: split,
-merge; flash prefill; block top-k: score, a torch top-k, sparse split, merge; shared prefix: prefix split,
-suffix split, merge). Every launch's specialisation is checked first (a built variant, alignment,
-divisibility; launch_specs.check_values); then the steps run in order. A call with any launch outside what
-was built (e.g. an unaligned view, a variant that failed to build) runs the torch reference as a whole.
+Load: `load_kernels(index, files)` first compares the CUDA driver's version with the CUDA version of the
+ptxas that built each cubin (`check_driver`: a driver of an older CUDA major version cannot load them; it
+raises DriverTooOld, which lmforge.load turns into a warning and the torch reference, or an error under
+kernels="required"; records without a ptxas version, from older exports, are not checked), then loads every
+cubin on the current GPU (cubin_runner.CubinKernel) into a `CubinBackend`, which claims the nodes the index
+lists. Each call asks the launch spec for its steps: one launch for the row kernels, SwiGLU and the
+quantized linear; several for attention (split-K decode: split, merge; flash prefill; block top-k: score, a
+torch top-k, sparse split, merge; shared prefix: prefix split, suffix split, merge). Every launch's
+specialisation is checked first (a built variant, alignment, divisibility; launch_specs.check_values); then
+the steps run in order. A call with any launch outside what was built (e.g. an unaligned view, a variant
+that failed to build) runs the torch reference as a whole.
 
 Served ops: rmsnorm, layernorm, softmax, fused (SwiGLU), linear_wo, attention, block_topk_attention,
 shared_prefix_attention (as far as the Triton backend claims them); the index lists any other claimed node
@@ -58,7 +64,8 @@ def _variant_hash(v: ls.Variant, arch: str) -> str:
 
 
 def _request(v: ls.Variant, arch: str, name: str) -> aot.BuildRequest:
-    return aot.BuildRequest(v.fn, dict(v.signature), dict(v.constexprs), v.config, arch, v.divisible_by_16, name)
+    return aot.BuildRequest(v.fn, dict(v.signature), dict(v.constexprs), v.config, arch, v.divisible_by_16, name,
+                            portable=True)
 
 
 def _portable(meta: dict) -> dict:
@@ -161,7 +168,8 @@ def _files(target, arch, served, not_served, variants, results, retry, retried) 
         binary = aot.KernelBinary(n, arch, binary.ptx, binary.cubin, metadata)
         entry = {"kernel": used.kernel, "variant": used.key, "config": used.config.to_dict(),
                  "files": [f"{n}.ptx", f"{n}.cubin", f"{n}.json"],
-                 "resources": {k: metadata[k] for k in ("registers", "spill_stores", "spill_loads", "shared")}}
+                 "resources": {k: metadata[k] for k in ("registers", "spill_stores", "spill_loads", "shared")},
+                 "ptx_version": metadata.get("ptx_version"), "ptxas_version": metadata.get("ptxas_version")}
         if n in retry:
             entry["note"] = (f"configured {configured.config} {retry[n]} on {arch}; "
                              f"built with the default config {default.config} instead")
@@ -286,20 +294,74 @@ class CubinBackend:
         return None
 
 
+class DriverTooOld(LmforgeError):
+    """The CUDA driver is older than the CUDA version of the ptxas that assembled an artifact's cubins."""
+
+
+def cuda_driver_version() -> int | None:
+    """The CUDA version the installed driver supports (12080 for 12.8), or None where it cannot be read."""
+    import torch
+
+    getter = getattr(torch._C, "_cuda_getDriverVersion", None)   # CUDA builds of torch (2.11, 2.13)
+    if getter is not None:
+        try:
+            return int(getter()) or None
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    try:                                                        # else ask the driver itself
+        import ctypes
+
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value:
+            return version.value
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def _cuda_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def check_driver(records: Mapping[str, dict], where: str, driver: int | None) -> None:
+    """DriverTooOld when `driver` (e.g. 12080) is of an older CUDA major version than the ptxas that built any
+    kernel of `records` (name -> launch metadata). A record without "ptxas_version" (exported before lmforge
+    recorded it) or an unknown driver version is not checked: the load itself then says what fails."""
+    built = {name: meta["ptxas_version"] for name, meta in records.items() if meta.get("ptxas_version")}
+    if driver is None or not built:
+        return
+    name, newest = max(built.items(), key=lambda item: tuple(int(x) for x in item[1].split(".")))
+    major = int(newest.split(".")[0])
+    if driver // 1000 < major:
+        reexport = (", or export the artifact again with this lmforge (its exports for sm_80 - sm_90 are assembled "
+                    "by a CUDA 12 ptxas)") if driver // 1000 == 12 else ""
+        raise DriverTooOld(
+            f"the cubins in {where} were assembled by the ptxas of CUDA {newest} (e.g. {name}), but this machine's "
+            f"CUDA driver supports CUDA {_cuda_text(driver)} only, and a driver cannot load cubins of a newer CUDA "
+            f"major version. Update the NVIDIA driver to one for CUDA {major}.x or newer{reexport}")
+
+
 def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> CubinBackend:
-    """Load every kernel of `index` (files: name -> bytes, already hash-checked) on the current GPU."""
+    """Load every kernel of `index` (files: name -> bytes, already hash-checked) on the current GPU.
+
+    DriverTooOld (before any cubin is loaded) when the CUDA driver is too old for the cubins (check_driver)."""
     from lmforge.backends.triton.cubin_runner import CubinKernel
 
-    records, kernels = {}, {}
+    records = {}
     for name in sorted(index["kernels"]):
         try:
-            record = read_record(files[f"{name}.json"], f"{where}/{name}.json")
-            meta = record["metadata"]
+            records[name] = read_record(files[f"{name}.json"], f"{where}/{name}.json")["metadata"]
+        except KeyError as exc:
+            raise ArtifactError(f"{where} index lists kernel {name!r} but its file {exc} is not in the artifact; "
+                                "export the artifact again") from None
+    check_driver(records, where, cuda_driver_version())
+    kernels = {}
+    for name, meta in records.items():
+        try:
             kernels[name] = CubinKernel(name, meta, files[f"{name}.ptx"].decode(), files[f"{name}.cubin"])
         except KeyError as exc:
             raise ArtifactError(f"{where} index lists kernel {name!r} but its file {exc} is not in the artifact; "
                                 "export the artifact again") from None
-        records[name] = meta
     return CubinBackend(index, records, kernels)
 
 

@@ -119,6 +119,29 @@ def test_word_tile_gemv_builds_with_a_barrier_free_k_loop(word_tiles, name, grou
     assert "bar.sync" in binary.ptx                          # the final cross-warp sum, after the loop
 
 
+@pytest.fixture(scope="module")
+def pair_tiles():
+    keys = [("wo_gemv_int4_g128_fp16", arch) for arch in ARCHS]
+    pairs = WORD_TILES.with_(WORD_TILES=2)
+    results = aot.build_many(aot.spec_request(WORD_TILE_SPECS[name], arch, pairs) for name, arch in keys)
+    return dict(zip(keys, results))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp16_pair_gemv_compiles_to_f16x2_fmas_in_a_barrier_free_loop(pair_tiles, arch):
+    """WORD_TILES=2 runs its pair math as inline fma.rn.f16x2 when compiled (the interpreter tests run its
+    emulation): 2 per code pair, 4 pairs per word, one word per row (BLOCK_N=8) per trip."""
+    binary = pair_tiles["wo_gemv_int4_g128_fp16", arch]
+    assert isinstance(binary, aot.KernelBinary), binary
+    assert binary.metadata["constexprs"]["WORD_TILES"] == 2
+    assert binary.metadata["spill_stores"] == binary.metadata["spill_loads"] == 0
+    [loop] = _loop_bodies(binary.ptx)
+    assert "bar.sync" not in loop and "st.shared" not in loop
+    assert loop.count("fma.rn.f16x2") == 8 * 4 * 2
+    assert loop.count("ld.global.v4.b32") == 1                # x: one 16-byte load per thread and trip
+    assert "fma.rn.f16x2" not in binary.ptx.replace(loop, "")  # nothing of it outside the K loop
+
+
 def test_loop_check_sees_a_barrier_in_the_loop(word_tiles):
     """fp32 activations give the x tile (32 bytes per thread) a layout of its own, converted in the loop."""
     binary = word_tiles["wo_gemv_int4_g128_fp32", "sm_90"]
@@ -188,3 +211,96 @@ def test_build_is_generic_over_any_jit_function_with_helpers_and_unit_stride():
 def test_build_errors(call, error):
     with pytest.raises(error):
         call()
+
+
+# ---- portable builds: cubins a CUDA 12 driver loads ------------------------------------------------------------
+
+SCALE_SIGNATURE = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "factor": "fp32"}
+SCALE_CONFIG = KernelConfig.make(num_warps=4, BLOCK=256)
+CUDA12_ELF_ABI = 7          # e_ident[EI_ABIVERSION] of CUDA 12 cubins; CUDA 13's ptxas writes 8
+
+
+@pytest.fixture(scope="module")
+def portable_or_not():
+    """The strided-scale kernel for sm_80 and sm_90, portable and with Triton's defaults, interleaved in one build
+    process (so a portable build that left Triton's ptxas switched would show in the default build after it)."""
+    keys = [(arch, portable) for arch in ARCHS for portable in (True, False)]
+    requests = [aot.BuildRequest(_strided_scale_kernel, SCALE_SIGNATURE, {"stride": 1}, SCALE_CONFIG, arch, ("n",),
+                                 None, portable) for arch, portable in keys]
+    return dict(zip(keys, aot.build_many(requests)))
+
+
+def _ptx_isa(ptx: str) -> str:
+    return re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, flags=re.MULTILINE).group(1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_portable_builds_emit_ptx_8_7_assembled_by_a_cuda_12_ptxas(portable_or_not, arch):
+    binary, default = portable_or_not[arch, True], portable_or_not[arch, False]
+    assert isinstance(binary, aot.KernelBinary) and isinstance(default, aot.KernelBinary), (binary, default)
+    meta = binary.metadata
+    assert _ptx_isa(binary.ptx) == meta["ptx_version"] == "8.7" and PTX_TARGET[arch] in binary.ptx
+    assert meta["ptxas_version"].startswith("12.") and meta["portable"] is True
+    assert binary.cubin[:4] == b"\x7fELF" and binary.cubin[8] == CUDA12_ELF_ABI
+    assert 1 <= meta["registers"] <= 255 and meta["constexprs"] == default.metadata["constexprs"]
+    assert binary.name != default.name                           # both fit in one directory
+    # the default build after it uses Triton's own choice again, and records what that was
+    capability = aot.ARCH_LIMITS[arch].capability
+    assert default.metadata["portable"] is False
+    assert default.metadata["ptxas_version"] == aot.ptxas_version(aot._ptxas_path(capability))
+    assert _ptx_isa(default.ptx) == default.metadata["ptx_version"]
+
+
+def _ptxas_of_cuda_12_8():
+    """A ptxas of CUDA 12.8 (the one Triton 3.6 bundles: what the GPU machines' JIT uses), or None."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    candidates = sorted(root.glob(".venv-triton36/lib/python3*/site-packages/triton/backends/nvidia/bin/ptxas"))
+    candidates.append(Path(aot._ptxas_path(80)))
+    return next((str(p) for p in candidates if p.is_file() and aot.ptxas_version(str(p)) == "12.8"), None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_portable_ptx_is_accepted_by_the_cuda_12_8_ptxas(portable_or_not, arch, tmp_path):
+    import subprocess
+
+    ptxas = _ptxas_of_cuda_12_8()
+    if ptxas is None:
+        pytest.skip("no CUDA 12.8 ptxas here (.venv-triton36 holds one)")
+    binary = portable_or_not[arch, True]
+    src = tmp_path / "k.ptx"
+    src.write_text(binary.ptx)
+    gpu = f"{arch}a" if arch == "sm_90" else arch
+    proc = subprocess.run([ptxas, f"-arch={gpu}", str(src), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "k.cubin").read_bytes()[8] == CUDA12_ELF_ABI
+
+
+def test_the_portable_ptxas_switch_is_undone():
+    import os
+
+    before = aot._ptxas_path(90), os.environ.get("TRITON_PTXAS_BLACKWELL_PATH")
+    with aot._cuda12_ptxas(90) as ptxas:
+        assert aot._ptxas_path(90) == ptxas and aot.ptxas_version(ptxas).startswith("12.")
+    assert (aot._ptxas_path(90), os.environ.get("TRITON_PTXAS_BLACKWELL_PATH")) == before
+
+
+def test_a_portable_build_refuses_a_ptxas_that_is_not_cuda_12(monkeypatch):
+    newest = aot._ptxas_path(100)                         # Triton's Blackwell ptxas: CUDA 13 in Triton 3.9
+    if aot.ptxas_version(newest).startswith("12."):
+        pytest.skip(f"this Triton's newest ptxas is CUDA {aot.ptxas_version(newest)}")
+    monkeypatch.setenv("TRITON_PTXAS_PATH", newest)
+    with pytest.raises(LmforgeError, match=r"is CUDA 13\.\d+, not CUDA 12\.8 - 12\.x.*TRITON_PTXAS_PATH"):
+        with aot._cuda12_ptxas(90):
+            pass
+
+
+def test_a_record_without_the_toolchain_versions_still_loads(portable_or_not, tmp_path):
+    binary = portable_or_not["sm_90", True]
+    old = aot.KernelBinary(binary.name, binary.arch, binary.ptx, binary.cubin,
+                           {k: v for k, v in binary.metadata.items()
+                            if k not in ("ptx_version", "ptxas_version", "portable")})
+    aot.save(old, tmp_path)
+    assert aot.load(tmp_path, binary.name) == old
