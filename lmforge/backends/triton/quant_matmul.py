@@ -121,6 +121,25 @@ def _split_codes(x, CODES: tl.constexpr):
 
 
 @triton.jit
+def _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn, CODES: tl.constexpr,
+                       WORDS: tl.constexpr, STEP_WORDS: tl.constexpr):
+    """The word tiles' pointers at group 0 (both word-tile loops add the step's offset):
+    weight words [BLOCK_N, STEP_WORDS] (int32), x [STEP_WORDS, CODES], and the scale / zero offsets
+    [BLOCK_N, STEP_WORDS] (add the scales' or zeros' pointer). Rows past N repeat the last one (never stored).
+    """
+    j = tl.arange(0, STEP_WORDS)
+    group = j // WORDS
+    word = group * WORDS + (j * 5) % WORDS  # a permutation of the group's words: no contiguity to vectorise
+    rows = tl.minimum(offs_n, n_last)[:, None]
+    w_tile = qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4) + word[None, :]
+    x_tile = x_row + (word * CODES)[:, None] + tl.arange(0, CODES)[None, :]
+    # scales and zeros as [BLOCK_N, STEP_WORDS] tiles too (constant along a group's words), so that their
+    # loads get the words' layout instead of one of their own that would need a conversion
+    s_tile = rows * stride_sn + group[None, :]
+    return w_tile, x_tile, s_tile
+
+
+@triton.jit
 def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn, g_begin, g_end,
                          BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                          GROUPS_PER_STEP: tl.constexpr):
@@ -144,15 +163,8 @@ def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     CODES: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = GROUP_SIZE // CODES
     STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
-    j = tl.arange(0, STEP_WORDS)
-    group = j // WORDS
-    word = group * WORDS + (j * 5) % WORDS  # a permutation of the group's words: no contiguity to vectorise
-    rows = tl.minimum(offs_n, n_last)[:, None]  # rows past N repeat the last one (never stored)
-    w_tile = qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4) + word[None, :]
-    x_tile = x_row + (word * CODES)[:, None] + tl.arange(0, CODES)[None, :]
-    # scales and zeros as [BLOCK_N, STEP_WORDS] tiles too (constant along a group's words), so that their
-    # loads get the words' layout instead of one of their own that would need a conversion
-    s_tile = rows * stride_sn + group[None, :]
+    w_tile, x_tile, s_tile = _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
+                                                CODES, WORDS, STEP_WORDS)
     # 1.0f as an opaque value (program ids stay below 2^30), so the AND-OR of each code below is one LOP3
     # with its mask as the immediate and this constant in a register, instead of a MOV per code.
     one_bits = (tl.program_id(0) >> 30) | 0x3F800000
@@ -234,13 +246,8 @@ def _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     CODES: tl.constexpr = 8
     WORDS: tl.constexpr = GROUP_SIZE // CODES
     STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
-    j = tl.arange(0, STEP_WORDS)
-    group = j // WORDS
-    word = group * WORDS + (j * 5) % WORDS  # as in _gemv_row_word_tiles: no contiguity to vectorise
-    rows = tl.minimum(offs_n, n_last)[:, None]
-    w_tile = qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4) + word[None, :]
-    x_tile = x_row + (word * CODES)[:, None] + tl.arange(0, CODES)[None, :]
-    s_tile = rows * stride_sn + group[None, :]
+    w_tile, x_tile, s_tile = _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
+                                                CODES, WORDS, STEP_WORDS)
     # two fp16 1024.0 as an opaque value (program ids stay below 2^30): each AND-OR below is then one LOP3 with
     # its mask as the immediate and this constant in a register, instead of a constant move per code pair
     magic = (tl.program_id(0) >> 30) | 0x64006400
