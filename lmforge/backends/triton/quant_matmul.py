@@ -19,10 +19,11 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
     words; codes become floats with one LOP3 and one FFMA each, zero point and scale are applied once per
     word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x tile
     (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
-  - 2, fp16-pair word tiles (int4 weights and fp16 activations; otherwise the plan runs 1): the word tiles'
-    loads, with the codes as pairs of fp16 in int32 words and one HFMA2 (inline PTX fma.rn.f16x2) per pair
-    for code - zero and one for the product with x (emulated lane by lane under the interpreter); ~8.8
-    instructions per weight byte. Partial sums are fp16 within a word (see _gemv_row_half_words).
+  - 2, fp16-pair word tiles (int4 weights and fp16 activations; otherwise the plan runs 1): the codes as
+    pairs of fp16 in int32 words and one HFMA2 (inline PTX fma.rn.f16x2) per pair for code - zero and one
+    for the product with x (emulated lane by lane under the interpreter). WORDS_PER_THREAD consecutive
+    words of a group per thread (a "slot") share one scale / zero load and one fp32 conversion: 9.0
+    instructions per weight byte with 1, 6.6 with 2, 5.25 with 4 (see _gemv_row_half_words).
 - `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a
   [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half,
   each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
@@ -122,18 +123,21 @@ def _split_codes(x, CODES: tl.constexpr):
 
 @triton.jit
 def _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn, CODES: tl.constexpr,
-                       WORDS: tl.constexpr, STEP_WORDS: tl.constexpr):
-    """The word tiles' pointers at group 0 (both word-tile loops add the step's offset):
-    weight words [BLOCK_N, STEP_WORDS] (int32), x [STEP_WORDS, CODES], and the scale / zero offsets
-    [BLOCK_N, STEP_WORDS] (add the scales' or zeros' pointer). Rows past N repeat the last one (never stored).
+                       WORDS: tl.constexpr, SLOTS: tl.constexpr, PER_SLOT: tl.constexpr):
+    """The word tiles' pointers at group 0 (the loops add the step's offset): SLOTS word slots per row and step,
+    each PER_SLOT consecutive words of one group (word r of a slot: add r to the words, r * CODES to x).
+    Weight words [BLOCK_N, SLOTS] (int32), x [SLOTS, CODES], and the scale / zero offsets [BLOCK_N, SLOTS]
+    (add the scales' or zeros' pointer). Rows past N repeat the last one (never stored).
     """
-    j = tl.arange(0, STEP_WORDS)
-    group = j // WORDS
-    word = group * WORDS + (j * 5) % WORDS  # a permutation of the group's words: no contiguity to vectorise
+    PER_GROUP: tl.constexpr = WORDS // PER_SLOT
+    s = tl.arange(0, SLOTS)
+    group = s // PER_GROUP
+    # slots permuted within their group ((q * 5) % PER_GROUP): no contiguity for the compiler to vectorise
+    word = group * WORDS + PER_SLOT * ((s * 5) % PER_GROUP)
     rows = tl.minimum(offs_n, n_last)[:, None]
     w_tile = qw_ptr.to(tl.pointer_type(tl.int32)) + rows * (stride_qn // 4) + word[None, :]
     x_tile = x_row + (word * CODES)[:, None] + tl.arange(0, CODES)[None, :]
-    # scales and zeros as [BLOCK_N, STEP_WORDS] tiles too (constant along a group's words), so that their
+    # scales and zeros as [BLOCK_N, SLOTS] tiles too (constant along a group's words), so that their
     # loads get the words' layout instead of one of their own that would need a conversion
     s_tile = rows * stride_sn + group[None, :]
     return w_tile, x_tile, s_tile
@@ -164,7 +168,7 @@ def _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     WORDS: tl.constexpr = GROUP_SIZE // CODES
     STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
     w_tile, x_tile, s_tile = _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
-                                                CODES, WORDS, STEP_WORDS)
+                                                CODES, WORDS, STEP_WORDS, 1)
     # 1.0f as an opaque value (program ids stay below 2^30), so the AND-OR of each code below is one LOP3
     # with its mask as the immediate and this constant in a register, instead of a MOV per code.
     one_bits = (tl.program_id(0) >> 30) | 0x3F800000
@@ -227,53 +231,63 @@ def _fma_f16x2(a, b, c):
 @triton.jit
 def _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn, g_begin, g_end,
                          BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GROUPS_PER_STEP: tl.constexpr):
+                         GROUPS_PER_STEP: tl.constexpr, WORDS_PER_THREAD: tl.constexpr):
     """The word-tile sum with fp16 arithmetic on pairs of codes (WORD_TILES=2: int4 weights, fp16 activations).
 
-    Same tiles and loads as _gemv_row_word_tiles; the loop body works on int32 words that hold two fp16
-    values, with one f16x2 fused multiply-add (HFMA2) per instruction (inline PTX: written as fp16 tensor
-    arithmetic, the compiler pairs lanes as its vectoriser likes and shuffles them with PRMTs). Codes k and
-    k + 4 of a weight word sit 16 bits apart, so one AND-OR with 0x64006400 (two fp16 1024.0) puts both into
-    the mantissas of one pair: 1024 + code (codes 1, 3, 5, 7 come out as 1024 + 16 * code). One HFMA2 gives
-    code - zero exactly: pair * 1 - (1024 + zero), or pair * 1/16 - (64 + zero) for the 16x codes (every
-    value is an integer below 2^11, exact in fp16). A second multiplies by the matching x pair and adds to
-    the word's sum. The word's two partial sums (4 products each, |code - zero| <= 15) are then added in fp32
-    and scaled: 2 instructions per code instead of 3 (~8.8 SASS instructions per weight byte against 10.75
-    for word tiles, benchmarks/sass_stats.py). Range: a partial sum overflows fp16 only if activations reach
-    |x| > 65504 / 60 ~ 1092 (fp32 word tiles have no such limit); precision: 11 bits per partial sum.
+    The word tiles' layout, with WORDS_PER_THREAD (R) consecutive words of one group per thread and row (a
+    slot; R = 1 is _gemv_row_word_tiles' layout): the slot's scale and zero are loaded once for its R words.
+    The loop body works on int32 words that hold two fp16 values, with one f16x2 fused multiply-add (HFMA2)
+    per instruction (inline PTX: written as fp16 tensor arithmetic, the compiler pairs lanes as its
+    vectoriser likes and shuffles them with PRMTs). Codes k and k + 4 of a weight word sit 16 bits apart, so
+    one AND-OR with 0x64006400 (two fp16 1024.0) puts both into the mantissas of one pair: 1024 + code
+    (codes 1, 3, 5, 7 come out as 1024 + 16 * code). One HFMA2 gives code - zero exactly: pair * 1 - (1024 +
+    zero), or pair * 1/16 - (64 + zero) for the 16x codes (every value is an integer below 2^11, exact in
+    fp16). A second multiplies by the matching pair of x / 16 and adds to the slot's fp16 sums; these are
+    added in fp32 and scaled once per slot, and the row's total is multiplied by 16 at the end.
+    SASS per weight byte (sm_90, benchmarks/sass_stats.py, BLOCK_N 8): 9.0 (R = 1), 6.6 (2), 5.25 (4),
+    against 10.75 for word tiles. Range: each fp16 sum holds 4R products |code - zero| * |x| / 16 with
+    |code - zero| <= 15, so it overflows only past |x| ~ 17471 / R (4367 at R = 4; fp32 word tiles have no
+    such limit); precision: 11 bits per sum. x / 16 is exact except for |x| < 2^-10 (fp16 subnormals).
     """
     tl.static_assert(BITS == 4, "fp16-pair word tiles are for int4 weights (gemv_plan gives int8 WORD_TILES=1)")
     CODES: tl.constexpr = 8
     WORDS: tl.constexpr = GROUP_SIZE // CODES
     STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
+    SLOTS: tl.constexpr = STEP_WORDS // WORDS_PER_THREAD
     w_tile, x_tile, s_tile = _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
-                                                CODES, WORDS, STEP_WORDS)
+                                                CODES, WORDS, SLOTS, WORDS_PER_THREAD)
     # two fp16 1024.0 as an opaque value (program ids stay below 2^30): each AND-OR below is then one LOP3 with
     # its mask as the immediate and this constant in a register, instead of a constant move per code pair
     magic = (tl.program_id(0) >> 30) | 0x64006400
-    ones = tl.full((BLOCK_N, STEP_WORDS), 0x3C003C00, tl.int32)      # fp16 (1, 1)
-    sixteenths = tl.full((BLOCK_N, STEP_WORDS), 0x2C002C00, tl.int32)  # fp16 (1/16, 1/16)
-    acc = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.float32)
+    ones = tl.full((BLOCK_N, SLOTS), 0x3C003C00, tl.int32)      # fp16 (1, 1)
+    sixteenths = tl.full((BLOCK_N, SLOTS), 0x2C002C00, tl.int32)  # fp16 (1/16, 1/16)
+    x_sixteenths = tl.full((SLOTS,), 0x2C002C00, tl.int32)
+    x_zeros = tl.zeros((SLOTS,), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
     for g0 in range(g_begin, g_end, GROUPS_PER_STEP):  # a whole number of steps (see gemv_plan)
-        words = _load_flat(w_tile + g0 * WORDS)
         scale = _load_flat(s_tile + g0 + scales_ptr).to(tl.float32)
         zero = _load_flat(s_tile + g0 + zeros_ptr).to(tl.int32)
         minus_z = (zero * 0x10001 | magic) ^ -0x7FFF8000  # -(1024 + zero) in both halves (sign bits 0x80008000)
-        xs = _split_codes(tl.load(x_tile + g0 * GROUP_SIZE), CODES)
-        t = tl.zeros((BLOCK_N, STEP_WORDS), dtype=tl.int32)  # (+0, +0)
         # -(64 + zero): fp16 64.0 is 0x5400 and its mantissa counts sixteenths; sign bits set
         minus_z16 = ((zero << 4) * 0x10001 | 0x54005400) ^ -0x7FFF8000
-        shifted = words >> 8
-        for i in tl.static_range(4):  # code pairs (0, 4), (1, 5), (2, 6), (3, 7)
-            src = shifted if i >= 2 else words
-            x_pair = tl.broadcast_to(_pair(xs[i], xs[i + 4])[None, :], (BLOCK_N, STEP_WORDS))
-            if i % 2 == 0:
-                d = _fma_f16x2((src & 0x000F000F) | magic, ones, minus_z)
-            else:
-                d = _fma_f16x2((src & 0x00F000F0) | magic, sixteenths, minus_z16)
-            t = _fma_f16x2(d, x_pair, t)
+        t = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)  # (+0, +0): the slot's fp16 pair sums
+        for r in tl.static_range(WORDS_PER_THREAD):
+            words = _load_flat(w_tile + (g0 * WORDS + r))
+            xs = _split_codes(tl.load(x_tile + (g0 * GROUP_SIZE + r * CODES)), CODES)
+            shifted = words >> 8
+            for i in tl.static_range(4):  # code pairs (0, 4), (1, 5), (2, 6), (3, 7)
+                src = shifted if i >= 2 else words
+                # x / 16 (exact, bar fp16 subnormals), so that sums of up to 16 products stay in fp16's range
+                x_pair = _fma_f16x2(_pair(xs[i], xs[i + 4]), x_sixteenths, x_zeros)
+                x_pair = tl.broadcast_to(x_pair[None, :], (BLOCK_N, SLOTS))
+                if i % 2 == 0:
+                    d = _fma_f16x2((src & 0x000F000F) | magic, ones, minus_z)
+                else:
+                    d = _fma_f16x2((src & 0x00F000F0) | magic, sixteenths, minus_z16)
+                t = _fma_f16x2(d, x_pair, t)
         t_low, t_high = _lanes(t)
         acc += (t_low + t_high) * scale
+    acc *= 16.0  # undo x / 16
     return tl.sum(acc, axis=1)
 
 
@@ -282,7 +296,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                     N, K, stride_xm, stride_qn, stride_sn, stride_om, groups_per_split,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
-                    SPLIT_K: tl.constexpr, WORD_TILES: tl.constexpr):
+                    SPLIT_K: tl.constexpr, WORD_TILES: tl.constexpr, WORDS_PER_THREAD: tl.constexpr):
     """out[m, n] (+)= sum_k x[m, k] * (q[n, k] - zero[n, g]) * scale[n, g] over this program's K groups.
 
     BLOCK_M is the exact row count M (<= 4); each row walks the program's groups with the byte-tile
@@ -298,7 +312,7 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         x_row = x_ptr + m * stride_xm
         if WORD_TILES == 2:
             row = _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
-                                       g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)
+                                       g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP, WORDS_PER_THREAD)
         elif WORD_TILES:
             row = _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
                                        g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)
@@ -385,7 +399,8 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 }
 
 # The new designs' candidates: word-tile GEMV (~10-11 loop instructions per weight byte against ~19.8 for the
-# default; benchmarks/sass_stats.py), its fp16-pair variant (~8.8; int4 + fp16 only, else it runs as 1) and the swapped GEMM (quant_gemm: register-A wgmma, x by cp.async on sm_90).
+# default; benchmarks/sass_stats.py), its fp16-pair variant (int4 + fp16 only, else it runs as 1: 9.0 per byte
+# with a word per thread, 6.6 with 2, 5.25 with 4 at BLOCK_N 8, 4.9 with 4 at BLOCK_N 16) and the swapped GEMM (quant_gemm: register-A wgmma, x by cp.async on sm_90).
 # Built and tested, chosen from their compiled code, NOT timed on a GPU yet: benchmarks/gpu_check.py times them
 # beside CANDIDATE_CONFIGS, and any caller may pass one as a config, but the tuner does not offer them. Its kernel
 # model prices launch geometry and occupancy, not the dequantization work that tells the designs apart, so it
@@ -400,9 +415,16 @@ UNTIMED_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=2),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=2),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=4),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=2),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=4),
     ],
     "wo_gemm": [c.with_(SWAP_AB=1) for c in swapped.CANDIDATE_CONFIGS],
 }
@@ -424,7 +446,9 @@ def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int |
     raised to 32 * num_warps / words_per_group, so that every thread owns a word of the step's tile (with
     fewer, threads hold copies and Triton converts layouts through shared memory in the loop).
     WORD_TILES=2 (fp16 pairs) is for int4 weights and fp16 activations: with other `bits` or `activation`
-    (a torch dtype or the IR's dtype name) it becomes 1.
+    (a torch dtype or the IR's dtype name) it becomes 1. Its WORDS_PER_THREAD (default 1; other designs: 1)
+    is rounded down to a power of two that divides a group's words (1 when `words_per_group` is not given),
+    and the step is raised to WORDS_PER_THREAD words per thread.
     Cached: decode calls it once per token and layer, so it must cost nothing after the first time.
     """
     config = config or GEMV_DEFAULT_CONFIG
@@ -432,9 +456,13 @@ def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int |
     if word_tiles == 2 and ((activation is not None and str(activation).removeprefix("torch.") != "float16")
                             or (bits is not None and bits != 4)):
         word_tiles = 1
+    per_thread = 1
+    if word_tiles == 2 and words_per_group:
+        per_thread = min(max(1, int(config.get("WORDS_PER_THREAD", 1))), words_per_group)
+        per_thread = 1 << (per_thread.bit_length() - 1)  # a power of two, so that it divides the group's words
     groups_per_step = max(1, _param(config, "GROUPS_PER_STEP", "wo_gemv"))
     if word_tiles and words_per_group:
-        groups_per_step = max(groups_per_step, 32 * config.num_warps // words_per_group)
+        groups_per_step = max(groups_per_step, per_thread * 32 * config.num_warps // words_per_group)
     while n_groups % groups_per_step:
         groups_per_step //= 2
     split_k = max(1, _param(config, "SPLIT_K", "wo_gemv"))
@@ -442,7 +470,7 @@ def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int |
     split_k = triton.cdiv(n_groups, groups_per_split)
     plan = KernelConfig.make(num_warps=config.num_warps, num_stages=config.num_stages,
                              BLOCK_N=_param(config, "BLOCK_N", "wo_gemv"), GROUPS_PER_STEP=groups_per_step,
-                             SPLIT_K=split_k, WORD_TILES=word_tiles)
+                             SPLIT_K=split_k, WORD_TILES=word_tiles, WORDS_PER_THREAD=per_thread)
     return plan, groups_per_split
 
 
@@ -478,7 +506,8 @@ def wo_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = N
         n, k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), groups_per_split,
         BITS=qw.bits, GROUP_SIZE=qw.group_size, HAS_BIAS=bias is not None,
         BLOCK_M=m, BLOCK_N=block_n, GROUPS_PER_STEP=plan.get("GROUPS_PER_STEP"),
-        SPLIT_K=split_k, WORD_TILES=plan.get("WORD_TILES"), num_warps=plan.num_warps, num_stages=plan.num_stages)
+        SPLIT_K=split_k, WORD_TILES=plan.get("WORD_TILES"), WORDS_PER_THREAD=plan.get("WORDS_PER_THREAD"),
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out.to(x2.dtype) if split_k > 1 else out
 
 

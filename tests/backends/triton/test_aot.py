@@ -121,24 +121,27 @@ def test_word_tile_gemv_builds_with_a_barrier_free_k_loop(word_tiles, name, grou
 
 @pytest.fixture(scope="module")
 def pair_tiles():
-    keys = [("wo_gemv_int4_g128_fp16", arch) for arch in ARCHS]
-    pairs = WORD_TILES.with_(WORD_TILES=2)
-    results = aot.build_many(aot.spec_request(WORD_TILE_SPECS[name], arch, pairs) for name, arch in keys)
-    return dict(zip(keys, results))
+    keys = [(per_thread, arch) for per_thread in (1, 4) for arch in ARCHS]
+    requests = (aot.spec_request(WORD_TILE_SPECS["wo_gemv_int4_g128_fp16"], arch,
+                                 WORD_TILES.with_(WORD_TILES=2, WORDS_PER_THREAD=per_thread)) for per_thread, arch in keys)
+    return dict(zip(keys, aot.build_many(requests)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fp16_pair_gemv_compiles_to_f16x2_fmas_in_a_barrier_free_loop(pair_tiles, arch):
+@pytest.mark.parametrize("per_thread", [1, 4])
+def test_fp16_pair_gemv_compiles_to_f16x2_fmas_in_a_barrier_free_loop(pair_tiles, per_thread, arch):
     """WORD_TILES=2 runs its pair math as inline fma.rn.f16x2 when compiled (the interpreter tests run its
-    emulation): 2 per code pair, 4 pairs per word, one word per row (BLOCK_N=8) per trip."""
-    binary = pair_tiles["wo_gemv_int4_g128_fp16", arch]
+    emulation): per word of the slot, 2 per code pair for each of the BLOCK_N=8 rows plus 4 for x / 16."""
+    binary = pair_tiles[per_thread, arch]
     assert isinstance(binary, aot.KernelBinary), binary
-    assert binary.metadata["constexprs"]["WORD_TILES"] == 2
+    constexprs = binary.metadata["constexprs"]
+    assert constexprs["WORD_TILES"] == 2 and constexprs["WORDS_PER_THREAD"] == per_thread
     assert binary.metadata["spill_stores"] == binary.metadata["spill_loads"] == 0
     [loop] = _loop_bodies(binary.ptx)
     assert "bar.sync" not in loop and "st.shared" not in loop
-    assert loop.count("fma.rn.f16x2") == 8 * 4 * 2
-    assert loop.count("ld.global.v4.b32") == 1                # x: one 16-byte load per thread and trip
+    assert loop.count("fma.rn.f16x2") == per_thread * (8 * 4 * 2 + 4)
+    assert loop.count("ld.global.v4.b32") == per_thread       # x: one 16-byte load per word of the slot
+    assert len(re.findall(r"\bld\.global\.b16\b", loop)) == 8  # one scale per row and slot
     assert "fma.rn.f16x2" not in binary.ptx.replace(loop, "")  # nothing of it outside the K loop
 
 

@@ -119,30 +119,36 @@ def test_word_tiles_cover_extreme_codes_and_zeros(word_tiles, dtype):
         _assert_matches_reference(wo_gemv(x, qw, None, config), x, qw, None)
 
 
-# fp16-pair word tiles (WORD_TILES=2; int4, fp16): (group_size, rows M, bias, symmetric, BLOCK_N, SPLIT_K)
-HALF_WORD_CASES = [(32, 1, False, False, 8, 1), (64, 2, True, True, 4, 1), (128, 3, True, False, 16, 1),
-                   (32, 1, True, True, 8, 3), (128, 2, False, False, 4, 2)]
+# fp16-pair word tiles (WORD_TILES=2; int4, fp16):
+# (group_size, rows M, bias, symmetric, BLOCK_N, SPLIT_K, WORDS_PER_THREAD as configured)
+HALF_WORD_CASES = [(32, 1, False, False, 8, 1, 1), (64, 2, True, True, 4, 1, 2), (128, 3, True, False, 16, 1, 4),
+                   (32, 1, True, True, 8, 3, 4), (128, 2, False, False, 4, 2, 16), (32, 2, False, True, 4, 1, 8)]
 
 
-@pytest.mark.parametrize("group_size,m,bias,symmetric,block_n,split_k", HALF_WORD_CASES)
-def test_fp16_pair_word_tiles_match_reference(group_size, m, bias, symmetric, block_n, split_k):
+@pytest.mark.parametrize("group_size,m,bias,symmetric,block_n,split_k,per_thread", HALF_WORD_CASES)
+def test_fp16_pair_word_tiles_match_reference(group_size, m, bias, symmetric, block_n, split_k, per_thread):
     x, qw, b = _problem(36, 256, m, 4, group_size, symmetric, torch.float16, seed=5 * m + group_size, bias=bias)
-    config = KernelConfig.make(num_warps=4, BLOCK_N=block_n, GROUPS_PER_STEP=2, SPLIT_K=split_k, WORD_TILES=2)
+    config = KernelConfig.make(num_warps=4, BLOCK_N=block_n, GROUPS_PER_STEP=2, SPLIT_K=split_k, WORD_TILES=2,
+                               WORDS_PER_THREAD=per_thread)
     y = wo_gemv(x, qw, b, config)
     _assert_matches_reference(y, x, qw, b)
     y_words = wo_gemv(x, qw, b, config.with_(WORD_TILES=1))  # fp32 products: the same sum up to fp16 rounding
     torch.testing.assert_close(y.float(), y_words.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_fp16_pair_word_tiles_keep_large_activations_finite():
-    """|x| up to 1000 (far past any normalised activation) with codes 15 against zero 0: partial sums of
-    4 products stay below fp16's 65504."""
+@pytest.mark.parametrize("per_thread", [1, 4])
+def test_fp16_pair_word_tiles_keep_large_activations_finite(per_thread):
+    """|x| up to 4000 (far past normalised activations) with codes 15 against zero 0: a slot's fp16 sums of
+    4 * WORDS_PER_THREAD products of x / 16 stay below fp16's 65504 up to |x| ~ 17471 / WORDS_PER_THREAD."""
     g = torch.Generator().manual_seed(21)
     x, qw, _ = _problem(16, 128, 1, 4, 32, False, torch.float16, seed=22)
     packed = torch.full((16, 64), 0xFF, dtype=torch.uint8)
     qw = QuantizedWeight(packed.to(DEVICE), qw.scales, torch.zeros_like(qw.zeros), 4, 32, qw.shape)
-    x = (torch.rand(1, 128, generator=g) * 2000 - 1000).to(torch.float16).to(DEVICE)
-    config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=2)
+    x = torch.full((1, 128), 4000.0) * torch.where(torch.rand(1, 128, generator=g) < 0.7, 1.0, -1.0)
+    x = x.to(torch.float16).to(DEVICE)
+    config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=2,
+                               WORDS_PER_THREAD=per_thread)
+    assert gemv_plan(config, 4, 4, torch.float16, 4)[0].get("WORDS_PER_THREAD") == per_thread
     y = wo_gemv(x, qw, None, config)
     assert torch.isfinite(y).all()
     expected = linear_weight_only_ref(x.float(), qw).float()
@@ -157,6 +163,13 @@ def test_gemv_plan_runs_fp16_pairs_only_for_int4_and_fp16():
         assert gemv_plan(pairs, 64, 16, activation, bits)[0].get("WORD_TILES") == 1
     # the word-per-thread step applies to both word-tile loops
     assert gemv_plan(pairs, 64, 16, torch.float16, 4)[0].get("GROUPS_PER_STEP") == 8
+    # WORDS_PER_THREAD: a power of two dividing the group's words, the step raised to that many per thread;
+    # 1 for the other designs and where the plan does not know the group's words
+    for asked, words_per_group, expected, groups_per_step in ((4, 16, 4, 32), (3, 16, 2, 16), (8, 4, 4, 64)):
+        plan = gemv_plan(pairs.with_(WORDS_PER_THREAD=asked), 64, words_per_group, torch.float16, 4)[0]
+        assert (plan.get("WORDS_PER_THREAD"), plan.get("GROUPS_PER_STEP")) == (expected, groups_per_step)
+    assert gemv_plan(pairs.with_(WORDS_PER_THREAD=4), 64, 16, torch.float32, 4)[0].get("WORDS_PER_THREAD") == 1
+    assert gemv_plan(pairs.with_(WORDS_PER_THREAD=4), 64)[0].get("WORDS_PER_THREAD") == 1
 
 
 def test_word_tiles_read_a_qweight_that_starts_off_a_word_boundary():
