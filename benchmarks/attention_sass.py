@@ -1,0 +1,100 @@
+"""The K loop of the decode-attention split kernel, read from its SASS: no GPU needed.
+
+    python benchmarks/attention_sass.py                 # sm_90, every CANDIDATE_CONFIGS entry
+    python benchmarks/attention_sass.py --arch sm_80 --context 32768
+
+Builds `attention_decode._decode_split_kernel` ahead of time as an artifact would for the gpu_check decode shapes
+(batch 1, 32 query heads, 8 KV heads, head dim 128, fp16; dense over the whole cache, and block top-k with
+64-token blocks keeping 1/16 of them), through the launch specs (lmforge.backends.triton.launch_specs), then
+counts the main loop's instructions with benchmarks/sass_stats.py's parser. Per config and kernel: registers,
+shared memory, CTAs per SM by resources, loop instructions per KV byte a thread streams per trip (K and V tiles:
+BLOCK_N x D x 2 bytes x 2 / threads), the bytes its cp.async copies (LDGSTS) move per thread and trip, and
+what num_stages - 1 trips of them in flight come to per SM (compare with ~16 KB by Little's law on an H100),
+the MMA instructions and the bar.sync count per trip. Static: what the kernel asks the SM to issue, not a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sass_stats as ss  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+
+
+def decode_graph(context: int):
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+
+    builder = GraphBuilder("decode")
+    q = builder.input("q", TensorType((1, HQ, 1, D), "float16"))
+    k = builder.input("k", TensorType((1, HKV, context, D), "float16"))
+    v = builder.input("v", TensorType((1, HKV, context, D), "float16"))
+    kept = context // 64 // 16
+    outs = [builder.op("attention", [q, k, v], {}),
+            builder.op("block_topk_attention", [q, k, v],
+                       {"block_size": 64, "topk_blocks": kept - 2, "sinks": 64, "window": 64})]
+    return builder.build(outs)
+
+
+def rows(arch: str, context: int) -> list[dict]:
+    from lmforge.backends.triton import aot
+    from lmforge.backends.triton import attention_decode as ad
+    from lmforge.backends.triton import launch_specs as ls
+
+    graph = decode_graph(context)
+    variants = []
+    for config in ad.CANDIDATE_CONFIGS:
+        for node in graph.nodes:
+            for variant in ls.spec_for(node).variants(node, {"attention_decode": config}):
+                if variant.kernel == "decode_split":
+                    variants.append((node.op, config, variant))
+    requests = [aot.BuildRequest(v.fn, dict(v.signature), dict(v.constexprs), v.config, arch, v.divisible_by_16)
+                for _, _, v in variants]
+    out = []
+    for (op, config, variant), binary in zip(variants, aot.build_many(requests)):
+        if isinstance(binary, str):
+            out.append({"op": op, "config": str(config), "error": binary[:200]})
+            continue
+        report = aot.ResourceReport.of(binary)
+        loop = ss.main_loop(*ss.parse_sass(ss.disassemble(binary.cubin)))
+        _, opcodes = ss.instruction_mix(loop)
+        threads = 32 * report.num_warps
+        kv_bytes = variant.config.get("BLOCK_N") * D * 2 * 2 / threads
+        copied = sum(n * ss.load_bits(o) // 8 for o, n in opcodes.items() if o.startswith("LDGSTS"))
+        ctas = ss.ctas_per_sm(report.registers, report.shared_bytes, report.num_warps)
+        out.append({
+            "op": op, "config": str(variant.config), "registers": report.registers, "shared": report.shared_bytes,
+            "ctas": ctas, "loop": len(loop), "per_kv_byte": len(loop) / kv_bytes, "copied": copied,
+            "in_flight_sm": copied * (variant.config.num_stages - 1) * threads * ctas,
+            "mma": sum(n for o, n in opcodes.items() if "MMA" in o and o != "HFMA2.MMA"),
+            "mma_kind": sorted({o for o in opcodes if "MMA" in o and o != "HFMA2.MMA"}),
+            "bar_sync": sum(n for o, n in opcodes.items() if o.startswith("BAR")),
+        })
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_89", "sm_90"])
+    parser.add_argument("--context", type=int, default=131072, help="cached tokens (a multiple of 1024)")
+    args = parser.parse_args(argv)
+    print(f"decode split kernel, {args.arch}, B 1, Hq {HQ}, Hkv {HKV}, D {D}, fp16, {args.context} cached tokens\n")
+    print("| op | config | regs | smem | CTAs/SM | loop instr | per KV byte | cp.async B / thread / trip "
+          "| in flight / SM | MMA / trip | bar.sync / trip |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in rows(args.arch, args.context):
+        if "error" in r:
+            print(f"| {r['op']} | {r['config']} | build failed: {r['error']} |")
+            continue
+        print(f"| {r['op']} | {r['config']} | {r['registers']} | {r['shared'] // 1024} KB | {r['ctas']} | {r['loop']} "
+              f"| {r['per_kv_byte']:.2f} | {r['copied']} | {r['in_flight_sm'] // 1024} KB "
+              f"| {r['mma']} x {', '.join(r['mma_kind'])} | {r['bar_sync']} |")
+
+
+if __name__ == "__main__":
+    main()
