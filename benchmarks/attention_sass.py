@@ -2,6 +2,7 @@
 
     python benchmarks/attention_sass.py                 # sm_90, every CANDIDATE_CONFIGS entry
     python benchmarks/attention_sass.py --arch sm_80 --context 32768
+    python benchmarks/attention_sass.py --prefill                    # the flash prefill kernel, causal, 4096 tokens
 
 Builds `attention_decode._decode_split_kernel` ahead of time as an artifact would for the gpu_check decode shapes
 (batch 1, 32 query heads, 8 KV heads, head dim 128, fp16; dense over the whole cache, and block top-k with
@@ -10,7 +11,9 @@ counts the main loop's instructions with benchmarks/sass_stats.py's parser. Per 
 shared memory, CTAs per SM by resources, loop instructions per KV byte a thread streams per trip (K and V tiles:
 BLOCK_N x D x 2 bytes x 2 / threads), the bytes its cp.async copies (LDGSTS) move per thread and trip, and
 what num_stages - 1 trips of them in flight come to per SM (compare with ~16 KB by Little's law on an H100),
-the MMA instructions and the bar.sync count per trip. Static: what the kernel asks the SM to issue, not a timing.
+the MMA instructions and the bar.sync count per trip. --prefill: the same for `attention_prefill`'s flash kernel
+on the gpu_check dense causal prefill (32 heads, 4096 tokens; per trip one BLOCK_N tile of K and V), plus the
+wgmma waits (WARPGROUP.DEPBAR) per trip. Static: what the kernel asks the SM to issue, not a timing.
 """
 from __future__ import annotations
 
@@ -41,17 +44,28 @@ def decode_graph(context: int):
     return builder.build(outs)
 
 
-def rows(arch: str, context: int) -> list[dict]:
+def prefill_graph(tokens: int):
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+
+    builder = GraphBuilder("prefill")
+    q, k, v = (builder.input(n, TensorType((1, HQ, tokens, D), "float16")) for n in "qkv")
+    return builder.build([builder.op("attention", [q, k, v], {"causal": True})])
+
+
+def rows(arch: str, context: int, prefill: bool = False) -> list[dict]:
     from lmforge.backends.triton import aot
     from lmforge.backends.triton import attention_decode as ad
+    from lmforge.backends.triton import attention_prefill as ap
     from lmforge.backends.triton import launch_specs as ls
 
-    graph = decode_graph(context)
+    graph = prefill_graph(4096) if prefill else decode_graph(context)
+    template, kernel = ("attention_prefill", "flash_prefill") if prefill else ("attention_decode", "decode_split")
     variants = []
-    for config in ad.CANDIDATE_CONFIGS:
+    for config in (ap if prefill else ad).CANDIDATE_CONFIGS:
         for node in graph.nodes:
-            for variant in ls.spec_for(node).variants(node, {"attention_decode": config}):
-                if variant.kernel == "decode_split":
+            for variant in ls.spec_for(node).variants(node, {template: config}):
+                if variant.kernel == kernel:
                     variants.append((node.op, config, variant))
     requests = [aot.BuildRequest(v.fn, dict(v.signature), dict(v.constexprs), v.config, arch, v.divisible_by_16)
                 for _, _, v in variants]
@@ -74,6 +88,7 @@ def rows(arch: str, context: int) -> list[dict]:
             "mma": sum(n for o, n in opcodes.items() if "MMA" in o and o != "HFMA2.MMA"),
             "mma_kind": sorted({o for o in opcodes if "MMA" in o and o != "HFMA2.MMA"}),
             "bar_sync": sum(n for o, n in opcodes.items() if o.startswith("BAR")),
+            "wgmma_waits": sum(n for o, n in opcodes.items() if o.startswith("WARPGROUP.DEPBAR")),
         })
     return out
 
@@ -82,18 +97,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_89", "sm_90"])
     parser.add_argument("--context", type=int, default=131072, help="cached tokens (a multiple of 1024)")
+    parser.add_argument("--prefill", action="store_true", help="the flash prefill kernel instead (causal, 4096 tokens)")
     args = parser.parse_args(argv)
-    print(f"decode split kernel, {args.arch}, B 1, Hq {HQ}, Hkv {HKV}, D {D}, fp16, {args.context} cached tokens\n")
+    what = ("flash prefill kernel, causal, 4096 tokens" if args.prefill else
+            f"decode split kernel, Hkv {HKV}, {args.context} cached tokens")
+    print(f"{what}, {args.arch}, B 1, Hq {HQ}, D {D}, fp16\n")
     print("| op | config | regs | smem | CTAs/SM | loop instr | per KV byte | cp.async B / thread / trip "
-          "| in flight / SM | MMA / trip | bar.sync / trip |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
-    for r in rows(args.arch, args.context):
+          "| in flight / SM | MMA / trip | bar.sync / trip | wgmma waits / trip |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for r in rows(args.arch, args.context, args.prefill):
         if "error" in r:
             print(f"| {r['op']} | {r['config']} | build failed: {r['error']} |")
             continue
         print(f"| {r['op']} | {r['config']} | {r['registers']} | {r['shared'] // 1024} KB | {r['ctas']} | {r['loop']} "
               f"| {r['per_kv_byte']:.2f} | {r['copied']} | {r['in_flight_sm'] // 1024} KB "
-              f"| {r['mma']} x {', '.join(r['mma_kind'])} | {r['bar_sync']} |")
+              f"| {r['mma']} x {', '.join(r['mma_kind'])} | {r['bar_sync']} | {r['wgmma_waits']} |")
 
 
 if __name__ == "__main__":
