@@ -1,4 +1,4 @@
-"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1) and int4 GEMM (prefill).
+"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1; int4 also batch 4) and int4 GEMM (prefill).
 
 Baseline: cuBLAS fp16 through torch.nn.functional.linear with the dequantized fp16 weight, i.e. what runs
 if the weight is not kept quantized. Weights W [N, K] (out x in), group size 128, fp16 activations.
@@ -68,6 +68,9 @@ def cases(quick: bool) -> list[dict]:
         for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
             for design in [d for d in DESIGNS["wo_gemv"] if bits == 4 or d != "fp16 pairs"]:
                 out.append(_case("gemv", bits, n, k, 1, quick, gen, design))
+    # batch-4 decode (beams, samples): the fp16-pair design walks the weights once for all 4 rows
+    for design in DESIGNS["wo_gemv"]:
+        out.append(_case("gemv", 4, *GEMV_SHAPES[0], 4, quick, gen, design))
     for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
         for m in GEMM_ROWS:
             for design in DESIGNS["wo_gemm"]:

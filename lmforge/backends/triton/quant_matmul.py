@@ -229,13 +229,33 @@ def _fma_f16x2(a, b, c):
 
 
 @triton.jit
-def _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn, g_begin, g_end,
-                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GROUPS_PER_STEP: tl.constexpr, WORDS_PER_THREAD: tl.constexpr):
-    """The word-tile sum with fp16 arithmetic on pairs of codes (WORD_TILES=2: int4 weights, fp16 activations).
+def _slot_products(t, d0, d1, d2, d3, x_slot, x_sixteenths, x_zeros):
+    """t + the products of one word's code pairs d0-d3 (code - zero, as fp16 pairs) with its 8 x values
+    [SLOTS, 8] (fp16), x taken / 16 and paired as the codes are: (0, 4), (1, 5), (2, 6), (3, 7)."""
+    xs = _split_codes(x_slot, 8)
+    t = _fma_f16x2(d0, _fma_f16x2(_pair(xs[0], xs[4]), x_sixteenths, x_zeros)[None, :], t)
+    t = _fma_f16x2(d1, _fma_f16x2(_pair(xs[1], xs[5]), x_sixteenths, x_zeros)[None, :], t)
+    t = _fma_f16x2(d2, _fma_f16x2(_pair(xs[2], xs[6]), x_sixteenths, x_zeros)[None, :], t)
+    return _fma_f16x2(d3, _fma_f16x2(_pair(xs[3], xs[7]), x_sixteenths, x_zeros)[None, :], t)
+
+
+@triton.jit
+def _slot_total(t, scale):
+    """A slot's fp16 pair sums -> their fp32 total times the slot's scale."""
+    t_low, t_high = _lanes(t)
+    return (t_low + t_high) * scale
+
+
+@triton.jit
+def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn,
+                          g_begin, g_end, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, WORDS_PER_THREAD: tl.constexpr):
+    """The word-tile sums of rows 0-3 with fp16 arithmetic on code pairs (WORD_TILES=2: int4, fp16 activations).
 
     The word tiles' layout, with WORDS_PER_THREAD (R) consecutive words of one group per thread and row (a
     slot; R = 1 is _gemv_row_word_tiles' layout): the slot's scale and zero are loaded once for its R words.
+    All BLOCK_M (<= 4) rows of x in one pass: the codes are dequantized once and each row adds its own
+    products (rows past BLOCK_M return zeros), where the other loops walk the weights once per row.
     The loop body works on int32 words that hold two fp16 values, with one f16x2 fused multiply-add (HFMA2)
     per instruction (inline PTX: written as fp16 tensor arithmetic, the compiler pairs lanes as its
     vectoriser likes and shuffles them with PRMTs). Codes k and k + 4 of a weight word sit 16 bits apart, so
@@ -250,11 +270,12 @@ def _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     such limit); precision: 11 bits per sum. x / 16 is exact except for |x| < 2^-10 (fp16 subnormals).
     """
     tl.static_assert(BITS == 4, "fp16-pair word tiles are for int4 weights (gemv_plan gives int8 WORD_TILES=1)")
+    tl.static_assert(BLOCK_M <= 4, "the GEMV takes at most 4 rows")
     CODES: tl.constexpr = 8
     WORDS: tl.constexpr = GROUP_SIZE // CODES
     STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
     SLOTS: tl.constexpr = STEP_WORDS // WORDS_PER_THREAD
-    w_tile, x_tile, s_tile = _word_tile_offsets(x_row, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
+    w_tile, x_tile, s_tile = _word_tile_offsets(x_ptr, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
                                                 CODES, WORDS, SLOTS, WORDS_PER_THREAD)
     # two fp16 1024.0 as an opaque value (program ids stay below 2^30): each AND-OR below is then one LOP3 with
     # its mask as the immediate and this constant in a register, instead of a constant move per code pair
@@ -263,32 +284,45 @@ def _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, s
     sixteenths = tl.full((BLOCK_N, SLOTS), 0x2C002C00, tl.int32)  # fp16 (1/16, 1/16)
     x_sixteenths = tl.full((SLOTS,), 0x2C002C00, tl.int32)
     x_zeros = tl.zeros((SLOTS,), dtype=tl.int32)
-    acc = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
     for g0 in range(g_begin, g_end, GROUPS_PER_STEP):  # a whole number of steps (see gemv_plan)
         scale = _load_flat(s_tile + g0 + scales_ptr).to(tl.float32)
         zero = _load_flat(s_tile + g0 + zeros_ptr).to(tl.int32)
         minus_z = (zero * 0x10001 | magic) ^ -0x7FFF8000  # -(1024 + zero) in both halves (sign bits 0x80008000)
         # -(64 + zero): fp16 64.0 is 0x5400 and its mantissa counts sixteenths; sign bits set
         minus_z16 = ((zero << 4) * 0x10001 | 0x54005400) ^ -0x7FFF8000
-        t = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)  # (+0, +0): the slot's fp16 pair sums
+        t0 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)  # (+0, +0): the slot's fp16 pair sums, per row
+        t1 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)
+        t2 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)
+        t3 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)
         for r in tl.static_range(WORDS_PER_THREAD):
             words = _load_flat(w_tile + (g0 * WORDS + r))
-            xs = _split_codes(tl.load(x_tile + (g0 * GROUP_SIZE + r * CODES)), CODES)
             shifted = words >> 8
-            for i in tl.static_range(4):  # code pairs (0, 4), (1, 5), (2, 6), (3, 7)
-                src = shifted if i >= 2 else words
-                # x / 16 (exact, bar fp16 subnormals), so that sums of up to 16 products stay in fp16's range
-                x_pair = _fma_f16x2(_pair(xs[i], xs[i + 4]), x_sixteenths, x_zeros)
-                x_pair = tl.broadcast_to(x_pair[None, :], (BLOCK_N, SLOTS))
-                if i % 2 == 0:
-                    d = _fma_f16x2((src & 0x000F000F) | magic, ones, minus_z)
-                else:
-                    d = _fma_f16x2((src & 0x00F000F0) | magic, sixteenths, minus_z16)
-                t = _fma_f16x2(d, x_pair, t)
-        t_low, t_high = _lanes(t)
-        acc += (t_low + t_high) * scale
-    acc *= 16.0  # undo x / 16
-    return tl.sum(acc, axis=1)
+            d0 = _fma_f16x2((words & 0x000F000F) | magic, ones, minus_z)  # codes 0, 4
+            d1 = _fma_f16x2((words & 0x00F000F0) | magic, sixteenths, minus_z16)  # codes 1, 5 (16x)
+            d2 = _fma_f16x2((shifted & 0x000F000F) | magic, ones, minus_z)  # codes 2, 6
+            d3 = _fma_f16x2((shifted & 0x00F000F0) | magic, sixteenths, minus_z16)  # codes 3, 7 (16x)
+            x_slot = x_tile + (g0 * GROUP_SIZE + r * CODES)
+            t0 = _slot_products(t0, d0, d1, d2, d3, tl.load(x_slot), x_sixteenths, x_zeros)
+            if BLOCK_M > 1:
+                t1 = _slot_products(t1, d0, d1, d2, d3, tl.load(x_slot + stride_xm), x_sixteenths, x_zeros)
+            if BLOCK_M > 2:
+                t2 = _slot_products(t2, d0, d1, d2, d3, tl.load(x_slot + 2 * stride_xm), x_sixteenths, x_zeros)
+            if BLOCK_M > 3:
+                t3 = _slot_products(t3, d0, d1, d2, d3, tl.load(x_slot + 3 * stride_xm), x_sixteenths, x_zeros)
+        acc0 += _slot_total(t0, scale)
+        if BLOCK_M > 1:
+            acc1 += _slot_total(t1, scale)
+        if BLOCK_M > 2:
+            acc2 += _slot_total(t2, scale)
+        if BLOCK_M > 3:
+            acc3 += _slot_total(t3, scale)
+    # times 16: undo x / 16
+    return tl.sum(acc0, axis=1) * 16.0, tl.sum(acc1, axis=1) * 16.0, tl.sum(acc2, axis=1) * 16.0, \
+        tl.sum(acc3, axis=1) * 16.0
 
 
 @triton.jit
@@ -300,7 +334,8 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     """out[m, n] (+)= sum_k x[m, k] * (q[n, k] - zero[n, g]) * scale[n, g] over this program's K groups.
 
     BLOCK_M is the exact row count M (<= 4); each row walks the program's groups with the byte-tile
-    (WORD_TILES=0), the word-tile (WORD_TILES=1) or the fp16-pair word-tile (WORD_TILES=2) loop.
+    (WORD_TILES=0) or the word-tile (WORD_TILES=1) loop; the fp16-pair word tiles (WORD_TILES=2) walk them
+    once for all rows.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -308,11 +343,14 @@ def _wo_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     mask_n = offs_n < N
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // GROUP_SIZE)  # both multiples of GROUPS_PER_STEP
+    if WORD_TILES == 2:  # every row in one pass
+        rows = _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn,
+                                     stride_sn, g_begin, g_end, BITS, GROUP_SIZE, BLOCK_M, BLOCK_N, GROUPS_PER_STEP,
+                                     WORDS_PER_THREAD)
     for m in tl.static_range(BLOCK_M):
         x_row = x_ptr + m * stride_xm
         if WORD_TILES == 2:
-            row = _gemv_row_half_words(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
-                                       g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP, WORDS_PER_THREAD)
+            row = rows[m]
         elif WORD_TILES:
             row = _gemv_row_word_tiles(x_row, qw_ptr, scales_ptr, zeros_ptr, offs_n, N - 1, stride_qn, stride_sn,
                                        g_begin, g_end, BITS, GROUP_SIZE, BLOCK_N, GROUPS_PER_STEP)

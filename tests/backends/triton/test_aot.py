@@ -145,6 +145,17 @@ def test_fp16_pair_gemv_compiles_to_f16x2_fmas_in_a_barrier_free_loop(pair_tiles
     assert "fma.rn.f16x2" not in binary.ptx.replace(loop, "")  # nothing of it outside the K loop
 
 
+def test_fp16_pair_gemv_dequantizes_once_for_all_rows():
+    """With 4 rows of x the codes are dequantized once per word (4 HFMA2 per weight row), then each x row adds
+    its products (4 + 4 for x / 16): one K loop for all rows, where the other designs walk the weights per row."""
+    [spec] = [s for s in quant_matmul.aot_specs(torch.float16, rows=4) if s.name == "wo_gemv_int4_g128_fp16"]
+    binary = aot.build_many([aot.spec_request(spec, "sm_90", WORD_TILES.with_(WORD_TILES=2))])[0]
+    assert isinstance(binary, aot.KernelBinary), binary
+    [loop] = _loop_bodies(binary.ptx)
+    assert loop.count("fma.rn.f16x2") == 8 * 4 + 4 * (8 * 4 + 4)
+    assert loop.count("ld.global.v4.b32") == 4                # one x load per row
+
+
 def test_loop_check_sees_a_barrier_in_the_loop(word_tiles):
     """fp32 activations give the x tile (32 bytes per thread) a layout of its own, converted in the loop."""
     binary = word_tiles["wo_gemv_int4_g128_fp32", "sm_90"]

@@ -122,7 +122,8 @@ def test_word_tiles_cover_extreme_codes_and_zeros(word_tiles, dtype):
 # fp16-pair word tiles (WORD_TILES=2; int4, fp16):
 # (group_size, rows M, bias, symmetric, BLOCK_N, SPLIT_K, WORDS_PER_THREAD as configured)
 HALF_WORD_CASES = [(32, 1, False, False, 8, 1, 1), (64, 2, True, True, 4, 1, 2), (128, 3, True, False, 16, 1, 4),
-                   (32, 1, True, True, 8, 3, 4), (128, 2, False, False, 4, 2, 16), (32, 2, False, True, 4, 1, 8)]
+                   (32, 1, True, True, 8, 3, 4), (128, 2, False, False, 4, 2, 16), (32, 2, False, True, 4, 1, 8),
+                   (64, 4, True, False, 8, 1, 2), (32, 4, False, True, 4, 2, 1)]
 
 
 @pytest.mark.parametrize("group_size,m,bias,symmetric,block_n,split_k,per_thread", HALF_WORD_CASES)
