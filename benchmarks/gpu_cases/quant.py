@@ -1,4 +1,4 @@
-"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1; int4 also batch 4) and int4 GEMM (prefill).
+"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1; int4 also batch 4), int4 GEMM.
 
 Baseline: cuBLAS fp16 through torch.nn.functional.linear with the dequantized fp16 weight, i.e. what runs
 if the weight is not kept quantized. Weights W [N, K] (out x in), group size 128, fp16 activations.

@@ -23,7 +23,8 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
     pairs of fp16 in int32 words and one HFMA2 (inline PTX fma.rn.f16x2) per pair for code - zero and one
     for the product with x (emulated lane by lane under the interpreter). WORDS_PER_THREAD consecutive
     words of a group per thread (a "slot") share one scale / zero load and one fp32 conversion: 9.0
-    instructions per weight byte with 1, 6.6 with 2, 5.25 with 4 (see _gemv_row_half_words).
+    instructions per weight byte with 1, 6.6 with 2, 5.25 with 4; all rows of x in one pass (see
+    _gemv_rows_half_words).
 - `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a
   [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half,
   each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
@@ -33,10 +34,10 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
   dequantized weight as the MMA's register operand and x streamed to shared memory; see quant_gemm.py.
 
 Only long-standing tl APIs are used (program_id, arange, load/store with masks, dot, sum, where, shifts,
-atomic_add, reshape, split, join, pointer casts, inline_asm_elementwise), so the kernels compile on Triton 3.6 through 3.9 (built and
-tested with 3.9 and with 3.6, `make test-triton36`; the word-tile K loop compiles to the same SASS instruction
-mix on both: its loads are 1-D tiles because the two versions order the threads of a tile with no contiguous
-dimension differently, and 3.6 then converted x through shared memory in every trip).
+atomic_add, reshape, split, join, pointer casts, inline_asm_elementwise), so the kernels compile on Triton 3.6
+through 3.9 (built and tested with 3.9 and with 3.6, `make test-triton36`; the word-tile K loops compile to the
+same SASS instruction mix on both: their loads are 1-D tiles because the two versions order the threads of a
+tile with no contiguous dimension differently, and 3.6 then converted x through shared memory in every trip).
 """
 from __future__ import annotations
 
@@ -438,7 +439,8 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 
 # The new designs' candidates: word-tile GEMV (~10-11 loop instructions per weight byte against ~19.8 for the
 # default; benchmarks/sass_stats.py), its fp16-pair variant (int4 + fp16 only, else it runs as 1: 9.0 per byte
-# with a word per thread, 6.6 with 2, 5.25 with 4 at BLOCK_N 8, 4.9 with 4 at BLOCK_N 16) and the swapped GEMM (quant_gemm: register-A wgmma, x by cp.async on sm_90).
+# with a word per thread, 6.6 with 2, 5.25 with 4 at BLOCK_N 8, 4.9 with 4 at BLOCK_N 16) and the swapped GEMM
+# (quant_gemm: register-A wgmma, x by cp.async on sm_90).
 # Built and tested, chosen from their compiled code, NOT timed on a GPU yet: benchmarks/gpu_check.py times them
 # beside CANDIDATE_CONFIGS, and any caller may pass one as a config, but the tuner does not offer them. Its kernel
 # model prices launch geometry and occupancy, not the dequantization work that tells the designs apart, so it

@@ -122,8 +122,9 @@ def test_word_tile_gemv_builds_with_a_barrier_free_k_loop(word_tiles, name, grou
 @pytest.fixture(scope="module")
 def pair_tiles():
     keys = [(per_thread, arch) for per_thread in (1, 4) for arch in ARCHS]
-    requests = (aot.spec_request(WORD_TILE_SPECS["wo_gemv_int4_g128_fp16"], arch,
-                                 WORD_TILES.with_(WORD_TILES=2, WORDS_PER_THREAD=per_thread)) for per_thread, arch in keys)
+    spec = WORD_TILE_SPECS["wo_gemv_int4_g128_fp16"]
+    requests = (aot.spec_request(spec, arch, WORD_TILES.with_(WORD_TILES=2, WORDS_PER_THREAD=per_thread))
+                for per_thread, arch in keys)
     return dict(zip(keys, aot.build_many(requests)))
 
 
