@@ -420,6 +420,35 @@ def test_quantized_linear_launches_like_the_jit_launcher(monkeypatch, int4_decod
     _check_against_jit(jit, variants[call.launches[0].variant], call)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fp16_pair_gemv_launches_like_the_jit_launcher(monkeypatch, rows):
+    """The fp16-pair GEMV (WORD_TILES=2, WORDS_PER_THREAD) on an fp16 node: same kernel, constexprs (the plan's
+    WORDS_PER_THREAD included), grid and arguments as the JIT launcher, for all rows in one launch."""
+    from lmforge.ir.ops.quant_ref import quantize_weight
+
+    n, k = 24, 256
+    qw = quantize_weight(torch.randn(n, k, dtype=torch.float16), 4, 64, symmetric=False)
+    builder = GraphBuilder("g")
+    inputs = [builder.input("x", TensorType((B, 1, k), "float16")),
+              builder.input("qweight", TensorType(tuple(qw.qweight.shape), "uint8")),
+              builder.input("scales", TensorType(tuple(qw.scales.shape), "float16")),
+              builder.input("zeros", TensorType(tuple(qw.zeros.shape), "uint8")),
+              builder.input("bias", TensorType((n,), "float16"))]
+    node = builder.build([builder.op("linear_wo", inputs, {"bits": 4, "group_size": 64})]).nodes[0]
+    configs = {"wo_gemv": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1,
+                                            WORD_TILES=2, WORDS_PER_THREAD=4)}
+    variants = {v.key: v for v in ls.spec_for(node).variants(node, configs)}
+    gemv = variants[f"wo_gemv.m{rows}"]
+    assert gemv.config.get("WORD_TILES") == 2 and gemv.config.get("WORDS_PER_THREAD") == 4
+    x, bias = torch.randn(rows, 1, k, dtype=torch.float16), torch.randn(n, dtype=torch.float16)
+    run = TritonBackend(configs).claim(node, "cuda").fn
+    jit = _jit_call(monkeypatch, qm, "_wo_gemv_kernel", lambda: run(x, qw.qweight, qw.scales, qw.zeros, bias,
+                                                                     **node.attr))
+    built = {key: ls.Built(v.config, v.static) for key, v in variants.items()}
+    call = ls.spec_for(node).call(node, built, x, qw.qweight, qw.scales, qw.zeros, bias, **node.attr)
+    _check_against_jit(jit, gemv, call)
+
+
 class _InterpretedCubin:
     """A loaded cubin's stand-in: the same @triton.jit function, run by Triton's interpreter with exactly the
     positional arguments and grid that CubinBackend computed from the kernel's metadata."""
