@@ -440,7 +440,8 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 # The new designs' candidates: word-tile GEMV (~10-11 loop instructions per weight byte against ~19.8 for the
 # default; benchmarks/sass_stats.py), its fp16-pair variant (int4 + fp16 only, else it runs as 1: 9.0 per byte
 # with a word per thread, 6.6 with 2, 5.25 with 4 at BLOCK_N 8, 4.9 with 4 at BLOCK_N 16) and the swapped GEMM
-# (quant_gemm: register-A wgmma, x by cp.async on sm_90).
+# (quant_gemm: register-A wgmma, x by cp.async on sm_90). Each GEMV design's first entry is its statically best
+# config: gpu_check tries only the first once its --sweep-budget is spent.
 # Built and tested, chosen from their compiled code, NOT timed on a GPU yet: benchmarks/gpu_check.py times them
 # beside CANDIDATE_CONFIGS, and any caller may pass one as a config, but the tuner does not offer them. Its kernel
 # model prices launch geometry and occupancy, not the dequantization work that tells the designs apart, so it
@@ -449,18 +450,18 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 # CANDIDATE_CONFIGS once a GPU run shows where they win.
 UNTIMED_CONFIGS: dict[str, list[KernelConfig]] = {
     "wo_gemv": [
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=4, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=4, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=1),
+                          WORDS_PER_THREAD=4),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
                           WORDS_PER_THREAD=2),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=4),
+                          WORDS_PER_THREAD=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
                           WORDS_PER_THREAD=2),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
