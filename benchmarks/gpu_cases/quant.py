@@ -29,7 +29,7 @@ def _weight_bytes(n: int, k: int, bits: int) -> int:
 
 # Each kernel's candidates by design, so the table shows every design's best: the measured byte-tile GEMV and
 # tiled GEMM (the defaults), and the word-tile GEMV (fp32 and fp16-pair arithmetic) / swapped GEMM, chosen from
-# their compiled code, not timed yet. fp16 pairs are int4-only (an int8 plan runs them as word tiles).
+# their compiled code, not timed yet.
 DESIGNS = {"wo_gemv": {"byte tiles": lambda c: c.get("WORD_TILES", 0) == 0,
                          "word tiles": lambda c: c.get("WORD_TILES", 0) == 1,
                          "fp16 pairs": lambda c: c.get("WORD_TILES", 0) == 2},
@@ -66,7 +66,7 @@ def cases(quick: bool) -> list[dict]:
     out = []
     for bits in (4, 8):
         for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
-            for design in [d for d in DESIGNS["wo_gemv"] if bits == 4 or d != "fp16 pairs"]:
+            for design in DESIGNS["wo_gemv"]:
                 out.append(_case("gemv", bits, n, k, 1, quick, gen, design))
     # batch-4 decode (beams, samples): the fp16-pair design walks the weights once for all 4 rows
     for design in DESIGNS["wo_gemv"]:

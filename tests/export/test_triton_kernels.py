@@ -426,7 +426,7 @@ def test_fp16_pair_gemv_launches_like_the_jit_launcher(monkeypatch, rows):
     WORDS_PER_THREAD included), grid and arguments as the JIT launcher, for all rows in one launch."""
     from lmforge.ir.ops.quant_ref import quantize_weight
 
-    n, k = 24, 256
+    n, k = 24, 1024  # 1 warp below: a slot of 4 words per thread needs K * 4 / 32 >= 128 words per row
     qw = quantize_weight(torch.randn(n, k, dtype=torch.float16), 4, 64, symmetric=False)
     builder = GraphBuilder("g")
     inputs = [builder.input("x", TensorType((B, 1, k), "float16")),
@@ -435,7 +435,7 @@ def test_fp16_pair_gemv_launches_like_the_jit_launcher(monkeypatch, rows):
               builder.input("zeros", TensorType(tuple(qw.zeros.shape), "uint8")),
               builder.input("bias", TensorType((n,), "float16"))]
     node = builder.build([builder.op("linear_wo", inputs, {"bits": 4, "group_size": 64})]).nodes[0]
-    configs = {"wo_gemv": KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1,
+    configs = {"wo_gemv": KernelConfig.make(num_warps=1, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1,
                                             WORD_TILES=2, WORDS_PER_THREAD=4)}
     variants = {v.key: v for v in ls.spec_for(node).variants(node, configs)}
     gemv = variants[f"wo_gemv.m{rows}"]

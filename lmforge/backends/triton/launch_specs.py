@@ -332,7 +332,7 @@ class LinearWOSpec:
         gemv_rows = [rows.exact] if rows.exact is not None else list(range(1, qm.GEMV_MAX_ROWS + 1))
         gemv_config = configs.get("wo_gemv")
         for m in [r for r in gemv_rows if 1 <= r <= qm.GEMV_MAX_ROWS]:
-            plan, groups_per_split = qm.gemv_plan(gemv_config, n_groups, group_size * bits // 32, x.type.dtype, bits)
+            plan, groups_per_split = qm.gemv_plan(gemv_config, n_groups, group_size * bits // 32, x.type.dtype)
             ints, ones, divisible = _ints({**strides, "groups_per_split": Hint(groups_per_split)})
             split = plan.get("SPLIT_K") > 1
             sig = {**pointers, **({"out_ptr": "*fp32", "bias_ptr": pointers["bias_ptr"] if has_bias else "*fp32"}

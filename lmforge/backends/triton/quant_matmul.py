@@ -19,16 +19,16 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
     words; codes become floats with one LOP3 and one FFMA each, zero point and scale are applied once per
     word; ~10-11 instructions per weight byte (benchmarks/sass_stats.py). With fp32 activations the x tile
     (32 bytes per thread) gets a layout of its own and a shared-memory conversion in the loop.
-  - 2, fp16-pair word tiles (int4 weights and fp16 activations; otherwise the plan runs 1): the codes as
+  - 2, fp16-pair word tiles (fp16 activations; with others the plan runs 1): the codes as
     pairs of fp16 in int32 words and one HFMA2 (inline PTX fma.rn.f16x2) per pair for code - zero and one
     for the product with x (emulated lane by lane under the interpreter). WORDS_PER_THREAD consecutive
-    words of a group per thread (a "slot") share one scale / zero load and one fp32 conversion: 9.0
-    instructions per weight byte with 1, 6.6 with 2, 5.25 with 4; all rows of x in one pass (see
-    _gemv_rows_half_words).
+    words of a group per thread (a "slot") share one scale / zero load and one fp32 conversion: int4 9.0
+    instructions per weight byte with 1, 6.6 with 2, 5.3 with 4 (int8: 2.8 with 8); all rows of x in one
+    pass (see _gemv_rows_half_words).
 - `_wo_gemm_kernel` (prefill, the default GEMM configs): tiled [BLOCK_M, BLOCK_N] output; each K step loads a
   [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half,
-  each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the activation
-  dtype and accumulates tl.dot into one fp32 tile. BLOCK_K never exceeds group_size, so one K step sees
+  each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the
+  activation dtype and accumulates tl.dot into one fp32 tile. BLOCK_K never exceeds group_size, so one K step sees
   exactly one group and loads one scale and zero per column. Measured 0.1-0.7x cuBLAS fp16 on an H100.
 - `quant_gemm._wo_gemm_swapped_kernel` (prefill, GEMM configs with SWAP_AB=1): y^T = dequant(W) @ x^T, the
   dequantized weight as the MMA's register operand and x streamed to shared memory; see quant_gemm.py.
@@ -230,14 +230,18 @@ def _fma_f16x2(a, b, c):
 
 
 @triton.jit
-def _slot_products(t, d0, d1, d2, d3, x_slot, x_sixteenths, x_zeros):
-    """t + the products of one word's code pairs d0-d3 (code - zero, as fp16 pairs) with its 8 x values
-    [SLOTS, 8] (fp16), x taken / 16 and paired as the codes are: (0, 4), (1, 5), (2, 6), (3, 7)."""
-    xs = _split_codes(x_slot, 8)
-    t = _fma_f16x2(d0, _fma_f16x2(_pair(xs[0], xs[4]), x_sixteenths, x_zeros)[None, :], t)
-    t = _fma_f16x2(d1, _fma_f16x2(_pair(xs[1], xs[5]), x_sixteenths, x_zeros)[None, :], t)
-    t = _fma_f16x2(d2, _fma_f16x2(_pair(xs[2], xs[6]), x_sixteenths, x_zeros)[None, :], t)
-    return _fma_f16x2(d3, _fma_f16x2(_pair(xs[3], xs[7]), x_sixteenths, x_zeros)[None, :], t)
+def _slot_products(t, d0, d1, d2, d3, x_slot, x_scale, x_zeros, CODES: tl.constexpr):
+    """t + the products of one word's code pairs (code - zero, as fp16 pairs: d0-d3 for int4, d0-d1 for int8)
+    with its CODES x values [SLOTS, CODES] (fp16), x scaled by x_scale (1/16 or 1/64, exact) and paired as the
+    codes are: (0, 4), (1, 5), (2, 6), (3, 7) for int4, (0, 2), (1, 3) for int8."""
+    xs = _split_codes(x_slot, CODES)
+    HALF: tl.constexpr = CODES // 2
+    t = _fma_f16x2(d0, _fma_f16x2(_pair(xs[0], xs[HALF]), x_scale, x_zeros)[None, :], t)
+    t = _fma_f16x2(d1, _fma_f16x2(_pair(xs[1], xs[HALF + 1]), x_scale, x_zeros)[None, :], t)
+    if CODES == 8:
+        t = _fma_f16x2(d2, _fma_f16x2(_pair(xs[2], xs[6]), x_scale, x_zeros)[None, :], t)
+        t = _fma_f16x2(d3, _fma_f16x2(_pair(xs[3], xs[7]), x_scale, x_zeros)[None, :], t)
+    return t
 
 
 @triton.jit
@@ -251,7 +255,7 @@ def _slot_total(t, scale):
 def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_n, n_last, stride_qn, stride_sn,
                           g_begin, g_end, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, WORDS_PER_THREAD: tl.constexpr):
-    """The word-tile sums of rows 0-3 with fp16 arithmetic on code pairs (WORD_TILES=2: int4, fp16 activations).
+    """The word-tile sums of rows 0-3 with fp16 arithmetic on code pairs (WORD_TILES=2: fp16 activations).
 
     The word tiles' layout, with WORDS_PER_THREAD (R) consecutive words of one group per thread and row (a
     slot; R = 1 is _gemv_row_word_tiles' layout): the slot's scale and zero are loaded once for its R words.
@@ -259,23 +263,28 @@ def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_
     products (rows past BLOCK_M return zeros), where the other loops walk the weights once per row.
     The loop body works on int32 words that hold two fp16 values, with one f16x2 fused multiply-add (HFMA2)
     per instruction (inline PTX: written as fp16 tensor arithmetic, the compiler pairs lanes as its
-    vectoriser likes and shuffles them with PRMTs). Codes k and k + 4 of a weight word sit 16 bits apart, so
-    one AND-OR with 0x64006400 (two fp16 1024.0) puts both into the mantissas of one pair: 1024 + code
-    (codes 1, 3, 5, 7 come out as 1024 + 16 * code). One HFMA2 gives code - zero exactly: pair * 1 - (1024 +
-    zero), or pair * 1/16 - (64 + zero) for the 16x codes (every value is an integer below 2^11, exact in
-    fp16). A second multiplies by the matching pair of x / 16 and adds to the slot's fp16 sums; these are
-    added in fp32 and scaled once per slot, and the row's total is multiplied by 16 at the end.
-    SASS per weight byte (sm_90, benchmarks/sass_stats.py, BLOCK_N 8): 9.0 (R = 1), 6.6 (2), 5.25 (4),
-    against 10.75 for word tiles. Range: each fp16 sum holds 4R products |code - zero| * |x| / 16 with
-    |code - zero| <= 15, so it overflows only past |x| ~ 17471 / R (4367 at R = 4; fp32 word tiles have no
-    such limit); precision: 11 bits per sum. x / 16 is exact except for |x| < 2^-10 (fp16 subnormals).
+    vectoriser likes and shuffles them with PRMTs). Codes k and k + CODES / 2 of a weight word sit 16 bits
+    apart, so one AND-OR with 0x64006400 (two fp16 1024.0) puts both into the mantissas of one pair: 1024 +
+    code (int4 codes 1, 3, 5, 7 come out as 1024 + 16 * code; int8 codes fill 8 of the 10 mantissa bits).
+    One HFMA2 gives code - zero exactly: pair * 1 - (1024 + zero), or pair * 1/16 - (64 + zero) for the 16x
+    codes (every value is an integer below 2^11, exact in fp16). A second multiplies by the matching pair of
+    x / 16 (int4) or x / 64 (int8) and adds to the slot's fp16 sums; these are added in fp32 and scaled once
+    per slot, and the row's total is multiplied back at the end.
+    SASS per weight byte (sm_90, benchmarks/sass_stats.py, BLOCK_N 8, one row): int4 9.0 (R = 1), 6.6 (2),
+    5.3 (4) against 10.75 for word tiles; int8 4.4 (2), 3.4 (4), 2.8 (8) against 7.3 / 8.2 for word / byte
+    tiles. Range: each fp16 sum holds R * CODES / 2 products of |code - zero| * |x| / 16 with |code - zero| <= 15
+    (int4), or of |code - zero| * |x| / 64 with |code - zero| <= 255 (int8), so it overflows only past |x| ~
+    17471 / R (int4) or ~ 8220 / R (int8) (fp32 word tiles have no such limit); precision: 11 bits per sum.
+    The scaled x is exact except for fp16 subnormals (|x| < 2^-10 for int4, 2^-8 for int8).
     """
-    tl.static_assert(BITS == 4, "fp16-pair word tiles are for int4 weights (gemv_plan gives int8 WORD_TILES=1)")
     tl.static_assert(BLOCK_M <= 4, "the GEMV takes at most 4 rows")
-    CODES: tl.constexpr = 8
+    CODES: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = GROUP_SIZE // CODES
     STEP_WORDS: tl.constexpr = GROUPS_PER_STEP * WORDS
     SLOTS: tl.constexpr = STEP_WORDS // WORDS_PER_THREAD
+    # x is scaled by 1/16 (int4) or 1/64 (int8), exact bar fp16 subnormals, to keep the fp16 sums in range
+    X_SCALE: tl.constexpr = 16.0 if BITS == 4 else 64.0
+    X_SCALE_BITS: tl.constexpr = 0x2C002C00 if BITS == 4 else 0x24002400  # fp16 (1/16, 1/16) or (1/64, 1/64)
     w_tile, x_tile, s_tile = _word_tile_offsets(x_ptr, qw_ptr, offs_n, n_last, stride_qn, stride_sn,
                                                 CODES, WORDS, SLOTS, WORDS_PER_THREAD)
     # two fp16 1024.0 as an opaque value (program ids stay below 2^30): each AND-OR below is then one LOP3 with
@@ -283,7 +292,7 @@ def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_
     magic = (tl.program_id(0) >> 30) | 0x64006400
     ones = tl.full((BLOCK_N, SLOTS), 0x3C003C00, tl.int32)      # fp16 (1, 1)
     sixteenths = tl.full((BLOCK_N, SLOTS), 0x2C002C00, tl.int32)  # fp16 (1/16, 1/16)
-    x_sixteenths = tl.full((SLOTS,), 0x2C002C00, tl.int32)
+    x_scale = tl.full((SLOTS,), X_SCALE_BITS, tl.int32)
     x_zeros = tl.zeros((SLOTS,), dtype=tl.int32)
     acc0 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.float32)
@@ -293,7 +302,7 @@ def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_
         scale = _load_flat(s_tile + g0 + scales_ptr).to(tl.float32)
         zero = _load_flat(s_tile + g0 + zeros_ptr).to(tl.int32)
         minus_z = (zero * 0x10001 | magic) ^ -0x7FFF8000  # -(1024 + zero) in both halves (sign bits 0x80008000)
-        # -(64 + zero): fp16 64.0 is 0x5400 and its mantissa counts sixteenths; sign bits set
+        # -(64 + zero): fp16 64.0 is 0x5400 and its mantissa counts sixteenths; sign bits set (int4 only)
         minus_z16 = ((zero << 4) * 0x10001 | 0x54005400) ^ -0x7FFF8000
         t0 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)  # (+0, +0): the slot's fp16 pair sums, per row
         t1 = tl.zeros((BLOCK_N, SLOTS), dtype=tl.int32)
@@ -302,18 +311,24 @@ def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_
         for r in tl.static_range(WORDS_PER_THREAD):
             words = _load_flat(w_tile + (g0 * WORDS + r))
             shifted = words >> 8
-            d0 = _fma_f16x2((words & 0x000F000F) | magic, ones, minus_z)  # codes 0, 4
-            d1 = _fma_f16x2((words & 0x00F000F0) | magic, sixteenths, minus_z16)  # codes 1, 5 (16x)
-            d2 = _fma_f16x2((shifted & 0x000F000F) | magic, ones, minus_z)  # codes 2, 6
-            d3 = _fma_f16x2((shifted & 0x00F000F0) | magic, sixteenths, minus_z16)  # codes 3, 7 (16x)
+            if BITS == 4:
+                d0 = _fma_f16x2((words & 0x000F000F) | magic, ones, minus_z)  # codes 0, 4
+                d1 = _fma_f16x2((words & 0x00F000F0) | magic, sixteenths, minus_z16)  # codes 1, 5 (16x)
+                d2 = _fma_f16x2((shifted & 0x000F000F) | magic, ones, minus_z)  # codes 2, 6
+                d3 = _fma_f16x2((shifted & 0x00F000F0) | magic, sixteenths, minus_z16)  # codes 3, 7 (16x)
+            else:
+                d0 = _fma_f16x2((words & 0x00FF00FF) | magic, ones, minus_z)  # codes 0, 2
+                d1 = _fma_f16x2((shifted & 0x00FF00FF) | magic, ones, minus_z)  # codes 1, 3
+                d2 = d0  # unused
+                d3 = d1
             x_slot = x_tile + (g0 * GROUP_SIZE + r * CODES)
-            t0 = _slot_products(t0, d0, d1, d2, d3, tl.load(x_slot), x_sixteenths, x_zeros)
+            t0 = _slot_products(t0, d0, d1, d2, d3, tl.load(x_slot), x_scale, x_zeros, CODES)
             if BLOCK_M > 1:
-                t1 = _slot_products(t1, d0, d1, d2, d3, tl.load(x_slot + stride_xm), x_sixteenths, x_zeros)
+                t1 = _slot_products(t1, d0, d1, d2, d3, tl.load(x_slot + stride_xm), x_scale, x_zeros, CODES)
             if BLOCK_M > 2:
-                t2 = _slot_products(t2, d0, d1, d2, d3, tl.load(x_slot + 2 * stride_xm), x_sixteenths, x_zeros)
+                t2 = _slot_products(t2, d0, d1, d2, d3, tl.load(x_slot + 2 * stride_xm), x_scale, x_zeros, CODES)
             if BLOCK_M > 3:
-                t3 = _slot_products(t3, d0, d1, d2, d3, tl.load(x_slot + 3 * stride_xm), x_sixteenths, x_zeros)
+                t3 = _slot_products(t3, d0, d1, d2, d3, tl.load(x_slot + 3 * stride_xm), x_scale, x_zeros, CODES)
         acc0 += _slot_total(t0, scale)
         if BLOCK_M > 1:
             acc1 += _slot_total(t1, scale)
@@ -321,9 +336,9 @@ def _gemv_rows_half_words(x_ptr, stride_xm, qw_ptr, scales_ptr, zeros_ptr, offs_
             acc2 += _slot_total(t2, scale)
         if BLOCK_M > 3:
             acc3 += _slot_total(t3, scale)
-    # times 16: undo x / 16
-    return tl.sum(acc0, axis=1) * 16.0, tl.sum(acc1, axis=1) * 16.0, tl.sum(acc2, axis=1) * 16.0, \
-        tl.sum(acc3, axis=1) * 16.0
+    # undo the scaling of x
+    return tl.sum(acc0, axis=1) * X_SCALE, tl.sum(acc1, axis=1) * X_SCALE, tl.sum(acc2, axis=1) * X_SCALE, \
+        tl.sum(acc3, axis=1) * X_SCALE
 
 
 @triton.jit
@@ -438,8 +453,8 @@ CANDIDATE_CONFIGS: dict[str, list[KernelConfig]] = {
 }
 
 # The new designs' candidates: word-tile GEMV (~10-11 loop instructions per weight byte against ~19.8 for the
-# default; benchmarks/sass_stats.py), its fp16-pair variant (int4 + fp16 only, else it runs as 1: 9.0 per byte
-# with a word per thread, 6.6 with 2, 5.25 with 4 at BLOCK_N 8, 4.9 with 4 at BLOCK_N 16) and the swapped GEMM
+# default; benchmarks/sass_stats.py), its fp16-pair variant (fp16 only, else it runs as 1; int4: 9.0 per byte
+# with a word per thread, 6.6 with 2, 5.3 with 4 at BLOCK_N 8, 4.9 with 4 at BLOCK_N 16) and the swapped GEMM
 # (quant_gemm: register-A wgmma, x by cp.async on sm_90). Each GEMV design's first entry is its statically best
 # config: gpu_check tries only the first once its --sweep-budget is spent.
 # Built and tested, chosen from their compiled code, NOT timed on a GPU yet: benchmarks/gpu_check.py times them
@@ -458,6 +473,8 @@ UNTIMED_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
                           WORDS_PER_THREAD=4),
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=8),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
                           WORDS_PER_THREAD=2),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
@@ -478,7 +495,7 @@ def _param(config: KernelConfig, name: str, kernel: str) -> int:
 
 @_memoized
 def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int | None = None,
-              activation: torch.dtype | str | None = None, bits: int | None = None) -> tuple[KernelConfig, int]:
+              activation: torch.dtype | str | None = None) -> tuple[KernelConfig, int]:
     """The GEMV config that really runs for a weight of `n_groups` groups per row, and groups per split.
 
     GROUPS_PER_STEP is halved until it divides the group count (so every program's range is a whole
@@ -486,16 +503,16 @@ def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int |
     With WORD_TILES=1 or 2 and `words_per_group` (group_size * bits / 32) given, GROUPS_PER_STEP is first
     raised to 32 * num_warps / words_per_group, so that every thread owns a word of the step's tile (with
     fewer, threads hold copies and Triton converts layouts through shared memory in the loop).
-    WORD_TILES=2 (fp16 pairs) is for int4 weights and fp16 activations: with other `bits` or `activation`
-    (a torch dtype or the IR's dtype name) it becomes 1. Its WORDS_PER_THREAD (default 1; other designs: 1)
+    WORD_TILES=2 (fp16 pairs) is for fp16 activations: with another `activation` (a torch dtype or the IR's
+    dtype name) it becomes 1. Its WORDS_PER_THREAD (default 1; other designs: 1)
     is rounded down to a power of two that divides a group's words (1 when `words_per_group` is not given),
-    and the step is raised to WORDS_PER_THREAD words per thread.
+    and the step is raised to WORDS_PER_THREAD words per thread (WORDS_PER_THREAD is halved until such a step
+    divides the row's groups).
     Cached: decode calls it once per token and layer, so it must cost nothing after the first time.
     """
     config = config or GEMV_DEFAULT_CONFIG
     word_tiles = min(2, max(0, int(config.get("WORD_TILES", 0))))
-    if word_tiles == 2 and ((activation is not None and str(activation).removeprefix("torch.") != "float16")
-                            or (bits is not None and bits != 4)):
+    if word_tiles == 2 and activation is not None and str(activation).removeprefix("torch.") != "float16":
         word_tiles = 1
     per_thread = 1
     if word_tiles == 2 and words_per_group:
@@ -503,6 +520,10 @@ def gemv_plan(config: KernelConfig | None, n_groups: int, words_per_group: int |
         per_thread = 1 << (per_thread.bit_length() - 1)  # a power of two, so that it divides the group's words
     groups_per_step = max(1, _param(config, "GROUPS_PER_STEP", "wo_gemv"))
     if word_tiles and words_per_group:
+        # a step of one slot per thread must divide the row's groups, else the halving below leaves threads
+        # without a slot of their own (copies, converted through shared memory): fewer words per slot instead
+        while per_thread > 1 and n_groups % max(1, per_thread * 32 * config.num_warps // words_per_group):
+            per_thread //= 2
         groups_per_step = max(groups_per_step, per_thread * 32 * config.num_warps // words_per_group)
     while n_groups % groups_per_step:
         groups_per_step //= 2
@@ -534,7 +555,7 @@ def wo_gemv(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = N
     """The GEMV kernel on x2 [M, K] (M <= GEMV_MAX_ROWS, last dim contiguous) -> [M, N] in x2's dtype."""
     m, k = x2.shape
     n = qw.out_features
-    plan, groups_per_split = gemv_plan(config, k // qw.group_size, qw.group_size * qw.bits // 32, x2.dtype, qw.bits)
+    plan, groups_per_split = gemv_plan(config, k // qw.group_size, qw.group_size * qw.bits // 32, x2.dtype)
     block_n, split_k = plan.get("BLOCK_N"), plan.get("SPLIT_K")
     qweight, scales, zeros = _packed(qw)
     if plan.get("WORD_TILES") and qweight.data_ptr() % 4:
@@ -621,7 +642,7 @@ def aot_specs(activation: torch.dtype = torch.float16, group_size: int = 128, in
             f"wo_gemv_int{bits}_g{group_size}_{act}", _wo_gemv_kernel,
             {**pointers, **ints, "groups_per_split": "i32"}, {**fixed, "BLOCK_M": rows},
             GEMV_DEFAULT_CONFIG, divisible,
-            adapt=lambda c, g=n_groups, w=group_size * bits // 32, b=bits: gemv_plan(c, g, w, activation, b)[0]))
+            adapt=lambda c, g=n_groups, w=group_size * bits // 32: gemv_plan(c, g, w, activation)[0]))
         specs.append(KernelSpec(
             f"wo_gemm_int{bits}_g{group_size}_{act}", _wo_gemm_kernel, {**pointers, **ints, "M": "i32"}, fixed,
             GEMM_DEFAULT_CONFIG, divisible, adapt=lambda c, gs=group_size: gemm_plan(c, gs)))

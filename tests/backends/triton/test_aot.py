@@ -121,27 +121,30 @@ def test_word_tile_gemv_builds_with_a_barrier_free_k_loop(word_tiles, name, grou
 
 @pytest.fixture(scope="module")
 def pair_tiles():
-    keys = [(per_thread, arch) for per_thread in (1, 4) for arch in ARCHS]
-    spec = WORD_TILE_SPECS["wo_gemv_int4_g128_fp16"]
-    requests = (aot.spec_request(spec, arch, WORD_TILES.with_(WORD_TILES=2, WORDS_PER_THREAD=per_thread))
-                for per_thread, arch in keys)
+    keys = [(bits, per_thread, arch) for bits, per_thread in ((4, 1), (4, 4), (8, 4)) for arch in ARCHS]
+    requests = (aot.spec_request(WORD_TILE_SPECS[f"wo_gemv_int{bits}_g128_fp16"], arch,
+                                 WORD_TILES.with_(WORD_TILES=2, WORDS_PER_THREAD=per_thread))
+                for bits, per_thread, arch in keys)
     return dict(zip(keys, aot.build_many(requests)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("per_thread", [1, 4])
-def test_fp16_pair_gemv_compiles_to_f16x2_fmas_in_a_barrier_free_loop(pair_tiles, per_thread, arch):
+@pytest.mark.parametrize("bits,per_thread,x_load", [(4, 1, "ld.global.v4.b32"), (4, 4, "ld.global.v4.b32"),
+                                                    (8, 4, "ld.global.v2.b32")])
+def test_fp16_pair_gemv_compiles_to_f16x2_fmas_in_a_barrier_free_loop(pair_tiles, bits, per_thread, x_load, arch):
     """WORD_TILES=2 runs its pair math as inline fma.rn.f16x2 when compiled (the interpreter tests run its
-    emulation): per word of the slot, 2 per code pair for each of the BLOCK_N=8 rows plus 4 for x / 16."""
-    binary = pair_tiles[per_thread, arch]
+    emulation): per word of the slot and code pair (4 for int4, 2 for int8), one to dequantize and one product
+    for each of the BLOCK_N=8 weight rows, plus one to scale x."""
+    binary = pair_tiles[bits, per_thread, arch]
     assert isinstance(binary, aot.KernelBinary), binary
     constexprs = binary.metadata["constexprs"]
     assert constexprs["WORD_TILES"] == 2 and constexprs["WORDS_PER_THREAD"] == per_thread
     assert binary.metadata["spill_stores"] == binary.metadata["spill_loads"] == 0
     [loop] = _loop_bodies(binary.ptx)
     assert "bar.sync" not in loop and "st.shared" not in loop
-    assert loop.count("fma.rn.f16x2") == per_thread * (8 * 4 * 2 + 4)
-    assert loop.count("ld.global.v4.b32") == per_thread       # x: one 16-byte load per word of the slot
+    pairs = 16 // bits
+    assert loop.count("fma.rn.f16x2") == per_thread * pairs * (8 * 2 + 1)
+    assert loop.count(x_load) == per_thread                    # x: one vector load per word of the slot
     assert len(re.findall(r"\bld\.global\.b16\b", loop)) == 8  # one scale per row and slot
     assert "fma.rn.f16x2" not in binary.ptx.replace(loop, "")  # nothing of it outside the K loop
 

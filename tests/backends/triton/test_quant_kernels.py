@@ -106,7 +106,7 @@ def test_word_tile_gemv_matches_reference(bits, group_size, m, dtype, bias, symm
 def test_word_tiles_cover_extreme_codes_and_zeros(word_tiles, dtype):
     """Codes 0 and 15 / 255 and zero points at both ends: the mantissa tricks must stay exact at the edges."""
     g = torch.Generator().manual_seed(12)
-    for bits in (4, 8) if word_tiles == 1 else (4,):
+    for bits in (4, 8):
         x, qw, _ = _problem(16, 128, 1, bits, 32, False, dtype, seed=13)
         top = (1 << bits) - 1
         codes = torch.randint(0, 2, (16, 128), generator=g) * top                    # only 0 and the top code
@@ -115,72 +115,81 @@ def test_word_tiles_cover_extreme_codes_and_zeros(word_tiles, dtype):
         qw = QuantizedWeight(packed.to(torch.uint8).to(DEVICE), qw.scales, zeros.to(torch.uint8).to(DEVICE), bits, 32,
                              qw.shape)
         config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=word_tiles)
-        assert gemv_plan(config, 4, 4, dtype, bits)[0].get("WORD_TILES") == word_tiles
+        assert gemv_plan(config, 4, 4, dtype)[0].get("WORD_TILES") == word_tiles
         _assert_matches_reference(wo_gemv(x, qw, None, config), x, qw, None)
 
 
-# fp16-pair word tiles (WORD_TILES=2; int4, fp16):
-# (group_size, rows M, bias, symmetric, BLOCK_N, SPLIT_K, WORDS_PER_THREAD as configured)
-HALF_WORD_CASES = [(32, 1, False, False, 8, 1, 1), (64, 2, True, True, 4, 1, 2), (128, 3, True, False, 16, 1, 4),
-                   (32, 1, True, True, 8, 3, 4), (128, 2, False, False, 4, 2, 16), (32, 2, False, True, 4, 1, 8),
-                   (64, 4, True, False, 8, 1, 2), (32, 4, False, True, 4, 2, 1)]
+# fp16-pair word tiles (WORD_TILES=2; fp16 activations): (bits, group_size, K, rows M, bias, symmetric, BLOCK_N,
+# SPLIT_K, num_warps, WORDS_PER_THREAD asked, as the plan runs it). A slot per thread needs K * bits / 32 >= 32 *
+# num_warps * WORDS_PER_THREAD, so most cases take 1 warp to keep K small for the interpreter.
+HALF_WORD_CASES = [
+    (4, 32, 256, 1, False, False, 8, 1, 4, 1, 1),
+    (4, 64, 512, 2, True, True, 4, 1, 1, 2, 2),
+    (4, 128, 1024, 3, True, False, 16, 1, 1, 4, 4),
+    (4, 32, 2048, 1, True, True, 8, 2, 1, 4, 4),     # split-K: two programs of one step each
+    (4, 128, 4096, 2, False, False, 4, 1, 4, 4, 4),  # 4 warps
+    (4, 32, 512, 2, False, True, 4, 1, 1, 8, 2),     # 8 asked, 4 words per group: 4, then 2 to fill the step
+    (4, 64, 512, 4, True, False, 8, 1, 1, 2, 2),
+    (4, 32, 256, 4, False, True, 4, 2, 4, 1, 1),
+    (8, 32, 256, 1, False, False, 8, 1, 1, 1, 1),
+    (8, 64, 512, 3, True, True, 4, 1, 1, 4, 4),
+    (8, 128, 1024, 4, True, False, 8, 1, 1, 32, 8),
+]
 
 
-@pytest.mark.parametrize("group_size,m,bias,symmetric,block_n,split_k,per_thread", HALF_WORD_CASES)
-def test_fp16_pair_word_tiles_match_reference(group_size, m, bias, symmetric, block_n, split_k, per_thread):
-    x, qw, b = _problem(36, 256, m, 4, group_size, symmetric, torch.float16, seed=5 * m + group_size, bias=bias)
-    config = KernelConfig.make(num_warps=4, BLOCK_N=block_n, GROUPS_PER_STEP=2, SPLIT_K=split_k, WORD_TILES=2,
-                               WORDS_PER_THREAD=per_thread)
+@pytest.mark.parametrize("bits,group_size,k,m,bias,symmetric,block_n,split_k,warps,asked,runs", HALF_WORD_CASES)
+def test_fp16_pair_word_tiles_match_reference(bits, group_size, k, m, bias, symmetric, block_n, split_k, warps, asked,
+                                              runs):
+    x, qw, b = _problem(36, k, m, bits, group_size, symmetric, torch.float16, seed=5 * m + group_size, bias=bias)
+    config = KernelConfig.make(num_warps=warps, BLOCK_N=block_n, GROUPS_PER_STEP=1, SPLIT_K=split_k, WORD_TILES=2,
+                               WORDS_PER_THREAD=asked)
+    assert gemv_plan(config, k // group_size, group_size * bits // 32, torch.float16)[0].get("WORDS_PER_THREAD") == runs
     y = wo_gemv(x, qw, b, config)
     _assert_matches_reference(y, x, qw, b)
     y_words = wo_gemv(x, qw, b, config.with_(WORD_TILES=1))  # fp32 products: the same sum up to fp16 rounding
     torch.testing.assert_close(y.float(), y_words.float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("per_thread", [1, 4])
-def test_fp16_pair_word_tiles_keep_large_activations_finite(per_thread):
-    """|x| up to 4000 (far past normalised activations) with codes 15 against zero 0: a slot's fp16 sums of
-    4 * WORDS_PER_THREAD products of x / 16 stay below fp16's 65504 up to |x| ~ 17471 / WORDS_PER_THREAD."""
+@pytest.mark.parametrize("bits,per_thread,x_max", [(4, 1, 4000.0), (4, 4, 4000.0), (8, 1, 4000.0), (8, 4, 1000.0)])
+def test_fp16_pair_word_tiles_keep_large_activations_finite(bits, per_thread, x_max):
+    """Large |x| (far past normalised activations) with the top code against zero 0: a slot's fp16 sums of
+    (32 / bits) / 2 * WORDS_PER_THREAD products of x / 16 (int4) or x / 64 (int8) stay below fp16's 65504 up to
+    |x| ~ 17471 / WORDS_PER_THREAD (int4) or ~ 8220 / WORDS_PER_THREAD (int8)."""
     g = torch.Generator().manual_seed(21)
-    x, qw, _ = _problem(16, 128, 1, 4, 32, False, torch.float16, seed=22)
-    packed = torch.full((16, 64), 0xFF, dtype=torch.uint8)
-    qw = QuantizedWeight(packed.to(DEVICE), qw.scales, torch.zeros_like(qw.zeros), 4, 32, qw.shape)
-    x = torch.full((1, 128), 4000.0) * torch.where(torch.rand(1, 128, generator=g) < 0.7, 1.0, -1.0)
+    k = 1024  # 1 warp: a slot of 4 words per thread needs K * bits / 32 >= 128 words per row
+    x, qw, _ = _problem(16, k, 1, bits, 32, False, torch.float16, seed=22)
+    packed = torch.full((16, k * bits // 8), 0xFF, dtype=torch.uint8)
+    scales = torch.full_like(qw.scales, 1e-4)  # keeps the output itself inside fp16's range
+    qw = QuantizedWeight(packed.to(DEVICE), scales, torch.zeros_like(qw.zeros), bits, 32, qw.shape)
+    x = torch.full((1, k), x_max) * torch.where(torch.rand(1, k, generator=g) < 0.7, 1.0, -1.0)
     x = x.to(torch.float16).to(DEVICE)
-    config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=4, SPLIT_K=1, WORD_TILES=2,
+    config = KernelConfig.make(num_warps=1, BLOCK_N=4, GROUPS_PER_STEP=1, SPLIT_K=1, WORD_TILES=2,
                                WORDS_PER_THREAD=per_thread)
-    assert gemv_plan(config, 4, 4, torch.float16, 4)[0].get("WORDS_PER_THREAD") == per_thread
+    assert gemv_plan(config, k // 32, bits, torch.float16)[0].get("WORDS_PER_THREAD") == per_thread
     y = wo_gemv(x, qw, None, config)
     assert torch.isfinite(y).all()
     expected = linear_weight_only_ref(x.float(), qw).float()
     torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
-def test_gemv_plan_runs_fp16_pairs_only_for_int4_and_fp16():
+def test_gemv_plan_runs_fp16_pairs_only_for_fp16_activations():
     pairs = KernelConfig.make(num_warps=4, BLOCK_N=8, GROUPS_PER_STEP=2, SPLIT_K=1, WORD_TILES=2)
-    assert gemv_plan(pairs, 64, 16, torch.float16, 4)[0].get("WORD_TILES") == 2
-    assert gemv_plan(pairs, 64, 16, "float16", 4)[0].get("WORD_TILES") == 2     # the IR's dtype names too
-    for activation, bits in ((torch.bfloat16, 4), (torch.float32, 4), ("bfloat16", 4), (torch.float16, 8)):
-        assert gemv_plan(pairs, 64, 16, activation, bits)[0].get("WORD_TILES") == 1
+    assert gemv_plan(pairs, 64, 16, torch.float16)[0].get("WORD_TILES") == 2
+    assert gemv_plan(pairs, 64, 16, "float16")[0].get("WORD_TILES") == 2     # the IR's dtype names too
+    for activation in (torch.bfloat16, torch.float32, "bfloat16"):
+        assert gemv_plan(pairs, 64, 16, activation)[0].get("WORD_TILES") == 1
     # the word-per-thread step applies to both word-tile loops
-    assert gemv_plan(pairs, 64, 16, torch.float16, 4)[0].get("GROUPS_PER_STEP") == 8
+    assert gemv_plan(pairs, 64, 16, torch.float16)[0].get("GROUPS_PER_STEP") == 8
     # WORDS_PER_THREAD: a power of two dividing the group's words, the step raised to that many per thread;
     # 1 for the other designs and where the plan does not know the group's words
-    for asked, words_per_group, expected, groups_per_step in ((4, 16, 4, 32), (3, 16, 2, 16), (8, 4, 4, 64)):
-        plan = gemv_plan(pairs.with_(WORDS_PER_THREAD=asked), 64, words_per_group, torch.float16, 4)[0]
+    for asked, words_per_group, expected, groups_per_step in ((4, 16, 4, 32), (3, 16, 2, 16), (8, 4, 2, 64)):
+        plan = gemv_plan(pairs.with_(WORDS_PER_THREAD=asked), 64, words_per_group, torch.float16)[0]
         assert (plan.get("WORDS_PER_THREAD"), plan.get("GROUPS_PER_STEP")) == (expected, groups_per_step)
-    assert gemv_plan(pairs.with_(WORDS_PER_THREAD=4), 64, 16, torch.float32, 4)[0].get("WORDS_PER_THREAD") == 1
+    # K = 14336 (112 groups of 128): 4 words per slot would need 32-group steps; 2 per slot (16 groups) divide it
+    plan = gemv_plan(pairs.with_(WORDS_PER_THREAD=4), 112, 16, torch.float16)[0]
+    assert (plan.get("WORDS_PER_THREAD"), plan.get("GROUPS_PER_STEP")) == (2, 16)
+    assert gemv_plan(pairs.with_(WORDS_PER_THREAD=4), 64, 16, torch.float32)[0].get("WORDS_PER_THREAD") == 1
     assert gemv_plan(pairs.with_(WORDS_PER_THREAD=4), 64)[0].get("WORDS_PER_THREAD") == 1
-
-
-def test_word_tiles_read_a_qweight_that_starts_off_a_word_boundary():
-    x, qw, _ = _problem(12, 64, 1, 4, 32, False, torch.float16, seed=14)
-    storage = torch.zeros(qw.qweight.numel() + 1, dtype=torch.uint8, device=DEVICE)
-    shifted = storage[1:].view(qw.qweight.shape)                                   # contiguous, data_ptr % 4 == 1
-    shifted.copy_(qw.qweight)
-    qw_shifted = QuantizedWeight(shifted, qw.scales, qw.zeros, 4, 32, qw.shape)
-    config = KernelConfig.make(num_warps=4, BLOCK_N=4, GROUPS_PER_STEP=2, SPLIT_K=1, WORD_TILES=1)
-    _assert_matches_reference(wo_gemv(x, qw_shifted, None, config), x, qw_shifted, None)
 
 
 def test_gemv_plan_gives_word_tiles_a_word_per_thread():
