@@ -471,18 +471,10 @@ UNTIMED_CONFIGS: dict[str, list[KernelConfig]] = {
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=8, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=16, SPLIT_K=1, WORD_TILES=1),
         KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=2, WORD_TILES=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=4),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=8),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=2),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=8, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=1),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=2),
-        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=16, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
-                          WORDS_PER_THREAD=4),
+    ] + [  # fp16 pairs: (BLOCK_N, WORDS_PER_THREAD)
+        KernelConfig.make(num_warps=4, num_stages=2, BLOCK_N=block_n, GROUPS_PER_STEP=8, SPLIT_K=1, WORD_TILES=2,
+                          WORDS_PER_THREAD=per_thread)
+        for block_n, per_thread in ((8, 4), (8, 8), (8, 2), (8, 1), (16, 2), (16, 4))
     ],
     "wo_gemm": [c.with_(SWAP_AB=1) for c in swapped.CANDIDATE_CONFIGS],
 }
