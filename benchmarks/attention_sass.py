@@ -13,7 +13,11 @@ BLOCK_N x D x 2 bytes x 2 / threads), the bytes its cp.async copies (LDGSTS) mov
 what num_stages - 1 trips of them in flight come to per SM (compare with ~16 KB by Little's law on an H100),
 the MMA instructions and the bar.sync count per trip. --prefill: the same for `attention_prefill`'s flash kernel
 on the gpu_check dense causal prefill (32 heads, 4096 tokens; per trip one BLOCK_N tile of K and V), plus the
-wgmma waits (WARPGROUP.DEPBAR) per trip. Static: what the kernel asks the SM to issue, not a timing.
+wgmma waits (WARPGROUP.DEPBAR) per trip. The prefill's "loop" is its steady loop (whole tiles, no mask: all but
+the diagonal tiles of a causal row block); the masked diagonal loop is reported beside it, with the cycles the
+SM needs per trip of all its CTAs to issue the steady loop (4 schedulers, one instruction each per cycle) and to
+run its MMAs at the H100's dense fp16 peak (2048 MACs per SM and cycle). Static: what the kernel asks the SM to
+issue, not a timing.
 """
 from __future__ import annotations
 
@@ -75,7 +79,11 @@ def rows(arch: str, context: int, prefill: bool = False) -> list[dict]:
             out.append({"op": op, "config": str(config), "error": binary[:200]})
             continue
         report = aot.ResourceReport.of(binary)
-        loop = ss.main_loop(*ss.parse_sass(ss.disassemble(binary.cubin)))
+        bodies = [b for b in ss.loops(*ss.parse_sass(ss.disassemble(binary.cubin)))
+                  if any("MMA" in i.opcode and i.opcode != "HFMA2.MMA" for i in b)]
+        # Prefill (causal): the unmasked loop comes first and runs all but the diagonal tiles; the masked one
+        # after it runs the diagonal. Decode: one loop.
+        loop = bodies[0] if prefill else max(bodies, key=len)
         _, opcodes = ss.instruction_mix(loop)
         threads = 32 * report.num_warps
         kv_bytes = variant.config.get("BLOCK_N") * D * 2 * 2 / threads
@@ -89,6 +97,11 @@ def rows(arch: str, context: int, prefill: bool = False) -> list[dict]:
             "mma_kind": sorted({o for o in opcodes if "MMA" in o and o != "HFMA2.MMA"}),
             "bar_sync": sum(n for o, n in opcodes.items() if o.startswith("BAR")),
             "wgmma_waits": sum(n for o, n in opcodes.items() if o.startswith("WARPGROUP.DEPBAR")),
+            "diagonal": len(bodies[1]) if prefill and len(bodies) > 1 else None,
+            # one instruction per scheduler and cycle, 4 schedulers per SM, every CTA on the SM issuing
+            "issue_cycles": len(loop) * report.num_warps * ctas / 4,
+            # QK^T and PV of every CTA on the SM: BLOCK_M x BLOCK_N x D MACs each, 2048 fp16 MACs per SM and cycle
+            "mma_cycles": 2 * variant.config.get("BLOCK_M") * variant.config.get("BLOCK_N") * D * ctas / 2048,
         })
     return out
 
@@ -102,16 +115,20 @@ def main(argv=None) -> None:
     what = ("flash prefill kernel, causal, 4096 tokens" if args.prefill else
             f"decode split kernel, Hkv {HKV}, {args.context} cached tokens")
     print(f"{what}, {args.arch}, B 1, Hq {HQ}, D {D}, fp16\n")
+    extra = " diagonal loop instr | issue cycles / trip | MMA cycles / trip |" if args.prefill else ""
     print("| op | config | regs | smem | CTAs/SM | loop instr | per KV byte | cp.async B / thread / trip "
-          "| in flight / SM | MMA / trip | bar.sync / trip | wgmma waits / trip |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+          "| in flight / SM | MMA / trip | bar.sync / trip | wgmma waits / trip |" + extra)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|" + "---:|" * (3 if args.prefill else 0))
     for r in rows(args.arch, args.context, args.prefill):
         if "error" in r:
             print(f"| {r['op']} | {r['config']} | build failed: {r['error']} |")
             continue
-        print(f"| {r['op']} | {r['config']} | {r['registers']} | {r['shared'] // 1024} KB | {r['ctas']} | {r['loop']} "
-              f"| {r['per_kv_byte']:.2f} | {r['copied']} | {r['in_flight_sm'] // 1024} KB "
-              f"| {r['mma']} x {', '.join(r['mma_kind'])} | {r['bar_sync']} | {r['wgmma_waits']} |")
+        line = (f"| {r['op']} | {r['config']} | {r['registers']} | {r['shared'] // 1024} KB | {r['ctas']} | {r['loop']} "
+                f"| {r['per_kv_byte']:.2f} | {r['copied']} | {r['in_flight_sm'] // 1024} KB "
+                f"| {r['mma']} x {', '.join(r['mma_kind'])} | {r['bar_sync']} | {r['wgmma_waits']} |")
+        if args.prefill:
+            line += f" {r['diagonal']} | {r['issue_cycles']:.0f} | {r['mma_cycles']:.0f} |"
+        print(line)
 
 
 if __name__ == "__main__":

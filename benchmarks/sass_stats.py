@@ -91,20 +91,25 @@ def parse_sass(text: str) -> tuple[list[Instruction], dict[str, int]]:
     return instructions, labels
 
 
-def main_loop(instructions: list[Instruction], labels: dict[str, int], key=len) -> list[Instruction]:
-    """The body of the loop that maximises `key` (default: the largest loop): from a branch target to the
+def loops(instructions: list[Instruction], labels: dict[str, int]) -> list[list[Instruction]]:
+    """The body of every loop, in program order of their backward branches: from a branch target to the
     backward branch that jumps to it (the one-instruction `BRA` to itself that ends every kernel is not a
-    loop; no loop gives [])."""
-    best = []
+    loop)."""
+    bodies = []
     for i, ins in enumerate(instructions):
         if not ins.opcode.startswith("BRA") or not ins.operands:
             continue
         target = re.search(r"\.L_x_\d+", ins.operands[-1])
         if target and labels.get(target.group(0), ins.address + 1) <= ins.address:
             body = [x for x in instructions[: i + 1] if x.address >= labels[target.group(0)]]
-            if len(body) > 1 and (not best or key(body) > key(best)):
-                best = body
-    return best
+            if len(body) > 1:
+                bodies.append(body)
+    return bodies
+
+
+def main_loop(instructions: list[Instruction], labels: dict[str, int], key=len) -> list[Instruction]:
+    """The loop that maximises `key` (default: the largest loop; the first of equals); [] if there is none."""
+    return max(loops(instructions, labels), key=key, default=[])
 
 
 def classify(opcode: str) -> str:

@@ -19,8 +19,9 @@ def _pow2_at_least_16(n: int) -> bool:
 def claim_attention(node: Node, config: Mapping[str, Any]) -> Callable | None:
     from lmforge.backends.triton import attention_decode, attention_prefill
 
-    if len(node.inputs) != 3 or node.attr["kv_dtype"] is not None:
-        return None
+    scale = node.attr["scale"]
+    if len(node.inputs) != 3 or node.attr["kv_dtype"] is not None or (scale is not None and scale < 0):
+        return None                         # a negative scale: flash_prefill refuses it, the reference runs it
     prefill_cfg, decode_cfg = config.get("attention_prefill"), config.get("attention_decode")
 
     def run(q, k, v, mask=None, *, causal=False, scale=None, window=None, sinks=0, q_offset=None, return_lse=False,

@@ -3,8 +3,9 @@
 Layout: q [B, Hq, Sq, D], k / v [B, Hkv, Skv, D], GQA when Hq is a multiple of Hkv (query head h reads KV head
 h // (Hq / Hkv)). Query i sits at absolute position q_offset + i (q_offset = Skv - Sq by default), as in
 `lmforge.ir.ops.attention_ref`, whose semantics every mode reproduces. One program owns BLOCK_M query rows of
-one (batch, query head) and walks KV tiles of BLOCK_N keys with the online softmax; scores are pre-scaled by
-scale * log2(e) so the exponentials are exp2; both matmuls are tl.dot with fp16 / bf16 operands (fp32 inputs
+one (batch, query head) and walks KV tiles of BLOCK_N keys with the online softmax; scores are scaled by
+scale * log2(e) so the exponentials are exp2 (on whole tiles inside the exponent's FMA, after the row max, which
+is why the scale must be >= 0); both matmuls are tl.dot with fp16 / bf16 operands (fp32 inputs
 use 3xTF32 dots, accurate to fp32 level) and fp32 accumulation. Outputs: out in q's dtype and lse (natural
 log) fp32 [B, Hq, Sq].
 
@@ -78,17 +79,25 @@ def online_softmax_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, pos, kv_len, win
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if CHECK_BOUND or CAUSAL or WINDOWED:
+        s = s * qk_scale
         visible = cols[None, :] < kv_len
         if CAUSAL:
             visible = visible & (cols[None, :] <= pos[:, None])
         if WINDOWED:
             visible = visible & (((pos[:, None] - cols[None, :]) < window) | (cols[None, :] < sinks))
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
-    p = tl.exp2(s - m_safe[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        # A full tile: every score is finite, so is the new row max, and the scale folds into the exponent's
+        # FMA (the steady loop of a causal prefill saves one multiply per score). Needs qk_scale >= 0:
+        # max(s) * c = max(s * c) only then; the wrappers refuse negative scales.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = m_new
+        p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -248,6 +257,9 @@ def _launch(q, k, v, *, mode, causal, scale, window, sinks, q_offset, block_idx,
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    if scale is not None and scale < 0:
+        raise LmforgeError(f"flash attention kernels need a scale >= 0 (got {scale}): their unmasked tiles take the "
+                           "row max before scaling; use lmforge.ir.ops.attention_ref for a negative scale")
     params, cfg = _params(config, q.dtype, d)
     block_m, block_n = params["BLOCK_M"], params["BLOCK_N"]
     if mode == MODE_SPARSE:  # a query block of BLOCK_M rows lies in one sparse block; tiles split KV blocks

@@ -213,8 +213,10 @@ class AttentionSpec:
     a symbolic one both (attention_glue chooses per call)."""
 
     def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
-        if len(node.inputs) != 3 or node.attr["kv_dtype"] is not None:
-            raise Unservable("an explicit mask or a quantized KV cache (the Triton backend does not claim these)")
+        scale = node.attr["scale"]
+        if len(node.inputs) != 3 or node.attr["kv_dtype"] is not None or (scale is not None and scale < 0):
+            raise Unservable("an explicit mask, a quantized KV cache or a negative scale (the Triton backend does "
+                             "not claim these)")
         t, d, dtype = _attention_types(node.inputs)
         a = node.attr
         (b, hq, sq, _), (_, hkv, s, _) = node.inputs[0].type.shape, node.inputs[1].type.shape
@@ -271,8 +273,8 @@ class AttentionSpec:
             ap.check_attention_inputs(q, k, v, "flash_prefill")
         except LmforgeError:
             return None
-        if (window is not None and window < 1) or (sinks and window is None):
-            return None
+        if (window is not None and window < 1) or (sinks and window is None) or (scale is not None and scale < 0):
+            return None                     # flash_prefill refuses these; the reference runs them
         b, hq, sq, d = q.shape
         skv = k.shape[2]
         q, k, v = ap.last_dim_contiguous(q), ap.last_dim_contiguous(k), ap.last_dim_contiguous(v)

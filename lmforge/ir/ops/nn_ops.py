@@ -141,7 +141,8 @@ def _attention_infer(ins, attrs):
 
 def _attention_ref(q, k, v, mask=None, *, causal=False, scale=None, window=None, sinks=0, q_offset=None,
                    return_lse=False, kv_dtype=None):
-    plain = window is None and sinks == 0 and not return_lse and (
+    # torch's CPU SDPA returns NaN for a negative scale (torch 2.13): those go to attention_ref too
+    plain = window is None and sinks == 0 and not return_lse and (scale is None or scale >= 0) and (
         not causal or q_offset == 0 or (q_offset is None and q.shape[2] == k.shape[2]))
     if plain or mask is not None:
         if not plain:

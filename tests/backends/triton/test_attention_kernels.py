@@ -58,6 +58,8 @@ PREFILL_CASES = {  # name: (b, hq, hkv, sq, skv, d, flash_prefill kwargs)
     "window_no_sinks": (1, 2, 2, 33, 33, 16, {"window": 16}),
     "window_non_causal": (1, 2, 1, 33, 64, 16, {"window": 20, "sinks": 5, "causal": False}),
     "head_dim_24": (1, 2, 1, 33, 33, 24, {"scale": 0.2}),
+    "zero_scale_whole_tiles": (1, 2, 1, 32, 48, 16, {"scale": 0.0, "causal": False}),  # uniform weights
+    "scaled_causal_whole_tiles": (1, 2, 1, 32, 64, 16, {"scale": 3.0}),  # large scores in the unmasked tiles
     "single_query": (1, 4, 2, 1, 33, 16, {}),
     "one_key": (2, 2, 1, 5, 1, 16, {}),
 }
@@ -266,6 +268,7 @@ def _bad_calls():
         "int_dtype": lambda: prefill.flash_prefill(q.long(), k.long(), v.long()),
         "mixed_dtype": lambda: decode.decode_attention(q.half(), k, v),
         "sinks_without_window": lambda: prefill.flash_prefill(q, k, v, sinks=2),
+        "negative_scale": lambda: prefill.flash_prefill(q, k, v, scale=-0.5),
         "sparse_block_size": lambda: prefill.block_sparse_prefill(
             q, k, v, *prefill.block_mask_to_index(torch.ones(1, 2, 1, 4, dtype=torch.bool)), block_size=8),
         "sparse_lists_shape": lambda: prefill.block_sparse_prefill(

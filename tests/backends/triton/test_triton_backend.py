@@ -78,3 +78,20 @@ def test_attention_nodes_run_on_the_triton_kernels():
         ops = {n.op for n, k in zip(g.nodes, tri.kernels) if k.backend == "triton"}
         assert ops & {"attention", "block_topk_attention", "shared_prefix_attention"}, ops
         torch.testing.assert_close(tri(*inputs), CompiledModel(g)(*inputs), rtol=2e-4, atol=2e-4)
+
+
+def test_attention_with_a_negative_scale_runs_on_the_reference():
+    """flash_prefill takes the row max before scaling (needs scale >= 0): the backend leaves such nodes alone."""
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=-0.25)
+
+    from lmforge.ir.ops.attention_ref import attention_ref
+
+    g0 = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g0) for _ in range(3))
+    g = lmforge.capture(fn, (q, k, v))
+    tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
+    attention = [k.backend for n, k in zip(g.nodes, tri.kernels) if n.op == "attention"]
+    assert attention == ["torch"], attention
+    expected = attention_ref(q, k, v, causal=True, scale=-0.25)   # torch's CPU SDPA gives NaN here
+    torch.testing.assert_close(tri(q, k, v), expected, rtol=1e-5, atol=1e-5)
