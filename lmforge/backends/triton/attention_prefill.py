@@ -14,7 +14,8 @@ Modes (constexpr MODE), each visiting only the KV tiles that can be visible:
     CAUSAL   keys up to each row's position; tiles left of the block's first position run unmasked, only the
              diagonal tiles pay for the mask
     WINDOW   sliding window + attention sinks (StreamingLLM): the sink tiles, then the tiles of the window
-    SPARSE   block-sparse: per (batch, head, query block) a list of KV-block indices (`block_mask_to_index`)
+    SPARSE   block-sparse: per (batch, head, query block) a sorted list of KV-block indices
+             (`block_mask_to_index`); the leading blocks wholly visible run unmasked, the rest masked
 A row that sees no key gets output 0 and lse -inf.
 
 Tile sizes are knobs (KernelConfig params BLOCK_M, BLOCK_N, plus num_warps, num_stages); `default_config`
@@ -150,7 +151,22 @@ def _flash_prefill_kernel(Q, K, V, O, LSE, BIDX, BCNT, qk_scale,
         q_block = (start_m * BLOCK_M) // BLOCK_SIZE
         count = tl.load(BCNT + b * stride_cb + hi_idx * stride_ch + q_block)
         idx_base = BIDX + b * stride_ib + hi_idx * stride_ih + q_block * stride_iq
-        for t in range(0, count * (BLOCK_SIZE // BLOCK_N)):
+        # The lists are sorted, so the blocks every row sees whole (ending at or before the first row's position,
+        # inside the sequence) come first: they run unmasked; the rest (the diagonal block) pays for the mask.
+        n_full = count
+        last_end = (tl.load(idx_base + tl.maximum(n_full - 1, 0)) + 1) * BLOCK_SIZE
+        partial = (n_full > 0) & ((last_end > SKV) | (last_end - 1 > first_pos))
+        while partial:
+            n_full -= 1
+            last_end = (tl.load(idx_base + tl.maximum(n_full - 1, 0)) + 1) * BLOCK_SIZE
+            partial = (n_full > 0) & ((last_end > SKV) | (last_end - 1 > first_pos))
+        for t in range(0, n_full * (BLOCK_SIZE // BLOCK_N)):
+            kv_block = tl.load(idx_base + t // (BLOCK_SIZE // BLOCK_N))
+            cols = kv_block * BLOCK_SIZE + (t % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + offs_n
+            acc, m_i, l_i = online_softmax_tile(
+                acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks, v_base + cols[:, None] * stride_vs, cols,
+                pos, SKV, window, sinks, qk_scale, D, False, False, False, HEAD_MASK, BLOCK_D, PRECISION, DOT_FP32)
+        for t in range(n_full * (BLOCK_SIZE // BLOCK_N), count * (BLOCK_SIZE // BLOCK_N)):
             kv_block = tl.load(idx_base + t // (BLOCK_SIZE // BLOCK_N))
             cols = kv_block * BLOCK_SIZE + (t % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + offs_n
             acc, m_i, l_i = online_softmax_tile(
@@ -325,8 +341,10 @@ def block_sparse_prefill(q, k, v, block_idx, block_cnt, *, block_size, scale=Non
     """Causal attention over listed KV blocks only; returns (out, lse).
 
     block_idx int32 [B, H, nQ, max_k], block_cnt int32 [B, H, nQ] with H = Hkv or Hq (see block_mask_to_index),
-    blocks of `block_size` (a power of two >= 16) along both sequence axes; indices must lie in [0, nK) (not
-    checked on the host, to stay free of synchronisation). Equals
+    blocks of `block_size` (a power of two >= 16) along both sequence axes; the first block_cnt entries of each
+    row must be distinct, in increasing order, and lie in [0, nK), as block_mask_to_index writes them (not
+    checked on the host, to stay free of synchronisation; the kernel runs the leading blocks that every row of
+    the query block sees whole without a mask). Equals
     `attention_ref(q, k, v, causal=True, block_mask=mask, block_size=block_size)` for the mask the lists encode.
     """
     check_attention_inputs(q, k, v, "block_sparse_prefill")
