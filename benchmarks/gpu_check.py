@@ -111,11 +111,28 @@ def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
     except Exception as exc:  # noqa: BLE001 - e.g. a kernel that cannot be captured; do_bench still stands
         row["kernel_graph_ms"] = row["baseline_graph_ms"] = row["graph_speedup"] = None
         row["note"] = f"{row['note']} (no graph timing: {type(exc).__name__})".strip()
+    row["stages_ms"] = stage_times(case.get("stages") or {})
+    if row["stages_ms"]:
+        parts = [f"{name} {_fmt(ms, '.4f')}" for name, ms in row["stages_ms"].items()]
+        row["note"] = f"{row['note']}; stages alone (graph ms): {', '.join(parts)}".lstrip("; ")
     seconds = (row["kernel_graph_ms"] or row["kernel_ms"]) * 1e-3
     row["gb_s"] = case["bytes"] / seconds / 1e9
     row["tflop_s"] = case["flops"] / seconds / 1e12
     row["bw_util"] = case["bytes"] / seconds / peak if peak else None
     return row
+
+
+def stage_times(stages: dict) -> dict:
+    """GPU time (ms, `graph_time_ms`) of each stage callable alone; None for one that fails or cannot be captured."""
+    from benchmarks.gpu_cases import graph_time_ms
+
+    times = {}
+    for name, fn in stages.items():
+        try:
+            times[name] = graph_time_ms(fn)
+        except Exception:  # noqa: BLE001 - a stage is extra information, the row stands without it
+            times[name] = None
+    return times
 
 
 def _fmt(value, spec: str, unit: str = "") -> str:

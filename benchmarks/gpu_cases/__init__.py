@@ -8,7 +8,9 @@ Each module defines `cases(quick: bool) -> list[dict]`; a case is a dict with
     baseline_name  e.g. "cuBLAS fp16 (F.linear)"
     rtol, atol     tolerances of torch.testing.assert_close(kernel(), reference())
     bytes, flops   the kernel's minimal memory traffic and arithmetic, for GB/s and TFLOP/s
-and optionally `note` (e.g. the config the quick tuning picked). Inputs are built on CUDA inside cases().
+and optionally `note` (e.g. the config the quick tuning picked) and `stages`, {name: zero-arg callable}: parts
+of the kernel's pipeline that gpu_check times alone (GPU time, `graph_time_ms`) and lists in the note, to show
+where a multi-launch kernel spends its time. Inputs are built on CUDA inside cases().
 """
 from __future__ import annotations
 

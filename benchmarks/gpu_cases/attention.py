@@ -139,6 +139,15 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
                           lambda c: (lambda: attention_decode.block_topk_decode(q, k, v, block_summary=kept, config=c,
                                                                                 **args)))
     summary_bytes = (2 if summary == "minmax" else 1) * hkv * n_blocks * D * 4
+    selected = attention_decode.select_topk_blocks(q, kept, summary, s, block_size, topk, sinks, window)
+    scores = torch.randn(1, hkv, n_blocks, device="cuda", generator=gen)
+    stages = {  # the pipeline's launches (default config), to show where its time goes
+        "scores + torch.topk": lambda: attention_decode.select_topk_blocks(q, kept, summary, s, block_size, topk,
+                                                                          sinks, window),
+        "torch.topk alone": lambda: scores.topk(selected.shape[-1], dim=-1, sorted=False),
+        "sparse split + merge": lambda: attention_decode.decode_selected_blocks(q, k, v, selected,
+                                                                                block_size=block_size),
+    }
     return {"name": f"attention/decode_block_topk_{summary}_1of{budget}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
             "kernel": kernel,
             "reference": lambda: decode_block_topk_ref(*_fp32(q, k, v), **args),
@@ -146,6 +155,7 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
             "baseline_name": "torch SDPA fp16 dense decode", **TOL,
             "bytes": 2 * hkv * kept_blocks * block_size * D * HALF + summary_bytes + 2 * hq * D * HALF,
             "flops": 4 * D * hq * kept_blocks * block_size + 2 * D * hq * n_blocks,
+            "stages": stages,
             "note": f"{note}; {kept_blocks} of {n_blocks} blocks of {block_size} (sinks {sinks}, window {window})"}
 
 

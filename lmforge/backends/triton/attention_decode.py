@@ -379,19 +379,29 @@ def block_topk_decode(q, k_cache, v_cache, *, block_size, topk_blocks, sinks=0, 
     if block_summary is None:
         block_summary = build_block_summary(k_cache, block_size, summary)
     selected = select_topk_blocks(q, block_summary, summary, s, block_size, topk_blocks, sinks, window)
+    result = decode_selected_blocks(q, k_cache, v_cache, selected, block_size=block_size, scale=scale,
+                                    num_splits=num_splits, config=config, return_lse=return_lse)
+    if return_indices:
+        return (*result, selected) if return_lse else (result, selected)
+    return result
+
+
+def decode_selected_blocks(q, k_cache, v_cache, selected, *, block_size, scale=None, num_splits=None, config=None,
+                           return_lse=False):
+    """The second half of block top-k decode: attention of q [B, Hq, 1, D] over the KV blocks listed in
+    `selected` int64 [B, Hkv, K] (every list of the same length K, blocks of `block_size` tokens of caches
+    [B, Hkv, S, D] whose S positions are all valid): the sparse split kernel, then the merge."""
+    b, hq, _, d = q.shape
     params, cfg = _config(config)
     tiles_per_block = block_size // min(params["BLOCK_N"], block_size)
     n_tiles = selected.shape[-1] * tiles_per_block
     splits, per_split = plan_splits(n_tiles, b * k_cache.shape[1], q.device, num_splits)
     parts = _Partials(q, splits)
     _launch_split(q, k_cache, v_cache, parts, grid_bh=b * k_cache.shape[1], rows=hq // k_cache.shape[1],
-                  splits=splits, tiles_per_split=per_split, n_tiles=n_tiles, split_base=0, kv_len=s, lens=None,
-                  block_idx=selected, block_size=block_size, causal=False, scale=_scale(scale, d), params=params,
-                  cfg=cfg)
-    result = parts.merge(q, return_lse)
-    if return_indices:
-        return (*result, selected) if return_lse else (result, selected)
-    return result
+                  splits=splits, tiles_per_split=per_split, n_tiles=n_tiles, split_base=0, kv_len=k_cache.shape[2],
+                  lens=None, block_idx=selected, block_size=block_size, causal=False, scale=_scale(scale, d),
+                  params=params, cfg=cfg)
+    return parts.merge(q, return_lse)
 
 
 def shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, *, scale=None, num_splits=None, config=None,

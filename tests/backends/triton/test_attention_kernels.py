@@ -193,6 +193,19 @@ def test_block_topk_decode_matches_reference_and_its_selection(s, bs, topk, sink
     _close(out, expected, torch.float32)
 
 
+def test_decode_selected_blocks_attends_to_exactly_the_listed_blocks():
+    """Any selection (unsorted, a different one per KV head) equals dense attention over those blocks' keys."""
+    q, k, v = _qkv(2, 4, 2, 1, 96, 16, seed=62)
+    selected = torch.tensor([[[5, 0, 3], [1, 2, 4]], [[2, 4, 0], [3, 5, 1]]], device=DEVICE)
+    out = decode.decode_selected_blocks(q, k, v, selected, block_size=16, config=SMALL_DECODE)
+    for b in range(2):
+        for h in range(4):
+            tokens = (selected[b, h // 2, :, None] * 16 + torch.arange(16, device=DEVICE)).flatten()
+            expected = attention_ref(q[b:b + 1, h:h + 1], k[b:b + 1, h // 2:h // 2 + 1, tokens],
+                                     v[b:b + 1, h // 2:h // 2 + 1, tokens])
+            _close(out[b:b + 1, h:h + 1], expected, torch.float32)
+
+
 @pytest.mark.parametrize("summary", ["mean", "minmax"])
 def test_block_topk_with_full_budget_equals_dense(summary):
     q, k, v = _qkv(2, 4, 1, 1, 96, 16, seed=60)
