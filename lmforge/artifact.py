@@ -276,6 +276,9 @@ def _parse_weights(data: bytes, graph) -> dict:
         raise _fail(f"{WEIGHTS_FILE} is not a readable safetensors file ({type(e).__name__}: {e}); "
                     "export the artifact again") from None
     params = {p.name: p.type for p in graph.params}
+    from lmforge.passes.shard import whole_param_types
+
+    params.update(whole_param_types(graph))   # a tensor-parallel graph keeps its split weights whole
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or extra:
         raise _fail(f"{WEIGHTS_FILE} does not match the graph's parameters (missing {missing[:5]}, unexpected "
@@ -358,6 +361,13 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
             triton_dir = None
         else:
             backends = [cubins, *backends]
+    if graph.get_meta("tensor_parallel"):  # the ranks as threads of this process (GPU kernels: not for these)
+        from lmforge.backends.collectives import TensorParallelModel
+
+        model = TensorParallelModel(graph, default_backends(("torch",)), device, chosen, manifest["config"],
+                                    manifest.get("pass_report", ""))
+        model.kernel_source = None
+        return model
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
     model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
     return model

@@ -69,9 +69,15 @@ def cmd_tune(args) -> int:
         constraints["quality"] = args.min_quality
     if args.fits:
         constraints["fits"] = True
+    pipeline = None
+    if args.max_tp > 1:  # the tensor-parallel pass joins the tunable ones: knob shard.tp in 1, 2, ..., max_tp
+        from lmforge.passes import tunable_pipeline
+        from lmforge.passes.shard import tensor_parallel_pass
+
+        pipeline = tunable_pipeline() + [tensor_parallel_pass(args.max_tp)]
     result = tune(wl, target=args.target, objectives=tuple(args.objective or ["latency"]), budget=args.budget,
                   mode=args.mode, storage=args.storage, constraints=constraints or None, seed=args.seed,
-                  warm_start_from=args.warm_start_from, sampler=args.sampler)
+                  warm_start_from=args.warm_start_from, sampler=args.sampler, pipeline=pipeline)
     print(f"study {result.study_name} in {result.storage}: {result.n_complete} trials finished, "
           f"{result.n_failed} failed")
     print("Pareto front:" if len(result.objectives) > 1 else "best:")
@@ -198,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--warm-start-from", default=None, help="enqueue the best configs found for this target")
     tu.add_argument("--out", default=None, help="write the report (Pareto plot, table) here")
+    tu.add_argument("--max-tp", type=int, default=1,
+                    help="also search tensor parallelism over up to this many GPUs (knob shard.tp; default 1: off)")
     tu.set_defaults(fn=cmd_tune)
     r = sub.add_parser("report", help="write the Pareto plot and table of a tuning study")
     r.add_argument("--study", default=None, help="part of the study name (omit to list studies)")

@@ -22,6 +22,9 @@ class CompiledModel:
 
     def __init__(self, graph: Graph, backends: Sequence = (), device: str | torch.device = "cpu",
                  target: str = "host", config: Mapping[str, Any] | None = None, pass_report: str = ""):
+        if graph.get_meta("tensor_parallel") and graph.get_meta("tensor_parallel_rank") is None:
+            raise LmforgeError(f"graph {graph.name!r} is split over tensor-parallel ranks: run it with "
+                               "lmforge.backends.collectives.TensorParallelModel (lmforge.compile does)")
         self.graph = graph
         self.target = target
         self.config = dict(config or {})
@@ -170,8 +173,18 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
         passes = tunable_pipeline() if passes is None else passes
     elif config is not None and not isinstance(config, Mapping):
         raise LmforgeError(f"config must be a dict of knob values or 'best', not {type(config).__name__}")
-    pm = PassManager(passes if passes is not None else default_pipeline())
+    passes = list(passes if passes is not None else default_pipeline())
+    tp = (config or {}).get("shard.tp", 1)
+    if tp != 1 and not any(p.name == "tensor_parallel" for p in passes):  # a tuned multi-GPU config
+        from lmforge.passes.shard import tensor_parallel_pass
+
+        passes.append(tensor_parallel_pass(max_tp=tp))
+    pm = PassManager(passes)
     graph = pm.run(graph, config)
     chosen = default_backends(tuple(dict.fromkeys([*backends, "torch"])))
     dev = device or ("cpu" if not graph.weights else next(iter(graph.weights.values())).device)
+    if graph.get_meta("tensor_parallel"):  # a `shard.tp` > 1 config: the ranks, as threads of this process
+        from lmforge.backends.collectives import TensorParallelModel
+
+        return TensorParallelModel(graph, chosen, dev, target, config, pm.report())
     return CompiledModel(graph, chosen, dev, target, config, pm.report())

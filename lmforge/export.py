@@ -124,6 +124,9 @@ def _onnx_files(graph) -> tuple[dict[str, bytes], dict[str, Any]]:
     """({file: bytes}, manifest "onnx" entry). A graph with no ONNX form gets a reason instead of a file."""
     from lmforge.backends.onnx_export import OPSET, to_onnx
 
+    if graph.get_meta("tensor_parallel"):
+        return {}, {"written": False, "reason": "a tensor-parallel graph (one rank's program with whole weights "
+                                                "and collectives) has no ONNX form here"}
     try:
         model = to_onnx(graph)
     except LmforgeError as e:

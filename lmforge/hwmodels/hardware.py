@@ -44,6 +44,7 @@ DEFAULT_EFFICIENCY: dict[str, tuple[float, float]] = {
     "reduction": (0.30, 0.70),
     "data_movement": (0.30, 0.80),
     "gather": (0.30, 0.60),
+    "collective": (0.50, 0.80),   # interconnect bytes ("peer" tier) at 80 % of the link; not calibrated
     "program": (0.50, 0.70),
     "other": (0.50, 0.70),
 }

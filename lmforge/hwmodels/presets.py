@@ -28,6 +28,9 @@ T, G = 1e12, 1e9
 _SMEM = {"sm_80": (164 * KiB, 163 * KiB), "sm_89": (100 * KiB, 99 * KiB),
          "sm_90": (228 * KiB, 227 * KiB), "sm_100": (228 * KiB, 227 * KiB)}
 _LAUNCH_S = 4e-6
+# Fixed cost of one collective (all-reduce / all-gather of a small message between the GPUs of one node):
+# the order of magnitude NCCL's tests show on NVLink machines; not calibrated (no multi-GPU machine here).
+_COLLECTIVE_S = 10e-6
 _PCIE4 = ("PCIe Gen4 x16", 32 * G)   # "PCIe Gen4: 64GB/s" bidirectional
 _PCIE5 = ("PCIe Gen5 x16", 64 * G)   # "PCIe Gen5: 128GB/s" bidirectional
 
@@ -42,7 +45,8 @@ def _gpu(name, arch, *, fp32, tf32, fp16, bf16, fp8, int8, mem_gib, bw, l2_mb, s
                     "float8_e4m3fn": fp8 * T, "int8": int8 * T},
         memory_bytes=mem_gib * GiB, memory_bandwidth=bw * T, l2_bytes=l2_mb * MB, sm_count=sms,
         smem_per_sm=smem, regs_per_sm=65536, max_smem_per_block=smem_block,
-        interconnect=interconnect, host_link=host_link, launch_overhead_s=_LAUNCH_S, notes=notes)
+        interconnect=interconnect, host_link=host_link, launch_overhead_s=_LAUNCH_S,
+        launch_by_class={"collective": _COLLECTIVE_S}, notes=notes)
 
 
 _AMPERE_NO_FP8 = ("no FP8 tensor cores: float8/int8 peaks are the FP16 / INT8 tensor rates "

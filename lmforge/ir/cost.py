@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Op classes group ops whose efficiency on a target behaves alike; calibration fits one factor each.
-OP_CLASSES = ("matmul", "attention", "norm", "elementwise", "reduction", "data_movement", "gather", "program", "other")
+OP_CLASSES = ("matmul", "attention", "norm", "elementwise", "reduction", "data_movement", "gather", "collective",
+              "program", "other")
 
 
 @dataclass(frozen=True)

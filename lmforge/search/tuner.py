@@ -129,6 +129,10 @@ class TuneContext:
 
                 own = backend_config(graph, config)
             instances.append(cls(own) if name in ("tvm", "triton") else cls())
+        if graph.get_meta("tensor_parallel"):  # shard.tp > 1: the ranks run as threads of this process
+            from lmforge.backends.collectives import TensorParallelModel
+
+            return TensorParallelModel(graph, instances)
         return CompiledModel(graph, instances)
 
 
@@ -269,6 +273,9 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     constraints = dict(constraints or {})
     storage = storage or default_storage()
     name = study_name or study_key(wl.name, graph, hw, objectives, mode)
+    tp_knobs = [k for p in pipe for k in p.knobs if k.name == "shard.tp"]
+    if tp_knobs and not study_name:  # a multi-GPU search is its own study (its space has the shard.tp knob)
+        name += f":tp<={max(tp_knobs[0].choices)}"
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
                                 directions=[DIRECTIONS[o] for o in objectives],
                                 sampler=make_sampler(sampler, len(objectives), budget, seed))
@@ -285,13 +292,15 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
                                 skip_if_exists=True)
 
     def objective(trial: optuna.Trial):
+        from lmforge.passes.shard import ShardError
         from lmforge.search.kernel_model import KernelConfigInfeasible
 
         config = suggest(trial, knobs)
         try:
             values = evaluate_config(ctx, config, tuple(objectives) + tuple(constraints),
                                      measure_latency=(mode == "measure"))
-        except KernelConfigInfeasible as e:  # a tile config over the target's limits: pruned, never scored
+        except (KernelConfigInfeasible, ShardError) as e:  # a tile config over the target's limits, a tp the
+            # heads do not divide by: pruned, never scored
             trial.set_user_attr("config", config)
             trial.set_user_attr("pruned_reason", str(e))
             raise optuna.TrialPruned(str(e)) from e

@@ -104,6 +104,10 @@ for _name in ("linear_wo", "merge_lse", "block_topk_attention", "block_sparse_at
               "shared_prefix_attention"):
     CASES[_name] = None
 CASES["kv_qdq"] = ([t(2, 2, 5, 8)], {"dtype": "int8"}, None)
+# collectives of a tensor-parallel graph: a group of 1 is the identity here; groups of ranks in tests/passes/test_shard.py
+CASES["all_reduce"] = ([t(3, 4)], {"group_size": 1}, lambda x: x)
+CASES["all_gather"] = ([t(3, 4)], {"group_size": 1, "dim": 1}, lambda x: x)
+CASES["shard_slice"] = ([t(3, 4)], {"group_size": 1, "dim": 0}, lambda x: x)
 # program ops hold decode loops and compound systems: their references are tested in tests/programs/
 for _name in ("generate", "ensemble", "rank", "fuse", "verify", "vote"):
     CASES[_name] = None

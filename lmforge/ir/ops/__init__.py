@@ -2,10 +2,10 @@
 
 The op families are listed here explicitly (no registration by import side effects).
 """
-from lmforge.ir.ops import nn_ops, program_ops, region_ops, sparse_attention_ops, tensor_ops
+from lmforge.ir.ops import collective_ops, nn_ops, program_ops, region_ops, sparse_attention_ops, tensor_ops
 from lmforge.ir.ops.registry import AttrSpec, OpDef, Registry, attr
 
-_FAMILIES = (tensor_ops, nn_ops, region_ops, sparse_attention_ops, program_ops)
+_FAMILIES = (tensor_ops, nn_ops, region_ops, sparse_attention_ops, program_ops, collective_ops)
 
 REGISTRY = Registry()
 for _family in _FAMILIES:

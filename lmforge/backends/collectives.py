@@ -1,0 +1,227 @@
+"""Running tensor-parallel graphs: the communicators behind the collective ops, and the model that runs the ranks.
+
+A split graph (`lmforge.passes.shard.tensor_parallel`) is one program every rank runs on its part of the
+weights; its `all_reduce` / `all_gather` / `shard_slice` nodes ask `current_group()` for the rank's
+communicator:
+
+- `ThreadGroup(n)`: n ranks as threads of this process (torch ops release the GIL); what tests, the CPU and a
+  single GPU use to run and check a split graph. Every rank adds the parts in rank order, so all ranks hold
+  bit-identical sums.
+- `TorchDistributedGroup()`: the default torch.distributed process group, one rank per process (NCCL on GPUs,
+  gloo on CPUs), for a real multi-GPU job.
+
+`TensorParallelModel(graph)` is the callable a split graph compiles to: it takes and returns whole tensors
+like the unsplit model, cuts the split inputs (the KV caches) per rank, runs the ranks, and joins the split
+outputs. Given `group=TorchDistributedGroup()` it runs just this process's rank (each process passes the
+same whole inputs and gets the same whole outputs).
+
+    tp = TensorParallelModel(lmforge.passes.shard.tensor_parallel(graph, 2))
+    logits, k_cache, v_cache = tp(tokens, k_cache, v_cache)       # == CompiledModel(graph)(...)
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from typing import Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from lmforge.errors import LmforgeError
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("lmforge_tensor_parallel_group", default=None)
+BARRIER_TIMEOUT_S = 600.0
+
+
+class ThreadGroup:
+    """`size` ranks simulated by threads; `rank_view(r)` is what rank r's thread uses as its group."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise LmforgeError(f"a tensor-parallel group needs >= 1 rank, got {size}")
+        self.size = size
+        self._barrier = threading.Barrier(size, timeout=BARRIER_TIMEOUT_S)
+        self._slots: list = [None] * size
+
+    def rank_view(self, rank: int) -> "_ThreadRank":
+        return _ThreadRank(self, rank)
+
+    def abort(self) -> None:
+        """Release the other ranks' waits with an error (a rank failed)."""
+        self._barrier.abort()
+
+    def _exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
+        self._slots[rank] = x
+        self._barrier.wait()
+        parts = list(self._slots)
+        self._barrier.wait()           # nobody overwrites a slot before every rank has read them all
+        return parts
+
+
+class _ThreadRank:
+    def __init__(self, group: ThreadGroup, rank: int):
+        self.group, self.rank, self.size = group, rank, group.size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.group._exchange(self.rank, x)
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        return total
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat(self.group._exchange(self.rank, x), dim)
+
+
+class TorchDistributedGroup:
+    """This process's rank of the default torch.distributed process group (initialised by the caller)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise LmforgeError("TorchDistributedGroup needs torch.distributed initialised: call "
+                               "torch.distributed.init_process_group(...) in every process first")
+        self._dist = dist
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        self._dist.all_reduce(out)
+        return out
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self._dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim)
+
+
+@contextlib.contextmanager
+def use_group(group):
+    """Run the block (this thread) as `group`'s rank: the collective ops talk through it."""
+    token = _CURRENT.set(group)
+    try:
+        yield group
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_group(size: int):
+    """The communicator of the tensor-parallel run this thread is in, checked to have `size` ranks."""
+    group = _CURRENT.get()
+    if group is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() == size:
+            group = TorchDistributedGroup()
+        else:
+            raise LmforgeError(f"this graph is split over {size} tensor-parallel ranks: run it with "
+                               "lmforge.backends.collectives.TensorParallelModel (or lmforge.compile with the "
+                               f"tensor_parallel pass), or in a torch.distributed job of {size} processes")
+    if group.size != size:
+        raise LmforgeError(f"a collective for {size} ranks ran in a group of {group.size}")
+    return group
+
+
+class TensorParallelModel:
+    """A split graph's ranks, callable with whole inputs like the unsplit model (see the module docstring)."""
+
+    def __init__(self, graph, backends: Sequence = (), device="cpu", target: str = "host", config=None,
+                 pass_report: str = "", group=None):
+        from lmforge.compiler import CompiledModel
+        from lmforge.passes.shard import plan_of, rank_graph
+
+        plan = plan_of(graph)
+        if plan is None:
+            raise LmforgeError(f"graph {graph.name!r} is not split over ranks: run it with CompiledModel")
+        self.graph, self.plan, self.size = graph, plan, plan["size"]
+        self.target, self.config, self.pass_report = target, dict(config or {}), pass_report
+        if group is not None and group.size != self.size:
+            raise LmforgeError(f"the graph is split over {self.size} ranks but the group has {group.size}")
+        self.group = group
+        ranks = range(self.size) if group is None else [group.rank]
+        self.ranks = {r: CompiledModel(rank_graph(graph, r), backends, device, target, config, pass_report)
+                      for r in ranks}
+        self._split_inputs = [plan["inputs"].get(v.name) for v in graph.inputs]
+        self._split_outputs = {int(k): d for k, d in plan["outputs"].items()}
+        spec = graph.get_meta("out_spec")
+        self._out_spec = pytree.treespec_loads(spec) if spec else None
+
+    @property
+    def weights(self) -> dict:
+        """The whole weights (each rank cuts its own part)."""
+        return dict(self.graph.weights)
+
+    def export(self, path, **kwargs):
+        """An artifact of the split graph with the whole weights; `lmforge.load` gives a TensorParallelModel."""
+        from lmforge.export import export
+
+        return export(self, path, **kwargs)
+
+    def add_gpu_kernels(self, *args, **kwargs):
+        raise LmforgeError("GPU kernels for a tensor-parallel model are not built yet: export it without them "
+                           "(the ranks then run the torch reference), or compile with shard.tp = 1")
+
+    @property
+    def kernels(self):
+        """Who runs each node (the same on every rank)."""
+        return next(iter(self.ranks.values())).kernels
+
+    def inspect(self, target: str | None = None, show_costs: bool = True) -> str:
+        return next(iter(self.ranks.values())).inspect(target, show_costs)
+
+    def _rank_inputs(self, leaves: list, rank: int) -> list:
+        from lmforge.passes.shard import cut
+
+        return [x if d is None else cut(x, self.size, rank, d) for x, d in zip(leaves, self._split_inputs)]
+
+    def _run_rank(self, rank: int, group, leaves: list) -> list:
+        model = self.ranks[rank]
+        with use_group(group):
+            outs = model._fn(*self._rank_inputs(leaves, rank))
+            return [group.all_gather(o, self._split_outputs[i]) if i in self._split_outputs and self.group else o
+                    for i, o in enumerate(outs)]
+
+    def __call__(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if len(leaves) != len(self.graph.inputs):
+            raise LmforgeError(f"{self.graph.name} takes {len(self.graph.inputs)} tensor inputs "
+                               f"({[v.name for v in self.graph.inputs]}), got {len(leaves)}")
+        for x, d, v in zip(leaves, self._split_inputs, self.graph.inputs):
+            if not isinstance(x, torch.Tensor) or x.dim() != v.type.rank:
+                raise LmforgeError(f"input {v.name!r} must be a tensor of rank {v.type.rank}, got "
+                                   f"{getattr(x, 'shape', type(x).__name__)}")
+            if d is not None and x.shape[d] % self.size:
+                raise LmforgeError(f"input {v.name!r}: dim {d} ({x.shape[d]}) does not split over {self.size} ranks")
+        if self.group is not None:
+            outs = self._run_rank(self.group.rank, self.group, leaves)
+        else:
+            outs = self._run_threads(leaves)
+        if self._out_spec is None:
+            return outs[0] if len(outs) == 1 else outs
+        return pytree.tree_unflatten(list(outs), self._out_spec)
+
+    def _run_threads(self, leaves: list) -> list:
+        group = ThreadGroup(self.size)
+        results: list = [None] * self.size
+        errors: list = []
+
+        def work(rank: int):
+            try:
+                results[rank] = self._run_rank(rank, group.rank_view(rank), leaves)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks stop
+                errors.append((rank, exc))
+                group.abort()
+
+        threads = [threading.Thread(target=work, args=(r,), name=f"lmforge-tp-rank{r}") for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            real = [e for e in errors if not isinstance(e[1], threading.BrokenBarrierError)] or errors
+            rank, exc = real[0]
+            raise exc
+        return [torch.cat([results[r][i] for r in range(self.size)], d) if (d := self._split_outputs.get(i)) is not None
+                else results[0][i] for i in range(len(results[0]))]
