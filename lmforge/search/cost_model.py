@@ -135,16 +135,50 @@ def critical_path_time(graph: Graph, times: list[float]) -> float:
 
 
 # ops whose output aliases their input (no new memory)
-_VIEWS = {"reshape", "permute", "expand", "slice", "select"}
+_VIEWS = {"reshape", "permute", "expand", "slice", "select", "kv_qdq"}
+
+
+_CACHE_PATH = ("kv_cache_append", "select", "reshape", "concat", "permute", "slice")
+
+
+def _quantized_cache_values(graph: Graph) -> dict[str, str]:
+    """{value name: storage dtype} for the KV-cache values that attention reads through `kv_qdq`: the cache
+    is stored in that dtype, so its inputs, appends and returned stacks are (a cache path: kv_cache_append's
+    cache operand and output, and the views / concats between them and the graph's inputs and outputs)."""
+    producers, users = graph.producers(), graph.users()
+    out: dict[str, str] = {}
+    todo = [(n.inputs[0], n.attr["dtype"]) for n in graph.nodes if n.op == "kv_qdq" and n.inputs[0] is not None]
+    while todo:
+        v, dtype = todo.pop()
+        if v.name in out:
+            continue
+        out[v.name] = dtype
+        node = producers.get(v.name)
+        if node is not None and node.op in _CACHE_PATH:   # back to the stored cache (not the new token's K/V)
+            src = node.inputs[0] if node.op == "kv_cache_append" else None
+            todo += [(i, dtype) for i in ((src,) if node.op == "kv_cache_append" else node.inputs) if i is not None]
+        for u in users.get(v.name, []):                      # on to the returned cache
+            if u.op in ("reshape", "concat") or (u.op == "kv_cache_append" and u.inputs[0] is v):
+                todo.append((u.output, dtype))
+    return out
 
 
 def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
     """Weights + graph inputs + the largest total size of live intermediate values at any node.
 
     A value is live from the node that makes it to its last reader (graph outputs stay live to the end);
-    views share their input's memory.
+    views share their input's memory, and so does `kv_qdq` (fused into the attention read). A KV cache that
+    attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 / fp8, plus
+    one fp32 scale per token and head) from the graph input to the returned cache.
     """
+    from lmforge.ir.types import itemsize
+
     size = {v.name: v.type.concrete(env).nbytes() for v in graph.values().values()}
+    values = graph.values()
+    for name, dtype in _quantized_cache_values(graph).items():
+        t = values[name].type.concrete(env)
+        per_row = t.shape[-1] if t.rank else 1
+        size[name] = t.numel() * (itemsize(dtype) + 4 / max(1, per_row))
     last_use: dict[str, int] = {}
     end = len(graph.nodes)
     for i, n in enumerate(graph.nodes):

@@ -65,3 +65,18 @@ def test_inspect_with_a_target_shows_time_bound_and_eflops():
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if "= attention(" in l)
     assert "us " in line and "-bound" in line and "eFLOPs=" in line
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_a_kv_cache_stored_in_8_bits_takes_a_quarter_of_the_memory(step_graph, kv):
+    """Attention reads the cache through kv_qdq (fused into the read, no copy): the cache (input, appended,
+    returned) is held in 1 byte per element plus an fp32 scale per token and head, (1 + 4 / D) / 4 of fp32."""
+    from lmforge.passes import kv_quant_pass
+    from lmforge.search.cost_model import bindings_for, peak_memory
+
+    quantized = PassManager([kv_quant_pass]).run(step_graph, {"quant.kv": kv})
+    dims = {"batch": 64, "past": 65536}        # the cache dominates: the tiny model's weights are ~100 KB
+    head_dim = step_graph.inputs[1].type.shape[-1]
+    ratio = peak_memory(quantized, bindings_for(quantized, dims)) / peak_memory(step_graph,
+                                                                               bindings_for(step_graph, dims))
+    assert ratio == pytest.approx((1 + 4 / head_dim) / 4, abs=0.01)
