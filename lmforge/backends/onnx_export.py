@@ -27,7 +27,7 @@ import torch
 from onnx import TensorProto, helper
 
 from lmforge.errors import LmforgeError, UnsupportedOpError
-from lmforge.ir.graph import Graph, Node, Value
+from lmforge.ir.graph import Graph, Node, Value, unique_name
 from lmforge.ir.ops import get_op
 from lmforge.ir.types import TensorType, parse_dim, simplify_dim, torch_dtype
 
@@ -90,12 +90,7 @@ class Emitter:
 
     # ---- names, nodes, constants --------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self.names:
-            i += 1
-            name = f"{hint}_{i}"
-        self.names.add(name)
-        return name
+        return unique_name(hint, self.names)
 
     def node(self, op_type: str, inputs: list[str | None], hint: str = "t", n_out: int = 1, domain: str = "",
              outputs: list[str] | None = None, **attrs) -> Any:

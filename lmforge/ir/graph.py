@@ -237,6 +237,16 @@ class GraphBuilder:
                      _freeze(dict(meta or {})), dict(self.weights))
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which it is then added to."""
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
 def thaw_attr(value: Any) -> Any:
     """Attributes are stored frozen (tuples); JSON and printing use lists."""
     return _thaw(value)

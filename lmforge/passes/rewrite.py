@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from lmforge.ir.graph import Graph, Node, Value
+from lmforge.ir.graph import Graph, Node, Value, unique_name
 
 
 @dataclass
@@ -27,12 +27,7 @@ class RewriteContext:
         return None if v is None else self.subst.get(v.name, v)
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def single_use(self, v: Value) -> bool:
         return len(self.users.get(v.name, [])) == 1 and v.name not in {o.name for o in self.graph.outputs}

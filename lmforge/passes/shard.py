@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from lmforge.errors import LmforgeError
-from lmforge.ir.graph import Graph, Node, Value
+from lmforge.ir.graph import Graph, Node, Value, unique_name
 from lmforge.ir.ops import get_op
 from lmforge.ir.ops.tensor_ops import BINARY, COMPARE, UNARY
 from lmforge.passes.base import Knob, Pass
@@ -152,12 +152,7 @@ class _Sharder:
 
     # -- helpers --
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def emit(self, op: str, inputs: list, attrs: Mapping[str, Any], source: str, base: str | None = None,
              regions=(), names: list[str] | None = None) -> list[Value]:

@@ -32,23 +32,24 @@ def _same(ins, attrs):
     return [ins[0]]
 
 
-def _gather_infer(ins, attrs):
-    g = _check_group(attrs)
-    x = ins[0]
+def _group_and_dim(op: str, x, attrs) -> tuple[int, int]:
     dim = norm_dim(attrs["dim"], x.rank)
     if not 0 <= dim < x.rank:
-        raise VerifyError(f"all_gather: dim {attrs['dim']} is outside a rank-{x.rank} tensor")
+        raise VerifyError(f"{op}: dim {attrs['dim']} is outside a rank-{x.rank} tensor")
+    return _check_group(attrs), dim
+
+
+def _gather_infer(ins, attrs):
+    x = ins[0]
+    g, dim = _group_and_dim("all_gather", x, attrs)
     shape = list(x.shape)
     shape[dim] = shape[dim] * g if isinstance(shape[dim], int) else f"({shape[dim]}) * {g}"
     return [x.with_(shape=tuple(shape))]
 
 
 def _slice_infer(ins, attrs):
-    g = _check_group(attrs)
     x = ins[0]
-    dim = norm_dim(attrs["dim"], x.rank)
-    if not 0 <= dim < x.rank:
-        raise VerifyError(f"shard_slice: dim {attrs['dim']} is outside a rank-{x.rank} tensor")
+    g, dim = _group_and_dim("shard_slice", x, attrs)
     size = x.shape[dim]
     if not isinstance(size, int) or size % g:
         raise VerifyError(f"shard_slice: dim {dim} of {x} does not split into {g} equal parts")
