@@ -145,6 +145,9 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
         "scores + torch.topk": lambda: attention_decode.select_topk_blocks(q, kept, summary, s, block_size, topk,
                                                                           sinks, window),
         "torch.topk alone": lambda: scores.topk(selected.shape[-1], dim=-1, sorted=False),
+        "scores + Triton select (untimed design)": lambda: attention_decode.select_topk_blocks(
+            q, kept, summary, s, block_size, topk, sinks, window, method="triton"),
+        "Triton select alone": lambda: attention_decode.select_largest(scores, selected.shape[-1]),
         "sparse split + merge": lambda: attention_decode.decode_selected_blocks(q, k, v, selected,
                                                                                 block_size=block_size),
     }

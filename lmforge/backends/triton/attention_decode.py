@@ -191,6 +191,52 @@ def _block_score_kernel(Q, S_A, S_B, OUT, stride_qb, stride_qh, stride_ab, strid
     tl.store(OUT + b * stride_ob + h * stride_oh + blocks, score, mask=blocks < n_blocks)
 
 
+@triton.jit
+def _order_key(row, start, n, CHUNK: tl.constexpr):
+    """uint32 keys of scores row[start:start + CHUNK] whose unsigned order is the floats' order (0 past n)."""
+    offs = start + tl.arange(0, CHUNK)
+    bits = tl.load(row + offs, mask=offs < n, other=0.0).to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, ~bits, bits | -2147483648).to(tl.uint32, bitcast=True)
+    return tl.where(offs < n, key, 0), offs
+
+
+@triton.jit
+def _select_blocks_kernel(SCORES, OUT, n_blocks, keep, stride_sb, stride_sh, stride_ob, stride_oh, HKV,
+                          CHUNK: tl.constexpr):
+    """OUT[b, h, :keep]: the indices of the `keep` largest scores of row (b, h), in increasing order (ties at the
+    threshold: the lowest indices). The keep-th largest key is found bit by bit (32 counting passes over the
+    row, which stays in L1 / L2), then one pass writes the indices with a running prefix sum."""
+    pid = tl.program_id(0)
+    b = (pid // HKV).to(tl.int64)
+    h = (pid % HKV).to(tl.int64)
+    row = SCORES + b * stride_sb + h * stride_sh
+    threshold = tl.full([], 0, tl.uint32)
+    bit = tl.full([], 2147483648, tl.uint32)
+    for step in range(32):
+        candidate = threshold | bit
+        count = 0
+        for start in range(0, n_blocks, CHUNK):
+            key, offs = _order_key(row, start, n_blocks, CHUNK)
+            count += tl.sum((key >= candidate).to(tl.int32), 0)
+        threshold = tl.where(count >= keep, candidate, threshold)
+        bit = bit >> 1
+    above = 0
+    for start in range(0, n_blocks, CHUNK):
+        key, offs = _order_key(row, start, n_blocks, CHUNK)
+        above += tl.sum((key > threshold).to(tl.int32), 0)
+    need = keep - above                       # how many of the scores equal to the threshold to take
+    equal_seen = 0
+    taken = 0
+    out = OUT + b * stride_ob + h * stride_oh
+    for start in range(0, n_blocks, CHUNK):
+        key, offs = _order_key(row, start, n_blocks, CHUNK)
+        equal = (key == threshold) & (offs < n_blocks)
+        take = (key > threshold) | (equal & (equal_seen + tl.cumsum(equal.to(tl.int32), 0) - 1 < need))
+        tl.store(out + taken + tl.cumsum(take.to(tl.int32), 0) - 1, offs.to(tl.int64), mask=take)
+        equal_seen += tl.sum(equal.to(tl.int32), 0)
+        taken += tl.sum(take.to(tl.int32), 0)
+
+
 # ---- planning -------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -329,9 +375,18 @@ def forced_blocks(kv_len: int, block_size: int, sinks: int, window: int) -> tupl
     return sink_blocks, first_window, sink_blocks + n_blocks - max(first_window, sink_blocks)
 
 
+SELECT_METHODS = ("torch", "triton")
+SELECT_CHUNK = 2048
+
+
 def select_topk_blocks(q, summary, kind: str, kv_len: int, block_size: int, topk_blocks: int, sinks: int,
-                       window: int) -> torch.Tensor:
-    """int64 [B, Hkv, K] indices of the kept blocks (forced ones plus the topk_blocks best), K uniform."""
+                       window: int, method: str = "torch") -> torch.Tensor:
+    """int64 [B, Hkv, K] indices of the kept blocks (forced ones plus the topk_blocks best), K uniform.
+
+    method "torch": torch.topk on the scores (any order); "triton": `_select_blocks_kernel` (increasing order,
+    one launch with one program per KV head; NOT timed on a GPU yet, gpu_check times both)."""
+    if method not in SELECT_METHODS:
+        raise LmforgeError(f"block selection method must be one of {SELECT_METHODS}, not {method!r}")
     b, hq, _, d = q.shape
     first = summary[0] if kind == "minmax" else summary
     hkv, n_blocks = first.shape[1], first.shape[2]
@@ -347,19 +402,38 @@ def select_topk_blocks(q, summary, kind: str, kv_len: int, block_size: int, topk
         *scores.stride()[:2], n_blocks, sink_blocks, first_window, hkv, hq // hkv, d,
         MINMAX=kind == "minmax", BLOCK_NB=block_nb, BLOCK_D=head_block(d), num_warps=4)
     keep = min(n_blocks, n_forced + max(0, topk_blocks))
-    return scores.topk(keep, dim=-1, sorted=False).indices
+    if method == "torch":
+        return scores.topk(keep, dim=-1, sorted=False).indices
+    return select_largest(scores, keep)
+
+
+def select_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """int64 [B, H, keep]: per row of fp32 scores [B, H, n], the indices of the `keep` largest in increasing
+    order (among scores equal to the keep-th largest, the lowest indices); the Triton kernel behind
+    select_topk_blocks(method="triton")."""
+    b, h, n = scores.shape
+    if not 0 <= keep <= n:
+        raise LmforgeError(f"select_largest: cannot keep {keep} of {n} scores")
+    out = torch.empty((b, h, keep), dtype=torch.int64, device=scores.device)
+    if out.numel():
+        scores = scores.float().contiguous()
+        _select_blocks_kernel[(b * h,)](scores, out, n, keep, scores.stride(0), scores.stride(1), out.stride(0),
+                                        out.stride(1), h, CHUNK=min(SELECT_CHUNK, triton.next_power_of_2(n)),
+                                        num_warps=4)
+    return out
 
 
 def block_topk_decode(q, k_cache, v_cache, *, block_size, topk_blocks, sinks=0, window=0, summary="mean",
                       block_summary=None, scale=None, dense_len=None, num_splits=None, config=None,
-                      return_lse=False, return_indices=False):
+                      return_lse=False, return_indices=False, select="torch"):
     """Block top-k decode attention (Kinetics "mean" / Quest "minmax"): reads only the selected KV blocks.
 
     q [B, Hq, 1, D], caches [B, Hkv, S, D] (all S positions valid); block_size a power of two >= 16. Keeps the
     blocks of the first `sinks` and last `window` tokens plus `topk_blocks` more by score, chosen per KV head
     (shared by its query heads). block_summary: what `build_block_summary(k_cache, block_size, summary)` gives;
     built here (reading all of K) when None. Equals `decode_block_topk_ref`; a cache of at most `dense_len`
-    tokens runs dense. return_indices=True also returns the kept block indices int64 [B, Hkv, K].
+    tokens runs dense. return_indices=True also returns the kept block indices int64 [B, Hkv, K]. select: how
+    the kept blocks are picked from the scores ("torch": torch.topk; "triton": one selection kernel).
     """
     q, k_cache, v_cache = _check_decode(q, k_cache, v_cache, "block_topk_decode")
     b, hq, sq, d = q.shape
@@ -370,6 +444,8 @@ def block_topk_decode(q, k_cache, v_cache, *, block_size, topk_blocks, sinks=0, 
         raise LmforgeError(f"block_topk_decode: block_size must be a power of two >= 16, got {block_size}")
     if summary not in ("mean", "minmax"):
         raise LmforgeError(f"block_topk_decode: summary must be 'mean' or 'minmax', not {summary!r}")
+    if select not in SELECT_METHODS:
+        raise LmforgeError(f"block_topk_decode: select must be one of {SELECT_METHODS}, not {select!r}")
     n_blocks = triton.cdiv(s, block_size)
     if (dense_len is not None and s <= dense_len) or s == 0:
         result = decode_attention(q, k_cache, v_cache, scale=scale, num_splits=num_splits, config=config,
@@ -378,7 +454,7 @@ def block_topk_decode(q, k_cache, v_cache, *, block_size, topk_blocks, sinks=0, 
         return (*result, every) if return_lse and return_indices else (result, every) if return_indices else result
     if block_summary is None:
         block_summary = build_block_summary(k_cache, block_size, summary)
-    selected = select_topk_blocks(q, block_summary, summary, s, block_size, topk_blocks, sinks, window)
+    selected = select_topk_blocks(q, block_summary, summary, s, block_size, topk_blocks, sinks, window, select)
     result = decode_selected_blocks(q, k_cache, v_cache, selected, block_size=block_size, scale=scale,
                                     num_splits=num_splits, config=config, return_lse=return_lse)
     if return_indices:

@@ -322,3 +322,19 @@ def test_a_record_without_the_toolchain_versions_still_loads(portable_or_not, tm
                             if k not in ("ptx_version", "ptxas_version", "portable")})
     aot.save(old, tmp_path)
     assert aot.load(tmp_path, binary.name) == old
+
+
+def test_the_block_selection_kernel_builds_without_spills():
+    """attention_decode._select_blocks_kernel (the Triton alternative to torch.topk for block top-k) compiles
+    for both archs: a uint32 bit-by-bit threshold search and a prefix-sum compaction, no local memory."""
+    from lmforge.backends.triton import attention_decode
+
+    signature = {"SCORES": "*fp32", "OUT": "*i64", "n_blocks": "i32", "keep": "i32", "stride_sb": "i32",
+                 "stride_sh": "i32", "stride_ob": "i32", "stride_oh": "i32", "HKV": "i32"}
+    requests = [aot.BuildRequest(attention_decode._select_blocks_kernel, signature,
+                                 {"CHUNK": attention_decode.SELECT_CHUNK}, KernelConfig.make(num_warps=4), arch,
+                                 ("SCORES", "OUT")) for arch in ARCHS]
+    for arch, binary in zip(ARCHS, aot.build_many(requests)):
+        assert isinstance(binary, aot.KernelBinary), binary
+        report = aot.ResourceReport.of(binary)
+        assert report.spill_stores == report.spill_loads == report.stack_bytes == 0 and PTX_TARGET[arch] in binary.ptx

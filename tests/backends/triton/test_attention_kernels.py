@@ -193,6 +193,38 @@ def test_block_topk_decode_matches_reference_and_its_selection(s, bs, topk, sink
     _close(out, expected, torch.float32)
 
 
+@pytest.mark.parametrize("n,keep", [(1, 1), (37, 5), (37, 37), (37, 0), (300, 40), (5000, 130)])
+def test_select_largest_picks_what_torch_topk_picks(n, keep):
+    """Distinct random scores (5000: three chunks of 2048), +inf for forced blocks: the same set as torch.topk,
+    listed in increasing order."""
+    scores = _randn(2, 3, n, seed=n + keep)
+    scores[..., : min(3, n)] = float("inf")
+    got = decode.select_largest(scores, keep)
+    want = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_select_largest_breaks_ties_by_lowest_index():
+    scores = torch.tensor([[[1.0, 3.0, 3.0, 2.0, 3.0, 3.0, -1.0, 3.0]]], device=DEVICE)
+    assert decode.select_largest(scores, 3).tolist() == [[[1, 2, 4]]]        # three of the five 3.0s
+    assert decode.select_largest(scores, 6).tolist() == [[[1, 2, 3, 4, 5, 7]]]
+    neg = -torch.arange(1.0, 6.0, device=DEVICE).reshape(1, 1, 5)           # negative floats order too
+    assert decode.select_largest(neg, 2).tolist() == [[[0, 1]]]
+
+
+@pytest.mark.parametrize("summary", ["mean", "minmax"])
+def test_block_topk_with_the_triton_selection_matches_torch_topk(summary):
+    q, k, v = _qkv(2, 4, 2, 1, 96, 16, seed=63)
+    kwargs = dict(block_size=16, topk_blocks=2, sinks=4, window=8, summary=summary, config=SMALL_DECODE,
+                  return_indices=True)
+    out, picked = decode.block_topk_decode(q, k, v, select="triton", **kwargs)
+    ref, chosen = decode.block_topk_decode(q, k, v, **kwargs)
+    assert torch.equal(picked, chosen.sort(dim=-1).values)
+    _close(out, ref, torch.float32)
+    with pytest.raises(LmforgeError, match="select must be one of"):
+        decode.block_topk_decode(q, k, v, select="heap", **kwargs)
+
+
 def test_decode_selected_blocks_attends_to_exactly_the_listed_blocks():
     """Any selection (unsorted, a different one per KV head) equals dense attention over those blocks' keys."""
     q, k, v = _qkv(2, 4, 2, 1, 96, 16, seed=62)
