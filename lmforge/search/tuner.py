@@ -379,15 +379,19 @@ def _pareto(trials, objectives) -> list[dict]:
     return front
 
 
-def best_configs(graph: Graph, target: str, storage: str | None = None, limit: int = 1) -> list[dict]:
-    """The best configs found so far for this graph (by signature, after the canonical passes) on `target`."""
+def best_configs(graph: Graph, target: str, storage: str | None = None, limit: int = 1,
+                 tensor_parallel: bool = False) -> list[dict]:
+    """The best configs found so far for this graph (by signature, after the canonical passes) on `target`.
+
+    Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
+    their latencies are those of a group of GPUs, not of one."""
     from lmforge.hwmodels import get_target
 
     storage = storage or default_storage()
     prefix = f"{graph.signature()}:{get_target(target).fingerprint()}:"
     out = []
     for summary in optuna.get_all_study_summaries(storage=storage):
-        if not summary.study_name.startswith(prefix):
+        if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         feasible = _feasible(study)
