@@ -100,6 +100,20 @@ def test_a_captured_graph_splits_without_the_other_passes(decode):
     _assert_same(TensorParallelModel(split)(tokens, k, v), CompiledModel(graph)(tokens, k, v))
 
 
+def test_shared_prefix_decode_splits_too(decode):
+    """Hydragen's shared_prefix_attention reads the prefix and suffix slices of the split caches, per head."""
+    from lmforge.passes import shared_prefix_decode
+
+    w, graph = decode
+    g = shared_prefix_decode(PassManager(default_pipeline()).run(graph, {}), 4)
+    tokens, k, v = _inputs(w, seed=31)
+    k[:, 1:, :, :4], v[:, 1:, :, :4] = k[:, :1, :, :4], v[:, :1, :, :4]       # the sequences share 4 tokens
+    split = tensor_parallel(g, 2)
+    assert plan_of(split)["inputs"] == {"k_cache": 2, "v_cache": 2}
+    assert "shard_slice" not in [n.op for n in split.nodes]
+    _assert_same(TensorParallelModel(split)(tokens, k, v), CompiledModel(g)(tokens, k, v))
+
+
 def test_split_prefill_equals_the_unsplit_graph():
     w = random_workload("5m", phase="prefill", seed=4)
     g = PassManager(default_pipeline()).run(lmforge.capture(w.model, w.example_inputs,
