@@ -180,30 +180,27 @@ class _Sharder:
         s = self.state.get(v.name)
         if s is not None and s.dim == dim and s.segments is None:
             return self.vals[v.name]
-        base = self._view_source(v)
-        if s is None and base is not None and base.name not in self.split_inputs:
-            self.requests[base.name] = self._input_dim(v, dim)
+        source_input = self._input_view(v, dim) if s is None else None
+        if source_input is not None and source_input[0] not in self.split_inputs:
+            self.requests[source_input[0]] = source_input[1]
         whole = self.whole(v, source)
         return self.emit("shard_slice", [whole], {"group_size": self.tp, "dim": dim}, source, f"{v.name}_part")[0]
 
-    def _view_source(self, v: Value) -> Value | None:
-        """The graph input that `v` is (through `select`s), else None."""
+    def _input_view(self, v: Value, dim: int) -> tuple[str, int] | None:
+        """(graph input, its dim) when `v` is a view of a graph input through `select`s and `slice`s along other
+        dims, with `dim` of `v` being that dim of the input (Llama's stacked caches: select(layer) of
+        [L, B, H, S, D] -> [B, H, S, D], head dim 1 -> input dim 2); else None."""
         while v.name not in self.input_names:
             node = self.producers.get(v.name)
-            if node is None or node.op != "select":
+            if node is None or node.op not in ("select", "slice"):
+                return None
+            cut = node.attr["dim"] % node.inputs[0].type.rank
+            if node.op == "select":
+                dim += 1 if dim >= cut else 0
+            elif cut == dim:
                 return None
             v = node.inputs[0]
-        return v
-
-    def _input_dim(self, v: Value, dim: int) -> int:
-        """Dim `dim` of `v` as a dim of the graph input it selects from (Llama's stacked caches:
-        select(layer) of [L, B, H, S, D] -> [B, H, S, D], head dim 1 -> input dim 2)."""
-        while v.name not in self.input_names:
-            node = self.producers[v.name]
-            removed = node.attr["dim"] % node.inputs[0].type.rank
-            dim += 1 if dim >= removed else 0
-            v = node.inputs[0]
-        return dim
+        return v.name, dim
 
     def keep(self, node: Node, inputs: list, state: Split | None) -> None:
         """Emit `node` on new inputs with re-inferred (local) output types; all outputs get `state`."""
@@ -234,6 +231,8 @@ class _Sharder:
         QKV / gate-up outputs), else None."""
         users = self.users.get(v.name, [])
         last = v.type.rank - 1
+        if v.name in self.output_names:
+            return None
         spans = []
         for u in users:
             a = u.attr if u.op == "slice" else {}

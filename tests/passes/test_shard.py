@@ -182,6 +182,24 @@ def test_thread_group_collectives_agree_on_every_rank():
         torch.testing.assert_close(out[r][2], torch.arange(6.0)[2 * r:2 * r + 2])
 
 
+def test_a_failing_rank_stops_the_others_and_its_error_is_raised(decode, monkeypatch):
+    """Rank 1 fails before its first all_reduce: rank 0, waiting there, is released and the caller gets rank 1's
+    error (not a hang, not a BrokenBarrierError)."""
+    w, graph = decode
+    model = TensorParallelModel(tensor_parallel(PassManager(default_pipeline()).run(graph, {}), 2))
+    real = model.ranks[1]._fn
+
+    def broken(*args):
+        raise ValueError("rank 1 broke")
+
+    monkeypatch.setattr(model.ranks[1], "_fn", broken)
+    with pytest.raises(ValueError, match="rank 1 broke"):
+        model(*_inputs(w, seed=41))
+    monkeypatch.setattr(model.ranks[1], "_fn", real)
+    tokens, k, v = _inputs(w, seed=42)
+    assert model(tokens, k, v)[0].shape == (3, 1, 4096)            # the next call runs normally
+
+
 def test_collective_costs_go_over_the_interconnect():
     x = TensorType((8, 1024), "float16")
     reduce = get_op("all_reduce").cost([x], {"group_size": 4})
