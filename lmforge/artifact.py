@@ -315,8 +315,8 @@ def inspect_artifact(path) -> dict:
 KERNEL_MODES = ("auto", "required", "none")
 
 
-def load(path, device: str = "cpu", *, target: str | None = None, kernels: str = "auto"):
-    """The CompiledModel exported at `path`, on `device`.
+def load(path, device: str = "cpu", *, target: str | None = None, kernels: str = "auto", group=None):
+    """The CompiledModel exported at `path`, on `device` (a TensorParallelModel for a tensor-parallel artifact).
 
     target:  the target whose configuration you want (default: the one the artifact was compiled for);
              TargetError when the artifact was not built for it or for the device's kind.
@@ -326,6 +326,9 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
                          matching arch (or if a cubin fails to load) the reference alone, with a warning;
              "required"  the same, but an LmforgeError instead of the warning (and on the CPU);
              "none"      the torch reference alone.
+    group:   for a tensor-parallel artifact, this process's rank in a torch.distributed job
+             (`lmforge.backends.collectives.TorchDistributedGroup()`, on device f"cuda:{local rank}"); None runs
+             every rank as a thread of this process.
 
         model = lmforge.load("out/tiny-llama")
         logits, k, v = model(tokens, k_cache, v_cache)
@@ -361,13 +364,15 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
             triton_dir = None
         else:
             backends = [cubins, *backends]
-    if graph.get_meta("tensor_parallel"):  # the ranks as threads of this process (GPU kernels: not for these)
+    if graph.get_meta("tensor_parallel"):  # every rank runs the same program: the same kernels serve them all
         from lmforge.backends.collectives import TensorParallelModel
 
-        model = TensorParallelModel(graph, default_backends(("torch",)), device, chosen, manifest["config"],
-                                    manifest.get("pass_report", ""))
-        model.kernel_source = None
+        model = TensorParallelModel(graph, backends, device, chosen, manifest["config"],
+                                    manifest.get("pass_report", ""), group=group)
+        model.kernel_source = triton_dir
         return model
+    if group is not None:
+        raise LmforgeError("group= is for tensor-parallel artifacts; this one runs on one device: load it without")
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
     model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
     return model

@@ -35,27 +35,46 @@ BARRIER_TIMEOUT_S = 600.0
 
 
 class ThreadGroup:
-    """`size` ranks simulated by threads; `rank_view(r)` is what rank r's thread uses as its group."""
+    """`size` ranks simulated by threads; `rank_view(r)` is what rank r's thread uses as its group.
+
+    The ranks take turns: a rank runs while it holds the group's baton (`turn()`) and lets go only while it
+    waits in a collective. So the simulation is deterministic and backends that are not thread-safe (Triton's
+    interpreter patches module globals while it runs a kernel) work; it is a check of the split program, not
+    a speed-up."""
 
     def __init__(self, size: int):
         if size < 1:
             raise LmforgeError(f"a tensor-parallel group needs >= 1 rank, got {size}")
         self.size = size
         self._barrier = threading.Barrier(size, timeout=BARRIER_TIMEOUT_S)
+        self._baton = threading.Lock()
         self._slots: list = [None] * size
 
     def rank_view(self, rank: int) -> "_ThreadRank":
         return _ThreadRank(self, rank)
 
+    @contextlib.contextmanager
+    def turn(self):
+        """Run the block as one of the ranks taking turns (see the class docstring)."""
+        with self._baton:
+            yield
+
     def abort(self) -> None:
         """Release the other ranks' waits with an error (a rank failed)."""
         self._barrier.abort()
 
+    def _wait(self) -> None:
+        self._baton.release()          # let the other ranks run up to this collective
+        try:
+            self._barrier.wait()
+        finally:
+            self._baton.acquire()
+
     def _exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
         self._slots[rank] = x
-        self._barrier.wait()
+        self._wait()
         parts = list(self._slots)
-        self._barrier.wait()           # nobody overwrites a slot before every rank has read them all
+        self._wait()                   # nobody overwrites a slot before every rank has read them all
         return parts
 
 
@@ -159,9 +178,13 @@ class TensorParallelModel:
 
         return export(self, path, **kwargs)
 
-    def add_gpu_kernels(self, *args, **kwargs):
-        raise LmforgeError("GPU kernels for a tensor-parallel model are not built yet: export it without them "
-                           "(the ranks then run the torch reference), or compile with shard.tp = 1")
+    def add_gpu_kernels(self, targets=("h100",), backends=("tvm", "triton")) -> dict[str, list[str]]:
+        """`CompiledModel.add_gpu_kernels` for the rank program: every rank runs the same graph (local shapes,
+        its own weights), so one set of kernels per target serves them all; export keeps them."""
+        rank = next(iter(self.ranks.values()))
+        added = rank.add_gpu_kernels(targets, backends)
+        self.kernel_files = rank.kernel_files
+        return added
 
     @property
     def kernels(self):
@@ -209,7 +232,8 @@ class TensorParallelModel:
 
         def work(rank: int):
             try:
-                results[rank] = self._run_rank(rank, group.rank_view(rank), leaves)
+                with group.turn():
+                    results[rank] = self._run_rank(rank, group.rank_view(rank), leaves)
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks stop
                 errors.append((rank, exc))
                 group.abort()

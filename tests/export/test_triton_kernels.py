@@ -712,3 +712,42 @@ def test_attention_variants_build_for_sm80_and_sm90():
         assert kernels == {"flash_prefill", "block_score", "decode_split", "merge_splits"}
         for name in index["kernels"]:
             assert _cubin_arch(files[target][f"{name}.cubin"]) == int(arch[3:])
+
+
+class _AsIfOnCuda:
+    """A backend that claims on the CPU what it would claim on a CUDA device (the interpreted cubins run anywhere)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def claim(self, node, device):
+        return self.backend.claim(node, "cuda")
+
+
+@interpreter_only
+def test_a_tensor_parallel_model_ships_one_set_of_kernels_that_every_rank_runs(llama, make_decode_inputs, tmp_path):
+    """shard.tp = 2 on the int4 decode step: one set of AOT kernels for the rank program (local shapes) in the
+    artifact; both ranks run through the cubin backend (interpreted) and match the ranks on the reference."""
+    from lmforge.backends.collectives import TensorParallelModel
+    from lmforge.passes.shard import rank_graph
+
+    model = lmforge.compile(LlamaDecodeStep(llama), make_decode_inputs(2, 4, 0), dynamic=DECODE_DYNAMIC,
+                            config={"shard.tp": 2, **INT4})
+    assert isinstance(model, TensorParallelModel)
+    model.add_gpu_kernels(["h100"], backends=("triton",))
+    path = model.export(tmp_path / "tp")
+    served = {entry["op"] for entry in _index(path, "h100")["nodes"]}
+    assert {"rmsnorm", "linear_wo", "attention"} <= served
+    backend = _interpreted_backend(rank_graph(model.graph, 0))
+    on_cubins = TensorParallelModel(model.graph, [_AsIfOnCuda(backend), TorchReference()])
+    assert sum(k.backend == "triton-cubin" for k in on_cubins.kernels) >= 9
+    for batch, past in [(1, 3), (3, 6)]:
+        inputs = make_decode_inputs(batch, past, batch)
+        for got, want in zip(on_cubins(*inputs), model(*inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert backend.fallbacks == {} and any(k.launches for k in backend.kernels.values())
+    loaded = lmforge.load(path)                                        # on the CPU: the ranks on the reference
+    assert isinstance(loaded, TensorParallelModel) and loaded.kernel_source is None

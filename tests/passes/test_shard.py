@@ -164,7 +164,7 @@ def test_thread_group_collectives_agree_on_every_rank():
     out = [None] * 3
 
     def run(r):
-        with use_group(group.rank_view(r)):
+        with group.turn(), use_group(group.rank_view(r)):
             g = current_group(3)
             out[r] = (g.all_reduce(parts[r]), g.all_gather(parts[r], 1),
                       get_op("shard_slice").reference(torch.arange(6.0), group_size=3, dim=0))
@@ -262,8 +262,6 @@ def test_compile_export_load_round_trip(decode, tmp_path):
     loaded = lmforge.load(tmp_path / "art")
     assert isinstance(loaded, TensorParallelModel)
     _assert_same(loaded(tokens, k, v), want, tol=0)
-    with pytest.raises(LmforgeError, match="not built yet"):
-        model.add_gpu_kernels(["h100"])
 
 
 def _free_port() -> int:
