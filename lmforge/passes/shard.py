@@ -328,9 +328,8 @@ class _Sharder:
         """permute / select / slice / kv_qdq / rope: the split follows its dim."""
         x = node.inputs[0]
         s = self.state.get(x.name)
-        rest = [None if v is None else self.whole(v, node.source) for v in node.inputs[1:]]
         if s is None:
-            return self.keep(node, [self.vals[x.name], *rest], None)
+            return self.replicate(node)
         a, rank = node.attr, x.type.rank
         if node.op == "permute":
             return self.keep(node, [self.vals[x.name]], Split(list(a["perm"]).index(s.dim)))
@@ -344,9 +343,9 @@ class _Sharder:
             if d != s.dim:
                 return self.keep(node, [self.vals[x.name]], Split(s.dim, s.segments))
             return self._slice_segment(node, s)
-        if node.op == "rope" and s.dim == rank - 1:
-            return self.replicate(node)
-        return self.keep(node, [self.vals[x.name], *rest], Split(s.dim, s.segments))
+        if node.op == "rope":   # rotates pairs along the last dim: a split there needs the whole; else as x * cos
+            return self.replicate(node) if s.dim == rank - 1 else self.elementwise(node)
+        return self.keep(node, [self.vals[x.name]], Split(s.dim, s.segments))   # kv_qdq
 
     def _slice_segment(self, node: Node, s: Split) -> None:
         """A slice of a merged linear's output that is one of its segments: the same segment's local part."""
