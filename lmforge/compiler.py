@@ -42,14 +42,7 @@ class CompiledModel:
         return self._fn.__lmforge_source__
 
     def __call__(self, *args, **kwargs):
-        leaves = pytree.tree_leaves((args, kwargs))
-        if len(leaves) != len(self.graph.inputs):
-            raise LmforgeError(f"{self.graph.name} takes {len(self.graph.inputs)} tensor inputs "
-                               f"({[v.name for v in self.graph.inputs]}), got {len(leaves)}")
-        for leaf, v in zip(leaves, self.graph.inputs):
-            if not isinstance(leaf, torch.Tensor) or leaf.dim() != v.type.rank:
-                raise LmforgeError(f"input {v.name!r} must be a tensor of type {v.type}, got "
-                                   f"{getattr(leaf, 'shape', type(leaf).__name__)}")
+        leaves = input_leaves(self.graph, args, kwargs)
         outs = self._fn(*leaves)
         if self._out_spec is None:
             return outs[0] if len(outs) == 1 else outs
@@ -136,6 +129,19 @@ class CompiledModel:
         from lmforge.export import export
 
         return export(self, path, **kwargs)
+
+
+def input_leaves(graph: Graph, args, kwargs) -> list:
+    """The tensors of a call, flattened in the graph's input order; LmforgeError when they do not fit it."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    if len(leaves) != len(graph.inputs):
+        raise LmforgeError(f"{graph.name} takes {len(graph.inputs)} tensor inputs "
+                           f"({[v.name for v in graph.inputs]}), got {len(leaves)}")
+    for leaf, v in zip(leaves, graph.inputs):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() != v.type.rank:
+            raise LmforgeError(f"input {v.name!r} must be a tensor of type {v.type}, got "
+                               f"{getattr(leaf, 'shape', type(leaf).__name__)}")
+    return leaves
 
 
 def build_callable(graph: Graph, backends, device: str, weights: Mapping[str, Any]):

@@ -207,14 +207,10 @@ class TensorParallelModel:
                     for i, o in enumerate(outs)]
 
     def __call__(self, *args, **kwargs):
-        leaves = pytree.tree_leaves((args, kwargs))
-        if len(leaves) != len(self.graph.inputs):
-            raise LmforgeError(f"{self.graph.name} takes {len(self.graph.inputs)} tensor inputs "
-                               f"({[v.name for v in self.graph.inputs]}), got {len(leaves)}")
+        from lmforge.compiler import input_leaves
+
+        leaves = input_leaves(self.graph, args, kwargs)
         for x, d, v in zip(leaves, self._split_inputs, self.graph.inputs):
-            if not isinstance(x, torch.Tensor) or x.dim() != v.type.rank:
-                raise LmforgeError(f"input {v.name!r} must be a tensor of rank {v.type.rank}, got "
-                                   f"{getattr(x, 'shape', type(x).__name__)}")
             if d is not None and x.shape[d] % self.size:
                 raise LmforgeError(f"input {v.name!r}: dim {d} ({x.shape[d]}) does not split over {self.size} ranks")
         if self.group is not None:
