@@ -192,7 +192,11 @@ class TensorParallelModel:
         return next(iter(self.ranks.values())).kernels
 
     def inspect(self, target: str | None = None, show_costs: bool = True) -> str:
-        return next(iter(self.ranks.values())).inspect(target, show_costs)
+        """One rank's graph (every rank runs the same), under a line on how it is split."""
+        collectives = sum(n.op in ("all_reduce", "all_gather") for n in self.graph.nodes)
+        head = (f"tensor parallel over {self.size} ranks: {len(self.plan['params'])} weights split, split inputs "
+                f"{sorted(self.plan['inputs']) or 'none'}, {collectives} collectives per call; costs are one rank's")
+        return head + "\n" + next(iter(self.ranks.values())).inspect(target, show_costs)
 
     def _rank_inputs(self, leaves: list, rank: int) -> list:
         from lmforge.passes.shard import cut

@@ -252,8 +252,10 @@ def test_compile_export_load_round_trip(decode, tmp_path):
     w, _ = decode
     config = {"shard.tp": 2, "quant.weight_bits": 4, "quant.group_size": 32}
     # a tuned config with shard.tp > 1 brings the tensor-parallel pass along (compile(config="best") too)
-    model = lmforge.compile(w.model, w.example_inputs, dynamic=w.dynamic, config=config)
+    model = lmforge.compile(w.model, w.example_inputs, dynamic=w.dynamic, config=config, target="h100")
     assert isinstance(model, TensorParallelModel) and plan_of(model.graph)["size"] == 2
+    report = model.inspect()
+    assert report.startswith("tensor parallel over 2 ranks") and "all_reduce" in report
     tokens, k, v = _inputs(w, seed=11)
     want = model(tokens, k, v)
     model.export(tmp_path / "art")
