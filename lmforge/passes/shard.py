@@ -135,6 +135,11 @@ def _local_shape(shape: tuple, dim: int, tp: int) -> tuple:
 
 
 class _Sharder:
+    """One propagation over `graph`'s nodes in order: `state[name]` says how each old value is held (a Split, or
+    None: whole on every rank), `vals[name]` is the new value standing for it, `nodes` the rank program. The
+    graph inputs in `split_inputs` start split; inputs found to be needed split are collected in `requests`
+    (tensor_parallel reruns the propagation with them)."""
+
     def __init__(self, graph: Graph, tp: int, split_inputs: Mapping[str, int]):
         self.graph, self.tp = graph, tp
         self.split_inputs = dict(split_inputs)
