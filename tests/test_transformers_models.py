@@ -45,3 +45,23 @@ def test_hf_model_matches_eager(build):
         ref = model(x)
         err = ((compiled(x) - ref).norm() / ref.norm()).item()
         assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("build,split_weights", [(llama, 9), (gpt2, 12)], ids=["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_hf_model_splits_over_two_ranks_as_megatron_does(build, split_weights):
+    """Tensor parallelism on two other codebases' models: Llama (GQA's repeat_kv expand, untied lm_head) and GPT-2
+    (Conv1D: x @ W + b on [batch*seq, features] views, fused QKV split by slices, tied embeddings): the split
+    graph equals the unsplit one, with two all-reduces per layer and nothing cut or gathered in the layers."""
+    from lmforge.backends.collectives import TensorParallelModel
+    from lmforge.passes.shard import plan_of, tensor_parallel
+
+    torch.manual_seed(0)
+    model = Logits(build().eval())
+    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}})
+    split = tensor_parallel(compiled.graph, 2)
+    ops = [n.op for n in split.nodes]
+    assert len(plan_of(split)["params"]) == split_weights
+    assert ops.count("all_reduce") == 4 and ops.count("shard_slice") == 0
+    assert ops.count("all_gather") == (1 if build is llama else 0)        # Llama's own lm_head is split too
+    x = torch.randint(0, 128, (3, 13))
+    torch.testing.assert_close(TensorParallelModel(split)(x), compiled(x), rtol=1e-5, atol=1e-5)

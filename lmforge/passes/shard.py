@@ -85,10 +85,11 @@ def _reshape_groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | N
         if i >= len(a) or j >= len(b):
             return None
         if isinstance(a[i], str) or isinstance(b[j], str):
-            if a[i] != b[j]:
+            group = _symbolic_group(a, b, i, j)
+            if group is None:
                 return None
-            groups.append(([i], [j]))
-            i, j = i + 1, j + 1
+            groups.append(group)
+            i, j = group[0][-1] + 1, group[1][-1] + 1
             continue
         gi, gj, pa, pb = [i], [j], a[i], b[j]
         i, j = i + 1, j + 1
@@ -105,11 +106,34 @@ def _reshape_groups(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | N
     return groups
 
 
+def _symbolic_group(a: tuple, b: tuple, i: int, j: int, widest: int = 3):
+    """The smallest group of dims a[i:i+m], b[j:j+n] (m, n <= widest) of equal product when a symbolic dim is
+    involved (["batch", "seq"] ~ ["batch*seq"]), or None."""
+    from lmforge.ir.types import simplify_dim
+
+    for m in range(1, widest + 1):
+        for n in range(1, widest + 1):
+            if i + m > len(a) or j + n > len(b) or (m > 1 and n > 1):
+                continue
+            left = "*".join(f"({d})" for d in a[i:i + m])
+            right = "*".join(f"({d})" for d in b[j:j + n])
+            if simplify_dim(f"({left}) - ({right})") == 0:
+                return list(range(i, i + m)), list(range(j, j + n))
+    return None
+
+
 def reshape_split_dim(in_shape: tuple, out_shape: tuple, dim: int, tp: int) -> int | None:
     """The output dim a split input `dim` lands on through a reshape, or None when the rank's part is not a
     block of whole output rows (the split must be on the major dim of its group, and that output dim must
-    divide by tp)."""
-    groups = _reshape_groups(tuple(in_shape), tuple(out_shape))
+    divide by tp). Trailing dims both shapes share are matched first, so [b*s, 192] -> [b, s, 192] keeps a
+    split of the features whatever the leading symbolic dims do."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    i, j = len(in_shape) - 1, len(out_shape) - 1
+    while i >= dim and j >= 0 and in_shape[i] == out_shape[j] and in_shape[i] != 1:
+        if i == dim:
+            return j
+        i, j = i - 1, j - 1
+    groups = _reshape_groups(in_shape, out_shape)
     if groups is None:
         return None
     for gi, gj in groups:
@@ -160,11 +184,13 @@ class _Sharder:
         return unique_name(base, self.names)
 
     def emit(self, op: str, inputs: list, attrs: Mapping[str, Any], source: str, base: str | None = None,
-             regions=(), names: list[str] | None = None) -> list[Value]:
-        """Append a node; its outputs are named `names` (an old node's own names) or fresh from `base`."""
+             regions=(), names: list[str] | None = None, types=None) -> list[Value]:
+        """Append a node; its outputs are named `names` (an old node's own names) or fresh from `base`, and typed
+        by the op's type rule (or `types`, for an op without one on whole inputs: a torch fallback)."""
         opdef = get_op(op)
         attrs = opdef.normalize_attrs(attrs)
-        types = list(opdef.infer([v.type if v is not None else None for v in inputs], attrs, regions))
+        if types is None:
+            types = list(opdef.infer([v.type if v is not None else None for v in inputs], attrs, regions))
         names = names or [self.fresh(base if i == 0 else f"{base}_{i}") for i in range(len(types))]
         outs = [Value(n, t) for n, t in zip(names, types)]
         self.nodes.append(Node(op, tuple(inputs), tuple(outs), attrs, tuple(regions), source))
@@ -209,8 +235,9 @@ class _Sharder:
 
     def keep(self, node: Node, inputs: list, state: Split | None) -> None:
         """Emit `node` on new inputs with re-inferred (local) output types; all outputs get `state`."""
+        same = state is None and get_op(node.op).infer_fn is None      # whole in, whole out, as typed before
         outs = self.emit(node.op, inputs, node.attr, node.source, regions=node.regions,
-                         names=[o.name for o in node.outputs])
+                         names=[o.name for o in node.outputs], types=[o.type for o in node.outputs] if same else None)
         for old, new in zip(node.outputs, outs):
             self.vals[old.name], self.state[old.name] = new, state
 
@@ -233,8 +260,15 @@ class _Sharder:
 
     def _segments_of(self, v: Value) -> tuple[int, ...] | None:
         """The sizes of the slices that read `v` along its last dim when they partition it (a merged linear's
-        QKV / gate-up outputs), else None."""
+        QKV / gate-up outputs; also after a bias add and reshapes that keep the last dim, as GPT-2's c_attn
+        is), else None."""
         users = self.users.get(v.name, [])
+        while len(users) == 1 and v.name not in self.output_names and (
+                (users[0].op == "reshape" and users[0].output.type.shape[-1] == v.type.shape[-1]) or
+                (users[0].op in ("add", "mul") and all(i is v or i.name in self.param_names for i in users[0].inputs
+                                                       if i is not None))):
+            v = users[0].output
+            users = self.users.get(v.name, [])
         last = v.type.rank - 1
         if v.name in self.output_names:
             return None
@@ -254,6 +288,51 @@ class _Sharder:
         return tuple(e - s for s, e in spans)
 
     # -- ops --
+    def matmul(self, node: Node) -> None:
+        """x @ W with W a 2-D param [in, out] (GPT-2's Conv1D): column-parallel splits W's columns, row-parallel
+        its rows (then an all_reduce); any other matmul runs whole."""
+        x, w = node.inputs
+        s = self.state.get(x.name)
+        if w.name not in self.param_names or w.type.rank != 2 or len(self.users.get(w.name, [])) != 1:
+            return self.replicate(node)
+        if s is not None and s.dim == x.type.rank - 1:
+            local = self.shard_param(w, 0, s.segments)
+            if local is None:
+                return self.replicate(node)
+            return self._all_reduce(node, [self.vals[x.name], local], None)
+        if s is None:
+            segments = self._segments_of(node.output)
+            if isinstance(w.type.shape[1], int) and not any(sz % self.tp for sz in (segments or (w.type.shape[1],))):
+                local = self.shard_param(w, 1, segments)
+                if local is not None:
+                    return self.keep(node, [self.vals[x.name], local], Split(node.output.type.rank - 1, segments))
+        self.replicate(node)
+
+    def _all_reduce(self, node: Node, parts: list, bias: Value | None) -> None:
+        """`node` on its rank's parts gives a partial sum: all_reduce it (then add the bias, once)."""
+        name = node.output.name
+        partial = self.emit(node.op, parts, node.attr, node.source, f"{name}_partial")[0]
+        if bias is None:
+            out = self.emit("all_reduce", [partial], {"group_size": self.tp}, node.source, names=[name])[0]
+        else:
+            total = self.emit("all_reduce", [partial], {"group_size": self.tp}, node.source, f"{name}_sum")[0]
+            out = self.emit("add", [total, self.vals[bias.name]], {}, node.source, names=[name])[0]
+        self.vals[name], self.state[name] = out, None
+
+    def expand(self, node: Node) -> None:
+        """Broadcast along dims other than the split one (GQA's repeat_kv): the split stays, the shape is local."""
+        x = node.inputs[0]
+        s = self.state.get(x.name)
+        if s is None:
+            return self.replicate(node)
+        out = node.output.type.shape
+        d = s.dim + len(out) - x.type.rank
+        if out[d] != x.type.shape[s.dim]:
+            return self.replicate(node)
+        outs = self.emit("expand", [self.vals[x.name]], {"shape": list(_local_shape(out, d, self.tp))}, node.source,
+                         names=[node.output.name])
+        self.vals[node.output.name], self.state[node.output.name] = outs[0], Split(d, s.segments)
+
     def linear(self, node: Node) -> None:
         x = node.inputs[0]
         bias = node.inputs[-1] if node.op == "linear" and len(node.inputs) == 3 else (
@@ -285,14 +364,7 @@ class _Sharder:
             if None in (q, sc, z):
                 return False
             parts = [self.vals[node.inputs[0].name], q, sc, z]
-        name = node.output.name
-        partial = self.emit(node.op, parts, node.attr, node.source, f"{name}_partial")[0]
-        if bias is None:
-            out = self.emit("all_reduce", [partial], {"group_size": tp}, node.source, names=[name])[0]
-        else:
-            total = self.emit("all_reduce", [partial], {"group_size": tp}, node.source, f"{name}_sum")[0]
-            out = self.emit("add", [total, self.vals[bias.name]], {}, node.source, names=[name])[0]
-        self.vals[node.output.name], self.state[node.output.name] = out, None
+        self._all_reduce(node, parts, bias)
         return True
 
     def _column(self, node: Node, bias: Value | None) -> bool:
@@ -321,13 +393,13 @@ class _Sharder:
         if s is None:
             return self.keep(node, [self.vals[x.name]], None)
         full_in, full_out = x.type.shape, node.output.type.shape
-        dim = None if s.segments else reshape_split_dim(full_in, full_out, s.dim, self.tp)
-        if dim is None:
+        dim = reshape_split_dim(full_in, full_out, s.dim, self.tp)
+        if dim is None or (s.segments and full_out[dim] != full_in[s.dim]):   # segments only move as a whole dim
             return self.replicate(node)
         shape = _local_shape(full_out, dim, self.tp)
         outs = self.emit("reshape", [self.vals[x.name]], {"shape": list(shape)}, node.source,
                          names=[node.output.name])
-        self.vals[node.output.name], self.state[node.output.name] = outs[0], Split(dim)
+        self.vals[node.output.name], self.state[node.output.name] = outs[0], Split(dim, s.segments)
 
     def passthrough_dim(self, node: Node) -> None:
         """permute / select / slice / kv_qdq / rope: the split follows its dim."""
@@ -369,7 +441,7 @@ class _Sharder:
     def elementwise(self, node: Node) -> None:
         """Split operands of equal split, whole operands broadcast along it (or cut to match)."""
         splits = {self.state.get(v.name) for v in node.inputs if v is not None} - {None}
-        if len(splits) != 1 or next(iter(splits)).segments is not None:
+        if len(splits) != 1:
             return self.replicate(node)
         s = next(iter(splits))
         out_rank = node.output.type.rank
@@ -381,10 +453,12 @@ class _Sharder:
             d = s.dim - (out_rank - v.type.rank)            # v's dim aligned with the split dim
             if d < 0 or v.type.shape[d] == 1:
                 inputs.append(self.vals[v.name])            # broadcast along the split dim: whole is right
-            elif v.name in self.param_names and self.shard_param(v, d) is not None:
-                inputs.append(self.vals[v.name])
-            else:
+            elif v.name in self.param_names and self.shard_param(v, d, s.segments) is not None:
+                inputs.append(self.vals[v.name])            # a bias: cut as the split is
+            elif s.segments is None:
                 inputs.append(self.split(v, d, node.source))
+            else:
+                return self.replicate(node)
         if node.op == "fused":
             return self._fused(node, inputs, s)
         self.keep(node, inputs, s)
@@ -461,7 +535,8 @@ class _Sharder:
             inputs.append(new)
         for p in g.params:
             self.vals[p.name], self.state[p.name] = p, None
-        handlers = {"linear": self.linear, "linear_wo": self.linear, "reshape": self.reshape,
+        handlers = {"linear": self.linear, "linear_wo": self.linear, "matmul": self.matmul, "expand": self.expand,
+                    "reshape": self.reshape,
                     "permute": self.passthrough_dim, "select": self.passthrough_dim, "slice": self.passthrough_dim,
                     "rope": self.passthrough_dim, "kv_qdq": self.passthrough_dim, "concat": self.concat,
                     "kv_cache_append": self.kv_append, "fused": self.elementwise}
