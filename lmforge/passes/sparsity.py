@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from lmforge.errors import LmforgeError
 from lmforge.ir.graph import Graph, Node, Value
 from lmforge.ir.ops import get_op
 from lmforge.passes.base import Knob, Pass
@@ -141,13 +142,18 @@ def sparsity_pass(calibration: Sequence[tuple] | None = None) -> Pass:
     return Pass("sparsify_attention", run, SPARSITY_KNOBS, sparsify_attention.__doc__.strip(), _relevant)
 
 
-def shared_prefix_decode(graph: Graph, prefix_len: int) -> Graph:
-    """Hydragen for decode steps whose batch rows share their first `prefix_len` KV entries (samples of one
-    prompt): the prefix is read once, from row 0, for every sequence. Exact when the precondition holds.
+def shared_prefix_decode(graph: Graph, prefix_len: int, rows_per_prefix: int | None = None) -> Graph:
+    """Hydragen for decode steps whose batch rows share their first `prefix_len` KV entries: the prefix is read
+    once for every sequence that shares it. rows_per_prefix=None: all rows share row 0's prefix (the samples of
+    one prompt); r: rows come in groups of r consecutive rows sharing the prefix of the group's first row (r
+    samples each of several prompts, a batch of B = G * r rows). Exact when the precondition holds.
 
-        %o = attention(%q, %k, %v)  ->  %kp = slice(select-row-0 of %k; :P) ... ; %ks = slice(%k; P:)
+        %o = attention(%q, %k, %v)  ->  %kp = slice(rows 0, r, 2r, ... of %k; :P) ... ; %ks = slice(%k; P:)
                                         %o = shared_prefix_attention(%q, %kp, %vp, %ks, %vs)
     """
+    if rows_per_prefix is not None and rows_per_prefix < 1:
+        raise LmforgeError(f"shared_prefix_decode: rows_per_prefix must be >= 1, got {rows_per_prefix}")
+    rows = {"start": 0, "end": 1} if rows_per_prefix is None else {"start": 0, "end": None, "step": rows_per_prefix}
     nodes: list[Node] = []
     for n in graph.nodes:
         if not (_plain(n) and _is_decode(n)):
@@ -156,9 +162,11 @@ def shared_prefix_decode(graph: Graph, prefix_len: int) -> Graph:
         q, k, v = n.inputs
         parts = []
         for name, src in (("k", k), ("v", v)):
-            row0 = Value(f"{n.output.name}_{name}row0", src.type.with_(shape=(1, *src.type.shape[1:])))
-            nodes.append(_op("slice", [src], [row0], {"dim": 0, "start": 0, "end": 1}, n.source))
-            pre_shape = (1, src.type.shape[1], prefix_len, src.type.shape[3])
+            attrs = get_op("slice").normalize_attrs({"dim": 0, **rows})
+            row0 = Value(f"{n.output.name}_{name}row0" if rows_per_prefix is None else f"{n.output.name}_{name}rows",
+                         get_op("slice").infer([src.type], attrs)[0])
+            nodes.append(_op("slice", [src], [row0], attrs, n.source))
+            pre_shape = (row0.type.shape[0], src.type.shape[1], prefix_len, src.type.shape[3])
             pre = Value(f"{n.output.name}_{name}prefix", src.type.with_(shape=pre_shape))
             nodes.append(_op("slice", [row0], [pre], {"dim": 2, "start": 0, "end": prefix_len}, n.source))
             suf = Value(f"{n.output.name}_{name}suffix", get_op("slice").infer(

@@ -216,7 +216,17 @@ def test_shared_prefix_equals_attention_on_the_concatenation(b, hq, hkv, sq, pre
     torch.testing.assert_close(out, attention_ref(q, k_full, v_full, causal=True), rtol=1e-5, atol=1e-5)
 
 
-def test_shared_prefix_must_have_batch_one():
-    q, k, v = _qkv(2, 2, 1, 1, 4, 8, seed=0)
-    with pytest.raises(ValueError, match="batch 1"):
-        shared_prefix_attention_ref(q, k, v, k, v)
+def test_grouped_shared_prefixes_equal_attention_on_each_rows_concatenation():
+    """G prefixes, each shared by B / G consecutive rows."""
+    q, ks, vs = _qkv(6, 4, 2, 1, 3, 8, seed=1)
+    _, kp, vp = _qkv(3, 4, 2, 1, 5, 8, seed=2)
+    out = shared_prefix_attention_ref(q, kp, vp, ks, vs)
+    k_full = torch.cat([kp.repeat_interleave(2, 0), ks], 2)
+    v_full = torch.cat([vp.repeat_interleave(2, 0), vs], 2)
+    torch.testing.assert_close(out, attention_ref(q, k_full, v_full, causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefixes_must_divide_the_rows():
+    q, k, v = _qkv(3, 2, 1, 1, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="equal size"):
+        shared_prefix_attention_ref(q, k[:2], v[:2], k, v)

@@ -7,6 +7,7 @@ import torch
 
 import lmforge
 from lmforge.compiler import CompiledModel
+from lmforge.errors import LmforgeError
 from lmforge.passes import PassManager, canonical_pipeline, dce, kv_quant_pass, sparsity_pass, weight_quant_pass
 from lmforge.quality import compare
 from lmforge.search.cost_model import bindings_for, node_costs
@@ -203,6 +204,29 @@ def test_shared_prefix_decomposition_is_exact(batch, prefix, suffix, hq, hkv):
     assert any(n.op == "shared_prefix_attention" for n in hydra.nodes)
     torch.testing.assert_close(CompiledModel(hydra)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
     assert total_bytes(dce(hydra)) < total_bytes(g)
+
+
+@needs_attention_ref
+@pytest.mark.parametrize("groups,per", [(3, 2), (2, 1), (1, 4)])
+def test_grouped_shared_prefix_decomposition_is_exact(groups, per):
+    """rows_per_prefix=r: rows 0..r-1 share one prefix, r..2r-1 the next, ... (several prompts' samples)."""
+    from lmforge.passes import shared_prefix_decode
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    g0 = torch.Generator().manual_seed(groups * 10 + per)
+    prefix_k, prefix_v = torch.randn(groups, 2, 6, 8, generator=g0), torch.randn(groups, 2, 6, 8, generator=g0)
+    b = groups * per
+    k = torch.cat([prefix_k.repeat_interleave(per, 0), torch.randn(b, 2, 3, 8, generator=g0)], 2)
+    v = torch.cat([prefix_v.repeat_interleave(per, 0), torch.randn(b, 2, 3, 8, generator=g0)], 2)
+    q = torch.randn(b, 4, 1, 8, generator=g0)
+    hydra = shared_prefix_decode(lmforge.capture(fn, (q, k, v)), 6, rows_per_prefix=per)
+    shared = [n for n in hydra.nodes if n.op == "shared_prefix_attention"]
+    assert len(shared) == 1 and shared[0].inputs[1].type.shape[0] == groups
+    torch.testing.assert_close(CompiledModel(hydra)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+    with pytest.raises(LmforgeError, match="rows_per_prefix"):
+        shared_prefix_decode(lmforge.capture(fn, (q, k, v)), 6, rows_per_prefix=0)
 
 
 def test_weight_quant_per_layer_group_matches_per_layer_reference():

@@ -71,9 +71,10 @@ def _decode_split_kernel(Q, K, V, PO, PL, LENS, BIDX, qk_scale,
                          DOT_FP32: tl.constexpr):
     """Partial attention of one KV head's query rows over one split of its KV tiles.
 
-    Row r of the program's M dimension is query (batch b + r // (GROUP * SQ), head h * GROUP + (r // SQ) % GROUP,
-    row r % SQ), b / h from program_id(0) = b * HKV + h: for a decode step ROWS = GROUP * SQ; for a shared prefix
-    (K / V of batch 1) program_id(0) = h and ROWS = B * GROUP * SQ covers every sequence.
+    Row r of the program's M dimension is query (batch b * R + r // (GROUP * SQ), head h * GROUP + (r // SQ) % GROUP,
+    row r % SQ) with R = ROWS // (GROUP * SQ) query sequences per K / V sequence; b / h from program_id(0) =
+    b * HKV + h. A decode step has ROWS = GROUP * SQ (R = 1); shared prefixes (K / V of batch G, each shared by
+    R = B / G consecutive sequences) have ROWS = R * GROUP * SQ, so one program reads its prefix for all R.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,7 +84,7 @@ def _decode_split_kernel(Q, K, V, PO, PL, LENS, BIDX, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < ROWS
-    q_batch = (b + rows // (GROUP * SQ)).to(tl.int64)
+    q_batch = (b * (ROWS // (GROUP * SQ)) + rows // (GROUP * SQ)).to(tl.int64)
     q_head = h * GROUP + (rows // SQ) % GROUP
     q_row = rows % SQ
     q = tl.load(Q + q_batch[:, None] * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_qs
@@ -482,30 +483,33 @@ def decode_selected_blocks(q, k_cache, v_cache, selected, *, block_size, scale=N
 
 def shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, *, scale=None, num_splits=None, config=None,
                          return_lse=False):
-    """Hydragen decode: B sequences share one prefix K/V [1, Hkv, P, D] and own suffixes [B, Hkv, S, D].
+    """Hydragen decode: B sequences share prefix K/V [G, Hkv, P, D] (rows g * B/G .. (g+1) * B/G - 1 share prefix
+    g; G = 1: one prefix for all) and own suffixes [B, Hkv, S, D].
 
-    The prefix pass reads the prefix once for all B x Hq x Sq query rows; the suffix pass is causal per
+    The prefix pass reads each prefix once for all its B/G x Hq x Sq query rows; the suffix pass is causal per
     sequence (query i of Sq at suffix position S - Sq + i); one log-sum-exp merge combines them. Equals
     `shared_prefix_attention_ref(q, k_prefix, v_prefix, k_suffix, v_suffix)`.
     """
     check_attention_inputs(q, k_prefix, v_prefix, "shared_prefix_decode (prefix)")
     q, k_suffix, v_suffix = _check_decode(q, k_suffix, v_suffix, "shared_prefix_decode (suffix)")
     k_prefix, v_prefix = last_dim_contiguous(k_prefix), last_dim_contiguous(v_prefix)
-    if k_prefix.shape[0] != 1 or k_prefix.shape[1] != k_suffix.shape[1]:
-        raise LmforgeError(f"shared_prefix_decode: the prefix K/V must be [1, Hkv, P, D] with the suffix's Hkv, got "
-                           f"{tuple(k_prefix.shape)} and suffix {tuple(k_suffix.shape)}")
+    groups = k_prefix.shape[0]
+    if groups < 1 or q.shape[0] % groups or k_prefix.shape[1] != k_suffix.shape[1]:
+        raise LmforgeError(f"shared_prefix_decode: the prefix K/V must be [G, Hkv, P, D] with the suffix's Hkv and G "
+                           f"dividing the {q.shape[0]} sequences, got {tuple(k_prefix.shape)} and suffix "
+                           f"{tuple(k_suffix.shape)}")
     b, hq, sq, d = q.shape
     hkv, p_len, s_len = k_prefix.shape[1], k_prefix.shape[2], k_suffix.shape[2]
     params, cfg = _config(config)
     group = hq // hkv
-    prefix_rows = b * group * sq
+    prefix_rows = (b // groups) * group * sq
     row_blocks = triton.cdiv(prefix_rows, _row_block(prefix_rows, params["MAX_BLOCK_M"]))
     p_tiles, s_tiles = triton.cdiv(p_len, params["BLOCK_N"]), triton.cdiv(s_len, params["BLOCK_N"])
-    p_splits, p_per = plan_splits(p_tiles, hkv * row_blocks, q.device, num_splits)
+    p_splits, p_per = plan_splits(p_tiles, groups * hkv * row_blocks, q.device, num_splits)
     s_splits, s_per = plan_splits(s_tiles, b * hkv, q.device, num_splits)
     parts = _Partials(q, p_splits + s_splits)
     common = dict(lens=None, block_idx=None, block_size=1, scale=_scale(scale, d), params=params, cfg=cfg)
-    _launch_split(q, k_prefix, v_prefix, parts, grid_bh=hkv, rows=prefix_rows, splits=p_splits,
+    _launch_split(q, k_prefix, v_prefix, parts, grid_bh=groups * hkv, rows=prefix_rows, splits=p_splits,
                   tiles_per_split=p_per, n_tiles=p_tiles, split_base=0, kv_len=p_len, causal=False, **common)
     _launch_split(q, k_suffix, v_suffix, parts, grid_bh=b * hkv, rows=group * sq, splits=s_splits,
                   tiles_per_split=s_per, n_tiles=s_tiles, split_base=p_splits, kv_len=s_len, causal=True, **common)

@@ -390,11 +390,12 @@ class SharedPrefixSpec:
 
     def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
         t, d, dtype = _attention_types(node.inputs)
-        (b, hq, sq, _), (_, hkv, p, _), (_, _, s, _) = (node.inputs[i].type.shape for i in (0, 1, 3))
+        (b, hq, sq, _), (g, hkv, p, _), (_, _, s, _) = (node.inputs[i].type.shape for i in (0, 1, 3))
         config = configs.get("attention_decode")
         common = dict(q_shape=(b, hq, sq), hkv=hkv)
         group = _ratio(hq, hkv)
-        prefix = _split_variants("prefix.split", t, d, dtype, config, rows=Hint.of([b, group, sq]),
+        per_prefix = b if g == 1 else (b // g if isinstance(b, int) and isinstance(g, int) else "rows_per_prefix")
+        prefix = _split_variants("prefix.split", t, d, dtype, config, rows=Hint.of([per_prefix, group, sq]),
                                  kv_len=Hint.of([p]), keys=p if isinstance(p, int) else None, split_base=Hint(0),
                                  causal=False, **common)
         suffix = _split_variants("suffix.split", t, d, dtype, config, rows=Hint.of([group, sq]), kv_len=Hint.of([s]),
@@ -410,23 +411,24 @@ class SharedPrefixSpec:
         except LmforgeError:
             return None
         kp, vp = ad.last_dim_contiguous(kp), ad.last_dim_contiguous(vp)
-        if kp.shape[0] != 1 or kp.shape[1] != ks.shape[1]:
+        groups = kp.shape[0]
+        if groups < 1 or q.shape[0] % groups or kp.shape[1] != ks.shape[1]:
             return None
         b, hq, sq, d = q.shape
         hkv, p_len, s_len = kp.shape[1], kp.shape[2], ks.shape[2]
         group = hq // hkv
-        prefix_rows = b * group * sq
+        prefix_rows = (b // groups) * group * sq
         pkey, skey = _split_key(built, "prefix.split", prefix_rows), _split_key(built, "suffix.split", group * sq)
         if pkey is None or skey is None:
             return None
         row_blocks = triton.cdiv(prefix_rows, built[pkey].static["BLOCK_M"])
         p_tiles = triton.cdiv(p_len, built[pkey].config.get("BLOCK_N"))
         s_tiles = triton.cdiv(s_len, built[skey].config.get("BLOCK_N"))
-        p_splits, p_per = ad.plan_splits(p_tiles, hkv * row_blocks, q.device, None)
+        p_splits, p_per = ad.plan_splits(p_tiles, groups * hkv * row_blocks, q.device, None)
         s_splits, s_per = ad.plan_splits(s_tiles, b * hkv, q.device, None)
         parts = ad._Partials(q, p_splits + s_splits)
         scale = ad._scale(scale, d)
-        prefix = _split_launch(pkey, q, kp, vp, parts, grid_bh=hkv, rows=prefix_rows, splits=p_splits,
+        prefix = _split_launch(pkey, q, kp, vp, parts, grid_bh=groups * hkv, rows=prefix_rows, splits=p_splits,
                                per_split=p_per, n_tiles=p_tiles, split_base=0, kv_len=p_len, scale=scale)
         suffix = _split_launch(skey, q, ks, vs, parts, grid_bh=b * hkv, rows=group * sq, splits=s_splits,
                                per_split=s_per, n_tiles=s_tiles, split_base=p_splits, kv_len=s_len, scale=scale)

@@ -144,11 +144,14 @@ def decode_block_topk_ref(q, k_cache, v_cache, *, block_size, topk_blocks, sinks
 
 
 def shared_prefix_attention_ref(q, k_prefix, v_prefix, k_suffix, v_suffix, scale=None):
-    """Hydragen: B sequences share one prefix (batch 1); each attends to all of it and causally to its suffix."""
-    b = q.shape[0]
-    if k_prefix.shape[0] != 1:
-        raise ValueError(f"the shared prefix K/V have batch 1, got {tuple(k_prefix.shape)}")
-    o1, l1 = attention_ref(q, k_prefix.expand(b, -1, -1, -1), v_prefix.expand(b, -1, -1, -1), causal=False,
-                           scale=scale, return_lse=True)
+    """Hydragen: B sequences in G groups of B / G consecutive rows; the rows of group g share prefix g
+    (prefix K/V [G, Hkv, P, D], G = 1: one prefix for all). Each row attends to all of its prefix and causally
+    to its own suffix."""
+    b, g = q.shape[0], k_prefix.shape[0]
+    if g < 1 or b % g:
+        raise ValueError(f"the {b} query rows do not fall into groups of equal size for the {g} shared prefixes "
+                         f"{tuple(k_prefix.shape)}")
+    o1, l1 = attention_ref(q, k_prefix.repeat_interleave(b // g, 0), v_prefix.repeat_interleave(b // g, 0),
+                           causal=False, scale=scale, return_lse=True)
     o2, l2 = attention_ref(q, k_suffix, v_suffix, causal=True, scale=scale, return_lse=True)
     return merge_lse_ref([o1, o2], [l1, l2])[0]

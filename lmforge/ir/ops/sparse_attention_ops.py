@@ -5,8 +5,8 @@
 - block_sparse_attention: prefill attention restricted to a boolean block mask (an input).
 - flex_prefill_attention: FlexPrefill's adaptive prefill: per head, a pattern (query-aware or vertical-slash,
   chosen by a Jensen-Shannon test on the last query block) covering `gamma` of the attention mass.
-- shared_prefix_attention: Hydragen: queries of B sequences over one shared prefix (read once) plus each
-  sequence's own suffix, merged exactly by log-sum-exp.
+- shared_prefix_attention: Hydragen: queries of B sequences over shared prefixes (G of them, each read once
+  for its B / G consecutive sequences) plus each sequence's own suffix, merged exactly by log-sum-exp.
 - kv_qdq: what attention reads from a KV cache stored in int8 / fp8 (quantize then dequantize).
 """
 from __future__ import annotations
@@ -83,8 +83,10 @@ def _flex_ref(q, k, v, *, gamma=0.9, tau=0.1, block_size=64, min_budget=2, scale
 
 def _shared_infer(ins, attrs):
     q, kp, vp, ks, vs = ins
-    if kp.shape[0] != 1:
-        raise VerifyError(f"shared_prefix_attention: the prefix K/V have batch 1 (shared), got {kp}")
+    g, b = kp.shape[0], q.shape[0]
+    if isinstance(g, int) and isinstance(b, int) and (g < 1 or b % g):
+        raise VerifyError(f"shared_prefix_attention: {b} sequences do not fall into equal groups for {g} prefixes "
+                          f"(prefix K/V {kp})")
     return [q.with_(shape=(*q.shape[:3], vp.shape[3]))]
 
 
@@ -137,8 +139,9 @@ def ops() -> list[OpDef]:
               {"gamma": attr("float", 0.9), "tau": attr("float", 0.1), "block_size": attr("int", 64),
                "min_budget": attr("int", 2), "scale": scale, "density": attr("float", 1.0)},
               _out_like_q, _flex_ref, _sparse_cost, arity=(3, 3), op_class="attention"),
-        OpDef("shared_prefix_attention", "Hydragen: attention of B sequences over one shared prefix (batch 1, read "
-                                         "once) and their own suffixes, merged exactly by log-sum-exp.",
+        OpDef("shared_prefix_attention", "Hydragen: attention of B sequences over shared prefixes (batch G: groups "
+                                         "of B/G consecutive sequences share one, read once) and their own "
+                                         "suffixes, merged exactly by log-sum-exp.",
               {"scale": scale}, _shared_infer, _shared_ref, _shared_cost, arity=(5, 5), op_class="attention"),
         OpDef("kv_qdq", "K or V as read from a cache stored in int8 (per-token or per-head scales) or fp8 e4m3.",
               {"dtype": attr("dtype", "int8"), "axis": attr("str", "token")}, lambda i, a: [i[0]], _kv_qdq_ref,

@@ -295,6 +295,18 @@ def test_shared_prefix_decode_equals_dense_on_the_concatenation(b, hq, hkv, sq, 
     _close(out, _reference(attention_ref, q, k_full, v_full), dtype)
 
 
+@pytest.mark.parametrize("groups,per,sq,config", [(3, 2, 1, SMALL_DECODE), (2, 4, 1, None), (4, 1, 2, SMALL_DECODE)])
+def test_grouped_shared_prefixes(groups, per, sq, config):
+    """G prefixes, each read once for its `per` consecutive sequences (several prompts' samples in one batch)."""
+    b = groups * per
+    q, k_suffix, v_suffix = _qkv(b, 4, 2, sq, 7, 16, seed=groups + per)
+    _, k_prefix, v_prefix = _qkv(groups, 4, 2, 1, 37, 16, seed=groups)
+    out = decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, config=config)
+    k_full = torch.cat([k_prefix.repeat_interleave(per, 0), k_suffix], 2)
+    v_full = torch.cat([v_prefix.repeat_interleave(per, 0), v_suffix], 2)
+    _close(out, _reference(attention_ref, q, k_full, v_full), torch.float32)
+
+
 # ---- planning and errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_tiles,programs,requested", [(2048, 8, None), (4, 8, None), (100, 1, 7), (1, 64, None)])
@@ -323,8 +335,9 @@ def _bad_calls():
         "topk_summary": lambda: decode.block_topk_decode(q, k, v, block_size=16, topk_blocks=1, summary="max"),
         "stale_summary": lambda: decode.block_topk_decode(q, k, v, block_size=16, topk_blocks=1,
                                                           block_summary=decode.build_block_summary(k[:, :, :16], 16)),
-        "prefix_batch": lambda: decode.shared_prefix_decode(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v,
-                                                            k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)),
+        "prefix_batch": lambda: decode.shared_prefix_decode(q.expand(3, -1, -1, -1), k.expand(2, -1, -1, -1),
+                                                            v.expand(2, -1, -1, -1), k.expand(3, -1, -1, -1),
+                                                            v.expand(3, -1, -1, -1)),
     }
 
 

@@ -72,6 +72,7 @@ def test_attention_nodes_run_on_the_triton_kernels():
             "attn.decode_pattern": "block_topk", "attn.block_size": 16, "attn.topk_blocks": 1,
             "attn.decode_window": 16, "attn.sinks": 4}), (qd, kd, vd)),
         (shared_prefix_decode(lmforge.capture(decode, (qd, kd, vd)), 48), (qd, kd, vd)),
+        (shared_prefix_decode(lmforge.capture(decode, (qd, kd, vd)), 48, rows_per_prefix=1), (qd, kd, vd)),
     ]
     for g, inputs in graphs:
         tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
