@@ -57,6 +57,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cost", choices=("eflops", "latency"), default="eflops",
                     help="what the budget limits: eFLOPs per prompt, or predicted H100 latency per prompt with each "
                          "step's best Triton tile configs (the kernel knobs, tuned per program)")
+    ap.add_argument("--one-prompt-at-a-time", action="store_true",
+                    help="run the programs prompt by prompt (before batching; same results) to time the difference")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     register_task_functions()
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
 
     def make(gen_steps=steps):
         return ProgramEvaluator(gen_steps, prompts, answers, hw, eos_id=EOS, scorer=scorer, fuser=fuser,
-                                tune_tiles=latency)
+                                tune_tiles=latency, batch_prompts=not args.one_prompt_at_a_time)
 
     def budgets(limit):
         return {"budget_latency_s": limit} if latency else {"budget_eflops": limit}

@@ -1,4 +1,4 @@
-"""Decoding strategies over a decode-step callable, one prompt at a time (its samples are one batch).
+"""Decoding strategies over a decode-step callable; several prompts (of one length) decode as one batch.
 
 Every strategy drives `StepModel.step(tokens [R, 1], k, v) -> (logits [R, 1, V], k, v)` (a compiled step
 graph, or any callable with that signature) and returns a `Generation`: candidate token rows [k, T] padded
@@ -8,6 +8,11 @@ a target follow (lmforge.programs.cost).
 
 The prompt is prefilled once and its cache expanded to the rows that share it (`shared_prefix=True`), or
 prefilled once per row (`False`); the outputs are the same either way.
+
+Each strategy has a one-prompt form (`greedy(model, prompt [L], ...) -> Generation`) and a batched form
+(`greedy_many(model, prompts [P, L], ...) -> list[Generation]`): the rows of all P prompts (prompt-major)
+run through one step call per token, so a dev set of 64 prompts costs a few step calls per token instead of
+64. Every prompt's result and trace are those of the one-prompt form (per-row arithmetic; tested equal).
 
 Sampling draws sample i of a prompt from its own generator seeded by (seed, prompt, i), so a sample does
 not depend on which other samples run beside it: generations can be cached per sample index.
@@ -47,32 +52,48 @@ class Generation:
 
 @dataclass
 class StepModel:
-    """A decode step and the cache layout it expects: kv_shape = (layers, kv_heads, head_dim)."""
+    """A decode step and the cache layout it expects: kv_shape = (layers, kv_heads, head_dim).
+
+    hydragen_step: the same step after `shared_prefix_decode` (all rows share one prefix); grouped(r): the step
+    for rows in groups of r sharing a prefix each (several prompts' samples), or None where it does not apply."""
 
     step: Callable
     kv_shape: tuple[int, int, int]
     dtype: torch.dtype = torch.float32
-    hydragen_step: Callable | None = None  # the same step after `shared_prefix_decode` (rows share a prefix)
+    hydragen_step: Callable | None = None
+    grouped: Callable[[int], Callable | None] | None = None
 
     def empty(self, rows: int):
         layers, heads, dim = self.kv_shape
         z = torch.zeros((layers, rows, heads, 0, dim), dtype=self.dtype)
         return z, z.clone()
 
-    def run(self, tokens, k, v, shared: bool = False):
-        fn = self.hydragen_step if (shared and self.hydragen_step is not None) else self.step
+    def run(self, tokens, k, v, shared: bool | int = False):
+        """One step. shared=True: all rows share one prefix; an int r: rows share prefixes in groups of r."""
+        fn = self.step
+        if shared is True or (shared and shared == tokens.shape[0]):
+            fn = self.hydragen_step or fn
+        elif shared and self.grouped is not None:
+            fn = self.grouped(int(shared)) or fn
         logits, k, v = fn(tokens.reshape(-1, 1), k, v)[:3]
         return logits[:, -1, :].float(), k, v
 
     def prefill(self, prompt: torch.Tensor, rows: int, shared_prefix: bool):
         """Feed the prompt [L] token by token; return (last logits [rows, V], k, v) for `rows` rows."""
-        pre = 1 if shared_prefix else rows
-        k, v = self.empty(pre)
+        return self.prefill_many(prompt[None], [rows], shared_prefix)
+
+    def prefill_many(self, prompts: torch.Tensor, rows: Sequence[int], shared_prefix: bool):
+        """Feed prompts [P, L] token by token; return (last logits, k, v) for rows[p] rows of prompt p, in
+        prompt order. shared_prefix: each prompt is fed once and its cache expanded to its rows."""
+        counts = torch.tensor(list(rows))
+        feed = prompts if shared_prefix else prompts.repeat_interleave(counts, 0)
+        k, v = self.empty(feed.shape[0])
         logits = None
-        for tok in prompt:
-            logits, k, v = self.run(tok.repeat(pre), k, v)
-        if shared_prefix and rows > 1:
-            logits, k, v = logits.expand(rows, -1), k.repeat_interleave(rows, 1), v.repeat_interleave(rows, 1)
+        for t in range(prompts.shape[1]):
+            logits, k, v = self.run(feed[:, t], k, v)
+        if shared_prefix and int(counts.sum()) != prompts.shape[0]:
+            logits, k, v = (logits.repeat_interleave(counts, 0), k.repeat_interleave(counts, 1),
+                            v.repeat_interleave(counts, 1))
         return logits, k, v
 
 
@@ -93,21 +114,36 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def _decode_rows(model: StepModel, prompt, rows: int, max_new: int, eos: int, pick, shared_prefix: bool,
-                 stop_at_first: bool = False) -> Generation:
-    """The common loop: pick(logits [R, V], step, generated [R, step]) -> tokens [R]. Finished rows emit EOS.
+def _sharing(shared_prefix: bool, rows: Sequence[int]) -> bool | int:
+    """What StepModel.run is told: rows share prefixes in equal groups (True for one prompt), else False."""
+    if not shared_prefix or len(set(rows)) != 1:
+        return False
+    return True if len(rows) == 1 else rows[0]
 
-    Rows that finished are still in the batch (their tokens are EOS), but the trace counts only active rows:
-    a serving engine drops finished sequences. With stop_at_first the loop ends at the first EOS (first-finish).
+
+def _decode_rows(model: StepModel, prompts, rows: Sequence[int], max_new: int, eos: int, pick,
+                 shared_prefix: bool, stop_at_first: bool = False) -> list[Generation]:
+    """The common loop over rows[p] rows of each prompt p (prompt-major): pick(logits [R, V], step,
+    generated [R, step]) -> tokens [R]. Finished rows emit EOS.
+
+    Rows that finished are still in the batch (their tokens are EOS), but a prompt's trace counts only its active
+    rows (a serving engine drops finished sequences) and ends when its rows have all finished. With stop_at_first
+    a prompt ends at its first EOS (first-finish): its other rows keep their tokens so far, EOS after.
     """
-    logits, k, v = model.prefill(prompt, rows, shared_prefix)
-    trace = DecodeTrace(len(prompt), 1 if shared_prefix else rows, shared_prefix=shared_prefix)
-    out = torch.full((rows, max_new), max(eos, 0), dtype=torch.long)
-    logp_sum = torch.zeros(rows)
-    lengths = torch.full((rows,), max_new, dtype=torch.long)
-    finished = torch.zeros(rows, dtype=torch.bool)
+    logits, k, v = model.prefill_many(prompts, rows, shared_prefix)
+    shared = _sharing(shared_prefix, rows)
+    owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(list(rows)))
+    n = int(owner.numel())
+    traces = [DecodeTrace(prompts.shape[1], 1 if shared_prefix else r, shared_prefix=shared_prefix) for r in rows]
+    out = torch.full((n, max_new), max(eos, 0), dtype=torch.long)
+    logp_sum = torch.zeros(n)
+    lengths = torch.full((n,), max_new, dtype=torch.long)
+    finished = torch.zeros(n, dtype=torch.bool)
+    done = torch.zeros(len(rows), dtype=torch.bool)        # prompts whose decoding has ended
     for t in range(max_new):
-        trace.rows_per_step.append(int((~finished).sum()))
+        active = torch.bincount(owner[~finished], minlength=len(rows))
+        for p in (~done).nonzero().flatten().tolist():
+            traces[p].rows_per_step.append(int(active[p]))
         tok = pick(logits, t, out[:, :t])
         logp = logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
         if eos >= 0:
@@ -118,20 +154,41 @@ def _decode_rows(model: StepModel, prompt, rows: int, max_new: int, eos: int, pi
             newly = (tok == eos) & ~finished
             lengths[newly] = t + 1
             finished |= newly
-        if finished.all() or (stop_at_first and finished.any()) or t + 1 == max_new:
+        left = torch.bincount(owner[~finished], minlength=len(rows))
+        done |= left == 0
+        if stop_at_first:
+            done |= left < torch.tensor(list(rows))
+            finished |= done[owner]            # frozen: EOS from here on, lengths stay as they are
+        if bool(done.all()) or t + 1 == max_new:
             break
-        logits, k, v = model.run(tok, k, v, shared=shared_prefix)
-    return Generation(out, logp_sum, lengths, trace)
+        logits, k, v = model.run(tok, k, v, shared=shared)
+    bounds = [0, *torch.tensor(list(rows)).cumsum(0).tolist()]
+    return [Generation(out[a:b], logp_sum[a:b], lengths[a:b], tr) for a, b, tr in zip(bounds, bounds[1:], traces)]
 
 
 def greedy(model: StepModel, prompt, max_new: int, eos: int = -1, shared_prefix: bool = True) -> Generation:
-    return _decode_rows(model, prompt, 1, max_new, eos, lambda lg, t, h: lg.argmax(-1), shared_prefix)
+    return greedy_many(model, prompt[None], max_new, eos, shared_prefix)[0]
+
+
+def greedy_many(model: StepModel, prompts, max_new: int, eos: int = -1, shared_prefix: bool = True
+                ) -> list[Generation]:
+    """Greedy decoding of prompts [P, L] as one batch (one row each)."""
+    return _decode_rows(model, prompts, [1] * prompts.shape[0], max_new, eos, lambda lg, t, h: lg.argmax(-1),
+                        shared_prefix)
 
 
 def sample(model: StepModel, prompt, indices: Sequence[int], max_new: int, eos: int = -1, temperature: float = 1.0,
            top_p: float = 1.0, seed: int = 0, shared_prefix: bool = True, stop_at_first: bool = False) -> Generation:
     """Samples `indices` of `prompt` (temperature / top-p), run as one batch; see `sample_generator`."""
-    gens = [sample_generator(seed, prompt, i) for i in indices]
+    return sample_many(model, prompt[None], [indices], max_new, eos, temperature, top_p, seed, shared_prefix,
+                       stop_at_first)[0]
+
+
+def sample_many(model: StepModel, prompts, indices: Sequence[Sequence[int]], max_new: int, eos: int = -1,
+                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, shared_prefix: bool = True,
+                stop_at_first: bool = False) -> list[Generation]:
+    """Samples indices[p] of each prompt p of prompts [P, L], all as one batch (prompt-major rows)."""
+    gens = [sample_generator(seed, prompt, i) for prompt, idx in zip(prompts, indices) for i in idx]
 
     def pick(logits, t, hist):
         if temperature <= 0:
@@ -140,7 +197,8 @@ def sample(model: StepModel, prompt, indices: Sequence[int], max_new: int, eos: 
         u = torch.stack([torch.rand((), generator=g) for g in gens]) * probs[:, -1]
         return torch.searchsorted(probs, u[:, None]).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
-    return _decode_rows(model, prompt, len(gens), max_new, eos, pick, shared_prefix, stop_at_first)
+    return _decode_rows(model, prompts, [len(i) for i in indices], max_new, eos, pick, shared_prefix,
+                        stop_at_first)
 
 
 def momentum(model: StepModel, prompt, max_new: int, eos: int = -1, alpha: float = 0.0, max_ngram: int = 2,
@@ -148,21 +206,27 @@ def momentum(model: StepModel, prompt, max_new: int, eos: int = -1, alpha: float
     """Momentum decoding (Lan et al., 2022): greedy, but a token that would close a loop, i.e. repeat an
     n-gram (n <= max_ngram) already in the context, is penalized by alpha x resistance[c], c = how often
     that n-gram was already visited (the last entry of the table applies beyond its length)."""
+    return momentum_many(model, prompt[None], max_new, eos, alpha, max_ngram, resistance, shared_prefix)[0]
+
+
+def momentum_many(model: StepModel, prompts, max_new: int, eos: int = -1, alpha: float = 0.0, max_ngram: int = 2,
+                  resistance: Sequence[float] = (1.0,), shared_prefix: bool = True) -> list[Generation]:
+    """`momentum` for prompts [P, L] as one batch."""
     table = list(resistance) or [1.0]
-    prompt_list = prompt.tolist()
+    prompt_lists = prompts.tolist()
 
     def pick(logits, t, hist):
         adjusted = logits.clone()
         if alpha:
             for r in range(logits.shape[0]):
-                ctx = prompt_list + hist[r].tolist()
+                ctx = prompt_lists[r] + hist[r].tolist()
                 for tok in range(logits.shape[1]):
                     visits = _ngram_visits(ctx, tok, max_ngram)
                     if visits:
                         adjusted[r, tok] -= alpha * table[min(visits - 1, len(table) - 1)]
         return adjusted.argmax(-1)
 
-    return _decode_rows(model, prompt, 1, max_new, eos, pick, shared_prefix)
+    return _decode_rows(model, prompts, [1] * prompts.shape[0], max_new, eos, pick, shared_prefix)
 
 
 def _ngram_visits(ctx: list[int], tok: int, max_ngram: int) -> int:
@@ -194,16 +258,29 @@ def beam_search(model: StepModel, prompt, max_new: int, eos: int = -1, width: in
     the Hamming penalty). groups=1 is plain beam search. With a catalog, only continuations of catalog
     entries are allowed (trie-constrained beam search); an entry that is complete may only emit EOS.
     Returns all beams group by group, each group best first (by summed log-probability)."""
-    per = width // groups
+    return beam_search_many(model, prompt[None], max_new, eos, width, groups, diversity, catalog, shared_prefix)[0]
+
+
+def beam_search_many(model: StepModel, prompts, max_new: int, eos: int = -1, width: int = 1, groups: int = 1,
+                     diversity: float = 0.0, catalog: Sequence[Sequence[int]] | None = None,
+                     shared_prefix: bool = True) -> list[Generation]:
+    """`beam_search` for prompts [P, L] as one batch of P x width rows; a prompt's trace ends when its beams
+    have all finished (its rows still ride along, emitting EOS at no cost)."""
+    n_prompts, per = prompts.shape[0], width // groups
     trie = catalog_trie(catalog) if catalog is not None else None
-    logits, k, v = model.prefill(prompt, width, shared_prefix)
-    trace = DecodeTrace(len(prompt), 1 if shared_prefix else width, shared_prefix=shared_prefix)
-    scores = torch.full((width,), NEG_INF)
-    scores[::per] = 0.0                    # one live beam per group at the start
-    tokens = torch.zeros((width, 0), dtype=torch.long)
-    finished = torch.zeros(width, dtype=torch.bool)
+    logits, k, v = model.prefill_many(prompts, [width] * n_prompts, shared_prefix)
+    shared = _sharing(shared_prefix, [width] * n_prompts)
+    traces = [DecodeTrace(prompts.shape[1], 1 if shared_prefix else width, shared_prefix=shared_prefix)
+              for _ in range(n_prompts)]
+    scores = torch.full((n_prompts, width), NEG_INF)
+    scores[:, ::per] = 0.0                 # one live beam per group at the start
+    tokens = torch.zeros((n_prompts * width, 0), dtype=torch.long)
+    finished = torch.zeros(n_prompts * width, dtype=torch.bool)
+    done = torch.zeros(n_prompts, dtype=torch.bool)
     for t in range(max_new):
-        trace.rows_per_step.append(int((~finished).sum()))
+        active = (~finished).reshape(n_prompts, width).sum(1)
+        for p in (~done).nonzero().flatten().tolist():
+            traces[p].rows_per_step.append(int(active[p]))
         logp = logits.log_softmax(-1)
         if eos >= 0:  # a finished beam can only emit EOS, at no cost
             done_row = torch.full_like(logp[0], NEG_INF)
@@ -211,15 +288,18 @@ def beam_search(model: StepModel, prompt, max_new: int, eos: int = -1, width: in
             logp = torch.where(finished[:, None], done_row, logp)
         if trie is not None:
             logp = logp + _trie_mask(trie, tokens, finished, eos, logp.shape[-1])
-        src, new_tok, new_scores = _select_beams(scores, logp, per, groups, diversity)
+        src, new_tok, scores = _select_beams(scores, logp.reshape(n_prompts, width, -1), per, groups, diversity)
+        src = (src + torch.arange(n_prompts)[:, None] * width).reshape(-1)   # rows of the whole batch
+        new_tok = new_tok.reshape(-1)
         tokens = torch.cat((tokens[src], new_tok[:, None]), 1)
         finished = finished[src] | ((new_tok == eos) if eos >= 0 else torch.zeros_like(finished))
-        scores = new_scores
         k, v = k[:, src], v[:, src]
-        if finished.all() or t + 1 == max_new:
+        done |= finished.reshape(n_prompts, width).all(1)
+        if bool(done.all()) or t + 1 == max_new:
             break
-        logits, k, v = model.run(new_tok, k, v, shared=shared_prefix)
-    return _finish_beams(tokens, scores, max_new, eos, trace, per)
+        logits, k, v = model.run(new_tok, k, v, shared=shared)
+    return [_finish_beams(tokens[p * width:(p + 1) * width], scores[p], max_new, eos, traces[p], per)
+            for p in range(n_prompts)]
 
 
 def _trie_mask(trie, tokens, finished, eos, vocab) -> torch.Tensor:
@@ -237,23 +317,23 @@ def _trie_mask(trie, tokens, finished, eos, vocab) -> torch.Tensor:
 
 
 def _select_beams(scores, logp, per: int, groups: int, diversity: float):
-    """Per group: the top `per` (beam, token) continuations, after the Hamming diversity penalty."""
-    vocab = logp.shape[-1]
-    counts = torch.zeros(vocab)
+    """Per prompt and group: the top `per` (beam, token) continuations, after the Hamming diversity penalty.
+    scores [P, W], logp [P, W, V] -> (source beam [P, W], token [P, W], new scores [P, W]) within each prompt."""
+    n_prompts, _, vocab = logp.shape
+    counts = torch.zeros(n_prompts, vocab)
     src, toks, new_scores = [], [], []
     for g in range(groups):
         rows = slice(g * per, (g + 1) * per)
-        cand = (scores[rows, None] + logp[rows]) - diversity * counts
-        flat = cand.reshape(-1)
-        top = flat.topk(per)
+        cand = (scores[:, rows, None] + logp[:, rows]) - diversity * counts[:, None, :]
+        top = cand.reshape(n_prompts, -1).topk(per, dim=-1)
         # report the beam's true log-probability, not the penalized one
         beam, tok = top.indices // vocab, top.indices % vocab
-        true = scores[rows][beam] + logp[rows][beam, tok]
+        true = scores[:, rows].gather(1, beam) + logp[:, rows].reshape(n_prompts, -1).gather(1, top.indices)
         src.append(beam + g * per)
         toks.append(tok)
         new_scores.append(torch.where(torch.isfinite(top.values), true, torch.full_like(true, NEG_INF)))
-        counts += torch.bincount(tok, minlength=vocab).float()
-    return torch.cat(src), torch.cat(toks), torch.cat(new_scores)
+        counts.scatter_add_(1, tok, torch.ones_like(tok, dtype=counts.dtype))
+    return torch.cat(src, 1), torch.cat(toks, 1), torch.cat(new_scores, 1)
 
 
 def _finish_beams(tokens, scores, max_new, eos, trace, per: int) -> Generation:

@@ -6,9 +6,14 @@
     result.accounts[i].generated_tokens     # what node i decoded
 
 Each `generate` node's region (a decode-step graph) is compiled once (`lmforge.compiler.build_callable`).
-The samples of one prompt run as one batch; the prompt is prefilled once and its KV cache expanded to the
-samples (shared_prefix=True), and decode steps then run the step graph rewritten by the Hydragen pass
-(`lmforge.passes.sparsity.shared_prefix_decode`), which reads the shared prefix once for all rows.
+The prompts of a run decode together: the rows of every prompt (its samples, beams) form one batch, so a run
+costs one step call per token whatever the number of prompts (`batch_prompts=False`: one prompt at a time;
+the outputs, traces and token accounting are the same). Each prompt is prefilled once and its KV cache
+expanded to its rows (shared_prefix=True), and decode steps then run the step graph rewritten by the Hydragen
+pass (`lmforge.passes.sparsity.shared_prefix_decode`), which reads each prompt's prefix once for its rows
+(prefix groups of equal size; where sample caching leaves prompts with different row counts, the plain step
+runs, with the same outputs). The generative fuser (fuse by="model") batches the prompts whose fuser inputs have
+one length; rank / verify with a scoring model score prompt by prompt.
 
 Samples are cached by (model, prompt, seed, sample index, and the sampling parameters): a best-of-8 after a
 best-of-4 on the same prompts decodes only samples 4..7. Token accounting is derived from what each
@@ -24,7 +29,8 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.ir.graph import Graph, Node
 from lmforge.programs import compound
-from lmforge.programs.decoding import (DecodeTrace, Generation, StepModel, beam_search, greedy, momentum, sample)
+from lmforge.programs.decoding import (DecodeTrace, Generation, StepModel, beam_search_many, greedy_many,
+                                       momentum_many, sample_many)
 
 SAMPLED = ("sample", "best_of_n", "first_finish")
 
@@ -84,56 +90,72 @@ class ExecContext:
         return self._step_models(idx, region, prefix_len)
 
 
-def run_generate(ctx: ExecContext, idx: int, a: dict, prompt: torch.Tensor) -> Generation:
-    """One prompt through a generate node (attrs `a`, see lmforge.ir.ops.program_ops)."""
+def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> list[Generation]:
+    """The prompts [B, L] through a generate node (attrs `a`, see lmforge.ir.ops.program_ops), as one batch:
+    what the cache holds is reused, prompts that repeat decode once."""
     strategy, T, eos, shared = a["strategy"], a["max_new_tokens"], a["eos_id"], a["shared_prefix"]
-    model = ctx.step_model(idx, 0, len(prompt) if shared else None)
-    key = (ctx.model_keys.get(idx, idx), tuple(prompt.tolist()), T, eos, shared)
+    model = ctx.step_model(idx, 0, prompts.shape[1] if shared else None)
+    keys = [(ctx.model_keys.get(idx, idx), tuple(p.tolist()), T, eos, shared) for p in prompts]
     if strategy in SAMPLED:
-        n = a["n"]
-        gen = _cached_samples(ctx, key + (a["seed"], a["temperature"], a["top_p"]), model, prompt, n, a)
+        gens = _cached_samples(ctx, [k + (a["seed"], a["temperature"], a["top_p"]) for k in keys], model, prompts,
+                               a)
         if strategy == "sample":
-            return gen
+            return gens
         if strategy == "first_finish":
-            return _first_finish(gen)
-        tokens, scores = compound.aggregate(prompt, gen.tokens, gen.logprobs, a["aggregator"], a["scorer"])
-        return Generation(tokens, scores, gen.lengths[:1], gen.trace)
-    det_key = key + (strategy, a["width"], a["groups"], a["diversity"], a["catalog"], a["alpha"], a["max_ngram"],
-                     a["resistance"])
-    got = ctx.cache.get(det_key) if ctx.cache is not None else None
-    if got is None:
+            return [_first_finish(g) for g in gens]
+        out = []
+        for prompt, gen in zip(prompts, gens):
+            tokens, scores = compound.aggregate(prompt, gen.tokens, gen.logprobs, a["aggregator"], a["scorer"])
+            out.append(Generation(tokens, scores, gen.lengths[:1], gen.trace))
+        return out
+    if strategy not in ("greedy", "momentum", "beam", "diverse_beam", "trie_beam"):
+        raise LmforgeError(f"generate: unknown strategy {strategy!r}")
+    det = [k + (strategy, a["width"], a["groups"], a["diversity"], a["catalog"], a["alpha"], a["max_ngram"],
+                a["resistance"]) for k in keys]
+    found = {k: ctx.cache.get(k) if ctx.cache is not None else None for k in det}
+    todo = [k for k, got in found.items() if got is None]
+    if todo:
+        first = {k: b for b, k in reversed(list(enumerate(det)))}
+        batch = prompts[[first[k] for k in todo]]
         if strategy == "greedy":
-            got = greedy(model, prompt, T, eos, shared)
+            gens = greedy_many(model, batch, T, eos, shared)
         elif strategy == "momentum":
-            got = momentum(model, prompt, T, eos, a["alpha"], a["max_ngram"], a["resistance"], shared)
-        elif strategy in ("beam", "diverse_beam", "trie_beam"):
+            gens = momentum_many(model, batch, T, eos, a["alpha"], a["max_ngram"], a["resistance"], shared)
+        else:
             groups = a["groups"] if strategy == "diverse_beam" else 1
             catalog = a["catalog"] if strategy == "trie_beam" else None
-            got = beam_search(model, prompt, T, eos, a["width"], groups, a["diversity"], catalog, shared)
-        else:
-            raise LmforgeError(f"generate: unknown strategy {strategy!r}")
-        if ctx.cache is not None:
-            ctx.cache.put(det_key, got)
-    return got
-
-
-def _cached_samples(ctx, key, model, prompt, n, a) -> Generation:
-    """Samples 0..n-1 of the prompt, decoding only those not cached; the trace is that of all n as one batch."""
-    rows: list = [ctx.cache.get(key + (i,)) if ctx.cache is not None else None for i in range(n)]
-    todo = [i for i in range(n) if rows[i] is None]
-    if todo:
-        g = sample(model, prompt, todo, a["max_new_tokens"], a["eos_id"], a["temperature"], a["top_p"], a["seed"],
-                   a["shared_prefix"])
-        for j, i in enumerate(todo):
-            rows[i] = (g.tokens[j], g.logprobs[j], g.lengths[j])
+            gens = beam_search_many(model, batch, T, eos, a["width"], groups, a["diversity"], catalog, shared)
+        for k, got in zip(todo, gens):
+            found[k] = got
             if ctx.cache is not None:
-                ctx.cache.put(key + (i,), rows[i])
-    tokens = torch.stack([r[0] for r in rows])
-    lengths = torch.stack([r[2] for r in rows])
-    steps = int(lengths.max())
-    trace = DecodeTrace(len(prompt), 1 if a["shared_prefix"] else n,
-                        [int((lengths > t).sum()) for t in range(steps)], a["shared_prefix"])
-    return Generation(tokens, torch.stack([r[1] for r in rows]), lengths, trace)
+                ctx.cache.put(k, got)
+    return [found[k] for k in det]
+
+
+def _cached_samples(ctx, keys: list, model, prompts, a) -> list[Generation]:
+    """Samples 0..n-1 of each prompt, decoding (as one batch) only those not cached; each prompt's trace is that
+    of its n samples as one batch."""
+    n = a["n"]
+    rows = {k: [ctx.cache.get(k + (i,)) if ctx.cache is not None else None for i in range(n)] for k in keys}
+    todo = {k: [i for i in range(n) if r[i] is None] for k, r in rows.items()}
+    todo = {k: idx for k, idx in todo.items() if idx}
+    if todo:
+        first = {k: b for b, k in reversed(list(enumerate(keys)))}
+        gens = sample_many(model, prompts[[first[k] for k in todo]], list(todo.values()), a["max_new_tokens"],
+                           a["eos_id"], a["temperature"], a["top_p"], a["seed"], a["shared_prefix"])
+        for (k, idx), g in zip(todo.items(), gens):
+            for j, i in enumerate(idx):
+                rows[k][i] = (g.tokens[j], g.logprobs[j], g.lengths[j])
+                if ctx.cache is not None:
+                    ctx.cache.put(k + (i,), rows[k][i])
+    out = []
+    for prompt, k in zip(prompts, keys):
+        tokens = torch.stack([r[0] for r in rows[k]])
+        lengths = torch.stack([r[2] for r in rows[k]])
+        trace = DecodeTrace(len(prompt), 1 if a["shared_prefix"] else n,
+                            [int((lengths > t).sum()) for t in range(int(lengths.max()))], a["shared_prefix"])
+        out.append(Generation(tokens, torch.stack([r[1] for r in rows[k]]), lengths, trace))
+    return out
 
 
 def _first_finish(gen: Generation) -> Generation:
@@ -165,50 +187,65 @@ def model_score_fn(model: StepModel, traces: list):
     return score
 
 
-def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAccount | None = None):
-    """Execute a program node on batched inputs (prompts [B, L], candidates [B, k, T], scores [B, k])."""
+def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAccount | None = None,
+             batch_prompts: bool = True):
+    """Execute a program node on batched inputs (prompts [B, L], candidates [B, k, T], scores [B, k]).
+    batch_prompts=False runs the prompts one at a time (same results)."""
+    if not batch_prompts and args[0].shape[0] > 1:
+        parts = [run_node(ctx, idx, node, [x[b:b + 1] for x in args], account) for b in range(args[0].shape[0])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     a = node.attr
     traces = account.traces if account is not None else []
+    if node.op == "generate":
+        gens = run_generate(ctx, idx, a, args[0])
+        traces.extend(g.trace for g in gens)
+        return torch.stack([g.tokens for g in gens]), torch.stack([g.logprobs.float() for g in gens])
+    if node.op == "fuse" and a["by"] == "model":
+        return run_fuser(ctx, idx, node, *args, traces)
     outs_t, outs_s = [], []
     for b in range(args[0].shape[0]):
-        row = [x[b] for x in args]
-        if node.op == "generate":
-            g = run_generate(ctx, idx, a, row[0])
-            traces.append(g.trace)
-            tokens, scores = g.tokens, g.logprobs
-        else:
-            tokens, scores, checks = _compound_row(ctx, idx, node, a, row, traces)
-            if account is not None:
-                account.checks += checks
+        tokens, scores, checks = _compound_row(ctx, idx, node, a, [x[b] for x in args], traces)
+        if account is not None:
+            account.checks += checks
         outs_t.append(tokens)
         outs_s.append(scores.float())
     return torch.stack(outs_t), torch.stack(outs_s)
 
 
-def run_fuser(ctx: ExecContext, idx: int, node: Node, prompt, tokens, scores, traces):
-    """fuse(by="model") on one prompt: the fuser region (a decode step) reads prompt + candidates and decodes
-    T tokens greedily (no EOS stop: the answer has the candidates' length). Its separator is the last id of
-    its vocabulary. The fuser's generation is cached by (fuser, input tokens, T) and its trace (one row,
-    prefill of the whole input, T steps) goes into the node's accounting like any model call."""
+def run_fuser(ctx: ExecContext, idx: int, node: Node, prompts, tokens, scores, traces):
+    """fuse(by="model") on prompts [B, L] with candidates [B, k, T]: the fuser region (a decode step) reads prompt +
+    candidates and decodes T tokens greedily (no EOS stop: the answer has the candidates' length); the prompts
+    whose fuser inputs have one length decode as one batch. Its separator is the last id of its vocabulary. The
+    fuser's generations are cached by (fuser, input tokens, T) and each trace (one row, prefill of the whole
+    input, T steps) goes into the node's accounting like any model call."""
     model = ctx.step_model(idx, 0, None)
     sep = vocab_size(model, node.regions[0]) - 1
     if int(tokens.max()) >= sep:
         raise LmforgeError(f"fuse(by='model'): candidate token {int(tokens.max())} is not in the fuser's task "
                            f"vocabulary (ids < {sep}; {sep} is its separator)")
-
-    def run(inp, T):
-        key = ("fuse", ctx.model_keys.get(idx, idx), tuple(inp.tolist()), T)
-        got = ctx.cache.get(key) if ctx.cache is not None else None
-        if got is None:
-            got = greedy(model, inp, T, -1, shared_prefix=False)
+    T = tokens.shape[2]
+    inputs = {b: compound.fuser_input(prompts[b], tokens[b], scores[b], sep) for b in range(prompts.shape[0])
+              if torch.isfinite(scores[b]).any()}
+    keys = {b: ("fuse", ctx.model_keys.get(idx, idx), tuple(inp.tolist()), T) for b, inp in inputs.items()}
+    gens = {k: ctx.cache.get(k) if ctx.cache is not None else None for k in keys.values()}
+    by_length: dict[int, dict[tuple, torch.Tensor]] = {}
+    for b, k in keys.items():
+        if gens[k] is None:
+            by_length.setdefault(len(inputs[b]), {})[k] = inputs[b]
+    for same in by_length.values():
+        for k, got in zip(same, greedy_many(model, torch.stack(list(same.values())), T, -1, shared_prefix=False)):
+            gens[k] = got
             if ctx.cache is not None:
-                ctx.cache.put(key, got)
-        return got
-
-    out_t, out_s, gen = compound.fuse_by_model(prompt, tokens, scores, sep, run)
-    if gen is not None:
-        traces.append(gen.trace)
-    return out_t, out_s, 0
+                ctx.cache.put(k, got)
+    out_t, out_s = [], []
+    for b in range(prompts.shape[0]):
+        t, sc, gen = compound.fuse_by_model(prompts[b], tokens[b], scores[b], sep,
+                                            lambda inp, n, key=keys.get(b): gens[key])
+        if gen is not None:
+            traces.append(gen.trace)
+        out_t.append(t)
+        out_s.append(sc.float())
+    return torch.stack(out_t), torch.stack(out_s)
 
 
 def vocab_size(model: StepModel, region) -> int:
@@ -221,10 +258,7 @@ def vocab_size(model: StepModel, region) -> int:
 
 def _compound_row(ctx, idx, node, a, row, traces):
     if node.op == "fuse":
-        prompt, tokens, scores = row
-        if a["by"] == "model":
-            return run_fuser(ctx, idx, node, prompt, tokens, scores, traces)
-        return (*compound.fuse(prompt, tokens, scores), 0)
+        return (*compound.fuse(*row), 0)
     score_fn = model_score_fn(ctx.step_model(idx, 0, None), traces) if node.regions else None
     if node.op == "ensemble":
         return (*compound.ensemble(list(zip(row[0::2], row[1::2]))), 0)
@@ -245,12 +279,13 @@ class ProgramRunner:
     the plain step graph; the outputs are the same."""
 
     def __init__(self, graph: Graph, *, hydragen: bool = True, cache: GenerationCache | None = None,
-                 threads: int | None = 1):
+                 threads: int | None = 1, batch_prompts: bool = True):
         from lmforge.ir.verify import verify
         from lmforge.programs.builder import verify_program
 
         self.graph = verify_program(verify(graph))
         self.hydragen = hydragen
+        self.batch_prompts = batch_prompts
         self.threads = threads  # per-prompt batches are tiny: one thread avoids thread-pool stalls on a busy CPU
         self.cache = cache if cache is not None else GenerationCache()
         self._compiled: dict[int, Any] = {}
@@ -275,8 +310,14 @@ class ProgramRunner:
         if key not in self._models:
             r = self.graph.nodes[idx].regions[region]
             hyd = hydragen_region(r, prefix_len) if (self.hydragen and prefix_len) else None
+
+            def grouped(rows_per_prefix: int, r=r, prefix_len=prefix_len):
+                g = hydragen_region(r, prefix_len, rows_per_prefix) if (self.hydragen and prefix_len) else None
+                return self._compile(g) if g is not None else None
+
             self._models[key] = StepModel(self._compile(r), kv_shape_of(r),
-                                          hydragen_step=self._compile(hyd) if hyd is not None else None)
+                                          hydragen_step=self._compile(hyd) if hyd is not None else None,
+                                          grouped=grouped)
         return self._models[key]
 
     @torch.no_grad()
@@ -291,7 +332,7 @@ class ProgramRunner:
         try:
             for i, node in enumerate(self.graph.nodes):
                 account = NodeAccount(i, node.op)
-                outs = run_node(self.ctx, i, node, [env[v.name] for v in node.inputs], account)
+                outs = run_node(self.ctx, i, node, [env[v.name] for v in node.inputs], account, self.batch_prompts)
                 env.update({v.name: x for v, x in zip(node.outputs, outs)})
                 accounts.append(account)
         finally:
@@ -300,18 +341,19 @@ class ProgramRunner:
         return ProgramResult(tok, sc, accounts, prompts.shape[0])
 
 
-_HYDRAGEN: dict[tuple, tuple[Graph, Graph | None]] = {}  # (id(step), P) -> (step, rewritten): ids are rechecked
+_HYDRAGEN: dict[tuple, tuple[Graph, Graph | None]] = {}  # (id(step), P, r) -> (step, rewritten): ids are rechecked
 
 
-def hydragen_region(step: Graph, prefix_len: int) -> Graph | None:
-    """The step graph after the Hydragen rewrite for a shared prefix of prefix_len entries, or None when it
-    has no plain decode attention to rewrite (e.g. after a sparse-attention or KV-quantization pass)."""
+def hydragen_region(step: Graph, prefix_len: int, rows_per_prefix: int | None = None) -> Graph | None:
+    """The step graph after the Hydragen rewrite for a shared prefix of prefix_len entries (rows_per_prefix: see
+    `shared_prefix_decode`), or None when it has no plain decode attention to rewrite (e.g. after a
+    sparse-attention or KV-quantization pass)."""
     from lmforge.passes.sparsity import shared_prefix_decode
 
-    key = (id(step), prefix_len)
+    key = (id(step), prefix_len, rows_per_prefix)
     if key not in _HYDRAGEN or _HYDRAGEN[key][0] is not step:
         if len(_HYDRAGEN) > 256:
             _HYDRAGEN.clear()
-        out = shared_prefix_decode(step, prefix_len)
+        out = shared_prefix_decode(step, prefix_len, rows_per_prefix)
         _HYDRAGEN[key] = (step, out if any(n.op == "shared_prefix_attention" for n in out.nodes) else None)
     return _HYDRAGEN[key][1]

@@ -93,11 +93,12 @@ class ProgramEvaluator:
 
     def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
                  eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0, fuser: Any = None,
-                 group_size: int = 32, tune_tiles: bool = False):
+                 group_size: int = 32, tune_tiles: bool = False, batch_prompts: bool = True):
         self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
         self.fuser, self.group_size = fuser, group_size   # fuser: the fuser model's decode step (full precision)
         self.tune_tiles = tune_tiles  # charge latency with each step's best Triton tile configs (GPU targets)
+        self.batch_prompts = batch_prompts  # False: the runner decodes one prompt at a time (same results, slower)
         self.cache = GenerationCache()
         self._variants: dict[tuple, Any] = {}
         self._costs: dict[tuple, _StepCosts] = {}
@@ -151,7 +152,7 @@ class ProgramEvaluator:
         if key in self.memo:
             return self.memo[key]
         graph = self.build(config)
-        result = ProgramRunner(graph, cache=self.cache).run(self.prompts[:n])
+        result = ProgramRunner(graph, cache=self.cache, batch_prompts=self.batch_prompts).run(self.prompts[:n])
         step_costs = self._costs.setdefault(self._variant_key(config), _StepCosts(self.hw, self.tune_tiles))
         cost = program_cost(graph, result, self.hw, step_costs=step_costs)
         T = min(result.tokens.shape[-1], self.answers.shape[1])

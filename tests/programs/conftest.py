@@ -1,4 +1,5 @@
-"""Shared fixtures: the trained tiny task model (cached after its first training) and its captured decode step."""
+"""Shared fixtures: the trained tiny task model and the generative fuser (cached after their first training), with
+their captured decode steps."""
 import pytest
 import torch
 
@@ -14,6 +15,20 @@ def tiny():
     prompts, _ = make_problems(2, seed=0)
     step = capture(LlamaDecodeStep(model), decode_inputs(model, prompts, 5), dynamic=DECODE_DYNAMIC)
     return model, step
+
+
+@pytest.fixture(scope="session")
+def fuser():
+    """The trained generative fuser (examples/models/fuser_task.py) and its captured decode step."""
+    from examples.llama_workload import DECODE_DYNAMIC, decode_inputs
+    from examples.models.fuser_task import load_or_train_fuser
+    from examples.models.llama import LlamaDecodeStep
+    from examples.models.tiny_task import make_problems
+    from lmforge.ir.frontends.torch_export import capture
+
+    model = load_or_train_fuser()
+    prompts, _ = make_problems(2, seed=0)
+    return model, capture(LlamaDecodeStep(model), decode_inputs(model, prompts, 5), dynamic=DECODE_DYNAMIC)
 
 
 @pytest.fixture(scope="session")

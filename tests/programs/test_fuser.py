@@ -13,18 +13,6 @@ from lmforge.programs.decoding import DecodeTrace
 H100 = get_target("h100")
 
 
-@pytest.fixture(scope="module")
-def fuser():
-    from examples.llama_workload import DECODE_DYNAMIC, decode_inputs
-    from examples.models.fuser_task import load_or_train_fuser
-    from examples.models.llama import LlamaDecodeStep
-    from lmforge.ir.frontends.torch_export import capture
-
-    model = load_or_train_fuser()
-    prompts, _ = make_problems(2, seed=0)
-    return model, capture(LlamaDecodeStep(model), decode_inputs(model, prompts, 5), dynamic=DECODE_DYNAMIC)
-
-
 def test_fuser_format_matches_the_runtime_and_training_never_sees_heldout_pairs():
     from examples.models import fuser_task as ft
     from lmforge.programs.compound import fuser_input

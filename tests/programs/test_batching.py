@@ -1,0 +1,104 @@
+"""Several prompts decode as one batch: every prompt's tokens, scores, trace and token accounting equal those of
+running it alone, with one step call per token for the whole batch, and Hydragen's grouped prefixes in use."""
+import pytest
+import torch
+
+from examples.models.tiny_task import ANSWER_LEN, EOS, make_problems
+from lmforge.programs import ProgramBuilder, ProgramRunner
+from lmforge.programs.decoding import StepModel
+
+CATALOG = [(1, 2, EOS), (3, EOS), (4, 5, 6, EOS), (7, 7, EOS)]
+STRATEGIES = {
+    "greedy": {},
+    "sample": {"strategy": "sample", "n": 4, "temperature": 1.0, "seed": 1},
+    "best_of_n_vote": {"strategy": "best_of_n", "n": 4, "temperature": 1.2, "aggregator": "vote"},
+    "first_finish": {"strategy": "first_finish", "n": 4, "temperature": 1.5, "max_new_tokens": 6},
+    "top_p": {"strategy": "sample", "n": 3, "temperature": 1.0, "top_p": 0.8, "shared_prefix": False},
+    "beam": {"strategy": "beam", "width": 3},
+    "diverse_beam": {"strategy": "diverse_beam", "width": 4, "groups": 2, "diversity": 1.0},
+    "trie_beam": {"strategy": "trie_beam", "width": 2, "catalog": CATALOG},
+    "momentum": {"strategy": "momentum", "alpha": 2.0, "max_new_tokens": 6},
+}
+
+
+def _program(step, attrs):
+    attrs = dict(attrs)
+    b = ProgramBuilder("p", {"tiny": step})
+    return b.build(b.generate("tiny", max_new_tokens=attrs.pop("max_new_tokens", ANSWER_LEN), eos_id=EOS, **attrs))
+
+
+def _same_result(got, want):
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got.accounts, want.accounts):
+        assert [vars(t) for t in a.traces] == [vars(t) for t in b.traces]
+        assert (a.prompt_tokens, a.generated_tokens, a.checks) == (b.prompt_tokens, b.generated_tokens, b.checks)
+
+
+class _CountSteps:
+    def __init__(self, monkeypatch):
+        self.calls, self.rows = 0, []
+        run = StepModel.run
+
+        def counted(model, tokens, k, v, shared=False):
+            self.calls += 1
+            self.rows.append(tokens.shape[0])
+            return run(model, tokens, k, v, shared)
+
+        monkeypatch.setattr(StepModel, "run", counted)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_batched_prompts_equal_one_prompt_at_a_time(tiny, task, name, monkeypatch):
+    prompts = task[0][:10]
+    graph = _program(tiny[1], STRATEGIES[name])
+    alone = ProgramRunner(graph, batch_prompts=False).run(prompts)
+    count = _CountSteps(monkeypatch)
+    together = ProgramRunner(graph).run(prompts)
+    _same_result(together, alone)
+    # one step call per prompt token and per decoded token, for all 10 prompts at once
+    assert count.calls <= prompts.shape[1] + STRATEGIES[name].get("max_new_tokens", ANSWER_LEN)
+    assert max(count.rows) >= 10
+
+
+def test_grouped_hydragen_step_runs_and_equals_the_plain_step(tiny, task):
+    prompts = task[0][:6]
+    graph = _program(tiny[1], STRATEGIES["sample"])
+    runner = ProgramRunner(graph)
+    hydragen = runner.run(prompts)
+    grouped = [r for r, _ in runner._compiled.values()
+               if any(n.op == "shared_prefix_attention" and n.inputs[1].type.shape[0] != 1 for n in r.nodes)]
+    assert grouped, "the decode steps of 6 prompts x 4 samples did not run the grouped Hydragen step"
+    _same_result(ProgramRunner(graph, hydragen=False).run(prompts), hydragen)
+
+
+def test_partly_cached_samples_and_repeated_prompts(tiny, task):
+    """A best-of-8 after a best-of-4 on some of the prompts decodes 4 samples for those and 8 for the others (uneven
+    groups: the plain step runs); a prompt that appears twice decodes once."""
+    prompts = task[0][:6]
+    four = dict(STRATEGIES["sample"], n=4)
+    eight = dict(STRATEGIES["sample"], n=8)
+    warm = ProgramRunner(_program(tiny[1], four))
+    warm.run(prompts[:3])
+    again = torch.cat([prompts, prompts[:1]])
+    got = ProgramRunner(_program(tiny[1], eight), cache=warm.cache).run(again)
+    want = ProgramRunner(_program(tiny[1], eight), batch_prompts=False).run(again)
+    _same_result(got, want)
+    assert torch.equal(got.tokens[-1], got.tokens[0])
+    assert warm.cache.hits >= 3 * 4
+
+
+def test_fuser_batches_prompts_with_equal_inputs(tiny, fuser, monkeypatch):
+    fuser_step = fuser[1]
+    prompts = make_problems(8, seed=8, split="heldout")[0]
+    b = ProgramBuilder("p", {"tiny": tiny[1], "fuser": fuser_step})
+    c = b.verify(b.generate("tiny", strategy="sample", n=3, max_new_tokens=ANSWER_LEN, eos_id=EOS, seed=3),
+                 checker="addition_checker", threshold=0.5)
+    graph = b.build(b.fuse(c, by="model", model="fuser"))     # verified candidates: inputs of several lengths
+    alone = ProgramRunner(graph, batch_prompts=False).run(prompts)
+    count = _CountSteps(monkeypatch)
+    together = ProgramRunner(graph).run(prompts)
+    _same_result(together, alone)
+    lengths = [t.prompt_len for t in together.accounts[-1].traces]
+    assert len(set(lengths)) < len(lengths), lengths   # some fuser inputs share a length
+    assert count.calls <= prompts.shape[1] + ANSWER_LEN + sum(n + ANSWER_LEN for n in set(lengths))
