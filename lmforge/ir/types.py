@@ -99,7 +99,13 @@ class TensorType:
         return self.numel(env) * itemsize(self.dtype)
 
     def concrete(self, env: Mapping[str, int]) -> "TensorType":
-        return TensorType(tuple(eval_dim(d, env) for d in self.shape), self.dtype, self.annotations)
+        if self.is_static:
+            return self
+        out = object.__new__(TensorType)  # dtype and annotations are already checked and frozen
+        object.__setattr__(out, "shape", tuple(eval_dim(d, env) for d in self.shape))
+        object.__setattr__(out, "dtype", self.dtype)
+        object.__setattr__(out, "annotations", self.annotations)
+        return out
 
     def __str__(self) -> str:
         dims = ", ".join(str(d) for d in self.shape)
@@ -147,15 +153,32 @@ def _identifiers(expr: str) -> list[str]:
 
 
 def dim_symbols(d: Dim) -> set[str]:
-    return set() if isinstance(d, int) else {str(s) for s in parse_dim(d).free_symbols}
+    return set() if isinstance(d, int) else set(_symbol_names(d))
 
 
 def simplify_dim(d: Dim) -> Dim:
     """Canonical form of a dimension: an int when it is constant, else sympy's printing of it."""
     if isinstance(d, int):
         return d
+    return _simplify(d)
+
+
+@lru_cache(maxsize=8192)
+def _simplify(d: str) -> Dim:
     e = sympy.simplify(parse_dim(d))
     return int(e) if e.is_Integer else str(e)
+
+
+@lru_cache(maxsize=8192)
+def _symbol_names(d: str) -> tuple[str, ...]:
+    return tuple(sorted(str(s) for s in parse_dim(d).free_symbols))
+
+
+@lru_cache(maxsize=65536)
+def _evaluate(d: str, values: tuple[tuple[str, int], ...]) -> int:
+    """Exact (sympy) value of d for its symbols' values; memoized, as cost models evaluate the same few dims at
+    the same few bindings many times."""
+    return int(parse_dim(d).subs({sympy.Symbol(k, integer=True, nonnegative=True): v for k, v in values}))
 
 
 def eval_dim(d: Dim, env: Mapping[str, int]) -> int:
@@ -164,11 +187,11 @@ def eval_dim(d: Dim, env: Mapping[str, int]) -> int:
         return d
     if d in env:
         return int(env[d])
-    e = parse_dim(d)
-    missing = {str(s) for s in e.free_symbols} - set(env)
+    names = _symbol_names(d)
+    missing = [n for n in names if n not in env]
     if missing:
-        raise KeyError(f"symbolic dimension {d!r} needs a value for {sorted(missing)}")
-    return int(e.subs({sympy.Symbol(k, integer=True, nonnegative=True): v for k, v in env.items()}))
+        raise KeyError(f"symbolic dimension {d!r} needs a value for {missing}")
+    return _evaluate(d, tuple((n, int(env[n])) for n in names))
 
 
 def dim_to_python(d: Dim) -> str:
