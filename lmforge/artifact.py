@@ -275,8 +275,10 @@ def _parse_weights(data: bytes, graph) -> dict:
     except Exception as e:  # safetensors raises its own error types (and OverflowError, ...) on bad bytes
         raise _fail(f"{WEIGHTS_FILE} is not a readable safetensors file ({type(e).__name__}: {e}); "
                     "export the artifact again") from None
-    params = {p.name: p.type for p in graph.params}
+    from lmforge.ir.graph import region_params
     from lmforge.passes.shard import whole_param_types
+
+    params = {p.name: p.type for p in (*graph.params, *region_params(graph))}  # a program's models' weights too
 
     params.update(whole_param_types(graph))   # a tensor-parallel graph keeps its split weights whole
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))

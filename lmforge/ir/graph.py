@@ -237,6 +237,16 @@ class GraphBuilder:
                      _freeze(dict(meta or {})), dict(self.weights))
 
 
+def region_params(graph: Graph) -> list[Value]:
+    """The parameters of the regions inside `graph`, at any depth (not its own): a program graph holds the weights
+    of every model its regions run in its `weights`."""
+    out: list[Value] = []
+    for n in graph.nodes:
+        for r in n.regions:
+            out += [*r.params, *region_params(r)]
+    return out
+
+
 def unique_name(base: str, taken: set[str]) -> str:
     """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which it is then added to."""
     name, i = base, 0

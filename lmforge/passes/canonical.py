@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from lmforge.ir.graph import Graph, Node, Value
+from lmforge.ir.graph import Graph, Node, Value, region_params
 from lmforge.ir.ops import get_op
 from lmforge.ir.ops.registry import SYMBOLIC_KINDS
 from lmforge.ir.types import TensorType, simplify_dim
@@ -27,7 +27,7 @@ def dce(graph: Graph) -> Graph:
             kept.append(node)
             live.update(v.name for v in node.inputs if v is not None)
             for r in node.regions:
-                live.update(_free_names(r))
+                live.update(_free_names(r), (p.name for p in (*r.params, *region_params(r))))
     params = tuple(p for p in graph.params if p.name in live)
     weights = {k: w for k, w in graph.weights.items() if k in live}
     return replace(graph, nodes=tuple(reversed(kept)), params=params, weights=weights)

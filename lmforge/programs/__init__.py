@@ -13,8 +13,10 @@ See docs/programs.md.
 from lmforge.programs.builder import Candidates, ProgramBuilder, kv_shape_of, prefix_params, program, verify_program
 from lmforge.programs.cost import NodeCost, ProgramCost, program_cost
 from lmforge.programs.functions import get_function, has_function, register_function
+from lmforge.programs.retrieval import get_corpus, has_corpus, register_corpus
 from lmforge.programs.runtime import GenerationCache, NodeAccount, ProgramResult, ProgramRunner
 
 __all__ = ["Candidates", "GenerationCache", "NodeAccount", "NodeCost", "ProgramBuilder", "ProgramCost",
-           "ProgramResult", "ProgramRunner", "get_function", "has_function", "kv_shape_of", "prefix_params",
-           "program", "program_cost", "register_function", "verify_program"]
+           "ProgramResult", "ProgramRunner", "get_corpus", "get_function", "has_corpus", "has_function",
+           "kv_shape_of", "prefix_params", "program", "program_cost", "register_corpus", "register_function",
+           "verify_program"]

@@ -77,31 +77,48 @@ class ProgramBuilder:
         tok, sc = self._b.op(op, list(inputs), attrs, regions=regions, name=op)
         return Candidates(tok, sc)
 
-    def generate(self, model: str, *, max_new_tokens: int, strategy: str = "greedy", **attrs) -> Candidates:
+    def retrieve(self, corpus: str, k: int = 1, method: str = "overlap", insert_at: int = 0,
+                 prompts: Value | None = None) -> Value:
+        """Prompts with the k documents of a registered corpus most relevant to each inserted at insert_at
+        (lmforge.programs.retrieval); pass the result as `prompts=` to generate (or rank / verify / fuse)."""
+        from lmforge.programs.retrieval import get_corpus
+
+        c = get_corpus(corpus)
+        attrs = {"corpus": corpus, "k": k, "method": method, "insert_at": insert_at, "n_docs": c.n_docs,
+                 "doc_len": c.doc_len, "embed_dim": c.embed_dim}
+        out, _ids = self._b.op("retrieve", [self.prompts if prompts is None else prompts], attrs, name="retrieve")
+        return out
+
+    def generate(self, model: str, *, max_new_tokens: int, strategy: str = "greedy", prompts: Value | None = None,
+                 **attrs) -> Candidates:
+        """Decode the program's prompts (or `prompts`, e.g. from retrieve) with a strategy over the model's step."""
         region = self._region(model)
         attrs = dict(attrs, model=model, strategy=strategy, max_new_tokens=max_new_tokens,
                      kv_shape=kv_shape_of(region))
         if "catalog" in attrs:
             attrs["catalog"] = tuple(tuple(int(t) for t in e) for e in attrs["catalog"])
-        return self._op("generate", [self.prompts], attrs, (region,))
+        return self._op("generate", [self.prompts if prompts is None else prompts], attrs, (region,))
 
     def ensemble(self, *parts: Candidates) -> Candidates:
         return self._op("ensemble", [v for c in parts for v in (c.tokens, c.scores)], {})
 
-    def _scored(self, op: str, c: Candidates, attrs, model: str | None) -> Candidates:
+    def _scored(self, op: str, c: Candidates, attrs, model: str | None, prompts: Value | None = None) -> Candidates:
         regions = (self._region(model),) if model else ()
         if model:
             attrs = dict(attrs, kv_shape=kv_shape_of(regions[0]))
-        return self._op(op, [self.prompts, c.tokens, c.scores], attrs, regions)
+        return self._op(op, [self.prompts if prompts is None else prompts, c.tokens, c.scores], attrs, regions)
 
-    def rank(self, c: Candidates, by: str = "logprob", top_k: int = 1, model: str | None = None) -> Candidates:
-        return self._scored("rank", c, {"by": by, "top_k": top_k}, model)
+    def rank(self, c: Candidates, by: str = "logprob", top_k: int = 1, model: str | None = None,
+             prompts: Value | None = None) -> Candidates:
+        return self._scored("rank", c, {"by": by, "top_k": top_k}, model, prompts)
 
     def verify(self, c: Candidates, checker: str = "", first_k: int = 0, threshold: float = 0.5,
-               model: str | None = None) -> Candidates:
-        return self._scored("verify", c, {"checker": checker, "first_k": first_k, "threshold": threshold}, model)
+               model: str | None = None, prompts: Value | None = None) -> Candidates:
+        return self._scored("verify", c, {"checker": checker, "first_k": first_k, "threshold": threshold}, model,
+                            prompts)
 
-    def fuse(self, c: Candidates, by: str = "vote", model: str | None = None) -> Candidates:
+    def fuse(self, c: Candidates, by: str = "vote", model: str | None = None,
+             prompts: Value | None = None) -> Candidates:
         """One answer from the candidates. by="vote": a token-level vote weighted by the candidates' scores
         (no model). by="model": Archon's generative fuser: `model` (a decode step whose vocabulary is the
         task's plus a separator, its last id) reads "prompt SEP cand_1 ... SEP cand_k SEP" and writes a new
@@ -115,7 +132,7 @@ class ProgramBuilder:
         if by == "model" and c.k == 0:
             raise LmforgeError("a fuser model needs candidates to read, but none come in (Archon: fuse after a "
                                "generating layer)")
-        return self._scored("fuse", c, {"by": by}, model)
+        return self._scored("fuse", c, {"by": by}, model, prompts)
 
     def vote(self, c: Candidates) -> Candidates:
         return self._op("vote", [c.tokens, c.scores], {})
@@ -147,11 +164,13 @@ def verify_program(graph: Graph) -> Graph:
     - a verifier needs candidates: verify/rank need >= 1 candidate coming in (fuse and vote need >= 1 too),
       and verify needs a checker function or a model region; a fuse with a model (by="model") is a
       generative fuser and needs >= 1 candidate to read;
+    - a retrieve names a registered corpus;
     - strategies: beam widths >= 1, diverse beam width divisible by groups, n >= 1, a best_of_n with
       aggregator "scorer" names a registered function, a trie beam has a non-empty catalog.
     """
     from lmforge.ir.ops.program_ops import AGGREGATORS, STRATEGIES
     from lmforge.programs.functions import has_function
+    from lmforge.programs.retrieval import has_corpus
 
     producers = graph.producers()
     if not any(n.op == "generate" for n in graph.nodes):
@@ -163,6 +182,9 @@ def verify_program(graph: Graph) -> Graph:
         if n.op == "generate":
             _check_generate(a, where, STRATEGIES, AGGREGATORS, has_function)
             continue
+        if n.op == "retrieve" and not has_corpus(a["corpus"]):
+            raise VerifyError(f"{where}: corpus {a['corpus']!r} is not registered; register it with "
+                              "lmforge.programs.register_corpus first")
         if n.op not in ("ensemble", "rank", "fuse", "verify", "vote"):
             continue
         cand_inputs = [v for v in n.inputs if v is not None and v.type.dtype == "int64" and v.type.rank == 3]

@@ -13,6 +13,8 @@ Two views, side by side:
 
 KV convention for `kv_bytes_read`: at generated token t (1-based) a row reads the prompt's L entries
 (once for all rows when shared) and t - 1/2 generated entries (Kinetics' convention), D elements each.
+A retrieve node is charged its corpus scan per prompt (`lmforge.programs.retrieval.retrieval_cost`, roofline;
+its eFLOPs count in both views); the documents it adds are charged by the generate node that prefills them.
 All totals are per run; `ProgramCost.per_prompt(...)` divides by the number of prompts.
 """
 from __future__ import annotations
@@ -159,6 +161,8 @@ def trace_cost(step: Graph, trace, costs: _StepCosts) -> tuple[float, float]:
 
 def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = None) -> ProgramCost:
     """Cost of `result` (a ProgramResult of running `graph`) on hardware `hw`; see the module docstring."""
+    from lmforge.hwmodels.roofline import node_time
+    from lmforge.programs.retrieval import retrieval_cost
     from lmforge.search.cost_model import critical_path_time
 
     costs = step_costs or _StepCosts(hw)
@@ -174,6 +178,10 @@ def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = No
                 time, efl = time + dt, efl + de
                 kin += kinetics_trace_eflops(tr, dims, I)
                 kvb += kv_bytes_read(tr, dims)
+        elif node.op == "retrieve" and acc.queries:
+            est = node_time(retrieval_cost(node.attr, acc.query_len), hw)
+            time, efl = est.time_s * acc.queries, est.eflops * acc.queries
+            kin = efl
         out.append(NodeCost(node_index(acc), node.op, node.attr.get("model", ""), acc.prompt_tokens,
                             acc.generated_tokens, kvb, time, efl, kin, sum(t.steps for t in acc.traces)))
     crit = critical_path_time(graph, [c.time_s for c in out])

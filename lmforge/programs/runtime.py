@@ -43,6 +43,8 @@ class NodeAccount:
     op: str
     traces: list[DecodeTrace] = field(default_factory=list)
     checks: int = 0  # candidates a checker function looked at
+    queries: int = 0  # retrieve: prompts scored against the corpus
+    query_len: int = 0  # retrieve: their length
 
     @property
     def prompt_tokens(self) -> int:
@@ -196,6 +198,11 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     a = node.attr
     traces = account.traces if account is not None else []
+    if node.op == "retrieve":
+        if account is not None:
+            account.queries += args[0].shape[0]
+            account.query_len = args[0].shape[1]
+        return run_retrieve(a, args[0])
     if node.op == "generate":
         gens = run_generate(ctx, idx, a, args[0])
         traces.extend(g.trace for g in gens)
@@ -210,6 +217,18 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
         outs_t.append(tokens)
         outs_s.append(scores.float())
     return torch.stack(outs_t), torch.stack(outs_s)
+
+
+def run_retrieve(a: dict, prompts: torch.Tensor):
+    """retrieve: the k best documents of the registered corpus in each prompt (lmforge.programs.retrieval)."""
+    from lmforge.programs.retrieval import get_corpus, retrieve
+
+    corpus = get_corpus(a["corpus"])
+    if (corpus.n_docs, corpus.doc_len, corpus.embed_dim) != (a["n_docs"], a["doc_len"], a["embed_dim"]):
+        raise LmforgeError(f"retrieve: corpus {a['corpus']!r} is now {corpus.n_docs} documents of {corpus.doc_len} "
+                           f"tokens (embedding width {corpus.embed_dim}); the program was built for {a['n_docs']} of "
+                           f"{a['doc_len']} (width {a['embed_dim']}): rebuild the program")
+    return retrieve(prompts, corpus, a["k"], a["method"], a["insert_at"])
 
 
 def run_fuser(ctx: ExecContext, idx: int, node: Node, prompts, tokens, scores, traces):

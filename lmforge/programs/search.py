@@ -14,7 +14,8 @@ step graphs run (an exact inner minimisation per step graph and shape): the sear
 then sees latencies with tuned kernels, and a latency budget makes the kernel choice matter.
 
 Knobs: which model, strategy (greedy, best_of_n, first_finish, beam) and its parameters, max new tokens,
-and two pass knobs applied to the model's decode step: a sliding decode window (sparse attention, with
+optionally a retriever and its number of documents (retrieval-augmented prompts; the fuser reads the original
+prompt), and pass knobs applied to the model's decode step: a sliding decode window (sparse attention, with
 4 sink tokens) and KV-cache int8. Multi-fidelity: a trial is evaluated on a growing prefix of the dev
 set (`fidelities`), reports its accuracy after each, and Optuna's median pruner stops the weak ones.
 The budget is an Optuna constraint (`trial.set_constraint`), never a made-up score. Generations are
@@ -41,16 +42,22 @@ _SAMPLED = ("program.strategy", ("best_of_n", "first_finish"))
 
 def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choices=(3, 4),
                   windows=(0, 4), kv=("none", "int8"), scorer: str = "", fuser: bool = False,
-                  weight_bits=(16,)) -> list[Knob]:
+                  weight_bits=(16,), retrievers: Sequence[str] = (), retrieve_k=(1, 2, 4, 8),
+                  strategies=("greedy", "best_of_n", "first_finish", "beam")) -> list[Knob]:
     """The program + pass knobs (conditions as in lmforge.search.space). window 0 = dense attention.
 
     Best-of-N's aggregator: "vote" (majority over whole answers), "scorer" (the registered function `scorer`,
     when given), and with `fuser`: "fuse_vote" (fuse by a score-weighted token vote) and "fuser" (fuse by the
-    generative fuser model). Pass knobs: decode window, KV-cache format, weight-only bits (16 = none)."""
+    generative fuser model). Pass knobs: decode window, KV-cache format, weight-only bits (16 = none).
+    retrievers (names of ProgramEvaluator(retrievers=...)): a retrieve step before generation, "none" or one of
+    them, and how many documents it inserts (retrieve_k)."""
     aggs = ("vote",) + (("scorer",) if scorer else ()) + (("fuse_vote", "fuser") if fuser else ())
-    return [
+    rag = [Knob("program.retriever", "categorical", "none", choices=("none", *retrievers)),
+           Knob("program.retrieve_k", "categorical", retrieve_k[0], choices=tuple(retrieve_k),
+                condition=("program.retriever", tuple(retrievers)))] if retrievers else []
+    return rag + [
         Knob("program.model", "categorical", models[0], choices=tuple(models)),
-        Knob("program.strategy", "categorical", "greedy", choices=("greedy", "best_of_n", "first_finish", "beam")),
+        Knob("program.strategy", "categorical", strategies[0], choices=tuple(strategies)),
         Knob("program.n", "categorical", n_choices[0], choices=tuple(n_choices), condition=_SAMPLED),
         Knob("program.aggregator", "categorical", "vote", choices=aggs, condition=("program.strategy", ("best_of_n",))),
         Knob("program.width", "categorical", 2, choices=(2, 4), condition=("program.strategy", ("beam",))),
@@ -93,12 +100,15 @@ class ProgramEvaluator:
 
     def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
                  eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0, fuser: Any = None,
-                 group_size: int = 32, tune_tiles: bool = False, batch_prompts: bool = True):
+                 group_size: int = 32, tune_tiles: bool = False, batch_prompts: bool = True,
+                 retrievers: Mapping[str, tuple[str, str]] | None = None, insert_at: int = 0):
         self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
         self.fuser, self.group_size = fuser, group_size   # fuser: the fuser model's decode step (full precision)
         self.tune_tiles = tune_tiles  # charge latency with each step's best Triton tile configs (GPU targets)
         self.batch_prompts = batch_prompts  # False: the runner decodes one prompt at a time (same results, slower)
+        # knob value -> (registered corpus, method); the documents go into the prompt at insert_at
+        self.retrievers, self.insert_at = dict(retrievers or {}), insert_at
         self.cache = GenerationCache()
         self._variants: dict[tuple, Any] = {}
         self._costs: dict[tuple, _StepCosts] = {}
@@ -134,6 +144,13 @@ class ProgramEvaluator:
             models["fuser"] = self.fuser
         b = ProgramBuilder("program", models)
         attrs = dict(max_new_tokens=c["program.max_new_tokens"], eos_id=self.eos_id, strategy=s, seed=self.seed)
+        retriever = c.get("program.retriever", "none")
+        if retriever != "none":
+            if retriever not in self.retrievers:
+                raise LmforgeError(f"retriever {retriever!r} is not one of ProgramEvaluator(retrievers=...): "
+                                   f"{sorted(self.retrievers)}")
+            corpus, method = self.retrievers[retriever]
+            attrs["prompts"] = b.retrieve(corpus, c["program.retrieve_k"], method, self.insert_at)
         if fused:  # n samples, then a fuse node reads them all
             attrs.update(strategy="sample", n=c["program.n"], temperature=self.temperature)
             cands = b.generate(model, **attrs)

@@ -111,6 +111,29 @@ CASES["shard_slice"] = ([t(3, 4)], {"group_size": 1, "dim": 0}, lambda x: x)
 # program ops hold decode loops and compound systems: their references are tested in tests/programs/
 for _name in ("generate", "ensemble", "rank", "fuse", "verify", "vote"):
     CASES[_name] = None
+# retrieve needs no model: a registered corpus of 5 documents of 3 tokens (ids < 10, as make() draws them)
+_DOCS = torch.arange(15).reshape(5, 3) % 10
+CASES["retrieve"] = ([t(2, 4, dtype="int64")], {"corpus": "ops-table", "k": 2, "insert_at": 1, "n_docs": 5,
+                                                 "doc_len": 3},
+                     lambda p: _retrieved(p, 2, 1))
+
+
+def _retrieved(prompts, k, at):
+    """Plain torch: documents ranked by the number of distinct prompt tokens they contain, ties to the lower id."""
+    rows, ids = [], []
+    for p in prompts.tolist():
+        score = [len(set(p) & set(d)) for d in _DOCS.tolist()]
+        best = sorted(range(len(score)), key=lambda i: (-score[i], i))[:k]
+        rows.append(p[:at] + [x for i in best for x in _DOCS[i].tolist()] + p[at:])
+        ids.append(best)
+    return torch.tensor(rows), torch.tensor(ids)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _corpus():
+    from lmforge.programs import register_corpus
+
+    register_corpus("ops-table", _DOCS)
 
 
 def make(spec, gen):

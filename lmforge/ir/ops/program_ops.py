@@ -1,4 +1,5 @@
-"""Program ops: decoding (`generate`) and Archon-style compound ops (ensemble, rank, fuse, verify, vote).
+"""Program ops: decoding (`generate`), Archon-style compound ops (ensemble, rank, fuse, verify, vote) and
+retrieval (`retrieve`: prompts in, longer prompts out, see lmforge.programs.retrieval).
 
 Values between program ops are candidates: `tokens` int64 [batch, k, T] (k candidates of T tokens per
 prompt, padded with EOS after they finish) and `scores` float32 [batch, k] (summed log-probabilities; -inf
@@ -154,6 +155,34 @@ def _region_kv_shape_unknown(op):
     raise VerifyError(f"{op}: a scoring region needs the node's `kv_shape` attribute")
 
 
+def _retrieve_infer(ins, a, regions):
+    from lmforge.programs.retrieval import METHODS
+
+    _prompts_type(ins[0], "retrieve")
+    if a["method"] not in METHODS:
+        raise VerifyError(f"retrieve: method must be one of {METHODS}, got {a['method']!r}")
+    if not 1 <= a["k"] <= a["n_docs"] or a["doc_len"] < 1:
+        raise VerifyError(f"retrieve: k={a['k']} documents of {a['doc_len']} tokens from a corpus of {a['n_docs']}: "
+                          "k must be between 1 and the corpus size")
+    if a["method"] == "embedding" and a["embed_dim"] < 1:
+        raise VerifyError(f"retrieve: corpus {a['corpus']!r} has no encoder (embed_dim 0) for method 'embedding'")
+    batch, length = ins[0].shape
+    grown = a["k"] * a["doc_len"]
+    length = length + grown if isinstance(length, int) else f"{length} + {grown}"
+    return [TensorType((batch, length), "int64"), TensorType((batch, a["k"]), "int64")]
+
+
+RETRIEVE_ATTRS = {
+    "corpus": attr("str", doc="a corpus registered with lmforge.programs.register_corpus"),
+    "k": attr("int", 1, "documents to retrieve per prompt"),
+    "method": attr("str", "overlap", "'overlap' (lexical) or 'embedding' (the corpus's encoder)"),
+    "insert_at": attr("int", 0, "prompt position where the documents go"),
+    "n_docs": attr("int", doc="the corpus's documents (checked at run time)"),
+    "doc_len": attr("int", doc="tokens per document (checked at run time)"),
+    "embed_dim": attr("int", 0, "the corpus's embedding width (0: no encoder)"),
+}
+
+
 def _cand_attrs(**extra):
     return {**extra, "kv_shape": attr("ints", (), "(layers, kv_heads, head_dim) of the scoring region, if any")}
 
@@ -184,4 +213,8 @@ def ops() -> list[OpDef]:
               arity=(3, 3), op_class="program", kind="program", num_outputs=two),
         OpDef("vote", "Majority vote over the accepted candidates.", {}, _vote_infer, _reference("vote"),
               _program_cost, arity=(2, 2), op_class="program", kind="program", num_outputs=two),
+        OpDef("retrieve", "Retrieval-augmented prompts: the k documents of a registered corpus most relevant to each "
+                          "prompt, inserted at insert_at (lmforge.programs.retrieval); also their ids [batch, k].",
+              RETRIEVE_ATTRS, _retrieve_infer, _reference("retrieve"), _program_cost, arity=(1, 1),
+              op_class="program", kind="program", num_outputs=two),
     ]

@@ -1,0 +1,147 @@
+"""Retrieval in programs: the retrieve op (scoring, ties, insertion, types, errors), its cost, the search knobs, and
+retrieval-augmented generation with the trained recall model (examples/rag_recall.py), compiled and exported."""
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError, VerifyError
+from lmforge.hwmodels import get_target
+from lmforge.programs import ProgramBuilder, ProgramRunner, program_cost, register_corpus
+from lmforge.programs.retrieval import get_corpus, retrieve
+
+H100 = get_target("h100")
+DOCS = torch.tensor([[1, 2, 3], [4, 5, 6], [3, 4, 9], [1, 3, 4]])
+
+
+def test_overlap_counts_distinct_shared_tokens_and_breaks_ties_by_index():
+    corpus = register_corpus("t-overlap", DOCS)
+    prompts = torch.tensor([[3, 3, 4], [7, 8, 9], [0, 0, 0]])
+    out, ids = retrieve(prompts, corpus, k=2, method="overlap", insert_at=1)
+    # prompt 0: tokens {3, 4}: docs 2 and 3 have both (2 each), doc 0 and 1 one each -> 2, 3
+    # prompt 1: only doc 2 has 9; the rest tie at 0 -> lowest index 0; prompt 2: all tie -> 0, 1
+    assert ids.tolist() == [[2, 3], [2, 0], [0, 1]]
+    assert out.shape == (3, 3 + 2 * 3)
+    assert out[0].tolist() == [3, 3, 4, 9, 1, 3, 4, 3, 4]
+    assert out[2].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 0]
+
+
+def test_embedding_retrieval_ranks_by_dot_product():
+    table = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    corpus = register_corpus("t-embed", DOCS, embed=lambda t: table[t].mean(1))
+    prompts = torch.tensor([[1, 5], [9, 9]])
+    _, ids = retrieve(prompts, corpus, k=4, method="embedding")
+    scores = table[prompts].mean(1) @ table[DOCS].mean(1).T
+    assert ids.tolist() == scores.argsort(1, descending=True).tolist()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=5), "between 1 and"),
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=1, insert_at=3), "insert_at"),
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=1, method="embedding"), "no encoder"),
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=1, method="bm25"), "method"),
+    (lambda c: register_corpus("bad", torch.zeros(3)), "LongTensor"),
+    (lambda c: get_corpus("nowhere"), "register_corpus"),
+])
+def test_bad_retrieval_input_raises_lmforge_error(call, match):
+    corpus = register_corpus("t-errors", DOCS)
+    with pytest.raises(LmforgeError, match=match):
+        call(corpus)
+
+
+def _rag(step, corpus="t-overlap", k=2, **attrs):
+    b = ProgramBuilder("rag", {"tiny": step})
+    p = b.retrieve(corpus, k=k, insert_at=1)
+    return b.build(b.generate("tiny", prompts=p, max_new_tokens=3, eos_id=12, **attrs))
+
+
+def test_program_types_json_and_cost(tiny, task):
+    """The retrieve node grows the prompt by k x doc_len (symbolic and static lengths); it round-trips through JSON;
+    its scan of the corpus is charged per prompt and the generate node prefills the longer prompt."""
+    from lmforge.ir.graph import Graph
+
+    register_corpus("t-overlap", DOCS)
+    graph = _rag(tiny[1])
+    node = graph.nodes[0]
+    assert node.op == "retrieve" and [str(t.type) for t in node.outputs] == ["i64[batch, prompt_len + 6]",
+                                                                             "i64[batch, 2]"]
+    assert Graph.from_json(graph.to_json()).signature() == graph.signature()
+    b = ProgramBuilder("rag", {"tiny": tiny[1]}, prompt_len=6)
+    assert b.retrieve("t-overlap", k=3).type.shape == ("batch", 15)
+    prompts = task[0][:5]
+    one, two = (ProgramRunner(_rag(tiny[1], k=k)).run(prompts) for k in (1, 2))
+    assert [t.prompt_len for t in two.accounts[1].traces] == [prompts.shape[1] + 6] * 5
+    assert two.accounts[0].queries == 5 and two.accounts[1].prompt_tokens == 5 * (prompts.shape[1] + 6)
+    c1, c2 = program_cost(_rag(tiny[1], k=1), one, H100), program_cost(graph, two, H100)
+    assert c2.nodes[0].eflops > 0 and c2.nodes[0].time_s > 0
+    assert c2.nodes[1].eflops > c1.nodes[1].eflops          # 3 more prompt tokens to prefill
+    assert c2.eflops == pytest.approx(c2.nodes[0].eflops + c2.nodes[1].eflops)
+    assert torch.equal(ProgramRunner(graph, batch_prompts=False).run(prompts).tokens, two.tokens)
+
+
+def test_unregistered_or_changed_corpus_is_a_clear_error(tiny, task):
+    with pytest.raises(LmforgeError, match="register_corpus"):
+        _rag(tiny[1], corpus="never-registered")
+    register_corpus("t-changing", DOCS)
+    graph = _rag(tiny[1], corpus="t-changing")
+    register_corpus("t-changing", DOCS[:3])
+    with pytest.raises(LmforgeError, match="rebuild the program"):
+        ProgramRunner(graph).run(task[0][:2])
+    with pytest.raises(VerifyError, match="k must be between"):
+        b = ProgramBuilder("rag", {"tiny": tiny[1]})
+        b.generate("tiny", prompts=b.retrieve("t-changing", k=4), max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def rag_world():
+    from examples.rag_recall import make_world, recall_step, register_retrievers
+
+    documents, questions, answers, gold = make_world(0)
+    return recall_step(), register_retrievers(documents, dims=(4, 64)), questions[:32], answers[:32], gold[:32]
+
+
+def test_retrieval_augmented_generation_answers_what_the_model_never_saw(rag_world):
+    """The facts are held-out triples: without retrieval the recall model cannot answer; with the right documents
+    in the prompt it can; a weak dense retriever (4 dims) is right less often, and so is the program."""
+    from examples.models.recall_task import EOS
+    from examples.rag_recall import INSERT_AT, recall_at
+    from lmforge.hwmodels import get_target
+    from lmforge.programs.search import ProgramEvaluator
+
+    step, retrievers, questions, answers, gold = rag_world
+    ev = ProgramEvaluator({"recall": step}, questions, answers, get_target("h100"), eos_id=EOS,
+                          retrievers=retrievers, insert_at=INSERT_AT)
+    base = {"program.model": "recall", "program.strategy": "greedy", "program.max_new_tokens": 3,
+            "attn.decode_window": 0, "quant.kv": "none", "quant.weight_bits": 16}
+    acc = {name: ev({**base, "program.retriever": name, "program.retrieve_k": 2}).accuracy
+           for name in ("overlap", "embed-4")}
+    none = ev({**base, "program.retriever": "none"})
+    assert none.accuracy <= 0.1
+    assert acc["overlap"] >= 0.9
+    weak_recall = recall_at(2, questions, gold, *retrievers["embed-4"])
+    assert weak_recall < 0.8 and acc["embed-4"] <= weak_recall + 0.1   # cannot answer what it did not retrieve
+    cost = ev({**base, "program.retriever": "overlap", "program.retrieve_k": 2}).eflops
+    assert cost > ev({**base, "program.retriever": "overlap", "program.retrieve_k": 1}).eflops > none.eflops
+
+
+def test_search_space_has_conditional_retrieval_knobs(rag_world):
+    from lmforge.programs.search import grid, program_space
+
+    space = program_space(["recall"], max_new_choices=(3,), windows=(0,), kv=("none",), strategies=("greedy",),
+                          retrievers=("overlap", "embed-4"), retrieve_k=(1, 2))
+    configs = grid(space)
+    assert len(configs) == 1 + 2 * 2      # no retrieval, or one of 2 retrievers x 2 values of k
+    assert {c["program.retriever"] for c in configs} == {"none", "overlap", "embed-4"}
+
+
+def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
+    import lmforge
+    from examples.models.recall_task import EOS
+
+    step, _, questions, answers, _ = rag_world
+    b = ProgramBuilder("rag", {"recall": step})
+    graph = b.build(b.generate("recall", prompts=b.retrieve("facts", k=2, insert_at=1), max_new_tokens=3,
+                               eos_id=EOS))
+    compiled = lmforge.compile(graph)
+    want = ProgramRunner(graph).run(questions[:8]).tokens
+    assert torch.equal(compiled(questions[:8])[0], want)
+    lmforge.export_artifact(compiled, tmp_path / "rag")
+    assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
