@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from examples.models.tiny_task import EOS, make_problems  # noqa: E402
-from examples.test_time_scaling import (capture_steps, fuser_step, plot_front, register_task_functions,  # noqa: E402
-                                        short, task_models)
+from examples.test_time_scaling import (capture_prefills, capture_steps, fuser_prefill,  # noqa: E402
+                                        fuser_step, plot_front, register_task_functions, short, task_models)
 from lmforge.hwmodels import get_target  # noqa: E402
 from lmforge.programs.search import ProgramEvaluator, grid, grid_search, program_space, search  # noqa: E402
 
@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cost", choices=("eflops", "latency"), default="eflops",
                     help="what the budget limits: eFLOPs per prompt, or predicted H100 latency per prompt with each "
                          "step's best Triton tile configs (the kernel knobs, tuned per program)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="give every model its prefill graph (prompts and fuser inputs in one call, charged as one "
+                         "prefill run) instead of feeding prompts through the decode step token by token")
     ap.add_argument("--one-prompt-at-a-time", action="store_true",
                     help="run the programs prompt by prompt (before batching; same results) to time the difference")
     args = ap.parse_args(argv)
@@ -66,6 +69,10 @@ def main(argv=None) -> None:
     steps = capture_steps(models)
     strong = steps.pop("tiny")
     fuser = fuser_step()
+    pre = {}
+    if args.prefill:
+        prefills = capture_prefills(models)
+        pre = dict(prefills=prefills, fuser_prefill=fuser_prefill())
     prompts, answers = make_problems(args.problems, seed=2024)
     hw = get_target("h100")
     scorer = "addition_checker" if args.oracle_verifier else ""
@@ -77,7 +84,7 @@ def main(argv=None) -> None:
 
     def make(gen_steps=steps):
         return ProgramEvaluator(gen_steps, prompts, answers, hw, eos_id=EOS, scorer=scorer, fuser=fuser,
-                                tune_tiles=latency, batch_prompts=not args.one_prompt_at_a_time)
+                                tune_tiles=latency, batch_prompts=not args.one_prompt_at_a_time, **pre)
 
     def budgets(limit):
         return {"budget_latency_s": limit} if latency else {"budget_eflops": limit}

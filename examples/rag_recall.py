@@ -86,15 +86,17 @@ def recall_at(k: int, questions, gold, corpus: str, method: str) -> float:
     return float((ids == gold[:, None]).any(1).float().mean())
 
 
-def recall_step():
-    """The trained recall model and its decode step, captured for programs."""
-    from examples.llama_workload import DECODE_DYNAMIC, decode_inputs
-    from examples.models.llama import LlamaDecodeStep
+def recall_step(prefill: bool = False):
+    """The trained recall model's decode step (prefill=True: its prefill graph), captured for programs."""
+    from examples.llama_workload import DECODE_DYNAMIC, PREFILL_DYNAMIC, decode_inputs
+    from examples.models.llama import LlamaDecodeStep, LlamaPrefill
     from examples.models.recall_task import load_or_train, make_problems
     from lmforge.ir.frontends.torch_export import capture
 
     model = load_or_train()
     prompts, _ = make_problems(2, seed=0)
+    if prefill:
+        return capture(LlamaPrefill(model), (prompts,), dynamic=PREFILL_DYNAMIC)
     return capture(LlamaDecodeStep(model), decode_inputs(model, prompts, 5), dynamic=DECODE_DYNAMIC)
 
 
@@ -108,13 +110,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="the world's facts and documents")
     ap.add_argument("--seeds", type=int, default=3, help="search seeds")
     ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--prefill", action="store_true", help="prefill prompts with the model's prefill graph")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     documents, questions, answers, gold = make_world(args.seed)
     questions, answers, gold = questions[:args.problems], answers[:args.problems], gold[:args.problems]
     retrievers = register_retrievers(documents)
+    pre = {"prefills": {"recall": recall_step(prefill=True)}} if args.prefill else {}
     ev = ProgramEvaluator({"recall": recall_step()}, questions, answers, get_target("h100"), eos_id=EOS,
-                          retrievers=retrievers, insert_at=INSERT_AT)
+                          retrievers=retrievers, insert_at=INSERT_AT, **pre)
     base = {"program.model": "recall", "program.strategy": "greedy", "program.max_new_tokens": 3,
             "attn.decode_window": 0, "quant.kv": "none", "quant.weight_bits": 16}
     none = ev({**base, "program.retriever": "none"})
@@ -149,7 +153,7 @@ def ev_fresh(ev):
     from lmforge.programs.search import ProgramEvaluator
 
     out = ProgramEvaluator(ev.steps, ev.prompts, ev.answers, ev.hw, eos_id=ev.eos_id, retrievers=ev.retrievers,
-                           insert_at=ev.insert_at)
+                           insert_at=ev.insert_at, prefills=ev.prefills)
     out.cache, out._variants = ev.cache, ev._variants
     return out
 

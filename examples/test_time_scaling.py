@@ -66,6 +66,24 @@ def fuser_step():
     return capture_steps({"fuser": load_or_train_fuser()})["fuser"]
 
 
+def capture_prefills(models: dict) -> dict:
+    """name -> the captured prefill graph (dynamic batch and sequence), for ProgramEvaluator(prefills=...)."""
+    from examples.llama_workload import PREFILL_DYNAMIC
+    from examples.models.llama import LlamaPrefill
+    from examples.models.tiny_task import make_problems
+    from lmforge.ir.frontends.torch_export import capture
+
+    prompts, _ = make_problems(2, seed=0)
+    return {name: capture(LlamaPrefill(m), (prompts,), dynamic=PREFILL_DYNAMIC) for name, m in models.items()}
+
+
+def fuser_prefill():
+    """The fuser's prefill graph (reads prompt + candidates in one call)."""
+    from examples.models.fuser_task import load_or_train_fuser
+
+    return capture_prefills({"fuser": load_or_train_fuser()})["fuser"]
+
+
 def capture_steps(models: dict) -> dict:
     """name -> the captured decode-step graph (dynamic batch and cache length)."""
     from examples.llama_workload import DECODE_DYNAMIC, decode_inputs
@@ -114,13 +132,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="test_time_scaling.png")
     ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--prefill", action="store_true",
+                    help="give every model its prefill graph: prompts (and the fuser's inputs) in one call")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     register_task_functions()
-    steps = capture_steps(task_models())
+    models = task_models()
+    steps = capture_steps(models)
     prompts, answers = make_problems(args.problems, seed=2024)
+    pre = dict(prefills=capture_prefills(models), fuser_prefill=fuser_prefill()) if args.prefill else {}
     ev = ProgramEvaluator(steps, prompts, answers, get_target("h100"), eos_id=EOS, scorer="addition_checker",
-                          fuser=fuser_step())
+                          fuser=fuser_step(), **pre)
     by_model = {}
     for name in steps:
         space = program_space([name], scorer="addition_checker", windows=(0,), kv=("none",), fuser=True)

@@ -50,6 +50,12 @@ def prefix_params(graph: Graph, prefix: str) -> Graph:
     return replace(graph, params=tuple(new[p.name] for p in graph.params), nodes=tuple(nodes), weights=weights)
 
 
+def _same_tensor(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all()))
+
+
 def kv_shape_of(step: Graph) -> tuple[int, int, int]:
     shape = step.inputs[1].type.shape
     if len(step.inputs) != 3 or len(shape) != 5:
@@ -61,17 +67,39 @@ def kv_shape_of(step: Graph) -> tuple[int, int, int]:
 class ProgramBuilder:
     """Builds a program graph; see the module docstring."""
 
-    def __init__(self, name: str, models: Mapping[str, Graph], prompt_len: int | str = "prompt_len"):
+    def __init__(self, name: str, models: Mapping[str, Graph], prompt_len: int | str = "prompt_len",
+                 prefills: Mapping[str, Graph] | None = None):
+        """models: name -> decode step graph; prefills: name -> that model's prefill graph (tokens [B, S] ->
+        logits, k_cache, v_cache; e.g. a captured LlamaPrefill), so the nodes that run the model prefill a
+        prompt in one call and are charged one prefill instead of a token-by-token feed. The prefill must compute
+        what the step computes (same weights: their parameter names must match the step's)."""
         self._b = GraphBuilder(name)
         self.prompts = self._b.input("prompts", TensorType(("batch", prompt_len), "int64"))
         self.models = {m: prefix_params(g, m) for m, g in models.items()}
-        for g in self.models.values():
+        unknown = sorted(set(prefills or {}) - set(models))
+        if unknown:
+            raise LmforgeError(f"prefill graphs for {unknown}, which are not among the models {sorted(models)}")
+        self.prefills = {m: prefix_params(g, m) for m, g in (prefills or {}).items()}
+        for m, g in self.prefills.items():
+            step, step_params = self.models[m], {p.name: p.type for p in self.models[m].params}
+            clash = [p.name for p in g.params if p.name in step_params and (
+                step_params[p.name] != p.type or not _same_tensor(g.weights.get(p.name), step.weights.get(p.name)))]
+            missing = [p.name for p in g.params if p.name not in step_params]
+            if clash or missing:
+                raise LmforgeError(f"the prefill graph of {m!r} must use the decode step's weights: parameters "
+                                   f"{(clash + missing)[:3]} differ from or are not in the step (capture both from "
+                                   "one model, after the same passes)")
+        for g in (*self.models.values(), *self.prefills.values()):
             self._b.weights.update(g.weights)
 
     def _region(self, model: str) -> Graph:
         if model not in self.models:
             raise LmforgeError(f"program uses model {model!r} but only {sorted(self.models)} were given")
         return self.models[model]
+
+    def _regions(self, model: str) -> tuple[Graph, ...]:
+        """The model's decode step, and its prefill graph when one was given."""
+        return (self._region(model),) + ((self.prefills[model],) if model in self.prefills else ())
 
     def _op(self, op: str, inputs, attrs, regions=()) -> Candidates:
         tok, sc = self._b.op(op, list(inputs), attrs, regions=regions, name=op)
@@ -97,13 +125,13 @@ class ProgramBuilder:
                      kv_shape=kv_shape_of(region))
         if "catalog" in attrs:
             attrs["catalog"] = tuple(tuple(int(t) for t in e) for e in attrs["catalog"])
-        return self._op("generate", [self.prompts if prompts is None else prompts], attrs, (region,))
+        return self._op("generate", [self.prompts if prompts is None else prompts], attrs, self._regions(model))
 
     def ensemble(self, *parts: Candidates) -> Candidates:
         return self._op("ensemble", [v for c in parts for v in (c.tokens, c.scores)], {})
 
     def _scored(self, op: str, c: Candidates, attrs, model: str | None, prompts: Value | None = None) -> Candidates:
-        regions = (self._region(model),) if model else ()
+        regions = self._regions(model) if model else ()
         if model:
             attrs = dict(attrs, kv_shape=kv_shape_of(regions[0]))
         return self._op(op, [self.prompts if prompts is None else prompts, c.tokens, c.scores], attrs, regions)

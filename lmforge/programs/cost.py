@@ -4,7 +4,8 @@ Two views, side by side:
 - tensor cost model: every decode step a node ran (its `DecodeTrace`: rows per step, prompt length) is
   charged as one run of its step graph with `batch` = rows and `past` = cached entries
   (`lmforge.search.cost_model.graph_cost`; the Hydragen-rewritten step when the prefix is shared); the
-  prompt is charged token by token through the step graph, the way the runtime feeds it. This gives
+  prompt is charged as one run of the node's prefill graph when it has one (`ProgramBuilder(prefills=...)`),
+  else token by token through the step graph, the way the runtime then feeds it. This gives
   latency (roofline) and eFLOPs. A node's latency is its number of steps, so best-of-N latency is set by
   its longest sample and first-finish by its first; the program's latency is the critical path.
 - Kinetics (Sadhukhan et al., 2025): per generated token t of a trace, `decode_step_cost` with N = rows
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmforge.errors import LmforgeError
 from lmforge.hwmodels.kinetics import decode_step_cost
 from lmforge.ir.graph import Graph
 from lmforge.ir.types import itemsize
@@ -122,15 +124,27 @@ class _StepCosts:
         self.aot = aot
         self.memo: dict[tuple, tuple[float, float]] = {}
         self.graphs: dict[int, Graph] = {}
-        self.tiles: dict[tuple, dict[str, int]] = {}   # (id(graph), batch, past) -> template -> config index
+        self.tiles: dict[tuple, dict[str, int]] = {}   # (id(graph), bindings) -> template -> config index
 
     def __call__(self, graph: Graph, batch: int, past: int) -> tuple[float, float]:
+        """(time, eFLOPs) of one run of a decode step with `batch` rows over `past` cached entries."""
+        return self.run(graph, {"batch": batch, "past": past})
+
+    def prefill(self, graph: Graph, rows: int, length: int) -> tuple[float, float]:
+        """(time, eFLOPs) of one run of a prefill graph (tokens [rows, length])."""
+        dims = graph.inputs[0].type.shape
+        bindings = {d: v for d, v in zip(dims, (rows, length)) if isinstance(d, str)}
+        if any(isinstance(d, int) and d != v for d, v in zip(dims, (rows, length))):
+            raise LmforgeError(f"prefill graph {graph.name!r} takes tokens {list(dims)}, not [{rows}, {length}]: "
+                               "capture it with dynamic batch and sequence dims")
+        return self.run(graph, bindings)
+
+    def run(self, graph: Graph, bindings: dict) -> tuple[float, float]:
         from lmforge.search.cost_model import graph_cost
 
-        key = (id(graph), batch, past)
+        key = (id(graph), tuple(sorted(bindings.items())))
         if key not in self.memo or self.graphs.get(id(graph)) is not graph:
             self.graphs[id(graph)] = graph
-            bindings = {"batch": batch, "past": past}
             kernels = None
             if self.tune_tiles:
                 from lmforge.search.kernel_model import kernel_table
@@ -144,12 +158,15 @@ class _StepCosts:
         return self.memo[key]
 
 
-def trace_cost(step: Graph, trace, costs: _StepCosts) -> tuple[float, float]:
-    """(time, eFLOPs) of one trace on the tensor cost model: token-by-token prefill, then the decode steps."""
+def trace_cost(step: Graph, trace, costs: _StepCosts, prefill: Graph | None = None) -> tuple[float, float]:
+    """(time, eFLOPs) of one trace on the tensor cost model: the prompt (one run of the prefill graph when the node
+    has one, else token by token through the step), then the decode steps."""
     from lmforge.programs.runtime import hydragen_region
 
     time = efl = 0.0
-    for pos in range(trace.prompt_len):
+    if prefill is not None:
+        time, efl = costs.prefill(prefill, trace.prefill_rows, trace.prompt_len)
+    for pos in range(trace.prompt_len if prefill is None else 0):
         dt, de = costs(step, trace.prefill_rows, pos)
         time, efl = time + dt, efl + de
     decode_graph = (hydragen_region(step, trace.prompt_len) if trace.shared_prefix else None) or step
@@ -173,8 +190,9 @@ def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = No
         if node.regions:
             step = node.regions[0]
             dims = model_dims(step)
+            prefill = node.regions[1] if len(node.regions) > 1 else None
             for tr in acc.traces:
-                dt, de = trace_cost(step, tr, costs)
+                dt, de = trace_cost(step, tr, costs, prefill)
                 time, efl = time + dt, efl + de
                 kin += kinetics_trace_eflops(tr, dims, I)
                 kvb += kv_bytes_read(tr, dims)

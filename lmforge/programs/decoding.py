@@ -55,13 +55,16 @@ class StepModel:
     """A decode step and the cache layout it expects: kv_shape = (layers, kv_heads, head_dim).
 
     hydragen_step: the same step after `shared_prefix_decode` (all rows share one prefix); grouped(r): the step
-    for rows in groups of r sharing a prefix each (several prompts' samples), or None where it does not apply."""
+    for rows in groups of r sharing a prefix each (several prompts' samples), or None where it does not apply.
+    prefill_fn: the model's prefill, `tokens [B, L] -> (logits [B, L, V], k, v)`: the prompt in one call;
+    without it the prompt is fed through the step token by token."""
 
     step: Callable
     kv_shape: tuple[int, int, int]
     dtype: torch.dtype = torch.float32
     hydragen_step: Callable | None = None
     grouped: Callable[[int], Callable | None] | None = None
+    prefill_fn: Callable | None = None
 
     def empty(self, rows: int):
         layers, heads, dim = self.kv_shape
@@ -83,14 +86,18 @@ class StepModel:
         return self.prefill_many(prompt[None], [rows], shared_prefix)
 
     def prefill_many(self, prompts: torch.Tensor, rows: Sequence[int], shared_prefix: bool):
-        """Feed prompts [P, L] token by token; return (last logits, k, v) for rows[p] rows of prompt p, in
-        prompt order. shared_prefix: each prompt is fed once and its cache expanded to its rows."""
+        """Feed prompts [P, L] (through prefill_fn, else token by token); return (last logits, k, v) for rows[p]
+        rows of prompt p, in prompt order. shared_prefix: each prompt is fed once and its cache expanded to its
+        rows."""
         counts = torch.tensor(list(rows))
         feed = prompts if shared_prefix else prompts.repeat_interleave(counts, 0)
-        k, v = self.empty(feed.shape[0])
-        logits = None
-        for t in range(prompts.shape[1]):
-            logits, k, v = self.run(feed[:, t], k, v)
+        if self.prefill_fn is not None:
+            logits, k, v = self.prefill_fn(feed)[:3]
+            logits = logits[:, -1, :].float()
+        else:
+            k, v = self.empty(feed.shape[0])
+            for t in range(prompts.shape[1]):
+                logits, k, v = self.run(feed[:, t], k, v)
         if shared_prefix and int(counts.sum()) != prompts.shape[0]:
             logits, k, v = (logits.repeat_interleave(counts, 0), k.repeat_interleave(counts, 1),
                             v.repeat_interleave(counts, 1))

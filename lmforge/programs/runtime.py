@@ -309,7 +309,7 @@ class ProgramRunner:
         self.cache = cache if cache is not None else GenerationCache()
         self._compiled: dict[int, Any] = {}
         self._models: dict[tuple, StepModel] = {}
-        keys = {i: (n.attr.get("model", ""), n.regions[0].signature()) for i, n in enumerate(graph.nodes)
+        keys = {i: (n.attr.get("model", ""), *(r.signature() for r in n.regions)) for i, n in enumerate(graph.nodes)
                 if n.regions}
         self.ctx = ExecContext(self.step_model, self.cache, keys)
 
@@ -334,9 +334,11 @@ class ProgramRunner:
                 g = hydragen_region(r, prefix_len, rows_per_prefix) if (self.hydragen and prefix_len) else None
                 return self._compile(g) if g is not None else None
 
+            regions = self.graph.nodes[idx].regions
+            pre = regions[region + 1] if len(regions) > region + 1 else None   # the model's prefill graph
             self._models[key] = StepModel(self._compile(r), kv_shape_of(r),
                                           hydragen_step=self._compile(hyd) if hyd is not None else None,
-                                          grouped=grouped)
+                                          grouped=grouped, prefill_fn=self._compile(pre) if pre is not None else None)
         return self._models[key]
 
     @torch.no_grad()

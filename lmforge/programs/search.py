@@ -101,7 +101,8 @@ class ProgramEvaluator:
     def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
                  eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0, fuser: Any = None,
                  group_size: int = 32, tune_tiles: bool = False, batch_prompts: bool = True,
-                 retrievers: Mapping[str, tuple[str, str]] | None = None, insert_at: int = 0):
+                 retrievers: Mapping[str, tuple[str, str]] | None = None, insert_at: int = 0,
+                 prefills: Mapping[str, Any] | None = None, fuser_prefill: Any = None):
         self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
         self.fuser, self.group_size = fuser, group_size   # fuser: the fuser model's decode step (full precision)
@@ -109,25 +110,29 @@ class ProgramEvaluator:
         self.batch_prompts = batch_prompts  # False: the runner decodes one prompt at a time (same results, slower)
         # knob value -> (registered corpus, method); the documents go into the prompt at insert_at
         self.retrievers, self.insert_at = dict(retrievers or {}), insert_at
+        # model -> its prefill graph (the pass knobs are applied to it as to the step): prompts in one call
+        self.prefills, self.fuser_prefill = dict(prefills or {}), fuser_prefill
         self.cache = GenerationCache()
         self._variants: dict[tuple, Any] = {}
         self._costs: dict[tuple, _StepCosts] = {}
         self.memo: dict[tuple, Evaluation] = {}
         self.problems_evaluated = 0
 
-    def step_variant(self, model: str, window: int = 0, kv: str = "none", weight_bits: int = 16):
-        """The model's decode step after the pass knobs, run through lmforge's tunable pass pipeline: sparse
-        decode window (4 sinks), KV-cache format, weight-only int8/int4 (group-wise, `group_size`); the
-        fusion passes stay off so that only these knobs change the step graph."""
+    def step_variant(self, model: str, window: int = 0, kv: str = "none", weight_bits: int = 16,
+                     prefill: bool = False):
+        """The model's decode step (its prefill graph with prefill=True) after the pass knobs, run through
+        lmforge's tunable pass pipeline: sparse decode window (4 sinks), KV-cache format, weight-only int8/int4
+        (group-wise, `group_size`); the fusion passes stay off so that only these knobs change the graph."""
         from lmforge.passes import PassManager, tunable_pipeline
 
-        key = (model, window, kv, weight_bits)
+        key = (model, window, kv, weight_bits, prefill)
         if key not in self._variants:
             config = {"attn.decode_pattern": "window" if window else "dense", "attn.decode_window": window,
                       "attn.sinks": 4, "quant.kv": kv, "quant.weight_bits": weight_bits,
                       "quant.group_size": self.group_size, "fusion.merge_linears": False,
                       "fusion.elementwise": False}
-            self._variants[key] = PassManager(tunable_pipeline()).run(self.steps[model], config)
+            graph = self.prefills[model] if prefill else self.steps[model]
+            self._variants[key] = PassManager(tunable_pipeline()).run(graph, config)
         return self._variants[key]
 
     def _variant_key(self, c: Mapping[str, Any]) -> tuple:
@@ -136,13 +141,16 @@ class ProgramEvaluator:
     def build(self, c: Mapping[str, Any]):
         model = c["program.model"]
         models = {model: self.step_variant(*self._variant_key(c))}
+        prefills = {model: self.step_variant(*self._variant_key(c), prefill=True)} if model in self.prefills else {}
         s, agg = c["program.strategy"], c.get("program.aggregator", "vote")
         fused = s == "best_of_n" and agg in ("fuse_vote", "fuser")
         if fused and agg == "fuser":
             if self.fuser is None:
                 raise LmforgeError("aggregator 'fuser' needs ProgramEvaluator(fuser=<the fuser's decode step>)")
             models["fuser"] = self.fuser
-        b = ProgramBuilder("program", models)
+            if self.fuser_prefill is not None:
+                prefills["fuser"] = self.fuser_prefill
+        b = ProgramBuilder("program", models, prefills=prefills)
         attrs = dict(max_new_tokens=c["program.max_new_tokens"], eos_id=self.eos_id, strategy=s, seed=self.seed)
         retriever = c.get("program.retriever", "none")
         if retriever != "none":

@@ -158,10 +158,10 @@ def test_tile_tuned_latency_and_a_latency_budget(tiny, task):
 
     (costs,) = tuned._costs.values()
     assert costs.tiles and all(costs.tiles.values())  # the int4 step runs Triton templates; a choice was made
-    for (gid, batch, past), tiles in costs.tiles.items():
-        graph = costs.graphs[gid]
-        default = graph_cost(graph, H100, {"batch": batch, "past": past}, kernels={}).time_s
-        assert costs(graph, batch, past)[0] <= default
+    for (gid, bound), tiles in costs.tiles.items():
+        graph, bindings = costs.graphs[gid], dict(bound)
+        default = graph_cost(graph, H100, bindings, kernels={}).time_s
+        assert costs.run(graph, bindings)[0] <= default
     grid = grid_search(tuned, space, budget_latency_s=b.latency_s * 1.01)
     assert grid.best is not None and grid.best.latency_s <= b.latency_s * 1.01
     found = search(tuned, space, n_trials=4, budget_latency_s=b.latency_s * 1.01, fidelities=(8,))

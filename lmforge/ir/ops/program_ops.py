@@ -76,12 +76,23 @@ def _cand_types(tok, sc, op: str):
 
 
 def _check_step_region(op: str, regions, a=None, required: bool = True) -> None:
+    """regions: (decode step,) or (decode step, prefill): the prefill graph, when given, takes the whole prompt
+    (tokens [B, S]) and returns (logits [B, S, V], k_cache, v_cache) in the step's cache layout."""
     if not regions:
         if required:
             raise VerifyError(f"{op} needs one region: the model's decode step graph")
         return
-    if len(regions) != 1:
-        raise VerifyError(f"{op} takes one region (a decode step graph), got {len(regions)}")
+    if len(regions) > 2:
+        raise VerifyError(f"{op} takes a decode step graph and optionally its prefill graph, got {len(regions)} "
+                          "regions")
+    if len(regions) == 2:
+        pre, step = regions[1], regions[0]
+        if len(pre.inputs) != 1 or pre.inputs[0].type.rank != 2 or len(pre.outputs) < 3 or \
+                pre.outputs[1].type.rank != 5 or step.inputs[1].type.rank != 5 or \
+                [pre.outputs[1].type.shape[i] for i in (0, 2, 4)] != [step.inputs[1].type.shape[i] for i in (0, 2, 4)]:
+            raise VerifyError(f"{op}: the second region must be the model's prefill, tokens [batch, seq] -> "
+                              f"(logits, k_cache, v_cache) with the decode step's cache layout; got inputs "
+                              f"{[str(v.type) for v in pre.inputs]}, outputs {[str(v.type) for v in pre.outputs]}")
     r = regions[0]
     if len(r.inputs) != 3 or len(r.outputs) < 3:
         raise VerifyError(f"{op}: the region must be a decode step (tokens, k_cache, v_cache) -> (logits, k, v); "
@@ -143,7 +154,8 @@ def _reference(op: str):
 
         def step_model(idx, region, prefix_len):
             shape = kv if kv else _region_kv_shape_unknown(op)
-            return StepModel(regions[region], tuple(shape))
+            return StepModel(regions[region], tuple(shape),
+                             prefill_fn=regions[region + 1] if len(regions) > region + 1 else None)
 
         node = SimpleNamespace(op=op, attr=attrs, regions=regions)
         return run_node(ExecContext(step_model), 0, node, list(inputs))
