@@ -12,7 +12,7 @@ Signature of every function: `fn(prompt: LongTensor [L], candidates: LongTensor 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from lmforge.errors import LmforgeError
 
@@ -38,13 +38,17 @@ def register_function(name: str, fn: Callable, kind: str = "scorer", replace: bo
     _FUNCTIONS[name] = ProgramFunction(name, fn, kind)
 
 
-def get_function(name: str) -> ProgramFunction:
+def lookup(table: Mapping[str, Any], name: str, what: str, how: str) -> Any:
+    """table[name], or an LmforgeError that says how to register it (programs name what they use)."""
     try:
-        return _FUNCTIONS[name]
+        return table[name]
     except KeyError:
-        raise LmforgeError(f"no program function named {name!r}: register it with "
-                           f"lmforge.programs.register_function({name!r}, fn) before building or running the "
-                           f"program (registered: {sorted(_FUNCTIONS) or 'none'})") from None
+        raise LmforgeError(f"no {what} named {name!r}: register it with {how} before building or running the "
+                           f"program (registered: {sorted(table) or 'none'})") from None
+
+
+def get_function(name: str) -> ProgramFunction:
+    return lookup(_FUNCTIONS, name, "program function", f"lmforge.programs.register_function({name!r}, fn)")
 
 
 def has_function(name: str) -> bool:

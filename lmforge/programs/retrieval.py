@@ -77,12 +77,9 @@ def register_corpus(name: str, documents: torch.Tensor, embed: Callable | None =
 
 
 def get_corpus(name: str) -> Corpus:
-    try:
-        return _CORPORA[name]
-    except KeyError:
-        raise LmforgeError(f"no corpus named {name!r}: register it with lmforge.programs.register_corpus({name!r}, "
-                           f"documents) before building or running the program (registered: "
-                           f"{sorted(_CORPORA) or 'none'})") from None
+    from lmforge.programs.functions import lookup
+
+    return lookup(_CORPORA, name, "corpus", f"lmforge.programs.register_corpus({name!r}, documents)")
 
 
 def has_corpus(name: str) -> bool:
