@@ -30,7 +30,9 @@ def inspect_graph(graph: Graph, kernels: Sequence | None = None, target: str | N
             k = kernels[i]
             parts.append(k.backend + (f":{k.detail}" if k.detail else ""))
         c = costs.get(i)
-        if c is not None and c.flops == 0 and c.bytes == 0:
+        if c is not None and c.op_class == "program":
+            parts.append("program op (cost from what it runs: lmforge.programs.program_cost)")
+        elif c is not None and c.flops == 0 and c.bytes == 0:
             parts.append("view (no memory traffic)")
         elif c is not None:
             parts.append(f"{_fmt(c.flops, 'FLOP')} {_fmt(c.bytes, 'B')}")

@@ -74,7 +74,9 @@ def node_costs(graph: Graph, env: Mapping[str, int]) -> list[Cost]:
         opdef = get_op(n.op)
         attrs = {k: _concrete_attr(v, env) if opdef.attrs[k].kind in SYMBOLIC_KINDS else v for k, v in n.attrs}
         cost = opdef.cost(ins, attrs, outs)
-        if n.regions:  # a fused region: its FLOPs, but only the node's own inputs/outputs move through memory
+        # a fused region: its FLOPs, but only the node's own inputs/outputs move through memory (a program op's
+        # regions are models it runs many times: lmforge.programs.cost charges them from what the program decoded)
+        if n.regions and opdef.kind != "program":
             inner = [c for r in n.regions for c in node_costs(r, env)]
             cost = Cost(cost.flops + sum(c.flops for c in inner), cost.bytes_by_tier, cost.op_class, cost.dtype)
         out.append(cost)

@@ -140,7 +140,9 @@ def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
     b = ProgramBuilder("rag", {"recall": step})
     graph = b.build(b.generate("recall", prompts=b.retrieve("facts", k=2, insert_at=1), max_new_tokens=3,
                                eos_id=EOS))
-    compiled = lmforge.compile(graph)
+    compiled = lmforge.compile(graph, target="h100")
+    listing = [line for line in compiled.inspect().splitlines() if "= retrieve(" in line or "= generate(" in line]
+    assert len(listing) == 2 and all("program op (cost from what it runs" in line for line in listing)
     want = ProgramRunner(graph).run(questions[:8]).tokens
     assert torch.equal(compiled(questions[:8])[0], want)
     lmforge.export_artifact(compiled, tmp_path / "rag")
