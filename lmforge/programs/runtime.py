@@ -172,21 +172,31 @@ def _first_finish(gen: Generation) -> Generation:
     return Generation(gen.tokens[w:w + 1], gen.logprobs[w:w + 1], gen.lengths[w:w + 1], trace)
 
 
-def model_score_fn(model: StepModel, traces: list):
-    """score_fn(prompt, tokens [k, T]) -> summed log-probability of each row under `model` (teacher forced)."""
+def model_score_fns(model: StepModel, prompts, tokens, traces: list) -> list:
+    """One score_fn(prompt, tokens [j, T]) per prompt of prompts [B, L]: the summed log-probability of each row
+    under `model` (teacher forced). All B x k candidates of tokens [B, k, T] are scored up front as one batch;
+    each call then looks its rows up and records the trace a separate scoring call would have (prefill once, j
+    rows for T steps), so rank and verify (early exit) are charged for what they ask, as before batching."""
+    B, k, T = tokens.shape
+    logits, kc, vc = model.prefill_many(prompts, [k] * B, True)
+    flat = tokens.reshape(B * k, T)
+    total = torch.zeros(B * k)
+    for t in range(T):
+        total += logits.log_softmax(-1).gather(1, flat[:, t:t + 1]).squeeze(1)
+        if t + 1 < T:
+            logits, kc, vc = model.run(flat[:, t], kc, vc)
+    total = total.reshape(B, k)
 
-    def score(prompt, tokens):
-        k, T = tokens.shape
-        logits, kc, vc = model.prefill(prompt, k, True)
-        total = torch.zeros(k)
-        for t in range(T):
-            total += logits.log_softmax(-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
-            if t + 1 < T:
-                logits, kc, vc = model.run(tokens[:, t], kc, vc, shared=True)
-        traces.append(DecodeTrace(len(prompt), 1, [k] * T, True))
-        return total
+    def score_fn(b):
+        table = {tuple(row): total[b, i] for i, row in enumerate(tokens[b].tolist())}
 
-    return score
+        def score(prompt, cands):
+            traces.append(DecodeTrace(len(prompt), 1, [cands.shape[0]] * cands.shape[1], True))
+            return torch.stack([table[tuple(row)] for row in cands.tolist()])
+
+        return score
+
+    return [score_fn(b) for b in range(B)]
 
 
 def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAccount | None = None,
@@ -210,8 +220,11 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     if node.op == "fuse" and a["by"] == "model":
         return run_fuser(ctx, idx, node, *args, traces)
     outs_t, outs_s = [], []
+    score_fns = [None] * args[0].shape[0]
+    if node.regions and node.op in ("rank", "verify"):  # a scoring model: all candidates scored as one batch
+        score_fns = model_score_fns(ctx.step_model(idx, 0, None), args[0], args[1], traces)
     for b in range(args[0].shape[0]):
-        tokens, scores, checks = _compound_row(ctx, idx, node, a, [x[b] for x in args], traces)
+        tokens, scores, checks = _compound_row(node, a, [x[b] for x in args], score_fns[b])
         if account is not None:
             account.checks += checks
         outs_t.append(tokens)
@@ -275,10 +288,9 @@ def vocab_size(model: StepModel, region) -> int:
     return int(model.run(torch.zeros(1, dtype=torch.long), k, v)[0].shape[-1])
 
 
-def _compound_row(ctx, idx, node, a, row, traces):
+def _compound_row(node, a, row, score_fn):
     if node.op == "fuse":
         return (*compound.fuse(*row), 0)
-    score_fn = model_score_fn(ctx.step_model(idx, 0, None), traces) if node.regions else None
     if node.op == "ensemble":
         return (*compound.ensemble(list(zip(row[0::2], row[1::2]))), 0)
     if node.op == "vote":

@@ -102,3 +102,40 @@ def test_fuser_batches_prompts_with_equal_inputs(tiny, fuser, monkeypatch):
     lengths = [t.prompt_len for t in together.accounts[-1].traces]
     assert len(set(lengths)) < len(lengths), lengths   # some fuser inputs share a length
     assert count.calls <= prompts.shape[1] + ANSWER_LEN + sum(n + ANSWER_LEN for n in set(lengths))
+
+
+def _teacher_forced_logprob(model, prompt, cand):
+    """Sum of log p(cand[t] | prompt, cand[:t]) under the eager model: the reference for scoring models."""
+    seq = torch.cat([prompt, cand[:-1]])[None]
+    logits = model.prefill(seq)[0][0].float().log_softmax(-1)
+    steps = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(cand))
+    return logits[steps, cand].sum()
+
+
+def test_rank_and_verify_with_a_scoring_model(tiny, task):
+    """rank / verify by a model score every candidate of every prompt as one batch; the scores are the model's
+    teacher-forced log-probabilities, and the accounting is that of one scoring call per check (early exit)."""
+    model, step = tiny
+    prompts = task[0][:6]
+    b = ProgramBuilder("p", {"tiny": step})
+    cands = b.generate("tiny", strategy="sample", n=4, temperature=1.5, max_new_tokens=ANSWER_LEN, eos_id=EOS,
+                       seed=2)
+    ranked = b.build(b.rank(cands, top_k=2, model="tiny"))
+    b = ProgramBuilder("p", {"tiny": step})
+    cands = b.generate("tiny", strategy="sample", n=4, temperature=1.5, max_new_tokens=ANSWER_LEN, eos_id=EOS,
+                       seed=2)
+    verified = b.build(b.verify(cands, threshold=0.995, first_k=1, model="tiny"))
+    for graph in (ranked, verified):
+        together = ProgramRunner(graph).run(prompts)
+        _same_result(together, ProgramRunner(graph, batch_prompts=False).run(prompts))
+    got = ProgramRunner(ranked).run(prompts)
+    with torch.no_grad():
+        for i in range(6):
+            want = torch.stack([_teacher_forced_logprob(model, prompts[i], c) for c in got.tokens[i]])
+            torch.testing.assert_close(got.scores[i], want, rtol=1e-4, atol=1e-4)
+    result = ProgramRunner(verified).run(prompts)
+    checks, accepted = result.accounts[1], torch.isfinite(result.scores).sum(1)
+    assert all(t.prefill_rows == 1 and t.rows_per_step == [1] * ANSWER_LEN for t in checks.traces)
+    assert accepted.max() == 1 and accepted.min() == 0     # early exit after one pass; some prompts pass none
+    # one scoring call per candidate checked: a prompt with an accepted candidate stops at it, the others check all
+    assert 6 < len(checks.traces) < 6 * 4 and (accepted == 0).sum() * 4 < len(checks.traces)
