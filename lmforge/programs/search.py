@@ -200,6 +200,13 @@ class SearchResult:
     study: Any = field(repr=False, default=None)
 
 
+def _stored(trial) -> Evaluation:
+    """The full-fidelity evaluation a finished trial stored (a resumed search's earlier results)."""
+    d = trial.user_attrs["evaluation"]
+    return Evaluation(dict(d["config"]), d["accuracy"], d["eflops"], d["kinetics_eflops"], d["latency_s"],
+                      d["problems"])
+
+
 def pareto_front(evals: Sequence[Evaluation]) -> list[Evaluation]:
     """Accuracy up, eFLOPs down; one point per distinct (accuracy, eFLOPs), cheapest first."""
     pts = sorted(evals, key=lambda e: (e.eflops, -e.accuracy))
@@ -233,11 +240,17 @@ def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: floa
 
 def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | None = None, n_trials: int = 30, *,
            fidelities: Sequence[int] | None = None, seed: int = 0, max_problems: int | None = None,
-           startup_trials: int | None = None, budget_latency_s: float | None = None) -> SearchResult:
+           startup_trials: int | None = None, budget_latency_s: float | None = None, storage: str | None = None,
+           study_name: str = "program-search") -> SearchResult:
     """TPE over the knobs, maximizing dev accuracy subject to eFLOPs per prompt <= budget (a constraint),
     with a growing dev subset and Optuna's median pruner (module docstring). max_problems: stop the study
     once this many dev-problem evaluations are spent (the search's budget in the currency of the grid).
-    startup_trials: random trials before TPE models the results (default n_trials // 4)."""
+    startup_trials: random trials before TPE models the results (default n_trials // 4).
+
+    storage: an Optuna storage URL (e.g. "sqlite:///programs.db"; default in memory) that keeps every finished
+    trial: a crashed or interrupted search resumes with `study_name`, running only the trials left of n_trials,
+    and its result covers the earlier trials too (each trial stores its evaluation). Ctrl-C stops a search and
+    returns what it finished."""
     from lmforge.search.space import suggest
 
     field_name, limit = _budget(budget_eflops, budget_latency_s)
@@ -249,9 +262,10 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                              n_startup_trials=startup_trials or max(4, n_trials // 4))
-    study = optuna.create_study(direction="maximize", sampler=sampler,
+    study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
+                                load_if_exists=storage is not None,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
-    finals: list[Evaluation] = []
+    finals: list[Evaluation] = [_stored(t) for t in study.trials if "evaluation" in t.user_attrs]
 
     def objective(trial):
         config = suggest(trial, knobs)
@@ -268,13 +282,21 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         trial.set_constraint(field_name, getattr(e, field_name) - limit)
         if e.problems == full:
             finals.append(e)
+            trial.set_user_attr("evaluation", {"config": e.config, "accuracy": e.accuracy, "eflops": e.eflops,
+                                               "kinetics_eflops": e.kinetics_eflops, "latency_s": e.latency_s,
+                                               "problems": e.problems})
         return e.accuracy
 
     def out_of_problems(study, trial):
         if max_problems is not None and ev.problems_evaluated - before >= max_problems:
             study.stop()
 
-    study.optimize(objective, n_trials=n_trials, callbacks=[out_of_problems])
+    finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                   for t in study.trials)
+    try:
+        study.optimize(objective, n_trials=max(0, n_trials - finished), callbacks=[out_of_problems])
+    except KeyboardInterrupt:
+        pass  # the finished trials are in `finals` (and in the storage, when there is one)
     feasible = [e for e in finals if getattr(e, field_name) <= limit]
     best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
