@@ -275,12 +275,12 @@ def _parse_weights(data: bytes, graph) -> dict:
     except Exception as e:  # safetensors raises its own error types (and OverflowError, ...) on bad bytes
         raise _fail(f"{WEIGHTS_FILE} is not a readable safetensors file ({type(e).__name__}: {e}); "
                     "export the artifact again") from None
-    from lmforge.ir.graph import region_params
+    from lmforge.ir.graph import all_regions, region_params
     from lmforge.passes.shard import whole_param_types
 
     params = {p.name: p.type for p in (*graph.params, *region_params(graph))}  # a program's models' weights too
-
-    params.update(whole_param_types(graph))   # a tensor-parallel graph keeps its split weights whole
+    for g in (graph, *all_regions(graph)):
+        params.update(whole_param_types(g))   # a tensor-parallel graph (or region) keeps its split weights whole
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or extra:
         raise _fail(f"{WEIGHTS_FILE} does not match the graph's parameters (missing {missing[:5]}, unexpected "

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -150,8 +151,24 @@ def build_callable(graph: Graph, backends, device: str, weights: Mapping[str, An
     region_fns = {}
     for i, node in enumerate(graph.nodes):
         if node.regions:
-            region_fns[i] = tuple(build_callable(r, backends, device, weights)[0] for r in node.regions)
+            region_fns[i] = tuple(region_callable(r, backends, device, weights) for r in node.regions)
     return generate(graph, kernels, dict(weights), region_fns), kernels
+
+
+def region_callable(region: Graph, backends, device: str, weights: Mapping[str, Any]):
+    """The callable of a region whose weights live in the outer graph's `weights`: generated code, or, for a region
+    split over ranks (lmforge.passes.shard.tensor_parallel_regions), its ranks as a TensorParallelModel (whole
+    tensors in and out, the ranks as threads of this process)."""
+    from lmforge.passes.shard import plan_of
+
+    if plan_of(region) is None:
+        return build_callable(region, backends, device, weights)[0]
+    from lmforge.backends.collectives import TensorParallelModel
+    from lmforge.ir.graph import region_params
+
+    names = {p.name for p in (*region.params, *region_params(region))}
+    return TensorParallelModel(replace(region, weights={k: w for k, w in weights.items() if k in names}), backends,
+                               device)
 
 
 def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict | None = None,

@@ -237,14 +237,19 @@ class GraphBuilder:
                      _freeze(dict(meta or {})), dict(self.weights))
 
 
+def all_regions(graph: Graph) -> list[Graph]:
+    """The regions inside `graph`, at any depth (not the graph itself)."""
+    out: list[Graph] = []
+    for n in graph.nodes:
+        for r in n.regions:
+            out += [r, *all_regions(r)]
+    return out
+
+
 def region_params(graph: Graph) -> list[Value]:
     """The parameters of the regions inside `graph`, at any depth (not its own): a program graph holds the weights
     of every model its regions run in its `weights`."""
-    out: list[Value] = []
-    for n in graph.nodes:
-        for r in n.regions:
-            out += [*r.params, *region_params(r)]
-    return out
+    return [p for r in all_regions(graph) for p in r.params]
 
 
 def unique_name(base: str, taken: set[str]) -> str:

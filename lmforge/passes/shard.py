@@ -628,6 +628,22 @@ def tensor_parallel(graph: Graph, tp: int = 1) -> Graph:
     raise ShardError("internal: the set of split graph inputs did not settle")
 
 
+def tensor_parallel_regions(program: Graph, tp: int) -> Graph:
+    """A program graph whose model regions (decode steps, prefill graphs of generate / rank / verify / fuse) are
+    split over `tp` ranks by `tensor_parallel`: every model of the program runs on tp GPUs. The program ops stay
+    whole (they see whole logits and caches: `TensorParallelModel` gathers them); the weights stay whole in the
+    program's `weights`. program_cost then charges one rank's time plus the collectives as latency, and all ranks'
+    work as eFLOPs."""
+    if tp == 1:
+        return program
+    nodes = []
+    for node in program.nodes:
+        if node.regions and get_op(node.op).kind == "program":
+            node = replace(node, regions=tuple(tensor_parallel(r, tp) for r in node.regions))
+        nodes.append(node)
+    return program.with_nodes(nodes)
+
+
 def plan_of(graph: Graph) -> dict | None:
     """The tensor-parallel plan of a graph (None for a graph that is not split)."""
     plan = graph.get_meta(META_KEY)
@@ -657,6 +673,26 @@ def whole_param_types(graph: Graph) -> dict:
             shape[dim] = shape[dim] * plan["size"]
             out[p.name] = p.type.with_(shape=tuple(shape))
     return out
+
+
+def _times(t, dim: int, size: int):
+    shape = list(t.shape)
+    shape[dim] = shape[dim] * size if isinstance(shape[dim], int) else f"({shape[dim]}) * {size}"
+    return t.with_(shape=tuple(shape))
+
+
+def whole_io_types(graph: Graph) -> tuple[list, list]:
+    """(input types, output types) of the whole tensors a split graph takes and returns (what TensorParallelModel
+    is called with); a graph that is not split: its own types."""
+    plan = plan_of(graph)
+    ins, outs = [v.type for v in graph.inputs], [v.type for v in graph.outputs]
+    if plan is None:
+        return ins, outs
+    ins = [t if v.name not in plan["inputs"] else _times(t, plan["inputs"][v.name], plan["size"])
+           for v, t in zip(graph.inputs, ins)]
+    outs = [t if str(i) not in plan["outputs"] else _times(t, plan["outputs"][str(i)], plan["size"])
+            for i, t in enumerate(outs)]
+    return ins, outs
 
 
 def rank_weights(graph: Graph, rank: int) -> dict:

@@ -57,7 +57,10 @@ def _same_tensor(a, b) -> bool:
 
 
 def kv_shape_of(step: Graph) -> tuple[int, int, int]:
-    shape = step.inputs[1].type.shape
+    """(layers, kv_heads, head_dim) of the whole KV cache a decode step takes (also when split over GPUs)."""
+    from lmforge.passes.shard import whole_io_types
+
+    shape = whole_io_types(step)[0][1].shape if len(step.inputs) > 1 else ()
     if len(step.inputs) != 3 or len(shape) != 5:
         raise LmforgeError(f"graph {step.name!r} is not a decode step (tokens, k_cache, v_cache): "
                            "capture the model's decode step, e.g. LlamaDecodeStep, with a dynamic 'past' dim")

@@ -14,6 +14,8 @@ Two views, side by side:
 
 KV convention for `kv_bytes_read`: at generated token t (1-based) a row reads the prompt's L entries
 (once for all rows when shared) and t - 1/2 generated entries (Kinetics' convention), D elements each.
+A region split over tp GPUs (`lmforge.passes.shard.tensor_parallel_regions`) is charged one rank's time plus the
+collectives as latency and tp ranks' work as eFLOPs (both views).
 A retrieve node is charged its corpus scan per prompt (`lmforge.programs.retrieval.retrieval_cost`, roofline;
 its eFLOPs count in both views); the documents it adds are charged by the generate node that prefills them.
 All totals are per run; `ProgramCost.per_prompt(...)` divides by the number of prompts.
@@ -154,8 +156,16 @@ class _StepCosts:
                            for name, times in table.per_config.items()}
                 self.tiles[key] = kernels
             gc = graph_cost(graph, self.hw, bindings, kernels=kernels)
-            self.memo[key] = (gc.time_s, gc.eflops)
+            self.memo[key] = (gc.time_s, gc.eflops * ranks(graph))   # latency: one rank's; work: every rank's
         return self.memo[key]
+
+
+def ranks(graph: Graph) -> int:
+    """GPUs a (tensor-parallel) region runs on: 1 unless lmforge.passes.shard split it."""
+    from lmforge.passes.shard import plan_of
+
+    plan = plan_of(graph)
+    return plan["size"] if plan else 1
 
 
 def trace_cost(step: Graph, trace, costs: _StepCosts, prefill: Graph | None = None) -> tuple[float, float]:
@@ -194,8 +204,8 @@ def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = No
             for tr in acc.traces:
                 dt, de = trace_cost(step, tr, costs, prefill)
                 time, efl = time + dt, efl + de
-                kin += kinetics_trace_eflops(tr, dims, I)
-                kvb += kv_bytes_read(tr, dims)
+                kin += kinetics_trace_eflops(tr, dims, I) * ranks(step)   # dims are one rank's share
+                kvb += kv_bytes_read(tr, dims) * ranks(step)
         elif node.op == "retrieve" and acc.queries:
             est = node_time(retrieval_cost(node.attr, acc.query_len), hw)
             time, efl = est.time_s * acc.queries, est.eflops * acc.queries

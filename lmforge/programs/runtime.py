@@ -327,11 +327,11 @@ class ProgramRunner:
 
     def _compile(self, region: Graph):
         from lmforge.backends import default_backends
-        from lmforge.compiler import build_callable
+        from lmforge.compiler import region_callable
 
         if id(region) not in self._compiled:
-            self._compiled[id(region)] = (region, build_callable(region, default_backends(("torch",)), "cpu",
-                                                                 self.graph.weights)[0])
+            self._compiled[id(region)] = (region, region_callable(region, default_backends(("torch",)), "cpu",
+                                                                  self.graph.weights))
         return self._compiled[id(region)][1]
 
     def step_model(self, idx: int, region: int, prefix_len: int | None) -> StepModel:

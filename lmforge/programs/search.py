@@ -33,6 +33,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Knob
+from lmforge.passes.shard import ShardError
 from lmforge.programs.builder import ProgramBuilder
 from lmforge.programs.cost import _StepCosts, program_cost
 from lmforge.programs.runtime import GenerationCache, ProgramRunner
@@ -43,14 +44,15 @@ _SAMPLED = ("program.strategy", ("best_of_n", "first_finish"))
 def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choices=(3, 4),
                   windows=(0, 4), kv=("none", "int8"), scorer: str = "", fuser: bool = False,
                   weight_bits=(16,), retrievers: Sequence[str] = (), retrieve_k=(1, 2, 4, 8),
-                  strategies=("greedy", "best_of_n", "first_finish", "beam")) -> list[Knob]:
+                  strategies=("greedy", "best_of_n", "first_finish", "beam"), tp=(1,)) -> list[Knob]:
     """The program + pass knobs (conditions as in lmforge.search.space). window 0 = dense attention.
 
     Best-of-N's aggregator: "vote" (majority over whole answers), "scorer" (the registered function `scorer`,
     when given), and with `fuser`: "fuse_vote" (fuse by a score-weighted token vote) and "fuser" (fuse by the
     generative fuser model). Pass knobs: decode window, KV-cache format, weight-only bits (16 = none).
     retrievers (names of ProgramEvaluator(retrievers=...)): a retrieve step before generation, "none" or one of
-    them, and how many documents it inserts (retrieve_k)."""
+    them, and how many documents it inserts (retrieve_k). tp: GPUs every model of the program is split over
+    (knob `shard.tp`, lmforge.passes.shard.tensor_parallel_regions; offered when tp has more than one value)."""
     aggs = ("vote",) + (("scorer",) if scorer else ()) + (("fuse_vote", "fuser") if fuser else ())
     rag = [Knob("program.retriever", "categorical", "none", choices=("none", *retrievers)),
            Knob("program.retrieve_k", "categorical", retrieve_k[0], choices=tuple(retrieve_k),
@@ -66,7 +68,8 @@ def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choice
         Knob("quant.kv", "categorical", "none", choices=tuple(kv)),
         Knob("quant.weight_bits", "categorical", weight_bits[0], choices=tuple(weight_bits),
              doc="weight-only quantization of the generator's linears (16 = none)"),
-    ]
+    ] + ([Knob("shard.tp", "categorical", tp[0], choices=tuple(tp), doc="tensor-parallel GPUs per model")]
+         if len(tp) > 1 else [])
 
 
 def grid(knobs: Sequence[Knob]) -> list[dict]:
@@ -139,6 +142,11 @@ class ProgramEvaluator:
         return (c["program.model"], c["attn.decode_window"], c["quant.kv"], c.get("quant.weight_bits", 16))
 
     def build(self, c: Mapping[str, Any]):
+        from lmforge.passes.shard import tensor_parallel_regions
+
+        return tensor_parallel_regions(self._build(c), c.get("shard.tp", 1))
+
+    def _build(self, c: Mapping[str, Any]):
         model = c["program.model"]
         models = {model: self.step_variant(*self._variant_key(c))}
         prefills = {model: self.step_variant(*self._variant_key(c), prefill=True)} if model in self.prefills else {}
@@ -232,7 +240,12 @@ def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: floa
     within the budget (eFLOPs, or predicted latency on the target)."""
     field_name, limit = _budget(budget_eflops, budget_latency_s)
     before = ev.problems_evaluated
-    evals = [ev(c) for c in grid(knobs)]
+    evals = []
+    for c in grid(knobs):
+        try:
+            evals.append(ev(c))
+        except ShardError:
+            continue   # a tp the models' heads do not divide by: not a program that exists
     feasible = [e for e in evals if getattr(e, field_name) <= limit]
     best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     return SearchResult(best, evals, pareto_front(evals), ev.problems_evaluated - before, len(evals), 0)
@@ -271,7 +284,11 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         config = suggest(trial, knobs)
         e = None
         for step, n in enumerate(fidelities):
-            e = ev(config, n)
+            try:
+                e = ev(config, n)
+            except ShardError as err:   # a tp the models' heads do not divide by: pruned, never scored
+                trial.set_user_attr("pruned_reason", str(err))
+                raise optuna.TrialPruned(str(err)) from err
             over = getattr(e, field_name) - limit
             if over > 0:
                 break  # infeasible: its cost is known, more problems would not change that

@@ -85,20 +85,22 @@ def _check_step_region(op: str, regions, a=None, required: bool = True) -> None:
     if len(regions) > 2:
         raise VerifyError(f"{op} takes a decode step graph and optionally its prefill graph, got {len(regions)} "
                           "regions")
+    from lmforge.passes.shard import whole_io_types   # a region split over GPUs is called with whole tensors
+
     if len(regions) == 2:
-        pre, step = regions[1], regions[0]
-        if len(pre.inputs) != 1 or pre.inputs[0].type.rank != 2 or len(pre.outputs) < 3 or \
-                pre.outputs[1].type.rank != 5 or step.inputs[1].type.rank != 5 or \
-                [pre.outputs[1].type.shape[i] for i in (0, 2, 4)] != [step.inputs[1].type.shape[i] for i in (0, 2, 4)]:
+        (pre_in, pre_out), (step_in, _) = whole_io_types(regions[1]), whole_io_types(regions[0])
+        if len(pre_in) != 1 or pre_in[0].rank != 2 or len(pre_out) < 3 or pre_out[1].rank != 5 or \
+                len(step_in) < 2 or step_in[1].rank != 5 or \
+                [pre_out[1].shape[i] for i in (0, 2, 4)] != [step_in[1].shape[i] for i in (0, 2, 4)]:
             raise VerifyError(f"{op}: the second region must be the model's prefill, tokens [batch, seq] -> "
                               f"(logits, k_cache, v_cache) with the decode step's cache layout; got inputs "
-                              f"{[str(v.type) for v in pre.inputs]}, outputs {[str(v.type) for v in pre.outputs]}")
+                              f"{[str(t) for t in pre_in]}, outputs {[str(t) for t in pre_out]}")
     r = regions[0]
     if len(r.inputs) != 3 or len(r.outputs) < 3:
         raise VerifyError(f"{op}: the region must be a decode step (tokens, k_cache, v_cache) -> (logits, k, v); "
                           f"it has {len(r.inputs)} inputs and {len(r.outputs)} outputs")
     if a is not None:
-        ks = r.inputs[1].type.shape
+        ks = whole_io_types(r)[0][1].shape
         want = (ks[0], ks[2], ks[4]) if len(ks) == 5 else None
         if want is None or tuple(a["kv_shape"]) != tuple(want):
             raise VerifyError(f"{op}: kv_shape {tuple(a['kv_shape'])} does not match the region's k_cache {ks} "
