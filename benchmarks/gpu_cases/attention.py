@@ -162,21 +162,24 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
             "note": f"{note}; {kept_blocks} of {n_blocks} blocks of {block_size} (sinks {sinks}, window {window})"}
 
 
-def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix) -> dict:
+def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix, groups: int = 1) -> dict:
+    """b sequences; `groups` prefixes, each shared by b / groups consecutive sequences (several prompts' samples)."""
     q = _randn(gen, b, hq, 1, D)
-    k_prefix, v_prefix = _randn(gen, 1, hkv, prefix, D), _randn(gen, 1, hkv, prefix, D)
+    k_prefix, v_prefix = _randn(gen, groups, hkv, prefix, D), _randn(gen, groups, hkv, prefix, D)
     k_suffix, v_suffix = _randn(gen, b, hkv, suffix, D), _randn(gen, b, hkv, suffix, D)
-    k_full = torch.cat([k_prefix.expand(b, -1, -1, -1), k_suffix], 2)   # what a per-sequence cache holds
-    v_full = torch.cat([v_prefix.expand(b, -1, -1, -1), v_suffix], 2)
+    per = b // groups   # what a per-sequence cache holds:
+    k_full = torch.cat([k_prefix.repeat_interleave(per, 0), k_suffix], 2)
+    v_full = torch.cat([v_prefix.repeat_interleave(per, 0), v_suffix], 2)
     kernel, note = _tuned(quick, attention_decode.DEFAULT_CONFIG, attention_decode.CANDIDATE_CONFIGS,
                           lambda c: (lambda: attention_decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix,
                                                                                    v_suffix, config=c)))
-    return {"name": f"attention/shared_prefix_decode_B{b}_H{hq}_KV{hkv}_P{prefix}_S{suffix}_D{D}_fp16",
+    grouped = f"_G{groups}" if groups > 1 else ""
+    return {"name": f"attention/shared_prefix_decode_B{b}{grouped}_H{hq}_KV{hkv}_P{prefix}_S{suffix}_D{D}_fp16",
             "kernel": kernel,
             "reference": lambda: shared_prefix_attention_ref(*_fp32(q, k_prefix, v_prefix, k_suffix, v_suffix)),
             "baseline": lambda: F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True),
             "baseline_name": "torch SDPA fp16 decode over each sequence's full KV", **TOL,
-            "bytes": 2 * hkv * (prefix + b * suffix) * D * HALF + 2 * b * hq * D * HALF,
+            "bytes": 2 * hkv * (groups * prefix + b * suffix) * D * HALF + 2 * b * hq * D * HALF,
             "flops": 4 * D * b * hq * (prefix + suffix), "note": note}
 
 
@@ -192,6 +195,7 @@ def cases(quick: bool) -> list[dict]:
         _decode_dense(gen, quick, 32, 8, 131072),
         _decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="mean"),
         _shared_prefix(gen, quick, 16, 32, 8, 16384, 256),
+        _shared_prefix(gen, quick, 32, 32, 8, 4096, 256, groups=4),   # 4 prompts x 8 samples in one batch
     ]
     if not quick:
         out.append(_decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="minmax"))
