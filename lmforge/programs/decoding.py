@@ -82,7 +82,7 @@ class StepModel:
         return logits[:, -1, :].float(), k, v
 
     def prefill(self, prompt: torch.Tensor, rows: int, shared_prefix: bool):
-        """Feed the prompt [L] token by token; return (last logits [rows, V], k, v) for `rows` rows."""
+        """Feed the prompt [L] (see prefill_many); return (last logits [rows, V], k, v) for `rows` rows."""
         return self.prefill_many(prompt[None], [rows], shared_prefix)
 
     def prefill_many(self, prompts: torch.Tensor, rows: Sequence[int], shared_prefix: bool):
