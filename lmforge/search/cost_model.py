@@ -125,14 +125,27 @@ def graph_cost(graph: Graph, hw, bindings: Mapping[str, int] | None = None,
     )
 
 
+_DAGS: dict[int, tuple[Graph, nx.DiGraph]] = {}   # id(graph) -> (graph, its DAG with the virtual end): ids rechecked
+
+
+def _dag(graph: Graph) -> nx.DiGraph:
+    """graph.to_networkx() plus an edge from every sink node to a virtual "end" (so a sink's own time counts),
+    built once per graph: a cost sweep prices one graph at many bindings."""
+    got = _DAGS.get(id(graph))
+    if got is None or got[0] is not graph:
+        if len(_DAGS) > 64:
+            _DAGS.clear()
+        g = graph.to_networkx()
+        g.add_edges_from([(v, "end") for v in list(g.nodes) if isinstance(v, int) and g.out_degree(v) == 0])
+        got = _DAGS[id(graph)] = (graph, g)
+    return got[1]
+
+
 def critical_path_time(graph: Graph, times: list[float]) -> float:
     """Longest path through the dependency DAG, each node weighted by its time (networkx)."""
-    g = graph.to_networkx()
-    for u, v in g.edges:
-        g.edges[u, v]["w"] = times[u] if isinstance(u, int) else 0.0
-    for v in g.nodes:  # a sink node's own time counts through an edge to a virtual end
-        if isinstance(v, int) and g.out_degree(v) == 0:
-            g.add_edge(v, "end", w=times[v])
+    g = _dag(graph)
+    for u, v, data in g.edges(data=True):
+        data["w"] = times[u] if isinstance(u, int) else 0.0
     return float(nx.dag_longest_path_length(g, weight="w")) if g.number_of_edges() else 0.0
 
 
