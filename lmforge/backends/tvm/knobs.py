@@ -9,7 +9,8 @@ Families (the kernel kinds the lowerings produce):
             vectors of `vec` lanes reduced across (rfactor); `n_tile` output columns share each x load.
   gemm      linear / matmul with many rows (prefill, 1024^3): the weight is packed into [N/nr, K, nr]
             panels inside the kernel; an `mr` x `nr` register tile accumulates over K.
-  attention softmax(q k^T) v: one (batch, head, query) row per iteration, `vec`-lane dot products.
+  attention softmax(q k^T) v: decode: one (batch, head, query) row per iteration, `vec`-lane dot products;
+            prefill (at least `rows` queries): tiles of `rows` queries x `keys` keys in registers.
   rowwise   rmsnorm, softmax, rope, embedding, fused/elementwise: the last axis in vectors of `vec` lanes.
   cuda      GPU schedules: threads per block for the default (dlight) rules and the fallback mapping.
 """
@@ -42,6 +43,9 @@ KNOBS: tuple[Knob, ...] = (
     _k("gemm.parallel", "categorical", "auto", PARALLEL, "parallel outer loop"),
     _k("attention.vec", "int", 4, (4, 8, 16, 32), "lanes of the partial sums of each q.k dot product"),
     _k("attention.parallel", "categorical", "auto", PARALLEL, "parallel loop over (batch, head, query) rows"),
+    _k("attention.rows", "int", 16, (1, 4, 8, 16, 32),
+       "query rows per tile when there are at least that many (prefill); 1: one row at a time"),
+    _k("attention.keys", "int", 4, (2, 4, 8), "keys per register tile of the tiled schedule's scores"),
     _k("rowwise.vec", "int", 16, (4, 8, 16, 32, 64), "lanes along the last axis of norms/rope/elementwise"),
     _k("rowwise.parallel", "categorical", "auto", PARALLEL, "parallel loop over rows"),
     _k("cuda.threads", "int", 256, (64, 128, 256, 512, 1024), "threads per block of GPU kernels"),

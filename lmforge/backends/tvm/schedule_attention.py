@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lmforge.backends.tvm.knobs import parallel_on
+from lmforge.backends.tvm.knobs import largest_divisor, parallel_on
 
 
 def attention(sch, info: dict, knobs: Mapping[str, Any]) -> None:
@@ -43,3 +43,46 @@ def attention(sch, info: dict, knobs: Mapping[str, Any]) -> None:
     if not single_step:
         sch.decompose_reduction(part, d0)
     sch.decompose_reduction(acc, jv)
+
+
+def attention_tiled(sch, info: dict, knobs: Mapping[str, Any]) -> None:
+    """attention_tiled_lowered: one (batch, head, query tile) per iteration. Scores: per key tile a keys x rows
+    block of accumulators (local, i.e. registers) over d, the rows as vector lanes; P.V: per slice of `lanes`
+    value columns a rows x lanes block of accumulators over all keys."""
+    lanes = largest_divisor(info["dv"], 16)
+    scores = sch.get_sblock("scores")
+    b, h, iq, jk, jj, r, dd = sch.get_loops(scores)
+    tile = sch.fuse(b, h, iq)
+    sch.compute_at(sch.get_sblock("q_t"), tile)
+    names = ["row_max", "probs", "row_sum", "acc", "out"] + (["lse"] if info["return_lse"] else [])
+    for name in names:
+        sch.reverse_compute_at(sch.get_sblock(name), tile)
+    sch.reorder(dd, jj, r)                              # s[jj, :] += k[jk, jj, d] * qT[d, :]
+    local = sch.cache_write(scores, 0, "local")
+    sch.reverse_compute_at(local, jk)
+    sch.vectorize(sch.get_loops(local)[-1])
+    sch.unroll(jj)
+    sch.vectorize(r)
+    for name in ("row_max", "row_sum"):                 # m[:] = max over keys of s[., :]: the rows as lanes
+        blk = sch.get_sblock(name)
+        rr, kk, kj = sch.get_loops(blk)[-3:]
+        sch.reorder(kk, kj, rr)
+        sch.vectorize(rr)
+    sch.vectorize(sch.get_loops(sch.get_sblock("probs"))[-1])
+    acc = sch.get_sblock("acc")
+    r2, e, vk, vj = sch.get_loops(acc)[-4:]
+    eo, ei = sch.split(e, [None, lanes])
+    sch.reorder(eo, vk, vj, r2, ei)                     # acc[:, e-slice] += p[., :] * v[., e-slice]
+    acc_local = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(acc_local, eo)
+    sch.vectorize(sch.get_loops(acc_local)[-1])
+    sch.unroll(r2)                                      # constant indices: the accumulators stay in registers
+    sch.vectorize(ei)
+    sch.vectorize(sch.get_loops(sch.get_sblock("out"))[-1])
+    if parallel_on(knobs["tvm.attention.parallel"]):
+        sch.parallel(tile)
+    sch.decompose_reduction(scores, dd)
+    for name in ("row_max", "row_sum"):
+        blk = sch.get_sblock(name)
+        sch.decompose_reduction(blk, sch.get_loops(blk)[-3])
+    sch.decompose_reduction(acc, vk)

@@ -140,4 +140,5 @@ def _kinds() -> dict:
     from lmforge.backends.tvm import schedule_attention, schedule_rowwise
 
     return {"gemv": gemv, "gemm": gemm, "bmm": bmm, "attention": schedule_attention.attention,
+            "attention_tiled": schedule_attention.attention_tiled,
             **schedule_rowwise.KINDS}

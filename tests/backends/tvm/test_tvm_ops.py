@@ -130,11 +130,39 @@ def test_attention(tvm_backend, single_op_graph, randn, q_shape, k_shape, attrs)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_symbolic_cache_length_and_offset(tvm_backend, single_op_graph, randn):
+TILED_CASES = [  # q shape, k shape, attrs, (rows, keys): prefill shapes that take the tiled build
+    ((1, 4, 16, 32), (1, 4, 16, 32), {"causal": True}, (16, 4)),                # whole tiles of rows and keys
+    ((2, 4, 37, 16), (2, 2, 45, 16), {"causal": True}, (16, 4)),                # ragged both ways, GQA, offset 8
+    ((1, 4, 13, 16), (1, 1, 13, 16), {"causal": True, "window": 5, "sinks": 2}, (4, 2)),   # window + sinks, MQA
+    ((1, 2, 9, 16), (1, 2, 11, 16), {}, (8, 8)),                                # dense (not causal), one key tile
+    ((1, 2, 10, 16), (1, 2, 14, 16), {"causal": True, "q_offset": -3, "return_lse": True}, (4, 4)),  # empty rows
+]
+
+
+@pytest.mark.parametrize("q_shape,k_shape,attrs,tiles", TILED_CASES)
+def test_tiled_prefill_attention(tvm_backend, single_op_graph, randn, q_shape, k_shape, attrs, tiles):
+    """With at least `tvm.attention.rows` queries the tiled build runs (queries and keys padded to whole tiles,
+    the real lengths as scalars) and equals the reference."""
+    from lmforge.backends.torch import TorchReference
+    from lmforge.compiler import CompiledModel
+
+    q, k, v = randn(*q_shape, seed=19), randn(*k_shape, seed=20), randn(*k_shape, seed=21)
+    backend = tvm_backend({"tvm.attention.rows": tiles[0], "tvm.attention.keys": tiles[1]})
+    compiled = CompiledModel(single_op_graph("attention", [q, k, v], attrs), backends=[backend, TorchReference()])
+    got = compiled(q, k, v)
+    kernel = compiled.kernels[0].fn
+    assert "tiled" in kernel._fns and kernel._fns["tiled"] is not None and not kernel.failures
+    want = attention_expected(q, k, v, **attrs)
+    for g, w in zip(*((got, want) if attrs.get("return_lse") else ((got,), (want,)))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [16, 4])   # 4 rows: the tiled build (q_offset as a scalar argument there too)
+def test_attention_symbolic_cache_length_and_offset(tvm_backend, single_op_graph, randn, rows):
     """One build serves every cache length; a symbolic q_offset ("kv - 6") is evaluated per call."""
     q = randn(1, 2, 4, 16, seed=12)
     kv_type = TensorType((1, 2, "kv", 16))
-    backend = tvm_backend()
+    backend = tvm_backend({"tvm.attention.rows": rows})
     from lmforge.backends.torch import TorchReference
     from lmforge.compiler import CompiledModel
 
@@ -157,14 +185,22 @@ BLOCK_SPARSE_CASES = [  # q shape, k shape, mask heads, block size, keep probabi
 ]
 
 
-@pytest.mark.parametrize("q_shape,k_shape,hm,bs,keep", BLOCK_SPARSE_CASES)
+@pytest.mark.parametrize("q_shape,k_shape,hm,bs,keep", BLOCK_SPARSE_CASES + [
+    ((1, 2, 19, 16), (1, 2, 19, 16), 2, 8, 0.5),       # tiles of 4 rows x 2 keys inside blocks of 8, ragged
+    ((2, 4, 16, 16), (2, 2, 23, 16), 2, 4, 0.6),       # tiles of 4 x 2 in blocks of 4, GQA, a chunk at the end
+    ((1, 2, 8, 16), (1, 2, 8, 16), 2, 4, 0.0),         # tiled, nothing kept: zeros
+])
 def test_block_sparse_attention(tvm_backend, run_on_tvm, randn, q_shape, k_shape, hm, bs, keep):
-    """Visits only the listed key blocks and matches the reference (which masks the dense scores)."""
+    """Visits only the listed key blocks and matches the reference (which masks the dense scores); with tiles that
+    divide the block size (4 rows x 2 keys here) the tiled build runs."""
     q, k, v = randn(*q_shape, seed=21), randn(*k_shape, seed=22), randn(*k_shape, seed=23)
     nq, nk = -(-q_shape[2] // bs), -(-k_shape[2] // bs)
     g = torch.Generator().manual_seed(24)
     mask = torch.rand(q_shape[0], hm, nq, nk, generator=g) < keep
-    got, want, compiled = run_on_tvm(tvm_backend(), "block_sparse_attention", [q, k, v, mask], {"block_size": bs})
+    backend = tvm_backend({"tvm.attention.rows": 4, "tvm.attention.keys": 2})
+    got, want, compiled = run_on_tvm(backend, "block_sparse_attention", [q, k, v, mask], {"block_size": bs})
+    tiled = bs % 4 == 0 and q_shape[2] >= 4
+    assert ("tiled" in compiled.kernels[0].fn._fns) == tiled
     torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple)
                                else want, rtol=1e-5, atol=1e-5)
     assert not compiled.kernels[0].fn.failures                   # the TVM build ran, not the fallback
