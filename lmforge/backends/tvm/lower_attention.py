@@ -42,13 +42,7 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
     k = te.placeholder((batch, hkv, skv, d), "float32", name="k")
     v = te.placeholder((batch, hkv, skv, dv), "float32", name="v")
     scalars = []
-    if q_offset == "dynamic":
-        offset = te.var("q_offset")
-        scalars.append(offset)
-    elif q_offset is None:
-        offset = skv - sq
-    else:
-        offset = tirx.const(int(q_offset), "int32")
+    offset = _query_offset(q_offset, sq, skv, scalars)
 
     def visible(b, h, i, j):
         pos = offset + i
@@ -66,6 +60,20 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
                            vec=vec)
     return Lowered("attention", [q, k, v], outs, scalars,
                    info={"d": d, "dv": dv, "lanes": largest_divisor(d, vec), "return_lse": return_lse})
+
+
+def _query_offset(q_offset, sq, skv, scalars: list):
+    """The position of query row 0: Skv - Sq (None), a constant, or ("dynamic") a scalar argument appended to
+    `scalars`."""
+    from tvm import te, tirx
+
+    if q_offset == "dynamic":
+        offset = te.var("q_offset")
+        scalars.append(offset)
+        return offset
+    if q_offset is None:
+        return skv - sq
+    return tirx.const(int(q_offset), "int32")
 
 
 def block_sparse_attention_lowered(hq: int, hkv: int, hm: int, d: int, dv: int, *, block_size: int, scale: float,
@@ -369,13 +377,7 @@ def attention_tiled_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool,
     k = te.placeholder((batch, hkv, nk, keys, d), "float32", name="k")
     v = te.placeholder((batch, hkv, nk, keys, dv), "float32", name="v")
     scalars = [sq, skv]
-    if q_offset == "dynamic":
-        offset = te.var("q_offset")
-        scalars.append(offset)
-    elif q_offset is None:
-        offset = skv - sq
-    else:
-        offset = tirx.const(int(q_offset), "int32")
+    offset = _query_offset(q_offset, sq, skv, scalars)
 
     def visible(b, h, iq, r, jk, jj):
         pos, j = offset + iq * rows + r, jk * keys + jj
