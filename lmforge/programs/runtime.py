@@ -13,7 +13,7 @@ expanded to its rows (shared_prefix=True), and decode steps then run the step gr
 pass (`lmforge.passes.sparsity.shared_prefix_decode`), which reads each prompt's prefix once for its rows
 (prefix groups of equal size; where sample caching leaves prompts with different row counts, the plain step
 runs, with the same outputs). The generative fuser (fuse by="model") batches the prompts whose fuser inputs have
-one length; rank / verify with a scoring model score prompt by prompt.
+one length; rank / verify with a scoring model score every candidate of every prompt as one batch.
 
 Samples are cached by (model, prompt, seed, sample index, and the sampling parameters): a best-of-8 after a
 best-of-4 on the same prompts decodes only samples 4..7. Token accounting is derived from what each
@@ -117,8 +117,7 @@ def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> 
     found = {k: ctx.cache.get(k) if ctx.cache is not None else None for k in det}
     todo = [k for k, got in found.items() if got is None]
     if todo:
-        first = {k: b for b, k in reversed(list(enumerate(det)))}
-        batch = prompts[[first[k] for k in todo]]
+        batch = prompts[_first_rows(det, todo)]
         if strategy == "greedy":
             gens = greedy_many(model, batch, T, eos, shared)
         elif strategy == "momentum":
@@ -134,6 +133,14 @@ def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> 
     return [found[k] for k in det]
 
 
+def _first_rows(keys: list, wanted) -> list[int]:
+    """For each wanted key, the first row of the batch with that key (a prompt that repeats decodes once)."""
+    first: dict = {}
+    for b, k in enumerate(keys):
+        first.setdefault(k, b)
+    return [first[k] for k in wanted]
+
+
 def _cached_samples(ctx, keys: list, model, prompts, a) -> list[Generation]:
     """Samples 0..n-1 of each prompt, decoding (as one batch) only those not cached; each prompt's trace is that
     of its n samples as one batch."""
@@ -142,8 +149,7 @@ def _cached_samples(ctx, keys: list, model, prompts, a) -> list[Generation]:
     todo = {k: [i for i in range(n) if r[i] is None] for k, r in rows.items()}
     todo = {k: idx for k, idx in todo.items() if idx}
     if todo:
-        first = {k: b for b, k in reversed(list(enumerate(keys)))}
-        gens = sample_many(model, prompts[[first[k] for k in todo]], list(todo.values()), a["max_new_tokens"],
+        gens = sample_many(model, prompts[_first_rows(keys, todo)], list(todo.values()), a["max_new_tokens"],
                            a["eos_id"], a["temperature"], a["top_p"], a["seed"], a["shared_prefix"])
         for (k, idx), g in zip(todo.items(), gens):
             for j, i in enumerate(idx):
