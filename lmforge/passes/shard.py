@@ -668,10 +668,7 @@ def whole_param_types(graph: Graph) -> dict:
     out = {}
     for p in graph.params:
         if p.name in plan["params"]:
-            dim = plan["params"][p.name][0]
-            shape = list(p.type.shape)
-            shape[dim] = shape[dim] * plan["size"]
-            out[p.name] = p.type.with_(shape=tuple(shape))
+            out[p.name] = _times(p.type, plan["params"][p.name][0], plan["size"])
     return out
 
 

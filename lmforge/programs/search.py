@@ -25,7 +25,7 @@ only the 4 new samples.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import optuna
@@ -210,9 +210,7 @@ class SearchResult:
 
 def _stored(trial) -> Evaluation:
     """The full-fidelity evaluation a finished trial stored (a resumed search's earlier results)."""
-    d = trial.user_attrs["evaluation"]
-    return Evaluation(dict(d["config"]), d["accuracy"], d["eflops"], d["kinetics_eflops"], d["latency_s"],
-                      d["problems"])
+    return Evaluation(**trial.user_attrs["evaluation"])
 
 
 def pareto_front(evals: Sequence[Evaluation]) -> list[Evaluation]:
@@ -299,9 +297,7 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         trial.set_constraint(field_name, getattr(e, field_name) - limit)
         if e.problems == full:
             finals.append(e)
-            trial.set_user_attr("evaluation", {"config": e.config, "accuracy": e.accuracy, "eflops": e.eflops,
-                                               "kinetics_eflops": e.kinetics_eflops, "latency_s": e.latency_s,
-                                               "problems": e.problems})
+            trial.set_user_attr("evaluation", asdict(e))
         return e.accuracy
 
     def out_of_problems(study, trial):

@@ -253,20 +253,31 @@ class AttentionKernel(OpKernel):
         """The tiled build: q padded to whole tiles of rows, k / v to whole tiles of keys (views when they divide);
         the real lengths go in as scalars; the outputs are cut back to the real rows."""
         b, _, sq, _ = q.shape
-        skv = k.shape[2]
-        qp, nq = _padded(q, self.rows)
-        kp, nk = _padded(k, self.keys)
-        vp, _ = _padded(v, self.keys)
-        out = self.empty((b, self.hq, nq, self.rows, self.dv))
-        args = [qp.view(b, self.hq, nq, self.rows, self.d), kp.view(b, self.hkv, nk, self.keys, self.d),
-                vp.view(b, self.hkv, nk, self.keys, self.dv), sq, skv]
+        tq, tk, tv, nq = _tiles(q, k, v, self.rows, self.keys)
+        args = [tq, tk, tv, sq, k.shape[2]]
         if self.offset_mode == "dynamic":
             args.append(int(attrs["q_offset"]))
-        outs = [out] + ([self.empty((b, self.hq, nq, self.rows), slot=1)] if self.return_lse else [])
+        outs = [self.empty((b, self.hq, nq, self.rows, self.dv))]
+        if self.return_lse:
+            outs.append(self.empty((b, self.hq, nq, self.rows), slot=1))
         fn(*args, *outs)
-        cut = [o.view(b, self.hq, nq * self.rows, *o.shape[4:])[:, :, :sq] for o in outs]
-        cut = [c if nq * self.rows == sq else c.contiguous() for c in cut]
+        cut = [_untile(o, sq) for o in outs]
         return tuple(cut) if self.return_lse else cut[0]
+
+
+def _tiles(q, k, v, rows: int, keys: int):
+    """q [B, H, Sq, D] as [B, H, nQ, rows, D] and k / v as [B, Hkv, nK, keys, D] (zero rows padded where the tile
+    does not divide; views otherwise), and nQ."""
+    (qp, nq), (kp, nk), (vp, _) = _padded(q, rows), _padded(k, keys), _padded(v, keys)
+    return (qp.view(*q.shape[:2], nq, rows, q.shape[3]), kp.view(*k.shape[:2], nk, keys, k.shape[3]),
+            vp.view(*v.shape[:2], nk, keys, v.shape[3]), nq)
+
+
+def _untile(out: torch.Tensor, sq: int) -> torch.Tensor:
+    """A tiled output [B, H, nQ, rows, ...] as [B, H, Sq, ...]: a view when no row was padded, else a copy."""
+    b, h, nq, rows = out.shape[:4]
+    cut = out.view(b, h, nq * rows, *out.shape[4:])[:, :, :sq]
+    return cut if nq * rows == sq else cut.contiguous()
 
 
 def _padded(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
@@ -350,13 +361,10 @@ class BlockSparseAttentionKernel(OpKernel):
         if self.rows > 1 and sq >= self.rows:
             tiled = self.fn("tiled")
             if tiled is not None:
-                skv = k.shape[2]
-                (qp, nq), (kp, nk), (vp, _) = _padded(q, self.rows), _padded(k, self.keys), _padded(v, self.keys)
+                tq, tk, tv, nq = _tiles(q, k, v, self.rows, self.keys)
                 out = self.empty((b, self.hq, nq, self.rows, self.dv))
-                tiled(qp.view(b, self.hq, nq, self.rows, self.d), kp.view(b, self.hkv, nk, self.keys, self.d),
-                      vp.view(b, self.hkv, nk, self.keys, self.dv), blocks, counts, sq, skv, out)
-                cut = out.view(b, self.hq, nq * self.rows, self.dv)[:, :, :sq]
-                return cut if nq * self.rows == sq else cut.contiguous()
+                tiled(tq, tk, tv, blocks, counts, sq, k.shape[2], out)
+                return _untile(out, sq)
         out = self.empty((b, self.hq, sq, self.dv))
         fn(ready(q), ready(k), ready(v), blocks, counts, out)
         return out
