@@ -201,11 +201,12 @@ def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = No
             step = node.regions[0]
             dims = model_dims(step)
             prefill = node.regions[1] if len(node.regions) > 1 else None
+            gpus = ranks(step)   # dims are one rank's share
             for tr in acc.traces:
                 dt, de = trace_cost(step, tr, costs, prefill)
                 time, efl = time + dt, efl + de
-                kin += kinetics_trace_eflops(tr, dims, I) * ranks(step)   # dims are one rank's share
-                kvb += kv_bytes_read(tr, dims) * ranks(step)
+                kin += kinetics_trace_eflops(tr, dims, I) * gpus
+                kvb += kv_bytes_read(tr, dims) * gpus
         elif node.op == "retrieve" and acc.queries:
             est = node_time(retrieval_cost(node.attr, acc.query_len), hw)
             time, efl = est.time_s * acc.queries, est.eflops * acc.queries
