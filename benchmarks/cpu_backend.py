@@ -10,7 +10,9 @@
              8: lmforge (TVM backend + torch reference for views/concat) vs torch eager vs torch.compile.
 (c) int8     the "100m" preset, batch 1: int8 weight-only (the quant pass's linear_wo, group 128, LM head
              included, run by the TVM kernels) vs fp32 eager; the TVM fp32 graph beside it.
-(d) sparse   causal prefill attention (8 x 1024 x 64): block-sparse from block lists vs dense, on TVM, and SDPA.
+(d) sparse   causal prefill attention (8 x 1024 x 64): block-sparse from block lists, a sliding window of 256 + 4
+             sinks, and dense causal, on TVM, against SDPA; and a decode step over a 16k cache (8 x 64, batch 1)
+             with a window of 512 + 4 sinks vs the dense TVM decode kernel and SDPA.
 
 Every comparison runs in the same process at the same thread count (torch.set_num_threads and
 TVM_NUM_THREADS, set before TVM loads). Timings are medians: each variant is timed in --rounds rounds,
@@ -238,6 +240,7 @@ def bench_sparse(args) -> dict:
     from lmforge.backends.tvm import TVMBackend
     from lmforge.compiler import CompiledModel
     from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.ops import get_op
     from lmforge.ir.types import TensorType
 
     h, s, d, bs = 8, 1024, 64, 64
@@ -250,26 +253,46 @@ def bench_sparse(args) -> dict:
     mask[..., 0] = True
     density = float(mask.sum() / (causal_blocks.sum() * h))
 
-    def graph(op, extra, attrs):
+    def graph(op, extra, attrs, qkv=(q, k, v)):
         b = GraphBuilder(op)
-        ins = [b.input(name, TensorType.of(t)) for name, t in zip("qkvm", (q, k, v, *extra))]
+        ins = [b.input(name, TensorType.of(t)) for name, t in zip("qkvm", (*qkv, *extra))]
         return b.build([b.op(op, ins, attrs)])
 
     backend = TVMBackend()
     sparse = CompiledModel(graph("block_sparse_attention", [mask], {"block_size": bs}), [backend, TorchReference()])
     dense = CompiledModel(graph("attention", [], {"causal": True}), [backend, TorchReference()])
+    window = {"causal": True, "window": 256, "sinks": 4}
+    windowed = CompiledModel(graph("attention", [], window), [backend, TorchReference()])
     reference = CompiledModel(graph("block_sparse_attention", [mask], {"block_size": bs}), [TorchReference()])
     with torch.no_grad():
         err = relative_error(sparse(q, k, v, mask), reference(q, k, v, mask))
         dense_err = relative_error(dense(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        window_err = relative_error(windowed(q, k, v), get_op("attention").reference(q, k, v, **window))
     times = interleaved({"torch SDPA causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                          "lmforge tvm dense causal": lambda: dense(q, k, v),
-                         "lmforge tvm block-sparse": lambda: sparse(q, k, v, mask)}, args.rounds, 3)
+                         "lmforge tvm block-sparse": lambda: sparse(q, k, v, mask),
+                         "lmforge tvm window 256+4": lambda: windowed(q, k, v)}, args.rounds, 3)
     sdpa = times["torch SDPA causal"][0]
+
+    # decode: one query per head over a 16k cache, batch 1
+    past, window = 16384, {"causal": True, "window": 512, "sinks": 4}
+    qd, kd, vd = torch.randn(1, h, 1, d, generator=g), torch.randn(1, h, past, d, generator=g), \
+        torch.randn(1, h, past, d, generator=g)
+    decode = {name: CompiledModel(graph("attention", [], attrs, (qd, kd, vd)), [backend, TorchReference()])
+              for name, attrs in (("dense", {"causal": True}), ("window", window))}
+    with torch.no_grad():
+        decode_err = relative_error(decode["window"](qd, kd, vd), get_op("attention").reference(qd, kd, vd, **window))
+    dtimes = interleaved({"torch SDPA (whole cache)": lambda: F.scaled_dot_product_attention(qd, kd, vd),
+                          "lmforge tvm decode, whole cache": lambda: decode["dense"](qd, kd, vd),
+                          "lmforge tvm decode, window 512+4": lambda: decode["window"](qd, kd, vd)}, args.rounds, 20)
+    dsdpa = dtimes["torch SDPA (whole cache)"][0]
     return {"shape": [1, h, s, d], "block_size": bs, "density_of_causal_blocks": density,
             "ms": {name: [t * 1e3, lo * 1e3, hi * 1e3] for name, (t, lo, hi) in times.items()},
             "vs_sdpa": {name: sdpa / t for name, (t, _, _) in times.items()},
-            "rel_err_vs_reference": err, "dense_rel_err_vs_sdpa": dense_err}
+            "rel_err_vs_reference": err, "dense_rel_err_vs_sdpa": dense_err, "window_rel_err": window_err,
+            "decode_shape": [1, h, 1, d], "decode_past": past, "decode_window_rel_err": decode_err,
+            "decode_us": {name: [t * 1e6, lo * 1e6, hi * 1e6] for name, (t, lo, hi) in dtimes.items()},
+            "decode_vs_sdpa": {name: dsdpa / t for name, (t, _, _) in dtimes.items()}}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -331,7 +354,12 @@ def print_tables(results: dict) -> None:
         for name, (ms, lo, hi) in r["ms"].items():
             print(f"{name:<26} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {r['vs_sdpa'][name]:7.2f}x")
         print(f"rel err: block-sparse vs reference {r['rel_err_vs_reference']:.1e}, dense vs SDPA "
-              f"{r['dense_rel_err_vs_sdpa']:.1e}")
+              f"{r['dense_rel_err_vs_sdpa']:.1e}, window vs reference {r['window_rel_err']:.1e}")
+        print(f"\n    decode attention {r['decode_shape']} over {r['decode_past']} cached tokens")
+        print(f"{'variant':<34} {'us (min..max)':>24} {'vs SDPA':>8}")
+        for name, (us, lo, hi) in r["decode_us"].items():
+            print(f"{name:<34} {us:10.1f} ({lo:.1f}..{hi:.1f}) {r['decode_vs_sdpa'][name]:7.2f}x")
+        print(f"rel err: window decode vs reference {r['decode_window_rel_err']:.1e}")
 
 
 def main(argv=None) -> dict:

@@ -13,9 +13,13 @@ The computation, per (b, h, i) row, in stages the schedule keeps in a per-row sc
     p[j]        = visible ? exp(s[j] - m) : 0;  l = sum_j p[j]
     acc[e]      = sum_j p[j] * v[j, e];  out[e] = l > 0 ? acc[e] / l : 0;  lse = l > 0 ? m + log(l) : -inf
 
-With at least `tvm.attention.rows` queries (prefill) the tiled build runs instead (`attention_tiled_lowered`):
-tiles of rows x keys with the rows as vector lanes, so a K / V row is read once per tile of queries; on this
-host (AVX-512) it is ~3x the row kernel on a causal 8 x 1024 x 64 prefill (docs/benchmarks.md).
+With at least `tvm.attention.rows` queries (prefill) the tiled builds run instead (`attention_tiled_lowered`):
+tiles of rows x keys with the rows as vector lanes, so a K / V row is read once per tile of queries. A causal
+prefill runs in chunks of CHUNK_QUERIES queries, each scanning only the key tiles up to its last query; causal
+attention with a window scans, per query tile, the sink tiles and the tiles its window reaches, and a decode
+step with a window over a longer cache reads sinks + window keys per row (the "window" row build): what the
+sliding-window pass saves in FLOPs, these builds save in time. On this host (AVX-512, 8 x 1024 x 64, one
+thread) dense causal prefill is ~1.3x SDPA, a window of 256 + 4 sinks ~2.4x (docs/benchmarks.md).
 
 B, Sq and Skv are symbolic: one build serves every batch, prompt length and cache length. A symbolic
 q_offset (e.g. "past") is passed at call time as a scalar argument.
@@ -33,8 +37,12 @@ from lmforge.ir.graph import Node
 
 
 def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale: float, window, sinks: int,
-                      q_offset, return_lse: bool, vec: int) -> Lowered:
-    """TE of attention. `q_offset` is None (Skv - Sq), an int, or "dynamic" (a scalar argument)."""
+                      q_offset, return_lse: bool, vec: int, windowed: bool = False) -> Lowered:
+    """TE of attention. `q_offset` is None (Skv - Sq), an int, or "dynamic" (a scalar argument).
+
+    windowed (causal with a window; for caches longer than sinks + window): row i scans sinks + window key slots,
+    the sinks then keys p - window + 1 .. p, instead of all Skv keys (a decode step over a long cache reads only
+    what its window sees)."""
     from tvm import te, tirx
 
     batch, sq, skv = te.var("batch"), te.var("sq"), te.var("skv")
@@ -43,6 +51,22 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
     v = te.placeholder((batch, hkv, skv, dv), "float32", name="v")
     scalars = []
     offset = _query_offset(q_offset, sq, skv, scalars)
+    info = {"d": d, "dv": dv, "lanes": largest_divisor(d, vec), "return_lse": return_lse}
+
+    if windowed:
+        def unclamped(i, t):    # the key of slot t: sink t, or the window's (t - sinks)-th key
+            near = offset + i - window + 1 + t - sinks
+            return tirx.Select(t < sinks, t, near) if sinks else near
+
+        def slot_visible(b, h, i, t):
+            j = unclamped(i, t)
+            own = tirx.Select(t < sinks, j <= offset + i, j >= sinks) if sinks else j >= 0
+            return tirx.And(tirx.And(j >= 0, j < skv), own)
+
+        outs = _softmax_stages(q, k, v, sinks + window,
+                               lambda b, h, i, t: tirx.max(tirx.min(unclamped(i, t), skv - 1), 0), slot_visible,
+                               scale=scale, return_lse=return_lse, vec=vec, visible_by_slot=True)
+        return Lowered("attention", [q, k, v], outs, scalars, info=info)
 
     def visible(b, h, i, j):
         pos = offset + i
@@ -58,8 +82,7 @@ def attention_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale
 
     outs = _softmax_stages(q, k, v, skv, lambda b, h, i, t: t, visible, scale=scale, return_lse=return_lse,
                            vec=vec)
-    return Lowered("attention", [q, k, v], outs, scalars,
-                   info={"d": d, "dv": dv, "lanes": largest_divisor(d, vec), "return_lse": return_lse})
+    return Lowered("attention", [q, k, v], outs, scalars, info=info)
 
 
 def _query_offset(q_offset, sq, skv, scalars: list):
@@ -203,14 +226,16 @@ class AttentionKernel(OpKernel):
                 int(a["sinks"]), self.offset_mode, self.return_lse)
 
     def lower(self, variant) -> Lowered:
+        """Variants: 0 (row kernel), "window" (row kernel over the window's keys), "tiled" (scan build),
+        "tiled_window" (windowed tiled build)."""
         a = self.attrs
         common = dict(causal=bool(a["causal"]), scale=self.scale, window=a["window"], sinks=int(a["sinks"]),
-                      q_offset=self.offset_mode, return_lse=self.return_lse)
-        if variant == "tiled":
+                      return_lse=self.return_lse)
+        if variant in ("tiled", "tiled_window"):
             return attention_tiled_lowered(self.hq, self.hkv, self.d, self.dv, rows=self.rows, keys=self.keys,
-                                           **common)
+                                           windowed=variant == "tiled_window", **common)
         return attention_lowered(self.hq, self.hkv, self.d, self.dv, vec=int(self.knobs["tvm.attention.vec"]),
-                                 **common)
+                                 q_offset=self.offset_mode, windowed=variant == "window", **common)
 
     @property
     def rows(self) -> int:
@@ -219,6 +244,11 @@ class AttentionKernel(OpKernel):
     @property
     def keys(self) -> int:
         return int(self.knobs["tvm.attention.keys"])
+
+    @property
+    def windowed(self) -> bool:
+        """Causal with a window: the builds that scan only the window (and the sinks) apply."""
+        return bool(self.attrs["causal"]) and self.attrs["window"] is not None
 
     def describe(self) -> str:
         a = self.attrs
@@ -230,10 +260,13 @@ class AttentionKernel(OpKernel):
 
     def __call__(self, q, k, v, mask=None, **attrs):
         if mask is None and self.rows > 1 and q.shape[2] >= self.rows:
-            fn = self.fn("tiled")
-            if fn is not None:
-                return self._tiled(fn, q, k, v, attrs)
-        fn = self._main or self.main()
+            out = self._tiled(q, k, v, attrs)
+            if out is not None:
+                return out
+        fn = None
+        if mask is None and self.windowed and k.shape[2] > self.attrs["window"] + int(self.attrs["sinks"]):
+            fn = self.fn("window")
+        fn = fn or self._main or self.main()
         if fn is False or mask is not None:
             return self.run_reference(q, k, v, mask, **attrs)
         b, _, sq, _ = q.shape
@@ -248,21 +281,62 @@ class AttentionKernel(OpKernel):
         fn(*args, out)
         return out
 
+    def _offset(self, sq: int, skv: int, attrs) -> int:
+        """The position of query row 0 for this call (the q_offset attribute, evaluated)."""
+        if self.offset_mode is None:
+            return skv - sq
+        return int(attrs["q_offset"]) if self.offset_mode == "dynamic" else self.offset_mode
 
-    def _tiled(self, fn, q, k, v, attrs):
-        """The tiled build: q padded to whole tiles of rows, k / v to whole tiles of keys (views when they divide);
-        the real lengths go in as scalars; the outputs are cut back to the real rows."""
+    def _tiled(self, q, k, v, attrs):
+        """The tiled builds (None if they failed to build): q padded to whole tiles of rows, k / v to whole tiles
+        of keys (views when they divide); the outputs cut back to the real rows. Causal attention runs in chunks
+        of CHUNK_QUERIES queries, each scanning only the key tiles up to its last query (about half the work of
+        scanning all of them); causal with a window runs the windowed build when it scans fewer key tiles."""
         b, _, sq, _ = q.shape
-        tq, tk, tv, nq = _tiles(q, k, v, self.rows, self.keys)
-        args = [tq, tk, tv, sq, k.shape[2]]
-        if self.offset_mode == "dynamic":
-            args.append(int(attrs["q_offset"]))
-        outs = [self.empty((b, self.hq, nq, self.rows, self.dv))]
+        rows, keys, skv = self.rows, self.keys, k.shape[2]
+        offset = self._offset(sq, skv, attrs)
+        tq, tk, tv, nq = _tiles(q, k, v, rows, keys)
+        nk = tk.shape[2]
+
+        def seen(last_tile: int) -> int:    # key tiles that query tiles 0 .. last_tile can see (at least one)
+            if not self.attrs["causal"]:
+                return nk
+            return max(1, min(nk, (offset + (last_tile + 1) * rows - 1) // keys + 1))
+
+        step = max(1, CHUNK_QUERIES // rows) if self.attrs["causal"] else nq
+        chunks = [(t0, min(step, nq - t0)) for t0 in range(0, nq, step)]
+        plan = [("tiled", t0, n, seen(t0 + n - 1)) for t0, n in chunks]
+        if self.windowed:
+            slots = -(-int(self.attrs["sinks"]) // keys) + (self.attrs["window"] + rows - 2) // keys + 2
+            if nq * slots < sum(n * scan for *_, n, scan in plan):
+                plan = [("tiled_window", 0, nq, None)]
+        fns = {variant: self.fn(variant) for variant, *_ in plan}
+        if None in fns.values():
+            return None
+        outs = [self.empty((b, self.hq, nq, rows, self.dv))]
         if self.return_lse:
-            outs.append(self.empty((b, self.hq, nq, self.rows), slot=1))
-        fn(*args, *outs)
+            outs.append(self.empty((b, self.hq, nq, rows), slot=1))
+        _run_chunks(fns, plan, lambda t0, scan: (tq, tk, tv, sq, skv, offset, t0, *([] if scan is None else [scan])),
+                    outs)
         cut = [_untile(o, sq) for o in outs]
         return tuple(cut) if self.return_lse else cut[0]
+
+
+def _run_chunks(fns: dict, plan: list, args, outs: list) -> None:
+    """Run a plan of (variant, first query tile, tiles, key tiles scanned) calls of tiled builds into `outs`
+    ([B, H, nQ, rows, ...]): a call over all nQ tiles writes them in place, a chunk a fresh buffer copied in.
+    `args(t0, scan)` gives a call's inputs and scalars."""
+    nq = outs[0].shape[2]
+    for variant, t0, n, scan in plan:
+        part = outs if n == nq else [torch.empty((*o.shape[:2], n, *o.shape[3:]), dtype=o.dtype) for o in outs]
+        fns[variant](*args(t0, scan), *part)
+        if part is not outs:
+            for o, p in zip(outs, part):
+                o[:, :, t0:t0 + n] = p
+
+
+CHUNK_QUERIES = 64  # queries per call of a causal prefill (each call scans the key tiles up to its last query):
+# on this host (8 x 1024 x 64, 1 thread) chunks of 32-128 queries take ~0.6x the time of one call over all
 
 
 def _tiles(q, k, v, rows: int, keys: int):
@@ -363,7 +437,15 @@ class BlockSparseAttentionKernel(OpKernel):
             if tiled is not None:
                 tq, tk, tv, nq = _tiles(q, k, v, self.rows, self.keys)
                 out = self.empty((b, self.hq, nq, self.rows, self.dv))
-                tiled(tq, tk, tv, blocks, counts, sq, k.shape[2], out)
+                # chunks of query tiles, each scanning the most key tiles one of its query blocks keeps
+                per_block, qtiles = self.block_size // self.keys, self.block_size // self.rows
+                kept = counts.amax(dim=(0, 1)).tolist() if counts.numel() else [0]
+                step = max(1, CHUNK_QUERIES // self.rows)
+                plan = [("tiled", t0, min(step, nq - t0),
+                         max(1, per_block * max(kept[t0 // qtiles:(min(t0 + step, nq) - 1) // qtiles + 1])))
+                        for t0 in range(0, nq, step)]
+                _run_chunks({"tiled": tiled}, plan, lambda t0, scan: (tq, tk, tv, blocks, counts, sq, k.shape[2],
+                                                                      t0, scan), [out])
                 return _untile(out, sq)
         out = self.empty((b, self.hq, sq, self.dv))
         fn(ready(q), ready(k), ready(v), blocks, counts, out)
@@ -371,33 +453,67 @@ class BlockSparseAttentionKernel(OpKernel):
 
 
 def attention_tiled_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale: float, window, sinks: int,
-                            q_offset, return_lse: bool, rows: int, keys: int) -> Lowered:
+                            return_lse: bool, rows: int, keys: int, windowed: bool = False) -> Lowered:
     """TE of attention in tiles of `rows` queries x `keys` keys, for prefill (many query rows).
 
-    The caller pads and views: q as [B, Hq, nQ, rows, D], k / v as [B, Hkv, nK, keys, D]; `sq` and `skv`, the real
-    query and key counts, are scalar arguments (padded keys are invisible; padded query rows get positions past
-    the real ones and are dropped by the caller). The stages are `_tiled_stages`'.
+    The caller pads and views: q as [B, Hq, nQ, rows, D], k / v as [B, Hkv, nK, keys, D]. Scalar arguments: `sq`
+    and `skv`, the real query and key counts (padded keys are invisible; padded query rows get positions past the
+    real ones and are dropped by the caller), `q_offset`, the position of query row 0, and `tile0`: a call
+    computes the nOut query tiles tile0 .. tile0 + nOut - 1 (its outputs are [B, Hq, nOut, rows, ...]), so the
+    caller can cut a causal prefill into chunks of query tiles that each scan only the keys they can see.
+
+    Which key tiles a query tile scans (`_tiled_stages` runs the same stages over them):
+      - scan build: key tiles 0 .. n_scan - 1 (`n_scan` a scalar argument: nK, or fewer for a causal chunk);
+      - windowed build (causal with a window): ceil(sinks / keys) sink tiles, then the (window + rows - 2) // keys
+        + 2 tiles its window can reach, starting at the tile of key p0 - window + 1 (p0: the tile's first
+        position). The work is O(Sq (window + sinks)) instead of O(Sq Skv); a key is counted by one slot only
+        (sink slots count keys < sinks, window slots keys >= sinks).
     """
     from tvm import te, tirx
 
-    batch, nq, nk, sq, skv = te.var("batch"), te.var("nq"), te.var("nk"), te.var("sq"), te.var("skv")
+    batch, nq, nk, n_out = te.var("batch"), te.var("nq"), te.var("nk"), te.var("n_out")
+    sq, skv, offset, tile0, n_scan = (te.var(n) for n in ("sq", "skv", "q_offset", "tile0", "n_scan"))
     q = te.placeholder((batch, hq, nq, rows, d), "float32", name="q")
     k = te.placeholder((batch, hkv, nk, keys, d), "float32", name="k")
     v = te.placeholder((batch, hkv, nk, keys, dv), "float32", name="v")
-    scalars = [sq, skv]
-    offset = _query_offset(q_offset, sq, skv, scalars)
 
-    def visible(b, h, iq, r, jk, jj):
-        pos, j = offset + iq * rows + r, jk * keys + jj
-        cond = j < skv
-        if causal:
-            cond = tirx.And(cond, j <= pos)
-        if window is not None:
-            near = pos - j < window
-            cond = tirx.And(cond, tirx.Or(near, j < sinks) if sinks else near)
-        return cond
+    def position(iq, r):
+        return offset + (tile0 + iq) * rows + r
 
-    outs = _tiled_stages(q, k, v, nk, lambda b, h, iq, t: t, visible, scale=scale, return_lse=return_lse)
+    if windowed:
+        sink_tiles = -(-sinks // keys)
+
+        def unclamped(iq, t):   # the key tile of slot t, possibly outside [0, nK): such slots see nothing
+            first = tirx.floordiv(position(iq, 0) - window + 1, keys) + t - sink_tiles
+            return tirx.Select(t < sink_tiles, t, first) if sink_tiles else first
+
+        def key_tile(b, h, iq, t):
+            return tirx.max(tirx.min(unclamped(iq, t), nk - 1), 0)
+
+        def visible(b, h, iq, r, t, jj):
+            pos, j = position(iq, r), unclamped(iq, t) * keys + jj
+            near = tirx.And(j >= sinks, pos - j < window)
+            own = tirx.Select(t < sink_tiles, j < sinks, near) if sink_tiles else near
+            return tirx.And(tirx.And(j >= 0, j < skv), tirx.And(j <= pos, own))
+
+        n_tiles, scalars = sink_tiles + (window + rows - 2) // keys + 2, [sq, skv, offset, tile0]
+    else:
+        def key_tile(b, h, iq, t):
+            return t
+
+        def visible(b, h, iq, r, jk, jj):
+            pos, j = position(iq, r), jk * keys + jj
+            cond = j < skv
+            if causal:
+                cond = tirx.And(cond, j <= pos)
+            if window is not None:
+                near = pos - j < window
+                cond = tirx.And(cond, tirx.Or(near, j < sinks) if sinks else near)
+            return cond
+
+        n_tiles, scalars = n_scan, [sq, skv, offset, tile0, n_scan]
+
+    outs = _tiled_stages(q, k, v, n_out, tile0, n_tiles, key_tile, visible, scale=scale, return_lse=return_lse)
     return Lowered("attention_tiled", [q, k, v], outs, scalars,
                    info={"d": d, "dv": dv, "rows": rows, "keys": keys, "return_lse": return_lse})
 
@@ -405,12 +521,14 @@ def attention_tiled_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool,
 def block_sparse_tiled_lowered(hq: int, hkv: int, hm: int, d: int, dv: int, *, block_size: int, scale: float,
                                rows: int, keys: int) -> Lowered:
     """block_sparse_attention_lowered in tiles (`_tiled_stages`): a tile of `rows` queries (inside one query block:
-    rows divides block_size) scans the key tiles of its query block's kept key blocks, maxk * block_size / keys
-    of them (keys divides block_size). q, k, v come padded and viewed as for attention_tiled_lowered."""
+    rows divides block_size) scans the key tiles of its query block's kept key blocks (keys divides block_size):
+    n_scan of them, a scalar argument of at most maxk * block_size / keys. q, k, v come padded and viewed as for
+    attention_tiled_lowered; a call computes query tiles tile0 .. tile0 + nOut - 1, so the caller can run chunks
+    of query tiles that each scan only as many slots as their query blocks keep."""
     from tvm import te, tirx
 
     batch, nq, nk, sq, skv = te.var("batch"), te.var("nq"), te.var("nk"), te.var("sq"), te.var("skv")
-    nqb, maxk = te.var("nqb"), te.var("maxk")
+    nqb, maxk, n_out, tile0, n_scan = (te.var(n) for n in ("nqb", "maxk", "n_out", "tile0", "n_scan"))
     q = te.placeholder((batch, hq, nq, rows, d), "float32", name="q")
     k = te.placeholder((batch, hkv, nk, keys, d), "float32", name="k")
     v = te.placeholder((batch, hkv, nk, keys, dv), "float32", name="v")
@@ -419,24 +537,26 @@ def block_sparse_tiled_lowered(hq: int, hkv: int, hm: int, d: int, dv: int, *, b
     offset = skv - sq
     mask_group, per_block, qtiles = hq // hm, block_size // keys, block_size // rows
 
+    def kept(b, h, iq, t):       # the key block of slot t
+        return blocks[b, h // mask_group, (tile0 + iq) // qtiles, tirx.min(t // per_block, maxk - 1)]
+
     def key_tile(b, h, iq, t):   # slot t of the tile's scan -> the key tile it reads
-        kept = blocks[b, h // mask_group, iq // qtiles, t // per_block]
-        return tirx.min(kept * per_block + t % per_block, nk - 1)
+        return tirx.min(kept(b, h, iq, t) * per_block + t % per_block, nk - 1)
 
     def visible(b, h, iq, r, t, jj):
-        kept = blocks[b, h // mask_group, iq // qtiles, t // per_block]
-        j = kept * block_size + (t % per_block) * keys + jj
-        real = t // per_block < counts[b, h // mask_group, iq // qtiles]
-        return tirx.And(real, tirx.And(j <= offset + iq * rows + r, j < skv))
+        j = kept(b, h, iq, t) * block_size + (t % per_block) * keys + jj
+        real = t // per_block < counts[b, h // mask_group, (tile0 + iq) // qtiles]
+        return tirx.And(real, tirx.And(j <= offset + (tile0 + iq) * rows + r, j < skv))
 
-    outs = _tiled_stages(q, k, v, maxk * per_block, key_tile, visible, scale=scale, return_lse=False)
-    return Lowered("attention_tiled", [q, k, v, blocks, counts], outs, [sq, skv],
+    outs = _tiled_stages(q, k, v, n_out, tile0, n_scan, key_tile, visible, scale=scale, return_lse=False)
+    return Lowered("attention_tiled", [q, k, v, blocks, counts], outs, [sq, skv, tile0, n_scan],
                    info={"d": d, "dv": dv, "rows": rows, "keys": keys, "return_lse": False})
 
 
-def _tiled_stages(q, k, v, n_tiles, key_tile, visible, *, scale: float, return_lse: bool) -> list:
-    """Per (b, h, query tile), over key-tile slots t in [0, n_tiles) (slot t reads key tile key_tile(b, h, iq, t);
-    key jj of it counts iff visible(b, h, iq, r, t, jj)), with the tile's rows as vector lanes:
+def _tiled_stages(q, k, v, n_out, tile0, n_tiles, key_tile, visible, *, scale: float, return_lse: bool) -> list:
+    """Per (b, h, query tile iq in [0, n_out): q's tile tile0 + iq), over key-tile slots t in [0, n_tiles) (slot t
+    reads key tile key_tile(b, h, iq, t); key jj of it counts iff visible(b, h, iq, r, t, jj)), with the tile's rows
+    as vector lanes:
 
         qT[d, r]      = scale * q[r, d]                                   (the tile transposed, in scratch)
         s[t, jj, r]   = sum_d k[tile(t), jj, d] * qT[d, r]     keys x rows accumulators in registers per slot
@@ -446,11 +566,11 @@ def _tiled_stages(q, k, v, n_tiles, key_tile, visible, *, scale: float, return_l
     so every K and V row is read once per tile of rows instead of once per row."""
     from tvm import te, tirx
 
-    batch, hq, nq, rows, d = q.shape
+    batch, hq, _, rows, d = q.shape
     hkv, keys, dv = k.shape[1], k.shape[3], v.shape[4]
-    group = hq // hkv
-    qt = te.compute((batch, hq, nq, d, rows), lambda b, h, iq, c, r: q[b, h, iq, r, c] * tirx.const(scale, "float32"),
-                    name="q_t")
+    group, nq = hq // hkv, n_out
+    qt = te.compute((batch, hq, nq, d, rows), lambda b, h, iq, c, r: q[b, h, tile0 + iq, r, c] *
+                    tirx.const(scale, "float32"), name="q_t")
     dd = te.reduce_axis((0, d), "dd")
     s = te.compute((batch, hq, nq, n_tiles, keys, rows), lambda b, h, iq, t, jj, r: te.sum(
         k[b, h // group, key_tile(b, h, iq, t), jj, dd] * qt[b, h, iq, dd, r], axis=dd), name="scores")

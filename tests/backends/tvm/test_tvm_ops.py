@@ -130,31 +130,110 @@ def test_attention(tvm_backend, single_op_graph, randn, q_shape, k_shape, attrs)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-TILED_CASES = [  # q shape, k shape, attrs, (rows, keys): prefill shapes that take the tiled build
-    ((1, 4, 16, 32), (1, 4, 16, 32), {"causal": True}, (16, 4)),                # whole tiles of rows and keys
-    ((2, 4, 37, 16), (2, 2, 45, 16), {"causal": True}, (16, 4)),                # ragged both ways, GQA, offset 8
-    ((1, 4, 13, 16), (1, 1, 13, 16), {"causal": True, "window": 5, "sinks": 2}, (4, 2)),   # window + sinks, MQA
-    ((1, 2, 9, 16), (1, 2, 11, 16), {}, (8, 8)),                                # dense (not causal), one key tile
-    ((1, 2, 10, 16), (1, 2, 14, 16), {"causal": True, "q_offset": -3, "return_lse": True}, (4, 4)),  # empty rows
+TILED_CASES = [  # q shape, k shape, attrs, (rows, keys), the builds that run: prefill shapes that take the tiled path
+    ((1, 4, 16, 32), (1, 4, 16, 32), {"causal": True}, (16, 4), {"tiled"}),         # whole tiles of rows and keys
+    ((2, 4, 37, 16), (2, 2, 45, 16), {"causal": True}, (16, 4), {"tiled"}),         # ragged both ways, GQA, offset 8
+    ((1, 4, 13, 16), (1, 1, 13, 16), {"causal": True, "window": 5, "sinks": 2}, (4, 2), {"tiled_window"}),  # MQA
+    ((1, 2, 9, 16), (1, 2, 11, 16), {}, (8, 8), {"tiled"}),                          # dense (not causal), one key tile
+    ((1, 2, 10, 16), (1, 2, 14, 16), {"causal": True, "q_offset": -3, "return_lse": True}, (4, 4), {"tiled"}),
+    # causal in chunks of 8 query tiles (16 queries), each scanning the key tiles up to its last query
+    ((2, 4, 43, 16), (2, 2, 50, 16), {"causal": True, "return_lse": True}, (2, 4), {"tiled"}),
+    # window + sinks: sink tiles then the window's tiles (sinks and window not multiples of the key tile)
+    ((1, 4, 40, 16), (1, 2, 47, 16), {"causal": True, "window": 7, "sinks": 3, "return_lse": True}, (4, 2),
+     {"tiled_window"}),
+    ((2, 2, 33, 8), (2, 2, 33, 8), {"causal": True, "window": 6}, (2, 4), {"tiled_window"}),   # no sinks
+    ((1, 2, 21, 8), (1, 2, 30, 8), {"causal": True, "window": 4, "sinks": 1, "q_offset": 2}, (4, 4),
+     {"tiled_window"}),                                                         # queries before the cache's end
+    ((1, 2, 12, 8), (1, 2, 12, 8), {"causal": True, "window": 20, "sinks": 2}, (4, 4), {"tiled"}),  # window > Skv
 ]
 
 
-@pytest.mark.parametrize("q_shape,k_shape,attrs,tiles", TILED_CASES)
-def test_tiled_prefill_attention(tvm_backend, single_op_graph, randn, q_shape, k_shape, attrs, tiles):
-    """With at least `tvm.attention.rows` queries the tiled build runs (queries and keys padded to whole tiles,
-    the real lengths as scalars) and equals the reference."""
+@pytest.mark.parametrize("q_shape,k_shape,attrs,tiles,builds", TILED_CASES)
+def test_tiled_prefill_attention(tvm_backend, single_op_graph, randn, monkeypatch, q_shape, k_shape, attrs, tiles,
+                                  builds):
+    """With at least `tvm.attention.rows` queries the tiled builds run (queries and keys padded to whole tiles, the
+    real lengths as scalars; causal in chunks of query tiles, 16 queries here so that these shapes take several; a
+    window scanned without the keys it cannot see) and equal the reference."""
     from lmforge.backends.torch import TorchReference
+    from lmforge.backends.tvm import lower_attention
     from lmforge.compiler import CompiledModel
 
+    monkeypatch.setattr(lower_attention, "CHUNK_QUERIES", 16)
     q, k, v = randn(*q_shape, seed=19), randn(*k_shape, seed=20), randn(*k_shape, seed=21)
     backend = tvm_backend({"tvm.attention.rows": tiles[0], "tvm.attention.keys": tiles[1]})
     compiled = CompiledModel(single_op_graph("attention", [q, k, v], attrs), backends=[backend, TorchReference()])
     got = compiled(q, k, v)
     kernel = compiled.kernels[0].fn
-    assert "tiled" in kernel._fns and kernel._fns["tiled"] is not None and not kernel.failures
+    assert set(kernel._fns) == builds and None not in kernel._fns.values() and not kernel.failures
     want = attention_expected(q, k, v, **attrs)
     for g, w in zip(*((got, want) if attrs.get("return_lse") else ((got,), (want,)))):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_prefill_chunks_scan_only_visible_key_tiles(tvm_backend, single_op_graph, randn, monkeypatch):
+    """A causal prefill runs in chunks of CHUNK_QUERIES queries, and each chunk's call scans the key tiles up to its
+    last query only (the work skipped is the masked upper half); a block-sparse prefill's chunks scan as many slots
+    as their densest query block keeps."""
+    from lmforge.backends.torch import TorchReference
+    from lmforge.backends.tvm import lower_attention
+    from lmforge.compiler import CompiledModel
+    from lmforge.ir.ops import get_op
+
+    monkeypatch.setattr(lower_attention, "CHUNK_QUERIES", 16)
+    q, k, v = randn(1, 2, 64, 8, seed=1), randn(1, 2, 64, 8, seed=2), randn(1, 2, 64, 8, seed=3)
+    backend = tvm_backend({"tvm.attention.rows": 4, "tvm.attention.keys": 4})
+
+    def recorded(kernel, variant):   # the arguments of every call of the kernel's build `variant`
+        calls, fn = [], kernel.fn(variant)
+
+        def record(*args):
+            calls.append(args)
+            return fn(*args)
+        kernel._fns[variant] = record
+        return calls
+
+    compiled = CompiledModel(single_op_graph("attention", [q, k, v], {"causal": True}),
+                             backends=[backend, TorchReference()])
+    calls = recorded(compiled.kernels[0].fn, "tiled")
+    torch.testing.assert_close(compiled(q, k, v), attention_expected(q, k, v, causal=True), rtol=1e-5, atol=1e-5)
+    assert [(int(c[6]), int(c[7])) for c in calls] == [(0, 4), (4, 8), (8, 12), (12, 16)]  # (tile0, n_scan)
+
+    nb = 64 // 8
+    mask = torch.zeros(1, 2, nb, nb, dtype=torch.bool)
+    mask[:, :, :, 0] = True                          # a sink block everywhere, the diagonal in the last query block
+    mask[:, 1, 7, 7] = True
+    compiled = CompiledModel(single_op_graph("block_sparse_attention", [q, k, v, mask], {"block_size": 8}),
+                             backends=[backend, TorchReference()])
+    calls = recorded(compiled.kernels[0].fn, "tiled")
+    want = get_op("block_sparse_attention").reference(q, k, v, mask, block_size=8)
+    torch.testing.assert_close(compiled(q, k, v, mask), want, rtol=1e-5, atol=1e-5)
+    assert [(int(c[7]), int(c[8])) for c in calls] == [(0, 2), (4, 2), (8, 2), (12, 4)]  # 2 key tiles per block
+
+
+WINDOW_DECODE_CASES = [  # q shape, k shape, attrs: caches longer than sinks + window take the windowed row build
+    ((2, 4, 1, 16), (2, 2, 40, 16), {"causal": True, "window": 8, "sinks": 4}),             # decode, GQA
+    ((1, 2, 1, 16), (1, 2, 23, 16), {"causal": True, "window": 5, "return_lse": True}),     # no sinks
+    ((1, 2, 3, 8), (1, 1, 30, 8), {"causal": True, "window": 4, "sinks": 2, "q_offset": 1}),  # sinks past the query
+    ((1, 2, 2, 8), (1, 2, 12, 8), {"causal": True, "window": 3, "sinks": 2, "q_offset": -1, "return_lse": True}),
+]
+
+
+@pytest.mark.parametrize("q_shape,k_shape,attrs", WINDOW_DECODE_CASES)
+def test_windowed_decode_attention(tvm_backend, single_op_graph, randn, q_shape, k_shape, attrs):
+    """A decode step with a window over a long cache reads sinks + window keys per row (the "window" build) and
+    equals the reference; a cache no longer than sinks + window takes the plain row build."""
+    from lmforge.backends.torch import TorchReference
+    from lmforge.compiler import CompiledModel
+
+    q, k, v = randn(*q_shape, seed=29), randn(*k_shape, seed=30), randn(*k_shape, seed=31)
+    compiled = CompiledModel(single_op_graph("attention", [q, k, v], attrs), backends=[tvm_backend(), TorchReference()])
+    kernel = compiled.kernels[0].fn
+    for keys in (k_shape[2], attrs["window"] + attrs.get("sinks", 0)):
+        kk, vv = k[:, :, :keys].contiguous(), v[:, :, :keys].contiguous()
+        got, want = compiled(q, kk, vv), attention_expected(q, kk, vv, **attrs)
+        for g, w in zip(*((got, want) if attrs.get("return_lse") else ((got,), (want,)))):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert set(kernel._fns) == {0, "window"} and None not in kernel._fns.values() and not kernel.failures
 
 
 @pytest.mark.parametrize("rows", [16, 4])   # 4 rows: the tiled build (q_offset as a scalar argument there too)
@@ -190,9 +269,13 @@ BLOCK_SPARSE_CASES = [  # q shape, k shape, mask heads, block size, keep probabi
     ((2, 4, 16, 16), (2, 2, 23, 16), 2, 4, 0.6),       # tiles of 4 x 2 in blocks of 4, GQA, a chunk at the end
     ((1, 2, 8, 16), (1, 2, 8, 16), 2, 4, 0.0),         # tiled, nothing kept: zeros
 ])
-def test_block_sparse_attention(tvm_backend, run_on_tvm, randn, q_shape, k_shape, hm, bs, keep):
+def test_block_sparse_attention(tvm_backend, run_on_tvm, randn, monkeypatch, q_shape, k_shape, hm, bs, keep):
     """Visits only the listed key blocks and matches the reference (which masks the dense scores); with tiles that
-    divide the block size (4 rows x 2 keys here) the tiled build runs."""
+    divide the block size (4 rows x 2 keys here) the tiled build runs, in chunks of 8 queries here (each chunk
+    scans as many key tiles as its densest query block keeps)."""
+    from lmforge.backends.tvm import lower_attention
+
+    monkeypatch.setattr(lower_attention, "CHUNK_QUERIES", 8)
     q, k, v = randn(*q_shape, seed=21), randn(*k_shape, seed=22), randn(*k_shape, seed=23)
     nq, nk = -(-q_shape[2] // bs), -(-k_shape[2] // bs)
     g = torch.Generator().manual_seed(24)
