@@ -22,6 +22,7 @@ All totals are per run; `ProgramCost.per_prompt(...)` divides by the number of p
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from lmforge.errors import LmforgeError
@@ -208,8 +209,9 @@ def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = No
                 kin += kinetics_trace_eflops(tr, dims, I) * gpus
                 kvb += kv_bytes_read(tr, dims) * gpus
         elif node.op == "retrieve" and acc.queries:
-            est = node_time(retrieval_cost(node.attr, acc.query_len), hw)
-            time, efl = est.time_s * acc.queries, est.eflops * acc.queries
+            for length, n in Counter(acc.query_lens).items():
+                est = node_time(retrieval_cost(node.attr, length), hw)
+                time, efl = time + est.time_s * n, efl + est.eflops * n
             kin = efl
         out.append(NodeCost(node_index(acc), node.op, node.attr.get("model", ""), acc.prompt_tokens,
                             acc.generated_tokens, kvb, time, efl, kin, sum(t.steps for t in acc.traces)))

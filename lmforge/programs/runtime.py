@@ -1,7 +1,7 @@
 """Run a program graph: node by node, prompt by prompt, with per-node token accounting and a generation cache.
 
     runner = ProgramRunner(program_graph)
-    result = runner.run(prompts)            # prompts LongTensor [B, L]
+    result = runner.run(prompts)            # prompts LongTensor [B, L], or a list of 1-D prompts of any lengths
     result.tokens[:, 0]                     # the program's answer per prompt, [B, T]
     result.accounts[i].generated_tokens     # what node i decoded
 
@@ -43,8 +43,12 @@ class NodeAccount:
     op: str
     traces: list[DecodeTrace] = field(default_factory=list)
     checks: int = 0  # candidates a checker function looked at
-    queries: int = 0  # retrieve: prompts scored against the corpus
-    query_len: int = 0  # retrieve: their length
+    query_lens: list[int] = field(default_factory=list)  # retrieve: the length of each prompt scored
+
+    @property
+    def queries(self) -> int:
+        """retrieve: prompts scored against the corpus."""
+        return len(self.query_lens)
 
     @property
     def prompt_tokens(self) -> int:
@@ -216,8 +220,7 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     traces = account.traces if account is not None else []
     if node.op == "retrieve":
         if account is not None:
-            account.queries += args[0].shape[0]
-            account.query_len = args[0].shape[1]
+            account.query_lens += [args[0].shape[1]] * args[0].shape[0]
         return run_retrieve(a, args[0])
     if node.op == "generate":
         gens = run_generate(ctx, idx, a, args[0])
@@ -360,10 +363,15 @@ class ProgramRunner:
         return self._models[key]
 
     @torch.no_grad()
-    def run(self, prompts: torch.Tensor) -> ProgramResult:
-        if prompts.dim() != 2 or prompts.dtype != torch.long:
-            raise LmforgeError(f"a program takes prompts as a LongTensor [batch, prompt_len], got "
-                               f"{prompts.dtype} {tuple(prompts.shape)}")
+    def run(self, prompts) -> ProgramResult:
+        """Run the program on prompts: a LongTensor [batch, prompt_len], or a list of 1-D LongTensors of any
+        lengths (prompts of one length run as one batch; results come back in the list's order)."""
+        if isinstance(prompts, (list, tuple)):
+            return self._run_lengths(prompts)
+        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.dtype != torch.long:
+            got = f"{prompts.dtype} {tuple(prompts.shape)}" if isinstance(prompts, torch.Tensor) else type(prompts)
+            raise LmforgeError(f"a program takes prompts as a LongTensor [batch, prompt_len] or a list of 1-D "
+                               f"LongTensors, got {got}")
         env = {self.graph.inputs[0].name: prompts}
         accounts = []
         before = torch.get_num_threads()
@@ -378,6 +386,32 @@ class ProgramRunner:
             torch.set_num_threads(before)
         tok, sc = (env[v.name] for v in self.graph.outputs)
         return ProgramResult(tok, sc, accounts, prompts.shape[0])
+
+    def _run_lengths(self, prompts) -> ProgramResult:
+        """Prompts of different lengths: one batched run per length; outputs in the list's order, each node's
+        accounting merged over the runs (its traces grouped by prompt length)."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.dtype != torch.long or p.numel() == 0:
+                got = f"{p.dtype} {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__
+                raise LmforgeError(f"prompt {i} of the list is {got}: each prompt must be a non-empty 1-D "
+                                   f"LongTensor of token ids")
+            groups.setdefault(p.numel(), []).append(i)
+        if not groups:
+            raise LmforgeError("no prompts to run: pass at least one prompt")
+        runs = [(rows, self.run(torch.stack([prompts[i] for i in rows]))) for rows in groups.values()]
+        first = runs[0][1]
+        tokens = first.tokens.new_empty((len(prompts), *first.tokens.shape[1:]))
+        scores = first.scores.new_empty((len(prompts), *first.scores.shape[1:]))
+        for rows, r in runs:
+            tokens[rows], scores[rows] = r.tokens, r.scores
+        accounts = [NodeAccount(a.index, a.op) for a in first.accounts]
+        for _, r in runs:
+            for merged, a in zip(accounts, r.accounts):
+                merged.traces += a.traces
+                merged.checks += a.checks
+                merged.query_lens += a.query_lens
+        return ProgramResult(tokens, scores, accounts, len(prompts))
 
 
 _HYDRAGEN: dict[tuple, tuple[Graph, Graph | None]] = {}  # (id(step), P, r) -> (step, rewritten): ids are rechecked
