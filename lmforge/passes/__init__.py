@@ -1,6 +1,7 @@
 """Graph passes. `default_pipeline()` lists the passes lmforge runs, one line each."""
 from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
 from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention, recognize_cache_append
+from lmforge.passes.decoding import decoding_knobs, decoding_pass, lower_decoding
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
 from lmforge.passes.quant import kv_quant_pass, weight_quant_pass
 from lmforge.passes.sparsity import shared_prefix_decode, sparsity_pass
@@ -37,5 +38,5 @@ def default_pipeline() -> list[Pass]:
     return canonical_pipeline() + tunable_pipeline()
 
 
-__all__ = ["recognize_cache_append", "kv_quant_pass", "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
+__all__ = ["decoding_knobs", "decoding_pass", "lower_decoding", "recognize_cache_append", "kv_quant_pass", "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
            "recognize_attention"]

@@ -9,7 +9,7 @@ A rule gets a node (inputs already substituted) and the `RewriteContext`; it ret
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 from lmforge.ir.graph import Graph, Node, Value, unique_name
 
@@ -54,3 +54,24 @@ def rewrite(graph: Graph, rule: Callable[[Node, RewriteContext], object]) -> Gra
                 if old.name != fresh.name:
                     subst[old.name] = fresh
     return graph.with_nodes(nodes, [sub(v) for v in graph.outputs])
+
+
+def retype(body: Graph, inputs: Sequence[Value] | None = None) -> Graph:
+    """`body` with every node's outputs re-inferred by the op registry, after new input types (`inputs`: a fused
+    region on a rank's part) or changed attributes (a generate node's strategy); verified."""
+    from lmforge.ir.ops import get_op
+    from lmforge.ir.verify import verify
+
+    inputs = tuple(body.inputs if inputs is None else inputs)
+    vals = {old.name: new for old, new in zip(body.inputs, inputs)}
+    vals.update({p.name: p for p in body.params})
+    nodes = []
+    for n in body.nodes:
+        ins = [None if v is None else vals.get(v.name, v) for v in n.inputs]
+        types = get_op(n.op).infer([None if v is None else v.type for v in ins], n.attr, n.regions)
+        outs = tuple(Value(o.name, t) for o, t in zip(n.outputs, types))
+        vals.update({o.name: new for o, new in zip(n.outputs, outs)})
+        nodes.append(replace(n, inputs=tuple(ins), outputs=outs))
+    new = replace(body, inputs=inputs, nodes=tuple(nodes), outputs=tuple(vals[v.name] for v in body.outputs))
+    verify(new)
+    return new

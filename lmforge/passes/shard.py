@@ -45,6 +45,7 @@ from lmforge.ir.graph import Graph, Node, Value, unique_name
 from lmforge.ir.ops import get_op
 from lmforge.ir.ops.tensor_ops import BINARY, COMPARE, UNARY
 from lmforge.passes.base import Knob, Pass
+from lmforge.passes.rewrite import retype
 
 META_KEY = "tensor_parallel"
 ATTENTION_OPS = ("attention", "block_topk_attention", "block_sparse_attention", "flex_prefill_attention",
@@ -470,7 +471,7 @@ class _Sharder:
         if body.params or any(n.op not in ELEMENTWISE for n in body.nodes):
             return self.replicate(node)
         body_inputs = [Value(b.name, b.type.with_(shape=v.type.shape)) for b, v in zip(body.inputs, inputs)]
-        outs = self.emit("fused", inputs, node.attr, node.source, regions=(_retype(body, body_inputs),),
+        outs = self.emit("fused", inputs, node.attr, node.source, regions=(retype(body, body_inputs),),
                          names=[o.name for o in node.outputs])
         for old, new in zip(node.outputs, outs):
             self.vals[old.name], self.state[old.name] = new, s
@@ -581,24 +582,6 @@ class _Sharder:
             if node.op in ("reshape", "concat", "permute", "select", "slice"):
                 todo.extend(i for i in node.inputs if i is not None)
         return False
-
-
-def _retype(body: Graph, inputs: list[Value]) -> Graph:
-    """`body` with new input types, every node's outputs re-inferred (a fused region on a rank's part)."""
-    from lmforge.ir.verify import verify
-
-    vals = {old.name: new for old, new in zip(body.inputs, inputs)}
-    vals.update({p.name: p for p in body.params})
-    nodes = []
-    for n in body.nodes:
-        ins = [None if v is None else vals.get(v.name, v) for v in n.inputs]
-        types = get_op(n.op).infer([None if v is None else v.type for v in ins], n.attr, n.regions)
-        outs = tuple(Value(o.name, t) for o, t in zip(n.outputs, types))
-        vals.update({o.name: new for o, new in zip(n.outputs, outs)})
-        nodes.append(replace(n, inputs=tuple(ins), outputs=outs))
-    new = replace(body, inputs=tuple(inputs), nodes=tuple(nodes), outputs=tuple(vals[v.name] for v in body.outputs))
-    verify(new)
-    return new
 
 
 # ---- public API ------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Knob
+from lmforge.passes.decoding import DecodingError, lower_decoding, model_pass_config
 from lmforge.passes.shard import ShardError
 from lmforge.programs.builder import ProgramBuilder
 from lmforge.programs.cost import _StepCosts, program_cost
@@ -101,12 +102,23 @@ class Evaluation:
 class ProgramEvaluator:
     """Builds, runs and costs the program of a config on the first `n` dev problems (results memoized)."""
 
-    def __init__(self, steps: Mapping[str, Any], prompts: torch.Tensor, answers: torch.Tensor, hw, *,
-                 eos_id: int, scorer: str = "", temperature: float = 1.0, seed: int = 0, fuser: Any = None,
+    def __init__(self, steps: Mapping[str, Any] | None, prompts: torch.Tensor, answers: torch.Tensor, hw, *,
+                 eos_id: int | None = None, scorer: str = "", temperature: float = 1.0, seed: int = 0,
+                 fuser: Any = None,
                  group_size: int = 32, tune_tiles: bool = False, batch_prompts: bool = True,
                  retrievers: Mapping[str, tuple[str, str]] | None = None, insert_at: int = 0,
-                 prefills: Mapping[str, Any] | None = None, fuser_prefill: Any = None):
-        self.steps, self.prompts, self.answers, self.hw = dict(steps), prompts, answers, hw
+                 prefills: Mapping[str, Any] | None = None, fuser_prefill: Any = None, program: Any = None):
+        """steps: model -> decode step, for the built-in template (`build`); or `program`: the user's own program
+        graph, whose knobs are `lmforge.passes.decoding.decoding_knobs(program, ...)` (plus `shard.tp`), lowered
+        per config by `lower_decoding` (steps, eos_id, scorer, fuser, retrievers and prefills are then unused:
+        the program holds its models and attributes)."""
+        if (steps is None) == (program is None):
+            raise LmforgeError("ProgramEvaluator takes either steps= (the built-in program template) or program= "
+                               "(your own program graph), not both or neither")
+        if steps is not None and eos_id is None:
+            raise LmforgeError("ProgramEvaluator(steps=...) needs eos_id= (the end-of-sequence token of the models)")
+        self.program = program
+        self.steps, self.prompts, self.answers, self.hw = dict(steps or {}), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
         self.fuser, self.group_size = fuser, group_size   # fuser: the fuser model's decode step (full precision)
         self.tune_tiles = tune_tiles  # charge latency with each step's best Triton tile configs (GPU targets)
@@ -116,6 +128,7 @@ class ProgramEvaluator:
         # model -> its prefill graph (the pass knobs are applied to it as to the step): prompts in one call
         self.prefills, self.fuser_prefill = dict(prefills or {}), fuser_prefill
         self.cache = GenerationCache()
+        self._lowered: dict = {}   # lower_decoding's cache of lowered regions (program=...)
         self._variants: dict[tuple, Any] = {}
         self._costs: dict[tuple, _StepCosts] = {}
         self.memo: dict[tuple, Evaluation] = {}
@@ -130,21 +143,24 @@ class ProgramEvaluator:
 
         key = (model, window, kv, weight_bits, prefill)
         if key not in self._variants:
-            config = {"attn.decode_pattern": "window" if window else "dense", "attn.decode_window": window,
-                      "attn.sinks": 4, "quant.kv": kv, "quant.weight_bits": weight_bits,
-                      "quant.group_size": self.group_size, "fusion.merge_linears": False,
-                      "fusion.elementwise": False}
+            config = model_pass_config(window, kv, weight_bits, self.group_size)
             graph = self.prefills[model] if prefill else self.steps[model]
             self._variants[key] = PassManager(tunable_pipeline()).run(graph, config)
         return self._variants[key]
 
     def _variant_key(self, c: Mapping[str, Any]) -> tuple:
+        if self.program is not None:
+            return tuple(sorted((k, v) for k, v in c.items() if k.startswith("model.")))
         return (c["program.model"], c["attn.decode_window"], c["quant.kv"], c.get("quant.weight_bits", 16))
 
     def build(self, c: Mapping[str, Any]):
         from lmforge.passes.shard import tensor_parallel_regions
 
-        return tensor_parallel_regions(self._build(c), c.get("shard.tp", 1))
+        if self.program is not None:
+            program = lower_decoding(self.program, c, group_size=self.group_size, cache=self._lowered)
+        else:
+            program = self._build(c)
+        return tensor_parallel_regions(program, c.get("shard.tp", 1))
 
     def _build(self, c: Mapping[str, Any]):
         model = c["program.model"]
@@ -242,8 +258,8 @@ def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: floa
     for c in grid(knobs):
         try:
             evals.append(ev(c))
-        except ShardError:
-            continue   # a tp the models' heads do not divide by: not a program that exists
+        except (ShardError, DecodingError):
+            continue   # a tp the heads do not divide by, a strategy the program cannot take: not a program
     feasible = [e for e in evals if getattr(e, field_name) <= limit]
     best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     return SearchResult(best, evals, pareto_front(evals), ev.problems_evaluated - before, len(evals), 0)
@@ -284,7 +300,7 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         for step, n in enumerate(fidelities):
             try:
                 e = ev(config, n)
-            except ShardError as err:   # a tp the models' heads do not divide by: pruned, never scored
+            except (ShardError, DecodingError) as err:   # not a program (see grid_search): pruned, never scored
                 trial.set_user_attr("pruned_reason", str(err))
                 raise optuna.TrialPruned(str(err)) from err
             over = getattr(e, field_name) - limit
