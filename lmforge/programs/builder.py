@@ -139,14 +139,34 @@ class ProgramBuilder:
             attrs = dict(attrs, kv_shape=kv_shape_of(regions[0]))
         return self._op(op, [self.prompts if prompts is None else prompts, c.tokens, c.scores], attrs, regions)
 
+    def _upstream_eos(self, c: Candidates) -> int:
+        """The eos_id of the generate nodes the candidates come from, when they agree (else -1)."""
+        producers = {v.name: n for n in self._b._nodes for v in n.outputs}
+        found, todo = set(), [c.tokens]
+        while todo:
+            node = producers.get(todo.pop().name)
+            if node is None:
+                continue
+            if node.op == "generate":
+                found.add(node.attr["eos_id"])
+            else:
+                todo += [v for v in node.inputs if v is not None and v.type.rank == 3]
+        return found.pop() if len(found) == 1 else -1
+
     def rank(self, c: Candidates, by: str = "logprob", top_k: int = 1, model: str | None = None,
-             prompts: Value | None = None) -> Candidates:
-        return self._scored("rank", c, {"by": by, "top_k": top_k}, model, prompts)
+             prompts: Value | None = None, eos_id: int | None = None) -> Candidates:
+        """The top_k candidates; with a scoring model, by its log-probability of each up to its EOS (eos_id:
+        by default the eos_id of the generate nodes the candidates come from)."""
+        eos = self._upstream_eos(c) if eos_id is None else eos_id
+        return self._scored("rank", c, {"by": by, "top_k": top_k, "eos_id": eos}, model, prompts)
 
     def verify(self, c: Candidates, checker: str = "", first_k: int = 0, threshold: float = 0.5,
-               model: str | None = None, prompts: Value | None = None) -> Candidates:
-        return self._scored("verify", c, {"checker": checker, "first_k": first_k, "threshold": threshold}, model,
-                            prompts)
+               model: str | None = None, prompts: Value | None = None, eos_id: int | None = None) -> Candidates:
+        """Reject the candidates a checker function (or, with model=, a scoring model: mean log-probability per
+        token up to the candidate's EOS below log(threshold)) does not accept; eos_id as for rank."""
+        eos = self._upstream_eos(c) if eos_id is None else eos_id
+        return self._scored("verify", c, {"checker": checker, "first_k": first_k, "threshold": threshold,
+                                          "eos_id": eos}, model, prompts)
 
     def fuse(self, c: Candidates, by: str = "vote", model: str | None = None,
              prompts: Value | None = None) -> Candidates:

@@ -43,7 +43,8 @@ def verify(prompt, tokens, scores, checker: str = "", first_k: int = 0, threshol
            score_fn: Callable | None = None):
     """Mark candidates that fail the check with score -inf. checker: a registered function name; else the
     model's mean per-token log-probability (score_fn) must reach log(threshold). first_k > 0: stop after
-    the first first_k passing candidates (early exit); the unchecked rest are rejected too.
+    the first first_k passing candidates (early exit); the unchecked rest are rejected too. score_fn(prompt,
+    tokens, mean=True) gives the mean log-probability per token of each candidate (up to its EOS).
     Returns (tokens, scores, number of candidates checked)."""
     out = scores.clone()
     passed = checked = 0
@@ -55,7 +56,7 @@ def verify(prompt, tokens, scores, checker: str = "", first_k: int = 0, threshol
         if checker:
             ok = bool(function_scores(checker, prompt, tokens[i:i + 1])[0] > 0.5)
         else:
-            ok = bool(score_fn(prompt, tokens[i:i + 1])[0] / tokens.shape[1] >= torch.log(torch.tensor(threshold)))
+            ok = bool(score_fn(prompt, tokens[i:i + 1], mean=True)[0] >= torch.log(torch.tensor(threshold)))
         passed += ok
         if not ok:
             out[i] = NEG_INF

@@ -358,5 +358,5 @@ def _finish_beams(tokens, scores, max_new, eos, trace, per: int) -> Generation:
     for g in range(0, width, per):  # fewer legal continuations than beams: repeat the group's best beam
         dead = ~torch.isfinite(scores[g:g + per])
         if dead.any():
-            out[g:g + per][dead], lengths[g:g + per][dead] = out[g], lengths[g]
+            out[g:g + per][dead], lengths[g:g + per][dead] = out[g].clone(), lengths[g].clone()
     return Generation(out, scores, lengths, trace)

@@ -182,27 +182,38 @@ def _first_finish(gen: Generation) -> Generation:
     return Generation(gen.tokens[w:w + 1], gen.logprobs[w:w + 1], gen.lengths[w:w + 1], trace)
 
 
-def model_score_fns(model: StepModel, prompts, tokens, traces: list) -> list:
-    """One score_fn(prompt, tokens [j, T]) per prompt of prompts [B, L]: the summed log-probability of each row
-    under `model` (teacher forced). All B x k candidates of tokens [B, k, T] are scored up front as one batch;
-    each call then looks its rows up and records the trace a separate scoring call would have (prefill once, j
-    rows for T steps), so rank and verify (early exit) are charged for what they ask, as before batching."""
+def model_score_fns(model: StepModel, prompts, tokens, traces: list, eos: int = -1) -> list:
+    """One score_fn(prompt, tokens [j, T], mean=False) per prompt of prompts [B, L]: the summed log-probability of
+    each row under `model` (teacher forced) up to and including its first `eos` (the EOS padding after it is not
+    scored; eos -1: all T tokens), or with mean=True that sum over the row's length. All B x k candidates of
+    tokens [B, k, T] are scored up front as one batch; each call then looks its rows up and records the trace a
+    separate scoring call would have (prefill once; at step t the rows still before their EOS), so rank and
+    verify (early exit) are charged for what they ask, as before batching."""
     B, k, T = tokens.shape
     logits, kc, vc = model.prefill_many(prompts, [k] * B, True)
     flat = tokens.reshape(B * k, T)
+    lengths = torch.full((B * k,), T, dtype=torch.long)
+    if eos >= 0:
+        is_eos = flat == eos
+        lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, lengths)
     total = torch.zeros(B * k)
     for t in range(T):
-        total += logits.log_softmax(-1).gather(1, flat[:, t:t + 1]).squeeze(1)
-        if t + 1 < T:
+        step = logits.log_softmax(-1).gather(1, flat[:, t:t + 1]).squeeze(1)
+        total += torch.where(lengths > t, step, torch.zeros_like(step))
+        if t + 1 < int(lengths.max()):
             logits, kc, vc = model.run(flat[:, t], kc, vc)
-    total = total.reshape(B, k)
+        else:
+            break
+    total, lengths = total.reshape(B, k), lengths.reshape(B, k)
 
     def score_fn(b):
-        table = {tuple(row): total[b, i] for i, row in enumerate(tokens[b].tolist())}
+        table = {tuple(row): (total[b, i], int(lengths[b, i])) for i, row in enumerate(tokens[b].tolist())}
 
-        def score(prompt, cands):
-            traces.append(DecodeTrace(len(prompt), 1, [cands.shape[0]] * cands.shape[1], True))
-            return torch.stack([table[tuple(row)] for row in cands.tolist()])
+        def score(prompt, cands, mean: bool = False):
+            got = [table[tuple(row)] for row in cands.tolist()]
+            longest = max(n for _, n in got)
+            traces.append(DecodeTrace(len(prompt), 1, [sum(n > t for _, n in got) for t in range(longest)], True))
+            return torch.stack([s / n if mean else s for s, n in got])
 
         return score
 
@@ -231,7 +242,7 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     outs_t, outs_s = [], []
     score_fns = [None] * args[0].shape[0]
     if node.regions and node.op in ("rank", "verify"):  # a scoring model: all candidates scored as one batch
-        score_fns = model_score_fns(ctx.step_model(idx, 0, None), args[0], args[1], traces)
+        score_fns = model_score_fns(ctx.step_model(idx, 0, None), args[0], args[1], traces, a["eos_id"])
     for b in range(args[0].shape[0]):
         tokens, scores, checks = _compound_row(node, a, [x[b] for x in args], score_fns[b])
         if account is not None:

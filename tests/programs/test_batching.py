@@ -105,7 +105,9 @@ def test_fuser_batches_prompts_with_equal_inputs(tiny, fuser, monkeypatch):
 
 
 def _teacher_forced_logprob(model, prompt, cand):
-    """Sum of log p(cand[t] | prompt, cand[:t]) under the eager model: the reference for scoring models."""
+    """Sum of log p(cand[t] | prompt, cand[:t]) under the eager model, up to and including the first EOS (the
+    padding after it is not the candidate's): the reference for scoring models."""
+    cand = cand[:(cand.tolist() + [EOS]).index(EOS) + 1]
     seq = torch.cat([prompt, cand[:-1]])[None]
     logits = model.prefill(seq)[0][0].float().log_softmax(-1)
     steps = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(cand))
@@ -135,7 +137,31 @@ def test_rank_and_verify_with_a_scoring_model(tiny, task):
             torch.testing.assert_close(got.scores[i], want, rtol=1e-4, atol=1e-4)
     result = ProgramRunner(verified).run(prompts)
     checks, accepted = result.accounts[1], torch.isfinite(result.scores).sum(1)
-    assert all(t.prefill_rows == 1 and t.rows_per_step == [1] * ANSWER_LEN for t in checks.traces)
+    assert all(t.prefill_rows == 1 and t.rows_per_step == [1] * t.steps and 1 <= t.steps <= ANSWER_LEN
+               for t in checks.traces)
     assert accepted.max() == 1 and accepted.min() == 0     # early exit after one pass; some prompts pass none
     # one scoring call per candidate checked: a prompt with an accepted candidate stops at it, the others check all
     assert 6 < len(checks.traces) < 6 * 4 and (accepted == 0).sum() * 4 < len(checks.traces)
+
+
+def test_scoring_models_stop_at_each_candidates_eos(tiny, task):
+    """With max_new_tokens past the answers' length the candidates carry EOS padding: a scoring model scores each
+    up to its first EOS, so scoring greedy answers with the model that wrote them gives the generate node's own
+    scores, and verify by that model accepts them (the padding used to sink the scores)."""
+    _, step = tiny
+    prompts = task[0][:6]
+    b = ProgramBuilder("p", {"tiny": step})
+    cands = b.generate("tiny", max_new_tokens=ANSWER_LEN + 2, eos_id=EOS)
+    ranked = b.build(b.rank(cands, top_k=1, model="tiny"))
+    assert ranked.nodes[1].attr["eos_id"] == EOS                   # taken from the generate node
+    b = ProgramBuilder("p", {"tiny": step})
+    plain = b.build(b.generate("tiny", max_new_tokens=ANSWER_LEN + 2, eos_id=EOS))
+    want = ProgramRunner(plain).run(prompts).scores
+    got = ProgramRunner(ranked).run(prompts)
+    torch.testing.assert_close(got.scores, want, rtol=1e-5, atol=1e-5)
+    b = ProgramBuilder("p", {"tiny": step})
+    verified = b.build(b.verify(b.generate("tiny", max_new_tokens=ANSWER_LEN + 2, eos_id=EOS), threshold=0.9,
+                                model="tiny"))
+    result = ProgramRunner(verified).run(prompts)
+    assert bool(torch.isfinite(result.scores).all())
+    assert all(t.steps == ANSWER_LEN for t in result.accounts[1].traces)   # charged up to the EOS, not T

@@ -79,6 +79,28 @@ def test_trie_beam_output_is_in_the_catalog(tiny, task):
         assert tuple(cut) in catalog
 
 
+@pytest.mark.parametrize("catalog,width", [([(8, 3, 1, EOS)], 2), ([(8, 3, 1, EOS), (5, 5, 5, EOS)], 4)])
+def test_trie_beam_with_fewer_entries_than_beams_repeats_the_best(tiny, task, catalog, width):
+    """Fewer legal continuations than beams: the dead beams repeat the group's best beam, scored -inf (rejected)."""
+    _, step = tiny
+    got = run(step, task[0][:3], strategy="trie_beam", width=width, catalog=catalog)
+    live = torch.isfinite(got.scores)
+    assert live.sum(1).tolist() == [len(catalog)] * 3
+    for b in range(3):
+        assert {tuple(r) for r in got.tokens[b].tolist()} == set(catalog)
+        assert torch.equal(got.tokens[b, ~live[b]], got.tokens[b, :1].expand(int((~live[b]).sum()), -1))
+
+
+def test_trie_beam_without_eos_ends_dead_on_short_entries(tiny, task):
+    """With no EOS a complete entry shorter than max_new_tokens cannot go on: every beam is rejected (-inf)."""
+    _, step = tiny
+    b = ProgramBuilder("p", {"tiny": step})
+    graph = b.build(b.generate("tiny", max_new_tokens=T, eos_id=-1, strategy="trie_beam", width=2,
+                               catalog=[(8, 3), (1, 2)]))
+    got = ProgramRunner(graph).run(task[0][:2])
+    assert bool(torch.isinf(got.scores).all())
+
+
 def test_best_of_n_with_perfect_verifier_beats_greedy(tiny, task):
     _, step = tiny
     prompts, answers = task

@@ -197,6 +197,10 @@ RETRIEVE_ATTRS = {
 }
 
 
+_SCORED_EOS = attr("int", -1, "the candidates' end-of-sequence token: a scoring model scores each candidate up to "
+                              "and including its first EOS (-1: all T tokens)")
+
+
 def _cand_attrs(**extra):
     return {**extra, "kv_shape": attr("ints", (), "(layers, kv_heads, head_dim) of the scoring region, if any")}
 
@@ -211,12 +215,14 @@ def ops() -> list[OpDef]:
               {}, _ensemble_infer, _reference("ensemble"), _program_cost, arity=(2, None), op_class="program",
               kind="program", num_outputs=two),
         OpDef("rank", "The top_k candidates by log-probability, a scorer function, or a scoring model (region).",
-              _cand_attrs(by=attr("str", "logprob", "logprob | a registered scorer name"), top_k=attr("int", 1)),
+              _cand_attrs(by=attr("str", "logprob", "logprob | a registered scorer name"), top_k=attr("int", 1),
+                          eos_id=_SCORED_EOS),
               _select_infer("rank", lambda a, k: a["top_k"]), _reference("rank"), _program_cost, arity=(3, 3),
               op_class="program", kind="program", num_outputs=two),
         OpDef("verify", "Reject candidates a checker function (or a model, region) does not accept; early exit "
                         "after first_k accepted.",
-              _cand_attrs(checker=attr("str", ""), first_k=attr("int", 0), threshold=attr("float", 0.5)),
+              _cand_attrs(checker=attr("str", ""), first_k=attr("int", 0), threshold=attr("float", 0.5),
+                          eos_id=_SCORED_EOS),
               _select_infer("verify", lambda a, k: k), _reference("verify"), _program_cost, arity=(3, 3),
               op_class="program", kind="program", num_outputs=two),
         OpDef("fuse", "One candidate fused from all accepted ones: by='vote', a token-level vote weighted by "
