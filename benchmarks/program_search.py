@@ -13,6 +13,11 @@ accounting, the fuser's prefill of the k candidates included). Budget: --budget 
 with a 16-bit generator. The grid evaluates every config on the whole dev set; the search (TPE, multi-fidelity
 with the median pruner on 8 / 32 / 64 problems, budget as a constraint, half the trials random) is counted in
 dev-problem evaluations and stops at 20 % of the grid's (or at --trials x the grid's configs).
+
+--space ensemble searches a user-written program instead of the template: generate(tiny-early) and
+generate(tiny-mid) -> ensemble -> vote, with the decoding lowering's knobs (lmforge.passes.decoding): each
+generate node's strategy {greedy, best_of_n (n 2 / 4 / 8, majority vote), beam (width 2 / 4)} and each model's
+weight-only bits {16, 8, 4}; budget in units of the program as written (both greedy, 16-bit).
 """
 from __future__ import annotations
 
@@ -36,8 +41,23 @@ GENERATORS = ("tiny-early", "tiny-mid")
 
 
 def describe(e) -> str:
+    what = f"{e.config['program.model']} {short(e.config)}" if "program.model" in e.config else \
+        " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(e.config.items())
+                 if not (k.endswith((".n", ".width")) and e.config[k.rsplit(".", 1)[0] + ".strategy"] !=
+                         ("beam" if k.endswith(".width") else "best_of_n")))
     return (f"acc {e.accuracy:6.3f}  eFLOPs {e.eflops:10.3e}  Kinetics {e.kinetics_eflops:10.3e}  "
-            f"latency {e.latency_s * 1e3:8.3f} ms  {e.config['program.model']} {short(e.config)}")
+            f"latency {e.latency_s * 1e3:8.3f} ms  {what}")
+
+
+def ensemble_program(steps: dict, eos: int):
+    """The user-written program of --space ensemble, and its decoding knobs."""
+    from lmforge.passes.decoding import decoding_knobs
+    from lmforge.programs import ProgramBuilder
+
+    b = ProgramBuilder("two_model_vote", steps)
+    program = b.build(b.vote(b.ensemble(*(b.generate(m, max_new_tokens=4, eos_id=eos) for m in GENERATORS))))
+    return program, decoding_knobs(program, strategies=("greedy", "best_of_n", "beam"), n_choices=(2, 4, 8),
+                                   width_choices=(2, 4), weight_bits=(16, 8, 4))
 
 
 GREEDY = {"program.strategy": "greedy", "program.n": 2, "program.aggregator": "vote", "program.width": 2,
@@ -60,6 +80,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill", action="store_true",
                     help="give every model its prefill graph (prompts and fuser inputs in one call, charged as one "
                          "prefill run) instead of feeding prompts through the decode step token by token")
+    ap.add_argument("--space", choices=("template", "ensemble"), default="template",
+                    help="the built-in program template, or a user-written two-model ensemble (see above)")
     ap.add_argument("--one-prompt-at-a-time", action="store_true",
                     help="run the programs prompt by prompt (before batching; same results) to time the difference")
     args = ap.parse_args(argv)
@@ -77,12 +99,17 @@ def main(argv=None) -> None:
     hw = get_target("h100")
     scorer = "addition_checker" if args.oracle_verifier else ""
     space = program_space(list(GENERATORS), scorer=scorer, fuser=True, weight_bits=(16, 8, 4), max_new_choices=(4,))
+    if args.space == "ensemble":
+        program, space = ensemble_program(steps, EOS)
 
     latency = args.cost == "latency"
     cost_of = (lambda e: e.latency_s) if latency else (lambda e: e.eflops)
     unit = "s (predicted latency)" if latency else "eFLOPs"
 
     def make(gen_steps=steps):
+        if args.space == "ensemble" and gen_steps is steps:
+            return ProgramEvaluator(None, prompts, answers, hw, program=program, tune_tiles=latency,
+                                    batch_prompts=not args.one_prompt_at_a_time)
         return ProgramEvaluator(gen_steps, prompts, answers, hw, eos_id=EOS, scorer=scorer, fuser=fuser,
                                 tune_tiles=latency, batch_prompts=not args.one_prompt_at_a_time, **pre)
 
@@ -90,13 +117,16 @@ def main(argv=None) -> None:
         return {"budget_latency_s": limit} if latency else {"budget_eflops": limit}
 
     ev_grid = make()
-    greedy = ev_grid({**GREEDY, "program.model": GENERATORS[0]})
+    greedy = ev_grid({} if args.space == "ensemble" else {**GREEDY, "program.model": GENERATORS[0]})
     budget = args.budget * cost_of(greedy)
     ref = make({"tiny": strong})({**GREEDY, "program.model": "tiny"})
     print(f"reference outside the space: tiny greedy acc {ref.accuracy:.3f} at {cost_of(ref):.3e} {unit}/prompt "
           f"({cost_of(ref) / budget:.2f}x the budget)")
-    for m in GENERATORS:
-        print(f"{m} greedy: acc {ev_grid({**GREEDY, 'program.model': m}).accuracy:.3f}")
+    if args.space == "ensemble":
+        print(f"the program as written (both greedy, 16-bit): acc {greedy.accuracy:.3f}")
+    else:
+        for m in GENERATORS:
+            print(f"{m} greedy: acc {ev_grid({**GREEDY, 'program.model': m}).accuracy:.3f}")
     t0 = time.perf_counter()
     g = grid_search(ev_grid, space, **budgets(budget))
     t_grid = time.perf_counter() - t0
@@ -131,7 +161,10 @@ def main(argv=None) -> None:
     if latency:
         print("(no plot with --cost latency: the figure is the eFLOPs front)")
         return
-    by_model = {m: [e for e in g.evaluations if e.config["program.model"] == m] for m in steps}
+    if args.space == "ensemble":
+        by_model = {"two-model ensemble": g.evaluations}
+    else:
+        by_model = {m: [e for e in g.evaluations if e.config["program.model"] == m] for m in steps}
     plot_front(by_model, args.out, "Program search space: accuracy vs eFLOPs (H100 cost model)", budget=budget)
     print(f"plot: {args.out}")
 
