@@ -76,6 +76,16 @@ class ProgramBuilder:
         logits, k_cache, v_cache; e.g. a captured LlamaPrefill), so the nodes that run the model prefill a
         prompt in one call and are charged one prefill instead of a token-by-token feed. The prefill must compute
         what the step computes (same weights: their parameter names must match the step's)."""
+        for m, g in {**dict(models), **dict(prefills or {})}.items():
+            if not isinstance(g, Graph):
+                raise LmforgeError(f"model {m!r} is a {type(g).__name__}, not a graph: capture its decode step (and "
+                                   "prefill) first, e.g. lmforge.capture(LlamaDecodeStep(model), example_inputs, "
+                                   "dynamic=...)")
+        for m, g in (prefills or {}).items():
+            if len(g.inputs) == 1 and not all(isinstance(d, str) for d in g.inputs[0].type.shape):
+                raise LmforgeError(f"the prefill graph of {m!r} takes tokens {g.inputs[0].type}: capture it with "
+                                   "dynamic batch and sequence dims (dynamic={'tokens': {0: 'batch', 1: 'seq'}}) so "
+                                   "it takes any number of prompts of any length")
         self._b = GraphBuilder(name)
         self.prompts = self._b.input("prompts", TensorType(("batch", prompt_len), "int64"))
         self.models = {m: prefix_params(g, m) for m, g in models.items()}
@@ -189,17 +199,23 @@ class ProgramBuilder:
         return self._op("vote", [c.tokens, c.scores], {})
 
     def build(self, out: Candidates) -> Graph:
-        graph = self._b.build([out.tokens, out.scores])
+        """The program graph computing `out`; nodes it does not need (a generate whose candidates nothing reads)
+        are left out, so they are neither run nor charged."""
+        from lmforge.passes.canonical import dce
+
+        graph = dce(self._b.build([out.tokens, out.scores]))
         return verify_program(verify(graph))
 
 
 def program(name: str):
-    """Decorator: `fn(builder) -> Candidates` becomes `fn(models=..., prompt_len=...) -> program Graph`."""
+    """Decorator: `fn(builder) -> Candidates` becomes `fn(models=..., prompt_len=..., prefills=...) -> program
+    Graph`."""
 
     def wrap(fn: Callable[[ProgramBuilder], Candidates]):
         @functools.wraps(fn)
-        def build(models: Mapping[str, Graph], prompt_len: int | str = "prompt_len") -> Graph:
-            b = ProgramBuilder(name, models, prompt_len)
+        def build(models: Mapping[str, Graph], prompt_len: int | str = "prompt_len",
+                  prefills: Mapping[str, Graph] | None = None) -> Graph:
+            b = ProgramBuilder(name, models, prompt_len, prefills)
             return b.build(fn(b))
 
         return build
@@ -232,6 +248,7 @@ def verify_program(graph: Graph) -> Graph:
         a = n.attr
         if n.op == "generate":
             _check_generate(a, where, STRATEGIES, AGGREGATORS, has_function)
+            _check_token_ids(a, where, n.regions[0] if n.regions else None)
             continue
         if n.op == "retrieve" and not has_corpus(a["corpus"]):
             raise VerifyError(f"{where}: corpus {a['corpus']!r} is not registered; register it with "
@@ -254,6 +271,17 @@ def verify_program(graph: Graph) -> Graph:
             raise VerifyError(f"{where}: a fuser model needs a vocabulary of the task's tokens plus a separator")
         if n.op == "verify" and not a["checker"] and not n.regions:
             raise VerifyError(f"{where}: a verifier needs a checker function (checker=...) or a model (model=...)")
+        if n.op == "verify" and a["checker"] and n.regions:
+            raise VerifyError(f"{where}: give a verifier a checker function or a model, not both")
+        if n.op == "rank" and n.regions and a["by"] != "logprob":
+            raise VerifyError(f"{where}: rank by a scorer function ({a['by']!r}) or by a model, not both")
+        if n.op == "rank" and a["top_k"] < 1:
+            raise VerifyError(f"{where}: rank needs top_k >= 1, got {a['top_k']}")
+        if n.op == "verify" and a["first_k"] < 0:
+            raise VerifyError(f"{where}: first_k must be >= 0 (0: check every candidate), got {a['first_k']}")
+        if n.op == "verify" and n.regions and not 0.0 < a["threshold"] <= 1.0:
+            raise VerifyError(f"{where}: a model verifier's threshold is a per-token probability in (0, 1], got "
+                              f"{a['threshold']}")
         for fn_attr in ("checker",) if n.op == "verify" else (("by",) if n.op == "rank" else ()):
             name = a[fn_attr]
             if name and name != "logprob" and not has_function(name):
@@ -284,3 +312,23 @@ def _check_generate(a, where, strategies, aggregators, has_function) -> None:
         raise VerifyError(f"{where}: trie_beam needs a non-empty catalog of allowed token sequences")
     if s == "first_finish" and a["eos_id"] < 0:
         raise VerifyError(f"{where}: first_finish needs eos_id (the first sample to emit it wins)")
+    if s in ("sample", "best_of_n", "first_finish"):
+        if not a["temperature"] > 0:
+            raise VerifyError(f"{where}: sampling needs temperature > 0, got {a['temperature']} (for the most "
+                              "likely tokens use strategy='greedy')")
+        if not 0.0 < a["top_p"] <= 1.0:
+            raise VerifyError(f"{where}: top_p is the nucleus' probability mass, in (0, 1]; got {a['top_p']}")
+
+
+def _check_token_ids(a, where: str, step) -> None:
+    """eos_id and a trie catalog's ids must be tokens of the model's vocabulary (its step's logits width)."""
+    vocab = step.outputs[0].type.shape[-1] if step is not None and step.outputs else None
+    if not isinstance(vocab, int):
+        return
+    if a["eos_id"] >= vocab:
+        raise VerifyError(f"{where}: eos_id {a['eos_id']} is not a token of model {a['model']!r} (vocabulary of "
+                          f"{vocab}); give the model's end-of-sequence id, or -1 for none")
+    bad = sorted({t for entry in a["catalog"] for t in entry if not 0 <= t < vocab})
+    if bad:
+        raise VerifyError(f"{where}: catalog token ids {bad[:5]} are outside model {a['model']!r}'s vocabulary of "
+                          f"{vocab}")

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.programs.functions import get_function
 
 NEG_INF = float("-inf")
@@ -22,7 +23,12 @@ def ensemble(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 def function_scores(name: str, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(get_function(name).fn(prompt, tokens), dtype=torch.float32).reshape(tokens.shape[0])
+    """The registered function `name` on one prompt's candidates: one float per candidate."""
+    got = torch.as_tensor(get_function(name).fn(prompt, tokens), dtype=torch.float32)
+    if got.numel() != tokens.shape[0]:
+        raise LmforgeError(f"program function {name!r} returned {tuple(got.shape)} for {tokens.shape[0]} candidates: "
+                           "it must return one score per candidate, shape [k]")
+    return got.reshape(tokens.shape[0])
 
 
 def rank(prompt, tokens, scores, by: str, top_k: int, score_fn: Callable | None = None):

@@ -213,11 +213,22 @@ def program_cost(graph: Graph, result, hw, *, step_costs: _StepCosts | None = No
                 est = node_time(retrieval_cost(node.attr, length), hw)
                 time, efl = time + est.time_s * n, efl + est.eflops * n
             kin = efl
-        out.append(NodeCost(node_index(acc), node.op, node.attr.get("model", ""), acc.prompt_tokens,
+        model = node.attr.get("model", "") or _model_of(node)
+        out.append(NodeCost(node_index(acc), node.op, model, acc.prompt_tokens,
                             acc.generated_tokens, kvb, time, efl, kin, sum(t.steps for t in acc.traces)))
     crit = critical_path_time(graph, [c.time_s for c in out])
     return ProgramCost(tuple(out), crit, sum(c.eflops for c in out), sum(c.kinetics_eflops for c in out),
                        result.n_prompts)
+
+
+def _model_of(node) -> str:
+    """The model a scoring / fuser node runs (its region's parameter prefix), "" if it runs none."""
+    from lmforge.passes.decoding import DecodingError, region_model
+
+    try:
+        return region_model(node.regions[0]) if node.regions else ""
+    except DecodingError:
+        return ""
 
 
 def node_index(acc) -> int:

@@ -33,6 +33,9 @@ def register_function(name: str, fn: Callable, kind: str = "scorer", replace: bo
     """Make `fn` callable from programs by `name`. kind: "checker" (returns 0/1) or "scorer" (any float)."""
     if kind not in FUNCTION_KINDS:
         raise LmforgeError(f"program function kind must be one of {FUNCTION_KINDS}, not {kind!r}")
+    if not callable(fn):
+        raise LmforgeError(f"program function {name!r} must be callable as fn(prompt [L], candidates [k, T]) -> [k], "
+                           f"got a {type(fn).__name__}")
     if not replace and name in _FUNCTIONS:
         raise LmforgeError(f"program function {name!r} is already registered")
     _FUNCTIONS[name] = ProgramFunction(name, fn, kind)

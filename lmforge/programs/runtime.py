@@ -21,6 +21,7 @@ generation decoded (its `DecodeTrace`), so a cached generation is charged exactl
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,13 +88,18 @@ class GenerationCache:
 class ExecContext:
     """What executing a node needs besides its inputs: the step models of its regions and the cache."""
 
-    def __init__(self, step_models, cache: GenerationCache | None = None, model_keys=None):
+    def __init__(self, step_models, cache: GenerationCache | None = None, model_keys=None, vocabs=None):
         self._step_models = step_models          # (node index, region index, prefix_len|None) -> StepModel
         self.cache = cache
         self.model_keys = model_keys or {}
+        self.vocabs = vocabs or {}               # node index -> its model's vocabulary size
 
     def step_model(self, idx: int, region: int, prefix_len: int | None) -> StepModel:
         return self._step_models(idx, region, prefix_len)
+
+    def vocab(self, idx: int) -> int | None:
+        """The vocabulary size of node idx's model, when its step graph states it (None otherwise)."""
+        return self.vocabs.get(idx)
 
 
 def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> list[Generation]:
@@ -101,6 +107,12 @@ def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> 
     what the cache holds is reused, prompts that repeat decode once."""
     strategy, T, eos, shared = a["strategy"], a["max_new_tokens"], a["eos_id"], a["shared_prefix"]
     model = ctx.step_model(idx, 0, prompts.shape[1] if shared else None)
+    vocab = ctx.vocab(idx)
+    if prompts.numel() and (int(prompts.min()) < 0 or (vocab is not None and int(prompts.max()) >= vocab)):
+        bad = prompts[(prompts < 0) | (prompts >= (vocab if vocab is not None else 2 ** 62))]
+        raise LmforgeError(f"prompt token ids {sorted(set(bad.tolist()))[:5]} are outside model {a['model']!r}'s "
+                           f"vocabulary (0..{vocab - 1 if vocab is not None else '?'}); check the prompts (and the "
+                           "documents of a retrieval corpus) against the model's tokenizer")
     keys = [(ctx.model_keys.get(idx, idx), tuple(p.tolist()), T, eos, shared) for p in prompts]
     if strategy in SAMPLED:
         gens = _cached_samples(ctx, [k + (a["seed"], a["temperature"], a["top_p"]) for k in keys], model, prompts,
@@ -341,9 +353,12 @@ class ProgramRunner:
         self.cache = cache if cache is not None else GenerationCache()
         self._compiled: dict[int, Any] = {}
         self._models: dict[tuple, StepModel] = {}
-        keys = {i: (n.attr.get("model", ""), *(r.signature() for r in n.regions)) for i, n in enumerate(graph.nodes)
-                if n.regions}
-        self.ctx = ExecContext(self.step_model, self.cache, keys)
+        keys = {i: (n.attr.get("model", ""), *(r.signature() for r in n.regions),
+                    *(weights_fingerprint(r, graph.weights) for r in n.regions))
+                for i, n in enumerate(graph.nodes) if n.regions}
+        vocabs = {i: n.regions[0].outputs[0].type.shape[-1] for i, n in enumerate(graph.nodes)
+                  if n.regions and isinstance(n.regions[0].outputs[0].type.shape[-1], int)}
+        self.ctx = ExecContext(self.step_model, self.cache, keys, vocabs)
 
     def _compile(self, region: Graph):
         from lmforge.backends import default_backends
@@ -379,10 +394,11 @@ class ProgramRunner:
         lengths (prompts of one length run as one batch; results come back in the list's order)."""
         if isinstance(prompts, (list, tuple)):
             return self._run_lengths(prompts)
-        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.dtype != torch.long:
+        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.dtype != torch.long or \
+                0 in prompts.shape:
             got = f"{prompts.dtype} {tuple(prompts.shape)}" if isinstance(prompts, torch.Tensor) else type(prompts)
-            raise LmforgeError(f"a program takes prompts as a LongTensor [batch, prompt_len] or a list of 1-D "
-                               f"LongTensors, got {got}")
+            raise LmforgeError(f"a program takes prompts as a LongTensor [batch, prompt_len] (at least one prompt of "
+                               f"at least one token) or a list of 1-D LongTensors, got {got}")
         env = {self.graph.inputs[0].name: prompts}
         accounts = []
         before = torch.get_num_threads()
@@ -423,6 +439,21 @@ class ProgramRunner:
                 merged.checks += a.checks
                 merged.query_lens += a.query_lens
         return ProgramResult(tokens, scores, accounts, len(prompts))
+
+
+def weights_fingerprint(region: Graph, weights) -> str:
+    """A digest of the weights a region reads (each parameter's name, shape, dtype, sum and a strided sample of
+    its values), so that the generation cache tells two models of one structure apart (another checkpoint of the
+    same architecture under the same name): generations are cached by model, not only by graph structure."""
+    h = hashlib.sha1()
+    for p in region.params:
+        w = weights.get(p.name, region.weights.get(p.name))
+        h.update(f"{p.name}:{p.type}".encode())
+        if isinstance(w, torch.Tensor):
+            flat = w.detach().reshape(-1).float()
+            h.update(flat[::max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
+            h.update(repr(float(flat.sum())).encode())
+    return h.hexdigest()[:16]
 
 
 _HYDRAGEN: dict[tuple, tuple[Graph, Graph | None]] = {}  # (id(step), P, r) -> (step, rewritten): ids are rechecked

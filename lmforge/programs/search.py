@@ -117,6 +117,11 @@ class ProgramEvaluator:
                                "(your own program graph), not both or neither")
         if steps is not None and eos_id is None:
             raise LmforgeError("ProgramEvaluator(steps=...) needs eos_id= (the end-of-sequence token of the models)")
+        if not isinstance(answers, torch.Tensor) or answers.dim() != 2 or answers.dtype != torch.long or \
+                answers.shape[0] != len(prompts):
+            got = f"{answers.dtype} {tuple(answers.shape)}" if isinstance(answers, torch.Tensor) else type(answers)
+            raise LmforgeError(f"answers must be a LongTensor [n_problems, answer_len] with one row per prompt "
+                               f"({len(prompts)} prompts), got {got}")
         self.program = program
         self.steps, self.prompts, self.answers, self.hw = dict(steps or {}), prompts, answers, hw
         self.eos_id, self.scorer, self.temperature, self.seed = eos_id, scorer, temperature, seed
@@ -142,6 +147,8 @@ class ProgramEvaluator:
         from lmforge.passes import PassManager, tunable_pipeline
 
         key = (model, window, kv, weight_bits, prefill)
+        if model not in self.steps:
+            raise LmforgeError(f"model {model!r} is not one of ProgramEvaluator(steps=...): {sorted(self.steps)}")
         if key not in self._variants:
             config = model_pass_config(window, kv, weight_bits, self.group_size)
             graph = self.prefills[model] if prefill else self.steps[model]
@@ -151,7 +158,8 @@ class ProgramEvaluator:
     def _variant_key(self, c: Mapping[str, Any]) -> tuple:
         if self.program is not None:
             return tuple(sorted((k, v) for k, v in c.items() if k.startswith("model.")))
-        return (c["program.model"], c["attn.decode_window"], c["quant.kv"], c.get("quant.weight_bits", 16))
+        return (c["program.model"], c.get("attn.decode_window", 0), c.get("quant.kv", "none"),
+                c.get("quant.weight_bits", 16))
 
     def build(self, c: Mapping[str, Any]):
         from lmforge.passes.shard import tensor_parallel_regions
@@ -159,7 +167,11 @@ class ProgramEvaluator:
         if self.program is not None:
             program = lower_decoding(self.program, c, group_size=self.group_size, cache=self._lowered)
         else:
-            program = self._build(c)
+            try:
+                program = self._build(c)
+            except KeyError as e:
+                raise LmforgeError(f"the config has no value for knob {e.args[0]!r}: use a config of the space's "
+                                   "knobs (lmforge.programs.search.program_space, grid, search)") from None
         return tensor_parallel_regions(program, c.get("shard.tp", 1))
 
     def _build(self, c: Mapping[str, Any]):
@@ -196,7 +208,8 @@ class ProgramEvaluator:
         return b.build(b.generate(model, **attrs))
 
     def __call__(self, config: Mapping[str, Any], n: int | None = None) -> Evaluation:
-        n = n or len(self.prompts)
+        """Run and cost the config's program on the first n dev problems (all when n is None or larger)."""
+        n = min(n or len(self.prompts), len(self.prompts))
         key = (tuple(sorted(config.items())), n)
         if key in self.memo:
             return self.memo[key]
@@ -282,7 +295,9 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
 
     field_name, limit = _budget(budget_eflops, budget_latency_s)
     full = len(ev.prompts)
-    fidelities = list(fidelities or (full // 4, full // 2, full))
+    fidelities = sorted({max(1, min(int(n), full)) for n in (fidelities or (full // 4, full // 2, full))})
+    if fidelities[-1] != full:
+        fidelities.append(full)   # a trial's last evaluation is on the whole dev set: that is what it is scored on
     before = ev.problems_evaluated
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # group=True (conditional knobs modelled jointly) is "experimental" in Optuna
@@ -326,6 +341,11 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         study.optimize(objective, n_trials=max(0, n_trials - finished), callbacks=[out_of_problems])
     except KeyboardInterrupt:
         pass  # the finished trials are in `finals` (and in the storage, when there is one)
+    except ValueError as e:
+        if "dynamic value space" not in str(e):
+            raise
+        raise LmforgeError(f"study {study_name!r} in {storage} was run with other values of a knob ({e}); resume "
+                           "it with the same space, or start a new study_name") from None
     feasible = [e for e in finals if getattr(e, field_name) <= limit]
     best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
