@@ -13,7 +13,14 @@ Recovered patterns: MatMul/Gemm with a 2-D initializer weight -> `linear` (the w
 name ending in "__transposed" loses the suffix), Gather on an initializer -> `embedding`,
 RMSNormalization/LayerNormalization/Attention -> `rmsnorm`/`layernorm`/`attention`, com.microsoft
 MatMulNBits -> `linear_wo`, "ai.lmforge" nodes -> the lmforge op they name. Decomposed patterns
-(rotate-half RoPE, matmul-softmax-matmul) are left to lmforge's recognition passes, which `compile` runs.
+(rotate-half RoPE, matmul-softmax-matmul) are left to lmforge's recognition passes, which `compile` runs;
+the exact-GELU form `x * 0.5 * (1 + Erf(x / sqrt(2)))` becomes `gelu` at import.
+
+ONNX semantics kept exactly (or refused with UnsupportedOpError, never approximated): opset <= 12
+Softmax/LogSoftmax/Hardmax coerce the input to 2-D at `axis`; Split sizes come from the attribute (opset <= 12)
+or input #2; integer Div truncates and integer Pow stays integer; ArgMax/ArgMin honour `select_last_index`;
+Gather and Slice take negative indices (counted from the end). Ops with no IR form (Erf, integer Div) become
+`torch_fallback` nodes, run by torch.
 
     graph = import_onnx("model.onnx")          # dim_params ("batch") become symbolic dims
     compiled = lmforge.compile(graph)
@@ -81,6 +88,9 @@ def _dim_op(fn, sym: str):
             return simplify_dim(f"({a}) {sym} ({b})")
         if fn is operator.floordiv and isinstance(a, float):
             return a / b
+        if fn is operator.floordiv:  # ONNX integer Div truncates toward zero (C semantics), Python's // floors
+            q = abs(a) // abs(b)
+            return q if (a < 0) == (b < 0) else -q
         return fn(a, b)
 
     return np.frompyfunc(apply, 2, 1)
@@ -141,7 +151,7 @@ class Importer:
         self.inits = {t.name: t for t in model.graph.initializer}
         self.params: dict[str, Value] = {}
         self.used: set[str] = set()
-        self.producers: dict[str, tuple] = {}  # IR value name -> (op, inputs), for small peepholes (silu)
+        self.producers: dict[str, tuple] = {}  # IR value name -> (op, inputs, attrs), for peepholes (silu, gelu)
         self.declared = {vi.name: vi for vi in model.graph.value_info}
 
     # ---- value access ------------------------------------------------------------------------------
@@ -194,7 +204,7 @@ class Importer:
         outs = self.b.op(op, inputs, attrs or {}, name=_ident(hint), out_types=out_types)
         for v in (outs if isinstance(outs, tuple) else (outs,)):
             self.used.add(v.name)
-            self.producers[v.name] = (op, tuple(inputs))
+            self.producers[v.name] = (op, tuple(inputs), dict(attrs or {}))
         return outs
 
     def materialize(self, name: str, s: Static) -> Value:
@@ -437,13 +447,121 @@ def _scalar_value(s: Static, dtype: str):
     return bool(v) if dtype == "bool" else float(v) if dtype.startswith(("float", "bfloat")) else int(v)
 
 
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
+
+
+def _dtype_of(im: Importer, name: str) -> str:
+    """The dtype of an ONNX tensor name, without materializing it."""
+    if name in im.values:
+        return im.values[name].type.dtype
+    s = im.get_static(name)
+    if s is not None:
+        return s.dtype
+    if name in im.inits:
+        return IR_DTYPES[im.inits[name].data_type]
+    return im.tensor(name).type.dtype
+
+
+def _fallback(im: Importer, target: str, ins: list, out_type: TensorType, hint: str, **kwargs):
+    """A `torch_fallback` node calling ATen `target` on the tensors `ins` (run by torch; no IR op has the
+    semantics, and approximating them would give wrong results)."""
+    args = tuple(("$input", i) for i in range(len(ins)))
+    return im.op("torch_fallback", ins, {"target": target, "args": args, "kwargs": tuple(kwargs.items())},
+                 hint=hint, out_types=[out_type])
+
+
+def _int_div(im: Importer, node):
+    """ONNX Div of integers truncates toward zero and keeps the integer dtype: torch's div(rounding_mode="trunc").
+    The IR `div` is true division, so this is a torch_fallback node."""
+    xa, xb = im.tensor(node.input[0]), im.tensor(node.input[1])
+    if xa.type.dtype != xb.type.dtype:
+        raise CaptureError(f"Div of {xa.type.dtype} by {xb.type.dtype}: ONNX needs both operands of one dtype")
+    out = TensorType(broadcast_shapes(xa.type.shape, xb.type.shape), xa.type.dtype)
+    return [_fallback(im, "aten.div.Tensor_mode", [xa, xb], out, node.output[0], rounding_mode="trunc")]
+
+
+def _pow(im: Importer, node):
+    """Pow; the result has the base's dtype (ONNX), so an integer base stays integer."""
+    a_name, b_name = node.input[:2]
+    x, sb = im.tensor(a_name), im.get_static(b_name)
+    int_base = not _is_float(x.type.dtype)
+    if sb is not None and sb.array.size == 1 and not sb.symbolic and sb.array.ndim <= x.type.rank:
+        e = float(sb.item())
+        if not int_base:
+            return [im.op("pow_scalar", [x], {"exponent": e}, hint=node.output[0])]
+        if e != int(e) or e < 0:
+            raise UnsupportedOpError(f"Pow of an integer ({x.type.dtype}) base by {e}: lmforge computes integer "
+                                     "powers for non-negative integer exponents only")
+        return [im.op("pow", [x, None], {"scalar": int(e)}, hint=node.output[0])]
+    y = im.tensor(b_name)
+    if int_base and _is_float(y.type.dtype):
+        raise UnsupportedOpError(f"Pow of an integer ({x.type.dtype}) base by a {y.type.dtype} exponent: ONNX "
+                                 "keeps the integer type, which lmforge's pow cannot express")
+    out = im.op("pow", [x, y], hint=node.output[0])
+    if out.type.dtype != x.type.dtype:
+        out = im.op("cast", [out], {"dtype": x.type.dtype}, hint=node.output[0])
+    return [out]
+
+
+def _near(v, want: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v - want) <= 1e-6 * abs(want)
+
+
+def _erf_gelu_input(im: Importer, v: Value) -> Value | None:
+    """x when `v` is `1 + erf(x / sqrt(2))` (or `erf(x * (1 / sqrt(2))) + 1`) as imported, else None."""
+    op, ins, attrs = im.producers.get(v.name, ("", (), {}))
+    if op != "add" or ins[1] is not None or not _near(attrs.get("scalar"), 1.0):
+        return None
+    op, ins, attrs = im.producers.get(ins[0].name, ("", (), {}))
+    if op != "torch_fallback" or attrs.get("target") != "aten.erf.default":
+        return None
+    op, ins, attrs = im.producers.get(ins[0].name, ("", (), {}))
+    if ins and ins[1:] == (None,) and not attrs.get("swap") and (
+            op == "div" and _near(attrs.get("scalar"), 2 ** 0.5) or op == "mul" and _near(attrs.get("scalar"),
+                                                                                             2 ** -0.5)):
+        return ins[0]
+    return None
+
+
+def _gelu_peephole(im: Importer, node) -> Value | None:
+    """The exact GELU as exporters write it, x * 0.5 * (1 + erf(x / sqrt(2))), ending at this Mul -> `gelu`.
+    Both groupings are recognised: Mul(Mul(x, 1 + erf(..)), 0.5) and Mul(Mul(x, 0.5), 1 + erf(..))."""
+    a_name, b_name = node.input[:2]
+    for p_name, q_name in ((a_name, b_name), (b_name, a_name)):
+        p, q = im.values.get(p_name), im.values.get(q_name)
+        if p is None:
+            continue
+        op, ins, attrs = im.producers.get(p.name, ("", (), {}))
+        if op != "mul":
+            continue
+        sq = im.get_static(q_name)
+        if q is None and sq is not None and sq.array.size == 1 and _near(_scalar_value(sq, "float32"), 0.5) and \
+                ins[1] is not None:  # Mul(Mul(x, 1 + erf(x / sqrt 2)), 0.5)
+            for x, y in ((ins[0], ins[1]), (ins[1], ins[0])):
+                g = _erf_gelu_input(im, y)
+                if g is not None and g.name == x.name and sq.array.ndim <= x.type.rank:
+                    return im.op("gelu", [x], hint=node.output[0])
+        if q is not None and ins[1] is None and _near(attrs.get("scalar"), 0.5):  # Mul(Mul(x, 0.5), 1 + erf(..))
+            g = _erf_gelu_input(im, q)
+            if g is not None and g.name == ins[0].name:
+                return im.op("gelu", [g], hint=node.output[0])
+    return None
+
+
 def _binary(ir_op: str):
     def handle(im: Importer, node):
         a_name, b_name = node.input[:2]
+        if ir_op == "div" and not _is_float(_dtype_of(im, a_name)):
+            return _int_div(im, node)
+        if ir_op == "mul":
+            g = _gelu_peephole(im, node)
+            if g is not None:
+                return [g]
         sa, sb = im.get_static(a_name), im.get_static(b_name)
-        if node.op_type == "Pow" and sb is not None and sb.array.size == 1 and not sb.symbolic:
-            return [im.op("pow_scalar", [im.tensor(a_name)], {"exponent": float(sb.item())}, hint=node.output[0])]
-        for s, other, swap in ((sb, a_name, False), (sa, b_name, True)):
+        # torch.maximum / minimum take tensors only: those keep a constant operand as a tensor
+        scalar_forms = () if ir_op in ("maximum", "minimum") else ((sb, a_name, False), (sa, b_name, True))
+        for s, other, swap in scalar_forms:
             if s is not None and s.array.size == 1 and other not in im.static and other not in im.inits:
                 x = im.tensor(other)
                 value = _scalar_value(s, x.type.dtype)
@@ -559,23 +677,53 @@ def _slice(im: Importer, node):
     for s, e, ax, st in zip(starts, ends, axes, steps):
         if not isinstance(st, int) or st < 1:
             raise UnsupportedOpError(f"Slice step {st} (lmforge slices take positive static steps)")
-        end = None if isinstance(e, int) and e >= 2**62 else e
+        ax = ax % x.type.rank
+        n = x.type.shape[ax]
+        if isinstance(n, int):  # a static dim: ONNX's negative (from the end) and clamped bounds, as plain ints
+            s, e = _clamp_index(s, n), _clamp_index(e, n)
+            end = None if e == n else e
+        else:  # a symbolic dim: negative bounds stay negative (the slice op counts them from the end)
+            end = None if isinstance(e, int) and e >= _INT32_MAX else e
         x = im.op("slice", [x], {"dim": ax, "start": s, "end": end, "step": st}, hint=node.output[0])
     return [x]
 
 
+_INT32_MAX = 2**31 - 1  # exporters write INT32_MAX / INT64_MAX for "to the end"; no dim is that large
+
+
+def _clamp_index(i, n: int):
+    """A Slice bound on a static dim of size n: negative counts from the end, then clamped to [0, n]."""
+    if isinstance(i, str):
+        return i
+    return min(max(i + n if i < 0 else i, 0), n)
+
+
 def _split(im: Importer, node):
+    """Split sizes: input #2 (opset >= 13) or the `split` attribute (opset <= 12); else `num_outputs` chunks of
+    ceil(size / num_outputs), the last one smaller (opset 18); else equal parts, one per output."""
     x, a = im.tensor(node.input[0]), _attrs(node)
     axis = a.get("axis", 0) % x.type.rank
-    size = x.type.shape[axis]
+    size, n = x.type.shape[axis], len(node.output)
     if len(node.input) > 1 and node.input[1]:
         sizes = _shape_list(im, node.input[1])
+    elif "split" in a:
+        sizes = list(a["split"])
+    elif "num_outputs" in a:
+        k = a["num_outputs"]
+        if k != n:
+            raise CaptureError(f"Split with num_outputs={k} has {n} outputs")
+        chunk = -(-size // k) if isinstance(size, int) else simplify_dim(f"(({size}) + {k - 1}) // {k}")
+        sizes = [chunk] * (k - 1) + [simplify_dim(f"({size}) - {k - 1} * ({chunk})")]
     elif isinstance(size, int):
-        n = a.get("num_outputs", len(node.output))
-        chunk = -(-size // n)
-        sizes = [min(chunk, size - i * chunk) for i in range(n)]
+        if size % n:
+            raise CaptureError(f"Split of a dim of size {size} into {n} equal parts")
+        sizes = [size // n] * n
     else:
-        raise UnsupportedOpError("Split of a symbolic dim without explicit sizes")
+        sizes = [simplify_dim(f"({size}) // {n}")] * n
+    if len(sizes) != n:
+        raise CaptureError(f"Split into {len(sizes)} parts ({sizes}) has {n} outputs")
+    if isinstance(size, int) and all(isinstance(d, int) for d in sizes) and (sum(sizes) != size or min(sizes) < 0):
+        raise CaptureError(f"Split sizes {sizes} do not partition a dim of size {size}")
     outs, start = [], 0
     for sz in sizes:
         end = simplify_dim(f"({start}) + ({sz})")
@@ -585,15 +733,35 @@ def _split(im: Importer, node):
 
 
 def _gather(im: Importer, node):
+    """Gather; negative indices count from the end of the gathered dim (constant ones are normalized here,
+    run-time ones by `where(idx < 0, idx + size, idx)`). Token ids read from an initializer table become
+    `embedding`, which takes them as they are (ids are never negative)."""
     axis = _attrs(node).get("axis", 0)
     data, idx_name = node.input
     s = im.get_static(idx_name)
-    if s is not None and s.array.ndim == 0:
-        return [im.op("select", [im.tensor(data)], {"dim": axis, "index": _ints(s)[0]}, hint=node.output[0])]
     if data in im.inits and axis == 0 and idx_name in im.values and len(im.inits[data].dims) == 2:
         return [im.op("embedding", [im.tensor(idx_name), im.tensor(data)], hint=node.output[0])]
-    x, idx = im.tensor(data), im.tensor(idx_name)
+    x = im.tensor(data)
     axis %= x.type.rank
+    n = x.type.shape[axis]
+    if s is not None and not s.symbolic:
+        raw = s.array.astype(np.int64)
+        if isinstance(n, int) and raw.size and (raw.min() < -n or raw.max() >= n):
+            raise CaptureError(f"Gather index out of range for a dim of size {n}: {raw.reshape(-1).tolist()}")
+        if raw.ndim == 0:
+            i = int(raw)
+            index = i if i >= 0 else i + n if isinstance(n, int) else simplify_dim(f"({n}) - {-i}")
+            return [im.op("select", [x], {"dim": axis, "index": index}, hint=node.output[0])]
+        if (raw < 0).any():
+            fixed = np.array([int(i) if i >= 0 else i + n if isinstance(n, int) else simplify_dim(f"({n}) - {-i}")
+                              for i in raw.reshape(-1).tolist()], dtype=object).reshape(raw.shape)
+            idx = im.materialize(f"{idx_name}__from_end", Static(fixed, s.dtype))
+        else:
+            idx = im.tensor(idx_name)
+    else:
+        idx = im.tensor(idx_name)
+        neg = im.op("lt", [idx, None], {"scalar": 0}, hint="idx_neg")
+        idx = im.op("where", [neg, im.op("add", [idx, None], {"scalar": n}, hint="idx"), idx], hint="idx")
     flat = idx if idx.type.rank == 1 else im.op("reshape", [idx], {"shape": (_numel(idx.type.shape),)}, hint="idx")
     out = im.op("index_select", [x, flat], {"dim": axis}, hint=node.output[0])
     if idx.type.rank == 1:
@@ -767,6 +935,89 @@ def _unary(ir_op: str):
     return lambda im, node: [im.op(ir_op, [im.tensor(node.input[0])], hint=node.output[0])]
 
 
+def _hardmax(im: Importer, x: Value, axis: int, hint: str) -> Value:
+    """1.0 at the first maximum along `axis`, 0.0 elsewhere: eq(arange(n), argmax(x)) cast to x's dtype."""
+    axis %= x.type.rank
+    n = x.type.shape[axis]
+    ar = im.op("reshape", [im.op("arange", [], {"end": n}, hint=hint)],
+               {"shape": tuple(n if i == axis else 1 for i in range(x.type.rank))}, hint=hint)
+    top = im.op("argmax", [x], {"dim": axis, "keepdim": True}, hint=hint)
+    return im.op("cast", [im.op("eq", [ar, top], hint=hint)], {"dtype": x.type.dtype}, hint=hint)
+
+
+def _softmax(kind: str):
+    """Softmax / LogSoftmax / Hardmax. From opset 13 they normalize along `axis` (default -1). Up to opset 12
+    the input is coerced to 2-D at `axis` (default 1), [prod(dims[:axis]), prod(dims[axis:])], normalized over
+    the second dim and reshaped back: the same as along `axis` only when `axis` is the last dim."""
+
+    def normalize(im: Importer, x: Value, axis: int, hint: str) -> Value:
+        if kind == "Hardmax":
+            return _hardmax(im, x, axis, hint)
+        return im.op("softmax", [x], {"dim": axis, **({"log": True} if kind == "LogSoftmax" else {})}, hint=hint)
+
+    def handle(im: Importer, node):
+        x, hint = im.tensor(node.input[0]), node.output[0]
+        rank, coerce = x.type.rank, 0 < im.opset <= 12
+        axis = _attrs(node).get("axis", 1 if coerce else -1)
+        if not -rank <= axis < rank:
+            raise CaptureError(f"{kind} axis {axis} is out of range for a rank-{rank} input")
+        if not coerce or axis % rank == rank - 1:
+            return [normalize(im, x, axis, hint)]
+        axis %= rank
+        shape = x.type.shape
+        flat = im.op("reshape", [x], {"shape": (_numel(shape[:axis]), _numel(shape[axis:]))}, hint=hint)
+        return [im.op("reshape", [normalize(im, flat, -1, hint)], {"shape": tuple(shape)}, hint=hint)]
+
+    return handle
+
+
+def _arg_extreme(im: Importer, node):
+    """ArgMax / ArgMin (argmax of an order-reversed copy). `select_last_index=1` takes the last extreme: argmax
+    of x reversed along `axis` (index_select at n-1-i), mapped back as n-1-i."""
+    a, hint = _attrs(node), node.output[0]
+    x = im.tensor(node.input[0])
+    axis, keep = a.get("axis", 0) % max(x.type.rank, 1), bool(a.get("keepdims", 1))
+    dtype = x.type.dtype
+    if node.op_type == "ArgMin":
+        if _is_float(dtype):
+            x = im.op("neg", [x], hint=hint)
+        elif dtype in ("int8", "int16", "int32", "int64"):  # -1 - x (= ~x) reverses the order without overflow
+            x = im.op("sub", [x, None], {"scalar": -1, "swap": True}, hint=hint)
+        else:
+            raise UnsupportedOpError(f"ArgMin of {dtype} (lmforge imports it for float and signed int inputs)")
+    if not a.get("select_last_index", 0):
+        return [im.op("argmax", [x], {"dim": axis, "keepdim": keep}, hint=hint)]
+    n = x.type.shape[axis]
+    last = n - 1 if isinstance(n, int) else simplify_dim(f"({n}) - 1")
+    rev = im.op("sub", [im.op("arange", [], {"end": n}, hint=hint), None], {"scalar": last, "swap": True}, hint=hint)
+    i = im.op("argmax", [im.op("index_select", [x, rev], {"dim": axis}, hint=hint)], {"dim": axis, "keepdim": keep},
+              hint=hint)
+    return [im.op("sub", [i, None], {"scalar": last, "swap": True}, hint=hint)]
+
+
+def _erf(im: Importer, node):
+    """Erf has no IR op: a torch_fallback node (aten.erf). The exact GELU built on it is recognised at its last
+    Mul (see `_gelu_peephole`), which leaves this node dead."""
+    x = im.tensor(node.input[0])
+    return [_fallback(im, "aten.erf.default", [x], x.type, node.output[0])]
+
+
+def _clip(im: Importer, node):
+    """Clip -> maximum(x, min) then minimum(.., max): bounds are optional inputs from opset 11, `min` / `max`
+    attributes before. (min > max gives max everywhere, as ONNX says.)"""
+    x, a, hint = im.tensor(node.input[0]), _attrs(node), node.output[0]
+    for i, key, ir_op in ((1, "min", "maximum"), (2, "max", "minimum")):
+        if len(node.input) > i and node.input[i]:
+            bound = im.tensor(node.input[i])
+        elif key in a:
+            bound = im.param(f"{_ident(hint)}_{key}", torch.tensor(a[key], dtype=torch_dtype(x.type.dtype)),
+                             key=("clip", node.output[0], key))
+        else:
+            continue
+        x = im.op(ir_op, [x, bound], hint=hint)
+    return [x]
+
+
 _HANDLERS = {
     **{t: _unary(op) for op, t in UNARY.items()},
     **{t: _binary(op) for op, t in BINARY.items() if t not in ("Max", "Min")},
@@ -781,13 +1032,9 @@ _HANDLERS = {
         "diagonal": _ints(im.get_static(n.input[1]))[0] if len(n.input) > 1 else 0,
         "upper": bool(_attrs(n).get("upper", 1))}, hint=n.output[0])],
     **{t: _reduce(op) for op, t in REDUCE.items()}, "ReduceLogSumExp": _reduce_logsumexp,
-    "ArgMax": lambda im, n: [im.op("argmax", [im.tensor(n.input[0])], {"dim": _attrs(n).get("axis", 0),
-                                                                       "keepdim": bool(_attrs(n).get("keepdims", 1))},
-                                   hint=n.output[0])],
-    "Softmax": lambda im, n: [im.op("softmax", [im.tensor(n.input[0])], {"dim": _attrs(n).get("axis", -1)},
-                                    hint=n.output[0])],
-    "LogSoftmax": lambda im, n: [im.op("softmax", [im.tensor(n.input[0])],
-                                       {"dim": _attrs(n).get("axis", -1), "log": True}, hint=n.output[0])],
+    "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,
+    **{t: _softmax(t) for t in ("Softmax", "LogSoftmax", "Hardmax")},
+    "Pow": _pow, "Erf": _erf, "Clip": _clip,
     "Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Flatten": _flatten, "Expand": _expand,
     "Transpose": lambda im, n: [im.op("permute", [x := im.tensor(n.input[0])], {
         "perm": tuple(_attrs(n).get("perm", range(x.type.rank - 1, -1, -1)))}, hint=n.output[0])],

@@ -1,0 +1,298 @@
+"""ONNX import keeps each op's exact ONNX semantics, or refuses it: models built by hand with onnx.helper are
+imported with `lmforge.capture`, compiled, run, and compared with onnxruntime (exact for ints and bools).
+
+Covered: opset <= 12 Softmax/LogSoftmax/Hardmax (2-D coercion at `axis`), Split sizes (attribute, input,
+num_outputs), integer Div (truncation) and Pow (stays integer), ArgMax/ArgMin `select_last_index`, negative
+Gather indices, negative / out-of-range Slice bounds, Erf (and the exact GELU built on it), Clip.
+"""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import lmforge
+from lmforge.errors import CaptureError, UnsupportedOpError
+
+ort = pytest.importorskip("onnxruntime")
+
+F32, I64, I32 = TP.FLOAT, TP.INT64, TP.INT32
+RNG = np.random.default_rng(0)
+
+
+def vi(name, dtype, shape):
+    return h.make_tensor_value_info(name, dtype, shape)
+
+
+def model(nodes, inputs, outputs, inits=(), opset=17):
+    m = h.make_model(h.make_graph(nodes, "g", inputs, outputs, initializer=list(inits)),
+                     opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    if all(o.type.tensor_type.HasField("shape") for o in outputs):  # the checker wants declared output shapes
+        onnx.checker.check_model(m)
+    return m
+
+
+def const(name, values, dtype=np.int64):
+    return nh.from_array(np.array(values, dtype), name)
+
+
+def run_both(m, feeds):
+    """(lmforge outputs, onnxruntime outputs) for `feeds` (name -> numpy array, in input order)."""
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = lmforge.compile(lmforge.capture(m, None))(*[torch.from_numpy(v) for v in feeds.values()])
+    return (list(got) if isinstance(got, (tuple, list)) else [got]), want
+
+
+def check(m, feeds, atol=1e-6, rtol=1e-5):
+    got, want = run_both(m, feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        w = torch.from_numpy(np.asarray(w))
+        assert g.dtype == w.dtype and tuple(g.shape) == tuple(w.shape), (g.dtype, w.dtype, g.shape, w.shape)
+        if w.dtype.is_floating_point:
+            torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+        else:
+            assert torch.equal(g, w), (g, w)
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+# ---- 1. Softmax / LogSoftmax / Hardmax: opset <= 12 coerces to 2-D at `axis` ------------------------------
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])
+@pytest.mark.parametrize("opset", [11, 12, 13])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, -2])
+def test_softmax_family_follows_the_opset_semantics(op, opset, axis):
+    attrs = {} if axis is None else {"axis": axis}
+    m = model([h.make_node(op, ["x"], ["y"], **attrs)], [vi("x", F32, [2, 3, 4])], [vi("y", F32, [2, 3, 4])],
+              opset=opset)
+    x = randn(2, 3, 4)
+    x[0, 1, :2] = 5.0  # a tie: Hardmax keeps the first maximum
+    check(m, {"x": x})
+
+
+@pytest.mark.parametrize("op", ["Softmax", "Hardmax"])
+def test_opset11_softmax_coerces_symbolic_dims(op):
+    m = model([h.make_node(op, ["x"], ["y"], axis=1)], [vi("x", F32, ["b", 3, "s"])], [vi("y", F32, ["b", 3, "s"])],
+              opset=11)
+    for b, s in ((2, 4), (1, 5)):
+        check(m, {"x": randn(b, 3, s)})
+
+
+# ---- 2. Split: sizes from the attribute (opset <= 12), input #2, num_outputs (18) ------------------------
+
+def test_split_opset11_reads_the_split_attribute():
+    m = model([h.make_node("Split", ["x"], ["a", "b"], axis=-1, split=[1, 3])], [vi("x", F32, [2, 3, 4])],
+              [vi("a", F32, [2, 3, 1]), vi("b", F32, [2, 3, 3])], opset=11)
+    check(m, {"x": randn(2, 3, 4)})
+
+
+def test_split_opset13_input_and_equal_parts():
+    m = model([h.make_node("Split", ["x", "s"], ["a", "b"], axis=1), h.make_node("Split", ["x"], ["c", "d"], axis=0)],
+              [vi("x", F32, [4, 5])], [vi(n, F32, None) for n in "abcd"], [const("s", [4, 1])], opset=13)
+    check(m, {"x": randn(4, 5)})
+
+
+def test_split_opset18_num_outputs_makes_the_last_chunk_smaller():
+    m = model([h.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], [vi("x", F32, [2, 5])],
+              [vi(n, F32, None) for n in "abc"], opset=18)
+    check(m, {"x": randn(2, 5)})
+
+
+def test_split_of_a_symbolic_dim_into_equal_parts():
+    m = model([h.make_node("Split", ["x"], ["a", "b"], axis=0)], [vi("x", F32, ["n", 3])],
+              [vi("a", F32, None), vi("b", F32, None)], opset=13)
+    for n in (2, 6):
+        check(m, {"x": randn(n, 3)})
+
+
+def test_split_sizes_that_do_not_fit_are_refused():
+    m = model([h.make_node("Split", ["x"], ["a", "b"], axis=1, split=[1, 2])], [vi("x", F32, [2, 4])],
+              [vi("a", F32, None), vi("b", F32, None)], opset=11)
+    with pytest.raises(CaptureError, match="do not partition"):
+        lmforge.capture(m, None)
+
+
+# ---- 3. integer Div truncates, integer Pow stays integer ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_integer_div_truncates_toward_zero(dtype):
+    t = TP.INT64 if dtype == np.int64 else TP.INT32
+    m = model([h.make_node("Div", ["a", "b"], ["y"]), h.make_node("Div", ["a", "two"], ["z"]),
+               h.make_node("Div", ["seven", "b"], ["w"])],
+              [vi("a", t, [6]), vi("b", t, [6])], [vi("y", t, [6]), vi("z", t, [6]), vi("w", t, [6])],
+              [const("two", -2, dtype), const("seven", -7, dtype)])
+    check(m, {"a": np.array([7, -7, 9, 1, -1, 0], dtype), "b": np.array([2, 2, -4, 3, 3, -5], dtype)})
+
+
+def test_integer_div_of_constants_folds_with_truncation():
+    m = model([h.make_node("Div", ["p", "q"], ["y"])], [], [vi("y", I64, [4])],
+              [const("p", [7, -7, 7, -7]), const("q", [2, 2, -2, -2])])
+    check(m, {})
+
+
+def test_integer_pow_keeps_the_integer_dtype():
+    """The result has the base's dtype, whatever the exponent's (a float 2.0, an int64 tensor on an int32 base)."""
+    n = h.make_node
+    m = model([n("Pow", ["x", "two"], ["y"]), n("Pow", ["x", "e"], ["z"]), n("Pow", ["f", "two"], ["w"]),
+               n("Pow", ["x", "ftwo"], ["v"]), n("Pow", ["i", "e"], ["u"])],
+              [vi("x", I64, [4]), vi("e", I64, [4]), vi("f", F32, [4]), vi("i", I32, [4])],
+              [vi("y", I64, [4]), vi("z", I64, [4]), vi("w", F32, [4]), vi("v", I64, [4]), vi("u", I32, [4])],
+              [const("two", 2), const("ftwo", 2.0, np.float32)])
+    check(m, {"x": np.array([1, 2, 3, -4]), "e": np.array([0, 3, 2, 3]), "f": randn(4),
+              "i": np.array([5, -2, 3, 7], np.int32)})
+
+
+def test_integer_pow_that_cannot_stay_integer_is_refused():
+    neg = model([h.make_node("Pow", ["x", "e"], ["y"])], [vi("x", I64, [4])], [vi("y", I64, [4])], [const("e", -1)])
+    with pytest.raises(UnsupportedOpError, match="integer"):
+        lmforge.capture(neg, None)
+    flt = model([h.make_node("Pow", ["x", "e"], ["y"])], [vi("x", I64, [4]), vi("e", F32, [4])], [vi("y", I64, [4])])
+    with pytest.raises(UnsupportedOpError, match="integer"):
+        lmforge.capture(flt, None)
+
+
+# ---- 4. ArgMax / ArgMin select_last_index -----------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
+@pytest.mark.parametrize("last", [0, 1])
+@pytest.mark.parametrize("axis,keepdims", [(1, 0), (0, 1), (-1, 1)])
+def test_arg_extremes_honour_select_last_index(op, last, axis, keepdims):
+    m = model([h.make_node(op, ["x"], ["y"], axis=axis, keepdims=keepdims, select_last_index=last),
+               h.make_node(op, ["i"], ["j"], axis=axis, keepdims=keepdims, select_last_index=last)],
+              [vi("x", F32, [3, 4]), vi("i", I64, [3, 4])], [vi("y", I64, None), vi("j", I64, None)])
+    x = np.array([[1, 3, 3, 0], [2, 2, 1, 0], [0, 0, 5, 5]], np.float32)
+    i = np.array([[-2**63, 3, 2**63 - 1, -2**63], [2, 2, 1, 1], [0, 0, 0, 0]], np.int64)
+    check(m, {"x": x, "i": i})
+
+
+def test_argmax_last_index_over_a_symbolic_dim():
+    m = model([h.make_node("ArgMax", ["x"], ["y"], axis=1, keepdims=0, select_last_index=1)],
+              [vi("x", F32, [2, "n"])], [vi("y", I64, [2])])
+    for n in (3, 5):
+        check(m, {"x": np.floor(randn(2, n))})
+
+
+# ---- 5. Gather with negative indices ----------------------------------------------------------------------
+
+def test_gather_normalizes_negative_constant_indices():
+    m = model([h.make_node("Gather", ["x", "i"], ["y"], axis=1), h.make_node("Gather", ["x", "i2"], ["z"], axis=-1),
+               h.make_node("Gather", ["x", "i0"], ["w"], axis=1)],
+              [vi("x", F32, [2, 3, 4])], [vi(n, F32, None) for n in "yzw"],
+              [const("i", [-1, 0]), const("i2", [[-4, 3], [-1, -2]]), const("i0", -3)])
+    check(m, {"x": randn(2, 3, 4)})
+
+
+def test_gather_negative_constant_index_on_a_symbolic_dim():
+    m = model([h.make_node("Gather", ["x", "i"], ["y"], axis=1), h.make_node("Gather", ["x", "i0"], ["z"], axis=1)],
+              [vi("x", F32, [2, "n"])], [vi("y", F32, None), vi("z", F32, None)],
+              [const("i", [-1, 0, -2]), const("i0", -1)])
+    for n in (3, 5):
+        check(m, {"x": randn(2, n)})
+
+
+def test_gather_negative_run_time_indices():
+    m = model([h.make_node("Gather", ["x", "i"], ["y"], axis=1)], [vi("x", F32, [2, "n", 4]), vi("i", I64, [2, 2])],
+              [vi("y", F32, None)])
+    check(m, {"x": randn(2, 3, 4), "i": np.array([[-1, 0], [2, -3]])})
+    check(m, {"x": randn(2, 5, 4), "i": np.array([[-5, 4], [-1, 1]])})
+
+
+def test_gather_constant_index_out_of_range_is_refused():
+    m = model([h.make_node("Gather", ["x", "i"], ["y"], axis=1)], [vi("x", F32, [2, 3])], [vi("y", F32, None)],
+              [const("i", [0, -4])])
+    with pytest.raises(CaptureError, match="out of range"):
+        lmforge.capture(m, None)
+
+
+# ---- 6. Slice with negative / out-of-range bounds -------------------------------------------------------
+
+@pytest.mark.parametrize("start,end", [(-2, 2**63 - 1), (0, -1), (-10, 2), (1, 2**31 - 1), (-3, -1), (5, 9),
+                                       (-1, -3), (2, 100)])
+def test_slice_of_a_static_dim_normalizes_negative_bounds(start, end):
+    m = model([h.make_node("Slice", ["x", "st", "en", "ax"], ["y"])], [vi("x", F32, [2, 7])], [vi("y", F32, None)],
+              [const("st", [start]), const("en", [end]), const("ax", [1])])
+    graph = lmforge.capture(m, None)
+    want = len(range(*slice(start, end).indices(7)))
+    assert graph.outputs[0].type.shape == (2, want)  # a correct static shape, not one built from raw bounds
+    check(m, {"x": randn(2, 7)})
+
+
+@pytest.mark.parametrize("start,end", [(-2, 2**63 - 1), (0, -1), (-3, -1), (1, 2**31 - 1)])
+def test_slice_of_a_symbolic_dim_with_negative_bounds_runs_right(start, end):
+    m = model([h.make_node("Slice", ["x", "st", "en", "ax"], ["y"])], [vi("x", F32, ["b", "s"])],
+              [vi("y", F32, None)], [const("st", [start]), const("en", [end]), const("ax", [1])])
+    for s in (4, 7):
+        check(m, {"x": randn(3, s)})
+
+
+# ---- 7. Erf, the exact GELU built on it, Clip -------------------------------------------------------------
+
+def test_erf_runs_as_a_torch_fallback():
+    m = model([h.make_node("Erf", ["x"], ["y"])], [vi("x", F32, [2, 3])], [vi("y", F32, [2, 3])])
+    assert [n.op for n in lmforge.capture(m, None).nodes] == ["torch_fallback"]
+    check(m, {"x": randn(2, 3)})
+
+
+def _gelu_nodes(grouping):
+    n = h.make_node
+    first = [n("Div", ["x", "r2"], ["d"]), n("Erf", ["d"], ["e"]), n("Add", ["e", "one"], ["a"])]
+    if grouping == "x*a*half":  # what torch.onnx.export writes for nn.GELU()
+        return first + [n("Mul", ["x", "a"], ["m"]), n("Mul", ["m", "half"], ["y"])]
+    return first + [n("Mul", ["half", "x"], ["m"]), n("Mul", ["a", "m"], ["y"])]
+
+
+@pytest.mark.parametrize("grouping", ["x*a*half", "half*x*a"])
+def test_exact_gelu_written_with_erf_becomes_gelu(grouping):
+    inits = [nh.from_array(np.array(np.sqrt(2.0), np.float32), "r2"), nh.from_array(np.array(1.0, np.float32), "one"),
+             nh.from_array(np.array(0.5, np.float32), "half")]
+    m = model(_gelu_nodes(grouping), [vi("x", F32, ["b", 4])], [vi("y", F32, ["b", 4])], inits)
+    compiled = lmforge.compile(lmforge.capture(m, None))
+    ops = {n.op for n in compiled.graph.nodes}
+    assert "gelu" in ops and "torch_fallback" not in ops, ops
+    check(m, {"x": randn(3, 4) * 3})
+
+
+def test_erf_that_is_not_a_gelu_stays_erf():
+    inits = [nh.from_array(np.array(1.5, np.float32), "r2"), nh.from_array(np.array(1.0, np.float32), "one"),
+             nh.from_array(np.array(0.5, np.float32), "half")]  # x / 1.5: not the GELU constant
+    m = model(_gelu_nodes("x*a*half"), [vi("x", F32, [2, 4])], [vi("y", F32, [2, 4])], inits)
+    assert "gelu" not in {n.op for n in lmforge.capture(m, None).nodes}
+    check(m, {"x": randn(2, 4)})
+
+
+def test_clip_with_input_bounds_opset13():
+    inits = [nh.from_array(np.array(-0.5, np.float32), "lo"), nh.from_array(np.array(0.5, np.float32), "hi"),
+             const("ilo", 0), const("ihi", 3)]
+    n = h.make_node
+    m = model([n("Clip", ["x", "lo", "hi"], ["y"]), n("Clip", ["x", "", "hi"], ["z"]), n("Clip", ["x"], ["w"]),
+               n("Clip", ["x", "hi", "lo"], ["v"]), n("Clip", ["i", "ilo", "ihi"], ["j"]),
+               n("Max", ["x", "lo"], ["u"])],
+              [vi("x", F32, [2, 3, 4]), vi("i", I64, [5])], [vi(k, F32, None) for k in "yzwvu"][:4] +
+              [vi("j", I64, None), vi("u", F32, None)], inits, opset=13)
+    check(m, {"x": randn(2, 3, 4), "i": np.array([-2, 0, 2, 3, 9])})
+
+
+def test_clip_with_attribute_bounds_opset6():
+    m = model([h.make_node("Clip", ["x"], ["y"], min=-0.25, max=0.75), h.make_node("Clip", ["x"], ["z"], max=0.0)],
+              [vi("x", F32, [3, 4])], [vi("y", F32, [3, 4]), vi("z", F32, [3, 4])], opset=6)
+    check(m, {"x": randn(3, 4)})
+
+
+def test_slice_of_a_symbolic_dim_keeps_a_right_shape_for_shape_arithmetic():
+    """x[:, -2:] of a symbolic dim is 2 wide: Shape(y) read at import (Expand to it) must say so."""
+    n = h.make_node
+    m = model([n("Slice", ["x", "st", "en", "ax"], ["y"]), n("Shape", ["y"], ["sh"]), n("Expand", ["one", "sh"], ["e"]),
+               n("Add", ["y", "e"], ["z"]), n("Slice", ["x", "zero", "m1", "ax"], ["w"])],
+              [vi("x", F32, ["b", "s"])], [vi("z", F32, ["b", 2]), vi("w", F32, ["b", None])],
+              [const("st", [-2]), const("en", [2**63 - 1]), const("ax", [1]), const("zero", [0]), const("m1", [-1]),
+               nh.from_array(np.array(1.0, np.float32), "one")])
+    graph = lmforge.capture(m, None)
+    assert [o.type.shape for o in graph.outputs] == [("b", 2), ("b", "s - 1")]
+    for s in (3, 7):
+        check(m, {"x": randn(2, s)})
