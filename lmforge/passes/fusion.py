@@ -110,24 +110,46 @@ def recognize_rmsnorm(graph: Graph) -> Graph:
 
         %p = pow_scalar(%x; 2); %m = mean(%p; dims=[-1], keepdim); %e = add(%m; scalar=eps)
         %r = rsqrt(%e); %n = mul(%x, %r); %y = mul(w, %n)        ->   %y = rmsnorm(%x, w; eps)
+
+    Hugging Face normalises half-precision activations in fp32 and casts back before the weight:
+
+        %x32 = cast(%x; f32); ...; %n = mul(%x32, %r); %h = cast(%n; f16); %y = mul(w, %h)
+                                                                  ->   %y = rmsnorm(%x, w; eps)
+
+    which is exact up to rounding because `rmsnorm` computes in fp32 whatever the storage dtype (its
+    reference and kernels upcast). Otherwise, when the dtype the model produces differs from the dtype
+    `rmsnorm` gives (x's), a `cast` to the model's dtype follows the `rmsnorm`.
     """
 
     def rule(node: Node, ctx: RewriteContext):
         if node.op != "mul" or node.inputs[1] is None:
             return None
         a, b = node.inputs
+        out = node.output
         for w, nx in ((a, b), (b, a)):
             if w.type.rank != 1 or not ctx.single_use(nx):
                 continue
             n = ctx.producers.get(nx.name)
+            cast_back = None
             if n is not None and n.op == "cast" and ctx.single_use(n.inputs[0]):
+                cast_back = n.attr["dtype"]
                 n = ctx.producers.get(n.inputs[0].name)
             if n is None or n.op != "mul" or n.inputs[1] is None:
                 continue
             for x, r in (n.inputs, n.inputs[::-1]):
                 match = _match_rms(x, r, ctx)
-                if match is not None and tuple(x.type.shape) == tuple(node.output.type.shape):
+                if match is None or tuple(x.type.shape) != tuple(out.type.shape):
+                    continue
+                up = ctx.producers.get(x.name)
+                round_trip = cast_back is not None and up is not None and up.op == "cast" and \
+                    x.type.dtype in ("float32", "float64") and up.inputs[0].type.dtype == cast_back
+                if round_trip and cast_back == w.type.dtype == out.type.dtype:
+                    x = up.inputs[0]  # the round trip through fp32 is what rmsnorm does inside
+                if x.type.dtype == out.type.dtype:
                     return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], node.outputs, {"eps": match}, node.source)]
+                normed = Value(ctx.fresh(out.name + "_rms"), x.type)
+                return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], [normed], {"eps": match}, node.source),
+                        _node("cast", [normed], node.outputs, {"dtype": out.type.dtype}, node.source)]
         return None
 
     return dce(rewrite(graph, rule))

@@ -175,10 +175,15 @@ def gelu(t, node):
 
 
 def pow_scalar(t, node):
+    """x ** e: `pow_scalar` on floating x; on integer or bool x a `pow` with the scalar kept as written, so that
+    int ** 2 stays int64 and int ** 0.5 becomes float32, as in torch."""
     e = node.args[1]
-    if not isinstance(e, (int, float)):
+    if not isinstance(e, (int, float)) or isinstance(e, bool):
         return None
-    return t.emit(node, "pow_scalar", [t.value(node.args[0])], {"exponent": float(e)})
+    x = t.value(node.args[0])
+    if not x.type.dtype.startswith(("float", "bfloat")):
+        return t.emit(node, "pow", [x, None], {"scalar": e})
+    return t.emit(node, "pow_scalar", [x], {"exponent": float(e)})
 
 
 def where(t, node):
@@ -347,7 +352,7 @@ ATEN_RULES = {
     aten.gelu.default: gelu,
     aten.pow.Tensor_Scalar: pow_scalar, aten.pow.Tensor_Tensor: binary("pow"),
     aten.where.self: where, aten.where.ScalarOther: where, aten.where.ScalarSelf: where, aten.where.Scalar: where,
-    aten.mean.dim: reduction("mean"), aten.sum.dim_IntList: reduction("sum"),
+    aten.mean.dim: reduction("mean"), aten.sum.dim_IntList: reduction("sum"), aten.sum.default: reduction("sum"),
     aten.amax.default: reduction("amax"), aten.amin.default: reduction("amin"),
     aten.argmax.default: argmax,
     aten.view.default: reshape_like, aten.reshape.default: reshape_like, aten._unsafe_view.default: reshape_like,

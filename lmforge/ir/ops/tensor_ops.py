@@ -10,7 +10,7 @@ from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
 from lmforge.ir.ops.registry import (OpDef, attr, broadcast_shapes, nbytes, norm_dim, numel, streaming_cost,
                                      view_cost)
-from lmforge.ir.types import TensorType, torch_dtype
+from lmforge.ir.types import TensorType, dtype_name, torch_dtype
 
 # ---- elementwise -----------------------------------------------------------------------------------
 
@@ -34,46 +34,105 @@ def _same_type(ins, attrs):
     return [ins[0]]
 
 
+# unary ops that torch computes in floating point: integer and bool inputs give float32 (the default dtype)
+FLOAT_UNARY = {"exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "reciprocal"}
+
+
+def _unary_infer_for(name: str):
+    def infer(ins, attrs):
+        x = ins[0]
+        if name == "logical_not":
+            return [x.with_(dtype="bool")]
+        if name in FLOAT_UNARY:
+            return [x.with_(dtype=result_dtype(x, None, floating=True))]
+        return [x]
+
+    return infer
+
+
 def _unary(name: str, fn, flops: int) -> OpDef:
     def ref(x):
         return fn(x)
 
-    return OpDef(name, f"Elementwise {name}(x).", {}, _same_type, ref, streaming_cost(flops, "elementwise"))
+    return OpDef(name, f"Elementwise {name}(x).", {}, _unary_infer_for(name), ref,
+                 streaming_cost(flops, "elementwise"))
 
 
-def _binary_infer(ins, attrs):
-    a, b = ins[0], ins[1] if len(ins) > 1 else None
-    if a is None:
-        raise VerifyError("binary op needs a tensor as first input")
-    if b is None:
-        return [a]
-    return [TensorType(broadcast_shapes(a.shape, b.shape), _promote(a.dtype, b.dtype))]
+def _meta(t: TensorType) -> torch.Tensor:
+    """An empty tensor of t's dtype and rank: what torch's type promotion looks at (a 0-dim tensor counts for
+    less than a dimensioned one, as a Python scalar does)."""
+    return torch.empty((0,) * t.rank, dtype=torch_dtype(t.dtype), device="meta")
 
 
-def _promote(a: str, b: str) -> str:
-    return a if a == b else str(torch.promote_types(torch_dtype(a), torch_dtype(b))).replace("torch.", "")
+def _scalar(value):
+    """A scalar attribute as torch's promotion sees it: a symbolic size ("past") is an int."""
+    return 1 if isinstance(value, str) else value
+
+
+def result_dtype(a: TensorType | bool | int | float | str | None, b: TensorType | bool | int | float | str | None,
+                 *, floating: bool = False) -> str:
+    """The dtype torch gives an elementwise op on operands a and b (tensor types or Python scalars; None is
+    skipped), as `torch.result_type`: an int tensor with a float scalar gives the default float dtype (float32),
+    mixed floating tensors the wider one, a dimensioned tensor wins over a 0-dim tensor or a scalar of its
+    category. `floating`: the op computes in floating point (true division, exp): an integral or bool result
+    becomes float32."""
+    ops = [o for o in (a, b) if o is not None]
+    tensors = [o for o in ops if isinstance(o, TensorType)]
+    if len(ops) == 1 and tensors or len(tensors) == 2 and tensors[0].dtype == tensors[1].dtype:
+        dtype = tensors[0].dtype  # the common case; also keeps storage formats (int4) with no torch dtype
+    elif not tensors:
+        scalars = [_scalar(o) for o in ops]
+        dtype = ("float32" if any(isinstance(v, float) for v in scalars) else
+                 "int64" if any(not isinstance(v, bool) for v in scalars) else "bool")
+    else:
+        try:
+            other = next(o for o in ops if o is not tensors[0])
+            y = _meta(other) if isinstance(other, TensorType) else _scalar(other)
+            dtype = dtype_name(torch.result_type(_meta(tensors[0]), y))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise VerifyError(f"no torch type promotion for operands {a} and {b}: {e}") from None
+    if floating and not dtype.startswith(("float", "bfloat")):
+        dtype = dtype_name(torch.get_default_dtype())
+    return dtype
+
+
+def _binary_infer_for(name: str):
+    def infer(ins, attrs):
+        a, b = ins[0], ins[1] if len(ins) > 1 else None
+        if a is None:
+            raise VerifyError(f"{name}: needs a tensor as first input")
+        shape = a.shape if b is None else broadcast_shapes(a.shape, b.shape)
+        if name.startswith("logical_"):
+            return [TensorType(shape, "bool")]
+        other = b if b is not None else attrs.get("scalar")
+        return [TensorType(shape, result_dtype(a, other, floating=name == "div"))]
+
+    return infer
 
 
 def _binary(name: str, fn, flops: int) -> OpDef:
     def ref(a, b=None, *, scalar=None, swap=False, alpha=1.0):
         other = b if b is not None else scalar
-        if swap and not torch.is_tensor(other):
-            other = torch.tensor(other, dtype=a.dtype, device=a.device)
+        if swap and not torch.is_tensor(other):  # a 0-dim tensor promotes as the scalar does
+            other = torch.tensor(other, dtype=torch.result_type(a, other), device=a.device)
         x, y = (other, a) if swap else (a, other)
         if name in ("add", "sub") and alpha != 1.0:
             return fn(x, y, alpha=alpha)
         return fn(x, y)
 
     return OpDef(name, f"Elementwise {name}(a, b); b may be absent, then the `scalar` attribute is used "
-                       f"(`swap` puts the scalar first).",
+                       f"(`swap` puts the scalar first). The result dtype follows torch's type promotion"
+                       f"{' (true division: integers give float32)' if name == 'div' else ''}.",
                  {"scalar": attr("scalar", None), "swap": attr("bool", False), "alpha": attr("float", 1.0)},
-                 _binary_infer, ref, streaming_cost(flops, "elementwise"), arity=(1, 2))
+                 _binary_infer_for(name), ref, streaming_cost(flops, "elementwise"), arity=(1, 2))
 
 
 def _compare(name: str, fn) -> OpDef:
     def infer(ins, attrs):
-        (t,) = _binary_infer(ins, attrs)
-        return [t.with_(dtype="bool")]
+        a, b = ins[0], ins[1] if len(ins) > 1 else None
+        if a is None:
+            raise VerifyError(f"{name}: needs a tensor as first input")
+        return [TensorType(a.shape if b is None else broadcast_shapes(a.shape, b.shape), "bool")]
 
     def ref(a, b=None, *, scalar=None):
         return fn(a, b if b is not None else scalar)
@@ -85,7 +144,7 @@ def _compare(name: str, fn) -> OpDef:
 def _where_infer(ins, attrs):
     c, a, b = ins
     shapes = [t.shape for t in (c, a, b) if t is not None]
-    dtype = next((t.dtype for t in (a, b) if t is not None), "float32")
+    dtype = result_dtype(a if a is not None else attrs["a_scalar"], b if b is not None else attrs["b_scalar"])
     return [TensorType(broadcast_shapes(*shapes), dtype)]
 
 
@@ -101,32 +160,52 @@ def _cast_ref(x, *, dtype):
     return x.to(torch_dtype(dtype))
 
 
+def _pow_exponent(dtype: str, exponent: float):
+    """An integral exponent on an integer (or bool) tensor stays an int, so the result stays integral."""
+    floating = dtype.startswith(("float", "bfloat"))
+    return int(exponent) if not floating and float(exponent).is_integer() else exponent
+
+
+def _pow_scalar_infer(ins, attrs):
+    x = ins[0]
+    return [x.with_(dtype=result_dtype(x, _pow_exponent(x.dtype, attrs["exponent"])))]
+
+
 def _pow_scalar_ref(x, *, exponent):
-    return torch.pow(x, exponent)
+    return torch.pow(x, _pow_exponent(dtype_name(x.dtype), exponent))
 
 
 # ---- reductions and softmax ---------------------------------------------------------------------------
 
-def _reduce_infer(ins, attrs):
-    x = ins[0]
-    dims = {norm_dim(d, x.rank) for d in (attrs["dims"] if attrs["dims"] is not None else range(x.rank))}
-    shape = [(1 if i in dims else d) for i, d in enumerate(x.shape) if attrs["keepdim"] or i not in dims]
-    dtype = attrs.get("dtype") or ("int64" if attrs.get("_index") else x.dtype)
-    return [TensorType(tuple(shape), dtype)]
+def _reduce_infer_for(name: str):
+    def infer(ins, attrs):
+        x = ins[0]
+        dims = {norm_dim(d, x.rank) for d in (attrs["dims"] if attrs["dims"] is not None else range(x.rank))}
+        shape = [(1 if i in dims else d) for i, d in enumerate(x.shape) if attrs["keepdim"] or i not in dims]
+        dtype = attrs.get("dtype") or ("int64" if attrs.get("_index") else x.dtype)
+        if name == "sum" and not attrs.get("dtype") and not x.dtype.startswith(("float", "bfloat")):
+            dtype = "int64"  # as torch.sum: bool and integer sums accumulate in int64
+        return [TensorType(tuple(shape), dtype)]
+
+    return infer
 
 
 def _reduction(name: str, fn) -> OpDef:
     def ref(x, *, dims, keepdim=False, dtype=None):
         d = tuple(dims) if dims is not None else tuple(range(x.dim()))
-        out = fn(x, d, keepdim) if name != "mean" or dtype is None else fn(x.to(torch_dtype(dtype)), d, keepdim)
-        return out
+        if dtype is not None and name in ("sum", "mean"):
+            x = x.to(torch_dtype(dtype))  # torch's dtype= converts the input before reducing
+        return fn(x, d, keepdim)
 
     def cost(ins, attrs, outs):
         return Cost.of(numel(ins[0]), nbytes(ins[0], *outs), "reduction", ins[0].dtype)
 
-    return OpDef(name, f"Reduction {name} over `dims` (None = all).",
+    doc = f"Reduction {name} over `dims` (None = all); `dtype`: convert the input to it first"
+    if name == "sum":
+        doc += " (without it, bool and integer inputs sum to int64, as in torch)"
+    return OpDef(name, doc + ".",
                  {"dims": attr("ints", None), "keepdim": attr("bool", False), "dtype": attr("dtype", None)},
-                 _reduce_infer, ref, cost, op_class="reduction")
+                 _reduce_infer_for(name), ref, cost, op_class="reduction")
 
 
 def _argmax_infer(ins, attrs):
@@ -220,6 +299,9 @@ def _concat_cost(ins, attrs, outs):
 
 
 def _slice_infer(ins, attrs):
+    """Length of x[start:end:step] along `dim`. With a symbolic dim or bound, a negative int bound counts from
+    the end (start=-2 on size s: s - 2) and an end past 2**62 (ONNX's INT64_MAX) means the end; as for the
+    other bounds, it is assumed to lie within the dim (so start=-2 gives length 2, end=-1 gives s - 1)."""
     from lmforge.ir.types import simplify_dim
 
     x = ins[0]
@@ -230,11 +312,13 @@ def _slice_infer(ins, attrs):
         end = size
     if isinstance(start, int) and isinstance(end, int) and isinstance(size, int):
         n = len(range(*slice(start, end, step).indices(size)))
-    elif isinstance(end, int) and isinstance(size, str) and end >= 2**62:
-        n = simplify_dim(f"(({size}) - ({start}) + {step - 1}) // {step}") if step != 1 else simplify_dim(
-            f"({size}) - ({start})")
     else:
-        n = simplify_dim(f"(({end}) - ({start}))") if step == 1 else simplify_dim(
+        if step < 1:
+            raise VerifyError(f"slice: step {step} on a symbolic dim or bound must be positive")
+        if isinstance(end, int) and end >= 2**62:
+            end = size
+        start, end = (f"({size}) + ({b})" if isinstance(b, int) and b < 0 else b for b in (start, end))
+        n = simplify_dim(f"({end}) - ({start})") if step == 1 else simplify_dim(
             f"(({end}) - ({start}) + {step - 1}) // {step}")
     shape = list(x.shape)
     shape[dim] = n
@@ -347,11 +431,13 @@ def ops() -> list[OpDef]:
     out += [
         OpDef("gelu", "GELU activation.", {"approximate": attr("str", "none")}, _same_type, _gelu_ref,
               streaming_cost(8, "elementwise")),
-        OpDef("pow_scalar", "x ** exponent with a constant exponent.", {"exponent": attr("float")}, _same_type,
+        OpDef("pow_scalar", "x ** exponent with a constant exponent (an integral one keeps integer x integral; "
+                            "a fractional one makes it float32).", {"exponent": attr("float")}, _pow_scalar_infer,
               _pow_scalar_ref, streaming_cost(1, "elementwise")),
         OpDef("cast", "Convert to another dtype.", {"dtype": attr("dtype")},
               lambda ins, a: [ins[0].with_(dtype=a["dtype"])], _cast_ref, streaming_cost(0, "elementwise")),
-        OpDef("where", "where(cond, a, b); a or b may be absent, then a_scalar / b_scalar are used.",
+        OpDef("where", "where(cond, a, b); a or b may be absent, then a_scalar / b_scalar are used. The "
+                       "result dtype follows torch's type promotion of a and b.",
               {"a_scalar": attr("scalar", None), "b_scalar": attr("scalar", None)}, _where_infer, _where_ref,
               streaming_cost(1, "elementwise"), arity=(3, 3)),
         OpDef("tri", "Keep the lower (tril) or upper (triu) triangle from `diagonal`.",
