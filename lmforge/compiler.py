@@ -34,8 +34,7 @@ class CompiledModel:
         self.backends = list(backends) or default_backends()
         self.weights = {k: w.to(self.device) for k, w in graph.weights.items()}
         self._fn, self.kernels = build_callable(graph, self.backends, self.device.type, self.weights)
-        spec = graph.get_meta("out_spec")
-        self._out_spec = pytree.treespec_loads(spec) if spec else None
+        self._out_spec = output_structure(graph)
 
     @property
     def source(self) -> str:
@@ -132,17 +131,76 @@ class CompiledModel:
         return export(self, path, **kwargs)
 
 
-def input_leaves(graph: Graph, args, kwargs) -> list:
-    """The tensors of a call, flattened in the graph's input order; LmforgeError when they do not fit it."""
-    leaves = pytree.tree_leaves((args, kwargs))
+def check_knob_names(config: Mapping[str, Any], knobs) -> None:
+    """LmforgeError for a config key that is no knob of the pipeline (a misspelled knob would silently do nothing).
+    Per-layer-group copies (`name@g0`) and the backends' kernel knobs (`triton.*`, `tvm.*`) are knob names too."""
+    import difflib
+
+    names = {k.name for k in knobs} | {"shard.tp"}
+    unknown = [key for key in config if key.split("@")[0] not in names and not key.startswith(("triton.", "tvm."))]
+    if unknown:
+        hints = {key: difflib.get_close_matches(key.split("@")[0], sorted(names), n=1) for key in unknown}
+        said = ", ".join(f"{key!r}" + (f" (did you mean {hints[key][0]!r}?)" if hints[key] else "") for key in unknown)
+        raise LmforgeError(f"config has no knob {said}; the pipeline's knobs are {sorted(names)}")
+
+
+def output_structure(graph: Graph):
+    """The pytree structure of the model's outputs (None: a flat tuple), as recorded at capture."""
+    spec = graph.get_meta("out_spec")
+    if not spec:
+        return None
+    try:
+        return pytree.treespec_loads(spec)
+    except Exception as e:  # pytree raises several types for a class this process has not registered
+        raise LmforgeError(f"{graph.name}'s outputs are a structure of a class this process does not know ({e}); "
+                           "import the library that defines it before loading, or re-export the model with this "
+                           "lmforge version (it records outputs as tuples, lists and dicts)") from None
+
+
+def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
+    """The tensors of a call, flattened in the graph's input order (keyword arguments bound by name); LmforgeError
+    when they do not fit the graph's inputs (count, rank, dtype, static sizes, one size per symbolic dim).
+    `types`: the input types to check against, when not the graph's own (a split graph takes whole tensors)."""
+    from lmforge.ir.types import dtype_name
+
+    leaves = pytree.tree_leaves((bind_arguments(graph, args, kwargs), {}))
     if len(leaves) != len(graph.inputs):
         raise LmforgeError(f"{graph.name} takes {len(graph.inputs)} tensor inputs "
                            f"({[v.name for v in graph.inputs]}), got {len(leaves)}")
-    for leaf, v in zip(leaves, graph.inputs):
-        if not isinstance(leaf, torch.Tensor) or leaf.dim() != v.type.rank:
-            raise LmforgeError(f"input {v.name!r} must be a tensor of type {v.type}, got "
-                               f"{getattr(leaf, 'shape', type(leaf).__name__)}")
+    sizes: dict[str, tuple[int, str]] = {}
+    for leaf, v, t in zip(leaves, graph.inputs, types or [v.type for v in graph.inputs]):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() != t.rank or dtype_name(leaf.dtype) != t.dtype:
+            got = f"{dtype_name(leaf.dtype)} {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else \
+                type(leaf).__name__
+            raise LmforgeError(f"input {v.name!r} must be a tensor of type {t}, got {got}")
+        for d, (want, size) in enumerate(zip(t.shape, leaf.shape)):
+            if isinstance(want, int) and want != size:
+                raise LmforgeError(f"input {v.name!r} must have size {want} in dim {d} (type {t}), got "
+                                   f"{tuple(leaf.shape)}; capture the model with that dim dynamic to vary it")
+            if isinstance(want, str) and want.isidentifier():
+                seen = sizes.setdefault(want, (size, v.name))
+                if seen[0] != size:
+                    raise LmforgeError(f"dim {want!r} is {seen[0]} in input {seen[1]!r} but {size} in input "
+                                       f"{v.name!r}: the graph's inputs must agree on it")
     return leaves
+
+
+def bind_arguments(graph: Graph, args, kwargs) -> tuple:
+    """The call's arguments in the captured model's order: keyword arguments bound by name (the model's argument
+    names, recorded at capture; else the graph's input names)."""
+    if not kwargs:
+        return tuple(args)
+    names = list(graph.get_meta("arg_names") or [v.name for v in graph.inputs])
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise LmforgeError(f"{graph.name} has no input named {unknown}: its inputs are {names}")
+    twice = [k for k in kwargs if names.index(k) < len(args)]
+    if twice:
+        raise LmforgeError(f"input(s) {twice} given both by position and by name")
+    missing = [k for k in names[len(args):] if k not in kwargs]
+    if missing:
+        raise LmforgeError(f"{graph.name} needs input(s) {missing} (its inputs are {names})")
+    return tuple(args) + tuple(kwargs[k] for k in names[len(args):])
 
 
 def build_callable(graph: Graph, backends, device: str, weights: Mapping[str, Any]):
@@ -203,7 +261,16 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
 
         passes.append(tensor_parallel_pass(max_tp=tp))
     pm = PassManager(passes)
+    if isinstance(config, Mapping):
+        check_knob_names(config, pm.knobs())
     graph = pm.run(graph, config)
+    bits = (config or {}).get("quant.weight_bits", 16)
+    if bits < 16 and not any(n.op == "linear_wo" for n in graph.nodes):
+        import warnings
+
+        warnings.warn(f"quant.weight_bits={bits} quantized no linear layer: their input sizes are not multiples of "
+                      f"quant.group_size={(config or {}).get('quant.group_size', 128)} (or they are excluded); "
+                      "choose a group size that divides them", stacklevel=2)
     chosen = default_backends(tuple(dict.fromkeys([*backends, "torch"])))
     dev = device or ("cpu" if not graph.weights else next(iter(graph.weights.values())).device)
     if graph.get_meta("tensor_parallel"):  # a `shard.tp` > 1 config: the ranks, as threads of this process

@@ -148,7 +148,7 @@ class TensorParallelModel:
 
     def __init__(self, graph, backends: Sequence = (), device="cpu", target: str = "host", config=None,
                  pass_report: str = "", group=None):
-        from lmforge.compiler import CompiledModel
+        from lmforge.compiler import CompiledModel, output_structure
         from lmforge.passes.shard import plan_of, rank_graph
 
         plan = plan_of(graph)
@@ -164,8 +164,7 @@ class TensorParallelModel:
                       for r in ranks}
         self._split_inputs = [plan["inputs"].get(v.name) for v in graph.inputs]
         self._split_outputs = {int(k): d for k, d in plan["outputs"].items()}
-        spec = graph.get_meta("out_spec")
-        self._out_spec = pytree.treespec_loads(spec) if spec else None
+        self._out_spec = output_structure(graph)
 
     @property
     def weights(self) -> dict:
@@ -212,8 +211,11 @@ class TensorParallelModel:
 
     def __call__(self, *args, **kwargs):
         from lmforge.compiler import input_leaves
+        from lmforge.passes.shard import whole_io_types
 
-        leaves = input_leaves(self.graph, args, kwargs)
+        if getattr(self, "_whole_inputs", None) is None:
+            self._whole_inputs = whole_io_types(self.graph)[0]
+        leaves = input_leaves(self.graph, args, kwargs, self._whole_inputs)
         for x, d, v in zip(leaves, self._split_inputs, self.graph.inputs):
             if d is not None and x.shape[d] % self.size:
                 raise LmforgeError(f"input {v.name!r}: dim {d} ({x.shape[d]}) does not split over {self.size} ranks")

@@ -35,7 +35,7 @@ def test_weight_quant_rewrites_linears_saves_bytes_and_stays_close(bits, group, 
     torch.manual_seed(bits * group)
     m = MLP().eval()
     x = torch.randn(5, 128)
-    g = lmforge.capture(m, (x,))
+    g = lmforge.capture(m, (x,), dynamic={"x": {0: "rows"}})
     q = PassManager([weight_quant_pass()]).run(g, {"quant.weight_bits": bits, "quant.group_size": group,
                                                    "quant.symmetric": sym, "quant.lm_head": True})
     assert [n.op for n in q.nodes].count("linear_wo") == 2
@@ -51,7 +51,7 @@ def test_awq_is_no_worse_than_round_to_nearest_on_outlier_activations():
     torch.manual_seed(0)
     m = MLP().eval()
     calib = [(torch.randn(64, 128) * torch.linspace(0.1, 8, 128),) for _ in range(2)]
-    g = lmforge.capture(m, calib[0])
+    g = lmforge.capture(m, calib[0], dynamic={"x": {0: "rows"}})
     cfg = {"quant.weight_bits": 4, "quant.group_size": 64, "quant.lm_head": True}
     rtn = PassManager([weight_quant_pass(calib)]).run(g, cfg)
     awq = PassManager([weight_quant_pass(calib)]).run(g, {**cfg, "quant.awq": True})

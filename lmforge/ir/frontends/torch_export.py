@@ -286,10 +286,34 @@ class _Translator:
             if not isinstance(v, Value):
                 raise CaptureError(f"the model returns a non-tensor value ({v!r}); return tensors only")
             outs.append(v)
-        out_spec = self.ep.call_spec.out_spec
+        out_spec = builtin_structure(self.ep.call_spec.out_spec)
         meta = {"out_spec": pytree.treespec_dumps(out_spec) if out_spec is not None else None,
-                "captured_from": "torch.export", "example_dims": self.example_dims}
+                "captured_from": "torch.export", "example_dims": self.example_dims,
+                "arg_names": list(self.user_names)}
         return self.b.build(outs, meta)
+
+
+def builtin_structure(spec):
+    """The output structure with Python's own containers only: a named tuple (torch.return_types.topk, a user's
+    namedtuple) becomes a tuple, a dict subclass (a Hugging Face ModelOutput) a dict with the same keys in the same
+    order. A compiled or exported model then returns those, and an artifact loads in a process that never imported
+    the model's classes (pytree cannot serialize or load them there)."""
+    if spec is None:
+        return None
+
+    def plain(o):
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in o.items()}
+        if isinstance(o, (tuple, list)):
+            return type(o)(plain(x) for x in o) if type(o) in (tuple, list) else tuple(plain(x) for x in o)
+        return o
+
+    leaves = list(range(spec.num_leaves))
+    out = pytree.tree_structure(plain(pytree.tree_unflatten(leaves, spec)))
+    if out.num_leaves != spec.num_leaves or pytree.tree_leaves(pytree.tree_unflatten(leaves, out)) != leaves:
+        raise CaptureError(f"cannot express the model's output structure {spec} with tuples, lists and dicts; "
+                           "return tensors in tuples, lists or dicts")
+    return out
 
 
 def _target_name(target) -> str:

@@ -32,7 +32,8 @@ def test_backend_claims_and_matches_reference():
     m = Block().eval()
     x = torch.randn(2, 3, 64)
     g = PassManager(canonical_pipeline() + tunable_pipeline()).run(
-        lmforge.capture(m, (x,)), {"quant.weight_bits": 4, "quant.group_size": 32, "quant.lm_head": True})
+        lmforge.capture(m, (x,), dynamic={"x": {0: "batch", 1: "seq"}}),
+        {"quant.weight_bits": 4, "quant.group_size": 32, "quant.lm_head": True})
     ref = CompiledModel(g)
     tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
     claimed = {n.op for n, k in zip(g.nodes, tri.kernels) if k.backend == "triton"}

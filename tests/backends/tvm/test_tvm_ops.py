@@ -226,7 +226,9 @@ def test_windowed_decode_attention(tvm_backend, single_op_graph, randn, q_shape,
     from lmforge.compiler import CompiledModel
 
     q, k, v = randn(*q_shape, seed=29), randn(*k_shape, seed=30), randn(*k_shape, seed=31)
-    compiled = CompiledModel(single_op_graph("attention", [q, k, v], attrs), backends=[tvm_backend(), TorchReference()])
+    kv_type = TensorType((k_shape[0], k_shape[1], "kv", k_shape[3]))
+    graph = single_op_graph("attention", [q, k, v], attrs, types=[TensorType.of(q), kv_type, kv_type])
+    compiled = CompiledModel(graph, backends=[tvm_backend(), TorchReference()])
     kernel = compiled.kernels[0].fn
     for keys in (k_shape[2], attrs["window"] + attrs.get("sinks", 0)):
         kk, vv = k[:, :, :keys].contiguous(), v[:, :, :keys].contiguous()

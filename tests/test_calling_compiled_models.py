@@ -1,0 +1,75 @@
+"""Calling a compiled model: keyword arguments bind by name, inputs that do not fit the graph are a clear
+LmforgeError before any kernel runs, and outputs come back as tuples / lists / dicts (named tuples and dict
+subclasses too), also from an artifact loaded in a process that never imported the model's classes."""
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.errors import LmforgeError
+
+Pair = namedtuple("Pair", "doubled info")
+
+
+def scaled(input_ids, attention_mask):
+    return input_ids.float() * 10 + attention_mask.float()
+
+
+def test_keyword_arguments_bind_by_name():
+    ids, mask = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 0]])
+    c = lmforge.compile(scaled, (ids, mask))
+    want = scaled(ids, mask)
+    for got in (c(ids, mask), c(input_ids=ids, attention_mask=mask), c(attention_mask=mask, input_ids=ids),
+                c(ids, attention_mask=mask)):
+        assert torch.equal(got, want)
+    for kwargs, match in (({"input_ids": ids, "mask": mask}, "no input named \\['mask'\\]"),
+                          ({"input_ids": ids}, "needs input\\(s\\) \\['attention_mask'\\]")):
+        with pytest.raises(LmforgeError, match=match):
+            c(**kwargs)
+    with pytest.raises(LmforgeError, match="both by position and by name"):
+        c(ids, input_ids=ids, attention_mask=mask)
+
+
+def test_inputs_that_do_not_fit_the_graph_are_refused():
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 8)
+    c = lmforge.compile(lambda x, y: (x * y[:, None, :]).sum(-1), (x, y), dynamic={"x": {0: "batch"},
+                                                                                  "y": {0: "batch"}},
+                        backends=("tvm",))
+    torch.testing.assert_close(c(x, y), (x * y[:, None, :]).sum(-1))
+    cases = [((torch.randn(2, 5, 6), y), "must have size 8 in dim 2"),
+             ((x.half(), y), "must be a tensor of type f32"),
+             ((x[0], y), "must be a tensor of type"),
+             ((torch.randn(3, 5, 8), y), "dim 'batch' is 3 in input 'x' but 2 in input 'y'")]
+    for args, match in cases:
+        with pytest.raises(LmforgeError, match=match):
+            c(*args)
+
+
+def test_named_tuples_and_dict_subclasses_come_back_as_builtin_containers(tmp_path):
+    x = torch.randn(3, 5)
+    top = lmforge.compile(lambda x: torch.topk(x, 2), (x,))(x)
+    assert type(top) is tuple and torch.equal(top[0], torch.topk(x, 2).values)
+    c = lmforge.compile(lambda x: Pair(x * 2, {"k": x + 1}), (x,))
+    got = c(x)
+    assert type(got) is tuple and torch.equal(got[0], x * 2) and torch.equal(got[1]["k"], x + 1)
+    path = c.export(tmp_path / "pair")
+    # a fresh process that never imported this module's Pair loads and runs it
+    code = ("import torch, lmforge; m = lmforge.load(%r); out = m(torch.ones(3, 5)); "
+            "print(type(out).__name__, sorted(out[1]), float(out[0].sum()))" % str(path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["tuple", "['k']", "30.0"]
+
+
+def test_compile_config_names_real_knobs_and_warns_when_quantization_does_nothing():
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 64)
+    with pytest.raises(LmforgeError, match="did you mean 'quant.weight_bits'"):
+        lmforge.compile(lin, (x,), config={"quant.weight_bit": 4})
+    with pytest.warns(UserWarning, match="quantized no linear layer"):
+        lmforge.compile(lin, (x,), config={"quant.weight_bits": 4})            # K = 64: no group of 128
+    q = lmforge.compile(lin, (x,), config={"quant.weight_bits": 4, "quant.group_size": 32})
+    assert any(n.op == "linear_wo" for n in q.graph.nodes)
