@@ -241,6 +241,10 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
     from lmforge.ir.frontends.torch_export import capture
     from lmforge.passes import PassManager, canonical_pipeline, default_pipeline, tunable_pipeline
 
+    if target != "host":
+        from lmforge.hwmodels import get_target
+
+        get_target(target)   # an unknown target is an error now, not at inspect() or export
     graph = model if isinstance(model, Graph) else capture(model, example_inputs, dynamic=dynamic)
     if config == "best":
         from lmforge.search.tuner import best_configs

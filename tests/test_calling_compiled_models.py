@@ -1,4 +1,4 @@
-"""Calling a compiled model: keyword arguments bind by name, inputs that do not fit the graph are a clear
+"""Compiling and calling a model: keyword arguments bind by name, inputs that do not fit the graph are a clear
 LmforgeError before any kernel runs, and outputs come back as tuples / lists / dicts (named tuples and dict
 subclasses too), also from an artifact loaded in a process that never imported the model's classes."""
 import subprocess
@@ -73,3 +73,24 @@ def test_compile_config_names_real_knobs_and_warns_when_quantization_does_nothin
         lmforge.compile(lin, (x,), config={"quant.weight_bits": 4})            # K = 64: no group of 128
     q = lmforge.compile(lin, (x,), config={"quant.weight_bits": 4, "quant.group_size": 32})
     assert any(n.op == "linear_wo" for n in q.graph.nodes)
+
+
+def test_capture_and_compile_refuse_what_would_be_wrong_or_late():
+    from lmforge.errors import CaptureError, TargetError
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+    with pytest.raises(CaptureError, match="dropout \\(p=0.1\\) in training mode: call model.eval"):
+        lmforge.compile(m, (torch.randn(2, 4),))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(lmforge.compile(m.eval(), (x,))(x), m(x))
+    with pytest.raises(CaptureError, match="builtin without a Python signature"):
+        lmforge.compile(torch.exp, (x,))
+    with pytest.raises(TargetError, match="unknown target 'h1000'"):
+        lmforge.compile(lambda x: x + 1, (x,), target="h1000")
+
+
+def test_tvm_relu_keeps_nan_like_torch():
+    y = torch.tensor([[float("nan"), -1.0, 2.0, 0.0]])
+    c = lmforge.compile(lambda x: torch.relu(x), (y,), backends=("tvm",))
+    assert c.kernels[0].backend == "tvm"
+    torch.testing.assert_close(c(y), torch.relu(y), equal_nan=True)

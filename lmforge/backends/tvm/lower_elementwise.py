@@ -43,7 +43,7 @@ def unary_expr(op: str, x, attrs: dict):
     if op == "neg":
         return -x
     if op == "relu":
-        return tirx.max(x, _const(0.0))
+        return tirx.Select(x < _const(0.0), _const(0.0), x)   # NaN stays NaN, as in torch (max would give 0)
     if op == "silu":
         return x * _sigmoid(x)
     if op == "sigmoid":

@@ -278,6 +278,18 @@ def identity(t, node):
     return t.value(node.args[0])
 
 
+def dropout(t, node):
+    """Inference: dropout is the identity. A training-mode dropout (train=True, p > 0) is refused rather than
+    silently dropped: the model was captured in training mode."""
+    p, train = float(_arg(node, 1, "p", 0.5)), bool(_arg(node, 2, "train", False))
+    if train and p > 0:
+        from lmforge.errors import CaptureError
+
+        raise CaptureError(f"the model applies dropout (p={p}) in training mode: call model.eval() before "
+                           "capturing (lmforge compiles inference)")
+    return t.value(node.args[0])
+
+
 def to_copy(t, node):
     x = t.value(node.args[0])
     out = node.meta["val"]
@@ -363,7 +375,7 @@ ATEN_RULES = {
     aten.cat.default: cat,
     aten.slice.Tensor: slice_, aten.select.int: select, aten.index_select.default: index_select,
     aten.contiguous.default: identity, aten.clone.default: identity, aten.alias.default: identity,
-    aten.detach.default: identity, aten.lift_fresh_copy.default: identity, aten.dropout.default: identity,
+    aten.detach.default: identity, aten.lift_fresh_copy.default: identity, aten.dropout.default: dropout,
     aten._to_copy.default: to_copy, aten.to.dtype: to_copy, aten.to.dtype_layout: to_copy,
     aten.to.device: to_copy, aten.addmm.default: addmm, aten.split.Tensor: split, aten.chunk.default: split,
     aten.stack.default: stack, aten.unsafe_split.Tensor: split,

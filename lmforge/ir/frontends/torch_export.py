@@ -115,6 +115,11 @@ def export_program(model, example_inputs, dynamic=None):
     if not isinstance(model, torch.nn.Module):
         if not callable(model):
             raise CaptureError(f"capture takes a torch.nn.Module or a function, got {type(model).__name__}")
+        try:
+            inspect.signature(model)
+        except (TypeError, ValueError):
+            raise CaptureError(f"{getattr(model, '__name__', model)!r} is a builtin without a Python signature: "
+                               "capture a Python function that calls it (e.g. lambda x: torch.exp(x))") from None
         model = _FunctionModule(model)
     names = _input_names(model, len(inputs))
     shapes = _dynamic_shapes(names, inputs, dynamic)
