@@ -234,7 +234,13 @@ def _compare(op_type: str, negate: bool = False) -> Lowering:
 
 
 def _unary(op_type: str) -> Lowering:
-    return lambda em, node, ins: [em.node(op_type, ins[:1], hint=node.output.name)]
+    """A unary op; when the IR's result dtype differs from the input's (exp of an int is float32, as in torch),
+    the input is cast to it first, since ONNX's float ops take no integers."""
+    def lower(em, node, ins):
+        src, dst = _in_type(node, 0).dtype, node.output.type.dtype
+        return [em.node(op_type, [em.cast(ins[0], src, dst)], hint=node.output.name)]
+
+    return lower
 
 
 def _silu(em, node, ins):
@@ -257,8 +263,9 @@ def _where(em, node, ins):
 def _reduce(op_type: str) -> Lowering:
     def lower(em, node, ins):
         a, x, src = node.attr, ins[0], _in_type(node, 0).dtype
-        if a["dtype"] is not None and node.op == "mean":
-            x, src = em.cast(x, src, a["dtype"]), a["dtype"]
+        if node.op in ("sum", "mean") and node.output.type.dtype != src:
+            # torch's dtype= converts the input first, and bool / integer sums accumulate in int64
+            x, src = em.cast(x, src, node.output.type.dtype), node.output.type.dtype
         axes = [em.const(list(a["dims"]))] if a["dims"] is not None else []
         out = em.node(op_type, [x, *axes], hint=node.output.name, keepdims=int(a["keepdim"]))
         return [em.cast(out, src, node.output.type.dtype)]

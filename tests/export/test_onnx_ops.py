@@ -57,6 +57,15 @@ def reductions(b):
             b.op("softmax", [x], {"dim": 1, "log": True})]
 
 
+def promotion(b):
+    """Result dtypes of torch's type promotion: bool / int sums in int64, dtype= sums, float ops on ints."""
+    x = b.input("x", T("batch", 6))
+    neg, ints = b.op("lt", [x, None], {"scalar": 0.0}), b.op("cast", [x], {"dtype": "int32"})
+    return [b.op("sum", [neg], {"dims": (-1,)}), b.op("sum", [ints], {"dims": None}),
+            b.op("sum", [x], {"dims": (1,), "dtype": "float64"}), b.op("exp", [ints]),
+            b.op("sqrt", [b.op("abs", [ints])])]
+
+
 def data_movement(b):
     x, idx = b.input("x", T("batch", "seq", 8)), b.input("idx", T(3, dtype="int64"))
     r = b.op("reshape", [x], {"shape": ("batch", "seq", 2, 4)})
@@ -159,7 +168,7 @@ def std_inputs(graph, env, gen):
 
 
 ENVS = [{"batch": 2, "seq": 5, "ctx": 6, "past": 3}, {"batch": 1, "seq": 3, "ctx": 9, "past": 0}]
-CASES = {f.__name__: f for f in (elementwise, logic, reductions, data_movement, creation, dense, norms, rope,
+CASES = {f.__name__: f for f in (elementwise, logic, reductions, promotion, data_movement, creation, dense, norms, rope,
                                   attention_prefill, attention_decode, attention_masked, attention_window,
                                   attention_lse, cache_and_topk)}
 
