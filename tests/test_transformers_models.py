@@ -47,6 +47,22 @@ def test_hf_model_matches_eager(build):
         assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
+def test_hf_llama_in_half_precision_matches_eager(dtype, tol):
+    """Hugging Face's RMSNorm computes in fp32 and casts back: recognized as rmsnorm on the half-precision input
+    (two per layer and the final norm), the compiled model matches eager within the dtype's tolerance."""
+    torch.manual_seed(0)
+    model = Logits(llama().to(dtype).eval())
+    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}})
+    assert sum(n.op == "rmsnorm" for n in compiled.graph.nodes) == 5
+    for shape in [(2, 9), (3, 13)]:
+        x = torch.randint(0, 128, shape)
+        with torch.no_grad():
+            want, got = model(x), compiled(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("build,split_weights", [(llama, 9), (gpt2, 12)], ids=["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_hf_model_splits_over_two_ranks_as_megatron_does(build, split_weights):
     """Tensor parallelism on two other codebases' models: Llama (GQA's repeat_kv expand, untied lm_head) and GPT-2
