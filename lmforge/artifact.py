@@ -300,7 +300,10 @@ def artifact_dir(path) -> Path:
     root = Path(path)
     if not root.exists():
         raise _fail(f"artifact {str(root)!r} does not exist; export one with `compiled.export(path)`")
-    if root.is_symlink() or not root.is_dir():
+    if root.is_symlink():
+        raise _fail(f"artifact {str(root)!r} is a symbolic link (to {str(root.resolve())!r}); symlinks are refused, "
+                    "so a link cannot redirect a load to other files: give the artifact directory's real path")
+    if not root.is_dir():
         raise _fail(f"artifact {str(root)!r} is not a directory; an lmforge artifact is a directory with a "
                     "manifest.json")
     return root

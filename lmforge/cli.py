@@ -1,12 +1,13 @@
 """The `lmforge` command line (also `python -m lmforge`).
 
-    lmforge inspect WORKLOAD [--target h100] [--knobs] [--print-after PASS|all]
-    lmforge compile WORKLOAD [--target h100] [--backend torch]
+    lmforge inspect WORKLOAD [--target h100] [--knobs] [--print-after PASS|all] [--threads N]
+    lmforge compile WORKLOAD [--target h100] [--backend torch] [--threads N]
     lmforge tune WORKLOAD --target h100 --budget 100 [--objective latency --objective quality] [--out DIR]
+                 [--mode predict|measure|hybrid] [--threads N]
     lmforge report [--study NAME] [--out DIR]
     lmforge export WORKLOAD --target h100 --out DIR [--config best]
     lmforge run ARTIFACT [--device cpu] [--dim batch=4]
-    lmforge calibrate [--target host]
+    lmforge calibrate [--target host] [--threads N]
     lmforge targets [show NAME]
 
 WORKLOAD is `path/to/file.py` (its `workload()` function), `file.py:function`, or `package.module:function`;
@@ -26,25 +27,92 @@ def _load(spec: str):
     return load_workload(spec)
 
 
+def _set_threads(args) -> None:
+    """`--threads N`: torch's CPU thread count for this command. The host target's fingerprint includes it, so a
+    calibration made with `calibrate --threads N` applies to commands run with the same `--threads N`."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise LmforgeError(f"--threads must be >= 1, not {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _check_target(name: str):
+    """The target's Hardware, or a TargetError naming the known targets (before any slow work)."""
+    from lmforge.hwmodels import get_target
+
+    return get_target(name)
+
+
+def _check_out(path) -> None:
+    """An --out path must be a folder or not exist yet (checked before a long tuning run, not after)."""
+    import os
+
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise LmforgeError(f"--out {path!r} exists and is not a folder; the report is a folder of files "
+                           "(pareto.png, history.png, report.md): give a new or existing folder")
+
+
+def _pass_names() -> list[str]:
+    from lmforge.passes import default_pipeline
+
+    return list(dict.fromkeys(p.name for p in default_pipeline()))
+
+
 def cmd_inspect(args) -> int:
+    import os
+
     import lmforge
 
+    _set_threads(args)
+    _check_target(args.target)
+    if args.print_after:
+        names = _pass_names()
+        unknown = [n for n in args.print_after.split(",") if n not in names and n != "all"]
+        if unknown:
+            raise LmforgeError(f"--print-after: no pass named {', '.join(map(repr, unknown))}; the passes are "
+                               f"{', '.join(names)} (or 'all', or several separated by commas)")
     wl = _load(args.workload)
-    compiled = lmforge.compile(wl.model, wl.example_inputs, dynamic=wl.dynamic, target=args.target)
+    before = os.environ.get("LMFORGE_PRINT_AFTER")
+    if args.print_after:
+        os.environ["LMFORGE_PRINT_AFTER"] = args.print_after
+    try:
+        compiled = lmforge.compile(wl.model, wl.example_inputs, dynamic=wl.dynamic, target=args.target)
+    finally:  # only this compile prints: not the capture that --knobs runs below
+        if before is None:
+            os.environ.pop("LMFORGE_PRINT_AFTER", None)
+        else:
+            os.environ["LMFORGE_PRINT_AFTER"] = before
     print(compiled.inspect(target=args.target))
     if args.knobs:
-        from lmforge.passes import default_pipeline, PassManager
+        from lmforge.passes import PassManager
+        from lmforge.search.tuner import prepare
 
-        knobs = PassManager(default_pipeline()).knobs()
-        print("\nknobs:" if knobs else "\nknobs: none (the default pipeline exposes no tunable knobs yet)")
+        _, graph, pipeline, _ = prepare(wl)  # the graph and pipeline `lmforge tune` searches
+        everything = PassManager(pipeline).knobs()
+        knobs = PassManager(pipeline).knobs(graph)
+        print("\nknobs (those that can change this graph; `lmforge tune` searches them):" if knobs
+              else "\nknobs: none of the pipeline's knobs can change this graph")
         for k in knobs:
             print("  " + k.describe())
+        other = [k.name for k in everything if k.name not in {k.name for k in knobs}]
+        if other:
+            print(f"  ({len(other)} more knobs of the pipeline have no effect on this graph: {', '.join(other)})")
     return 0
 
 
 def cmd_compile(args) -> int:
+    import os
+
+    import torch
+
     import lmforge
 
+    _set_threads(args)
+    _check_target(args.target)
     wl = _load(args.workload)
     compiled = lmforge.compile(wl.model, wl.example_inputs, dynamic=wl.dynamic, target=args.target,
                                backends=tuple(args.backend))
@@ -56,13 +124,35 @@ def cmd_compile(args) -> int:
     print(f"compiled {compiled.graph.name}: {len(compiled.graph.nodes)} nodes, backends {counts}, "
           f"{len(compiled.fallback_nodes())} torch_fallback nodes; ran the example inputs "
           f"({type(out).__name__} output)")
+    for name in dict.fromkeys(args.backend):
+        if name == "torch" or counts.get(name):
+            continue
+        if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            why = ("Triton kernels run on a CUDA GPU and this machine has none, so the torch reference ran every "
+                   "node (TRITON_INTERPRET=1 runs them, slowly, under Triton's interpreter)")
+        else:
+            why = "it claimed none of this graph's nodes, so the torch reference ran them"
+        print(f"lmforge: note: --backend {name} was skipped: {why}", file=sys.stderr)
     return 0
 
 
 def cmd_tune(args) -> int:
     from lmforge.search.report import write_report
-    from lmforge.search.tuner import tune
+    from lmforge.search.tuner import open_storage, tune
 
+    _set_threads(args)
+    _check_target(args.target)
+    if args.budget < 1:
+        raise LmforgeError(f"--budget must be a number of trials >= 1, not {args.budget}")
+    if args.min_quality is not None and not 0.0 <= args.min_quality <= 1.0:
+        raise LmforgeError(f"--min-quality {args.min_quality:g} is out of range: quality is the top-1 agreement "
+                           "with the untransformed model, a fraction in [0, 1] (e.g. 0.99)")
+    tps = (1, 2, 4, 8, 16, 32, 64)
+    if args.max_tp not in tps:
+        raise LmforgeError(f"--max-tp must be a power of two from 1 to 64 (the tensor-parallel sizes searched are "
+                           f"1, 2, 4, ... up to it), not {args.max_tp}")
+    _check_out(args.out)
+    open_storage(args.storage)  # a bad --storage URL fails now, not after loading the workload
     wl = _load(args.workload)
     constraints = {}
     if args.min_quality is not None:
@@ -70,7 +160,7 @@ def cmd_tune(args) -> int:
     if args.fits:
         constraints["fits"] = True
     pipeline = None
-    if args.max_tp > 1:  # the tensor-parallel pass joins the tunable ones: knob shard.tp in 1, 2, ..., max_tp
+    if args.max_tp > 1:  # the tensor-parallel pass joins the tunable ones: knob shard.tp in 1, 2, 4, ..., max_tp
         from lmforge.passes import tunable_pipeline
         from lmforge.passes.shard import tensor_parallel_pass
 
@@ -78,9 +168,17 @@ def cmd_tune(args) -> int:
     result = tune(wl, target=args.target, objectives=tuple(args.objective or ["latency"]), budget=args.budget,
                   mode=args.mode, storage=args.storage, constraints=constraints or None, seed=args.seed,
                   warm_start_from=args.warm_start_from, sampler=args.sampler, pipeline=pipeline)
-    print(f"study {result.study_name} in {result.storage}: {result.n_complete} trials finished, "
-          f"{result.n_failed} failed")
-    print("Pareto front:" if len(result.objectives) > 1 else "best:")
+    print(result.summary())
+    sizes = ", ".join(f"{k}={v}" for k, v in sorted(result.bindings.items())) or "the example inputs' sizes"
+    if result.measured:
+        print(f"measured on this machine: the {len(result.measured)} best feasible configs by predicted latency, "
+              f"at sizes {sizes} (predicted at the same sizes); best = lowest measured latency:")
+    elif result.mode == "measure":
+        print(f"{'Pareto front' if len(result.objectives) > 1 else 'best'} (latency measured on this machine at "
+              f"sizes {sizes}):")
+    else:
+        print(f"{'Pareto front' if len(result.objectives) > 1 else 'best'} (latency and memory predicted by the "
+              f"cost model for {args.target} at sizes {sizes}):")
     print(result.table())
     print(f"best config: {result.best_config}")
     if args.out:
@@ -93,17 +191,32 @@ def cmd_report(args) -> int:
     import optuna
 
     from lmforge.search.report import write_report
-    from lmforge.search.tuner import default_storage
+    from lmforge.search.tuner import constraint_tag, default_storage, open_storage
 
-    storage = args.storage or default_storage()
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage)]
+    url = args.storage or default_storage()
+    _check_out(args.out if args.study is not None else None)
+    storage = open_storage(url, must_exist=args.storage is not None)
+    summaries = optuna.get_all_study_summaries(storage=storage)
+    names = [s.study_name for s in summaries]
     if args.study is None:
-        print("studies:\n" + "\n".join(f"  {n}" for n in names) if names else f"no studies in {storage}")
+        if not summaries:
+            print(f"no studies in {url}")
+            return 0
+        print("studies:")
+        for summary in summaries:
+            attrs = summary.user_attrs
+            about = [f"target {attrs['target']}"] if attrs.get("target") else []
+            about += [f"{'+'.join(attrs['objectives'])}"] if attrs.get("objectives") else []
+            about += [attrs["mode"]] if attrs.get("mode") else []
+            cons = (attrs.get("settings") or {}).get("constraints")
+            about += [",".join(constraint_tag(k, v) for k, v in sorted(cons.items()))] if cons else []
+            about += [f"{summary.n_trials} trials"]
+            print(f"  {summary.study_name}  ({', '.join(about)})")
         return 0
-    matches = [n for n in names if args.study in n]
+    matches = [n for n in names if n == args.study] or [n for n in names if args.study in n]
     if len(matches) != 1:
-        raise LmforgeError(f"{len(matches)} studies match {args.study!r} in {storage}: give a unique part of "
-                           f"one of {names}")
+        raise LmforgeError(f"{len(matches)} studies match {args.study!r} in {url}: give the full name or a unique "
+                           f"part of one of {names}")
     paths = write_report(optuna.load_study(study_name=matches[0], storage=storage), args.out)
     print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -125,12 +238,31 @@ def cmd_run(args) -> int:
     from lmforge.artifact import inspect_artifact
     from lmforge.ir.types import eval_dim, torch_dtype
 
+    from lmforge.ir.types import _symbol_names
+
+    given = {}
+    for item in args.dim or []:
+        name, eq, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or not name:
+            raise LmforgeError(f"--dim {item!r}: give NAME=VALUE, e.g. --dim batch=4")
+        try:
+            given[name] = int(value)
+        except ValueError:
+            raise LmforgeError(f"--dim {item!r}: the value of {name} must be a whole number, e.g. "
+                               f"--dim {name}=4") from None
+        if given[name] < 0:
+            raise LmforgeError(f"--dim {item!r}: a dimension cannot be negative")
     manifest = inspect_artifact(args.artifact)
     model = lmforge.load(args.artifact, device=args.device, kernels=args.kernels)
+    symbols = sorted({n for v in model.graph.inputs for d in v.type.shape if isinstance(d, str)
+                      for n in _symbol_names(d)})
+    unknown = sorted(set(given) - set(symbols))
+    if unknown:
+        raise LmforgeError(f"--dim: the artifact has no dimension {', '.join(unknown)}; its symbolic dims are "
+                           f"{', '.join(symbols) if symbols else 'none (every input shape is fixed)'}")
     dims = dict(model.graph.get_meta("example_dims") or ())
-    for item in args.dim or []:
-        name, _, value = item.partition("=")
-        dims[name] = int(value)
+    dims.update(given)
     inputs = []
     for v in model.graph.inputs:
         shape = [eval_dim(d, dims) for d in v.type.shape]
@@ -151,11 +283,19 @@ def cmd_calibrate(args) -> int:
     from lmforge.hwmodels import get_target
     from lmforge.hwmodels.calibrate import calibrate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     hw = get_target(args.target)
     cal = calibrate(hw, progress=True)
     print(f"calibrated {hw.name} ({len(cal.samples)} op instances); saved for fingerprint {cal.hw_fingerprint}")
+    if getattr(hw, "kind", "") == "cpu":
+        threads = torch.get_num_threads()
+        flag = f" --threads {threads}" if args.threads is not None else ""
+        default = "" if flag else " (this machine's default)"
+        n = f"{threads} torch thread{'s' if threads != 1 else ''}"
+        print(f"  measured with {n}{default}: it applies to later commands for target {args.target} that run with "
+              f"{n}, e.g. `lmforge tune WORKLOAD --target {args.target} --mode hybrid{flag}` or "
+              f"`lmforge inspect WORKLOAD --target {args.target}{flag}`; in Python, call "
+              f"torch.set_num_threads({threads}) first")
     for cls, (ec, em) in sorted(cal.efficiency.items()):
         print(f"  {cls:<12} compute efficiency {ec:5.2f}  memory efficiency {em:5.2f}")
     print(f"  launch overhead {cal.launch_overhead_s * 1e6:.2f} us")
@@ -165,6 +305,9 @@ def cmd_calibrate(args) -> int:
 def cmd_targets(args) -> int:
     from lmforge.hwmodels import get_target, targets
 
+    if args.action == "list" and args.name:
+        raise LmforgeError(f"`lmforge targets list` takes no name; to see one target: `lmforge targets show "
+                           f"{args.name}`")
     if args.action == "show":
         if not args.name:
             raise LmforgeError("`lmforge targets show` needs a target name, e.g. `lmforge targets show h100`")
@@ -176,6 +319,10 @@ def cmd_targets(args) -> int:
     return 0
 
 
+THREADS_HELP = ("torch CPU threads for this command; the host target's calibration (`lmforge calibrate --threads "
+                "N`) applies only with the same N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,17 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("workload")
     i.add_argument("--target", default="host")
     i.add_argument("--knobs", action="store_true", help="list the knobs of the pass pipeline")
-    i.add_argument("--print-after", default=None, help="print the IR after this pass (or 'all')")
+    i.add_argument("--print-after", default=None, help="print the IR after this pass (or 'all', or PASS,PASS)")
+    i.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     i.set_defaults(fn=cmd_inspect)
     c = sub.add_parser("compile", help="compile a workload and run its example inputs")
     c.add_argument("workload")
     c.add_argument("--target", default="host")
     c.add_argument("--backend", action="append", default=[], help="backend in priority order (repeatable)")
+    c.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     c.set_defaults(fn=cmd_compile)
     tu = sub.add_parser("tune", help="search the knobs of a workload for a target (Optuna)")
     tu.add_argument("workload")
     tu.add_argument("--target", default="h100")
-    tu.add_argument("--budget", type=int, default=50, help="number of finished trials to reach")
+    tu.add_argument("--budget", type=int, default=50,
+                    help="number of finished trials to reach (a resumed study's earlier trials count)")
     tu.add_argument("--objective", action="append", help="latency|throughput|memory|quality|kl|accuracy "
                                                          "(repeat for a Pareto front)")
     tu.add_argument("--mode", default="predict", choices=["predict", "measure", "hybrid"])
@@ -205,10 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--warm-start-from", default=None, help="enqueue the best configs found for this target")
     tu.add_argument("--out", default=None, help="write the report (Pareto plot, table) here")
     tu.add_argument("--max-tp", type=int, default=1,
-                    help="also search tensor parallelism over up to this many GPUs (knob shard.tp; default 1: off)")
+                    help="also search tensor parallelism over 1, 2, 4, ... up to this many GPUs (a power of two; "
+                         "knob shard.tp; default 1: off)")
+    tu.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     tu.set_defaults(fn=cmd_tune)
     r = sub.add_parser("report", help="write the Pareto plot and table of a tuning study")
-    r.add_argument("--study", default=None, help="part of the study name (omit to list studies)")
+    r.add_argument("--study", default=None, help="the study name, or a unique part of it (omit to list studies)")
     r.add_argument("--storage", default=None)
     r.add_argument("--out", default="lmforge-report")
     r.set_defaults(fn=cmd_report)
@@ -231,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     ru.set_defaults(fn=cmd_run)
     ca = sub.add_parser("calibrate", help="fit the cost model's efficiency factors by timing ops here")
     ca.add_argument("--target", default="host", help="host, or the GPU preset of the GPU in this machine")
-    ca.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    ca.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine); later "
+                                                              "commands use the calibration with the same --threads")
     ca.set_defaults(fn=cmd_calibrate)
     t = sub.add_parser("targets", help="list hardware targets, or `targets show NAME`")
     t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -242,10 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "print_after", None):
-        import os
-
-        os.environ["LMFORGE_PRINT_AFTER"] = args.print_after
     try:
         return args.fn(args)
     except LmforgeError as e:

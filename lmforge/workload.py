@@ -5,8 +5,10 @@ By convention the function is named `workload` when only a file is given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
+
+from lmforge.errors import LmforgeError, WorkloadError
 
 
 @dataclass
@@ -31,22 +33,49 @@ class Workload:
     name: str = "workload"
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        """Check the fields' types, so a mistake is named here rather than deep inside capture or tuning."""
+        if self.model is None:
+            raise WorkloadError("Workload.model is None: give a torch.nn.Module or a function over tensors")
+        if isinstance(self.example_inputs, list):
+            self.example_inputs = tuple(self.example_inputs)
+        if not isinstance(self.example_inputs, tuple):
+            raise WorkloadError(f"Workload.example_inputs must be a tuple of positional inputs, e.g. "
+                                f"`example_inputs=(x,)` for one input, not a {type(self.example_inputs).__name__}")
+        if self.dynamic is not None and not isinstance(self.dynamic, dict):
+            raise WorkloadError(f"Workload.dynamic must be a dict {{input name: {{dim index: symbol}}}}, not a "
+                                f"{type(self.dynamic).__name__}")
+        if self.eval_inputs is not None:
+            if not isinstance(self.eval_inputs, (list, tuple)):
+                raise WorkloadError(f"Workload.eval_inputs must be a list of input tuples, not a "
+                                    f"{type(self.eval_inputs).__name__}")
+            bad = [i for i, x in enumerate(self.eval_inputs) if not isinstance(x, (tuple, list))]
+            if bad:
+                raise WorkloadError(f"Workload.eval_inputs must be a list of input tuples (one tuple of positional "
+                                    f"inputs per evaluation call, e.g. [(x1,), (x2,)]); item {bad[0]} is a "
+                                    f"{type(self.eval_inputs[bad[0]]).__name__}")
+            self.eval_inputs = [tuple(x) for x in self.eval_inputs]
+        if self.checker is not None and not callable(self.checker):
+            raise WorkloadError(f"Workload.checker must be a function `checker(model) -> accuracy`, not a "
+                                f"{type(self.checker).__name__}")
+
 
 def load_workload(spec: str) -> Workload:
     """Load a workload from `path/to/file.py[:function]` or `package.module:function`.
 
     A file without `:function` uses its `workload` function. The function is called with no arguments
-    and must return a `Workload` (or a dict with the same fields).
+    and must return a `Workload` (or a dict with the same fields). Any error raised while importing the file or
+    calling the function becomes a WorkloadError "while loading workload SPEC: ..." naming the line at fault.
     """
     import importlib
     import importlib.util
+    import inspect
     import os
     import sys
 
-    from lmforge.errors import WorkloadError
-
     target, _, func = spec.partition(":")
     func = func or "workload"
+    where = None  # the workload's own file, to name its line in an error
     if target.endswith(".py") or os.path.sep in target:
         path = os.path.abspath(target)
         if not os.path.exists(path):
@@ -55,24 +84,85 @@ def load_workload(spec: str) -> Workload:
         for folder in (os.path.dirname(path), os.getcwd()):
             if folder not in sys.path:
                 sys.path.insert(0, folder)
+        where = path
         name = "lmforge_workload_" + os.path.splitext(os.path.basename(path))[0]
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise WorkloadError(f"while loading workload {spec}: importing {target} raised "
+                                f"{_describe(e, where)}") from e
     else:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
-            raise WorkloadError(f"cannot import workload module {target!r}: {e}") from e
+        except ModuleNotFoundError as e:
+            if e.name and target.split(".")[0] == e.name.split(".")[0] and target.startswith(e.name):
+                raise WorkloadError(f"cannot import workload module {target!r}: {e}; give a file path "
+                                    "(`path/to/file.py`) or an importable `package.module:function`") from e
+            raise WorkloadError(f"while loading workload {spec}: importing {target} raised "
+                                f"{_describe(e, where)}") from e
+        except Exception as e:
+            raise WorkloadError(f"while loading workload {spec}: importing {target} raised "
+                                f"{_describe(e, where)}") from e
+    where = where or getattr(module, "__file__", None)
     fn = getattr(module, func, None)
-    if fn is None or not callable(fn):
+    if fn is not None and not callable(fn):
+        raise WorkloadError(f"{target}: `{func}` is a {type(fn).__name__}, not a function; a workload file defines "
+                            f"`def {func}() -> Workload`")
+    if fn is None:
         raise WorkloadError(f"{target} has no function {func!r}; a workload file defines `def {func}() -> Workload`")
-    result = fn()
+    try:
+        required = [p.name for p in inspect.signature(fn).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: just call it
+        required = []
+    if required:
+        raise WorkloadError(f"while loading workload {spec}: {func}() needs the argument(s) {required}, but lmforge "
+                            f"calls it with none; give them default values (or wrap it in a function without "
+                            f"arguments)")
+    try:
+        result = fn()
+    except LmforgeError as e:  # lmforge's own message (a bad Workload field, ...) says what is wrong
+        raise WorkloadError(f"while loading workload {spec}: in {func}(): {_describe(e, where)}") from e
+    except Exception as e:
+        raise WorkloadError(f"while loading workload {spec}: {func}() raised {_describe(e, where)}") from e
     if isinstance(result, dict):
-        result = Workload(**result)
+        known = [f.name for f in fields(Workload)]
+        unknown = sorted(set(result) - set(known))
+        if unknown:
+            raise WorkloadError(f"while loading workload {spec}: {func}() returned a dict with unknown field(s) "
+                                f"{unknown}; a Workload's fields are {known}")
+        missing = [k for k in ("model", "example_inputs") if k not in result]
+        if missing:
+            raise WorkloadError(f"while loading workload {spec}: {func}() returned a dict without {missing}")
+        try:
+            result = Workload(**result)
+        except WorkloadError as e:
+            raise WorkloadError(f"while loading workload {spec}: {e}") from e
     if not isinstance(result, Workload):
         raise WorkloadError(f"{spec} returned {type(result).__name__}, not a lmforge.Workload")
     return result
+
+
+def _describe(e: BaseException, prefer: str | None = None) -> str:
+    """`Type: message (at file:line)` of an exception from user code: the innermost line of the file `prefer`
+    on the stack (the workload file), else the innermost line of all."""
+    where = ""
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f" (at {e.filename}:{e.lineno})"
+        return f"{type(e).__name__}: {e.msg}{where}"
+    frames, tb = [], e.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    own = [f for f in frames if prefer and f[0] == prefer]  # the workload file's own line, when it is on the stack
+    if own or frames:
+        file, line = (own or frames)[-1]
+        where = f" (at {file}:{line})"
+    kind = "" if isinstance(e, LmforgeError) else f"{type(e).__name__}: "  # lmforge's own messages speak for themselves
+    return f"{kind}{e}{where}"

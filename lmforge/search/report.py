@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 
+from lmforge.errors import LmforgeError
 from lmforge.search.tuner import DIRECTIONS, _feasible, _pareto
 
 
@@ -19,7 +20,13 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"report folder {str(out)!r} exists and is not a folder; the report is a folder of files "
+                           "(pareto.png, history.png, report.md): give a new or existing folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(f"cannot create the report folder {str(out)!r}: {e.strerror or e}; give another --out")
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     trials = _feasible(study)
     front = _pareto(trials, objectives) if trials else []

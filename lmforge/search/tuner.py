@@ -6,7 +6,7 @@
 Objectives (name -> direction):
   latency    minimize  seconds per call on the target (predicted by the cost model for any target;
                        measured where the target is this machine: mode "measure", or "hybrid", which
-                       screens every trial with the cost model and measures only the best few)
+                       screens every trial with the cost model and measures only the best few, see below)
   throughput maximize  tokens per second (tokens = elements of the first input) on the target
   memory     minimize  peak memory in bytes (weights + KV cache + live activations)
   quality    maximize  top-1 next-token agreement with the untransformed model on the eval inputs
@@ -15,6 +15,14 @@ Objectives (name -> direction):
 Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) go through Optuna's
 constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
 whose passes fail is recorded as a failed trial and the search goes on.
+
+Sizes: predict mode prices the graph at the workload's serving sizes (`extras["serving_dims"]`, e.g. batch 32
+with 2048 cached tokens; else the example inputs' sizes; `bindings=` overrides). Measure and hybrid modes time
+the first eval input (the example inputs when there are none) and predict at that input's sizes too, so the
+measured and predicted numbers of a trial describe the same shapes (`TuneResult.bindings` says which; `bindings=`
+that disagree with that input are an error there).
+In hybrid mode `best_config` is the measured best among the `hybrid_top` best predicted configs, and
+`TuneResult.table()` lists those configs with their measured and predicted latency.
 
 `layer_groups=G` tunes the per-layer knobs (attention pattern, window, sinks, top-k; weight bits and group size)
 separately for G groups of consecutive layers instead of sharing one value across layers.
@@ -30,11 +38,16 @@ Samplers: TPE by default (seeded, multivariate, 5 random start-up trials: fewer 
 on lmforge's spaces the model-guided trials are what beats random search, and a 50-trial budget should not
 spend a fifth of itself at random; `benchmarks/search_efficiency.py` measured the choice, see
 docs/benchmarks.md); NSGA-II for several objectives with budget >= 100; GP for one objective with budget
-<= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides.
+<= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides. Conditional knobs (a window size that exists only
+for the window pattern) are sampled independently by design, so the samplers' warnings about that are off.
 
 The tuning database is Optuna storage: SQLite under `cache_dir("tuning")` unless `storage` gives another
 URL (PostgreSQL for many workers). The study is keyed by the workload's graph signature and the target's
-fingerprint, so re-running resumes it and `compile(..., config="best")` finds its best config.
+fingerprint, so re-running resumes it and `compile(..., config="best")` finds its best config. The key also
+holds the objectives, the mode, the constraints and a hash of the other settings that change what a trial's
+numbers mean (sizes, backends, layer groups, the knob space): the same command resumes its study (`budget` counts
+the finished trials of earlier runs too), a changed one starts a new study. A study named by `study_name`
+stores those settings and refuses to resume with different ones.
 """
 from __future__ import annotations
 
@@ -65,10 +78,35 @@ class TuneResult:
     n_complete: int
     n_failed: int
     measured: dict[int, float] = field(default_factory=dict)  # trial number -> measured latency (hybrid)
+    n_pruned: int = 0
+    pruned_reasons: dict[str, int] = field(default_factory=dict)  # why trials were pruned -> how many
+    n_infeasible: int = 0  # finished trials that break a constraint
+    n_earlier: int = 0  # finished trials that were in the study before this call (a resumed study)
+    mode: str = "predict"
+    bindings: dict[str, int] = field(default_factory=dict)  # the symbolic sizes latency/memory are priced at
+
+    def summary(self) -> str:
+        """One paragraph: the study, its trials by outcome (and why trials were pruned), whether it resumed."""
+        parts = [f"{self.n_complete} trials finished"]
+        if self.n_infeasible:
+            parts[0] += f" ({self.n_infeasible} infeasible)"
+        parts += [f"{self.n_pruned} pruned", f"{self.n_failed} failed"]
+        lines = [f"study {self.study_name} in {self.storage}: " + ", ".join(parts)]
+        if self.n_earlier:
+            lines.append(f"  resumed a study with {self.n_earlier} finished trials from earlier runs (the budget "
+                         "counts them); ran " + f"{max(0, self.n_complete - self.n_earlier)} new")
+        for reason, n in self.pruned_reasons.items():
+            lines.append(f"  pruned {n}x: {reason}")
+        return "\n".join(lines)
 
     def table(self, defaults: Mapping[str, Any] | None = None) -> str:
-        """The Pareto front, one row per distinct objective vector; configs show the knobs off their default."""
+        """The Pareto front, one row per distinct objective vector; configs show the knobs off their default.
+
+        Hybrid mode: the configs measured on this machine instead, best (lowest measured latency) first, with
+        their measured and predicted latency (same sizes) and the other objectives' values."""
         defaults = defaults if defaults is not None else self.study.user_attrs.get("knob_defaults", {})
+        if self.measured:
+            return self._measured_table(defaults)
         rows = [f"{'trial':>5}  " + "  ".join(f"{o:>12}" for o in self.objectives) + "  config (non-default knobs)"]
         seen = set()
         for p in self.pareto:
@@ -79,6 +117,19 @@ class TuneResult:
             vals = "  ".join(f"{p['values'][o]:>12.4g}" for o in self.objectives)
             changed = {k: v for k, v in p["config"].items() if defaults.get(k, object()) != v}
             rows.append(f"{p['trial']:>5}  {vals}  {changed}")
+        return "\n".join(rows)
+
+    def _measured_table(self, defaults: Mapping[str, Any]) -> str:
+        others = [o for o in self.objectives if o != "latency"]
+        rows = [f"{'trial':>5}  {'measured latency':>16}  {'predicted latency':>17}  "
+                + "".join(f"{o:>12}  " for o in others) + "config (non-default knobs)"]
+        trials = {t.number: t for t in self.study.trials}
+        for number in sorted(self.measured, key=self.measured.get):
+            t = trials[number]
+            values = t.user_attrs["values"]
+            changed = {k: v for k, v in t.user_attrs["config"].items() if defaults.get(k, object()) != v}
+            rows.append(f"{number:>5}  {self.measured[number]:>16.4g}  {values['predicted_latency']:>17.4g}  "
+                        + "".join(f"{values[o]:>12.4g}  " for o in others) + str(changed))
         return "\n".join(rows)
 
 
@@ -192,13 +243,17 @@ TPE_STARTUP = 5   # random trials before TPE models the results (the module docs
 def make_sampler(name: str | None, n_objectives: int, budget: int, seed: int):
     """Constraints reach the samplers through `trial.set_constraint` (Optuna >= 5)."""
     if name is None:
-        name = "nsga2" if n_objectives > 1 and budget >= 100 else ("gp" if n_objectives == 1 and budget <= 20 else "tpe")
+        name = ("nsga2" if n_objectives > 1 and budget >= 100
+                else "gp" if n_objectives == 1 and budget <= 20 else "tpe")
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(TPE_STARTUP, max(2, budget // 4)))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False,
+                                          n_startup_trials=min(TPE_STARTUP, max(2, budget // 4)))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(5, max(2, budget // 4)))
+        # conditional knobs are sampled independently by design: no warning per trial about it
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(5, max(2, budget // 4)),
+                                         warn_independent_sampling=False)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise LmforgeError(f"unknown sampler {name!r}; use tpe, nsga2, gp or random")
@@ -210,9 +265,104 @@ def default_storage() -> str:
     return f"sqlite:///{cache_dir('tuning') / 'studies.db'}"
 
 
-def study_key(name: str, graph: Graph, hw, objectives: Sequence[str], mode: str) -> str:
-    """Graph signature and target fingerprint first, so a lookup by (workload, target) is a prefix match."""
-    return f"{graph.signature()}:{hw.fingerprint()}:{'+'.join(objectives)}:{mode}:{name}"
+def open_storage(storage: str | None = None, must_exist: bool = False):
+    """The Optuna storage for a URL (default: `default_storage()`), or an LmforgeError saying what is wrong with
+    the URL. must_exist: an SQLite file that does not exist is an error (reading studies) instead of created."""
+    import os
+
+    url = storage or default_storage()
+    if not isinstance(url, str):  # an Optuna storage object
+        return url
+    if "://" not in url:
+        raise LmforgeError(f"storage {url!r} is not a URL: give an Optuna storage URL, e.g. "
+                           f"sqlite:///{os.path.abspath(url)} for an SQLite file (three slashes, then the path) or "
+                           "postgresql://user@host/db")
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        path = url[len("sqlite:///"):]
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LmforgeError(f"storage {url!r}: the folder {folder} does not exist; create it or give another path")
+        if must_exist and not os.path.exists(path):
+            raise LmforgeError(f"storage {url!r}: there is no tuning database at {path}; run `lmforge tune` first "
+                               "or give the --storage URL it used")
+    try:
+        return optuna.storages.get_storage(url)
+    except ImportError as e:
+        raise LmforgeError(f"storage {url!r}: the database driver for it is not installed ({e})") from e
+    except Exception as e:  # SQLAlchemy: an unknown dialect, an unreachable server, an unreadable file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LmforgeError(f"cannot open the tuning storage {url!r}: {type(e).__name__}: {first}. Give an Optuna "
+                           "storage URL such as sqlite:///path/to/studies.db or postgresql://user@host/db") from e
+
+
+def study_key(name: str, graph: Graph, hw, objectives: Sequence[str], mode: str,
+              constraints: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None) -> str:
+    """Graph signature and target fingerprint first, so a lookup by (workload, target) is a prefix match; then
+    objectives, mode, name, the constraints (readable) and a hash of the other `settings` that change what a
+    trial's numbers mean, so a changed constraint or size never resumes a study run under other ones."""
+    return f"{graph.signature()}:{hw.fingerprint()}:{'+'.join(objectives)}:{mode}:{name}" + settings_suffix(
+        constraints, settings)
+
+
+def settings_suffix(constraints: Mapping[str, Any] | None, settings: Mapping[str, Any] | None) -> str:
+    """`:quality>=0.99,fits:s1a2b3c4d`: the constraints, readable, and a hash of the other settings."""
+    out = ""
+    if constraints:
+        out += ":" + ",".join(constraint_tag(c, b) for c, b in sorted(constraints.items()))
+    if settings:
+        out += ":s" + settings_hash(settings)
+    return out
+
+
+def constraint_tag(name: str, bound) -> str:
+    """`quality>=0.99`, `latency<=0.001`, `fits`: a constraint as it appears in study names."""
+    if name == "fits":
+        return "fits" if bound else "fits=off"
+    return f"{name}{'>=' if DIRECTIONS.get(name) == 'maximize' else '<='}{float(bound):g}"
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """8 hex digits of the settings' JSON."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def check_constraints(constraints: Mapping[str, Any], objectives: Sequence[str], checker=None) -> None:
+    """An LmforgeError for an unknown constraint, a bound out of range, or accuracy without a checker."""
+    for name, bound in constraints.items():
+        if name != "fits" and name not in DIRECTIONS:
+            raise LmforgeError(f"unknown constraint {name!r}; constraints are 'fits' or an objective name "
+                               f"({', '.join(sorted(DIRECTIONS))})")
+        if name == "fits":
+            continue
+        try:
+            value = float(bound)
+        except (TypeError, ValueError):
+            raise LmforgeError(f"constraint {name!r} needs a number, not {bound!r}") from None
+        if name in ("quality", "accuracy") and not 0.0 <= value <= 1.0:
+            raise LmforgeError(f"constraint {name} >= {value:g} is out of range: {name} is a fraction in [0, 1] "
+                               f"(e.g. 0.99)")
+        if name in ("latency", "memory", "kl", "throughput") and value < 0:
+            raise LmforgeError(f"constraint {name} bound {value:g} is negative; give a bound >= 0")
+    if checker is None and ("accuracy" in objectives or "accuracy" in constraints):
+        raise LmforgeError("objective/constraint 'accuracy' needs a workload with a checker (Workload.checker, a "
+                           "function `checker(model) -> accuracy in [0, 1]`); this workload has none: use "
+                           "'quality' (top-1 agreement with the untransformed model) or 'kl' instead")
+
+
+def input_bindings(graph: Graph, inputs: Sequence) -> dict[str, int]:
+    """The values of the graph's symbolic dims in a tuple of actual inputs (dims that are plain symbols)."""
+    import torch
+
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    out: dict[str, int] = {}
+    for v, x in zip(graph.inputs, tensors):
+        for d, n in zip(v.type.shape, x.shape):
+            if isinstance(d, str) and d.isidentifier():
+                out.setdefault(d, int(n))
+    return out
 
 
 def prepare(model_or_workload, example_inputs=None, *, dynamic=None, eval_inputs=None, checker=None,
@@ -249,8 +399,22 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     unknown = [o for o in objectives if o not in DIRECTIONS]
     if unknown:
         raise LmforgeError(f"unknown objective(s) {unknown}; choose from {sorted(DIRECTIONS)}")
+    if not objectives:
+        raise LmforgeError(f"tune needs at least one objective; choose from {sorted(DIRECTIONS)}")
     if mode not in ("predict", "measure", "hybrid"):
         raise LmforgeError(f"mode must be predict, measure or hybrid, not {mode!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise LmforgeError(f"budget must be a number of trials >= 1, not {budget!r}")
+    if mode == "hybrid" and hybrid_top < 1:
+        raise LmforgeError(f"hybrid_top must be >= 1 (how many predicted-best configs to measure), not {hybrid_top}")
+    constraints = dict(constraints or {})
+    from lmforge.workload import Workload
+
+    # names, ranges and the checker that accuracy needs, before any slow work (tune() itself takes no checker)
+    check_constraints(constraints, objectives,
+                      model_or_workload.checker if isinstance(model_or_workload, Workload) else None)
+    storage_url = storage if isinstance(storage, str) else (storage or default_storage())
+    store = open_storage(storage)
     base_hw = get_target(target) if isinstance(target, str) else target
     hw = calibrated(base_hw)  # a saved calibration (`lmforge calibrate`) refines the preset's efficiencies
     if mode != "predict" and getattr(hw, "kind", "") != "cpu" and target != "host":
@@ -261,8 +425,17 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
                                "use mode='predict' (cost model), or target='host'")
     wl, graph, pipe, evals = prepare(model_or_workload, example_inputs, dynamic=dynamic, pipeline=pipeline)
     env = dict(graph.get_meta("example_dims") or ())
-    env.update(dict(wl.extras.get("serving_dims", {})) if wl.extras else {})
-    env.update(bindings or {})
+    if mode == "predict":
+        env.update(dict(wl.extras.get("serving_dims", {})) if wl.extras else {})
+        env.update(bindings or {})
+    else:  # predict at the sizes that are measured (the first eval input), so both numbers describe one shape
+        env.update(input_bindings(graph, evals[0]))
+        clash = {k: v for k, v in (bindings or {}).items() if env.get(k, v) != v}
+        if clash:
+            raise LmforgeError(f"mode {mode!r} measures the first eval input, whose sizes are "
+                               f"{ {k: env[k] for k in clash} }, but bindings ask for {clash}: drop `bindings` or use "
+                               "mode='predict' to price other sizes")
+        env.update(bindings or {})
     ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends))
     hw = base_hw  # studies are keyed by the target itself, calibrated or not
     knobs = ctx.knobs
@@ -270,15 +443,23 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
         from lmforge.search.space import expand_per_group
 
         knobs = expand_per_group(knobs, layer_groups, [k.name for k in knobs if k.per_layer])
-    constraints = dict(constraints or {})
-    storage = storage or default_storage()
+    # what a trial's numbers depend on besides graph, target, objectives and mode: a study holds one setting of each
+    settings = {"constraints": {k: (bool(v) if k == "fits" else float(v)) for k, v in constraints.items()},
+                "bindings": dict(sorted(env.items())), "backends": list(backends), "layer_groups": layer_groups,
+                "knobs": sorted(k.name for k in knobs)}
     name = study_name or study_key(wl.name, graph, hw, objectives, mode)
     tp_knobs = [k for p in pipe for k in p.knobs if k.name == "shard.tp"]
     if tp_knobs and not study_name:  # a multi-GPU search is its own study (its space has the shard.tp knob)
         name += f":tp<={max(tp_knobs[0].choices)}"
-    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+    if not study_name:
+        name += settings_suffix(constraints, settings)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune reports a resumed study itself (TuneResult.summary)
+    study = optuna.create_study(storage=store, study_name=name, load_if_exists=True,
                                 directions=[DIRECTIONS[o] for o in objectives],
                                 sampler=make_sampler(sampler, len(objectives), budget, seed))
+    _check_same_settings(study, objectives, mode, settings)
+    study.set_user_attr("settings", settings)
+    study.set_user_attr("mode", mode)
     study.set_user_attr("graph_signature", graph.signature())
     study.set_user_attr("target", target)
     study.set_user_attr("target_fingerprint", hw.fingerprint())
@@ -287,7 +468,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     if not study.trials:
         study.enqueue_trial({k.name: k.default for k in knobs if k.condition is None}, skip_if_exists=True)
     if warm_start_from:
-        for cfg in best_configs(graph, warm_start_from, storage, limit=3):
+        for cfg in best_configs(graph, warm_start_from, store, limit=3):
             study.enqueue_trial({k: v for k, v in cfg.items() if k in {kn.name for kn in knobs}},
                                 skip_if_exists=True)
 
@@ -315,7 +496,6 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     remaining = max(0, budget - done)
     callbacks = [_progress(remaining, objectives)] if progress and remaining else []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study.optimize(objective, n_trials=remaining, catch=(LmforgeError, RuntimeError, ValueError),
                        callbacks=callbacks, gc_after_trial=False)
@@ -325,7 +505,26 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
         for cb in callbacks:
             cb.close()
     measured = _measure_top(ctx, study, objectives, hybrid_top) if mode == "hybrid" else {}
-    return _result(study, objectives, name, storage, measured)
+    result = _result(study, objectives, name, storage_url, measured)
+    result.n_earlier, result.mode, result.bindings = done, mode, dict(env)
+    return result
+
+
+def _check_same_settings(study, objectives, mode, settings) -> None:
+    """A study (one named by `study_name`, or an older one) created under other settings is not resumed silently."""
+    old = study.user_attrs.get("settings")
+    if old is None:  # a new study, or one from before lmforge stored its settings
+        return
+    old_objectives = study.user_attrs.get("objectives")
+    diffs = [f"{k}: study has {old.get(k)!r}, this run {v!r}" for k, v in settings.items() if old.get(k) != v]
+    if old_objectives is not None and list(old_objectives) != list(objectives):
+        diffs.insert(0, f"objectives: study has {old_objectives}, this run {list(objectives)}")
+    if study.user_attrs.get("mode", mode) != mode:
+        diffs.insert(0, f"mode: study has {study.user_attrs['mode']!r}, this run {mode!r}")
+    if diffs:
+        raise LmforgeError(f"study {study.study_name!r} was run with other settings, so its trials' numbers mean "
+                           f"something else ({'; '.join(diffs)}): give another study name (or none, for a key made "
+                           "from the settings), or the same settings to resume it")
 
 
 def _measure_top(ctx: TuneContext, study, objectives, k: int) -> dict[int, float]:
@@ -349,8 +548,14 @@ def _result(study, objectives, name, storage, measured) -> TuneResult:
     feasible = _feasible(study)
     failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
     complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    reasons: dict[str, int] = {}
+    for t in pruned:
+        reason = t.user_attrs.get("pruned_reason", "pruned by the sampler")
+        reasons[reason] = reasons.get(reason, 0) + 1
     if not feasible:
-        raise LmforgeError(f"no feasible configuration among {complete} finished trials ({failed} failed) of "
+        more = f", {len(pruned)} pruned: {'; '.join(reasons)}" if pruned else ""
+        raise LmforgeError(f"no feasible configuration among {complete} finished trials ({failed} failed{more}) of "
                            f"study {name!r}: relax the constraints or raise the budget")
     pareto = _pareto(feasible, objectives)
     if measured:
@@ -361,8 +566,13 @@ def _result(study, objectives, name, storage, measured) -> TuneResult:
     else:
         best = pareto[0]["_trial"]
     front = [{k: v for k, v in p.items() if k != "_trial"} for p in pareto]
-    return TuneResult(study, tuple(objectives), dict(best.user_attrs["config"]), dict(best.user_attrs["values"]),
-                      front, name, storage, complete, failed, measured)
+    values = dict(best.user_attrs["values"])
+    if measured:  # hybrid: the best config's latency (and so its throughput) is its measured one
+        values["throughput"] = values["throughput"] * values["latency"] / measured[best.number]
+        values["latency"] = values["measured_latency"] = measured[best.number]
+    return TuneResult(study, tuple(objectives), dict(best.user_attrs["config"]), values, front, name, storage,
+                      complete, failed, measured, n_pruned=len(pruned), pruned_reasons=reasons,
+                      n_infeasible=complete - len(feasible))
 
 
 def _pareto(trials, objectives) -> list[dict]:
@@ -381,16 +591,22 @@ def _pareto(trials, objectives) -> list[dict]:
 
 def best_configs(graph: Graph, target: str, storage: str | None = None, limit: int = 1,
                  tensor_parallel: bool = False) -> list[dict]:
-    """The best configs found so far for this graph (by signature, after the canonical passes) on `target`.
+    """The best configs found so far for this graph (by signature, after the canonical passes) on `target`: those
+    of the most recently started study first (studies differ by objectives, mode and constraints; the last one run
+    is the one asked for), then of older ones.
 
     Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
     their latencies are those of a group of GPUs, not of one."""
+    import datetime
+
     from lmforge.hwmodels import get_target
 
     storage = storage or default_storage()
     prefix = f"{graph.signature()}:{get_target(target).fingerprint()}:"
     out = []
-    for summary in optuna.get_all_study_summaries(storage=storage):
+    summaries = sorted(optuna.get_all_study_summaries(storage=storage),
+                       key=lambda s: s.datetime_start or datetime.datetime.min, reverse=True)
+    for summary in summaries:
         if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
