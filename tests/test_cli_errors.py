@@ -14,10 +14,7 @@ from lmforge.passes import Knob, dce, fuse_elementwise, graph_pass, merge_linear
 from lmforge.search.tuner import tune
 from lmforge.workload import Workload, load_workload
 
-MLP_WORKLOAD = textwrap.dedent("""
-    import torch
-    from lmforge import Workload
-
+MLP_SOURCE = textwrap.dedent("""
     class MLP(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -26,22 +23,18 @@ MLP_WORKLOAD = textwrap.dedent("""
 
         def forward(self, x):
             return self.c(torch.nn.functional.silu(self.a(x)) * self.b(x))
+""")
+_namespace = {"torch": torch}
+exec(MLP_SOURCE, _namespace)   # the same class here as in the workload file below
+MLP = _namespace["MLP"]
+
+MLP_WORKLOAD = "import torch\nfrom lmforge import Workload\n" + MLP_SOURCE + textwrap.dedent("""
 
     def workload():
         torch.manual_seed(0)
         return Workload(model=MLP().eval(), example_inputs=(torch.randn(4, 16),), dynamic={"x": {0: "batch"}},
                         eval_inputs=[(torch.randn(8, 16),)], name="mlp", extras={"serving_dims": {"batch": 64}})
 """)
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
-        self.c = torch.nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.c(torch.nn.functional.silu(self.a(x)) * self.b(x))
 
 
 @pytest.fixture(autouse=True)
