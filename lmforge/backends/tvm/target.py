@@ -5,7 +5,7 @@ TVM 0.27 takes targets as dicts. The host target names the CPU LLVM reports (`zn
 CUDA targets need no GPU to build: TVM emits CUDA C and compiles it to PTX with nvcc.
 
     host_target()            -> {"kind": "llvm", "mcpu": "znver4"}
-    cuda_target("sm_90", 256) -> {"kind": "cuda", "arch": "sm_90", "max_num_threads": 256}
+    cuda_target("sm_90", 256) -> {"kind": "cuda", "arch": "sm_90", "max_num_threads": 256, ...}
 """
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def cuda_target(arch: str, max_threads: int = 1024) -> dict:
     if not _ARCH.match(arch):
         raise TargetError(f"CUDA arch {arch!r} is not of the form 'sm_80' / 'sm_90' / 'sm_90a'; "
                           f"name the compute capability of the GPU you build for")
-    return {"kind": "cuda", "arch": arch, "max_num_threads": int(max_threads)}
+    # 48 KiB: the shared memory a block gets without opting in (TVM warns per build when the target lacks it)
+    return {"kind": "cuda", "arch": arch, "max_num_threads": int(max_threads),
+            "max_shared_memory_per_block": 48 * 1024}
 
 
 def target_key(target: dict) -> tuple:
