@@ -5,7 +5,7 @@
     lmforge tune WORKLOAD --target h100 --budget 100 [--objective latency --objective quality] [--out DIR]
                  [--mode predict|measure|hybrid] [--threads N]
     lmforge report [--study NAME] [--out DIR]
-    lmforge export WORKLOAD --target h100 --out DIR [--config best]
+    lmforge export WORKLOAD --target h100 --out DIR [--config best|JSON|FILE]
     lmforge run ARTIFACT [--device cpu] [--dim batch=4]
     lmforge calibrate [--target host] [--threads N]
     lmforge targets [show NAME]
@@ -222,10 +222,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _config_arg(value: str | None):
+    """--config: None (defaults), "best" (the tuning database's), a JSON object of knob values, or a JSON file."""
+    import json
+    from pathlib import Path
+
+    if value in (None, "best"):
+        return value
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"--config {value!r}: give 'best', a JSON object of knob values such as "
+                           f"'{{\"quant.weight_bits\": 4}}', or a JSON file holding one ({e})") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"--config {value!r}: a config is a JSON object of knob values, not a "
+                           f"{type(config).__name__}")
+    return config
+
+
 def cmd_export(args) -> int:
     from lmforge.export import export_workload
 
-    path = export_workload(args.workload, args.target, args.out, config=args.config, gpu_kernels=args.kernels)
+    path = export_workload(args.workload, args.target, args.out, config=_config_arg(args.config),
+                           gpu_kernels=args.kernels)
     print(f"artifact written to {path}")
     return 0
 
@@ -368,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("workload")
     e.add_argument("--target", default="h100")
     e.add_argument("--out", required=True)
-    e.add_argument("--config", default=None, choices=[None, "best"], help="'best': the tuned config for the target")
+    e.add_argument("--config", default=None,
+                   help="'best' (the tuned config for the target), a JSON object of knob values, or a JSON file")
     e.add_argument("--kernels", action="store_true",
                    help="also build the target GPU's kernels: Triton PTX/cubin (launched by `run --device cuda` on "
                         "that GPU) and TVM CUDA source")

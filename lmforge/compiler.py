@@ -253,7 +253,8 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
         found = best_configs(graph, target)
         if not found:
             raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database: "
-                               f"run `lmforge.tune(..., target={target!r})` first, or pass a config dict")
+                               f"run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target "
+                               f"{target}`) first, or pass a config dict (CLI: --config JSON)")
         config = found[0]
         passes = tunable_pipeline() if passes is None else passes
     elif config is not None and not isinstance(config, Mapping):

@@ -334,3 +334,19 @@ def test_gp_sampler_does_not_warn_about_conditional_knobs(capfd, tmp_path):
     tune(MLP(), (torch.randn(4, 16),), target="h100", budget=6, storage=f"sqlite:///{tmp_path}/t.db",
          pipeline=[cond, dce], progress=False, sampler="gp")
     assert "sampled independently" not in capfd.readouterr().err
+
+
+def test_export_takes_a_config_as_json_or_file(capsys, tmp_path, wl_file):
+    import json
+
+    out = tmp_path / "art"
+    code, said, _ = run_cli(capsys, "export", wl_file, "--target", "h100", "--out", out, "--config",
+                            '{"quant.weight_bits": 8, "quant.group_size": 16}')
+    assert code == 0 and "artifact written" in said
+    assert json.loads((out / "manifest.json").read_text())["config"]["quant.weight_bits"] == 8
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"quant.weight_bit": 8}')
+    assert "did you mean 'quant.weight_bits'" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "b",
+                                                           "--config", cfg)
+    assert "a JSON object of knob values" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "c",
+                                                       "--config", "{not json")
