@@ -246,7 +246,7 @@ def make_sampler(name: str | None, n_objectives: int, budget: int, seed: int):
         name = ("nsga2" if n_objectives > 1 and budget >= 100
                 else "gp" if n_objectives == 1 and budget <= 20 else "tpe")
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True,   # (Optuna 5's TPE does not warn)
                                           n_startup_trials=min(TPE_STARTUP, max(2, budget // 4)))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
