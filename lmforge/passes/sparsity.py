@@ -146,7 +146,8 @@ def shared_prefix_decode(graph: Graph, prefix_len: int, rows_per_prefix: int | N
     """Hydragen for decode steps whose batch rows share their first `prefix_len` KV entries: the prefix is read
     once for every sequence that shares it. rows_per_prefix=None: all rows share row 0's prefix (the samples of
     one prompt); r: rows come in groups of r consecutive rows sharing the prefix of the group's first row (r
-    samples each of several prompts, a batch of B = G * r rows). Exact when the precondition holds.
+    samples each of several prompts, a batch of B = G * r rows; another batch size is an error when the step runs,
+    never a regrouping). Exact when the precondition holds.
 
         %o = attention(%q, %k, %v)  ->  %kp = slice(rows 0, r, 2r, ... of %k; :P) ... ; %ks = slice(%k; P:)
                                         %o = shared_prefix_attention(%q, %kp, %vp, %ks, %vs)
@@ -174,8 +175,8 @@ def shared_prefix_decode(graph: Graph, prefix_len: int, rows_per_prefix: int | N
             nodes.append(_op("slice", [src], [suf], {"dim": 2, "start": prefix_len, "end": None}, n.source))
             parts.append((pre, suf))
         (kp, ks), (vp, vs) = parts
-        nodes.append(_op("shared_prefix_attention", [q, kp, vp, ks, vs], n.outputs, {"scale": n.attr["scale"]},
-                         n.source))
+        nodes.append(_op("shared_prefix_attention", [q, kp, vp, ks, vs], n.outputs,
+                         {"scale": n.attr["scale"], "rows_per_prefix": rows_per_prefix or 0}, n.source))
     return graph.with_nodes(nodes)
 
 

@@ -229,6 +229,28 @@ def test_grouped_shared_prefix_decomposition_is_exact(groups, per):
         shared_prefix_decode(lmforge.capture(fn, (q, k, v)), 6, rows_per_prefix=0)
 
 
+@needs_attention_ref
+def test_grouped_shared_prefix_refuses_a_batch_that_is_not_whole_groups():
+    """A step rewritten for groups of 4 rows run on 6 rows (4 + 2) must not regroup them as 3 + 3: an error."""
+    from lmforge.passes import shared_prefix_decode
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(6, 4, 1, 8, generator=gen), torch.randn(6, 2, 9, 8, generator=gen), \
+        torch.randn(6, 2, 9, 8, generator=gen)
+    graph = lmforge.capture(fn, (q, k, v), dynamic={"q": {0: "b"}, "k": {0: "b"}, "v": {0: "b"}})
+    hydra = CompiledModel(shared_prefix_decode(graph, 6, rows_per_prefix=4))
+    with pytest.raises(LmforgeError, match="6 rows do not make 2 groups of rows_per_prefix=4"):
+        hydra(q, k, v)
+    k8, v8 = (torch.cat([x[:1].expand(4, -1, -1, -1), x[4:5].expand(4, -1, -1, -1)])[:, :, :6] for x in (k, v))
+    k8 = torch.cat([k8, torch.randn(8, 2, 3, 8, generator=gen)], 2)
+    v8 = torch.cat([v8, torch.randn(8, 2, 3, 8, generator=gen)], 2)
+    q8 = torch.randn(8, 4, 1, 8, generator=gen)
+    torch.testing.assert_close(hydra(q8, k8, v8), fn(q8, k8, v8), rtol=1e-5, atol=1e-5)
+
+
 def test_weight_quant_per_layer_group_matches_per_layer_reference():
     """A 2-group config quantizes the first half of the layers with group 0's bits / group size and the second half
     with group 1's; each layer's packed weights are exactly those the uniform setting gives that layer."""

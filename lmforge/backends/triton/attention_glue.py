@@ -55,7 +55,10 @@ def claim_shared_prefix(node: Node, config: Mapping[str, Any]) -> Callable | Non
 
     cfg = config.get("attention_decode")
 
-    def run(q, kp, vp, ks, vs, *, scale=None):
+    def run(q, kp, vp, ks, vs, *, scale=None, rows_per_prefix=0):
+        from lmforge.ir.ops.attention_ref import check_prefix_groups
+
+        check_prefix_groups(q.shape[0], kp.shape[0], rows_per_prefix)
         return attention_decode.shared_prefix_decode(q, kp, vp, ks, vs, scale=scale, config=cfg)
 
     return run

@@ -402,8 +402,12 @@ class SharedPrefixSpec:
                                  keys=s if isinstance(s, int) else None, split_base=Hint(), causal=True, **common)
         return [*prefix, *suffix, _merge_variant(t, d, False)]
 
-    def call(self, node: Node, built: Mapping[str, Built], q, kp, vp, ks, vs, *, scale=None, **_) -> Call | None:
+    def call(self, node: Node, built: Mapping[str, Built], q, kp, vp, ks, vs, *, scale=None, rows_per_prefix=0,
+             **_) -> Call | None:
         from lmforge.backends.triton import attention_decode as ad
+
+        if rows_per_prefix and q.shape[0] != kp.shape[0] * rows_per_prefix:
+            return None   # not this step's grouping: the reference raises the error
 
         try:
             ad.check_attention_inputs(q, kp, vp, "shared_prefix_decode (prefix)")

@@ -143,6 +143,17 @@ def decode_block_topk_ref(q, k_cache, v_cache, *, block_size, topk_blocks, sinks
     return (out, keep) if return_indices else out
 
 
+def check_prefix_groups(rows: int, prefixes: int, rows_per_prefix: int) -> None:
+    """A batch of `rows` query rows over `prefixes` shared prefixes must be prefixes x rows_per_prefix rows when the
+    graph says how many rows share each (the Hydragen pass slices every rows_per_prefix-th row's prefix)."""
+    if rows_per_prefix and rows != prefixes * rows_per_prefix:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError(f"shared_prefix_attention: {rows} rows do not make {prefixes} groups of rows_per_prefix="
+                           f"{rows_per_prefix}; this Hydragen step takes batches that are a multiple of "
+                           f"{rows_per_prefix} (each group of {rows_per_prefix} consecutive rows sharing one prefix)")
+
+
 def shared_prefix_attention_ref(q, k_prefix, v_prefix, k_suffix, v_suffix, scale=None):
     """Hydragen: B sequences in G groups of B / G consecutive rows; the rows of group g share prefix g
     (prefix K/V [G, Hkv, P, D], G = 1: one prefix for all). Each row attends to all of its prefix and causally

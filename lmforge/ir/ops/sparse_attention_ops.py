@@ -90,9 +90,10 @@ def _shared_infer(ins, attrs):
     return [q.with_(shape=(*q.shape[:3], vp.shape[3]))]
 
 
-def _shared_ref(q, kp, vp, ks, vs, *, scale=None):
-    from lmforge.ir.ops.attention_ref import shared_prefix_attention_ref
+def _shared_ref(q, kp, vp, ks, vs, *, scale=None, rows_per_prefix=0):
+    from lmforge.ir.ops.attention_ref import check_prefix_groups, shared_prefix_attention_ref
 
+    check_prefix_groups(q.shape[0], kp.shape[0], rows_per_prefix)
     return shared_prefix_attention_ref(q, kp, vp, ks, vs, scale=scale)
 
 
@@ -142,7 +143,10 @@ def ops() -> list[OpDef]:
         OpDef("shared_prefix_attention", "Hydragen: attention of B sequences over shared prefixes (batch G: groups "
                                          "of B/G consecutive sequences share one, read once) and their own "
                                          "suffixes, merged exactly by log-sum-exp.",
-              {"scale": scale}, _shared_infer, _shared_ref, _shared_cost, arity=(5, 5), op_class="attention"),
+              {"scale": scale, "rows_per_prefix": attr("int", 0, "rows that share each prefix (0: B / G); set by "
+                                                                  "the Hydragen pass, a batch of another size is an "
+                                                                  "error, never a regrouping")},
+              _shared_infer, _shared_ref, _shared_cost, arity=(5, 5), op_class="attention"),
         OpDef("kv_qdq", "K or V as read from a cache stored in int8 (per-token or per-head scales) or fp8 e4m3.",
               {"dtype": attr("dtype", "int8"), "axis": attr("str", "token")}, lambda i, a: [i[0]], _kv_qdq_ref,
               _fused_into_attention),
