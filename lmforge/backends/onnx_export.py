@@ -339,8 +339,8 @@ def _norm_scale(em, node, ins, ndim: int) -> str:
 
 
 def _rmsnorm(em, node, ins):
-    a, x = node.attr, _in_type(node, 0)
-    eps = a["eps"] if a["eps"] is not None else torch.finfo(torch_dtype(x.dtype)).eps
+    a = node.attr
+    eps = a["eps"] if a["eps"] is not None else torch.finfo(torch.float32).eps   # F.rms_norm's default, any dtype
     return [em.node("RMSNormalization", [ins[0], _norm_scale(em, node, ins, a["ndim"])], hint=node.output.name,
                     axis=-a["ndim"], epsilon=float(eps), stash_type=1)]
 

@@ -75,7 +75,8 @@ class TritonBackend:
         cfg = self.config.get("rmsnorm")
 
         def run(x, w=None, *, eps=None, ndim=1):
-            return norms.rmsnorm(x, w, torch.finfo(x.dtype).eps if eps is None else eps, cfg)
+            # eps None: the fp32 epsilon, as F.rms_norm (it computes in fp32 for half inputs too)
+            return norms.rmsnorm(x, w, torch.finfo(torch.float32).eps if eps is None else eps, cfg)
 
         return run
 

@@ -215,9 +215,10 @@ def _rows(x):
 
 
 def _eps(x, eps):
+    """rmsnorm's eps: None means torch's default, the fp32 epsilon whatever x's dtype (F.rms_norm computes in fp32)."""
     import torch
 
-    return float(torch.finfo(x.dtype).eps if eps is None else eps)
+    return float(torch.finfo(torch.float32).eps if eps is None else eps)
 
 
 class RMSNormSpec:
