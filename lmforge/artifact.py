@@ -76,8 +76,9 @@ def read_manifest(root: Path) -> dict:
                     "again with `compiled.export(path)` or `lmforge export`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _fail(f"{path} is not valid JSON ({e}); the artifact is corrupt: export it again") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _fail(f"{path} is not valid JSON ({type(e).__name__}: {e}); the artifact is corrupt: export it "
+                    "again") from None
     validate_manifest(manifest, str(path))
     return manifest
 
@@ -136,6 +137,9 @@ def safe_relative_path(rel: Any, where: str = MANIFEST) -> PurePosixPath:
     if not isinstance(rel, str) or not rel:
         raise _fail(f"{where} lists a file with an empty or non-string name {rel!r}; export the artifact again")
     p = PurePosixPath(rel)
+    if "\x00" in rel or any(ord(c) < 32 for c in rel):
+        raise _fail(f"{where} lists a file name with control characters {rel!r}; the manifest was tampered with: "
+                    "do not load it, export the artifact again")
     if p.is_absolute() or re.match(r"^[A-Za-z]:", rel) or "\\" in rel:
         raise _fail(f"{where} lists an absolute path {rel!r}; artifact files must be relative to the artifact "
                     "directory. The manifest was tampered with: do not load it, export the artifact again")
@@ -256,7 +260,7 @@ def _parse_graph(data: bytes, manifest: dict):
     try:
         graph = Graph.from_json(data.decode("utf-8"))
         verify(graph)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, LmforgeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError, LmforgeError) as e:
         raise _fail(f"{GRAPH_FILE} is not a valid lmforge graph ({type(e).__name__}: {e}); "
                     "export the artifact again with this lmforge version") from None
     if graph.signature() != manifest["graph_hash"]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import uuid
@@ -134,8 +135,11 @@ def _onnx_files(graph) -> tuple[dict[str, bytes], dict[str, Any]]:
     except Exception as e:  # a bug in the ONNX exporter must not cost the user the artifact
         warnings.warn(f"ONNX export failed ({type(e).__name__}: {e}); the artifact is written without model.onnx")
         return {}, {"written": False, "reason": f"ONNX export failed: {type(e).__name__}: {e}"}
+    # lmforge ops with no standard ONNX form are in the ai.lmforge domain: onnxruntime cannot run such a file
+    custom = sorted({n.op_type for n in model.graph.node if n.domain == "ai.lmforge"})
     if model.ByteSize() < ONNX_EXTERNAL_BYTES:
-        return {ONNX_FILE: model.SerializeToString()}, {"written": True, "opset": OPSET, "external_data": False}
+        return {ONNX_FILE: model.SerializeToString()}, {"written": True, "opset": OPSET, "external_data": False,
+                                                        "custom_ops": custom}
     import tempfile
 
     import onnx
@@ -144,7 +148,7 @@ def _onnx_files(graph) -> tuple[dict[str, bytes], dict[str, Any]]:
         onnx.save_model(model, f"{tmp}/{ONNX_FILE}", save_as_external_data=True, all_tensors_to_one_file=True,
                         location=ONNX_DATA_FILE, size_threshold=1024)
         files = {name: Path(tmp, name).read_bytes() for name in (ONNX_FILE, ONNX_DATA_FILE)}
-    return files, {"written": True, "opset": OPSET, "external_data": True}
+    return files, {"written": True, "opset": OPSET, "external_data": True, "custom_ops": custom}
 
 
 def _readme(manifest: dict) -> bytes:
@@ -152,8 +156,11 @@ def _readme(manifest: dict) -> bytes:
         return "\n".join(f"| `{v['name']}` | {v['type']['dtype']}[{', '.join(map(str, v['type']['shape']))}] |"
                          for v in manifest[key])
 
-    onnx_line = "`model.onnx` (ONNX opset %s)" % manifest["onnx"].get("opset") if manifest["onnx"]["written"] \
-        else f"no `model.onnx`: {manifest['onnx']['reason']}"
+    custom = manifest["onnx"].get("custom_ops")
+    runs = f"; lmforge ops {custom} in the `ai.lmforge` domain: onnxruntime cannot run it" if custom else \
+        "; standard ops only (runs in onnxruntime)"
+    onnx_line = (f"`model.onnx` (ONNX opset {manifest['onnx'].get('opset')}{runs})" if manifest["onnx"]["written"]
+                 else f"no `model.onnx`: {manifest['onnx']['reason']}")
     targets = ", ".join(f"{t['name']} ({t['kind']}, fingerprint {t['fingerprint']})" for t in manifest["targets"])
     files = "\n".join(f"| `{rel}` | {e['bytes']} |" for rel, e in sorted(manifest["files"].items()))
     text = f"""# {manifest['name']}
@@ -241,7 +248,13 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
     targets:    more target names the configuration is meant for (besides compiled.target, the targets of
                 compiled.kernel_files, and "host", which is always listed).
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise LmforgeError(f"export needs a directory path, got {path!r}")
     path = Path(path)
+    inside = next((p for p in path.resolve().parents if (p / MANIFEST).is_file()), None)
+    if inside is not None:
+        raise LmforgeError(f"{path} is inside the artifact {inside}: exporting there would break it (its manifest "
+                           "lists every file it holds); export to a directory outside it")
     graph = compiled.graph
     files: dict[str, bytes] = {GRAPH_FILE: graph.to_json().encode(), WEIGHTS_FILE: _weights_bytes(graph)}
     kernels = _kernel_files(compiled)

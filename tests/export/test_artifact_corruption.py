@@ -94,6 +94,14 @@ def junk_graph_with_fixed_hash(root):
     rehash(root, "graph.json")
 
 
+def graph_json_of(text: str):
+    def apply(root):
+        (root / "graph.json").write_text(text)
+        rehash(root, "graph.json")
+
+    return apply
+
+
 def symlink_out(root):
     outside = root.parent / "outside.txt"
     outside.write_text("secret")
@@ -142,6 +150,15 @@ CASES = {
                       "README.md does not match its sha256"),
     "graph edited, hash fixed up": (graph_edit_with_fixed_hash, {}, ArtifactError, "the graph was modified"),
     "graph not JSON, hash fixed up": (junk_graph_with_fixed_hash, {}, ArtifactError, "not a valid lmforge graph"),
+    "graph a JSON list, hash fixed up": (graph_json_of("[]"), {}, ArtifactError, "not a valid lmforge graph"),
+    "graph JSON null, hash fixed up": (graph_json_of("null"), {}, ArtifactError, "not a valid lmforge graph"),
+    "graph nested too deep, hash fixed up": (graph_json_of("[" * 100000 + "]" * 100000), {}, ArtifactError,
+                                             "not a valid lmforge graph"),
+    "manifest nested too deep": (lambda r: (r / "manifest.json").write_text("[" * 100000 + "]" * 100000), {},
+                                 ArtifactError, "not valid JSON"),
+    "NUL byte in a file name": (edit_manifest(lambda m: m["files"].__setitem__("a\x00b", {"sha256": "0" * 64,
+                                                                                          "bytes": 1})), {},
+                                ArtifactError, "control characters"),
     "foreign weights, hash fixed up": (foreign_weights_with_fixed_hash, {}, ArtifactError,
                                        "does not match the graph's parameters"),
     "junk weights, hash fixed up": (junk_weights_with_fixed_hash, {}, ArtifactError, "not a readable safetensors"),
@@ -190,3 +207,26 @@ def test_a_path_that_is_not_an_artifact_directory_is_refused(tmp_path, where):
         path.write_text("{}")
     with pytest.raises(ArtifactError, match="does not exist|not a directory"):
         load(path)
+
+
+def test_export_refuses_a_directory_inside_an_artifact_and_names_custom_onnx_ops(template, tmp_path):
+    """Exporting into a sub-directory of an artifact would add files its manifest does not list (it would no
+    longer load); a model with lmforge-only ops writes model.onnx and says onnxruntime cannot run it."""
+    root = tmp_path / "art"
+    shutil.copytree(template, root, symlinks=True)
+    compiled = lmforge.compile(torch.nn.Linear(4, 2).eval(), (torch.randn(3, 4),))
+    with pytest.raises(LmforgeError, match="inside the artifact"):
+        export(compiled, root / "sub")
+    load(root)                                                     # still intact
+    with pytest.raises(LmforgeError, match="needs a directory path"):
+        export(compiled, None)
+    assert manifest_of(root)["onnx"]["custom_ops"] == []
+
+    def step(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8)
+    kv8 = lmforge.compile(step, (q, k, k), config={"quant.kv": "int8"})
+    out = export(kv8, tmp_path / "kv8")
+    assert manifest_of(out)["onnx"]["custom_ops"] == ["kv_qdq"]
+    assert "onnxruntime cannot run it" in (out / "README.md").read_text()
