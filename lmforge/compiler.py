@@ -131,6 +131,31 @@ class CompiledModel:
         return export(self, path, **kwargs)
 
 
+def ineffective_knobs(graph: Graph, config: Mapping[str, Any]) -> list[str]:
+    """Warnings for knobs a config sets that changed (part of) the graph less than asked: weight-only bits that
+    skipped linears whose input size the group size does not divide, attention patterns that found no attention
+    they apply to (e.g. attention with an explicit mask, as Hugging Face models have)."""
+    out = []
+    bits, group = config.get("quant.weight_bits", 16), config.get("quant.group_size", 128)
+    if isinstance(bits, int) and bits < 16 and isinstance(group, int) and group > 0:
+        skipped = sorted({int(n.inputs[1].type.shape[1]) for n in graph.nodes if n.op == "linear" and
+                          isinstance(n.inputs[1].type.shape[-1], int) and n.inputs[1].type.shape[1] % group})
+        if skipped:
+            done = sum(n.op == "linear_wo" for n in graph.nodes)
+            out.append(f"quant.weight_bits={bits} left linear layers with input sizes {skipped} unquantized (they "
+                       f"are not multiples of quant.group_size={group}; {done} were quantized): choose a group size "
+                       "that divides them")
+    patterns = {k: config.get(k, "dense") for k in ("attn.decode_pattern", "attn.prefill_pattern")}
+    asked = {k: v for k, v in patterns.items() if v != "dense"}
+    sparse = any(n.op in ("block_topk_attention", "flex_prefill_attention") or
+                 (n.op == "attention" and n.attr.get("window") is not None) for n in graph.nodes)
+    if asked and not sparse:
+        out.append(f"{', '.join(f'{k}={v!r}' for k, v in asked.items())} changed no attention node: the sparsity "
+                   "passes rewrite mask-free attention (causal prefill, decode over a KV cache); this graph's "
+                   "attention takes an explicit mask or is not of that form")
+    return out
+
+
 def check_knob_names(config: Mapping[str, Any], knobs) -> None:
     """LmforgeError for a config key that is no knob of the pipeline (a misspelled knob would silently do nothing).
     Per-layer-group copies (`name@g0`) and the backends' kernel knobs (`triton.*`, `tvm.*`) are knob names too."""
@@ -142,6 +167,28 @@ def check_knob_names(config: Mapping[str, Any], knobs) -> None:
         hints = {key: difflib.get_close_matches(key.split("@")[0], sorted(names), n=1) for key in unknown}
         said = ", ".join(f"{key!r}" + (f" (did you mean {hints[key][0]!r}?)" if hints[key] else "") for key in unknown)
         raise LmforgeError(f"config has no knob {said}; the pipeline's knobs are {sorted(names)}")
+    by_name = {k.name: k for k in knobs}
+    for key, value in config.items():
+        knob = by_name.get(key.split("@")[0])
+        if knob is not None and not knob_value_ok(knob, value):
+            raise LmforgeError(f"config {key}={value!r} is not a value knob {knob.name} can take ({knob.describe()})")
+
+
+def knob_value_ok(knob, value) -> bool:
+    """Whether `value` is one a knob can take: one of the choices for a knob of named choices ("window") or a
+    bool knob; for a knob of numeric choices any int from the smallest sensible value up (values outside the
+    search's choices are allowed: a decode window of 8 is a window), a number for a float knob."""
+    choices = tuple(knob.choices)
+    if knob.kind == "bool":
+        return isinstance(value, bool)
+    if choices and all(isinstance(c, str) for c in choices):
+        return value in choices
+    if choices:
+        least = 0 if min(choices) <= 0 else 1
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    if knob.kind == "float":   # low..high is the search's range, not the only valid one
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
 
 
 def output_structure(graph: Graph):
@@ -231,15 +278,19 @@ def region_callable(region: Graph, backends, device: str, weights: Mapping[str, 
 
 def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict | None = None,
             config: Mapping[str, Any] | None = None, backends: Sequence[str] = ("torch",),
-            device: str | None = None, passes=None) -> CompiledModel:
+            device: str | None = None, passes=None, calibration: Sequence[tuple] | None = None) -> CompiledModel:
     """Capture `model` (a torch module/function, or an IR Graph), run the pass pipeline, return a CompiledModel.
 
-    target:   the hardware the configuration is for ("host", "h100", ...); costs in `inspect()` use it.
-    config:   knob values for the passes (from `lmforge.tune`), or "best" to look the best one up.
-    backends: backend names in priority order; the torch reference always runs what others leave.
+    target:      the hardware the configuration is for ("host", "h100", ...); costs in `inspect()` use it.
+    config:      knob values for the passes (from `lmforge.tune`), or "best" to look the best one up.
+    backends:    backend names in priority order; the torch reference always runs what others leave.
+    calibration: input tuples for the passes that need activations (AWQ with quant.awq, FlexPrefill's measured
+                 density); `lmforge.tune` uses the workload's first eval inputs.
     """
+    import warnings
+
     from lmforge.ir.frontends.torch_export import capture
-    from lmforge.passes import PassManager, canonical_pipeline, default_pipeline, tunable_pipeline
+    from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
 
     if target != "host":
         from lmforge.hwmodels import get_target
@@ -256,10 +307,14 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
                                f"run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target "
                                f"{target}`) first, or pass a config dict (CLI: --config JSON)")
         config = found[0]
-        passes = tunable_pipeline() if passes is None else passes
+        passes = tunable_pipeline(calibration) if passes is None else passes
     elif config is not None and not isinstance(config, Mapping):
         raise LmforgeError(f"config must be a dict of knob values or 'best', not {type(config).__name__}")
-    passes = list(passes if passes is not None else default_pipeline())
+    passes = list(passes if passes is not None else canonical_pipeline() + tunable_pipeline(calibration))
+    if calibration is None and passes and isinstance(config, Mapping) and (
+            config.get("quant.awq") or config.get("attn.prefill_pattern") == "flex"):
+        warnings.warn("quant.awq / FlexPrefill need calibration inputs to act (AWQ's scales, the measured density): "
+                      "pass lmforge.compile(..., calibration=[inputs, ...])", stacklevel=2)
     tp = (config or {}).get("shard.tp", 1)
     if tp != 1 and not any(p.name == "tensor_parallel" for p in passes):  # a tuned multi-GPU config
         from lmforge.passes.shard import tensor_parallel_pass
@@ -269,13 +324,8 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
     if isinstance(config, Mapping):
         check_knob_names(config, pm.knobs())
     graph = pm.run(graph, config)
-    bits = (config or {}).get("quant.weight_bits", 16)
-    if bits < 16 and not any(n.op == "linear_wo" for n in graph.nodes):
-        import warnings
-
-        warnings.warn(f"quant.weight_bits={bits} quantized no linear layer: their input sizes are not multiples of "
-                      f"quant.group_size={(config or {}).get('quant.group_size', 128)} (or they are excluded); "
-                      "choose a group size that divides them", stacklevel=2)
+    for message in ineffective_knobs(graph, config or {}):
+        warnings.warn(message, stacklevel=2)
     chosen = default_backends(tuple(dict.fromkeys([*backends, "torch"])))
     dev = device or ("cpu" if not graph.weights else next(iter(graph.weights.values())).device)
     if graph.get_meta("tensor_parallel"):  # a `shard.tp` > 1 config: the ranks, as threads of this process

@@ -69,10 +69,23 @@ def test_compile_config_names_real_knobs_and_warns_when_quantization_does_nothin
     x = torch.randn(2, 64)
     with pytest.raises(LmforgeError, match="did you mean 'quant.weight_bits'"):
         lmforge.compile(lin, (x,), config={"quant.weight_bit": 4})
-    with pytest.warns(UserWarning, match="quantized no linear layer"):
+    with pytest.warns(UserWarning, match="input sizes \\[64\\] unquantized .* 0 were quantized"):
         lmforge.compile(lin, (x,), config={"quant.weight_bits": 4})            # K = 64: no group of 128
     q = lmforge.compile(lin, (x,), config={"quant.weight_bits": 4, "quant.group_size": 32})
     assert any(n.op == "linear_wo" for n in q.graph.nodes)
+    for bad in ({"attn.decode_window": 0}, {"attn.decode_pattern": "windw"}, {"attn.sinks": -1},
+                {"fusion.elementwise": "no"}, {"attn.block_size": 0}, {"quant.kv": "int4"}):
+        with pytest.raises(LmforgeError, match="is not a value knob"):
+            lmforge.compile(lin, (x,), config=bad)
+
+
+def test_an_attention_pattern_that_finds_no_attention_it_applies_to_warns():
+    def masked(q, k, v, mask):   # attention with an explicit mask (as Hugging Face models write it)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, mask = torch.randn(1, 2, 6, 8), torch.ones(6, 6, dtype=torch.bool).tril()
+    with pytest.warns(UserWarning, match="changed no attention node"):
+        lmforge.compile(masked, (q, q, q, mask), config={"attn.prefill_pattern": "window", "attn.prefill_window": 4})
 
 
 def test_capture_and_compile_refuse_what_would_be_wrong_or_late():
@@ -94,3 +107,20 @@ def test_tvm_relu_keeps_nan_like_torch():
     c = lmforge.compile(lambda x: torch.relu(x), (y,), backends=("tvm",))
     assert c.kernels[0].backend == "tvm"
     torch.testing.assert_close(c(y), torch.relu(y), equal_nan=True)
+
+
+def test_awq_acts_with_calibration_inputs_and_warns_without():
+    from lmforge.passes import PassManager
+    from lmforge.search.tuner import prepare
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(8, 64) * torch.linspace(0.1, 8, 64)
+    cfg = {"quant.weight_bits": 4, "quant.group_size": 32, "quant.awq": True, "quant.lm_head": True}
+    with pytest.warns(UserWarning, match="need calibration inputs"):
+        plain = lmforge.compile(mlp, (x,), config=cfg)
+    awq = lmforge.compile(mlp, (x,), config=cfg, calibration=[(x,)])
+    assert not any(n.op == "mul" for n in plain.graph.nodes) and any(n.op == "mul" for n in awq.graph.nodes)
+    # tune calibrates with the workload's first eval inputs
+    _, graph, pipeline, evals = prepare(mlp, (x,), eval_inputs=[(x,)])
+    assert any(n.op == "mul" for n in PassManager(pipeline).run(graph, cfg).nodes)

@@ -382,7 +382,9 @@ def prepare(model_or_workload, example_inputs=None, *, dynamic=None, eval_inputs
     graph = wl.model if isinstance(wl.model, Graph) else capture(wl.model, wl.example_inputs, dynamic=wl.dynamic)
     graph = PassManager(canonical_pipeline()).run(graph)
     evals = list(wl.eval_inputs or [wl.example_inputs])
-    return wl, graph, list(pipeline if pipeline is not None else tunable_pipeline()), evals
+    # the first eval inputs calibrate the passes that need activations (AWQ's scales, FlexPrefill's measured
+    # density): without them those knobs would do nothing or claim no saving
+    return wl, graph, list(pipeline if pipeline is not None else tunable_pipeline(calibration=evals[:2])), evals
 
 
 def tune(model_or_workload, example_inputs=None, *, target: str = "h100", objectives: Sequence[str] = ("latency",),
