@@ -101,3 +101,16 @@ def test_torch_compile_backend_matches_eager():
     x = torch.randn(2, 7, 16)
     compiled = torch.compile(m, backend="lmforge")
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_last_token_indexing_on_a_dynamic_dim_is_captured_not_a_fallback():
+    """x[:, -1] and x[:, -1:] on a dynamic dim (the last token's logits) become select / slice at "seq - 1", so
+    they run on every backend and export to ONNX; equal to eager at other lengths."""
+    def last(x):
+        return x[:, -1] * 2, x[:, -1:] + 1
+
+    c = lmforge.compile(last, (torch.randn(2, 7, 4),), dynamic={"x": {1: "seq"}})
+    assert not c.fallback_nodes() and [n.op for n in c.graph.nodes] == ["select", "mul", "slice", "add"]
+    for seq in (3, 9):
+        y = torch.randn(2, seq, 4)
+        assert all(torch.equal(a, b) for a, b in zip(c(y), last(y)))
