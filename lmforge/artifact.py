@@ -384,6 +384,9 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
         raise LmforgeError("group= is for tensor-parallel artifacts; this one runs on one device: load it without")
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
     model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
+    # the targets the artifact holds GPU kernels for (export warns that re-exporting does not carry them)
+    model.artifact_kernel_targets = sorted({rel.split("/")[1] for rel in manifest["files"]
+                                            if rel.startswith("kernels/")})
     return model
 
 

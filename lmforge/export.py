@@ -258,6 +258,11 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
     graph = compiled.graph
     files: dict[str, bytes] = {GRAPH_FILE: graph.to_json().encode(), WEIGHTS_FILE: _weights_bytes(graph)}
     kernels = _kernel_files(compiled)
+    built = getattr(compiled, "kernel_files", None) or {}
+    dropped = [t for t in getattr(compiled, "artifact_kernel_targets", ()) if t not in built]
+    if dropped:
+        warnings.warn(f"this model was loaded from an artifact with GPU kernels for {dropped}; they are not carried "
+                      f"over: call add_gpu_kernels({dropped}) before export to build them again", stacklevel=2)
     files.update(kernels)
     onnx_files, onnx_entry = _onnx_files(graph)
     files.update(onnx_files)

@@ -230,3 +230,13 @@ def test_export_refuses_a_directory_inside_an_artifact_and_names_custom_onnx_ops
     out = export(kv8, tmp_path / "kv8")
     assert manifest_of(out)["onnx"]["custom_ops"] == ["kv_qdq"]
     assert "onnxruntime cannot run it" in (out / "README.md").read_text()
+
+
+def test_reexporting_a_loaded_artifact_warns_that_its_gpu_kernels_are_not_carried(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU()).eval()
+    compiled = lmforge.compile(model, (torch.randn(2, 64),), config={"quant.weight_bits": 8, "quant.group_size": 32})
+    compiled.add_gpu_kernels(["h100"], backends=("triton",))
+    first = export(compiled, tmp_path / "gpu")
+    loaded = load(first)
+    with pytest.warns(UserWarning, match="GPU kernels for \\['h100'\\]; they are not carried over"):
+        export(loaded, tmp_path / "again")
