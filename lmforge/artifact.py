@@ -266,6 +266,12 @@ def _parse_graph(data: bytes, manifest: dict):
     if graph.signature() != manifest["graph_hash"]:
         raise _fail(f"{GRAPH_FILE} has signature {graph.signature()} but the manifest says "
                     f"{manifest['graph_hash']}: the graph was modified. Export the artifact again")
+    for key, values in (("inputs", graph.inputs), ("outputs", graph.outputs)):   # what inspect / README report
+        listed = [(e.get("name"), e.get("type")) if isinstance(e, dict) else e for e in manifest[key]]
+        if listed != [(v.name, v.type.to_json()) for v in values]:
+            raise _fail(f"{MANIFEST} lists {key} {listed} but {GRAPH_FILE} has "
+                        f"{[(v.name, str(v.type)) for v in values]}: the manifest was modified. Export the "
+                        "artifact again")
     return graph
 
 

@@ -114,3 +114,15 @@ def test_last_token_indexing_on_a_dynamic_dim_is_captured_not_a_fallback():
     for seq in (3, 9):
         y = torch.randn(2, seq, 4)
         assert all(torch.equal(a, b) for a, b in zip(c(y), last(y)))
+
+
+def test_sdpa_on_3d_inputs_runs_as_torch():
+    """SDPA without a heads dim (3-D q/k/v) is valid torch; lmforge's attention op is 4-D, so it runs as a torch
+    fallback (it failed the attention type rule)."""
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(2, 5, 8)
+    c = lmforge.compile(attend, (q, q, q))
+    assert [n.op for n in c.graph.nodes] == ["torch_fallback"]
+    torch.testing.assert_close(c(q, q, q), attend(q, q, q))

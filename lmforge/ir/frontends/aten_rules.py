@@ -111,6 +111,8 @@ def sdpa(t, node):
     causal = bool(_arg(node, 5, "is_causal", False))
     mask = _tensor(t, _arg(node, 3, "attn_mask"))
     q, k, v = (t.value(a) for a in node.args[:3])
+    if not q.type.rank == k.type.rank == v.type.rank == 4:
+        return None   # lmforge's attention is [batch, heads, seq, dim]; other ranks run as torch's SDPA
     hq, hk = q.type.shape[1], k.type.shape[1]
     if hq != hk and not _arg(node, 7, "enable_gqa", False):
         return None
