@@ -158,11 +158,11 @@ def ineffective_knobs(graph: Graph, config: Mapping[str, Any]) -> list[str]:
 
 def check_knob_names(config: Mapping[str, Any], knobs) -> None:
     """LmforgeError for a config key that is no knob of the pipeline (a misspelled knob would silently do nothing).
-    Per-layer-group copies (`name@g0`) and the backends' kernel knobs (`triton.*`, `tvm.*`) are knob names too."""
+    Per-layer-group copies (`name@g0`) and the Triton kernel knobs (`triton.<template>`, named per graph) pass."""
     import difflib
 
     names = {k.name for k in knobs} | {"shard.tp"}
-    unknown = [key for key in config if key.split("@")[0] not in names and not key.startswith(("triton.", "tvm."))]
+    unknown = [key for key in config if key.split("@")[0] not in names and not key.startswith("triton.")]
     if unknown:
         hints = {key: difflib.get_close_matches(key.split("@")[0], sorted(names), n=1) for key in unknown}
         said = ", ".join(f"{key!r}" + (f" (did you mean {hints[key][0]!r}?)" if hints[key] else "") for key in unknown)
@@ -322,11 +322,18 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
         passes.append(tensor_parallel_pass(max_tp=tp))
     pm = PassManager(passes)
     if isinstance(config, Mapping):
-        check_knob_names(config, pm.knobs())
+        from lmforge.backends.tvm.knobs import KNOBS as TVM_KNOBS
+
+        check_knob_names(config, [*pm.knobs(), *TVM_KNOBS])
     graph = pm.run(graph, config)
     for message in ineffective_knobs(graph, config or {}):
         warnings.warn(message, stacklevel=2)
     chosen = default_backends(tuple(dict.fromkeys([*backends, "torch"])))
+    tvm_knobs = {k: v for k, v in (config or {}).items() if k.startswith("tvm.")}
+    if tvm_knobs:   # the TVM kernels' knobs (schedules): the CPU backend takes them, as add_gpu_kernels does
+        from lmforge.backends.tvm import TVMBackend
+
+        chosen = [TVMBackend(tvm_knobs) if getattr(b, "name", "") == "tvm" else b for b in chosen]
     dev = device or ("cpu" if not graph.weights else next(iter(graph.weights.values())).device)
     if graph.get_meta("tensor_parallel"):  # a `shard.tp` > 1 config: the ranks, as threads of this process
         from lmforge.backends.collectives import TensorParallelModel

@@ -124,3 +124,32 @@ def test_awq_acts_with_calibration_inputs_and_warns_without():
     # tune calibrates with the workload's first eval inputs
     _, graph, pipeline, evals = prepare(mlp, (x,), eval_inputs=[(x,)])
     assert any(n.op == "mul" for n in PassManager(pipeline).run(graph, cfg).nodes)
+
+
+def test_tvm_kernel_knobs_in_a_compile_config_reach_the_cpu_kernels():
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(1, 2, 40, 16)
+    c = lmforge.compile(attend, (q, q, q), backends=("tvm",), config={"tvm.attention.rows": 8,
+                                                                        "tvm.attention.keys": 2})
+    assert "8x2 tiles" in c.kernels[0].fn.describe()
+    torch.testing.assert_close(c(q, q, q), attend(q, q, q), rtol=1e-5, atol=1e-5)
+    with pytest.raises(LmforgeError, match="did you mean 'tvm.attention.rows'"):
+        lmforge.compile(attend, (q, q, q), backends=("tvm",), config={"tvm.attention.row": 8})
+
+
+def test_tvm_window_of_one_key_builds():
+    """A window of 1 with no sinks (one key slot) takes the plain row build instead of failing to schedule."""
+    import warnings
+
+    def decode(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 6, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = lmforge.compile(decode, (q, k, k), backends=("tvm",),
+                            config={"attn.decode_pattern": "window", "attn.decode_window": 1, "attn.sinks": 0})
+        got = c(q, k, k)
+    torch.testing.assert_close(got, decode(q, k[:, :, -1:], k[:, :, -1:]), rtol=1e-5, atol=1e-5)

@@ -264,7 +264,8 @@ class AttentionKernel(OpKernel):
             if out is not None:
                 return out
         fn = None
-        if mask is None and self.windowed and k.shape[2] > self.attrs["window"] + int(self.attrs["sinks"]):
+        slots = self.attrs["window"] + int(self.attrs["sinks"]) if self.windowed else 0
+        if mask is None and self.windowed and k.shape[2] > slots >= 2:   # (one slot: no reduction loop to schedule)
             fn = self.fn("window")
         fn = fn or self._main or self.main()
         if fn is False or mask is not None:
