@@ -138,15 +138,17 @@ def cmd_compile(args) -> int:
 
 def cmd_tune(args) -> int:
     from lmforge.search.report import write_report
-    from lmforge.search.tuner import open_storage, tune
+    from lmforge.search.tuner import check_budget, check_constraints, open_storage, tune
 
     _set_threads(args)
     _check_target(args.target)
-    if args.budget < 1:
-        raise LmforgeError(f"--budget must be a number of trials >= 1, not {args.budget}")
-    if args.min_quality is not None and not 0.0 <= args.min_quality <= 1.0:
-        raise LmforgeError(f"--min-quality {args.min_quality:g} is out of range: quality is the top-1 agreement "
-                           "with the untransformed model, a fraction in [0, 1] (e.g. 0.99)")
+    constraints = {}
+    if args.min_quality is not None:
+        constraints["quality"] = args.min_quality
+    if args.fits:
+        constraints["fits"] = True
+    check_budget(args.budget, "--budget")   # tune's own checks, before the workload loads
+    check_constraints(constraints, ())
     tps = (1, 2, 4, 8, 16, 32, 64)
     if args.max_tp not in tps:
         raise LmforgeError(f"--max-tp must be a power of two from 1 to 64 (the tensor-parallel sizes searched are "
@@ -154,11 +156,6 @@ def cmd_tune(args) -> int:
     _check_out(args.out)
     open_storage(args.storage)  # a bad --storage URL fails now, not after loading the workload
     wl = _load(args.workload)
-    constraints = {}
-    if args.min_quality is not None:
-        constraints["quality"] = args.min_quality
-    if args.fits:
-        constraints["fits"] = True
     pipeline = None
     if args.max_tp > 1:  # the tensor-parallel pass joins the tunable ones: knob shard.tp in 1, 2, 4, ..., max_tp
         from lmforge.passes import tunable_pipeline

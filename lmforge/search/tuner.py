@@ -329,6 +329,12 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def check_budget(budget, name: str = "budget") -> None:
+    """An LmforgeError for a budget that is not a number of trials >= 1 (`name`: how the caller spells it)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise LmforgeError(f"{name} must be a number of trials >= 1, not {budget!r}")
+
+
 def check_constraints(constraints: Mapping[str, Any], objectives: Sequence[str], checker=None) -> None:
     """An LmforgeError for an unknown constraint, a bound out of range, or accuracy without a checker."""
     for name, bound in constraints.items():
@@ -405,8 +411,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
         raise LmforgeError(f"tune needs at least one objective; choose from {sorted(DIRECTIONS)}")
     if mode not in ("predict", "measure", "hybrid"):
         raise LmforgeError(f"mode must be predict, measure or hybrid, not {mode!r}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise LmforgeError(f"budget must be a number of trials >= 1, not {budget!r}")
+    check_budget(budget)
     if mode == "hybrid" and hybrid_top < 1:
         raise LmforgeError(f"hybrid_top must be >= 1 (how many predicted-best configs to measure), not {hybrid_top}")
     constraints = dict(constraints or {})
