@@ -258,24 +258,16 @@ def slice_(t, node):
         size = x.type.shape[dim]
         if isinstance(size, int):
             start, end = slice(start, end).indices(size)[:2]
-        else:   # x[:, -1:] on a dynamic dim: a bound counted from the end is "seq - 1"
-            start, end = (_from_end(size, b) for b in (start, end))
+        # on a dynamic dim (x[:, -1:]) a negative bound stays: the slice op counts it from the end
     return t.emit(node, "slice", [x], {"dim": dim, "start": start, "end": end, "step": step})
-
-
-def _from_end(size: str, bound):
-    """A negative int bound on a symbolic size as a symbolic position (assumed inside the dim, as torch.export
-    assumes when it traces the model at its example size); other bounds unchanged."""
-    from lmforge.ir.types import simplify_dim
-
-    return simplify_dim(f"({size}) - {-bound}") if isinstance(bound, int) and bound < 0 else bound
 
 
 def select(t, node):
     index = t.value(node.args[2])
     if isinstance(index, int) and index < 0:
         size = t.value(node.args[0]).type.shape[node.args[1]]
-        index = index + size if isinstance(size, int) else _from_end(size, index)   # x[:, -1]: "seq - 1"
+        if isinstance(size, int):
+            index += size   # on a dynamic dim (x[:, -1]) it stays negative: select counts it from the end
     return t.emit(node, "select", [t.value(node.args[0])], {"dim": node.args[1], "index": index})
 
 
