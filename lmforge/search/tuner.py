@@ -285,8 +285,17 @@ def open_storage(storage: str | None = None, must_exist: bool = False):
         if must_exist and not os.path.exists(path):
             raise LmforgeError(f"storage {url!r}: there is no tuning database at {path}; run `lmforge tune` first "
                                "or give the --storage URL it used")
+    import time
+
     try:
-        return optuna.storages.get_storage(url)
+        for attempt in range(5):
+            try:
+                return optuna.storages.get_storage(url)
+            except Exception as e:   # another worker creating the same new database's tables at the same moment
+                racing = any(w in str(e) for w in ("alembic_version", "already exists", "database is locked"))
+                if not racing or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except ImportError as e:
         raise LmforgeError(f"storage {url!r}: the database driver for it is not installed ({e})") from e
     except Exception as e:  # SQLAlchemy: an unknown dialect, an unreachable server, an unreadable file

@@ -93,3 +93,20 @@ def test_cli_tunes_the_example_workload_in_predict_mode(tmp_path):
     assert best.values[0] < default.values[0], "the tuned config beats the default config's predicted latency"
     assert best.user_attrs["values"]["quality"] >= 0.99
     assert (tmp_path / "report" / "pareto.png").exists() and "best config" in out.stdout
+
+
+def _open_storage(url):
+    from lmforge.search.tuner import open_storage
+
+    open_storage(url)
+    return True
+
+
+def test_workers_opening_a_new_database_at_once_all_succeed(tmp_path):
+    """Several workers (processes) creating one new tuning database at the same moment: the one that loses the race
+    to create its tables retries instead of failing (this raced in the kill-and-resume test)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        for i in range(2):
+            assert pool.map(_open_storage, [f"sqlite:///{tmp_path}/db{i}.sqlite"] * 3) == [True] * 3
