@@ -11,8 +11,11 @@
 (c) int8     the "100m" preset, batch 1: int8 weight-only (the quant pass's linear_wo, group 128, LM head
              included, run by the TVM kernels) vs fp32 eager; the TVM fp32 graph beside it.
 (d) sparse   causal prefill attention (8 x 1024 x 64): block-sparse from block lists, a sliding window of 256 + 4
-             sinks, and dense causal, on TVM, against SDPA; and a decode step over a 16k cache (8 x 64, batch 1)
-             with a window of 512 + 4 sinks vs the dense TVM decode kernel and SDPA.
+             sinks, dense causal, and FlexPrefill end to end (the sparsity pass's lowering: its block mask chosen
+             on the torch side per call, then the TVM block-sparse kernel; on synthetic q / k with a local band
+             and heavy key columns, `structured_prefill_qkv`; also at 4096 tokens), on TVM, against SDPA; and a
+             decode step over a 16k cache (8 x 64, batch 1) with a window of 512 + 4 sinks vs the dense TVM
+             decode kernel and SDPA.
 
 Every comparison runs in the same process at the same thread count (torch.set_num_threads and
 TVM_NUM_THREADS, set before TVM loads). Timings are medians: each variant is timed in --rounds rounds,
@@ -229,6 +232,21 @@ def bench_int8(args) -> dict:
             "vs_fp32_eager": {name: eager / t for name, (t, _, _) in times.items()}, "rel_err": errs}
 
 
+def structured_prefill_qkv(b: int, hq: int, hkv: int, s: int, d: int, seed: int, sharpness: float = 1.0):
+    """Synthetic prefill q / k / v with structure a sparse prefill can exploit: q and k follow one slowly varying
+    random walk per KV head (a local band: nearby tokens attend to each other), every 37th key is pulled towards
+    the mean query (heavy vertical columns), plus noise; q is scaled by `sharpness` (peakier attention). Not a
+    trained model's attention: a stand-in with known structure for kernels and benchmarks."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    walk = torch.randn(b, hkv, s, d, generator=gen).cumsum(2) / torch.arange(1, s + 1).sqrt()[:, None]
+    q = walk.repeat_interleave(hq // hkv, 1) + 0.3 * torch.randn(b, hq, s, d, generator=gen)
+    k = walk + 0.3 * torch.randn(b, hkv, s, d, generator=gen)
+    k[:, :, ::37] += 2.0 * q.mean(2, keepdim=True)[:, ::hq // hkv]
+    return q * sharpness, k, torch.randn(b, hkv, s, d, generator=gen)
+
+
 def bench_sparse(args) -> dict:
     """(d) causal prefill attention, 8 heads x 1024 tokens x 64: block-sparse (blocks of 64, a FlexPrefill-like
     mask: the diagonal block, the first (sink) block and a random quarter of the rest) vs dense causal, both on
@@ -264,15 +282,45 @@ def bench_sparse(args) -> dict:
     window = {"causal": True, "window": 256, "sinks": 4}
     windowed = CompiledModel(graph("attention", [], window), [backend, TorchReference()])
     reference = CompiledModel(graph("block_sparse_attention", [mask], {"block_size": bs}), [TorchReference()])
+    # FlexPrefill as the sparsity pass lowers it (gamma 0.9, tau 0.1, blocks of 64), on structured inputs
+    import lmforge
+
+    fq, fk, fv = structured_prefill_qkv(1, h, h, s, d, seed=0)
+    causal_fn = lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+    flex_cfg = {"attn.prefill_pattern": "flex", "attn.flex_gamma": 0.9, "attn.flex_tau": 0.1,
+                "attn.flex_block": bs}
+    flex = lmforge.compile(causal_fn, (fq, fk, fv), config=flex_cfg, backends=("tvm",), calibration=[(fq, fk, fv)])
+    flex_density = next(n.attr["density"] for n in flex.graph.nodes if n.op == "block_sparse_attention")
     with torch.no_grad():
         err = relative_error(sparse(q, k, v, mask), reference(q, k, v, mask))
+        flex_err = relative_error(flex(fq, fk, fv), get_op("flex_prefill_attention").reference(
+            fq, fk, fv, gamma=0.9, tau=0.1, block_size=bs))
+        flex_vs_dense = relative_error(flex(fq, fk, fv), causal_fn(fq, fk, fv))
         dense_err = relative_error(dense(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
         window_err = relative_error(windowed(q, k, v), get_op("attention").reference(q, k, v, **window))
     times = interleaved({"torch SDPA causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                          "lmforge tvm dense causal": lambda: dense(q, k, v),
                          "lmforge tvm block-sparse": lambda: sparse(q, k, v, mask),
-                         "lmforge tvm window 256+4": lambda: windowed(q, k, v)}, args.rounds, 3)
+                         "lmforge tvm window 256+4": lambda: windowed(q, k, v),
+                         "lmforge tvm FlexPrefill": lambda: flex(fq, fk, fv),
+                         "torch ref FlexPrefill": lambda: get_op("flex_prefill_attention").reference(
+                             fq, fk, fv, gamma=0.9, tau=0.1, block_size=bs)}, args.rounds, 3)
     sdpa = times["torch SDPA causal"][0]
+
+    # FlexPrefill over 4096 tokens, where the mask's estimate (the last block of queries against every key) is a
+    # smaller share of the work, on peakier attention (sharpness 4): SDPA, dense causal TVM and FlexPrefill on TVM
+    lq, lk, lv = structured_prefill_qkv(1, h, h, 4 * s, d, seed=1, sharpness=4.0)
+    long_flex = lmforge.compile(causal_fn, (lq, lk, lv), config=flex_cfg, backends=("tvm",),
+                                calibration=[(lq, lk, lv)])
+    long_dense = lmforge.compile(causal_fn, (lq, lk, lv), backends=("tvm",))
+    long_density = next(n.attr["density"] for n in long_flex.graph.nodes if n.op == "block_sparse_attention")
+    with torch.no_grad():
+        long_err = relative_error(long_flex(lq, lk, lv), get_op("flex_prefill_attention").reference(
+            lq, lk, lv, gamma=0.9, tau=0.1, block_size=bs))
+    ltimes = interleaved({"torch SDPA causal": lambda: causal_fn(lq, lk, lv),
+                          "lmforge tvm dense causal": lambda: long_dense(lq, lk, lv),
+                          "lmforge tvm FlexPrefill": lambda: long_flex(lq, lk, lv)}, args.rounds, 1)
+    lsdpa = ltimes["torch SDPA causal"][0]
 
     # decode: one query per head over a 16k cache, batch 1
     past, window = 16384, {"causal": True, "window": 512, "sinks": 4}
@@ -290,6 +338,12 @@ def bench_sparse(args) -> dict:
             "ms": {name: [t * 1e3, lo * 1e3, hi * 1e3] for name, (t, lo, hi) in times.items()},
             "vs_sdpa": {name: sdpa / t for name, (t, _, _) in times.items()},
             "rel_err_vs_reference": err, "dense_rel_err_vs_sdpa": dense_err, "window_rel_err": window_err,
+            "flex_density": flex_density, "flex_rel_err_vs_reference": flex_err,
+            "flex_rel_err_vs_dense": flex_vs_dense,
+            "flex_long_shape": [1, h, 4 * s, d], "flex_long_density": long_density,
+            "flex_long_rel_err_vs_reference": long_err,
+            "flex_long_ms": {name: [t * 1e3, lo * 1e3, hi * 1e3] for name, (t, lo, hi) in ltimes.items()},
+            "flex_long_vs_sdpa": {name: lsdpa / t for name, (t, _, _) in ltimes.items()},
             "decode_shape": [1, h, 1, d], "decode_past": past, "decode_window_rel_err": decode_err,
             "decode_us": {name: [t * 1e6, lo * 1e6, hi * 1e6] for name, (t, lo, hi) in dtimes.items()},
             "decode_vs_sdpa": {name: dsdpa / t for name, (t, _, _) in dtimes.items()}}
@@ -355,6 +409,16 @@ def print_tables(results: dict) -> None:
             print(f"{name:<26} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {r['vs_sdpa'][name]:7.2f}x")
         print(f"rel err: block-sparse vs reference {r['rel_err_vs_reference']:.1e}, dense vs SDPA "
               f"{r['dense_rel_err_vs_sdpa']:.1e}, window vs reference {r['window_rel_err']:.1e}")
+        if "flex_density" in r:
+            print(f"FlexPrefill (gamma 0.9, tau 0.1) kept {r['flex_density']:.0%} of the causal blocks; rel err vs "
+                  f"its torch reference {r['flex_rel_err_vs_reference']:.1e}, vs dense attention "
+                  f"{r['flex_rel_err_vs_dense']:.1e} (what FlexPrefill drops)")
+        if "flex_long_ms" in r:
+            print(f"\n    FlexPrefill at {r['flex_long_shape']} (sharpness 4): kept {r['flex_long_density']:.0%} "
+                  f"of the causal blocks, rel err vs its reference {r['flex_long_rel_err_vs_reference']:.1e}")
+            print(f"{'variant':<26} {'ms (min..max)':>24} {'vs SDPA':>8}")
+            for name, (ms, lo, hi) in r["flex_long_ms"].items():
+                print(f"{name:<26} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {r['flex_long_vs_sdpa'][name]:7.2f}x")
         print(f"\n    decode attention {r['decode_shape']} over {r['decode_past']} cached tokens")
         print(f"{'variant':<34} {'us (min..max)':>24} {'vs SDPA':>8}")
         for name, (us, lo, hi) in r["decode_us"].items():

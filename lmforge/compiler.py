@@ -147,7 +147,7 @@ def ineffective_knobs(graph: Graph, config: Mapping[str, Any]) -> list[str]:
                        "that divides them")
     patterns = {k: config.get(k, "dense") for k in ("attn.decode_pattern", "attn.prefill_pattern")}
     asked = {k: v for k, v in patterns.items() if v != "dense"}
-    sparse = any(n.op in ("block_topk_attention", "flex_prefill_attention") or
+    sparse = any(n.op in ("block_topk_attention", "flex_prefill_attention", "block_sparse_attention") or
                  (n.op == "attention" and n.attr.get("window") is not None) for n in graph.nodes)
     if asked and not sparse:
         out.append(f"{', '.join(f'{k}={v!r}' for k, v in asked.items())} changed no attention node: the sparsity "

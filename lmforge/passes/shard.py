@@ -49,7 +49,7 @@ from lmforge.passes.rewrite import retype
 
 META_KEY = "tensor_parallel"
 ATTENTION_OPS = ("attention", "block_topk_attention", "block_sparse_attention", "flex_prefill_attention",
-                 "shared_prefix_attention")
+                 "flex_prefill_mask", "shared_prefix_attention")   # per-head ops: split on dim 1 of q / k / v
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where", "cast", "gelu", "pow_scalar"}
 ROW_NORMS = ("rmsnorm", "layernorm", "softmax")   # normalise over the last dim (softmax: over attrs["dim"])
 

@@ -59,10 +59,13 @@ def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="de
 
         window:      %o = attention(%q, %k, %v; causal)  ->  attention(...; causal, window=W, sinks=S)
         block_topk:  %o = attention(%q, %k, %v)          ->  block_topk_attention(%q, %k, %v; block_size, topk_blocks, ...)
-        flex:        %o = attention(%q, %k, %v; causal)  ->  flex_prefill_attention(%q, %k, %v; gamma, tau, ...)
+        flex:        %o = attention(%q, %k, %v; causal)  ->  %m = flex_prefill_mask(%q, %k; gamma, tau, block_size, ...)
+                                                          %o = block_sparse_attention(%q, %k, %v, %m; block_size)
 
-    With calibration inputs, FlexPrefill's kept fraction is measured on them and recorded as `density`, which
-    the cost rule uses; without, density stays 1 (no saving claimed). `layer_config` may hold per-layer-group
+    FlexPrefill is lowered into its two halves (choosing the block mask, attending to the kept blocks) so every
+    backend with a block-sparse kernel runs it; the result equals flex_prefill_attention's. With calibration
+    inputs, the kept fraction is measured on them and recorded as the attention's `density`, which the cost rule
+    uses; without, density stays 1 (no saving claimed). `layer_config` may hold per-layer-group
     values of the decode knobs (`attn.decode_window@g0`, ...; the i-th attention node is layer i).
     """
     from lmforge.search.space import knob_value
@@ -91,11 +94,17 @@ def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="de
         elif _is_prefill(n) and prefill_pattern == "window":
             nodes.append(n.with_attrs(q_offset=None, window=prefill_window, sinks=sinks))
         elif _is_prefill(n) and prefill_pattern == "flex":
+            q, k, v = n.inputs
             attrs = {"gamma": flex_gamma, "tau": flex_tau, "block_size": flex_block, "min_budget": flex_min_budget,
                      "scale": n.attr["scale"]}
+            mask_attrs = get_op("flex_prefill_mask").normalize_attrs(attrs)
+            mask = Value(f"{n.output.name}_flexmask", get_op("flex_prefill_mask").infer([q.type, k.type],
+                                                                                       mask_attrs)[0])
+            nodes.append(Node("flex_prefill_mask", (q, k), (mask,), mask_attrs, (), n.source))
             flex_nodes.append(len(nodes))
-            nodes.append(Node("flex_prefill_attention", n.inputs, n.outputs,
-                              get_op("flex_prefill_attention").normalize_attrs(attrs), (), n.source))
+            nodes.append(Node("block_sparse_attention", (q, k, v, mask), n.outputs, get_op(
+                "block_sparse_attention").normalize_attrs({"block_size": flex_block, "scale": n.attr["scale"]}),
+                (), n.source))
         else:
             nodes.append(n)
     out = graph.with_nodes(nodes)
@@ -105,18 +114,16 @@ def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="de
 
 
 def _measure_flex_density(graph: Graph, idx: list[int], calibration) -> Graph:
-    from lmforge.ir.ops.flexprefill_ref import flex_prefill_block_mask
+    """Record on each FlexPrefill block_sparse_attention node the fraction of causal block pairs its mask keeps
+    on the calibration inputs."""
     from lmforge.passes.probe import probe_values
 
     targets = [graph.nodes[i] for i in idx]
-    got = probe_values(graph, [v for n in targets for v in n.inputs[:2]], calibration)
+    got = probe_values(graph, [n.inputs[3] for n in targets], calibration)
     nodes = list(graph.nodes)
-    for j, (i, n) in enumerate(zip(idx, targets)):
+    for i, n, masks in zip(idx, targets, got):
         kept = total = 0.0
-        for q, k in zip(got[2 * j], got[2 * j + 1]):
-            a = n.attr
-            mask, _ = flex_prefill_block_mask(q, k, gamma=a["gamma"], tau=a["tau"], block_size=a["block_size"],
-                                              min_budget=a["min_budget"], scale=a["scale"])
+        for mask in masks:
             causal = mask.new_ones(mask.shape[-2:]).tril()
             kept += mask.sum().item()
             total += causal.sum().item() * mask.shape[0] * mask.shape[1]

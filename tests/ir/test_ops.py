@@ -104,6 +104,9 @@ for _name in ("linear_wo", "merge_lse", "block_topk_attention", "block_sparse_at
               "shared_prefix_attention"):
     CASES[_name] = None
 CASES["kv_qdq"] = ([t(2, 2, 5, 8)], {"dtype": "int8"}, None)
+# gamma = 1 keeps every causal block (lower gammas: tests/passes/test_quant_sparsity.py, against FlexPrefill's ref)
+CASES["flex_prefill_mask"] = ([t(2, 4, 20, 8), t(2, 2, 20, 8)], {"gamma": 1.0, "block_size": 8},
+                              lambda q, k: torch.ones(2, 4, 3, 3, dtype=torch.bool).tril())
 # collectives of a tensor-parallel graph: a group of 1 is the identity here; groups of ranks in tests/passes/test_shard.py
 CASES["all_reduce"] = ([t(3, 4)], {"group_size": 1}, lambda x: x)
 CASES["all_gather"] = ([t(3, 4)], {"group_size": 1, "dim": 1}, lambda x: x)

@@ -7,7 +7,9 @@ import torch
 
 import lmforge
 from lmforge.compiler import CompiledModel
+from benchmarks.cpu_backend import structured_prefill_qkv
 from lmforge.errors import LmforgeError
+from lmforge.ir.ops import get_op
 from lmforge.passes import PassManager, canonical_pipeline, dce, kv_quant_pass, sparsity_pass, weight_quant_pass
 from lmforge.quality import compare
 from lmforge.search.cost_model import bindings_for, node_costs
@@ -164,9 +166,85 @@ def test_flex_prefill_full_coverage_is_dense_and_density_is_measured():
     measured = PassManager([sparsity_pass([(q, k, v)])]).run(g, {"attn.prefill_pattern": "flex",
                                                                   "attn.flex_gamma": 0.5, "attn.flex_block": 16,
                                                                   "attn.flex_min_budget": 1})
-    density = measured.nodes[0].attr["density"]
+    assert [n.op for n in measured.nodes] == ["flex_prefill_mask", "block_sparse_attention"]
+    density = measured.nodes[1].attr["density"]
+    mask = get_op("flex_prefill_mask").reference(q, k, gamma=0.5, block_size=16, min_budget=1)
+    assert density == pytest.approx(mask.sum().item() / (2 * 16 * 17 / 2))
     assert 0 < density < 1
-    assert total_bytes(measured) < total_bytes(g)
+    # prefill attention is compute-bound: the kept blocks' FLOPs plus the mask's estimate (the last query block
+    # against all keys, pooled blocks) are fewer than dense attention's; bytes are not (q and k are read twice)
+    flops = lambda graph: sum(c.flops for c in node_costs(graph, bindings_for(graph)))
+    assert flops(measured) < 0.75 * flops(g)
+
+
+@needs_attention_ref
+@pytest.mark.parametrize("hq,hkv,seq,block", [(2, 2, 160, 16), (4, 2, 200, 32), (4, 1, 97, 16)])
+def test_flex_prefill_lowering_equals_flexprefill_on_dynamic_lengths(hq, hkv, seq, block):
+    """The pass lowers FlexPrefill to flex_prefill_mask + block_sparse_attention: on fresh inputs of the captured
+    length and of other lengths (also not multiples of the block), outputs equal flex_prefill_attention's, on the
+    torch reference and on the TVM backend's block-sparse kernel, which gets the node."""
+    from lmforge.ir.ops.flexprefill_ref import flex_prefill_attention_ref
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv)
+
+    q, k, v = structured_prefill_qkv(1, hq, hkv, seq, 16, seed=hq + seq)
+    dyn = {name: {2: "seq"} for name in "qkv"}
+    cfg = {"attn.prefill_pattern": "flex", "attn.flex_gamma": 0.8, "attn.flex_tau": 0.2, "attn.flex_block": block,
+           "attn.flex_min_budget": 1}
+    g = lmforge.capture(fn, (q, k, v), dynamic=dyn)
+    ref_model = lmforge.compile(g, config=cfg, calibration=[(q, k, v)])
+    backends = ("torch",)
+    if importlib.util.find_spec("tvm") is not None:
+        backends = ("tvm",)
+    model = lmforge.compile(g, config=cfg, backends=backends, calibration=[(q, k, v)])
+    if backends == ("tvm",):
+        assert "tvm:block-sparse attention" in model.inspect()
+    sparse = [n for n in model.graph.nodes if n.op == "block_sparse_attention"]
+    assert len(sparse) == 1 and 0 < sparse[0].attr["density"] < 1
+    for n in (seq, seq - 5, 2 * seq + 3):
+        qq, kk, vv = structured_prefill_qkv(1, hq, hkv, n, 16, seed=n)
+        want = flex_prefill_attention_ref(qq, kk, vv, gamma=0.8, tau=0.2, block_size=block, min_budget=1)
+        torch.testing.assert_close(ref_model(qq, kk, vv), want, rtol=0, atol=0)
+        torch.testing.assert_close(model(qq, kk, vv), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_attention_ref
+def test_flex_prefill_lowering_exports_imports_and_splits_over_ranks(tmp_path):
+    """The lowered pair travels: the artifact's graph and its ONNX (ai.lmforge ops) give the same outputs, and
+    tensor parallelism splits the mask by heads like the attention (tp = 2, thread ranks)."""
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q, k, v = structured_prefill_qkv(1, 4, 2, 96, 16, seed=1)
+    g = lmforge.capture(fn, (q, k, v), dynamic={name: {2: "seq"} for name in "qkv"})
+    cfg = {"attn.prefill_pattern": "flex", "attn.flex_gamma": 0.8, "attn.flex_block": 16}
+    model = lmforge.compile(g, config=cfg, calibration=[(q, k, v)])
+    want = model(q, k, v)
+    model.export(tmp_path / "art")
+    torch.testing.assert_close(lmforge.load(tmp_path / "art")(q, k, v), want, rtol=0, atol=0)
+    onnx_graph = lmforge.capture(str(tmp_path / "art" / "model.onnx"), None)
+    assert [n.op for n in onnx_graph.nodes] == ["flex_prefill_mask", "block_sparse_attention"]
+    torch.testing.assert_close(CompiledModel(onnx_graph)(q, k, v), want, rtol=0, atol=0)
+    split = lmforge.compile(g, config={**cfg, "shard.tp": 2}, calibration=[(q, k, v)])
+    torch.testing.assert_close(split(q, k, v), want, rtol=1e-6, atol=1e-6)
+
+
+def test_slash_blocks_equals_a_brute_force_scan():
+    """The vertical-slash pattern's block diagonals, computed with a prefix sum, against the definition: block
+    pair (qb, kb) is kept when a selected offset query - key lies in the offsets its tokens can have."""
+    from lmforge.ir.ops.flexprefill_ref import slash_blocks
+
+    g0 = torch.Generator().manual_seed(11)
+    for s, bs in ((16, 16), (50, 16), (129, 32), (64, 8)):
+        nb = -(-s // bs)
+        diag = torch.rand(3, s, generator=g0) < 0.05
+        got = slash_blocks(diag, nb, bs)
+        for row in range(3):
+            for delta in range(nb):
+                # tokens of blocks qb and qb - delta are delta*bs - (bs-1) .. delta*bs + (bs-1) apart
+                want = any(bool(diag[row, o]) for o in range(delta * bs - bs + 1, delta * bs + bs) if 0 <= o < s)
+                assert bool(got[row, delta]) == want, (s, bs, row, delta)
 
 
 @needs_attention_ref

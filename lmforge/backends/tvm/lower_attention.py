@@ -399,6 +399,9 @@ class BlockSparseAttentionKernel(OpKernel):
         if variant == "tiled":
             return block_sparse_tiled_lowered(self.hq, self.hkv, self.hm, self.d, self.dv, block_size=self.block_size,
                                               scale=self.scale, rows=self.rows, keys=self.keys)
+        if variant == "tiled_head":   # one mask head: its hq / hm query heads over one KV head
+            return block_sparse_tiled_lowered(self.hq // self.hm, 1, 1, self.d, self.dv, block_size=self.block_size,
+                                              scale=self.scale, rows=self.rows, keys=self.keys)
         return block_sparse_attention_lowered(self.hq, self.hkv, self.hm, self.d, self.dv, block_size=self.block_size,
                                               scale=self.scale, vec=int(self.knobs["tvm.attention.vec"]))
 
@@ -438,19 +441,38 @@ class BlockSparseAttentionKernel(OpKernel):
             if tiled is not None:
                 tq, tk, tv, nq = _tiles(q, k, v, self.rows, self.keys)
                 out = self.empty((b, self.hq, nq, self.rows, self.dv))
-                # chunks of query tiles, each scanning the most key tiles one of its query blocks keeps
                 per_block, qtiles = self.block_size // self.keys, self.block_size // self.rows
-                kept = counts.amax(dim=(0, 1)).tolist() if counts.numel() else [0]
                 step = max(1, CHUNK_QUERIES // self.rows)
-                plan = [("tiled", t0, min(step, nq - t0),
-                         max(1, per_block * max(kept[t0 // qtiles:(min(t0 + step, nq) - 1) // qtiles + 1])))
-                        for t0 in range(0, nq, step)]
-                _run_chunks({"tiled": tiled}, plan, lambda t0, scan: (tq, tk, tv, blocks, counts, sq, k.shape[2],
-                                                                      t0, scan), [out])
+                for t0 in range(0, nq, step):   # chunks of query tiles, each scanning what its query blocks keep
+                    n = min(step, nq - t0)
+                    kept = counts[:, :, t0 // qtiles:(t0 + n - 1) // qtiles + 1].amax(-1)    # [B, Hm]
+                    top = max(1, int(kept.max()))
+                    if int(kept.min()) * 4 < top * 3 and self.fn("tiled_head") is not None:
+                        self._per_head(tq, tk, tv, blocks, counts, out, sq, k.shape[2], t0, n, kept, per_block)
+                    else:
+                        _run_chunks({"tiled": tiled}, [("tiled", t0, n, per_block * top)],
+                                    lambda t0_, scan: (tq, tk, tv, blocks, counts, sq, k.shape[2], t0_, scan), [out])
                 return _untile(out, sq)
         out = self.empty((b, self.hq, sq, self.dv))
         fn(ready(q), ready(k), ready(v), blocks, counts, out)
         return out
+
+
+    def _per_head(self, tq, tk, tv, blocks, counts, out, sq, skv, t0, n, kept, per_block) -> None:
+        """Query tiles t0 .. t0 + n - 1, one call per (batch row, mask head), each scanning its own kept blocks:
+        FlexPrefill's heads keep very different numbers of blocks (query-aware vs vertical-slash), and one call
+        for all heads scans the most any head keeps. Slices of the leading dims are contiguous, so no copies
+        but the outputs'."""
+        fn, qh = self.fn("tiled_head"), self.hq // self.hm
+        group = self.hq // self.hkv
+        for bi in range(tq.shape[0]):
+            for j in range(self.hm):
+                kv = j * qh // group
+                part = torch.empty((1, qh, n, *out.shape[3:]), dtype=out.dtype)
+                fn(ready(tq[bi:bi + 1, j * qh:(j + 1) * qh]), ready(tk[bi:bi + 1, kv:kv + 1]),
+                   ready(tv[bi:bi + 1, kv:kv + 1]), ready(blocks[bi:bi + 1, j:j + 1]),
+                   ready(counts[bi:bi + 1, j:j + 1]), sq, skv, t0, max(1, per_block * int(kept[bi, j])), part)
+                out[bi:bi + 1, j * qh:(j + 1) * qh, t0:t0 + n] = part
 
 
 def attention_tiled_lowered(hq: int, hkv: int, d: int, dv: int, *, causal: bool, scale: float, window, sinks: int,

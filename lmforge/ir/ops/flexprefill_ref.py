@@ -53,6 +53,18 @@ def _cover(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
 
 
+def slash_blocks(diag: torch.Tensor, nb: int, block_size: int) -> torch.Tensor:
+    """Which block diagonals the selected query-key offsets touch: diag bool [..., S] (offset o = query - key
+    selected) -> bool [..., nb], entry delta True when block pairs (qb, qb - delta), which hold the offsets
+    delta*bs - (bs-1) .. delta*bs + (bs-1), contain a selected one (counted with a prefix sum over offsets)."""
+    s = diag.shape[-1]
+    seen = torch.nn.functional.pad(diag.to(torch.int32).cumsum(-1), (1, 0))       # [..., S + 1]
+    deltas = torch.arange(nb, device=diag.device)
+    lo = (deltas * block_size - (block_size - 1)).clamp(0, s)
+    hi = (deltas * block_size + block_size).clamp(0, s)
+    return (seen[..., hi] - seen[..., lo]) > 0
+
+
 def flex_prefill_block_mask(q, k, *, gamma=0.9, tau=0.1, block_size=64, min_budget=2, scale=None):
     """The block mask [B, Hq, nB, nB] FlexPrefill chooses, and which heads used the query-aware pattern."""
     b, hq, s, d = q.shape
@@ -89,16 +101,13 @@ def flex_prefill_block_mask(q, k, *, gamma=0.9, tau=0.1, block_size=64, min_budg
     col_blocks = _block_reduce(cols.float(), block_size, -1, "sum") > 0          # [B, H, nb]
     vs_mask = col_blocks[:, :, None, :].expand(b, hq, nb, nb).clone()
     qb = torch.arange(nb, device=q.device)
-    lo = (qb[:, None] - qb[None, :]) * block_size - (block_size - 1)   # offset range covered by block pair
-    hi = (qb[:, None] - qb[None, :]) * block_size + (block_size - 1)
-    sel = diag.nonzero()
-    for bi, hi_, off in sel.tolist():
-        vs_mask[bi, hi_] |= (lo <= off) & (off <= hi)
+    delta = qb[:, None] - qb[None, :]
+    vs_mask |= slash_blocks(diag, nb, block_size)[..., delta.clamp(min=0)] & (delta >= 0)
     vs_mask &= causal
     mask = torch.where(query_aware[:, :, None, None], qa_mask, vs_mask)
     mask[..., 0] = True                                                # sinks
     mask |= torch.eye(nb, dtype=torch.bool, device=q.device)           # local (diagonal) block
-    recent = (qb[:, None] - qb[None, :] >= 0) & (qb[:, None] - qb[None, :] < min_budget)
+    recent = (delta >= 0) & (delta < min_budget)
     mask |= recent
     return mask & causal, query_aware
 

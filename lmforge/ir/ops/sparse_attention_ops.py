@@ -5,6 +5,9 @@
 - block_sparse_attention: prefill attention restricted to a boolean block mask (an input).
 - flex_prefill_attention: FlexPrefill's adaptive prefill: per head, a pattern (query-aware or vertical-slash,
   chosen by a Jensen-Shannon test on the last query block) covering `gamma` of the attention mass.
+- flex_prefill_mask: the first half of flex_prefill_attention, the block mask it chooses; the sparsity pass
+  lowers FlexPrefill to flex_prefill_mask + block_sparse_attention, so any backend with a block-sparse kernel
+  runs it (the mask is cheap: the last query block against all keys, and pooled blocks).
 - shared_prefix_attention: Hydragen: queries of B sequences over shared prefixes (G of them, each read once
   for its B / G consecutive sequences) plus each sequence's own suffix, merged exactly by log-sum-exp.
 - kv_qdq: what attention reads from a KV cache stored in int8 / fp8 (quantize then dequantize).
@@ -79,6 +82,34 @@ def _flex_ref(q, k, v, *, gamma=0.9, tau=0.1, block_size=64, min_budget=2, scale
                                       scale=scale)
 
 
+def _flex_mask_infer(ins, attrs):
+    from lmforge.ir.types import simplify_dim
+
+    q, k = ins
+    if q.rank != 4 or k.rank != 4:
+        raise VerifyError(f"flex_prefill_mask takes q and k [batch, heads, seq, head_dim], got {q} and {k}")
+    s, bs = q.shape[2], attrs["block_size"]
+    nb = -(-s // bs) if isinstance(s, int) else simplify_dim(f"ceiling(({s}) / {bs})")
+    return [q.with_(shape=(q.shape[0], q.shape[1], nb, nb), dtype="bool")]
+
+
+def _flex_mask_ref(q, k, *, gamma=0.9, tau=0.1, block_size=64, min_budget=2, scale=None):
+    from lmforge.ir.ops.flexprefill_ref import flex_prefill_block_mask
+
+    return flex_prefill_block_mask(q, k, gamma=gamma, tau=tau, block_size=block_size, min_budget=min_budget,
+                                   scale=scale)[0]
+
+
+def _flex_mask_cost(ins, attrs, outs):
+    """The last query block against every key (exact block distribution), mean-pooled q / k blocks and their
+    block-to-block scores (query-aware pattern); sorts and prefix sums are not counted."""
+    q, k = ins
+    b, hq, s, d = q.shape
+    bs, nb = attrs["block_size"], outs[0].shape[2]
+    flops = 2.0 * b * hq * min(bs, s) * s * d + 2.0 * b * hq * nb * nb * d + 2.0 * b * (hq + k.shape[1]) * s * d
+    return Cost.of(flops, nbytes(q, k, *outs), "attention", q.dtype)
+
+
 # ---- shared prefix --------------------------------------------------------------------------------------------------
 
 def _shared_infer(ins, attrs):
@@ -140,6 +171,11 @@ def ops() -> list[OpDef]:
               {"gamma": attr("float", 0.9), "tau": attr("float", 0.1), "block_size": attr("int", 64),
                "min_budget": attr("int", 2), "scale": scale, "density": attr("float", 1.0)},
               _out_like_q, _flex_ref, _sparse_cost, arity=(3, 3), op_class="attention"),
+        OpDef("flex_prefill_mask", "The causal block mask [B, Hq, nB, nB] FlexPrefill keeps for prefill q / k (what "
+                                   "flex_prefill_attention attends to); feeds block_sparse_attention.",
+              {"gamma": attr("float", 0.9), "tau": attr("float", 0.1), "block_size": attr("int", 64),
+               "min_budget": attr("int", 2), "scale": scale},
+              _flex_mask_infer, _flex_mask_ref, _flex_mask_cost, arity=(2, 2), op_class="attention"),
         OpDef("shared_prefix_attention", "Hydragen: attention of B sequences over shared prefixes (batch G: groups "
                                          "of B/G consecutive sequences share one, read once) and their own "
                                          "suffixes, merged exactly by log-sum-exp.",

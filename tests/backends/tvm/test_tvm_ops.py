@@ -205,9 +205,12 @@ def test_causal_prefill_chunks_scan_only_visible_key_tiles(tvm_backend, single_o
     compiled = CompiledModel(single_op_graph("block_sparse_attention", [q, k, v, mask], {"block_size": 8}),
                              backends=[backend, TorchReference()])
     calls = recorded(compiled.kernels[0].fn, "tiled")
+    head_calls = recorded(compiled.kernels[0].fn, "tiled_head")
     want = get_op("block_sparse_attention").reference(q, k, v, mask, block_size=8)
     torch.testing.assert_close(compiled(q, k, v, mask), want, rtol=1e-5, atol=1e-5)
-    assert [(int(c[7]), int(c[8])) for c in calls] == [(0, 2), (4, 2), (8, 2), (12, 4)]  # 2 key tiles per block
+    assert [(int(c[7]), int(c[8])) for c in calls] == [(0, 2), (4, 2), (8, 2)]  # 2 key tiles per block
+    # the last chunk's heads keep 1 and 2 blocks: one call per head, each scanning its own
+    assert [(int(c[7]), int(c[8])) for c in head_calls] == [(12, 2), (12, 4)]
 
 
 WINDOW_DECODE_CASES = [  # q shape, k shape, attrs: caches longer than sinks + window take the windowed row build
@@ -294,6 +297,34 @@ def test_block_sparse_attention(tvm_backend, run_on_tvm, randn, monkeypatch, q_s
     assert torch.equal(counts, mask.sum(-1).int())
     if keep == 0.0:
         assert torch.count_nonzero(got[0] if isinstance(got, tuple) else got) == 0
+
+
+@pytest.mark.parametrize("b,hq,hkv,hm", [(2, 4, 2, 2), (1, 4, 2, 4), (2, 2, 2, 2)])
+def test_block_sparse_heads_of_different_density_scan_their_own_blocks(tvm_backend, run_on_tvm, randn, monkeypatch,
+                                                                       b, hq, hkv, hm):
+    """When the mask heads keep very different numbers of blocks (FlexPrefill: vertical-slash vs query-aware
+    heads), a chunk runs one call per (batch row, mask head), each scanning only its own kept blocks; outputs
+    match the reference for GQA with the mask per KV head or per query head."""
+    from lmforge.backends.tvm import lower_attention
+
+    monkeypatch.setattr(lower_attention, "CHUNK_QUERIES", 8)
+    s, bs = 37, 8
+    q, k, v = randn(b, hq, s, 16, seed=31), randn(b, hkv, s, 16, seed=32), randn(b, hkv, s, 16, seed=33)
+    n = -(-s // bs)
+    mask = torch.zeros(b, hm, n, n, dtype=torch.bool)
+    mask[:, 0] = torch.ones(n, n, dtype=torch.bool).tril()        # a dense head
+    mask[:, 1:] |= torch.eye(n, dtype=torch.bool)                  # sparse heads: diagonal + sink
+    mask[:, 1:, :, 0] = True
+    backend = tvm_backend({"tvm.attention.rows": 4, "tvm.attention.keys": 2})
+    calls = []
+    real = lower_attention.BlockSparseAttentionKernel._per_head
+    monkeypatch.setattr(lower_attention.BlockSparseAttentionKernel, "_per_head",
+                        lambda self, *a: calls.append(a[7]) or real(self, *a))
+    got, want, compiled = run_on_tvm(backend, "block_sparse_attention", [q, k, v, mask], {"block_size": bs})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kernel = compiled.kernels[0].fn
+    assert "tiled_head" in kernel._fns and not kernel.failures
+    assert calls, "no chunk took the per-head path"
 
 
 ROWWISE_CASES = [  # op, input shapes, attrs
