@@ -696,24 +696,28 @@ def test_an_attention_call_with_one_unfit_launch_runs_the_reference(decode):
 
 
 def test_attention_variants_build_for_sm80_and_sm90():
-    """Prefill (window + sinks), block top-k (score, sparse split, merge) and shared prefix (prefix, suffix)
-    variants build ahead of time for both architectures, in one batch; the decode ones build in `artifact`."""
+    """Prefill (window + sinks), block top-k (score, sparse split, merge), shared prefix (prefix, suffix) and
+    block-sparse prefill variants build ahead of time for both architectures, in one batch; the decode ones
+    build in `artifact`."""
     builder = GraphBuilder("g")
     f16 = [builder.input(n, TensorType(s, "float16")) for n, s in
            (("q", (B, 8, 1, 64)), ("k", (B, 2, S, 64)), ("v", (B, 2, S, 64)), ("kp", (1, 2, 512, 64)),
-            ("vp", (1, 2, 512, 64)), ("qp", (1, 8, "seq", 64)))]
-    q, k, v, kp, vp, qp = f16
+            ("vp", (1, 2, 512, 64)), ("qp", (1, 8, "seq", 64)), ("ks", (1, 2, "seq", 64)), ("vs", (1, 2, "seq", 64)))]
+    q, k, v, kp, vp, qp, ks, vs = f16
+    mask = builder.input("mask", TensorType((1, 8, "nb", "nb"), "bool"))
     outs = [builder.op("attention", [qp, k, v], {"causal": True, "window": 128, "sinks": 4}),
             builder.op("block_topk_attention", [q, k, v], {"block_size": 64, "topk_blocks": 8}),
-            builder.op("shared_prefix_attention", [q, kp, vp, k, v], {})]
+            builder.op("shared_prefix_attention", [q, kp, vp, k, v], {}),
+            builder.op("block_sparse_attention", [qp, ks, vs, mask], {"block_size": 64})]
     graph = builder.build(outs)
     files = ak.build_for_targets(graph, TARGETS)
     for target, arch in TARGETS.items():
         index = json.loads(files[target]["index.json"])
         assert index["failed"] == {} and index["not_served"] == []
-        assert [e["op"] for e in index["nodes"]] == ["attention", "block_topk_attention", "shared_prefix_attention"]
+        assert [e["op"] for e in index["nodes"]] == ["attention", "block_topk_attention", "shared_prefix_attention",
+                                                     "block_sparse_attention"]
         kernels = {entry["kernel"] for entry in index["kernels"].values()}
-        assert kernels == {"flash_prefill", "block_score", "decode_split", "merge_splits"}
+        assert kernels == {"flash_prefill", "block_score", "decode_split", "merge_splits", "block_sparse_prefill"}
         for name in index["kernels"]:
             assert _cubin_arch(files[target][f"{name}.cubin"]) == int(arch[3:])
 
@@ -755,3 +759,76 @@ def test_a_tensor_parallel_model_ships_one_set_of_kernels_that_every_rank_runs(l
     assert backend.fallbacks == {} and any(k.launches for k in backend.kernels.values())
     loaded = lmforge.load(path)                                        # on the CPU: the ranks on the reference
     assert isinstance(loaded, TensorParallelModel) and loaded.kernel_source is None
+
+
+# ---- block_sparse_attention: the mask's block lists (torch), then flash prefill in SPARSE mode ---------------------
+
+def _block_sparse_node(q_shape, kv_shape, mask_shape, block_size, dtype):
+    builder = GraphBuilder("g")
+    inputs = [builder.input("q", TensorType(q_shape, dtype)), builder.input("k", TensorType(kv_shape, dtype)),
+              builder.input("v", TensorType(kv_shape, dtype)), builder.input("mask", TensorType(mask_shape, "bool"))]
+    return builder.build([builder.op("block_sparse_attention", inputs, {"block_size": block_size})])
+
+
+def _block_sparse_inputs(b, hq, hkv, sq, skv, mask_shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, 16, generator=gen).to(getattr(torch, dtype))
+               for h, s in ((hq, sq), (hkv, skv), (hkv, skv)))
+    mask = torch.rand(*mask_shape, generator=gen) < 0.5
+    n = min(mask_shape[2], mask_shape[3])
+    mask[..., torch.arange(n), torch.arange(n)] = True                # the diagonal blocks
+    return q, k, v, mask
+
+
+# name: (static q, k / v, mask shapes, block size, runtime (b, hq, hkv, sq, skv), runtime mask shape, configs, dtype)
+BLOCK_SPARSE_CASES = {
+    "static_per_kv_head_two_tiles": ((2, 4, 40, 16), (2, 2, 40, 16), (2, 2, 2, 2), 32, (2, 4, 2, 40, 40),
+                                     (2, 2, 2, 2), {"attention_prefill": SMALL_PREFILL}, "float32"),
+    "symbolic_per_q_head_fp16": (((B, 4, "seq", 16), (B, 2, "seq", 16), (B, 4, "nb", "nb"), 16, (2, 4, 2, 33, 33),
+                                  (2, 4, 3, 3), {}, "float16")),
+    "batch_one_mask_broadcast": ((3, 2, "seq", 16), (3, 1, "seq", 16), (1, 1, "nb", "nb"), 16, (3, 2, 1, 48, 48),
+                                 (1, 1, 3, 3), {"attention_prefill": SMALL_PREFILL}, "float32"),
+    "symbolic_batch_one_mask_chunk": ((B, 2, "seq", 16), (B, 2, S, 16), (1, 2, "nq", "nk"), 16, (2, 2, 2, 20, 45),
+                                      (1, 2, 2, 3), {"attention_prefill": SMALL_PREFILL}, "float32"),
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("case", list(BLOCK_SPARSE_CASES))
+def test_block_sparse_attention_launches_like_the_jit_launcher(monkeypatch, case):
+    """The spec's one launch (flash prefill in SPARSE mode) has the kernel, grid, warps, constexprs and arguments
+    (the block lists included: per KV or query head, a batch-1 mask's expanded with stride 0) that the JIT backend
+    gives for the same inputs; both results equal each other and the reference."""
+    torch.set_num_threads(1)
+    q_shape, kv_shape, mask_shape, block_size, runtime, runtime_mask, configs, dtype = BLOCK_SPARSE_CASES[case]
+    [node] = _block_sparse_node(q_shape, kv_shape, mask_shape, block_size, dtype).nodes
+    spec = ls.spec_for(node)
+    variants = {v.key: v for v in spec.variants(node, configs)}
+    assert sorted(variants) == ["sparse"]
+    inputs = _block_sparse_inputs(*runtime, runtime_mask, dtype)
+    jit_log, jit_result = _jit_launches(monkeypatch, lambda: TritonBackend(configs).claim(node, "cuda").fn(
+        *inputs, **node.attr))
+    built = {k: ls.Built(v.config, v.static) for k, v in variants.items()}
+    spec_log, result = _spec_launches(spec.call(node, built, *inputs, **node.attr), variants)
+    assert len(spec_log) == 1
+    _same_launches(jit_log, spec_log)
+    assert torch.equal(result, jit_result)
+    want = TorchReference().claim(node, "cpu").fn(*inputs, **node.attr)
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == "float16" else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(result, want, **tol)
+
+
+@interpreter_only
+def test_the_cubin_backend_runs_block_sparse_attention_as_the_reference():
+    """A block_sparse_attention graph through the cubin backend (interpreted) equals the reference; a call whose
+    mask the kernel cannot take (one head for 2 KV heads and 4 query heads) runs the reference instead."""
+    graph = _block_sparse_node((B, 4, "seq", 16), (B, 2, "seq", 16), (B, "hm", "nb", "nb"), 16, "float32")
+    backend = _interpreted_backend(graph, {"attention_prefill": SMALL_PREFILL})
+    fn, kernels = build_callable(graph, [backend, TorchReference()], "cuda", {})
+    reference, _ = build_callable(graph, [TorchReference()], "cpu", {})
+    assert [k.backend for k in kernels] == ["triton-cubin"]
+    for seed, (b, s, hm) in enumerate([(1, 40, 2), (2, 64, 4), (2, 33, 1)]):
+        inputs = _block_sparse_inputs(b, 4, 2, s, s, (b, hm, -(-s // 16), -(-s // 16)), "float32", seed)
+        torch.testing.assert_close(fn(*inputs), reference(*inputs), rtol=1e-4, atol=1e-5)
+    assert backend.fallbacks == {"no kernel for this call": 1}
+    assert all(k.launches == 2 for k in backend.kernels.values())

@@ -23,15 +23,16 @@ raises DriverTooOld, which lmforge.load turns into a warning and the torch refer
 kernels="required"; records without a ptxas version, from older exports, are not checked), then loads every
 cubin on the current GPU (cubin_runner.CubinKernel) into a `CubinBackend`, which claims the nodes the index
 lists. Each call asks the launch spec for its steps: one launch for the row kernels, SwiGLU and the
-quantized linear; several for attention (split-K decode: split, merge; flash prefill; block top-k: score, a
-torch top-k, sparse split, merge; shared prefix: prefix split, suffix split, merge). Every launch's
+quantized linear; several for the attention ops (split-K decode: split, merge; flash prefill; block top-k:
+score, a torch top-k, sparse split, merge; shared prefix: prefix split, suffix split, merge; block-sparse
+prefill: the mask's block lists in torch, then flash prefill in SPARSE mode). Every launch's
 specialisation is checked first (a built variant, alignment, divisibility; launch_specs.check_values); then
 the steps run in order. A call with any launch outside what was built (e.g. an unaligned view, a variant
 that failed to build) runs the torch reference as a whole.
 
 Served ops: rmsnorm, layernorm, softmax, fused (SwiGLU), linear_wo, attention, block_topk_attention,
-shared_prefix_attention (as far as the Triton backend claims them); the index lists any other claimed node
-under "not_served" with the reason.
+shared_prefix_attention, block_sparse_attention (as far as the Triton backend claims them); the index lists
+any other claimed node under "not_served" with the reason.
 """
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
     attention (no mask, K/V not quantized)   decode (one query row): split-K flash-decoding
                                              otherwise: flash prefill (causal, window + sinks, q_offset)
     block_topk_attention                     block top-k decode (block sizes: powers of two >= 16)
+    block_sparse_attention                   block-sparse causal prefill over the mask's kept blocks (block sizes:
+                                             powers of two >= 16; float16 / bfloat16 / float32 q, k, v; any Sq and
+                                             Skv, queries at Skv - Sq + i as in the reference; a mask of batch B
+                                             or 1 (broadcast, as the reference does) with Hkv or Hq heads; any
+                                             other mask runs the reference, call by call)
     shared_prefix_attention                  Hydragen decode (prefix read once for all sequences)
 """
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from lmforge.ir.graph import Node
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _pow2_at_least_16(n: int) -> bool:
@@ -46,6 +53,52 @@ def claim_block_topk(node: Node, config: Mapping[str, Any]) -> Callable | None:
         return attention_decode.block_topk_decode(q, k, v, block_size=block_size, topk_blocks=topk_blocks,
                                                   sinks=sinks, window=window, summary=summary, scale=scale,
                                                   config=cfg)
+
+    return run
+
+
+def sparse_block_lists(block_mask, q, k, block_size: int):
+    """(block_idx, block_cnt) on q's device for `block_sparse_prefill` from block_sparse_attention's mask, or None
+    when the kernel cannot give the reference's result for it (the reference then runs, or raises its own error).
+
+    The mask is bool [B or 1, Hkv or Hq, >= nQ, >= nK] for nQ = ceil(Sq / block_size), nK = ceil(Skv / block_size):
+    blocks past those are cut off, as the reference cuts them off; a batch-1 mask serves every sequence (the
+    reference broadcasts it), its lists expanded over the batch without a copy (stride 0).
+    """
+    import torch
+
+    from lmforge.backends.triton.attention_prefill import block_mask_to_index
+
+    b, hq, sq = q.shape[:3]
+    n_q, n_k = -(-sq // block_size), -(-k.shape[2] // block_size)
+    if block_mask.dim() != 4 or block_mask.dtype != torch.bool or block_mask.shape[0] not in (1, b) \
+            or block_mask.shape[1] not in (k.shape[1], hq) or block_mask.shape[2] < n_q or block_mask.shape[3] < n_k:
+        return None
+    block_idx, block_cnt = block_mask_to_index(block_mask[:, :, :n_q, :n_k].to(q.device))
+    if block_mask.shape[0] != b:
+        block_idx, block_cnt = block_idx.expand(b, -1, -1, -1), block_cnt.expand(b, -1, -1)
+    return block_idx, block_cnt
+
+
+def claim_block_sparse(node: Node, config: Mapping[str, Any]) -> Callable | None:
+    """block_sparse_attention on `block_sparse_prefill` (the flash prefill kernel's SPARSE mode, with the prefill
+    config); None for a block size that is not a power of two >= 16, non-float q / k / v or a negative scale."""
+    from lmforge.backends.triton import attention_prefill
+    from lmforge.ir.ops import get_op
+
+    scale = node.attr["scale"]
+    if not _pow2_at_least_16(node.attr["block_size"]) or (scale is not None and scale < 0) \
+            or any(x.type.dtype not in FLOAT_DTYPES for x in node.inputs[:3]):
+        return None
+    cfg = config.get("attention_prefill")
+    reference = get_op("block_sparse_attention").reference
+
+    def run(q, k, v, block_mask, *, block_size, scale=None, density=1.0):
+        lists = sparse_block_lists(block_mask, q, k, block_size)
+        if lists is None:
+            return reference(q, k, v, block_mask, block_size=block_size, scale=scale, density=density)
+        return attention_prefill.block_sparse_prefill(q, k, v, *lists, block_size=block_size, scale=scale,
+                                                      config=cfg, return_lse=False)
 
     return run
 

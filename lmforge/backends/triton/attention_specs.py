@@ -1,8 +1,9 @@
 """Launch specs of the attention ops for an artifact's cubins (see launch_specs.py for the contract and the
 table of every op's launches): `attention` (split-K decode + merge, or flash prefill), `block_topk_attention`
-(block scores, a torch top-k, sparse split, merge) and `shared_prefix_attention` (prefix split, suffix split,
-merge). Each call allocates its workspaces first, then lists its steps; CubinBackend checks every launch before
-the first one runs.
+(block scores, a torch top-k, sparse split, merge), `shared_prefix_attention` (prefix split, suffix split,
+merge) and `block_sparse_attention` (the mask's block lists in torch, then flash prefill in SPARSE mode). Each
+call allocates its workspaces (and block lists) first, then lists its steps; CubinBackend checks every launch
+before the first one runs.
 """
 from __future__ import annotations
 
@@ -169,25 +170,22 @@ def _decodes(window, sinks, q_offset, causal) -> bool:
     return window is None and not sinks and (q_offset is None or not causal)
 
 
-def _prefill_variant(node: Node, config: KernelConfig | None, t: str, d: int, dtype) -> Variant:
-    """`_flash_prefill_kernel` as attention_prefill.flash_prefill launches it for this node's mask."""
+def _static_offset(q_offset, sq, skv) -> Hint:
+    """The q_offset argument at export: the node's own, else Skv - Sq when both are static."""
+    if isinstance(q_offset, int):
+        return Hint(q_offset)
+    if q_offset is None and isinstance(skv, int) and isinstance(sq, int):
+        return Hint(skv - sq)
+    return Hint()
+
+
+def _flash_variant(key: str, kernel: str, node: Node, cfg: KernelConfig, t: str, d: int, dtype, *,
+                   ints: Mapping[str, Hint], pointers: Mapping[str, str], constexprs: Mapping[str, Any]) -> Variant:
+    """`_flash_prefill_kernel` for this node's q / k / v types: the integer arguments every mode shares, with
+    `ints` adding the mode's own (window, lists' strides, ...), and `pointers` typing BIDX / BCNT."""
     from lmforge.backends.triton import attention_prefill as ap
 
-    a = node.attr
-    window, sinks, causal, q_offset = a["window"], a["sinks"], a["causal"], a["q_offset"]
-    if window is not None and window < 1:
-        raise Unservable(f"window {window} < 1 (flash_prefill refuses it)")
-    if sinks and window is None:
-        raise Unservable("sinks without a window (flash_prefill refuses them)")
-    mode = ap.MODE_WINDOW if window is not None else ap.MODE_CAUSAL if causal else ap.MODE_DENSE
-    _, cfg = ap._params(config, dtype, d)
     (_, hq, sq, _), (_, hkv, skv, _) = node.inputs[0].type.shape, node.inputs[1].type.shape
-    if isinstance(q_offset, int):
-        offset = Hint(q_offset)
-    elif q_offset is None and isinstance(skv, int) and isinstance(sq, int):
-        offset = Hint(skv - sq)
-    else:
-        offset = Hint()
     per_d = Hint(None, d)
     ints, ones, divisible = _ints({
         "stride_qb": per_d, "stride_qh": per_d, "stride_qs": per_d, "stride_kb": per_d, "stride_kh": per_d,
@@ -196,15 +194,91 @@ def _prefill_variant(node: Node, config: KernelConfig | None, t: str, d: int, dt
         "stride_lb": Hint.of([hq, sq]), "stride_lh": Hint.of([sq]), "stride_ib": Hint(0), "stride_ih": Hint(0),
         "stride_iq": Hint(0), "stride_cb": Hint(0), "stride_ch": Hint(0), "HQ": Hint.of([hq]),
         "GROUP": Hint.of([_ratio(hq, hkv)]), "IDX_GROUP": Hint(1), "SQ": Hint.of([sq]), "SKV": Hint.of([skv]),
-        "q_offset": offset, "window": Hint(0 if window is None else window), "sinks": Hint(sinks), "D": Hint(d)})
+        "q_offset": Hint(), "window": Hint(0), "sinks": Hint(0), "D": Hint(d), **ints})
     block_d = ap.head_block(d)
     signature = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "O": f"*{t}", "LSE": "*fp32", "BIDX": "*fp32",
-                 "BCNT": "*fp32", "qk_scale": "fp32", **ints}
-    constexprs = {"MODE": mode, "CAUSAL": bool(causal), "BLOCK_SIZE": 1, "WRITE_LSE": bool(a["return_lse"]),
-                  "BLOCK_D": block_d, "HEAD_MASK": block_d != d, "PRECISION": ap.dot_precision(dtype),
+                 "BCNT": "*fp32", **pointers, "qk_scale": "fp32", **ints}
+    constexprs = {**constexprs, "BLOCK_D": block_d, "HEAD_MASK": block_d != d, "PRECISION": ap.dot_precision(dtype),
                   "DOT_FP32": False, **ones}
-    return Variant("prefill", "flash_prefill", ap._flash_prefill_kernel, signature, constexprs, cfg, divisible,
+    return Variant(key, kernel, ap._flash_prefill_kernel, signature, constexprs, cfg, divisible,
                    (["cdiv", "SQ", "BLOCK_M"], "grid_bh"))
+
+
+def _prefill_variant(node: Node, config: KernelConfig | None, t: str, d: int, dtype) -> Variant:
+    """`_flash_prefill_kernel` as attention_prefill.flash_prefill launches it for this node's mask."""
+    from lmforge.backends.triton import attention_prefill as ap
+
+    a = node.attr
+    window, sinks, causal = a["window"], a["sinks"], a["causal"]
+    if window is not None and window < 1:
+        raise Unservable(f"window {window} < 1 (flash_prefill refuses it)")
+    if sinks and window is None:
+        raise Unservable("sinks without a window (flash_prefill refuses them)")
+    mode = ap.MODE_WINDOW if window is not None else ap.MODE_CAUSAL if causal else ap.MODE_DENSE
+    _, cfg = ap._params(config, dtype, d)
+    sq, skv = node.inputs[0].type.shape[2], node.inputs[1].type.shape[2]
+    ints = {"q_offset": _static_offset(a["q_offset"], sq, skv), "window": Hint(0 if window is None else window),
+            "sinks": Hint(sinks)}
+    return _flash_variant("prefill", "flash_prefill", node, cfg, t, d, dtype, ints=ints, pointers={}, constexprs={
+        "MODE": mode, "CAUSAL": bool(causal), "BLOCK_SIZE": 1, "WRITE_LSE": bool(a["return_lse"])})
+
+
+def _sparse_variant(node: Node, config: KernelConfig | None, t: str, d: int, dtype) -> Variant:
+    """`_flash_prefill_kernel` in SPARSE mode as attention_prefill.block_sparse_prefill launches it for
+    block_sparse_attention (attention_glue.claim_block_sparse): tiles clamped to the block size, int32 block lists
+    [B, Hm, nQ, nK] and counts [B, Hm, nQ] as attention_glue.sparse_block_lists makes them (a batch-1 mask's
+    lists expanded with batch stride 0), no lse."""
+    from lmforge.backends.triton import attention_prefill as ap
+
+    bs = node.attr["block_size"]
+    _, cfg = ap._params(config, dtype, d)
+    cfg = cfg.with_(BLOCK_M=min(cfg.get("BLOCK_M"), bs), BLOCK_N=min(cfg.get("BLOCK_N"), bs))
+    (b, hq, sq, _), skv = node.inputs[0].type.shape, node.inputs[1].type.shape[2]
+    mask_b, hm = node.inputs[3].type.shape[:2]
+    n_q = -(-sq // bs) if isinstance(sq, int) else "n_q"
+    n_k = -(-skv // bs) if isinstance(skv, int) else "n_k"
+    batch_stride = (Hint.of([hm, n_q, n_k]), Hint.of([hm, n_q])) if mask_b == b else \
+        (Hint(0), Hint(0)) if mask_b == 1 and isinstance(b, int) else (Hint(), Hint())   # expanded: stride 0
+    ints = {"stride_ib": batch_stride[0], "stride_ih": Hint.of([n_q, n_k]), "stride_iq": Hint.of([n_k]),
+            "stride_cb": batch_stride[1], "stride_ch": Hint.of([n_q]), "IDX_GROUP": Hint.of([_ratio(hq, hm)]),
+            "q_offset": _static_offset(None, sq, skv)}
+    return _flash_variant("sparse", "block_sparse_prefill", node, cfg, t, d, dtype, ints=ints,
+                          pointers={"BIDX": "*i32", "BCNT": "*i32"},
+                          constexprs={"MODE": ap.MODE_SPARSE, "CAUSAL": True, "BLOCK_SIZE": bs, "WRITE_LSE": False})
+
+
+def _flash_call(key: str, q, k, v, *, scale, q_offset, window, sinks, return_lse, lists=None) -> Call:
+    """The launch attention_prefill._launch makes (flash_prefill, or block_sparse_prefill with `lists` =
+    (block_idx, block_cnt)); the inputs are already checked."""
+    import torch
+
+    from lmforge.backends.triton import attention_prefill as ap
+
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    q, k, v = ap.last_dim_contiguous(q), ap.last_dim_contiguous(k), ap.last_dim_contiguous(v)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    result = (lambda: (out, lse)) if return_lse else (lambda: out)
+    if out.numel() == 0:
+        return Call([lambda: lse.fill_(float("-inf"))], result)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
+    names = ("stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
+             "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")
+    if lists is None:
+        block_idx = block_cnt = lse                                 # unused pointers
+        idx_strides, idx_group = (0, 0, 0, 0, 0), 1
+    else:
+        block_idx, block_cnt = lists
+        idx_strides, idx_group = (*block_idx.stride()[:3], *block_cnt.stride()[:2]), hq // block_idx.shape[1]
+    values = {"Q": q, "K": k, "V": v, "O": out, "LSE": lse, "BIDX": block_idx, "BCNT": block_cnt,
+              "qk_scale": scale * ap.LOG2E, **dict(zip(names, strides)),
+              **dict(zip(("stride_ib", "stride_ih", "stride_iq", "stride_cb", "stride_ch"), idx_strides)),
+              "HQ": hq, "GROUP": hq // k.shape[1], "IDX_GROUP": idx_group, "SQ": sq, "SKV": skv,
+              "q_offset": skv - sq if q_offset is None else int(q_offset),
+              "window": 0 if window is None else int(window), "sinks": int(sinks), "D": d, "grid_bh": b * hq}
+    return Call.single(key, values, result)
 
 
 class AttentionSpec:
@@ -265,8 +339,6 @@ class AttentionSpec:
     @staticmethod
     def _prefill(built, q, k, v, causal, scale, window, sinks, q_offset, return_lse) -> Call | None:
         """attention_prefill.flash_prefill (dense, causal, or window + sinks)."""
-        import torch
-
         from lmforge.backends.triton import attention_prefill as ap
 
         try:
@@ -275,24 +347,8 @@ class AttentionSpec:
             return None
         if (window is not None and window < 1) or (sinks and window is None) or (scale is not None and scale < 0):
             return None                     # flash_prefill refuses these; the reference runs them
-        b, hq, sq, d = q.shape
-        skv = k.shape[2]
-        q, k, v = ap.last_dim_contiguous(q), ap.last_dim_contiguous(k), ap.last_dim_contiguous(v)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-        result = (lambda: (out, lse)) if return_lse else (lambda: out)
-        if out.numel() == 0:
-            return Call([lambda: lse.fill_(float("-inf"))], result)
-        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
-        names = ("stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-                 "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh")
-        values = {"Q": q, "K": k, "V": v, "O": out, "LSE": lse, "BIDX": lse, "BCNT": lse, "qk_scale": scale * ap.LOG2E,
-                  **dict(zip(names, strides)), "stride_ib": 0, "stride_ih": 0, "stride_iq": 0, "stride_cb": 0,
-                  "stride_ch": 0, "HQ": hq, "GROUP": hq // k.shape[1], "IDX_GROUP": 1, "SQ": sq, "SKV": skv,
-                  "q_offset": skv - sq if q_offset is None else int(q_offset),
-                  "window": 0 if window is None else int(window), "sinks": int(sinks), "D": d, "grid_bh": b * hq}
-        return Call.single("prefill", values, result)
+        return _flash_call("prefill", q, k, v, scale=scale, q_offset=q_offset, window=window, sinks=sinks,
+                           return_lse=return_lse)
 
 
 class BlockTopKSpec:
@@ -440,5 +496,33 @@ class SharedPrefixSpec:
         return Call([*prefix, *suffix, *merge], result)
 
 
+class BlockSparseSpec:
+    """block_sparse_attention: the mask's block lists (torch: attention_glue.sparse_block_lists), then flash
+    prefill in SPARSE mode over them (attention_prefill.block_sparse_prefill, as attention_glue calls it)."""
+
+    def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
+        block_size, scale = node.attr["block_size"], node.attr["scale"]
+        if block_size < 16 or block_size & (block_size - 1) or (scale is not None and scale < 0):
+            raise Unservable("block size not a power of two >= 16, or a negative scale (the Triton backend does not "
+                             "claim these)")
+        t, d, dtype = _attention_types(node.inputs[:3])
+        return [_sparse_variant(node, configs.get("attention_prefill"), t, d, dtype)]
+
+    def call(self, node: Node, built: Mapping[str, Built], q, k, v, block_mask, *, block_size, scale=None,
+             **_) -> Call | None:
+        from lmforge.backends.triton import attention_prefill as ap
+        from lmforge.backends.triton.attention_glue import sparse_block_lists
+
+        try:
+            ap.check_attention_inputs(q, k, v, "block_sparse_prefill")
+        except LmforgeError:
+            return None
+        lists = sparse_block_lists(block_mask, q, k, block_size)
+        if lists is None or (scale is not None and scale < 0):
+            return None                     # the JIT backend runs the reference for these too
+        return _flash_call("sparse", q, k, v, scale=scale, q_offset=None, window=None, sinks=0, return_lse=False,
+                           lists=lists)
+
+
 SPECS: dict[str, Any] = {"attention": AttentionSpec(), "block_topk_attention": BlockTopKSpec(),
-                         "shared_prefix_attention": SharedPrefixSpec()}
+                         "shared_prefix_attention": SharedPrefixSpec(), "block_sparse_attention": BlockSparseSpec()}

@@ -8,6 +8,8 @@ Claims (everything else stays with the torch reference, and `inspect()` shows wh
     attention                 dense causal prefill / sliding window + sinks (flash attention), and decode over a
                               KV cache (split-K flash-decoding)
     block_topk_attention      block top-k decode (selected blocks only, merged by log-sum-exp)
+    block_sparse_attention    block-sparse causal prefill (flash prefill over each query block's kept KV blocks;
+                              block sizes: powers of two >= 16)
     shared_prefix_attention   Hydragen decode: the prefix read once for every sequence
 On the CPU the backend claims nothing unless `interpret=True` and TRITON_INTERPRET=1 (tests run the same
 kernels under Triton's interpreter at tiny shapes). Kernel configs (tile sizes, warps, stages) come from the
@@ -109,6 +111,10 @@ class TritonBackend:
     def _claim_block_topk_attention(self, node: Node) -> Callable | None:
         glue = _module("attention_glue")
         return None if glue is None else glue.claim_block_topk(node, self.config)
+
+    def _claim_block_sparse_attention(self, node: Node) -> Callable | None:
+        glue = _module("attention_glue")
+        return None if glue is None else glue.claim_block_sparse(node, self.config)
 
     def _claim_shared_prefix_attention(self, node: Node) -> Callable | None:
         glue = _module("attention_glue")

@@ -23,6 +23,8 @@ against the JIT launcher for the same inputs):
                                                                               torch top-k, split, merge
     shared_prefix_attention   prefix.split, suffix.split (causal), merge      prefix split (Hkv, ...), suffix split
                                                                               (B*Hkv, ...), merge
+    block_sparse_attention    sparse (flash prefill, SPARSE mode, tiles       torch: the mask's block lists, then
+                              clamped to the block size)                      sparse (cdiv(Sq, BLOCK_M), B*Hq)
 
 The attention specs live in attention_specs.py (loaded by `spec_for` on first use). A split variant whose query-row count is only known at run time (the shared prefix's B x group x Sq rows)
 has one variant per BLOCK_M the launcher can pick (`<key>.m16`, `.m32`, ...); the number of splits is a
@@ -392,7 +394,8 @@ class LinearWOSpec:
         return Call.single(key, values, lambda: (out.to(x.dtype) if split else out).reshape(*lead, n))
 
 
-ATTENTION_OPS = ("attention", "block_topk_attention", "shared_prefix_attention")  # in attention_specs.py
+ATTENTION_OPS = ("attention", "block_topk_attention", "shared_prefix_attention",  # in attention_specs.py
+                 "block_sparse_attention")
 SPECS: dict[str, Any] = {"rmsnorm": RMSNormSpec(), "layernorm": LayerNormSpec(), "softmax": SoftmaxSpec(),
                          "fused": SwiGLUSpec(), "linear_wo": LinearWOSpec()}
 

@@ -8,6 +8,7 @@ import torch
 import lmforge
 from lmforge.backends.torch import TorchReference
 from lmforge.backends.triton.backend import TritonBackend
+from lmforge.backends.triton.config import KernelConfig
 from lmforge.compiler import CompiledModel
 from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
 
@@ -122,3 +123,78 @@ def test_tensor_parallel_ranks_run_the_triton_kernels_on_their_shards():
     assert {"linear_wo", "rmsnorm", "attention"} <= on_triton, on_triton
     for got, want in zip(split(*inputs), CompiledModel(g)(*inputs)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- block_sparse_attention: block_sparse_prefill over the mask's kept blocks ---------------------------------------
+
+def _block_sparse_graph(q_shape, kv_shape, mask_shape, block_size, dtype="float32", scale=None):
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+
+    b = GraphBuilder("block_sparse")
+    inputs = [b.input("q", TensorType(q_shape, dtype)), b.input("k", TensorType(kv_shape, dtype)),
+              b.input("v", TensorType(kv_shape, dtype)), b.input("mask", TensorType(mask_shape, "bool"))]
+    return b.build([b.op("block_sparse_attention", inputs, {"block_size": block_size, "scale": scale})])
+
+
+def _block_sparse_inputs(seed, b, hq, hkv, sq, skv, mask_batch, mask_heads, block_size, dtype):
+    """Fresh q, k, v and a random block mask that keeps each query block's diagonal block (and drops others)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, 16, generator=g).to(dtype) for h, s in ((hq, sq), (hkv, skv), (hkv, skv)))
+    n_q, n_k = -(-sq // block_size), -(-skv // block_size)
+    mask = torch.rand(mask_batch, mask_heads, n_q, n_k, generator=g) < 0.5
+    diagonal = (skv - sq + torch.arange(n_q) * block_size).clamp(0, skv - 1) // block_size  # first row's key block
+    mask[..., torch.arange(n_q), diagonal] = True
+    return q, k, v, mask
+
+
+SMALL_PREFILL = {"attention_prefill": KernelConfig.make(num_warps=4, num_stages=1, BLOCK_M=16, BLOCK_N=16)}
+BLOCK_SPARSE_CASES = {  # name: (dtype, b, hq, hkv, (sq, skv) per call, mask batch (0: b), mask heads, block, config)
+    "fp32_mask_per_kv_head": (torch.float32, 2, 4, 2, [(40, 40), (64, 64)], 0, "kv", 16, SMALL_PREFILL),
+    "fp16_mask_per_q_head": (torch.float16, 1, 4, 2, [(33, 33), (48, 48)], 0, "q", 16, SMALL_PREFILL),
+    "fp32_mask_broadcast_over_batch": (torch.float32, 3, 2, 1, [(64, 64)], 1, "kv", 32, {}),  # default config
+    "fp16_mask_broadcast_two_tiles": (torch.float16, 2, 4, 2, [(50, 50)], 1, "q", 32, SMALL_PREFILL),
+    "fp32_chunk_after_a_cache": (torch.float32, 1, 2, 2, [(20, 45)], 0, "kv", 16, SMALL_PREFILL),  # q_offset 25
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCK_SPARSE_CASES))
+def test_block_sparse_attention_runs_on_the_triton_kernel(case):
+    """The node is claimed by the Triton backend and equals the torch reference on fresh inputs of every call
+    (symbolic sequence lengths), whether the mask has one list per KV head or per query head, and a batch-1 mask
+    serves every sequence as the reference broadcasts it."""
+    dtype, b, hq, hkv, calls, mask_batch, mask_heads, block_size, config = BLOCK_SPARSE_CASES[case]
+    hm = hkv if mask_heads == "kv" else hq
+    g = _block_sparse_graph((b, hq, "sq", 16), (b, hkv, "skv", 16), (mask_batch or b, hm, "nq", "nk"), block_size,
+                            str(dtype).removeprefix("torch."))
+    tri = CompiledModel(g, backends=[TritonBackend(config, interpret=True), TorchReference()])
+    assert [k.backend for k in tri.kernels] == ["triton"]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for i, (sq, skv) in enumerate(calls):
+        inputs = _block_sparse_inputs(i + len(case), b, hq, hkv, sq, skv, mask_batch or b, hm, block_size, dtype)
+        got = tri(*inputs)
+        want = CompiledModel(g)(*inputs)
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_block_sparse_attention_the_kernel_cannot_run_stays_with_the_reference(monkeypatch):
+    """Block size 8 (the kernel takes powers of two >= 16) and a negative scale are not claimed; a claimed node
+    whose mask at run time has neither Hkv nor Hq heads (one head for 2 KV heads) runs the reference in that call."""
+    from lmforge.backends.triton import attention_prefill
+    from lmforge.ir.ops.attention_ref import attention_ref
+
+    for block_size, scale in ((8, None), (16, -0.5)):
+        g = _block_sparse_graph((1, 2, 32, 16), (1, 2, 32, 16), (1, 2, 32 // block_size, 32 // block_size),
+                                block_size, scale=scale)
+        tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
+        assert [k.backend for k in tri.kernels] == ["torch"]
+        q, k, v, mask = _block_sparse_inputs(3, 1, 2, 2, 32, 32, 1, 2, block_size, torch.float32)
+        torch.testing.assert_close(tri(q, k, v, mask), attention_ref(q, k, v, scale=scale, block_mask=mask,
+                                                                     block_size=block_size))
+    g = _block_sparse_graph((1, 4, 32, 16), (1, 2, 32, 16), (1, "hm", 2, 2), 16)
+    tri = CompiledModel(g, backends=[TritonBackend(SMALL_PREFILL, interpret=True), TorchReference()])
+    assert [k.backend for k in tri.kernels] == ["triton"]
+    q, k, v, mask = _block_sparse_inputs(4, 1, 4, 2, 32, 32, 1, 1, 16, torch.float32)
+    monkeypatch.setattr(attention_prefill, "block_sparse_prefill", None)  # not called: the reference runs
+    torch.testing.assert_close(tri(q, k, v, mask), attention_ref(q, k, v, block_mask=mask, block_size=16))
