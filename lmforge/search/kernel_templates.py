@@ -218,8 +218,12 @@ def _is_triton_decode(node: Node, env) -> bool:
 
 
 def _is_triton_prefill(node: Node, env) -> bool:
+    """The node runs the flash prefill kernel: attention that is not a decode step, or block_sparse_attention
+    (FlexPrefill's lowering; the kernel's SPARSE mode)."""
     from lmforge.backends.triton import attention_glue
 
+    if node.op == "block_sparse_attention":
+        return attention_glue.claim_block_sparse(node, {}) is not None
     return (node.op == "attention" and attention_glue.claim_attention(node, {}) is not None
             and not _is_triton_decode(node, env))
 
@@ -289,13 +293,14 @@ def _attention_spec(kernel: str, knob: str):
         except Unservable:
             return None
         rows = None
+        kernel_name = "block_sparse_prefill" if node.op == "block_sparse_attention" else kernel
         if kernel == "decode_split":
             b, hq, sq, d, hkv, s, xb = _attn_dims(node, env)
             rows = (hq // hkv) * sq
 
         def variant(config):
             try:
-                found = [v for v in launch_spec.variants(node, {knob: config}) if v.kernel == kernel]
+                found = [v for v in launch_spec.variants(node, {knob: config}) if v.kernel == kernel_name]
             except Unservable:
                 return None
             if rows is not None:  # the BLOCK_M the launcher picks for this node's query rows
@@ -312,12 +317,12 @@ def _attention_spec(kernel: str, knob: str):
             if v is None:
                 from lmforge.errors import LmforgeError
 
-                raise LmforgeError(f"{knob} config {config} has no {kernel} launch for this {node.op} node; "
+                raise LmforgeError(f"{knob} config {config} has no {kernel_name} launch for this {node.op} node; "
                                    "use one of the template's candidate configs")
             # BLOCK_M goes into the config (config params win over the spec's constexprs at build time)
             return v.config.with_(BLOCK_M=v.constexprs["BLOCK_M"]) if rows is not None else v.config
 
-        return KernelSpec(f"{node.op}_{kernel}", default.fn, default.signature, default.constexprs,
+        return KernelSpec(f"{node.op}_{kernel_name}", default.fn, default.signature, default.constexprs,
                           default.config, default.divisible_by_16, adapt=adapt)
 
     return spec
@@ -334,9 +339,13 @@ def _prefill_configs(node):
 def _prefill_launch(node, env, config, hw) -> Launch:
     b, hq, sq, d, hkv, s, xb = _attn_dims(node, env)
     bm, bn = config.get("BLOCK_M"), config.get("BLOCK_N")
-    tm = math.ceil(sq / bm)
     a = node.attr
-    keys = min(s, (a["window"] or s) + (a["sinks"] or 0))
+    if node.op == "block_sparse_attention":   # tiles clamped to the block size; the kept blocks are whole tiles
+        bm, bn = min(bm, a["block_size"]), min(bn, a["block_size"])
+        keys = s
+    else:
+        keys = min(s, (a["window"] or s) + (a["sinks"] or 0))
+    tm = math.ceil(sq / bm)
     return Launch(ctas=b * hq * tm, threads=32 * config.num_warps,
                   bytes_in_flight=config.num_stages * bn * d * 2 * xb,
                   pad=sq / (tm * bm) * keys / (math.ceil(keys / bn) * bn))

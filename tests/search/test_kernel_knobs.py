@@ -240,3 +240,41 @@ def test_attention_templates_price_configs_with_ptxas_reports(monkeypatch):
 
     assert [fits(c, H100) for c in (small, large, huge)] == [True, True, False]
     assert [fits(c, l40s) for c in (small, large, huge)] == [True, False, False]
+
+
+def test_flexprefill_lowering_is_priced_as_the_sparse_flash_prefill(monkeypatch):
+    """FlexPrefill's block_sparse_attention runs the flash prefill kernel's SPARSE mode: the prefill template
+    claims it, prices its configs with ptxas's report of block_sparse_prefill (tiles clamped to the block size),
+    and its time follows the measured density."""
+    from lmforge.ir.graph import GraphBuilder, TensorType
+    from lmforge.ir.ops import get_op
+
+    monkeypatch.setattr(km, "_MEMORY_CACHE", {})
+
+    def lowered(density):
+        b = GraphBuilder("flex")
+        q, k, v = (b.input(n, TensorType((1, 8, "seq", 64), "float16")) for n in "qkv")
+        mask = b.op("flex_prefill_mask", [q, k], {"block_size": 32})
+        return b.build([b.op("block_sparse_attention", [q, k, v, mask], {"block_size": 32, "density": density})])
+
+    graphs = {d: lowered(d) for d in (1.0, 0.25)}
+    env = {"seq": 4096}
+    times = {}
+    for density, g in graphs.items():
+        owner = km.claimed(g, env)
+        (i, template), = owner.items()
+        node = g.nodes[i]
+        assert template.name == "attention_prefill" and node.op == "block_sparse_attention"
+        spec = template.aot_spec(node, env)
+        assert spec is not None and spec.fn.__name__ == "_flash_prefill_kernel" and "block_sparse" in spec.name
+        config = template.configs(node)[0]
+        km.prefetch_resources([(template, node, env, config)], H100)
+        res = km.resources(template, node, env, config, H100)
+        assert res.source == "ptxas" and res.registers > 0, res
+        launch = template.launch(node, env, config, H100)
+        assert launch.ctas == 8 * math.ceil(4096 / min(config.get("BLOCK_M"), 32))
+        cost = get_op("block_sparse_attention").cost([t.type.with_(shape=(1, 8, 4096, 64)) for t in node.inputs[:3]]
+                                                     + [node.inputs[3].type.with_(shape=(1, 8, 128, 128))],
+                                                     node.attr, [node.output.type.with_(shape=(1, 8, 4096, 64))])
+        times[density] = km.kernel_time(node, cost, env, template, 0, H100)
+    assert times[0.25] < 0.5 * times[1.0]
