@@ -1,5 +1,5 @@
 """Attention kernels on the GPU against torch SDPA: prefill (dense causal, GQA, sliding window + sinks, block
-sparse) and decode (dense at 32k / 128k, block top-k at 128k with a 1/16 budget, shared prefix), all fp16.
+sparse, FlexPrefill compiled end to end) and decode (dense at 32k / 128k, block top-k at 128k with a 1/16 budget, shared prefix), all fp16.
 
 Every reference is `lmforge.ir.ops.attention_ref` computed in fp32 on the GPU from the same inputs (fine at
 batch 1; the shared-prefix one expands the prefix to the 16 sequences, ~9 GB). Baselines are what a torch
@@ -113,6 +113,35 @@ def _prefill_sparse(gen, quick, hq, hkv, s, block_size, keep) -> dict:
             "note": f"{note}; kept {density:.0%} of causal pairs"}
 
 
+def _prefill_flex(gen, quick, hq, hkv, s, block_size, device="cuda") -> dict:
+    """FlexPrefill end to end as lmforge compiles it (the sparsity pass's flex_prefill_mask on torch, then
+    block_sparse_attention on the Triton kernel), on synthetic q / k with a local band and heavy key columns
+    (benchmarks.cpu_backend.structured_prefill_qkv, sharpness 4): the time includes choosing the mask."""
+    import lmforge
+    from benchmarks.cpu_backend import structured_prefill_qkv
+    from lmforge.ir.ops.flexprefill_ref import flex_prefill_attention_ref
+
+    q, k, v = (t.to(device, torch.float16) for t in structured_prefill_qkv(1, hq, hkv, s, D, seed=2, sharpness=4.0))
+    cfg = {"attn.prefill_pattern": "flex", "attn.flex_gamma": 0.9, "attn.flex_tau": 0.1,
+           "attn.flex_block": block_size}
+
+    def causal(q_, k_, v_):
+        return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
+
+    model = lmforge.compile(causal, (q, k, v), config=cfg, backends=("triton",), device=device,
+                            calibration=[(q, k, v)])
+    density = next(n.attr["density"] for n in model.graph.nodes if n.op == "block_sparse_attention")
+    runs = [line.split("#")[1].split()[0] for line in model.inspect().splitlines() if "block_sparse_attention(" in line]
+    return {"name": f"attention/prefill_flexprefill{block_size}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
+            "kernel": lambda: model(q, k, v),
+            "reference": lambda: flex_prefill_attention_ref(*_fp32(q, k, v), gamma=0.9, tau=0.1,
+                                                            block_size=block_size),
+            "baseline": lambda: causal(q, k, v),
+            "baseline_name": "torch SDPA fp16 dense causal", **TOL,
+            "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * hq * _visible_pairs_causal(s, s) * density,
+            "note": f"compiled: mask on torch, attention on {runs}; kept {density:.0%} of causal blocks"}
+
+
 # ---- decode ----------------------------------------------------------------------------------------------------------
 
 def _decode_dense(gen, quick, hq, hkv, s) -> dict:
@@ -191,6 +220,7 @@ def cases(quick: bool) -> list[dict]:
         _prefill_dense(gen, quick, 32, 8, 4096),
         _prefill_window(gen, quick, 32, 8, 4096, window=1024, sinks=4),
         _prefill_sparse(gen, quick, 32, 8, 4096, block_size=64, keep=0.2),
+        _prefill_flex(gen, quick, 32, 8, 8192, block_size=64),
         _decode_dense(gen, quick, 32, 8, 32768),
         _decode_dense(gen, quick, 32, 8, 131072),
         _decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="mean"),
