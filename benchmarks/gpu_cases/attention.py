@@ -1,5 +1,6 @@
 """Attention kernels on the GPU against torch SDPA: prefill (dense causal, GQA, sliding window + sinks, block
-sparse, FlexPrefill compiled end to end) and decode (dense at 32k / 128k, block top-k at 128k with a 1/16 budget, shared prefix), all fp16.
+sparse, FlexPrefill compiled end to end) and decode (dense at 32k / 128k, block top-k at 128k with a 1/16
+budget, shared prefix), all fp16.
 
 Every reference is `lmforge.ir.ops.attention_ref` computed in fp32 on the GPU from the same inputs (fine at
 batch 1; the shared-prefix one expands the prefix to the 16 sequences, ~9 GB). Baselines are what a torch
