@@ -130,8 +130,14 @@ def _linear_inputs(graph: Graph, linears: list[Node], calibration: Sequence[tupl
             for n, acts in zip(linears, got)}
 
 
+# attention ops whose inputs 1 and 2 are K and V, and whether the op has a `kv_dtype` attribute (its cost rule then
+# charges 1-byte K / V); the sparsity pass runs first, so its rewrites must keep the KV format too
+KV_READERS = {"attention": True, "block_topk_attention": True, "block_sparse_attention": False}
+
+
 def quantize_kv(graph: Graph, kv: str = "none", kv_axis: str = "token") -> Graph:
-    """Store the KV cache as int8 or fp8: attention reads K/V through `kv_qdq` and charges 1-byte K/V.
+    """Store the KV cache as int8 or fp8: attention (also block top-k and block-sparse) reads K/V through
+    `kv_qdq`, and charges 1-byte K/V where it has a `kv_dtype`.
 
         %o = attention(%q, %k, %v)  ->  %kq = kv_qdq(%k; int8); %vq = kv_qdq(%v; int8)
                                         %o = attention(%q, %kq, %vq; kv_dtype=int8)
@@ -140,8 +146,10 @@ def quantize_kv(graph: Graph, kv: str = "none", kv_axis: str = "token") -> Graph
         return graph
     fmt = {"int8": "int8", "fp8": "float8_e4m3fn"}[kv]
     nodes: list[Node] = []
+    made_by = graph.producers()
     for n in graph.nodes:
-        if n.op != "attention" or n.attr["kv_dtype"] is not None:
+        if n.op not in KV_READERS or n.attr.get("kv_dtype") is not None or any(
+                getattr(made_by.get(v.name), "op", None) == "kv_qdq" for v in n.inputs[1:3]):
             nodes.append(n)
             continue
         ins = list(n.inputs)
@@ -150,7 +158,8 @@ def quantize_kv(graph: Graph, kv: str = "none", kv_axis: str = "token") -> Graph
             qv = Value(f"{n.outputs[0].name}_{'kv'[j - 1]}q", v.type)
             nodes.append(_node("kv_qdq", [v], [qv], {"dtype": fmt, "axis": kv_axis}, n.source))
             ins[j] = qv
-        nodes.append(replace(n, inputs=tuple(ins)).with_attrs(kv_dtype=fmt))
+        n = replace(n, inputs=tuple(ins))
+        nodes.append(n.with_attrs(kv_dtype=fmt) if KV_READERS[n.op] else n)
     return graph.with_nodes(nodes)
 
 
@@ -169,4 +178,4 @@ def weight_quant_pass(calibration: Sequence[tuple] | None = None) -> Pass:
 
 
 kv_quant_pass = Pass("quantize_kv", quantize_kv, KV_KNOBS, quantize_kv.__doc__.strip(),
-                     lambda graph, knob: any(n.op == "attention" for n in graph.nodes))
+                     lambda graph, knob: any(n.op in KV_READERS for n in graph.nodes))

@@ -115,6 +115,38 @@ def random_decode(seed, ctx=96, hq=4, hkv=2, d=16):
 
 
 @needs_attention_ref
+def test_kv_quant_reaches_block_topk_and_flexprefill_attention():
+    """The sparsity pass runs before the KV pass: block top-k decode and FlexPrefill's block-sparse attention must
+    still read their K / V through kv_qdq (and block top-k charge 1-byte K / V), as plain attention does."""
+    from lmforge.ir.ops.quant_ref import kv_dequantize_int8, kv_quantize_int8
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    q, k, v = random_decode(3)
+    g = lmforge.capture(fn, (q, k, v))
+    topk = {"attn.decode_pattern": "block_topk", "attn.block_size": 8, "attn.topk_blocks": 2}
+    pm = PassManager([sparsity_pass(), kv_quant_pass])
+    plain, quant = pm.run(g, topk), pm.run(g, {**topk, "quant.kv": "int8"})
+    node = next(n for n in quant.nodes if n.op == "block_topk_attention")
+    assert node.attr["kv_dtype"] == "int8" and sum(n.op == "kv_qdq" for n in quant.nodes) == 2
+    assert total_bytes(quant) < total_bytes(plain)
+    qdq = [kv_dequantize_int8(*kv_quantize_int8(x)) for x in (k, v)]
+    torch.testing.assert_close(CompiledModel(quant)(q, k, v), CompiledModel(plain)(q, *qdq), rtol=1e-5, atol=1e-5)
+
+    def prefill(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    qp, kp, vp = (torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    flex = {"attn.prefill_pattern": "flex", "attn.flex_block": 16, "quant.kv": "int8"}
+    quant = pm.run(lmforge.capture(prefill, (qp, kp, vp)), flex)
+    sparse = next(n for n in quant.nodes if n.op == "block_sparse_attention")
+    made_by = quant.producers()
+    assert [made_by[x.name].op for x in sparse.inputs[1:3]] == ["kv_qdq", "kv_qdq"]
+    assert pm.run(quant, flex).nodes == quant.nodes          # a second run does not quantize twice
+
+
+@needs_attention_ref
 @pytest.mark.parametrize("summary", ["mean", "minmax"])
 def test_block_topk_error_shrinks_with_budget_and_vanishes_at_full_budget(summary):
     def fn(q, k, v):
