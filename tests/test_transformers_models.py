@@ -1,5 +1,8 @@
 """Hugging Face models built from small configs with random weights (transformers is a test-only extra):
 captured and compiled graphs reproduce eager outputs within fp32 rel. error 1e-5, on new shapes too."""
+import importlib
+import warnings
+
 import pytest
 import torch
 
@@ -81,3 +84,140 @@ def test_hf_model_splits_over_two_ranks_as_megatron_does(build, split_weights):
     assert ops.count("all_gather") == (1 if build is llama else 0)        # Llama's own lm_head is split too
     x = torch.randint(0, 128, (3, 13))
     torch.testing.assert_close(TensorParallelModel(split)(x), compiled(x), rtol=1e-5, atol=1e-5)
+
+
+class MaskedLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class DecodeStep(torch.nn.Module):
+    """One step over a KV cache given as stacked tensors [layers, batch, kv_heads, past, head_dim]; returns the logits
+    and the grown caches. The cache's layers are filled directly (a DynamicCache built by `update` concatenates onto
+    an empty 1-D tensor first, which capture does not take)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past_k, past_v, attention_mask=None):
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = DynamicCache()
+        cache.layers = []
+        for i in range(past_k.shape[0]):
+            layer = DynamicLayer()
+            layer.keys, layer.values, layer.is_initialized = past_k[i], past_v[i], True
+            layer.device, layer.dtype = past_k.device, past_k.dtype
+            cache.layers.append(layer)
+        out = self.model(input_ids=input_ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
+        layers = out.past_key_values.layers
+        return out.logits, torch.stack([x.keys for x in layers]), torch.stack([x.values for x in layers])
+
+
+def window_mask(sq, skv, batch, window, sinks):
+    """The 4-D boolean mask of causal attention with a window and sinks (queries at the end of the keys)."""
+    from lmforge.ir.ops.attention_ref import visibility_mask
+
+    return visibility_mask(sq, skv, causal=True, window=window, sinks=sinks)[None, None].expand(batch, 1, sq, skv)
+
+
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_hf_mask_without_attention_mask_becomes_causal(build):
+    """Called without an attention_mask, the model builds its mask from sizes (positions compared, and a packed-
+    sequence check through diff / cumsum / index that always passes): recognized as the causal mask, so attention
+    takes no mask input, the mask's nodes (and their torch fallbacks) are gone, and numerics stay."""
+    torch.manual_seed(0)
+    model = Logits(build().eval())
+    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}})
+    attention = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert [(len(n.inputs), n.attr["causal"], n.attr["q_offset"]) for n in attention] == [(3, True, None)] * 2
+    assert compiled.fallback_nodes() == []
+    for shape in [(2, 9), (3, 13)]:
+        x = torch.randint(0, 128, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_hf_padding_attention_mask_stays(build):
+    """A mask that reads the attention_mask input's data cannot be proven causal: attention keeps it."""
+    torch.manual_seed(0)
+    model = MaskedLogits(build().eval())
+    ids, keep = torch.randint(0, 128, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    keep[0, :3] = 0
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    compiled = lmforge.compile(model, (ids, keep), dynamic=dynamic)
+    assert [len(n.inputs) for n in compiled.graph.nodes if n.op == "attention"] == [4, 4]
+    ids, keep = torch.randint(0, 128, (3, 13)), torch.ones(3, 13, dtype=torch.long)
+    keep[1, :5] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, keep), model(ids, keep), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_hf_prefill_window_applies_and_matches_a_window_mask(build):
+    """With the mask recognized, a prefill window config rewrites every layer's attention (compile does not warn that
+    it changed nothing), and the logits equal the model's own run with a 4-D window + sinks mask."""
+    torch.manual_seed(0)
+    model = Logits(build().eval())
+    config = {"attn.prefill_pattern": "window", "attn.prefill_window": 16, "attn.sinks": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),),
+                                   dynamic={"input_ids": {0: "batch", 1: "seq"}}, config=config)
+    attention = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert [(n.attr["causal"], n.attr["window"], n.attr["sinks"]) for n in attention] == [(True, 16, 4)] * 2
+    x = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        got, dense = compiled(x), model(x)
+        want = MaskedLogits(model.model)(x, window_mask(40, 40, 2, 16, 4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - dense).abs().max() > 1e-2   # the window did change the result
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_hf_decode_step_mask_goes_and_decode_window_applies():
+    """GPT-2 decode step over a KV cache of symbolic length `past`: the mask (key position <= past) lets every key
+    through, so it is dropped; a decode window config then applies and matches the model run with that window's
+    mask. Dense numerics equal eager at two cache lengths."""
+    if not hasattr(importlib.import_module("transformers.cache_utils"), "DynamicLayer"):
+        pytest.skip("needs transformers >= 5 (DynamicCache made of DynamicLayers)")
+    torch.manual_seed(0)
+    step = DecodeStep(gpt2().eval())
+    example = (torch.randint(0, 128, (2, 1)), torch.randn(2, 2, 4, 5, 16), torch.randn(2, 2, 4, 5, 16))
+    dynamic = {"input_ids": {0: "batch"}, "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"}}
+    dense = lmforge.compile(step, example, dynamic=dynamic)
+    assert [len(n.inputs) for n in dense.graph.nodes if n.op == "attention"] == [3, 3]
+    config = {"attn.decode_pattern": "window", "attn.decode_window": 4, "attn.sinks": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        windowed = lmforge.compile(step, example, dynamic=dynamic, config=config)
+    assert [n.attr["window"] for n in windowed.graph.nodes if n.op == "attention"] == [4, 4]
+    for past in (5, 11):
+        xs = (torch.randint(0, 128, (3, 1)), torch.randn(2, 3, 4, past, 16), torch.randn(2, 3, 4, past, 16))
+        with torch.no_grad():
+            for got, want in zip(dense(*xs), step(*xs)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            want = step(*xs, window_mask(1, past + 1, 3, 4, 2))[0]
+            torch.testing.assert_close(windowed(*xs)[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [4, 4096])
+def test_hf_sliding_window_mask_is_not_taken_for_causal(window):
+    """Mistral's sliding-window mask (key > query - window, and causal) stays an explicit mask, also with a window
+    of 4096 that equals the causal mask at every size a test can afford: the recognition is symbolic."""
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     sliding_window=window)
+    torch.manual_seed(0)
+    model = Logits(transformers.MistralForCausalLM(cfg).eval())
+    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}})
+    assert [len(n.inputs) for n in compiled.graph.nodes if n.op == "attention"] == [4]
+    x = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
 from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention, recognize_cache_append
 from lmforge.passes.decoding import decoding_knobs, decoding_pass, lower_decoding
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
+from lmforge.passes.masks import recognize_causal_mask
 from lmforge.passes.quant import kv_quant_pass, weight_quant_pass
 from lmforge.passes.sparsity import shared_prefix_decode, sparsity_pass
 
@@ -13,6 +14,7 @@ def canonical_pipeline() -> list[Pass]:
         recognize_attention,  # matmul-softmax-matmul -> attention (capture runs it too)
         fold_shapes,          # simplify symbolic dims, drop no-op reshapes/permutes/casts/slices
         cse,                  # merge duplicate computations (RoPE tables shared by layers, ...)
+        recognize_causal_mask,  # attention(q, k, v, mask) with a provably causal mask -> attention(...; causal)
         recognize_rmsnorm,    # x * rsqrt(mean(x^2) + eps) * w -> rmsnorm
         recognize_rope,       # x * cos + rotate_half(x) * sin -> rope
         recognize_cache_append,  # concat(past KV, new) -> kv_cache_append (charged as an in-place append)
@@ -38,5 +40,7 @@ def default_pipeline() -> list[Pass]:
     return canonical_pipeline() + tunable_pipeline()
 
 
-__all__ = ["decoding_knobs", "decoding_pass", "lower_decoding", "recognize_cache_append", "kv_quant_pass", "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline", "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "Knob", "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes",
-           "recognize_attention"]
+__all__ = ["decoding_knobs", "decoding_pass", "lower_decoding", "recognize_cache_append", "kv_quant_pass",
+           "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline",
+           "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "recognize_causal_mask", "Knob",
+           "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes", "recognize_attention"]
