@@ -134,7 +134,7 @@ class CompiledModel:
 def ineffective_knobs(graph: Graph, config: Mapping[str, Any]) -> list[str]:
     """Warnings for knobs a config sets that changed (part of) the graph less than asked: weight-only bits that
     skipped linears whose input size the group size does not divide, attention patterns that found no attention
-    they apply to (e.g. attention with an explicit mask, as Hugging Face models have)."""
+    they apply to (e.g. attention whose mask reads an attention_mask input)."""
     out = []
     bits, group = config.get("quant.weight_bits", 16), config.get("quant.group_size", 128)
     if isinstance(bits, int) and bits < 16 and isinstance(group, int) and group > 0:
@@ -151,8 +151,9 @@ def ineffective_knobs(graph: Graph, config: Mapping[str, Any]) -> list[str]:
                  (n.op == "attention" and n.attr.get("window") is not None) for n in graph.nodes)
     if asked and not sparse:
         out.append(f"{', '.join(f'{k}={v!r}' for k, v in asked.items())} changed no attention node: the sparsity "
-                   "passes rewrite mask-free attention (causal prefill, decode over a KV cache); this graph's "
-                   "attention takes an explicit mask or is not of that form")
+                   "passes rewrite mask-free attention (causal prefill, decode over a KV cache; a mask built from "
+                   "sizes that is provably causal counts as none); this graph's attention takes another explicit "
+                   "mask (e.g. one read from an attention_mask input) or is not of that form")
     return out
 
 

@@ -55,7 +55,8 @@ def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128,
 
     `layer_config` may hold per-layer-group values (`quant.weight_bits@g0`, `quant.group_size@g1`, ...): a
     linear's layer is the first integer in its weight's name (`model.layers.3.attention.wq.weight` -> 3, as
-    torch names the modules of an nn.ModuleList); linears without one (the LM head) take the shared values.
+    torch names the modules of an nn.ModuleList); linears without one (the LM head) take the last group's values
+    (the shared values when the config has no group copies).
     """
     per_linear = _per_layer_quant(graph, weight_bits, group_size, layer_config)
     params = {p.name for p in graph.params}
@@ -116,9 +117,10 @@ def _per_layer_quant(graph: Graph, weight_bits: int, group_size: int, layer_conf
     layers = [l for l in linears.values() if l is not None]
     n_layers = max(layers) + 1 if layers else None
     cfg = layer_config or {}
-    return {i: (knob_value(cfg, "quant.weight_bits", weight_bits, layer, n_layers),
-                knob_value(cfg, "quant.group_size", group_size, layer, n_layers)) if layer is not None
-            else (weight_bits, group_size) for i, layer in linears.items()}
+    last = n_layers - 1 if n_layers else None   # linears after the layers (the LM head) take the last group's values
+    return {i: (knob_value(cfg, "quant.weight_bits", weight_bits, last if layer is None else layer, n_layers),
+                knob_value(cfg, "quant.group_size", group_size, last if layer is None else layer, n_layers))
+            for i, layer in linears.items()}
 
 
 def _linear_inputs(graph: Graph, linears: list[Node], calibration: Sequence[tuple]) -> dict[str, torch.Tensor]:

@@ -107,6 +107,32 @@ def test_kv_cache_quant_on_trained_model_keeps_quality(trained, kv):
     assert total_bytes(q) < total_bytes(g_dec)
 
 
+def test_lm_head_takes_the_last_layer_groups_weight_bits():
+    """Under per-layer-group knobs there is no shared quant.weight_bits: the LM head (a linear with no layer index)
+    takes the last group's bits and group size when quant.lm_head is on (it kept 16 bits, silently)."""
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64, bias=False) for _ in range(2))
+            self.output = torch.nn.Linear(64, 96, bias=False)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.output(x)
+
+    torch.manual_seed(0)
+    g = lmforge.capture(Tiny().eval(), (torch.randn(3, 64),))
+    cfg = {"quant.weight_bits@g0": 4, "quant.weight_bits@g1": 8, "quant.group_size@g0": 32,
+           "quant.group_size@g1": 64, "quant.lm_head": True}
+    out = PassManager([weight_quant_pass()]).run(g, cfg)
+    bits = {n.inputs[1].name.split(".qweight")[0]: (n.attr["bits"], n.attr["group_size"])
+            for n in out.nodes if n.op == "linear_wo"}
+    assert bits == {"layers.0.weight": (4, 32), "layers.1.weight": (8, 64), "output.weight": (8, 64)}
+    without = PassManager([weight_quant_pass()]).run(g, {**cfg, "quant.lm_head": False})
+    assert [n.op for n in without.nodes if n.output.name == out.outputs[0].name] == ["linear"]
+
+
 def random_decode(seed, ctx=96, hq=4, hkv=2, d=16):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, hq, 1, d, generator=g)
