@@ -161,7 +161,8 @@ def cmd_tune(args) -> int:
         from lmforge.passes import tunable_pipeline
         from lmforge.passes.shard import tensor_parallel_pass
 
-        pipeline = tunable_pipeline() + [tensor_parallel_pass(args.max_tp)]
+        evals = list(wl.eval_inputs or [wl.example_inputs])   # calibration, as tune's default pipeline takes it
+        pipeline = tunable_pipeline(calibration=evals[:2]) + [tensor_parallel_pass(args.max_tp)]
     result = tune(wl, target=args.target, objectives=tuple(args.objective or ["latency"]), budget=args.budget,
                   mode=args.mode, storage=args.storage, constraints=constraints or None, seed=args.seed,
                   warm_start_from=args.warm_start_from, sampler=args.sampler, pipeline=pipeline)

@@ -82,6 +82,17 @@ def test_changed_constraints_start_a_new_study_and_same_ones_resume(capsys, tmp_
         assert s.user_attrs["settings"]["constraints"]["quality"] in (0.5, 0.9)
 
 
+def test_max_tp_keeps_the_calibrated_pipeline(capsys, tmp_path, wl_file):
+    """--max-tp adds the tensor-parallel pass to the same calibrated pipeline tune uses by default: AWQ (which needs
+    calibration inputs) stays a knob, as without --max-tp (it was dropped)."""
+    db = f"sqlite:///{tmp_path}/t.db"
+    assert run_cli(capsys, "tune", wl_file, "--budget", 1, "--storage", db)[0] == 0
+    assert run_cli(capsys, "tune", wl_file, "--budget", 1, "--storage", db, "--max-tp", 2)[0] == 0
+    knobs = [set(s.user_attrs["knob_defaults"]) for s in optuna.get_all_study_summaries(db)]
+    assert len(knobs) == 2 and all("quant.awq" in k for k in knobs)
+    assert [("shard.tp" in k) for k in knobs].count(True) == 1
+
+
 def test_a_named_study_refuses_other_settings(tmp_path):
     db = f"sqlite:///{tmp_path}/t.db"
     pipe = [merge_linears, fuse_elementwise, dce]
