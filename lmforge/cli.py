@@ -242,8 +242,11 @@ def _config_arg(value: str | None):
 def cmd_export(args) -> int:
     from lmforge.export import export_workload
 
-    path = export_workload(args.workload, args.target, args.out, config=_config_arg(args.config),
-                           gpu_kernels=args.kernels)
+    config = _config_arg(args.config)
+    if args.storage is not None and config != "best":
+        raise LmforgeError("--storage is where --config best is looked up: pass --config best with it")
+    path = export_workload(args.workload, args.target, args.out, config=config, gpu_kernels=args.kernels,
+                           storage=args.storage)
     print(f"artifact written to {path}")
     return 0
 
@@ -388,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--config", default=None,
                    help="'best' (the tuned config for the target), a JSON object of knob values, or a JSON file")
+    e.add_argument("--storage", default=None,
+                   help="with --config best: the Optuna storage URL `lmforge tune --storage` wrote to")
     e.add_argument("--kernels", action="store_true",
                    help="also build the target GPU's kernels: Triton PTX/cubin (launched by `run --device cuda` on "
                         "that GPU) and TVM CUDA source")

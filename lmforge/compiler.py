@@ -279,7 +279,8 @@ def region_callable(region: Graph, backends, device: str, weights: Mapping[str, 
 
 def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict | None = None,
             config: Mapping[str, Any] | None = None, backends: Sequence[str] = ("torch",),
-            device: str | None = None, passes=None, calibration: Sequence[tuple] | None = None) -> CompiledModel:
+            device: str | None = None, passes=None, calibration: Sequence[tuple] | None = None,
+            storage: str | None = None) -> CompiledModel:
     """Capture `model` (a torch module/function, or an IR Graph), run the pass pipeline, return a CompiledModel.
 
     target:      the hardware the configuration is for ("host", "h100", ...); costs in `inspect()` use it.
@@ -287,6 +288,8 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
     backends:    backend names in priority order; the torch reference always runs what others leave.
     calibration: input tuples for the passes that need activations (AWQ with quant.awq, FlexPrefill's measured
                  density); `lmforge.tune` uses the workload's first eval inputs.
+    storage:     with config="best", the Optuna storage URL `tune` wrote to (default: the SQLite database in the
+                 lmforge cache).
     """
     import warnings
 
@@ -302,13 +305,19 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
         from lmforge.search.tuner import best_configs
 
         graph = PassManager(canonical_pipeline()).run(graph)
-        found = best_configs(graph, target)
+        from lmforge.search.tuner import default_storage, open_storage
+
+        url = storage or default_storage()
+        found = best_configs(graph, target, storage=open_storage(url, must_exist=storage is not None))
         if not found:
-            raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database: "
+            raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}: "
                                f"run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target "
-                               f"{target}`) first, or pass a config dict (CLI: --config JSON)")
+                               f"{target}`) first (with the same storage), or pass a config dict (CLI: --config "
+                               f"JSON)")
         config = found[0]
         passes = tunable_pipeline(calibration) if passes is None else passes
+    elif storage is not None:
+        raise LmforgeError("storage= is where config='best' is looked up; pass config='best' with it")
     elif config is not None and not isinstance(config, Mapping):
         raise LmforgeError(f"config must be a dict of knob values or 'best', not {type(config).__name__}")
     passes = list(passes if passes is not None else canonical_pipeline() + tunable_pipeline(calibration))

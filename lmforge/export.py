@@ -291,7 +291,8 @@ def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:
     return {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in sorted(files.items())}
 
 
-def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gpu_kernels: bool = False) -> Path:
+def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gpu_kernels: bool = False,
+                    storage: str | None = None) -> Path:
     """Load a workload (`file.py[:function]` or `module:function`), compile it for `target`, export to `out_dir`.
 
     config: knob values, "best" (the tuning database's best for this target), or None (defaults).
@@ -300,7 +301,8 @@ def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gp
     from lmforge.workload import load_workload
 
     work = load_workload(workload_spec)
-    compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config)
+    compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config,
+                               storage=storage if config == "best" else None)
     if gpu_kernels:
         compiled.add_gpu_kernels([target])
     return export(compiled, out_dir)

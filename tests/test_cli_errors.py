@@ -93,6 +93,21 @@ def test_max_tp_keeps_the_calibrated_pipeline(capsys, tmp_path, wl_file):
     assert [("shard.tp" in k) for k in knobs].count(True) == 1
 
 
+def test_export_config_best_reads_the_storage_tune_wrote(capsys, tmp_path, wl_file):
+    """`lmforge export --config best --storage URL` finds a study `lmforge tune --storage URL` wrote (it looked in
+    the default database only); --storage without --config best, or a database that is not there, is an error."""
+    db = f"sqlite:///{tmp_path}/t.db"
+    assert run_cli(capsys, "tune", wl_file, "--budget", 2, "--storage", db)[0] == 0
+    assert "no tuned configuration" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "a1",
+                                                 "--config", "best")
+    code, out, _ = run_cli(capsys, "export", wl_file, "--out", tmp_path / "a2", "--config", "best", "--storage", db)
+    assert code == 0 and (tmp_path / "a2" / "manifest.json").is_file(), out
+    assert "pass --config best with it" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "a3",
+                                                     "--storage", db)
+    assert "there is no tuning database" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "a4",
+                                                      "--config", "best", "--storage", f"sqlite:///{tmp_path}/no.db")
+
+
 def test_a_named_study_refuses_other_settings(tmp_path):
     db = f"sqlite:///{tmp_path}/t.db"
     pipe = [merge_linears, fuse_elementwise, dce]
