@@ -182,7 +182,7 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
     """Weights + graph inputs + the largest total size of live intermediate values at any node.
 
     A value is live from the node that makes it to its last reader (graph outputs stay live to the end);
-    views share their input's memory, and so does `kv_qdq` (fused into the attention read). A KV cache that
+    views share their input's memory (which stays live as long as any view of it is read), and so does `kv_qdq` (fused into the attention read). A KV cache that
     attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 / fp8, plus
     one fp32 scale per token and head) from the graph input to the returned cache.
     """
@@ -194,14 +194,21 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
         t = values[name].type.concrete(env)
         per_row = t.shape[-1] if t.rank else 1
         size[name] = t.numel() * (itemsize(dtype) + 4 / max(1, per_row))
+    # a view's memory is its source's: the source stays live until the last reader of any view of it
+    root: dict[str, str] = {}
+    for n in graph.nodes:
+        for v in n.outputs:
+            src = n.inputs[0] if n.op in _VIEWS and n.inputs and n.inputs[0] is not None else None
+            root[v.name] = root.get(src.name, src.name) if src is not None else v.name
     last_use: dict[str, int] = {}
     end = len(graph.nodes)
     for i, n in enumerate(graph.nodes):
         for v in n.inputs:
             if v is not None:
                 last_use[v.name] = i
+                last_use[root.get(v.name, v.name)] = i
     for v in graph.outputs:
-        last_use[v.name] = end
+        last_use[v.name] = last_use[root.get(v.name, v.name)] = end
     base = sum(size[v.name] for v in (*graph.inputs, *graph.params))
     live: dict[str, float] = {}
     peak = 0.0

@@ -80,3 +80,24 @@ def test_a_kv_cache_stored_in_8_bits_takes_a_quarter_of_the_memory(step_graph, k
     ratio = peak_memory(quantized, bindings_for(quantized, dims)) / peak_memory(step_graph,
                                                                                bindings_for(step_graph, dims))
     assert ratio == pytest.approx((1 + 4 / head_dim) / 4, abs=0.01)
+
+
+def test_peak_memory_keeps_a_value_live_while_a_view_of_it_is_read():
+    """a (16 MiB) is read only through a reshape whose reader comes after c (16 MiB) is made: both are live then
+    (a view shares its source's memory; the source was freed at the view)."""
+    import lmforge
+    from lmforge.search.cost_model import peak_memory
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(4096, 16)), torch.nn.Parameter(torch.randn(4096, 16))
+
+        def forward(self, x):
+            b = torch.nn.functional.linear(x, self.w1).reshape(1024, 64, 64)
+            c = torch.nn.functional.linear(x, self.w2)
+            return b.sum(-1).sum(-1) + c.sum(-1)
+
+    g = lmforge.capture(M(), (torch.randn(1024, 16),))
+    base = sum(v.type.nbytes() for v in (*g.inputs, *g.params))
+    assert peak_memory(g, {}) - base >= 2 * 16 * 2**20
