@@ -265,3 +265,16 @@ def test_sparse_attention_ops_with_full_budget_equal_dense():
         (out_t,) = op.infer(types, attrs)
         assert out_t.shape == tuple(ins[0].shape[:3]) + (8,)
         assert op.cost(types, attrs).flops > 0
+
+
+def test_quantized_kv_bytes_are_what_the_quantizers_store():
+    """The attention cost's bytes of an int8 / fp8 KV cache equal what kv_quantize_int8 (per-token axis) and
+    kv_quantize_fp8 store: 1-byte values plus one fp32 scale per token and head of K and of V."""
+    from lmforge.ir.ops.nn_ops import kv_bytes
+    from lmforge.ir.ops.quant_ref import kv_quantize_fp8, kv_quantize_int8
+
+    k = torch.randn(2, 4, 33, 16, dtype=torch.float16)
+    for fmt, quantize in (("int8", kv_quantize_int8), ("float8_e4m3fn", kv_quantize_fp8)):
+        q, s = quantize(k)
+        stored = 2 * (q.numel() * q.element_size() + s.numel() * s.element_size())
+        assert kv_bytes(TensorType.of(k), TensorType.of(k), fmt) == stored

@@ -141,14 +141,17 @@ def _attention_infer(ins, attrs):
 
 def _attention_ref(q, k, v, mask=None, *, causal=False, scale=None, window=None, sinks=0, q_offset=None,
                    return_lse=False, kv_dtype=None):
-    # torch's CPU SDPA returns NaN for a negative scale (torch 2.13): those go to attention_ref too
-    plain = window is None and sinks == 0 and not return_lse and (scale is None or scale >= 0) and (
+    plain = window is None and sinks == 0 and not return_lse and (
         not causal or q_offset == 0 or (q_offset is None and q.shape[2] == k.shape[2]))
-    if plain or mask is not None:
+    if mask is not None:
         if not plain:
             raise VerifyError("attention with an explicit mask takes no window/sinks/lse/q_offset")
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    # torch's CPU SDPA returns NaN for causal attention with a scale <= 0 (torch 2.13): those go to attention_ref
+    if plain and (scale is None or scale > 0):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     from lmforge.ir.ops.attention_ref import attention_ref
 
     return attention_ref(q, k, v, causal=causal, scale=scale, window=window, sinks=sinks, q_offset=q_offset,
@@ -182,13 +185,15 @@ def _attention_cost(ins, attrs, outs):
 
 
 def kv_bytes(k: TensorType, v: TensorType, kv_dtype: str | None) -> float:
-    """Bytes of K and V as stored: in `kv_dtype` (1 byte for int8/fp8, plus one fp16 scale per token and head)
-    when the KV cache is quantized, else in their own dtype."""
+    """Bytes of K and V as stored: in `kv_dtype` (1 byte for int8/fp8, plus one fp32 scale per token and head of
+    each, as `kv_quantize_int8` / `kv_quantize_fp8` store them; int8 with kv_axis="head" stores one scale per head,
+    and is charged the per-token scales all the same: ~1/head_dim more) when the KV cache is quantized, else in
+    their own dtype."""
     if kv_dtype is None:
         return nbytes(k, v)
     from lmforge.ir.types import itemsize
 
-    scales = 2 * 2 * (numel(k) // k.shape[-1])
+    scales = 4 * (numel(k) // k.shape[-1] + numel(v) // v.shape[-1])
     return (numel(k) + numel(v)) * itemsize(kv_dtype) + scales
 
 
