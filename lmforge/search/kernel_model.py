@@ -252,9 +252,11 @@ def kernel_knobs(graph: Graph, pipeline: Sequence, hw, bindings: Mapping[str, in
     """One knob per Triton template that the graph will run after the tunable passes.
 
     Templates used under the default config are unconditional. The others are found by running the pipeline
-    with one pass knob changed at a time (categorical / bool knobs without a condition); a template that
-    appears only when one knob takes some values gets that condition (the int4/int8 GEMV exists only when
-    quant.weight_bits is 8 or 4). Returns [] for a target that is not a GPU.
+    with one pass knob changed at a time (categorical / bool knobs without a condition), and each value of a
+    conditional knob with its condition met (quant.group_size=32 with quant.weight_bits=4: a model whose
+    linears the default group size does not divide quantizes only then); a template that appears only when one
+    knob takes some values gets that condition (the int4/int8 GEMV exists only when quant.weight_bits is 8 or
+    4). Returns [] for a target that is not a GPU.
     """
     from lmforge.passes.base import PassManager
     from lmforge.search.cost_model import bindings_for
@@ -273,19 +275,25 @@ def kernel_knobs(graph: Graph, pipeline: Sequence, hw, bindings: Mapping[str, in
     base = used({})
     found: dict[str, dict[str, set]] = {}
     example: dict[str, Node] = dict(base)
+    by_name = {k.name: k for k in pass_knobs}
     for k in pass_knobs:
-        if k.condition is not None or not k.choices or "@g" in k.name:
+        if not k.choices or "@g" in k.name:
             continue
-        for value in k.choices:
-            if value == k.default:
+        if k.condition is None:
+            trials = [(k.name, value, {k.name: value}) for value in k.choices if value != k.default]
+        else:   # a conditional knob's values, each with its condition met: they count for the knob it depends on
+            dep, allowed = k.condition
+            if dep not in by_name or by_name[dep].condition is not None:
                 continue
+            trials = [(dep, a, {dep: a, k.name: value}) for a in allowed for value in k.choices]
+        for owner, value, config in trials:
             try:
-                got = used({k.name: value})
+                got = used(config)
             except LmforgeError:
                 continue
             for name, node in got.items():
                 if name not in base:
-                    found.setdefault(name, {}).setdefault(k.name, set()).add(value)
+                    found.setdefault(name, {}).setdefault(owner, set()).add(value)
                     example.setdefault(name, node)
     knobs = []
     for t in temps:

@@ -278,3 +278,13 @@ def test_flexprefill_lowering_is_priced_as_the_sparse_flash_prefill(monkeypatch)
                                                      node.attr, [node.output.type.with_(shape=(1, 8, 4096, 64))])
         times[density] = km.kernel_time(node, cost, env, template, 0, H100)
     assert times[0.25] < 0.5 * times[1.0]
+
+
+def test_a_template_that_only_a_conditional_knob_creates_gets_a_knob():
+    """Linears of 96 inputs: quant.weight_bits=4 quantizes nothing at the default group size (128), only with
+    quant.group_size=32 (a knob conditional on the bits) does the GEMV run; it still gets its knob, conditional
+    on the bits (it had none, so the search priced it at config 0 only)."""
+    g = PassManager(canonical_pipeline()).run(lmforge.capture(Stack(d=96), (torch.randn(2, 96),)))
+    knobs = km.kernel_knobs(g, [weight_quant_pass()], H100)
+    assert [k.name for k in knobs] == ["triton.wo_gemv"]
+    assert knobs[0].condition == ("quant.weight_bits", (8, 4))
