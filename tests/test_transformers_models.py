@@ -221,3 +221,21 @@ def test_hf_sliding_window_mask_is_not_taken_for_causal(window):
     x = torch.randint(0, 128, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)], ids=["fp32", "fp16"])
+def test_hf_llama_eager_attention_becomes_causal_attention(dtype, tol):
+    """attn_implementation="eager" writes softmax(scores, dtype=float32): captured as cast + softmax (it was a
+    torch fallback), the matmul-softmax-matmul chain and its size-built mask become causal attention."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = Logits(transformers.LlamaForCausalLM(cfg).to(dtype).eval())
+    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}})
+    attention = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert len(attention) == 2 and all(n.attr["causal"] and len(n.inputs) == 3 for n in attention)
+    assert not compiled.fallback_nodes()
+    x = torch.randint(0, 128, (3, 13))
+    ref = model(x).float()
+    assert ((compiled(x).float() - ref).norm() / ref.norm()).item() <= tol

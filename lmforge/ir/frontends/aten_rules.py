@@ -127,8 +127,12 @@ def softmax(log: bool):
         x = t.value(node.args[0])
         if node.target in (aten._softmax.default, aten._log_softmax.default) and node.args[2]:
             return None  # half_to_float: leave to the fallback
-        if _arg(node, 2, "dtype") not in (None, False) and node.target not in (
-                aten._softmax.default, aten._log_softmax.default):
+        dtype = _arg(node, 2, "dtype")
+        if isinstance(dtype, torch.dtype) and node.target not in (aten._softmax.default, aten._log_softmax.default):
+            if dtype_name(dtype) != x.type.dtype:   # softmax(x, dim, dtype=...) casts x first (HF eager attention)
+                x = t.b.op("cast", [x], {"dtype": dtype_name(dtype)}, name=f"{node.name}_in",
+                           source=t.source(node))
+        elif dtype not in (None, False) and node.target not in (aten._softmax.default, aten._log_softmax.default):
             return None
         return t.emit(node, "softmax", [x], {"dim": int(node.args[1]), "log": log})
 
