@@ -832,3 +832,70 @@ def test_the_cubin_backend_runs_block_sparse_attention_as_the_reference():
         torch.testing.assert_close(fn(*inputs), reference(*inputs), rtol=1e-4, atol=1e-5)
     assert backend.fallbacks == {"no kernel for this call": 1}
     assert all(k.launches == 2 for k in backend.kernels.values())
+
+
+# ---- what the specs refuse: a broadcast SwiGLU `up`, and no keys for the sparse prefill ----------------------------
+
+def _swiglu_node(up):
+    """The fused SwiGLU node the pipeline makes from silu(gate) * up, for a gate [4, 8] float32."""
+    from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
+
+    def fn(gate, up):
+        return torch.nn.functional.silu(gate) * up
+
+    graph = PassManager(canonical_pipeline() + tunable_pipeline()).run(
+        lmforge.capture(fn, (torch.randn(4, 8), up)), {})
+    return _node(graph, "fused")
+
+
+def test_swiglu_spec_serves_only_gate_and_up_of_one_shape_and_dtype():
+    """The kernel reads gate and up element by element: a node whose types differ is Unservable, and a call whose
+    tensors differ (a broadcast `up`: the kernel would read past its end) runs the reference."""
+    spec = ls.SPECS["fused"]
+    for up in (torch.randn(1, 8), torch.randn(4, 8, dtype=torch.float16)):
+        with pytest.raises(ls.Unservable, match="gate .* and up .* differ"):
+            spec.variants(_swiglu_node(up), {})
+    node = _swiglu_node(torch.randn(4, 8))
+    [variant] = spec.variants(node, {})
+    built = {"swiglu": ls.Built(variant.config, variant.static)}
+    gate = torch.randn(4, 8)
+    for up in (torch.randn(64)[:8].view(1, 8), torch.randn(8), torch.randn(4, 8, dtype=torch.float16)):
+        assert spec.call(node, built, gate, up, **node.attr) is None
+    assert spec.call(node, built, gate, torch.randn(4, 8), **node.attr) is not None
+
+
+@interpreter_only
+def test_a_broadcast_swiglu_runs_the_reference_from_an_artifact():
+    """silu(a) * b with b [1, 8] (a view whose memory goes on): nothing for the artifact to serve, and the result
+    is the reference's (served, the kernel read b past its end)."""
+    from lmforge.compiler import CompiledModel
+    from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
+
+    a, b = torch.randn(4, 8), torch.randn(64)[:8].view(1, 8)
+    graph = PassManager(canonical_pipeline() + tunable_pipeline()).run(
+        lmforge.capture(lambda a, b: torch.nn.functional.silu(a) * b, (a, b)), {})
+    backend = _interpreted_backend(graph)
+    fn, kernels = build_callable(graph, [backend, TorchReference()], "cuda", {})
+    assert [k.backend for k in kernels] == ["torch"]
+    torch.testing.assert_close(fn(a, b)[0], CompiledModel(graph)(a, b), rtol=0, atol=0)
+
+
+@interpreter_only
+def test_block_sparse_spec_with_no_keys_launches_nothing(monkeypatch):
+    """Skv = 0: the block lists are empty (no memory behind them), so the call launches nothing, like the JIT
+    launcher, and gives zeros, as the reference does."""
+    [node] = _block_sparse_node((1, 2, "seq", 16), (1, 2, S, 16), (1, 2, "nq", "nk"), 16, "float32").nodes
+    spec = ls.spec_for(node)
+    variants = {v.key: v for v in spec.variants(node, {})}
+    built = {k: ls.Built(v.config, v.static) for k, v in variants.items()}
+    q = torch.randn(1, 2, 20, 16)
+    k = v = torch.zeros(1, 2, 0, 16)
+    mask = torch.ones(1, 2, 2, 0, dtype=torch.bool)
+    call = spec.call(node, built, q, k, v, mask, **node.attr)
+    assert call.launches == []
+    jit_log, jit_result = _jit_launches(monkeypatch, lambda: TritonBackend().claim(node, "cuda").fn(
+        q, k, v, mask, **node.attr))
+    assert jit_log == []
+    _, result = _spec_launches(call, variants)
+    want = TorchReference().claim(node, "cpu").fn(q, k, v, mask, **node.attr)
+    assert torch.equal(result, torch.zeros_like(q)) and torch.equal(result, want) and torch.equal(jit_result, want)

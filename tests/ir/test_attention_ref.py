@@ -230,3 +230,35 @@ def test_shared_prefixes_must_divide_the_rows():
     q, k, v = _qkv(3, 2, 1, 1, 4, 8, seed=0)
     with pytest.raises(ValueError, match="equal size"):
         shared_prefix_attention_ref(q, k[:2], v[:2], k, v)
+
+
+def test_block_selection_ties_go_to_the_lowest_block_index():
+    """Equal scores (zero-filled cache blocks score alike) keep the lowest-indexed blocks; torch.topk leaves the
+    order of ties unspecified (on the CPU it picked others), so the reference sorts stably. The Triton
+    backend's selections follow the same rule (tests/backends/triton/test_attention_kernels.py)."""
+    from lmforge.ir.ops.attention_ref import select_blocks, top_indices
+
+    scores = torch.tensor([[[9.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 9.0]]])       # block 0: sink, block 7: window
+    keep = select_blocks(scores, 128, 16, 3, 1, 16)
+    assert keep[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 7]
+    ties = torch.zeros(2, 3, 200)
+    assert torch.equal(top_indices(ties, 5), torch.arange(5).expand(2, 3, 5))
+    assert top_indices(torch.tensor([2.0, 5.0, 2.0, 5.0, 1.0]), 3).tolist() == [1, 3, 0]   # largest first
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_attention_op_reference_with_a_scale_of_zero_or_below(scale):
+    """torch's CPU SDPA gives NaN for causal attention with a scale <= 0: the attention op's reference runs
+    attention_ref for those (scale 0: the plain mean of each row's visible values); an explicit mask still
+    runs SDPA, which is right for any scale."""
+    from lmforge.ir.ops import get_op
+
+    reference = get_op("attention").reference
+    q, k, v = _qkv(1, 2, 2, 6, 6, 16, seed=5)
+    got = reference(q, k, v, causal=True, scale=scale)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, attention_ref(q, k, v, causal=True, scale=scale))
+    if scale == 0.0:
+        torch.testing.assert_close(got, v.cumsum(2) / torch.arange(1, 7.0)[:, None])
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(reference(q, k, v, mask, scale=scale), attention_ref(q, k, v, causal=True, scale=scale))

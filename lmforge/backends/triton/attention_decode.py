@@ -13,8 +13,9 @@ How the work is split (why it is fast at long context):
 - `_merge_splits_kernel`, one program per query row: the exact log-sum-exp merge of the splits.
 - Block top-k: `_block_score_kernel` scores every KV block of a KV head from per-block key summaries
   ("mean": q . mean(K_block), summed over the group; "minmax": Quest's bound sum_d max(q_d kmin_d, q_d kmax_d)),
-  giving +inf to the sink and local-window blocks, so one torch.topk picks the forced blocks plus topk_blocks
-  more; then the sparse split-K kernel and the merge. Serving keeps the summaries beside the cache
+  giving +inf to the sink and local-window blocks, so one top-k selection picks the forced blocks plus
+  topk_blocks more (ties to the lowest block index, as the reference; a stable torch sort, or
+  `_select_blocks_kernel`); then the sparse split-K kernel and the merge. Serving keeps the summaries beside the cache
   (`build_block_summary`), so a step never reads the whole K to score it.
 - Shared prefix (Hydragen): the prefix pass treats the queries of all B sequences as rows of one tile (M = B x
   group x Sq), so the prefix KV is read once for the batch; the suffix pass is the per-sequence decode; both
@@ -41,6 +42,7 @@ from lmforge.backends.triton.attention_prefill import (LOG2E, check_attention_in
                                                        online_softmax_tile)
 from lmforge.backends.triton.config import KernelConfig
 from lmforge.errors import LmforgeError
+from lmforge.ir.ops.attention_ref import top_indices
 
 DEFAULT_CONFIG = KernelConfig.make(num_warps=4, num_stages=3, BLOCK_N=64, MAX_BLOCK_M=64)
 CANDIDATE_CONFIGS = [
@@ -382,10 +384,12 @@ SELECT_CHUNK = 2048
 
 def select_topk_blocks(q, summary, kind: str, kv_len: int, block_size: int, topk_blocks: int, sinks: int,
                        window: int, method: str = "torch") -> torch.Tensor:
-    """int64 [B, Hkv, K] indices of the kept blocks (forced ones plus the topk_blocks best), K uniform.
+    """int64 [B, Hkv, K] indices of the kept blocks (forced ones plus the topk_blocks best), K uniform; among
+    equal scores the lowest block indices, as the reference (attention_ref.top_indices).
 
-    method "torch": torch.topk on the scores (any order); "triton": `_select_blocks_kernel` (increasing order,
-    one launch with one program per KV head; NOT timed on a GPU yet, gpu_check times both)."""
+    method "torch": a stable descending torch sort of the scores (largest first); "triton":
+    `_select_blocks_kernel` (increasing order, one launch with one program per KV head; NOT timed on a GPU
+    yet, gpu_check times both)."""
     if method not in SELECT_METHODS:
         raise LmforgeError(f"block selection method must be one of {SELECT_METHODS}, not {method!r}")
     b, hq, _, d = q.shape
@@ -404,7 +408,7 @@ def select_topk_blocks(q, summary, kind: str, kv_len: int, block_size: int, topk
         MINMAX=kind == "minmax", BLOCK_NB=block_nb, BLOCK_D=head_block(d), num_warps=4)
     keep = min(n_blocks, n_forced + max(0, topk_blocks))
     if method == "torch":
-        return scores.topk(keep, dim=-1, sorted=False).indices
+        return top_indices(scores, keep)
     return select_largest(scores, keep)
 
 

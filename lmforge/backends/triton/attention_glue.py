@@ -1,34 +1,49 @@
 """Which attention nodes the Triton kernels take, and the calls that give each op's reference behaviour.
 
-    attention (no mask, K/V not quantized)   decode (one query row): split-K flash-decoding
-                                             otherwise: flash prefill (causal, window + sinks, q_offset)
-    block_topk_attention                     block top-k decode (block sizes: powers of two >= 16)
+Every claim needs its q / k / v (and prefix / suffix K / V) of one dtype, float16 / bfloat16 / float32, and of
+one head dim (the kernels read V with K's layout; a V head dim other than q's and k's runs the reference), the
+conditions under which the artifact path's launch specs (attention_specs.py) serve a node too:
+
+    attention (no mask, K/V not quantized,   decode (one query row): split-K flash-decoding
+    scale >= 0, sinks only with a window     otherwise: flash prefill (causal, window + sinks, q_offset)
+    >= 1)
+    block_topk_attention                     block top-k decode (block sizes: powers of two >= 16; summary
+                                             'mean' or 'minmax'; K/V not quantized)
     block_sparse_attention                   block-sparse causal prefill over the mask's kept blocks (block sizes:
-                                             powers of two >= 16; float16 / bfloat16 / float32 q, k, v; any Sq and
-                                             Skv, queries at Skv - Sq + i as in the reference; a mask of batch B
-                                             or 1 (broadcast, as the reference does) with Hkv or Hq heads; any
-                                             other mask runs the reference, call by call)
+                                             powers of two >= 16; scale >= 0; any Sq and Skv, queries at
+                                             Skv - Sq + i as in the reference; a mask of batch B or 1 (broadcast,
+                                             as the reference does) with Hkv or Hq heads; any other mask runs
+                                             the reference, call by call)
     shared_prefix_attention                  Hydragen decode (prefix read once for all sequences)
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from lmforge.backends.triton.backend import FLOAT_DTYPES
 from lmforge.ir.graph import Node
-
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _pow2_at_least_16(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
+def _kernel_types(values) -> bool:
+    """q, k, v (, ...) have one float dtype the kernels take and one head dim (the last, equal in every type)."""
+    dtypes = {v.type.dtype for v in values}
+    heads = {v.type.shape[-1] for v in values}
+    return len(dtypes) == 1 and dtypes <= set(FLOAT_DTYPES) and len(heads) == 1
+
+
 def claim_attention(node: Node, config: Mapping[str, Any]) -> Callable | None:
     from lmforge.backends.triton import attention_decode, attention_prefill
 
-    scale = node.attr["scale"]
-    if len(node.inputs) != 3 or node.attr["kv_dtype"] is not None or (scale is not None and scale < 0):
+    scale, window = node.attr["scale"], node.attr["window"]
+    if len(node.inputs) != 3 or node.attr["kv_dtype"] is not None or (scale is not None and scale < 0) \
+            or not _kernel_types(node.inputs):
         return None                         # a negative scale: flash_prefill refuses it, the reference runs it
+    if (window is not None and window < 1) or (node.attr["sinks"] and window is None):
+        return None                         # flash_prefill refuses these; the reference runs them
     prefill_cfg, decode_cfg = config.get("attention_prefill"), config.get("attention_decode")
 
     def run(q, k, v, mask=None, *, causal=False, scale=None, window=None, sinks=0, q_offset=None, return_lse=False,
@@ -45,7 +60,8 @@ def claim_attention(node: Node, config: Mapping[str, Any]) -> Callable | None:
 def claim_block_topk(node: Node, config: Mapping[str, Any]) -> Callable | None:
     from lmforge.backends.triton import attention_decode
 
-    if not _pow2_at_least_16(node.attr["block_size"]) or node.attr["kv_dtype"] is not None:
+    if not _pow2_at_least_16(node.attr["block_size"]) or node.attr["kv_dtype"] is not None \
+            or node.attr["summary"] not in ("mean", "minmax") or not _kernel_types(node.inputs[:3]):
         return None
     cfg = config.get("attention_decode")
 
@@ -82,13 +98,14 @@ def sparse_block_lists(block_mask, q, k, block_size: int):
 
 def claim_block_sparse(node: Node, config: Mapping[str, Any]) -> Callable | None:
     """block_sparse_attention on `block_sparse_prefill` (the flash prefill kernel's SPARSE mode, with the prefill
-    config); None for a block size that is not a power of two >= 16, non-float q / k / v or a negative scale."""
+    config); None for a block size that is not a power of two >= 16, q / k / v the kernel does not take (see
+    `_kernel_types`) or a negative scale."""
     from lmforge.backends.triton import attention_prefill
     from lmforge.ir.ops import get_op
 
     scale = node.attr["scale"]
     if not _pow2_at_least_16(node.attr["block_size"]) or (scale is not None and scale < 0) \
-            or any(x.type.dtype not in FLOAT_DTYPES for x in node.inputs[:3]):
+            or not _kernel_types(node.inputs[:3]):
         return None
     cfg = config.get("attention_prefill")
     reference = get_op("block_sparse_attention").reference
@@ -106,6 +123,8 @@ def claim_block_sparse(node: Node, config: Mapping[str, Any]) -> Callable | None
 def claim_shared_prefix(node: Node, config: Mapping[str, Any]) -> Callable | None:
     from lmforge.backends.triton import attention_decode
 
+    if not _kernel_types(node.inputs[:5]):
+        return None
     cfg = config.get("attention_decode")
 
     def run(q, kp, vp, ks, vs, *, scale=None, rows_per_prefix=0):

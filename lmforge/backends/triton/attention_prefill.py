@@ -271,8 +271,8 @@ def _launch(q, k, v, *, mode, causal, scale, window, sinks, q_offset, block_idx,
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+    if out.numel() == 0 or skv == 0:   # no keys: every row sees none (and SPARSE's block lists are empty)
+        return out.zero_(), lse.fill_(float("-inf"))
     if scale is not None and scale < 0:
         raise LmforgeError(f"flash attention kernels need a scale >= 0 (got {scale}): their unmasked tiles take the "
                            "row max before scaling; use lmforge.ir.ops.attention_ref for a negative scale")

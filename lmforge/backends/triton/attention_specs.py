@@ -260,8 +260,8 @@ def _flash_call(key: str, q, k, v, *, scale, q_offset, window, sinks, return_lse
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     result = (lambda: (out, lse)) if return_lse else (lambda: out)
-    if out.numel() == 0:
-        return Call([lambda: lse.fill_(float("-inf"))], result)
+    if out.numel() == 0 or skv == 0:          # as the launcher: no launch, every row sees no key
+        return Call([lambda: (out.zero_(), lse.fill_(float("-inf")))], result)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
     names = ("stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
@@ -352,8 +352,9 @@ class AttentionSpec:
 
 
 class BlockTopKSpec:
-    """block_topk_attention: block scores (kernel), torch top-k into a preallocated index buffer, the sparse
-    split kernel over the kept blocks, the merge (attention_decode.block_topk_decode as attention_glue calls it)."""
+    """block_topk_attention: block scores (kernel), a torch top-k (attention_ref.top_indices: ties to the lowest
+    block index) into a preallocated index buffer, the sparse split kernel over the kept blocks, the merge
+    (attention_decode.block_topk_decode as attention_glue calls it)."""
 
     def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
         from lmforge.backends.triton import attention_decode as ad
@@ -418,7 +419,6 @@ class BlockTopKSpec:
         sink_blocks, first_window, n_forced = ad.forced_blocks(s, block_size, sinks, window)
         keep = min(n_blocks, n_forced + max(0, topk_blocks))
         selected = torch.empty((b, hkv, keep), dtype=torch.int64, device=q.device)
-        kept_scores = torch.empty((b, hkv, keep), dtype=torch.float32, device=q.device)
         score = Launch("topk.score", {
             "Q": q, "S_A": first, "S_B": second, "OUT": scores, "stride_qb": q.stride(0), "stride_qh": q.stride(1),
             **dict(zip(("stride_ab", "stride_ah", "stride_an"), first.stride()[:3])),
@@ -427,8 +427,8 @@ class BlockTopKSpec:
             "sink_blocks": sink_blocks, "first_window_block": first_window, "HKV": hkv, "GROUP": hq // hkv, "D": d,
             "grid_bh": b * hkv})
 
-        def select():
-            torch.topk(scores, keep, dim=-1, sorted=False, out=(kept_scores, selected))
+        def select():   # as the JIT's select="torch": ties to the lowest block index
+            selected.copy_(ad.top_indices(scores, keep))
 
         n_tiles = keep * (block_size // min(built[key].config.get("BLOCK_N"), block_size))
         splits, per_split = ad.plan_splits(n_tiles, b * hkv, q.device, None)

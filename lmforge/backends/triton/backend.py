@@ -1,12 +1,16 @@
 """The Triton backend: claims the IR nodes it has kernels for and runs them on a CUDA GPU.
 
-Claims (everything else stays with the torch reference, and `inspect()` shows who runs what):
+Claims (everything else stays with the torch reference, and `inspect()` shows who runs what); every claimed
+node has float16 / bfloat16 / float32 activations (the kernels' dtypes):
     linear_wo                 weight-only int4/int8 GEMV (<= 4 rows) or GEMM, dequantizing in the kernel
+                              (group sizes: powers of two >= 16)
     rmsnorm / layernorm       one program per row (last dim)
     softmax                   last dim, not log
-    fused(kind='swiglu')      silu(gate) * up in one pass
+    fused(kind='swiglu')      silu(gate) * up in one pass, for gate and up of one type (shape and dtype: no
+                              broadcasting, e.g. not silu(x) * w for a weight w [D])
     attention                 dense causal prefill / sliding window + sinks (flash attention), and decode over a
-                              KV cache (split-K flash-decoding)
+                              KV cache (split-K flash-decoding); q, k, v of one dtype and one head dim, sinks
+                              only with a window (see attention_glue for every condition)
     block_topk_attention      block top-k decode (selected blocks only, merged by log-sum-exp)
     block_sparse_attention    block-sparse causal prefill (flash prefill over each query block's kept KV blocks;
                               block sizes: powers of two >= 16)
@@ -25,6 +29,8 @@ import torch
 
 from lmforge.backends.codegen import Kernel
 from lmforge.ir.graph import Node
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")   # what every Triton kernel here takes (IR dtype names)
 
 
 def _module(name: str):
@@ -56,7 +62,9 @@ class TritonBackend:
     # ---- claims: each returns fn(*inputs, **attrs) with the op reference's behaviour, or None ----------------------
     def _claim_linear_wo(self, node: Node) -> Callable | None:
         qm = _module("quant_matmul")
-        if qm is None:
+        group_size = node.attr["group_size"]
+        # quant_common._check_inputs's rules: power-of-two groups >= 16, float activations
+        if qm is None or group_size < 16 or group_size & (group_size - 1) or not _floats(node.inputs[0]):
             return None
         from lmforge.ir.ops.quant_ref import QuantizedWeight
 
@@ -72,7 +80,7 @@ class TritonBackend:
 
     def _claim_rmsnorm(self, node: Node) -> Callable | None:
         norms = _module("norms")
-        if norms is None or node.attr["ndim"] != 1:
+        if norms is None or node.attr["ndim"] != 1 or not _floats(node.inputs[0]):
             return None
         cfg = self.config.get("rmsnorm")
 
@@ -84,7 +92,7 @@ class TritonBackend:
 
     def _claim_layernorm(self, node: Node) -> Callable | None:
         norms = _module("norms")
-        if norms is None or node.attr["ndim"] != 1:
+        if norms is None or node.attr["ndim"] != 1 or not _floats(node.inputs[0]):
             return None
         cfg = self.config.get("layernorm")
         return lambda x, w=None, b=None, *, eps=1e-5, ndim=1: norms.layernorm(x, w, b, eps, cfg)
@@ -92,7 +100,8 @@ class TritonBackend:
     def _claim_softmax(self, node: Node) -> Callable | None:
         norms = _module("norms")
         x = node.inputs[0].type
-        if norms is None or node.attr["log"] or node.attr["dim"] not in (-1, x.rank - 1):
+        if norms is None or node.attr["log"] or node.attr["dim"] not in (-1, x.rank - 1) \
+                or not _floats(node.inputs[0]):
             return None
         cfg = self.config.get("softmax")
         return lambda x, *, dim=-1, log=False: norms.softmax(x, -1, cfg)
@@ -121,10 +130,20 @@ class TritonBackend:
         return None if glue is None else glue.claim_shared_prefix(node, self.config)
 
 
+def _floats(*values) -> bool:
+    """Every value is a tensor of a dtype the kernels take."""
+    return all(v is not None and v.type.dtype in FLOAT_DTYPES for v in values)
+
+
 def _is_swiglu(node: Node) -> bool:
-    """The region is exactly `mul(silu(in0), in1)` (or `mul(in1, silu(in0))`)."""
+    """The region is exactly `mul(silu(in0), in1)` (or `mul(in1, silu(in0))`) on two inputs of one type (the
+    kernel reads gate and up element by element: a broadcast `up`, e.g. a weight [D], or another dtype is not
+    SwiGLU here)."""
     body = node.regions[0]
-    if [n.op for n in body.nodes] != ["silu", "mul"] or len(body.inputs) != 2:
+    if [n.op for n in body.nodes] != ["silu", "mul"] or len(body.inputs) != 2 or len(node.inputs) != 2:
+        return False
+    gate, up = node.inputs
+    if not _floats(gate, up) or gate.type.shape != up.type.shape or gate.type.dtype != up.type.dtype:
         return False
     silu, mul = body.nodes
     a, b = body.inputs

@@ -12,11 +12,11 @@ against the JIT launcher for the same inputs):
     rmsnorm                   one (row kernel, BLOCK_D from row_plan)         (cdiv(n_rows, BLOCK_R),)
     layernorm                 one                                             (cdiv(n_rows, BLOCK_R),)
     softmax                   one                                             (cdiv(n_rows, BLOCK_R),)
-    fused                     swiglu: one                                     (cdiv(numel, BLOCK),)
+    fused                     swiglu: one (gate and up of one shape, dtype)   (cdiv(numel, BLOCK),)
     linear_wo                 GEMV for M = 1..4 rows (BLOCK_M = M),           (cdiv(N, BLOCK_N), SPLIT_K)
                               GEMM for M > 4                                  (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
-    attention                 one query row (attention_glue's decode rule):   split  (B*Hkv, splits, cdiv(ROWS, BLOCK_M))
-                              decode.split + merge                            merge  (B*Hq*Sq,)
+    attention                 one query row (attention_glue's decode rule):   split (B*Hkv, splits, cdiv(ROWS, BLOCK_M))
+                              decode.split + merge                            merge (B*Hq*Sq,)
                               otherwise: prefill (dense / causal / window     prefill (cdiv(Sq, BLOCK_M), B*Hq)
                               + sinks, q_offset); a symbolic Sq builds both
     block_topk_attention      topk.score, topk.split (sparse), merge          score (B*Hkv, cdiv(nblocks, BLOCK_NB)),
@@ -26,8 +26,9 @@ against the JIT launcher for the same inputs):
     block_sparse_attention    sparse (flash prefill, SPARSE mode, tiles       torch: the mask's block lists, then
                               clamped to the block size)                      sparse (cdiv(Sq, BLOCK_M), B*Hq)
 
-The attention specs live in attention_specs.py (loaded by `spec_for` on first use). A split variant whose query-row count is only known at run time (the shared prefix's B x group x Sq rows)
-has one variant per BLOCK_M the launcher can pick (`<key>.m16`, `.m32`, ...); the number of splits is a
+The attention specs live in attention_specs.py (loaded by `spec_for` on first use). A split variant whose
+query-row count is only known at run time (the shared prefix's B x group x Sq rows) has one variant per
+BLOCK_M the launcher can pick (`<key>.m16`, `.m32`, ...); the number of splits is a
 run-time integer (plan_splits: the device's SM count at load time). Workspaces (partial outputs and
 log-sum-exps, block scores, kept-block indices) are allocated by the spec's `call` before any step runs.
 
@@ -99,8 +100,8 @@ class Variant:
 def check_values(signature: Mapping[str, str], divisible_by_16, constexprs: Mapping[str, Any],
                  values: Mapping[str, Any]) -> str | None:
     """None when `values` satisfy a kernel's specialisation, else the first reason they do not: tensors of the
-    built dtype and 16-byte aligned, i32 arguments in range, the divisible ones multiples of 16, integers fixed as constexprs
-    equal to their value."""
+    built dtype and 16-byte aligned, i32 arguments in range, the divisible ones multiples of 16, integers fixed as
+    constexprs equal to their value."""
     for name, kind in signature.items():
         value = values[name]
         if kind.startswith("*"):
@@ -282,8 +283,11 @@ class SwiGLUSpec:
     def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
         from lmforge.backends.triton import norms
 
-        t = _ttype(node.inputs[0])
-        ints, ones, divisible = _ints({"numel": Hint.of(node.inputs[0].type.shape)})
+        gate, up = node.inputs[:2]
+        if gate.type.shape != up.type.shape or gate.type.dtype != up.type.dtype:
+            raise Unservable(f"gate {gate.type} and up {up.type} differ (the kernel reads them element by element)")
+        t = _ttype(gate)
+        ints, ones, divisible = _ints({"numel": Hint.of(gate.type.shape)})
         config = configs.get("swiglu") or norms.DEFAULT_CONFIGS["swiglu"]
         return [Variant("swiglu", "swiglu", norms._swiglu_kernel,
                         {"gate_ptr": f"*{t}", "up_ptr": f"*{t}", "out_ptr": f"*{t}", **ints}, ones, config,
@@ -292,6 +296,8 @@ class SwiGLUSpec:
     def call(self, node: Node, built: Mapping[str, "Built"], gate, up, **_) -> Call | None:
         import torch
 
+        if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+            return None                       # the reference broadcasts; the kernel would read past `up`
         g, u = gate.contiguous(), up.contiguous()
         if g.numel() == 0:
             return None

@@ -1,16 +1,47 @@
 """What the weight-only linear kernels share (quant_matmul: GEMV and GEMM; quant_gemm: the swapped GEMM): input
-checks, the packed tensors, Triton's names of the activation dtypes, and a memo for the per-call plan functions."""
+checks, the packed tensors, Triton's names of the activation dtypes, a memo for the per-call plan functions, and
+the GEMMs' tl.dot (`dot_ieee`)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 from lmforge.errors import LmforgeError
 from lmforge.ir.ops.quant_ref import QuantizedWeight
 
 SUPPORTED_ACTIVATIONS = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _interpreted() -> bool:
+    """Whether @triton.jit makes interpreted functions in this process (what it reads when decorating)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton's interpreter (3.9) multiplies bf16 tl.dot operands as raw 16-bit integers (fp16 and fp32 are exact), so
+# interpreted GEMMs upcast bf16 operands to fp32 (the same numbers: bf16 products are exact in fp32, as on tensor
+# cores), as attention_prefill.interpreter_dot_fp32 does for attention. Read when this module is imported, like
+# quant_matmul.PAIR_ASM; compiled kernels (AOT builds run in a process without the interpreter) never upcast.
+INTERPRETED_BF16_DOT_FP32 = tl.constexpr(_interpreted())
+
+
+@triton.jit
+def dot_ieee(a, b, acc):
+    """tl.dot(a, b, acc, input_precision="ieee"); compiled, exactly that. Under Triton's interpreter bf16 operands
+    are upcast to fp32 first (see INTERPRETED_BF16_DOT_FP32)."""
+    if INTERPRETED_BF16_DOT_FP32:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 def _check_inputs(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:

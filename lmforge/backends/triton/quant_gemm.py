@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from lmforge.backends.triton.config import KernelConfig
-from lmforge.backends.triton.quant_common import TRITON_TYPES, _check_inputs, _memoized, _packed
+from lmforge.backends.triton.quant_common import TRITON_TYPES, _check_inputs, _memoized, _packed, dot_ieee
 from lmforge.ir.ops.quant_ref import QuantizedWeight
 
 KERNEL = "wo_gemm_swapped"
@@ -108,7 +108,7 @@ def _wo_gemm_swapped_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         packed = tl.load(w_ptrs)
         x = tl.load(x_ptrs)
         w = _dequant_tile(packed, zero, scale, BITS, BLOCK_N, BLOCK_K, FP16_MATH).to(x.dtype)
-        acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        acc = dot_ieee(w, tl.trans(x), acc)   # (interpreted bf16: fp32 operands, see quant_common)
         w_ptrs += BLOCK_K // K_PER_BYTE
         x_ptrs += BLOCK_K
     if HAS_BIAS:

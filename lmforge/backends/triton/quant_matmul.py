@@ -29,7 +29,8 @@ Two kernels, picked by the number of rows M of x (flattened to [M, K]):
   [BLOCK_K, BLOCK_N] weight tile (int4: the [BLOCK_K / 2, BLOCK_N] bytes once, as an even-k and an odd-k half,
   each its own tl.dot against the matching x columns), dequantizes it in registers to (q - zero) * scale in the
   activation dtype and accumulates tl.dot into one fp32 tile. BLOCK_K never exceeds group_size, so one K step sees
-  exactly one group and loads one scale and zero per column. Measured 0.1-0.7x cuBLAS fp16 on an H100.
+  exactly one group and loads one scale and zero per column. Measured 0.1-0.7x cuBLAS fp16 on an H100. (Under
+  Triton's interpreter bf16 dots take fp32 operands: quant_common.dot_ieee.)
 - `quant_gemm._wo_gemm_swapped_kernel` (prefill, GEMM configs with SWAP_AB=1): y^T = dequant(W) @ x^T, the
   dequantized weight as the MMA's register operand and x streamed to shared memory; see quant_gemm.py.
 
@@ -49,7 +50,7 @@ import triton.language as tl
 
 from lmforge.backends.triton import quant_gemm as swapped
 from lmforge.backends.triton.config import KernelConfig
-from lmforge.backends.triton.quant_common import TRITON_TYPES, _check_inputs, _memoized, _packed
+from lmforge.backends.triton.quant_common import TRITON_TYPES, _check_inputs, _memoized, _packed, dot_ieee
 from lmforge.ir.ops.quant_ref import QuantizedWeight
 
 GEMV_MAX_ROWS = 4
@@ -416,11 +417,11 @@ def _wo_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
             x_odd = tl.load(x_ptrs + k0 + 1, mask=mask_m[:, None], other=0)
             w_even = (((packed & 0xF).to(tl.float32) - zero) * scale).to(x.dtype)
             w_odd = (((packed >> 4).to(tl.float32) - zero) * scale).to(x.dtype)
-            acc = tl.dot(x, w_even, acc, input_precision="ieee")
-            acc = tl.dot(x_odd, w_odd, acc, input_precision="ieee")
+            acc = dot_ieee(x, w_even, acc)
+            acc = dot_ieee(x_odd, w_odd, acc)
         else:
             w = ((packed.to(tl.float32) - zero) * scale).to(x.dtype)
-            acc = tl.dot(x, w, acc, input_precision="ieee")
+            acc = dot_ieee(x, w, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]

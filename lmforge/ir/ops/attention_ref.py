@@ -99,8 +99,17 @@ def block_scores(q: torch.Tensor, summary, kind: str) -> torch.Tensor:
     return s.reshape(b, hkv, hq // hkv, -1).sum(2)  # [B, Hkv, nblocks]
 
 
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [..., k]: the indices of the k largest scores along the last dim, largest first; among equal scores
+    the lowest index first (a stable sort: torch.topk leaves the order of ties unspecified, and zero-filled
+    cache blocks tie). Block top-k's selections (this reference, the Triton backend's torch and kernel
+    selections) all follow this rule."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+
+
 def select_blocks(scores: torch.Tensor, skv: int, block_size: int, topk_blocks: int, sinks: int, window: int):
-    """Bool [B, Hkv, nblocks]: the sink blocks, the local-window blocks, and the top-k others by score."""
+    """Bool [B, Hkv, nblocks]: the sink blocks, the local-window blocks, and the top-k others by score (ties to
+    the lowest block index, see `top_indices`)."""
     nb = scores.shape[-1]
     idx = torch.arange(nb, device=scores.device)
     block_end = ((idx + 1) * block_size).clamp(max=skv)  # the last block may be short
@@ -111,7 +120,7 @@ def select_blocks(scores: torch.Tensor, skv: int, block_size: int, topk_blocks: 
     k = max(0, min(topk_blocks, nb - int(forced.sum())))
     keep = forced.expand_as(scores).clone()
     if k:
-        top = rest.topk(k, dim=-1).indices
+        top = top_indices(rest, k)
         keep.scatter_(-1, top, True)
     return keep
 

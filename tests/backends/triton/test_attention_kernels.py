@@ -113,6 +113,21 @@ def test_block_sparse_prefill_matches_reference(b, hq, hkv, s, bs, mask_heads, c
     _lse_close(lse, expected_lse)
 
 
+def test_block_sparse_prefill_with_no_keys_gives_zeros_and_minus_inf_lse():
+    """Skv = 0: the mask has no key blocks and the block lists are empty (no memory behind them); the launcher
+    launches nothing, and every row sees no key, as in the reference."""
+    q = _randn(1, 2, 20, 16, seed=70)
+    k = v = torch.zeros(1, 2, 0, 16, device=DEVICE)
+    mask = torch.ones(1, 2, 2, 0, dtype=torch.bool, device=DEVICE)
+    block_idx, block_cnt = prefill.block_mask_to_index(mask)
+    out, lse = prefill.block_sparse_prefill(q, k, v, block_idx, block_cnt, block_size=16, config=SMALL_PREFILL)
+    expected, expected_lse = attention_ref(q, k, v, causal=True, block_mask=mask, block_size=16, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.equal(out, expected)
+    _lse_close(lse, expected_lse)
+    out, lse = prefill.flash_prefill(q, k, v, config=SMALL_PREFILL)
+    assert torch.equal(out, expected) and torch.isneginf(lse).all()
+
+
 def test_block_mask_to_index_lists_the_kept_blocks_in_order():
     mask = torch.tensor([[[[True, False, True, False], [False, False, False, False], [False, True, True, True]]]])
     block_idx, block_cnt = prefill.block_mask_to_index(mask)
@@ -223,6 +238,28 @@ def test_block_topk_with_the_triton_selection_matches_torch_topk(summary):
     _close(out, ref, torch.float32)
     with pytest.raises(LmforgeError, match="select must be one of"):
         decode.block_topk_decode(q, k, v, select="heap", **kwargs)
+
+
+@pytest.mark.parametrize("summary", ["mean", "minmax"])
+@pytest.mark.parametrize("topk", [1, 2, 3])
+def test_block_topk_ties_go_to_the_lowest_block_index(summary, topk):
+    """Zero-filled cache blocks (1..9) score alike (0), above blocks 0 and 10 (negative scores): the reference,
+    the torch selection and the Triton selection all keep the lowest-indexed tied blocks, so the three attend to
+    the same keys (each tied block holds other values, so another choice would change the output)."""
+    q, k, v = _qkv(1, 2, 1, 1, 16 * 12, 16, seed=71)
+    k[:, :, 16:160] = 0.0
+    below = -(q[0, 0, 0] + q[0, 1, 0]) * 0.5                  # a key whose score, summed over both heads, is < 0
+    k[:, :, :16], k[:, :, 160:176] = below, below
+    v[:, :, 16:160] = torch.arange(144.0, device=DEVICE)[:, None] / 100
+    kwargs = dict(block_size=16, topk_blocks=topk, sinks=0, window=16, summary=summary)
+    expected, keep = decode_block_topk_ref(q, k, v, return_indices=True, **kwargs)
+    wanted = [*range(1, topk + 1), 11]                        # the tied blocks from 1, and the window's block 11
+    assert keep[0, 0].nonzero().flatten().tolist() == wanted
+    for select in decode.SELECT_METHODS:
+        out, selected = decode.block_topk_decode(q, k, v, config=SMALL_DECODE, return_indices=True, select=select,
+                                                 **kwargs)
+        assert sorted(selected[0, 0].tolist()) == wanted, select
+        _close(out, expected, torch.float32)
 
 
 def test_decode_selected_blocks_attends_to_exactly_the_listed_blocks():

@@ -198,3 +198,90 @@ def test_block_sparse_attention_the_kernel_cannot_run_stays_with_the_reference(m
     q, k, v, mask = _block_sparse_inputs(4, 1, 4, 2, 32, 32, 1, 1, 16, torch.float32)
     monkeypatch.setattr(attention_prefill, "block_sparse_prefill", None)  # not called: the reference runs
     torch.testing.assert_close(tri(q, k, v, mask), attention_ref(q, k, v, block_mask=mask, block_size=16))
+
+
+# ---- nodes the kernels refuse stay with the reference (claimed, they would raise or read out of bounds) -------------
+
+def _one_op(op, inputs, attrs, params=()):
+    """A graph of one `op` node on inputs [(shape, dtype)] (named x0, x1, ...) and params [(name, tensor)]."""
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+
+    b = GraphBuilder(op)
+    values = [b.input(f"x{i}", TensorType(shape, dtype)) for i, (shape, dtype) in enumerate(inputs)]
+    values += [b.param(name, TensorType.of(t), t) for name, t in params]
+    return b.build([b.op(op, values, attrs)])
+
+
+def _quantized(bits, group_size, dtype=torch.float32):
+    from lmforge.ir.ops.quant_ref import quantize_weight
+
+    qw = quantize_weight(torch.randn(24, 96, generator=torch.Generator().manual_seed(bits + group_size)).to(dtype),
+                         bits, group_size)
+    return [("q", qw.qweight), ("s", qw.scales), ("z", qw.zeros)]
+
+
+def _swiglu(up_shape, up_dtype):
+    """The fused SwiGLU node the pipeline makes from silu(gate) * up, for a gate [4, 8] float32."""
+    def fn(gate, up):
+        return torch.nn.functional.silu(gate) * up
+
+    inputs = (torch.randn(4, 8), torch.randn(up_shape).to(up_dtype))
+    g = PassManager(canonical_pipeline() + tunable_pipeline()).run(lmforge.capture(fn, inputs), {})
+    assert [(n.op, n.attr.get("kind")) for n in g.nodes] == [("fused", "swiglu")]
+    return g
+
+
+class _Scaled(torch.nn.Module):      # silu(x) * w with a learned per-channel w [D]: `up` broadcasts
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return torch.nn.functional.silu(x) * self.w
+
+
+QKV16 = [((1, 2, 8, 16), "float32")] * 3
+UNCLAIMED = {  # name: a graph the Triton backend must leave to the reference (what its kernels refuse)
+    "swiglu_up_broadcasts": lambda: _swiglu((1, 8), torch.float32),
+    "swiglu_up_of_another_dtype": lambda: _swiglu((4, 8), torch.float16),
+    "swiglu_times_a_weight": lambda: PassManager(canonical_pipeline() + tunable_pipeline()).run(
+        lmforge.capture(_Scaled().eval(), (torch.randn(2, 3, 8),)), {}),
+    "attention_v_head_dim_32": lambda: _one_op("attention", QKV16[:2] + [((1, 2, 8, 32), "float32")],
+                                               {"causal": True}),
+    "attention_sinks_without_window": lambda: _one_op("attention", QKV16, {"causal": True, "sinks": 2}),
+    "attention_float64": lambda: _one_op("attention", [((1, 2, 8, 16), "float64")] * 3, {"causal": True}),
+    "block_topk_float64": lambda: _one_op("block_topk_attention", [((1, 2, 1, 16), "float64")] +
+                                          [((1, 2, 64, 16), "float64")] * 2, {"block_size": 16, "topk_blocks": 1}),
+    "shared_prefix_float64": lambda: _one_op("shared_prefix_attention", [((2, 2, 1, 16), "float64")] +
+                                             [((1, 2, 8, 16), "float64")] * 2 + [((2, 2, 4, 16), "float64")] * 2,
+                                             {}),
+    "rmsnorm_float64": lambda: _one_op("rmsnorm", [((3, 16), "float64")], {"eps": 1e-6}),
+    "layernorm_float64": lambda: _one_op("layernorm", [((3, 16), "float64")], {}),
+    "softmax_float64": lambda: _one_op("softmax", [((3, 16), "float64")], {}),
+    "linear_wo_group_48": lambda: _one_op("linear_wo", [(("batch", 96), "float32")], {"bits": 4, "group_size": 48},
+                                          _quantized(4, 48)),
+    "linear_wo_group_8": lambda: _one_op("linear_wo", [(("batch", 96), "float32")], {"bits": 8, "group_size": 8},
+                                         _quantized(8, 8)),
+    "linear_wo_float64_activations": lambda: _one_op("linear_wo", [(("batch", 96), "float64")],
+                                                     {"bits": 4, "group_size": 32}, _quantized(4, 32, torch.float64)),
+}
+
+
+def _inputs_for(g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [[2 if isinstance(d, str) else d for d in v.type.shape] for v in g.inputs]
+    return [torch.randn(s, generator=gen).to(getattr(torch, v.type.dtype)) for s, v in zip(shapes, g.inputs)]
+
+
+@pytest.mark.parametrize("case", sorted(UNCLAIMED))
+def test_nodes_the_kernels_refuse_stay_with_the_reference(case):
+    """SwiGLU whose `up` broadcasts or has another dtype, attention with another V head dim or sinks without a
+    window, float64 anywhere, weight-only linears with group sizes the kernels do not take: not claimed (the
+    kernels would raise, or read `up` past its end), and the model gives the reference's outputs."""
+    g = UNCLAIMED[case]()
+    tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
+    assert [k.backend for k in tri.kernels] == ["torch"] * len(g.nodes)
+    inputs = _inputs_for(g, len(case))
+    got, want = tri(*inputs), CompiledModel(g)(*inputs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
