@@ -19,15 +19,35 @@ def suggest(trial, knobs: Sequence[Knob]) -> dict[str, Any]:
     """Ask `trial` (an optuna.Trial) for every applicable knob; returns the full config (defaults filled)."""
     config: dict[str, Any] = {}
     for k in ordered(knobs):
-        if k.condition is not None:
-            dep, allowed = k.condition
-            # with per-group copies of `dep` (name@g0, ...), the knob applies when any group allows it
-            dep_values = [v for name, v in config.items() if name.startswith(dep + "@g")]
-            if not any(v in allowed for v in dep_values or [config.get(dep, _default(knobs, dep))]):
-                config[k.name] = k.default
-                continue
-        config[k.name] = _suggest_one(trial, k)
+        config[k.name] = _suggest_one(trial, k) if _applies(k, config, knobs) else k.default
     return config
+
+
+def active_params(config: Mapping[str, Any], knobs: Sequence[Knob]) -> dict[str, Any]:
+    """The part of a full `config` that a trial suggesting it would hold as params: the knobs whose conditions
+    hold (missing knobs take their defaults). Enqueue these, not the whole config, so that an enqueued config
+    and a sampled one with the same values have the same params (Optuna's skip_if_exists compares params).
+
+        active_params({"x.pattern": "dense", "x.size": 4}, knobs)  ->  {"x.pattern": "dense"}
+    """
+    seen: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for k in ordered(knobs):
+        if _applies(k, seen, knobs):
+            seen[k.name] = out[k.name] = config.get(k.name, k.default)
+        else:
+            seen[k.name] = k.default
+    return out
+
+
+def _applies(k: Knob, config: Mapping[str, Any], knobs: Sequence[Knob]) -> bool:
+    """Whether `k`'s condition holds given the values chosen so far (`config`, filled in `ordered` order)."""
+    if k.condition is None:
+        return True
+    dep, allowed = k.condition
+    # with per-group copies of `dep` (name@g0, ...), the knob applies when any group allows it
+    dep_values = [v for name, v in config.items() if name.startswith(dep + "@g")]
+    return any(v in allowed for v in dep_values or [config.get(dep, _default(knobs, dep))])
 
 
 def _default(knobs: Sequence[Knob], name: str):

@@ -21,14 +21,23 @@ with 2048 cached tokens; else the example inputs' sizes; `bindings=` overrides).
 the first eval input (the example inputs when there are none) and predict at that input's sizes too, so the
 measured and predicted numbers of a trial describe the same shapes (`TuneResult.bindings` says which; `bindings=`
 that disagree with that input are an error there).
-In hybrid mode `best_config` is the measured best among the `hybrid_top` best predicted configs, and
-`TuneResult.table()` lists those configs with their measured and predicted latency.
+Hybrid mode ranks the `hybrid_top` best predicted configs by their latency measured on this machine, so its
+first objective must be latency or throughput (anything else is an error: measuring would not change the
+ranking). `best_config` is the measured best among them; a latency or throughput constraint is checked again on
+the measured number, and a config that breaks it there is flagged (`TuneResult.measured_violations`) and never
+chosen. `TuneResult.table()` lists the measured configs with their measured and predicted latency.
+`ranked_trials` is the one ranking: `TuneResult.best_config` and `compile(..., config="best")` (`best_configs`)
+both take its first trial.
 
 `layer_groups=G` tunes the per-layer knobs (attention pattern, window, sinks, top-k; weight bits and group size)
-separately for G groups of consecutive layers instead of sharing one value across layers.
+separately for G groups of consecutive layers instead of sharing one value across layers. G must be from 1 to the
+number of layers: a group with no layer would add knobs that change nothing, so a larger G is an error, not clamped
+(a clamped G would make a study that is not the one asked for, under another key).
 
 Measure mode times the graph on `backends` (e.g. ("tvm",) on the host), and their schedule knobs join the
-search space, so kernel schedules are tuned together with the passes against real timings.
+search space, so kernel schedules are tuned together with the passes against real timings. For a GPU target the
+timed model and its inputs live on the CUDA device (timed with CUDA events); quality is still computed on the CPU.
+Measuring a GPU target on a machine without CUDA is an error.
 With "triton" in `backends` and a GPU target, the tile configs of the Triton kernel templates the graph will run
 become knobs (`triton.<template>`, conditional on the pass choice that creates the template) in every mode; in
 predict mode `lmforge.search.kernel_model` prices them, and a config over the target's resource limits is a
@@ -40,14 +49,28 @@ spend a fifth of itself at random; `benchmarks/search_efficiency.py` measured th
 docs/benchmarks.md); NSGA-II for several objectives with budget >= 100; GP for one objective with budget
 <= 20. `sampler=` ("tpe", "nsga2", "gp", "random") overrides. Conditional knobs (a window size that exists only
 for the window pattern) are sampled independently by design, so the samplers' warnings about that are off.
+A resumed study seeds its sampler with `seed` plus the number of trials it holds, so a resumed run does not replay
+the draws of the first one. A sampled config that a finished trial already evaluated is not evaluated again: the
+trial takes that trial's numbers (user attr `duplicate_of`), counts toward the budget like any trial (so a small
+space cannot loop), and is left out of the ranking, the Pareto front and hybrid's measured set. The default config
+runs first unless a finished trial already evaluated it; `warm_start_from` enqueues another target's best configs
+(with a warning when that target has no study for this graph).
+
+Budget: `budget` is the number of trials the study holds when tune stops: finished, pruned and failed trials all
+count, those of earlier runs and of other workers on the same storage too; a trial cut off by Ctrl-C (or a killed
+process) does not. Several workers stop when the study reaches the budget, each after its running trial, so
+with N workers the study may end up to N - 1 trials over it. Ctrl-C returns the result of the finished trials;
+before any trial has finished it is an LmforgeError that says to rerun the same command to resume.
 
 The tuning database is Optuna storage: SQLite under `cache_dir("tuning")` unless `storage` gives another
 URL (PostgreSQL for many workers). The study is keyed by the workload's graph signature and the target's
 fingerprint, so re-running resumes it and `compile(..., config="best")` finds its best config. The key also
 holds the objectives, the mode, the constraints and a hash of the other settings that change what a trial's
-numbers mean (sizes, backends, layer groups, the knob space): the same command resumes its study (`budget` counts
-the finished trials of earlier runs too), a changed one starts a new study. A study named by `study_name`
-stores those settings and refuses to resume with different ones.
+numbers mean (sizes, backends, layer groups, the knob space, and the fingerprint of the calibrated target when
+`lmforge calibrate` has refined it, so a recalibration starts a new study instead of mixing two cost models): the
+same command resumes its study (`budget` counts the trials of earlier runs too), a changed one starts a new study.
+A study named by `study_name` stores those settings and refuses to resume with different ones. `target` may be a
+preset name or a `Hardware`; the study stores its name and fingerprint.
 """
 from __future__ import annotations
 
@@ -76,7 +99,7 @@ class TuneResult:
     study_name: str
     storage: str
     n_complete: int
-    n_failed: int
+    n_failed: int  # trials whose config failed to compile or run (not those cut off by Ctrl-C)
     measured: dict[int, float] = field(default_factory=dict)  # trial number -> measured latency (hybrid)
     n_pruned: int = 0
     pruned_reasons: dict[str, int] = field(default_factory=dict)  # why trials were pruned -> how many
@@ -84,26 +107,36 @@ class TuneResult:
     n_earlier: int = 0  # finished trials that were in the study before this call (a resumed study)
     mode: str = "predict"
     bindings: dict[str, int] = field(default_factory=dict)  # the symbolic sizes latency/memory are priced at
+    measured_violations: dict[int, list[str]] = field(default_factory=dict)  # hybrid: constraints broken as measured
+    n_interrupted: int = 0  # trials cut off by Ctrl-C (not counted as failed, nor by the budget)
+    n_duplicates: int = 0  # finished trials that sampled an already evaluated config and took its numbers
 
     def summary(self) -> str:
         """One paragraph: the study, its trials by outcome (and why trials were pruned), whether it resumed."""
         parts = [f"{self.n_complete} trials finished"]
-        if self.n_infeasible:
-            parts[0] += f" ({self.n_infeasible} infeasible)"
+        notes = [f"{self.n_infeasible} infeasible"] if self.n_infeasible else []
+        notes += [f"{self.n_duplicates} repeated an evaluated config"] if self.n_duplicates else []
+        if notes:
+            parts[0] += f" ({', '.join(notes)})"
         parts += [f"{self.n_pruned} pruned", f"{self.n_failed} failed"]
+        parts += [f"{self.n_interrupted} interrupted"] if self.n_interrupted else []
         lines = [f"study {self.study_name} in {self.storage}: " + ", ".join(parts)]
         if self.n_earlier:
             lines.append(f"  resumed a study with {self.n_earlier} finished trials from earlier runs (the budget "
                          "counts them); ran " + f"{max(0, self.n_complete - self.n_earlier)} new")
         for reason, n in self.pruned_reasons.items():
             lines.append(f"  pruned {n}x: {reason}")
+        if self.measured_violations:
+            lines.append(f"  {len(self.measured_violations)} of the {len(self.measured)} measured configs break a "
+                         "constraint as measured on this machine and were not chosen")
         return "\n".join(lines)
 
     def table(self, defaults: Mapping[str, Any] | None = None) -> str:
         """The Pareto front, one row per distinct objective vector; configs show the knobs off their default.
 
         Hybrid mode: the configs measured on this machine instead, best (lowest measured latency) first, with
-        their measured and predicted latency (same sizes) and the other objectives' values."""
+        their measured and predicted latency (same sizes), the other objectives' values, and the constraints a
+        config breaks as measured (such a config is never the best)."""
         defaults = defaults if defaults is not None else self.study.user_attrs.get("knob_defaults", {})
         if self.measured:
             return self._measured_table(defaults)
@@ -120,16 +153,18 @@ class TuneResult:
         return "\n".join(rows)
 
     def _measured_table(self, defaults: Mapping[str, Any]) -> str:
-        others = [o for o in self.objectives if o != "latency"]
+        others = [o for o in self.objectives if o not in ("latency", "throughput")]
         rows = [f"{'trial':>5}  {'measured latency':>16}  {'predicted latency':>17}  "
                 + "".join(f"{o:>12}  " for o in others) + "config (non-default knobs)"]
         trials = {t.number: t for t in self.study.trials}
-        for number in sorted(self.measured, key=self.measured.get):
+        for number in sorted(self.measured, key=lambda n: (n in self.measured_violations, self.measured[n], n)):
             t = trials[number]
             values = t.user_attrs["values"]
             changed = {k: v for k, v in t.user_attrs["config"].items() if defaults.get(k, object()) != v}
+            broken = self.measured_violations.get(number)
             rows.append(f"{number:>5}  {self.measured[number]:>16.4g}  {values['predicted_latency']:>17.4g}  "
-                        + "".join(f"{values[o]:>12.4g}  " for o in others) + str(changed))
+                        + "".join(f"{values[o]:>12.4g}  " for o in others) + str(changed)
+                        + (f"  BREAKS {', '.join(broken)} as measured" if broken else ""))
         return "\n".join(rows)
 
 
@@ -146,6 +181,7 @@ class TuneContext:
     mode: str
     reference: Any = None  # CompiledModel of the untransformed graph (for quality)
     backends: tuple[str, ...] = ()  # kernel backends whose real timings "measure" mode takes (e.g. "tvm")
+    device: str = "cpu"  # where measure / hybrid time the model: "cuda" for a GPU target (see `measure_device`)
 
     @property
     def knobs(self) -> list[Knob]:
@@ -166,8 +202,9 @@ class TuneContext:
         """Triton tile configs are knobs (and priced by the kernel model) when triton is a backend of a GPU target."""
         return "triton" in self.backends and getattr(self.hw, "kind", "") == "gpu"
 
-    def compiled(self, graph: Graph, config: Mapping[str, Any]):
-        """The graph on the chosen backends, each configured with its own knob values (torch takes the rest)."""
+    def compiled(self, graph: Graph, config: Mapping[str, Any], device: str = "cpu"):
+        """The graph on the chosen backends, each configured with its own knob values (torch takes the rest), with
+        its weights on `device`."""
         from lmforge.backends import BACKENDS
         from lmforge.compiler import CompiledModel
 
@@ -183,8 +220,17 @@ class TuneContext:
         if graph.get_meta("tensor_parallel"):  # shard.tp > 1: the ranks run as threads of this process
             from lmforge.backends.collectives import TensorParallelModel
 
-            return TensorParallelModel(graph, instances)
-        return CompiledModel(graph, instances)
+            return TensorParallelModel(graph, instances, device=device)
+        return CompiledModel(graph, instances, device=device)
+
+    def timing_inputs(self) -> tuple:
+        """The first eval input, on the timing device (what measure and hybrid modes time)."""
+        import torch
+
+        args = self.eval_inputs[0]
+        if self.device == "cpu":
+            return args
+        return tuple(x.to(self.device) if isinstance(x, torch.Tensor) else x for x in args)
 
 
 def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Sequence[str],
@@ -205,13 +251,15 @@ def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Seq
                                 "fits": float(cost.fits), "eflops": cost.eflops}
     values["latency"] = cost.time_s
     compiled = None
-    if measure_latency or any(o in objectives for o in ("quality", "kl", "accuracy")):
-        compiled = ctx.compiled(graph, config)
+    if any(o in objectives for o in ("quality", "kl", "accuracy")) or (measure_latency and ctx.device == "cpu"):
+        compiled = ctx.compiled(graph, config)  # quality is compared on the CPU, as in predict mode
     if measure_latency:
-        from lmforge.search.measure import measure
+        from lmforge.search import measure as timing
 
-        args = ctx.eval_inputs[0]
-        values["latency"] = values["measured_latency"] = measure(lambda: compiled(*args)).median_s
+        timed = compiled if ctx.device == "cpu" else ctx.compiled(graph, config, device=ctx.device)
+        args = ctx.timing_inputs()
+        values["latency"] = values["measured_latency"] = timing.measure(lambda: timed(*args),
+                                                                        device=ctx.device).median_s
     tokens = ctx.graph.inputs[0].type.numel(ctx.bindings) if ctx.graph.inputs else 1
     values["throughput"] = tokens / values["latency"]
     if "quality" in objectives or "kl" in objectives:
@@ -408,11 +456,64 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
          warm_start_from: str | None = None, bindings: Mapping[str, int] | None = None, hybrid_top: int = 5,
          pipeline=None, progress: bool = True, dynamic=None, backends: Sequence[str] = (),
          layer_groups: int = 1) -> TuneResult:
-    """Tune the knobs of `model_or_workload` for `target`. See the module docstring."""
+    """Tune the knobs of `model_or_workload` for `target`. See the module docstring.
+
+    target:   a preset name ("h100", "host", ...) or a `lmforge.hwmodels.Hardware`.
+    budget:   the number of trials the study holds when tuning stops, earlier runs' and other workers' included
+              (finished, pruned and failed trials count; those cut off by Ctrl-C do not).
+    bindings: symbolic sizes to price at (keys must be symbols of the captured graph)."""
     from lmforge.compiler import CompiledModel
     from lmforge.hwmodels import calibrated, get_target
+    from lmforge.workload import Workload
 
     objectives = tuple(objectives)
+    _check_arguments(objectives, mode, budget, hybrid_top, layer_groups, sampler)
+    constraints = dict(constraints or {})
+    # names, ranges and the checker that accuracy needs, before any slow work (tune() itself takes no checker)
+    check_constraints(constraints, objectives,
+                      model_or_workload.checker if isinstance(model_or_workload, Workload) else None)
+    storage_url = storage if isinstance(storage, str) else (storage or default_storage())
+    store = open_storage(storage)
+    base_hw = get_target(target)  # studies are keyed by the target itself, calibrated or not
+    hw = calibrated(base_hw)  # a saved calibration (`lmforge calibrate`) refines the preset's efficiencies
+    device = measure_device(mode, hw, target)
+    wl, graph, pipe, evals = prepare(model_or_workload, example_inputs, dynamic=dynamic, pipeline=pipeline)
+    check_bindings(graph, bindings)
+    env = _sizes(graph, wl, evals, mode, bindings)
+    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends), device)
+    knobs = _space(ctx, layer_groups)
+    # what a trial's numbers depend on besides graph, target, objectives and mode: a study holds one setting of each
+    settings = {"constraints": {k: (bool(v) if k == "fits" else float(v)) for k, v in constraints.items()},
+                "bindings": dict(sorted(env.items())), "backends": list(backends), "layer_groups": layer_groups,
+                "knobs": sorted(k.name for k in knobs)}
+    if hw.fingerprint() != base_hw.fingerprint():  # calibrated: trials are priced by another cost model
+        settings["calibration"] = hw.fingerprint()
+    name = study_name or study_key(wl.name, graph, base_hw, objectives, mode)
+    tp_knobs = [k for p in pipe for k in p.knobs if k.name == "shard.tp"]
+    if tp_knobs and not study_name:  # a multi-GPU search is its own study (its space has the shard.tp knob)
+        name += f":tp<={max(tp_knobs[0].choices)}"
+    if not study_name:
+        name += settings_suffix(constraints, settings)
+    study = _open_study(store, name, objectives, mode, settings, {
+        "graph_signature": graph.signature(), "target": target if isinstance(target, str) else base_hw.name,
+        "target_fingerprint": base_hw.fingerprint(), "knob_defaults": {k.name: k.default for k in knobs}})
+    # a resumed study's sampler must not replay the draws of the first run: seed it past the trials it holds
+    study.sampler = make_sampler(sampler, len(objectives), budget, seed + len(study.trials))
+    _enqueue_start_points(study, knobs, graph, warm_start_from, store)
+    n_earlier = len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
+    _run(study, ctx, knobs, objectives, constraints, budget, progress)
+    measured = _measure_top(ctx, study, hybrid_top, constraints) if mode == "hybrid" else {}
+    result = _result(study, objectives, name, storage_url, measured, constraints)
+    result.n_earlier, result.mode, result.bindings = n_earlier, mode, dict(env)
+    return result
+
+
+COMPLETE, PRUNED, FAIL, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                   optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING)
+
+
+def _check_arguments(objectives, mode, budget, hybrid_top, layer_groups, sampler) -> None:
+    """tune's arguments that need no workload: an LmforgeError for the first one that is wrong."""
     unknown = [o for o in objectives if o not in DIRECTIONS]
     if unknown:
         raise LmforgeError(f"unknown objective(s) {unknown}; choose from {sorted(DIRECTIONS)}")
@@ -421,109 +522,238 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     if mode not in ("predict", "measure", "hybrid"):
         raise LmforgeError(f"mode must be predict, measure or hybrid, not {mode!r}")
     check_budget(budget)
+    make_sampler(sampler, len(objectives), budget, 0)  # an unknown sampler name fails before a study is created
     if mode == "hybrid" and hybrid_top < 1:
         raise LmforgeError(f"hybrid_top must be >= 1 (how many predicted-best configs to measure), not {hybrid_top}")
-    constraints = dict(constraints or {})
-    from lmforge.workload import Workload
+    if mode == "hybrid" and objectives[0] not in ("latency", "throughput"):
+        raise LmforgeError(f"mode='hybrid' re-ranks the best predicted configs by their latency measured on this "
+                           f"machine, so its first objective must be 'latency' or 'throughput', not "
+                           f"{objectives[0]!r}: put latency first (objectives=('latency', {objectives[0]!r})), or "
+                           f"use mode='predict' to rank by {objectives[0]} alone")
+    if isinstance(layer_groups, bool) or not isinstance(layer_groups, int) or layer_groups < 1:
+        raise LmforgeError(f"layer_groups must be a number of groups of layers >= 1 (1: one value of each per-layer "
+                           f"knob for all layers), not {layer_groups!r}")
 
-    # names, ranges and the checker that accuracy needs, before any slow work (tune() itself takes no checker)
-    check_constraints(constraints, objectives,
-                      model_or_workload.checker if isinstance(model_or_workload, Workload) else None)
-    storage_url = storage if isinstance(storage, str) else (storage or default_storage())
-    store = open_storage(storage)
-    base_hw = get_target(target) if isinstance(target, str) else target
-    hw = calibrated(base_hw)  # a saved calibration (`lmforge calibrate`) refines the preset's efficiencies
-    if mode != "predict" and getattr(hw, "kind", "") != "cpu" and target != "host":
-        import torch
 
-        if not torch.cuda.is_available():
-            raise LmforgeError(f"mode {mode!r} measures on the target, but {target} is not this machine: "
-                               "use mode='predict' (cost model), or target='host'")
-    wl, graph, pipe, evals = prepare(model_or_workload, example_inputs, dynamic=dynamic, pipeline=pipeline)
+def measure_device(mode: str, hw, target) -> str:
+    """Where measure and hybrid modes time trials: "cpu" for a CPU target (the host), "cuda" for a GPU target on a
+    machine with a CUDA GPU; an LmforgeError for a GPU target on a machine without one (its timings would be the
+    CPU's). Predict mode times nothing: "cpu"."""
+    if mode == "predict" or getattr(hw, "kind", "") == "cpu" or target == "host":
+        return "cpu"
+    import torch
+
+    name = target if isinstance(target, str) else getattr(hw, "name", target)
+    if not torch.cuda.is_available():
+        raise LmforgeError(f"mode {mode!r} measures on the target, but {name} is not this machine (a GPU target, and "
+                           "no CUDA GPU is here): use mode='predict' (cost model), or target='host'")
+    import warnings
+
+    from lmforge.hwmodels.presets import target_for_device_name
+
+    try:
+        here = torch.cuda.get_device_name(0)
+    except (RuntimeError, AssertionError):  # a CUDA that cannot name its device: no warning
+        return "cuda"
+    try:
+        same = target_for_device_name(here).name == hw.name
+    except LmforgeError:  # a GPU that no preset describes
+        same = False
+    if not same:
+        warnings.warn(f"mode {mode!r} times trials on this machine's GPU {here!r}, which is not the target {name}: "
+                      "the measured latencies are this GPU's", stacklevel=3)
+    return "cuda"
+
+
+def check_bindings(graph: Graph, bindings: Mapping[str, int] | None) -> None:
+    """An LmforgeError for `bindings` keys that are not symbolic sizes of `graph` (a misspelled size would price
+    the graph at its default sizes without a word), listing the sizes it has."""
+    valid = set(graph.symbols()) | set(dict(graph.get_meta("example_dims") or ()))
+    unknown = sorted(set(bindings or ()) - valid)
+    if unknown:
+        have = ", ".join(sorted(valid)) if valid else "none (capture it with dynamic sizes to price other sizes)"
+        raise LmforgeError(f"bindings {unknown} name no symbolic size of this graph; its symbolic sizes are: {have}")
+
+
+def _sizes(graph: Graph, wl, evals, mode: str, bindings) -> dict[str, int]:
+    """The symbolic sizes every trial is priced at (module docstring, "Sizes")."""
     env = dict(graph.get_meta("example_dims") or ())
     if mode == "predict":
         env.update(dict(wl.extras.get("serving_dims", {})) if wl.extras else {})
         env.update(bindings or {})
-    else:  # predict at the sizes that are measured (the first eval input), so both numbers describe one shape
-        env.update(input_bindings(graph, evals[0]))
-        clash = {k: v for k, v in (bindings or {}).items() if env.get(k, v) != v}
-        if clash:
-            raise LmforgeError(f"mode {mode!r} measures the first eval input, whose sizes are "
-                               f"{ {k: env[k] for k in clash} }, but bindings ask for {clash}: drop `bindings` or use "
-                               "mode='predict' to price other sizes")
-        env.update(bindings or {})
-    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends))
-    hw = base_hw  # studies are keyed by the target itself, calibrated or not
-    knobs = ctx.knobs
-    if layer_groups > 1:  # one copy of each per-layer knob per group of consecutive layers
-        from lmforge.search.space import expand_per_group
+        return env
+    # predict at the sizes that are measured (the first eval input), so both numbers describe one shape
+    env.update(input_bindings(graph, evals[0]))
+    clash = {k: v for k, v in (bindings or {}).items() if env.get(k, v) != v}
+    if clash:
+        raise LmforgeError(f"mode {mode!r} measures the first eval input, whose sizes are "
+                           f"{ {k: env[k] for k in clash} }, but bindings ask for {clash}: drop `bindings` or use "
+                           "mode='predict' to price other sizes")
+    env.update(bindings or {})
+    return env
 
-        knobs = expand_per_group(knobs, layer_groups, [k.name for k in knobs if k.per_layer])
-    # what a trial's numbers depend on besides graph, target, objectives and mode: a study holds one setting of each
-    settings = {"constraints": {k: (bool(v) if k == "fits" else float(v)) for k, v in constraints.items()},
-                "bindings": dict(sorted(env.items())), "backends": list(backends), "layer_groups": layer_groups,
-                "knobs": sorted(k.name for k in knobs)}
-    name = study_name or study_key(wl.name, graph, hw, objectives, mode)
-    tp_knobs = [k for p in pipe for k in p.knobs if k.name == "shard.tp"]
-    if tp_knobs and not study_name:  # a multi-GPU search is its own study (its space has the shard.tp knob)
-        name += f":tp<={max(tp_knobs[0].choices)}"
-    if not study_name:
-        name += settings_suffix(constraints, settings)
+
+def layer_count(graph: Graph) -> int:
+    """How many layers the per-layer knobs address: attention nodes (the sparsity pass's layers) or numbered weights
+    of linears (the quantization pass's), whichever is more."""
+    from lmforge.passes.quant import layer_of
+
+    attention = sum(n.op == "attention" for n in graph.nodes)
+    numbered = [layer_of(n.inputs[1].name) for n in graph.nodes if n.op == "linear" and len(n.inputs) > 1]
+    numbered = [i for i in numbered if i is not None]
+    return max(attention, max(numbered) + 1 if numbered else 0)
+
+
+def _space(ctx: TuneContext, layer_groups: int) -> list[Knob]:
+    """The knobs of the study, with one copy of each per-layer knob per group of consecutive layers."""
+    from lmforge.search.space import expand_per_group
+
+    knobs = ctx.knobs
+    per_layer = [k.name for k in knobs if k.per_layer]
+    if layer_groups == 1 or not per_layer:
+        return knobs
+    n = layer_count(ctx.graph)
+    if layer_groups > n:  # a group with no layer: its knobs would change nothing but still be searched
+        raise LmforgeError(f"layer_groups={layer_groups}, but this graph has {n} layer{'s' * (n != 1)} for the "
+                           f"per-layer knobs ({', '.join(per_layer)}): use layer_groups from 1 to {max(n, 1)}")
+    return expand_per_group(knobs, layer_groups, per_layer)
+
+
+def _open_study(store, name: str, objectives, mode: str, settings: Mapping[str, Any],
+                attrs: Mapping[str, Any]) -> optuna.Study:
+    """Create or resume the study (refusing one run under other settings) and store what readers need."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune reports a resumed study itself (TuneResult.summary)
     study = optuna.create_study(storage=store, study_name=name, load_if_exists=True,
-                                directions=[DIRECTIONS[o] for o in objectives],
-                                sampler=make_sampler(sampler, len(objectives), budget, seed))
+                                directions=[DIRECTIONS[o] for o in objectives])
     _check_same_settings(study, objectives, mode, settings)
-    study.set_user_attr("settings", settings)
-    study.set_user_attr("mode", mode)
-    study.set_user_attr("graph_signature", graph.signature())
-    study.set_user_attr("target", target)
-    study.set_user_attr("target_fingerprint", hw.fingerprint())
-    study.set_user_attr("objectives", list(objectives))
-    study.set_user_attr("knob_defaults", {k.name: k.default for k in knobs})
-    if not study.trials:
-        study.enqueue_trial({k.name: k.default for k in knobs if k.condition is None}, skip_if_exists=True)
+    for key, value in {"settings": settings, "mode": mode, "objectives": list(objectives), **attrs}.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def _config_key(config) -> str:
+    """A config as comparable text (a stored config is JSON: its tuples are lists)."""
+    import json
+
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _enqueue_start_points(study, knobs: Sequence[Knob], graph: Graph, warm_start_from, store) -> None:
+    """Enqueue the default config, then the best configs of `warm_start_from`'s newest study of this graph, each
+    unless a finished trial already evaluated it (a trial cut off by Ctrl-C, or failed, does not count) or it is
+    already waiting. Each goes in as the params a trial sampling it would hold (`space.active_params`), so a
+    warm-start config equal to the default is not run twice."""
+    import warnings
+
+    from lmforge.search.space import active_params
+
+    default = {k.name: k.default for k in knobs}
+    starts = [default]
     if warm_start_from:
-        for cfg in best_configs(graph, warm_start_from, store, limit=3):
-            study.enqueue_trial({k: v for k, v in cfg.items() if k in {kn.name for kn in knobs}},
-                                skip_if_exists=True)
+        found = best_configs(graph, warm_start_from, store, limit=3)
+        if not found:
+            warnings.warn(f"warm_start_from={warm_start_from!r}: the storage has no tuning study of this graph for "
+                          "that target with a feasible trial, so no config was enqueued from it", stacklevel=3)
+        starts += [{**default, **{k: v for k, v in cfg.items() if k in default}} for cfg in found]
+    evaluated = {_config_key(t.user_attrs.get("config")) for t in study.get_trials(deepcopy=False, states=(COMPLETE,))}
+    waiting = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False, states=(WAITING,))]
+    for cfg in starts:
+        params = active_params(cfg, knobs)
+        if _config_key({k.name: params.get(k.name, k.default) for k in knobs}) in evaluated or params in waiting:
+            continue
+        study.enqueue_trial(params)
+        waiting.append(params)
+
+
+def _run(study, ctx: TuneContext, knobs, objectives, constraints, budget: int, progress: bool) -> None:
+    """Run trials until the study holds `budget` counted trials (`counted_trials`, every worker's). Ctrl-C ends the
+    run: the trial it cut off is recorded as interrupted, and with no finished trial yet it is an LmforgeError."""
+    remaining = max(0, budget - counted_trials(study))
+    if not remaining:
+        return
+    interrupted: list[int] = []
 
     def objective(trial: optuna.Trial):
-        from lmforge.passes.shard import ShardError
-        from lmforge.search.kernel_model import KernelConfigInfeasible
-
-        config = suggest(trial, knobs)
         try:
-            values = evaluate_config(ctx, config, tuple(objectives) + tuple(constraints),
-                                     measure_latency=(mode == "measure"))
-        except (KernelConfigInfeasible, ShardError) as e:  # a tile config over the target's limits, a tp the
-            # heads do not divide by: pruned, never scored
-            trial.set_user_attr("config", config)
-            trial.set_user_attr("pruned_reason", str(e))
-            raise optuna.TrialPruned(str(e)) from e
-        trial.set_user_attr("config", config)
-        trial.set_user_attr("values", {k: float(v) for k, v in values.items()})
-        cons = constraint_values(values, constraints) if constraints else [0.0]
-        trial.set_user_attr("constraints", cons)
-        for (cname, _), c in zip(constraints.items(), cons):
-            trial.set_constraint(cname, c)
-        return tuple(values[o] for o in objectives) if len(objectives) > 1 else values[objectives[0]]
+            return _trial(trial, ctx, knobs, objectives, constraints)
+        except KeyboardInterrupt:
+            interrupted.append(trial.number)  # Optuna marks it FAIL; it is not a failed config
+            raise
 
-    done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    remaining = max(0, budget - done)
-    callbacks = [_progress(remaining, objectives)] if progress and remaining else []
+    bars = [_progress(remaining, objectives)] if progress else []
     try:
         study.optimize(objective, n_trials=remaining, catch=(LmforgeError, RuntimeError, ValueError),
-                       callbacks=callbacks, gc_after_trial=False)
-    except KeyboardInterrupt:
-        pass  # every finished trial is already in the storage; the result below covers them
+                       callbacks=[_StopAtBudget(budget), *bars], gc_after_trial=False)
+    except KeyboardInterrupt:  # every finished trial is already in the storage; the result covers them
+        if interrupted:
+            done = list(study.user_attrs.get("interrupted_trials", []))
+            study.set_user_attr("interrupted_trials", sorted(set(done + interrupted)))
+        if not study.get_trials(deepcopy=False, states=(COMPLETE,)):
+            raise LmforgeError(f"tuning was interrupted before any trial finished, so there is no result yet: rerun "
+                               f"the same command to resume study {study.study_name!r}") from None
     finally:
-        for cb in callbacks:
-            cb.close()
-    measured = _measure_top(ctx, study, objectives, hybrid_top) if mode == "hybrid" else {}
-    result = _result(study, objectives, name, storage_url, measured)
-    result.n_earlier, result.mode, result.bindings = done, mode, dict(env)
-    return result
+        for bar in bars:
+            bar.close()
+
+
+def _trial(trial: optuna.Trial, ctx: TuneContext, knobs, objectives, constraints):
+    """One trial: sample a config, evaluate it (or take the numbers of the finished trial that evaluated the same
+    config), record its values and constraints, return its objectives."""
+    from lmforge.passes.shard import ShardError
+    from lmforge.search.kernel_model import KernelConfigInfeasible
+
+    config = suggest(trial, knobs)
+    trial.set_user_attr("config", config)
+    earlier = _evaluated(trial.study, config)
+    if earlier is not None:  # same config, same study settings: the same numbers, without evaluating it again
+        trial.set_user_attr("duplicate_of", earlier.number)
+        values, cons = earlier.user_attrs["values"], earlier.user_attrs.get("constraints", [0.0])
+    else:
+        try:
+            values = evaluate_config(ctx, config, tuple(objectives) + tuple(constraints),
+                                     measure_latency=(ctx.mode == "measure"))
+        except (KernelConfigInfeasible, ShardError) as e:  # a tile config over the target's limits, a tp the
+            # heads do not divide by: pruned, never scored
+            trial.set_user_attr("pruned_reason", str(e))
+            raise optuna.TrialPruned(str(e)) from e
+        except (LmforgeError, RuntimeError, ValueError) as e:  # a failed config; the search goes on
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
+            raise
+        values = {k: float(v) for k, v in values.items()}
+        cons = constraint_values(values, constraints) if constraints else [0.0]
+    trial.set_user_attr("values", values)
+    trial.set_user_attr("constraints", cons)
+    for (cname, _), c in zip(constraints.items(), cons):
+        trial.set_constraint(cname, c)
+    return tuple(values[o] for o in objectives) if len(objectives) > 1 else values[objectives[0]]
+
+
+def _evaluated(study, config) -> optuna.trial.FrozenTrial | None:
+    """The finished trial that evaluated `config` (not one that itself repeated another), if any."""
+    key = _config_key(config)
+    for t in study.get_trials(deepcopy=False, states=(COMPLETE,)):
+        if "duplicate_of" not in t.user_attrs and _config_key(t.user_attrs.get("config")) == key:
+            return t
+    return None
+
+
+def counted_trials(study) -> int:
+    """The trials `budget` counts: every trial that ended (finished, pruned or failed), of every run and worker,
+    less those Ctrl-C cut off (study attr "interrupted_trials"; a killed process's trial never ends)."""
+    interrupted = set(study.user_attrs.get("interrupted_trials", ()))
+    return sum(t.number not in interrupted for t in study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED, FAIL)))
+
+
+class _StopAtBudget:
+    """Stop the study once it holds `budget` counted trials, whichever worker ran them (Optuna's MaxTrialsCallback,
+    less the interrupted trials): each worker stops after its running trial, so N workers overshoot by < N."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def __call__(self, study, trial):
+        if counted_trials(study) >= self.budget:
+            study.stop()
 
 
 def _check_same_settings(study, objectives, mode, settings) -> None:
@@ -532,7 +762,9 @@ def _check_same_settings(study, objectives, mode, settings) -> None:
     if old is None:  # a new study, or one from before lmforge stored its settings
         return
     old_objectives = study.user_attrs.get("objectives")
-    diffs = [f"{k}: study has {old.get(k)!r}, this run {v!r}" for k, v in settings.items() if old.get(k) != v]
+    keys = [*settings, *(k for k in old if k not in settings)]
+    diffs = [f"{k}: study has {old.get(k)!r}, this run {settings.get(k)!r}" for k in keys
+             if old.get(k) != settings.get(k)]
     if old_objectives is not None and list(old_objectives) != list(objectives):
         diffs.insert(0, f"objectives: study has {old_objectives}, this run {list(objectives)}")
     if study.user_attrs.get("mode", mode) != mode:
@@ -543,73 +775,143 @@ def _check_same_settings(study, objectives, mode, settings) -> None:
                            "from the settings), or the same settings to resume it")
 
 
-def _measure_top(ctx: TuneContext, study, objectives, k: int) -> dict[int, float]:
-    """Hybrid mode: measure the k best predicted feasible configs on this machine."""
-    trials = _feasible(study)
-    trials.sort(key=lambda t: t.user_attrs["values"]["predicted_latency"])
+def _measure_top(ctx: TuneContext, study, k: int, constraints: Mapping[str, Any]) -> dict[int, float]:
+    """Hybrid mode: measure the k best configs by their predicted numbers on this machine; the study keeps the
+    measured latencies (study attr "hybrid_measured", which `ranked_trials` reads)."""
     out = {}
-    for t in trials[:k]:
+    for t in ranked_trials(study, measured={}, constraints=constraints)[:k]:
         values = evaluate_config(ctx, t.user_attrs["config"], (), measure_latency=True)
         out[t.number] = values["measured_latency"]
         study.set_user_attr(f"measured_latency:{t.number}", values["measured_latency"])
+    study.set_user_attr("hybrid_measured", {str(n): v for n, v in out.items()})
     return out
 
 
 def _feasible(study) -> list:
-    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+    return [t for t in study.trials if t.state == COMPLETE
             and all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))]
 
 
-def _result(study, objectives, name, storage, measured) -> TuneResult:
-    feasible = _feasible(study)
-    failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
-    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+def _signs(study) -> list[int]:
+    """+1 for each minimized objective of `study`, -1 for each maximized one (from the study's directions, so a
+    study that lmforge.tune did not write reads too)."""
+    return [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+
+
+def measured_latencies(study) -> dict[int, float]:
+    """Hybrid studies: trial number -> latency measured on the tuning machine, for the configs the last run
+    measured (empty for other studies)."""
+    attrs = study.user_attrs
+    if "hybrid_measured" in attrs:
+        return {int(n): float(v) for n, v in attrs["hybrid_measured"].items()}
+    # a study from before "hybrid_measured": every measurement it holds
+    return {int(k.split(":", 1)[1]): float(v) for k, v in attrs.items() if k.startswith("measured_latency:")}
+
+
+def measured_values(values: Mapping[str, float], latency: float) -> dict[str, float]:
+    """A hybrid trial's values with its measured latency (and the throughput that follows) in place of the
+    predicted ones; "predicted_latency" keeps the prediction."""
+    out = dict(values)
+    out["throughput"] = out["throughput"] * out["latency"] / latency
+    out["latency"] = out["measured_latency"] = latency
+    return out
+
+
+def measured_violations(values: Mapping[str, float], latency: float, constraints: Mapping[str, Any]) -> list[str]:
+    """The latency / throughput constraints a config breaks at its measured latency (as `constraint_tag`s)."""
+    timed = {k: b for k, b in constraints.items() if k in ("latency", "throughput")}
+    return [constraint_tag(k, b) for (k, b), c in zip(timed.items(), constraint_values(measured_values(values, latency),
+                                                                                         timed)) if c > 0]
+
+
+def ranked_trials(study, measured: Mapping[int, float] | None = None,
+                  constraints: Mapping[str, Any] | None = None) -> list:
+    """The feasible trials of `study`, best first: the one ranking that `TuneResult.best_config` and
+    `compile(..., config="best")` (through `best_configs`) both take their first from.
+
+    Predict and measure studies: by the objectives in order (the first decides, ties go to the next, then to the
+    earlier trial), so one objective gives its best and several give the Pareto point best in the first.
+    Hybrid studies (`measured`, default: the study's own measurements): only the measured trials, by measured
+    latency, less those whose measured latency breaks a latency or throughput constraint (`constraints`, default:
+    the study's own). A trial that repeated an evaluated config (user attr "duplicate_of") is left out."""
+    if measured is None:
+        measured = measured_latencies(study)
+    if constraints is None:
+        constraints = (study.user_attrs.get("settings") or {}).get("constraints") or {}
+    trials = [t for t in _feasible(study) if "duplicate_of" not in t.user_attrs]
+    if measured:
+        kept = [t for t in trials if t.number in measured
+                and not measured_violations(t.user_attrs["values"], measured[t.number], constraints)]
+        return sorted(kept, key=lambda t: (measured[t.number], t.number))
+    signs = _signs(study)
+    return sorted(trials, key=lambda t: ([s * v for s, v in zip(signs, t.values)], t.number))
+
+
+def _result(study, objectives, name, storage, measured, constraints) -> TuneResult:
+    trials = study.get_trials(deepcopy=False)
+    interrupted = set(study.user_attrs.get("interrupted_trials", ()))
+    failed = sum(t.state == FAIL and t.number not in interrupted for t in trials)
+    complete = [t for t in trials if t.state == COMPLETE]
+    pruned = [t for t in trials if t.state == PRUNED]
     reasons: dict[str, int] = {}
     for t in pruned:
         reason = t.user_attrs.get("pruned_reason", "pruned by the sampler")
         reasons[reason] = reasons.get(reason, 0) + 1
+    feasible = _feasible(study)
     if not feasible:
         more = f", {len(pruned)} pruned: {'; '.join(reasons)}" if pruned else ""
-        raise LmforgeError(f"no feasible configuration among {complete} finished trials ({failed} failed{more}) of "
-                           f"study {name!r}: relax the constraints or raise the budget")
-    pareto = _pareto(feasible, objectives)
-    if measured:
-        best = min((t for t in feasible if t.number in measured), key=lambda t: measured[t.number])
-    elif len(objectives) == 1:
-        sign = 1 if DIRECTIONS[objectives[0]] == "minimize" else -1
-        best = min(feasible, key=lambda t: sign * t.values[0])
-    else:
-        best = pareto[0]["_trial"]
-    front = [{k: v for k, v in p.items() if k != "_trial"} for p in pareto]
+        hint = ("relax the constraints or raise the budget" if complete else
+                "no trial finished: the failed trials' errors are in the log above (and their user attr 'error')")
+        raise LmforgeError(f"no feasible configuration among {len(complete)} finished trials ({failed} failed{more}) "
+                           f"of study {name!r}: {hint}")
+    violations = {}  # hybrid: the measured configs that break a latency / throughput constraint as measured
+    for t in feasible:
+        broken = measured_violations(t.user_attrs["values"], measured[t.number], constraints) if t.number in measured \
+            else []
+        if broken:
+            violations[t.number] = broken
+    ranked = ranked_trials(study, measured, constraints)
+    if not ranked:  # hybrid: every measured config breaks a latency / throughput constraint on this machine
+        raise LmforgeError(f"none of the {len(measured)} configs measured on this machine meets "
+                           f"{', '.join(sorted({c for v in violations.values() for c in v}))} when measured "
+                           f"(measured latencies {sorted(f'{v:.3g}' for v in measured.values())} s) in study "
+                           f"{name!r}: relax the constraint, raise hybrid_top, or use mode='predict'")
+    best = ranked[0]
+    candidates = [t for t in feasible if "duplicate_of" not in t.user_attrs]
+    front = [{k: v for k, v in p.items() if k != "_trial"} for p in _pareto(candidates, objectives, _signs(study))]
     values = dict(best.user_attrs["values"])
     if measured:  # hybrid: the best config's latency (and so its throughput) is its measured one
-        values["throughput"] = values["throughput"] * values["latency"] / measured[best.number]
-        values["latency"] = values["measured_latency"] = measured[best.number]
+        values = measured_values(values, measured[best.number])
     return TuneResult(study, tuple(objectives), dict(best.user_attrs["config"]), values, front, name, storage,
-                      complete, failed, measured, n_pruned=len(pruned), pruned_reasons=reasons,
-                      n_infeasible=complete - len(feasible))
+                      len(complete), failed, measured, n_pruned=len(pruned), pruned_reasons=reasons,
+                      n_infeasible=len(complete) - len(feasible), measured_violations=violations,
+                      n_interrupted=sum(t.state == FAIL and t.number in interrupted for t in trials),
+                      n_duplicates=sum("duplicate_of" in t.user_attrs for t in complete))
 
 
-def _pareto(trials, objectives) -> list[dict]:
-    signs = [1 if DIRECTIONS[o] == "minimize" else -1 for o in objectives]
+def _pareto(trials, objectives, signs: Sequence[int] | None = None) -> list[dict]:
+    """The non-dominated trials, sorted by the objectives in order. signs: +1 minimize / -1 maximize per objective
+    (default: from DIRECTIONS); a trial's config is its user attr "config", else its params."""
+    if signs is None:
+        signs = [1 if DIRECTIONS.get(o, "minimize") == "minimize" else -1 for o in objectives]
     vals = [[s * v for s, v in zip(signs, t.values)] for t in trials]
     front = []
     for i, t in enumerate(trials):
         dominated = any(all(a <= b for a, b in zip(vals[j], vals[i])) and vals[j] != vals[i]
                         for j in range(len(trials)) if j != i)
         if not dominated:
-            front.append({"trial": t.number, "config": t.user_attrs["config"],
+            front.append({"trial": t.number, "config": t.user_attrs.get("config", t.params),
                           "values": dict(zip(objectives, t.values)), "_trial": t})
     front.sort(key=lambda p: [s * p["values"][o] for s, o in zip(signs, objectives)])
     return front
 
 
-def best_configs(graph: Graph, target: str, storage: str | None = None, limit: int = 1,
-                 tensor_parallel: bool = False) -> list[dict]:
-    """The best configs found so far for this graph (by signature, after the canonical passes) on `target`: those
-    of the most recently started study first (studies differ by objectives, mode and constraints; the last one run
-    is the one asked for), then of older ones.
+def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_parallel: bool = False) -> list[dict]:
+    """The best configs found so far for this graph (by signature, after the canonical passes) on `target` (a name
+    or a Hardware): those of the most recently started study first (studies differ by objectives, mode,
+    constraints and calibration; the last one run is the one asked for), then of older ones. Within a study the
+    order is `ranked_trials`', so the first config is the `best_config` that `tune` returned for that study (in
+    hybrid mode the measured best).
 
     Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
     their latencies are those of a group of GPUs, not of one."""
@@ -626,13 +928,7 @@ def best_configs(graph: Graph, target: str, storage: str | None = None, limit: i
         if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        feasible = _feasible(study)
-        if not feasible:
-            continue
-        objectives = study.user_attrs.get("objectives", ["latency"])
-        sign = 1 if DIRECTIONS[objectives[0]] == "minimize" else -1
-        feasible.sort(key=lambda t: sign * t.values[0])
-        out += [dict(t.user_attrs["config"]) for t in feasible[:limit]]
+        out += [dict(t.user_attrs["config"]) for t in ranked_trials(study)[:limit]]
     return out[:limit]
 
 
