@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("workload")
     tu.add_argument("--target", default="h100")
     tu.add_argument("--budget", type=int, default=50,
-                    help="number of finished trials to reach (a resumed study's earlier trials count)")
+                    help="number of trials the study holds when tuning stops: finished, pruned and failed ones, "
+                         "of earlier runs and other workers too (trials cut off by Ctrl-C do not count)")
     tu.add_argument("--objective", action="append", help="latency|throughput|memory|quality|kl|accuracy "
                                                          "(repeat for a Pareto front)")
     tu.add_argument("--mode", default="predict", choices=["predict", "measure", "hybrid"])
