@@ -12,16 +12,33 @@ communicator:
 
 `TensorParallelModel(graph)` is the callable a split graph compiles to: it takes and returns whole tensors
 like the unsplit model, cuts the split inputs (the KV caches) per rank, runs the ranks, and joins the split
-outputs. Given `group=TorchDistributedGroup()` it runs just this process's rank (each process passes the
-same whole inputs and gets the same whole outputs).
+outputs.
 
     tp = TensorParallelModel(lmforge.passes.shard.tensor_parallel(graph, 2))
     logits, k_cache, v_cache = tp(tokens, k_cache, v_cache)       # == CompiledModel(graph)(...)
+
+Given `group=TorchDistributedGroup()` it runs just this process's rank, in one of two modes (`split_io`):
+
+- "whole" (the default): each process passes the same whole inputs and gets the same whole outputs. Every call
+  cuts the rank's part of each split input (the KV caches) from the whole tensor and all-gathers each split
+  output: per call each rank sends (tp - 1) / tp of every returned cache over the interconnect, and holds the
+  whole caches, in and out. Neither cost is in the split graph, so the cost model (one rank's share, caches
+  kept on their ranks) does not charge them. Simple, and right for a check or a one-off call.
+- "local" (for serving; `model.rank_local()` too): the split inputs and outputs, the plan's "inputs" and
+  "outputs" (the KV caches, on their head dim), are this rank's parts: the caller passes the parts the previous
+  step returned, and nothing is cut or gathered. This is what the cost model charges: one rank's cache, the
+  graph's collectives only. `model.local_part(name, whole)` cuts a rank's part of a whole tensor once (a cache
+  made elsewhere); `lmforge.passes.shard.whole_io_types` and the graph's own input types give both shapes.
+
+    model = TensorParallelModel(split, group=TorchDistributedGroup(), split_io="local")
+    logits, k, v = model(tokens, model.local_part("k_cache", k0), model.local_part("v_cache", v0))
+    logits, k, v = model(next_tokens, k, v)                       # the caches stay on their ranks
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import threading
 from typing import Sequence
 
@@ -144,10 +161,13 @@ def current_group(size: int):
 
 
 class TensorParallelModel:
-    """A split graph's ranks, callable with whole inputs like the unsplit model (see the module docstring)."""
+    """A split graph's ranks, callable with whole inputs like the unsplit model; with `group`, this process's rank
+    only, taking and returning whole tensors (split_io="whole": the caches cut and all-gathered every call) or its
+    parts of the KV caches (split_io="local": nothing cut or gathered, what the cost model charges). See the module
+    docstring."""
 
     def __init__(self, graph, backends: Sequence = (), device="cpu", target: str = "host", config=None,
-                 pass_report: str = "", group=None):
+                 pass_report: str = "", group=None, split_io: str = "whole"):
         from lmforge.compiler import CompiledModel, output_structure
         from lmforge.passes.shard import plan_of, rank_graph
 
@@ -158,13 +178,34 @@ class TensorParallelModel:
         self.target, self.config, self.pass_report = target, dict(config or {}), pass_report
         if group is not None and group.size != self.size:
             raise LmforgeError(f"the graph is split over {self.size} ranks but the group has {group.size}")
-        self.group = group
+        if split_io not in ("whole", "local") or (split_io == "local" and group is None):
+            raise LmforgeError(f"split_io must be 'whole' or 'local' (with a group: one rank's parts), got "
+                               f"{split_io!r}{'' if group is not None else ' without a group'}")
+        self.group, self.split_io = group, split_io
         ranks = range(self.size) if group is None else [group.rank]
         self.ranks = {r: CompiledModel(rank_graph(graph, r), backends, device, target, config, pass_report)
                       for r in ranks}
         self._split_inputs = [plan["inputs"].get(v.name) for v in graph.inputs]
         self._split_outputs = {int(k): d for k, d in plan["outputs"].items()}
         self._out_spec = output_structure(graph)
+
+    def rank_local(self) -> "TensorParallelModel":
+        """This model (one rank of a group) taking and returning its rank's parts of the split inputs and outputs,
+        the KV caches: split_io="local", see the module docstring. Shares the compiled rank."""
+        if self.group is None:
+            raise LmforgeError("rank_local() is for one rank of a group: build the model with group=...")
+        local = copy.copy(self)
+        local.split_io = "local"
+        return local
+
+    def local_part(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole tensor for the split input `name` (a KV cache), for split_io="local"."""
+        from lmforge.passes.shard import cut
+
+        if name not in self.plan["inputs"]:
+            raise LmforgeError(f"input {name!r} is not split (split inputs: {sorted(self.plan['inputs'])})")
+        rank = self.group.rank if self.group is not None else 0
+        return cut(tensor, self.size, rank, self.plan["inputs"][name])
 
     @property
     def weights(self) -> dict:
@@ -200,19 +241,26 @@ class TensorParallelModel:
     def _rank_inputs(self, leaves: list, rank: int) -> list:
         from lmforge.passes.shard import cut
 
+        if self.split_io == "local":
+            return leaves
         return [x if d is None else cut(x, self.size, rank, d) for x, d in zip(leaves, self._split_inputs)]
 
     def _run_rank(self, rank: int, group, leaves: list) -> list:
         model = self.ranks[rank]
+        gather = self.group is not None and self.split_io == "whole"   # threads: joined by _run_threads
         with use_group(group):
             outs = model._fn(*self._rank_inputs(leaves, rank))
-            return [group.all_gather(o, self._split_outputs[i]) if i in self._split_outputs and self.group else o
+            return [group.all_gather(o, self._split_outputs[i]) if i in self._split_outputs and gather else o
                     for i, o in enumerate(outs)]
 
     def __call__(self, *args, **kwargs):
         from lmforge.compiler import input_leaves
         from lmforge.passes.shard import whole_io_types
 
+        if self.split_io == "local":      # the graph's own (local) input types
+            leaves = input_leaves(self.graph, args, kwargs)
+            outs = self._run_rank(self.group.rank, self.group, leaves)
+            return self._structured(outs)
         if getattr(self, "_whole_inputs", None) is None:
             self._whole_inputs = whole_io_types(self.graph)[0]
         leaves = input_leaves(self.graph, args, kwargs, self._whole_inputs)
@@ -223,6 +271,9 @@ class TensorParallelModel:
             outs = self._run_rank(self.group.rank, self.group, leaves)
         else:
             outs = self._run_threads(leaves)
+        return self._structured(outs)
+
+    def _structured(self, outs: list):
         if self._out_spec is None:
             return outs[0] if len(outs) == 1 else outs
         return pytree.tree_unflatten(list(outs), self._out_spec)

@@ -8,10 +8,14 @@ Megatron-LM's scheme (Shoeybi et al., 2019), found by propagating where each val
   sum, and an `all_reduce` makes it whole (the bias is added after the sum);
 - between the two, ops work on their rank's part: reshapes into heads move the split to the head dim,
   RoPE, the KV-cache append and every attention op run on the rank's heads (query and KV heads must both
-  divide by tp), elementwise ops and norms over an unsplit dim keep the split;
-- an op that needs a whole value it only has in parts gets an `all_gather` first (correct, at the cost of
-  the traffic, which the cost model charges); a replicated value an op needs in parts is cut locally
-  (`shard_slice`, no traffic), or, when it is a graph input (a KV cache), the input itself is split.
+  divide by tp), elementwise ops (broadcast numpy-style) and norms over unsplit dims keep the split;
+- one KV head (MQA): the projections that make K and V stay whole (a merged QKV keeps just its K and V
+  blocks whole), so every rank holds the whole one-head cache and its query heads read it (but for
+  block_topk_attention, whose query heads choose their KV blocks together: it runs whole);
+- an op that needs a whole value it only has in parts gets an `all_gather` first (one per value, however
+  many ops read it; correct, at the cost of the traffic, which the cost model charges); a replicated value
+  an op needs in parts is cut locally (`shard_slice`, no traffic), or, when it is a graph input (a KV
+  cache), the input itself is split.
 
     before (one GPU)                                     after, tp = 2 (each rank)
     %q = linear(%x, wq)             f32[b, 1, 256]       %q = linear(%x, wq)            f32[b, 1, 128]  wq rows split
@@ -21,14 +25,17 @@ Megatron-LM's scheme (Shoeybi et al., 2019), found by propagating where each val
                                                          %o = all_reduce(%p; group_size=2)
 
 The result keeps the *full* weights in `graph.weights` with the param types of one rank, and says how to cut
-them in `graph.meta["tensor_parallel"]`: {"size": tp, "params": {name: [dim, segments]}, "inputs": {name: dim},
-"outputs": {index: dim}} (segments: the sizes of the sub-blocks of a merged weight, QKV or gate/up, each
-split on its own; inputs and outputs listed are split on that dim, e.g. the KV caches on their head dim;
-every other input and output is whole on every rank). `rank_weights(graph, r)` cuts rank r's weights;
-`lmforge.backends.collectives.TensorParallelModel` runs the ranks (threads in one process, or one rank of a
-torch.distributed job). A rank's graph has local shapes throughout, so the cost model prices one GPU's share
-of the work plus the collectives (interconnect bytes, tier "peer"), and the memory check sees one GPU's
-weights and cache. The rewrite is exact: tests compare the ranks' result with the unsplit graph.
+them in `graph.meta["tensor_parallel"]`: {"size": tp, "params": {name: [dim, segments(, kept)]}, "inputs":
+{name: dim}, "outputs": {index: dim}} (segments: the sizes of the sub-blocks of a merged weight, QKV or gate/up,
+each split on its own but for the indices in kept, held whole by every rank; inputs and outputs listed are split
+on that dim: the KV caches on their head dim, those a decode step appends to and those a prefill returns, so they
+stay on their ranks from the prefill on; every other input and output is whole on every rank).
+`rank_weights(graph, r)` cuts rank r's weights; `lmforge.backends.collectives.TensorParallelModel` runs the
+ranks (threads in one process, or one rank of a torch.distributed job, which takes the caches whole or, for
+serving, as its own parts). A rank's graph has local shapes throughout, so the cost model prices one GPU's
+share of the work plus the collectives (interconnect bytes, tier "peer"), and the memory check sees one GPU's
+weights and cache: what a job with rank-local caches runs. The rewrite is exact: tests compare the ranks'
+result with the unsplit graph.
 
 The pass runs last in a pipeline (after quantization and fusion: it splits int4/int8 packed weights, whose
 groups must not straddle ranks, and retypes fused regions). Knob `shard.tp` (1 = off) is offered by
@@ -51,7 +58,9 @@ META_KEY = "tensor_parallel"
 ATTENTION_OPS = ("attention", "block_topk_attention", "block_sparse_attention", "flex_prefill_attention",
                  "flex_prefill_mask", "shared_prefix_attention")   # per-head ops: split on dim 1 of q / k / v
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where", "cast", "gelu", "pow_scalar"}
-ROW_NORMS = ("rmsnorm", "layernorm", "softmax")   # normalise over the last dim (softmax: over attrs["dim"])
+ROW_NORMS = ("rmsnorm", "layernorm", "softmax")   # normalise over the last `ndim` dims (softmax: attrs["dim"])
+HEAD_GROUP_OPS = ("block_topk_attention",)        # the query heads of a KV head share their choice of blocks
+PROJECTIONS = ("linear", "linear_wo", "matmul")
 
 
 class ShardError(LmforgeError):
@@ -61,10 +70,18 @@ class ShardError(LmforgeError):
 @dataclass(frozen=True)
 class Split:
     """A value split along `dim` over the group; `segments`: the full sizes of consecutive sub-blocks of that
-    dim that are each split on their own (a merged QKV output), None for one block."""
+    dim that are each split on their own (a merged QKV output), None for one block; `kept`: the indices of
+    segments that are not split but whole on every rank (the K / V blocks of a merged QKV with one KV head)."""
 
     dim: int
     segments: tuple[int, ...] | None = None
+    kept: tuple[int, ...] = ()
+
+    def local_size(self, size, tp: int):
+        """The rank's size of the split dim, whole size `size`."""
+        if self.segments is None:
+            return size // tp
+        return sum(n if i in self.kept else n // tp for i, n in enumerate(self.segments))
 
 
 # ---- reshape: where a split dim goes --------------------------------------------------------------------------------
@@ -150,13 +167,65 @@ def reshape_split_dim(in_shape: tuple, out_shape: tuple, dim: int, tp: int) -> i
 
 # ---- the propagation -------------------------------------------------------------------------------------------------
 
-def _local_shape(shape: tuple, dim: int, tp: int) -> tuple:
+def _local_shape(shape: tuple, dim: int, tp: int, split: Split | None = None) -> tuple:
+    """`shape` with dim `dim` cut to one rank's part (as `split` says, for a merged value)."""
     size = shape[dim]
-    if not isinstance(size, int) or size % tp:
+    if not isinstance(size, int) or (size % tp and not (split and split.kept)):
         raise ShardError(f"dim {dim} of shape {tuple(shape)} does not split into {tp} equal parts")
     out = list(shape)
-    out[dim] = size // tp
+    out[dim] = (split or Split(dim)).local_size(size, tp)
     return tuple(out)
+
+
+def _one_head_sources(graph: Graph, producers: Mapping[str, Node], params: set) -> dict[str, frozenset | None]:
+    """The projections an attention op reads as a one-head K / V (MQA; also repeated to every query head by an
+    expand, as Hugging Face's repeat_kv does), found upward from there through any op up to the first projection:
+    {projection output: None (keep it whole), or the starts of the blocks of its output features to keep whole (a
+    merged QKV's K and V)}. Column-splitting them would split the head_dim."""
+    found: dict[str, frozenset | None] = {}
+    todo = []
+    for v in (v for n in graph.nodes if n.op in ATTENTION_OPS for v in n.inputs[1:] if v is not None):
+        while v.type.rank != 4 or v.type.shape[1] != 1:
+            node = producers.get(v.name)
+            if node is None or node.op not in ("reshape", "expand"):
+                break
+            v = node.inputs[0]
+        else:
+            todo.append(v)
+    seen = set()
+    while todo:
+        v = todo.pop()
+        node = producers.get(v.name)
+        if node is None or v.name in seen:
+            continue
+        seen.add(v.name)
+        if node.op in PROJECTIONS:
+            found[node.output.name] = None
+            continue
+        above = _projection_above(node.inputs[0], producers, params) if node.op == "slice" else None
+        if above is not None and node.attr["dim"] % v.type.rank == v.type.rank - 1 and isinstance(
+                node.attr["start"], int):
+            if found.get(above, frozenset()) is not None:
+                found[above] = found.get(above, frozenset()) | {node.attr["start"]}
+            continue
+        todo.extend(i for i in node.inputs if i is not None and i.name not in params)
+    return found
+
+
+def _projection_above(v: Value, producers: Mapping[str, Node], params: set) -> str | None:
+    """The projection whose output features `v` is (through reshapes that keep the last dim and a bias add or
+    scale by a param, as `_Sharder._segments_of` walks down), or None."""
+    while (node := producers.get(v.name)) is not None:
+        if node.op in PROJECTIONS:
+            return node.output.name
+        if node.op == "reshape" and node.inputs[0].type.shape[-1] == v.type.shape[-1]:
+            v = node.inputs[0]
+        elif node.op in ("add", "mul") and len(rest := [i for i in node.inputs
+                                                         if i is not None and i.name not in params]) == 1:
+            v = rest[0]
+        else:
+            return None
+    return None
 
 
 class _Sharder:
@@ -173,12 +242,16 @@ class _Sharder:
         self.vals: dict[str, Value] = {}            # old name -> new value
         self.state: dict[str, Split | None] = {}
         self.nodes: list[Node] = []
-        self.param_plan: dict[str, tuple[int, tuple | None]] = {}
+        self.param_plan: dict[str, tuple[int, tuple | None, tuple]] = {}   # name -> (dim, segments, kept)
         self.users = graph.users()
         self.producers = graph.producers()
         self.param_names = {p.name for p in graph.params}
         self.input_names = {v.name for v in graph.inputs}
         self.output_names = {v.name for v in graph.outputs}
+        self.gathered: dict[str, Value] = {}        # old name -> its all_gather (one per split value)
+        self.cuts: dict[tuple[str, int], Value] = {}   # (old name, dim) -> its shard_slice
+        self.one_head_sources = _one_head_sources(graph, self.producers, self.param_names)
+        self._kv_read: set[str] | None = None       # values attention ops read as K / V (see _is_cache)
 
     # -- helpers --
     def fresh(self, base: str) -> str:
@@ -198,13 +271,17 @@ class _Sharder:
         return outs
 
     def whole(self, v: Value, source: str) -> Value:
-        """`v` (an old value) made whole on every rank: an all_gather if it is split."""
+        """`v` (an old value) made whole on every rank: an all_gather if it is split (one, however many ops read
+        it whole)."""
         new, s = self.vals[v.name], self.state.get(v.name)
         if s is None:
             return new
         if s.segments is not None:
             raise ShardError(f"internal: {v.name} (a merged linear's split output) is read whole")
-        return self.emit("all_gather", [new], {"group_size": self.tp, "dim": s.dim}, source, f"{v.name}_whole")[0]
+        if v.name not in self.gathered:
+            self.gathered[v.name] = self.emit("all_gather", [new], {"group_size": self.tp, "dim": s.dim}, source,
+                                              f"{v.name}_whole")[0]
+        return self.gathered[v.name]
 
     def split(self, v: Value, dim: int, source: str) -> Value:
         """`v` (an old value) split along `dim`: as it is, or cut from a whole value (a whole graph input is
@@ -215,8 +292,11 @@ class _Sharder:
         source_input = self._input_view(v, dim) if s is None else None
         if source_input is not None and source_input[0] not in self.split_inputs:
             self.requests[source_input[0]] = source_input[1]
-        whole = self.whole(v, source)
-        return self.emit("shard_slice", [whole], {"group_size": self.tp, "dim": dim}, source, f"{v.name}_part")[0]
+        if (v.name, dim) not in self.cuts:
+            whole = self.whole(v, source)
+            self.cuts[v.name, dim] = self.emit("shard_slice", [whole], {"group_size": self.tp, "dim": dim}, source,
+                                               f"{v.name}_part")[0]
+        return self.cuts[v.name, dim]
 
     def _input_view(self, v: Value, dim: int) -> tuple[str, int] | None:
         """(graph input, its dim) when `v` is a view of a graph input through `select`s and `slice`s along other
@@ -246,16 +326,19 @@ class _Sharder:
         inputs = [None if v is None else self.whole(v, node.source) for v in node.inputs]
         self.keep(node, inputs, None)
 
-    def shard_param(self, p: Value, dim: int, segments=None) -> Value | None:
-        """The local param of a single-use param split along `dim`, or None when it cannot be split."""
+    def shard_param(self, p: Value, dim: int, segments=None, kept=()) -> Value | None:
+        """The local param of a single-use param split along `dim` (its `segments` each split on its own, but for
+        those numbered in `kept`), or None when it cannot be split."""
         if p.name not in self.param_names or len(self.users.get(p.name, [])) != 1 or p.name in self.output_names:
             return None
         size = p.type.shape[dim]
         parts = segments or (size,)
-        if not isinstance(size, int) or any(s % self.tp for s in parts) or sum(parts) != size:
+        if not isinstance(size, int) or any(s % self.tp for i, s in enumerate(parts) if i not in kept) or \
+                sum(parts) != size:
             return None
-        new = Value(p.name, p.type.with_(shape=_local_shape(p.type.shape, dim, self.tp)))
-        self.param_plan[p.name] = (dim, tuple(segments) if segments else None)
+        split = Split(dim, tuple(segments) if segments else None, tuple(kept))
+        new = Value(p.name, p.type.with_(shape=_local_shape(p.type.shape, dim, self.tp, split)))
+        self.param_plan[p.name] = (dim, split.segments, split.kept)
         self.vals[p.name] = new
         return new
 
@@ -296,18 +379,37 @@ class _Sharder:
         s = self.state.get(x.name)
         if w.name not in self.param_names or w.type.rank != 2 or len(self.users.get(w.name, [])) != 1:
             return self.replicate(node)
-        if s is not None and s.dim == x.type.rank - 1:
+        if s is not None and s.dim == x.type.rank - 1 and not s.kept:
             local = self.shard_param(w, 0, s.segments)
             if local is None:
                 return self.replicate(node)
             return self._all_reduce(node, [self.vals[x.name], local], None)
-        if s is None:
-            segments = self._segments_of(node.output)
-            if isinstance(w.type.shape[1], int) and not any(sz % self.tp for sz in (segments or (w.type.shape[1],))):
-                local = self.shard_param(w, 1, segments)
-                if local is not None:
-                    return self.keep(node, [self.vals[x.name], local], Split(node.output.type.rank - 1, segments))
+        if s is None and (plan := self._column_plan(node.output)) is not None:
+            local = self.shard_param(w, 1, *plan)
+            if local is not None:
+                return self.keep(node, [self.vals[x.name], local], Split(node.output.type.rank - 1, *plan))
         self.replicate(node)
+
+    def _column_plan(self, out: Value) -> tuple[tuple[int, ...] | None, tuple[int, ...]] | None:
+        """(segments, kept) of a column-parallel projection's output features (see Split), or None when it stays
+        whole: features that do not divide by tp, or a projection that makes a one-head K / V (MQA: splitting it
+        would split the head_dim; a merged QKV keeps just those blocks whole)."""
+        size = out.type.shape[-1]
+        if not isinstance(size, int):
+            return None
+        segments = self._segments_of(out)
+        keep = self.one_head_sources.get(out.name, frozenset())
+        kept: tuple[int, ...] = ()
+        if keep is None or (keep and segments is None):
+            return None
+        if keep:
+            starts = [sum(segments[:i]) for i in range(len(segments))]
+            if not keep <= set(starts) or len(keep) == len(segments):
+                return None
+            kept = tuple(i for i, start in enumerate(starts) if start in keep)
+        if any(n % self.tp for i, n in enumerate(segments or (size,)) if i not in kept):
+            return None
+        return segments, kept
 
     def _all_reduce(self, node: Node, parts: list, bias: Value | None) -> None:
         """`node` on its rank's parts gives a partial sum: all_reduce it (then add the bias, once)."""
@@ -330,9 +432,10 @@ class _Sharder:
         d = s.dim + len(out) - x.type.rank
         if out[d] != x.type.shape[s.dim]:
             return self.replicate(node)
-        outs = self.emit("expand", [self.vals[x.name]], {"shape": list(_local_shape(out, d, self.tp))}, node.source,
+        s = replace(s, dim=d)
+        outs = self.emit("expand", [self.vals[x.name]], {"shape": list(_local_shape(out, d, self.tp, s))}, node.source,
                          names=[node.output.name])
-        self.vals[node.output.name], self.state[node.output.name] = outs[0], Split(d, s.segments)
+        self.vals[node.output.name], self.state[node.output.name] = outs[0], s
 
     def linear(self, node: Node) -> None:
         x = node.inputs[0]
@@ -351,6 +454,8 @@ class _Sharder:
     def _row(self, node: Node, s: Split, bias: Value | None) -> bool:
         """Row-parallel: weights split on the input features (as x is), partial sums, all_reduce, then bias."""
         tp = self.tp
+        if s.kept:               # blocks whole on every rank would be summed tp times
+            return False
         if node.op == "linear":
             w = self.shard_param(node.inputs[1], 1, s.segments)
             if w is None:
@@ -370,22 +475,19 @@ class _Sharder:
 
     def _column(self, node: Node, bias: Value | None) -> bool:
         """Column-parallel: weights (and bias) split on the output features; the output stays split."""
-        out_features = node.output.type.shape[-1]
-        if not isinstance(out_features, int):
+        plan = self._column_plan(node.output)
+        if plan is None:
             return False
-        segments = self._segments_of(node.output)
         weights = node.inputs[1:2] if node.op == "linear" else node.inputs[1:4]
         if any(v.name not in self.param_names or len(self.users.get(v.name, [])) != 1 for v in weights) or (
                 bias is not None and (bias.name not in self.param_names or len(self.users.get(bias.name, [])) != 1)):
             return False
-        if any(sz % self.tp for sz in (segments or (out_features,))):
-            return False
-        local = [self.shard_param(v, 0, segments) for v in weights]
+        local = [self.shard_param(v, 0, *plan) for v in weights]
         if bias is not None:
-            local.append(self.shard_param(bias, 0, segments))
+            local.append(self.shard_param(bias, 0, *plan))
         if None in local:
             return False
-        self.keep(node, [self.vals[node.inputs[0].name], *local], Split(node.output.type.rank - 1, segments))
+        self.keep(node, [self.vals[node.inputs[0].name], *local], Split(node.output.type.rank - 1, *plan))
         return True
 
     def reshape(self, node: Node) -> None:
@@ -397,10 +499,10 @@ class _Sharder:
         dim = reshape_split_dim(full_in, full_out, s.dim, self.tp)
         if dim is None or (s.segments and full_out[dim] != full_in[s.dim]):   # segments only move as a whole dim
             return self.replicate(node)
-        shape = _local_shape(full_out, dim, self.tp)
-        outs = self.emit("reshape", [self.vals[x.name]], {"shape": list(shape)}, node.source,
-                         names=[node.output.name])
-        self.vals[node.output.name], self.state[node.output.name] = outs[0], Split(dim, s.segments)
+        s = replace(s, dim=dim)
+        outs = self.emit("reshape", [self.vals[x.name]], {"shape": list(_local_shape(full_out, dim, self.tp, s))},
+                         node.source, names=[node.output.name])
+        self.vals[node.output.name], self.state[node.output.name] = outs[0], s
 
     def passthrough_dim(self, node: Node) -> None:
         """permute / select / slice / kv_qdq / rope: the split follows its dim."""
@@ -410,20 +512,24 @@ class _Sharder:
             return self.replicate(node)
         a, rank = node.attr, x.type.rank
         if node.op == "permute":
-            return self.keep(node, [self.vals[x.name]], Split(list(a["perm"]).index(s.dim)))
+            return self.keep(node, [self.vals[x.name]], replace(s, dim=list(a["perm"]).index(s.dim)))
         if node.op == "select":
             d = a["dim"] % rank
             if d == s.dim:
                 return self.replicate(node)
-            return self.keep(node, [self.vals[x.name]], Split(s.dim - (1 if d < s.dim else 0)))
+            return self.keep(node, [self.vals[x.name]], replace(s, dim=s.dim - (1 if d < s.dim else 0)))
         if node.op == "slice":
             d = a["dim"] % rank
             if d != s.dim:
-                return self.keep(node, [self.vals[x.name]], Split(s.dim, s.segments))
+                return self.keep(node, [self.vals[x.name]], s)
             return self._slice_segment(node, s)
         if node.op == "rope":   # rotates pairs along the last dim: a split there needs the whole; else as x * cos
             return self.replicate(node) if s.dim == rank - 1 else self.elementwise(node)
-        return self.keep(node, [self.vals[x.name]], Split(s.dim, s.segments))   # kv_qdq
+        # kv_qdq: one scale per token (over head_dim), per head (over tokens and head_dim) or per row (fp8)
+        scaled = (rank - 2, rank - 1) if a.get("dtype", "int8") == "int8" and a.get("axis") == "head" else (rank - 1,)
+        if s.dim in scaled:
+            return self.replicate(node)
+        return self.keep(node, [self.vals[x.name]], s)
 
     def _slice_segment(self, node: Node, s: Split) -> None:
         """A slice of a merged linear's output that is one of its segments: the same segment's local part."""
@@ -435,17 +541,22 @@ class _Sharder:
         end = min(end, sum(s.segments))
         if a["start"] not in starts or end != a["start"] + s.segments[starts.index(a["start"])]:
             raise ShardError(f"internal: slice {node.output.name} is not a segment of {node.inputs[0].name}")
-        local = {"dim": a["dim"], "start": a["start"] // self.tp, "end": end // self.tp, "step": 1}
+        i = starts.index(a["start"])
+        local_start = Split(s.dim, s.segments[:i], s.kept).local_size(a["start"], self.tp)
+        local_end = local_start + (s.segments[i] if i in s.kept else s.segments[i] // self.tp)
+        local = {"dim": a["dim"], "start": local_start, "end": local_end, "step": 1}
         outs = self.emit("slice", [self.vals[node.inputs[0].name]], local, node.source, names=[node.output.name])
-        self.vals[node.output.name], self.state[node.output.name] = outs[0], Split(s.dim)
+        self.vals[node.output.name], self.state[node.output.name] = outs[0], None if i in s.kept else Split(s.dim)
 
     def elementwise(self, node: Node) -> None:
-        """Split operands of equal split, whole operands broadcast along it (or cut to match)."""
-        splits = {self.state.get(v.name) for v in node.inputs if v is not None} - {None}
+        """Split operands of equal split, whole operands broadcast along it (or cut to match). Operands broadcast
+        numpy-style, aligned on their last dims: an operand's dim d is the output's dim d + out_rank - its rank."""
+        out_rank = node.output.type.rank
+        splits = {replace(s, dim=s.dim + out_rank - v.type.rank) for v in node.inputs
+                  if v is not None and (s := self.state.get(v.name)) is not None}
         if len(splits) != 1:
             return self.replicate(node)
-        s = next(iter(splits))
-        out_rank = node.output.type.rank
+        s = next(iter(splits))                              # the split, as a dim of the output
         inputs = []
         for v in node.inputs:
             if v is None or self.state.get(v.name) is not None:
@@ -454,7 +565,7 @@ class _Sharder:
             d = s.dim - (out_rank - v.type.rank)            # v's dim aligned with the split dim
             if d < 0 or v.type.shape[d] == 1:
                 inputs.append(self.vals[v.name])            # broadcast along the split dim: whole is right
-            elif v.name in self.param_names and self.shard_param(v, d, s.segments) is not None:
+            elif v.name in self.param_names and self.shard_param(v, d, s.segments, s.kept) is not None:
                 inputs.append(self.vals[v.name])            # a bias: cut as the split is
             elif s.segments is None:
                 inputs.append(self.split(v, d, node.source))
@@ -477,11 +588,14 @@ class _Sharder:
             self.vals[old.name], self.state[old.name] = new, s
 
     def norm(self, node: Node) -> None:
+        """A norm over dims the split is not on keeps it (its weights are over those dims: whole); a split on a
+        normalised dim (the last `ndim` of rmsnorm / layernorm, softmax's `dim`) runs whole."""
         x = node.inputs[0]
         s = self.state.get(x.name)
         rank = x.type.rank
-        dim = node.attr.get("dim", -1) % rank if node.op == "softmax" else rank - 1
-        if s is None or s.segments is not None or s.dim == dim:
+        reduced = (node.attr.get("dim", -1) % rank,) if node.op == "softmax" else \
+            range(rank - node.attr.get("ndim", 1), rank)
+        if s is None or s.segments is not None or s.dim in reduced:
             return self.replicate(node)
         rest = [None if v is None else self.whole(v, node.source) for v in node.inputs[1:]]
         self.keep(node, [self.vals[x.name], *rest], Split(s.dim))
@@ -503,21 +617,23 @@ class _Sharder:
         self.keep(node, [self.split(cache, s.dim, node.source), self.vals[new.name]], Split(s.dim))
 
     def attention(self, node: Node) -> None:
-        """Every attention op runs per head (dim 1 of q / k / v): split them all when q comes split."""
+        """Every attention op runs per head (dim 1 of q / k / v): split them all when q comes split. An input with
+        one head (MQA's K / V, a mask shared by all heads) is read whole by every rank's query heads; with one KV
+        head, block_topk_attention (whose query heads of a KV head choose their blocks together) runs whole."""
         q = node.inputs[0]
         s = self.state.get(q.name)
-        heads_ok = all(v is None or v.type.rank != 4 or v.type.shape[1] == 1 or
-                       (isinstance(v.type.shape[1], int) and v.type.shape[1] % self.tp == 0) for v in node.inputs)
+        heads = [v.type.shape[1] for v in node.inputs if v is not None and v.type.rank == 4]
+        heads_ok = all(h == 1 or (isinstance(h, int) and h % self.tp == 0) for h in heads)
+        if node.op in HEAD_GROUP_OPS and 1 in heads[1:]:
+            heads_ok = False
         if s is None or s.dim != 1 or s.segments is not None or not heads_ok:
             return self.replicate(node)
         inputs = []
         for v in node.inputs:
             if v is None:
                 inputs.append(None)
-            elif v.type.rank != 4:
+            elif v.type.rank != 4 or v.type.shape[1] == 1:
                 inputs.append(self.whole(v, node.source))
-            elif v.type.shape[1] == 1 and self.state.get(v.name) is None:
-                inputs.append(self.vals[v.name])      # a mask shared by all heads
             else:
                 inputs.append(self.split(v, 1, node.source))
         self.keep(node, inputs, Split(1))
@@ -561,7 +677,8 @@ class _Sharder:
             else:
                 outputs.append(self.whole(v, "") if s is not None else self.vals[v.name])
         params = [self.vals.get(p.name, p) for p in g.params]
-        plan = {"size": tp, "params": {k: [d, list(seg) if seg else None] for k, (d, seg) in self.param_plan.items()},
+        plan = {"size": tp, "params": {k: [d, list(seg) if seg else None] + ([list(kept)] if kept else [])
+                                       for k, (d, seg, kept) in self.param_plan.items()},
                 "inputs": dict(self.split_inputs), "outputs": {str(k): d for k, d in split_outputs.items()}}
         meta = dict(g.meta)
         meta[META_KEY] = json.dumps(plan, sort_keys=True)
@@ -569,7 +686,14 @@ class _Sharder:
                        outputs=tuple(outputs), meta=meta)
 
     def _is_cache(self, v: Value) -> bool:
-        """A graph output that holds a KV cache: made by kv_cache_append, possibly through reshapes/concats."""
+        """A graph output that holds a KV cache, possibly through reshapes / concats (a stack of the layers'): made
+        by kv_cache_append (a decode step), or the K / V an attention op reads (a prefill), which stays split on
+        its heads as the decode step takes it."""
+        if self._kv_read is None:
+            self._kv_read = {i.name for n in self.graph.nodes if n.op in ATTENTION_OPS for i in n.inputs[1:]
+                             if i is not None and i.type.rank == 4 and i.type.dtype != "bool"}
+            self._kv_read |= {n.inputs[0].name for n in self.graph.nodes
+                              if n.op == "kv_qdq" and n.output.name in self._kv_read}
         seen, todo = set(), [v]
         while todo:
             x = todo.pop()
@@ -577,7 +701,7 @@ class _Sharder:
             if node is None or x.name in seen:
                 continue
             seen.add(x.name)
-            if node.op == "kv_cache_append":
+            if node.op == "kv_cache_append" or x.name in self._kv_read:
                 return True
             if node.op in ("reshape", "concat", "permute", "select", "slice"):
                 todo.extend(i for i in node.inputs if i is not None)
@@ -633,14 +757,15 @@ def plan_of(graph: Graph) -> dict | None:
     return json.loads(plan) if plan else None
 
 
-def cut(tensor, tp: int, rank: int, dim: int, segments=None):
-    """Rank `rank`'s part of a whole tensor split along `dim` (each of `segments` split on its own)."""
+def cut(tensor, tp: int, rank: int, dim: int, segments=None, kept=()):
+    """Rank `rank`'s part of a whole tensor split along `dim` (each of `segments` split on its own, but those
+    numbered in `kept`, which every rank holds whole)."""
     import torch
 
     if not segments:
         return tensor.chunk(tp, dim)[rank].contiguous()
     blocks = tensor.split(list(segments), dim)
-    return torch.cat([b.chunk(tp, dim)[rank] for b in blocks], dim).contiguous()
+    return torch.cat([b if i in kept else b.chunk(tp, dim)[rank] for i, b in enumerate(blocks)], dim).contiguous()
 
 
 def whole_param_types(graph: Graph) -> dict:
@@ -651,7 +776,9 @@ def whole_param_types(graph: Graph) -> dict:
     out = {}
     for p in graph.params:
         if p.name in plan["params"]:
-            out[p.name] = _times(p.type, plan["params"][p.name][0], plan["size"])
+            dim, segments = plan["params"][p.name][:2]
+            out[p.name] = _times(p.type, dim, plan["size"]) if not segments else \
+                p.type.with_(shape=tuple(sum(segments) if d == dim else n for d, n in enumerate(p.type.shape)))
     return out
 
 
@@ -685,7 +812,7 @@ def rank_weights(graph: Graph, rank: int) -> dict:
     out = {}
     for name, w in graph.weights.items():
         spec = plan["params"].get(name)
-        out[name] = w if spec is None else cut(w, plan["size"], rank, spec[0], spec[1])
+        out[name] = w if spec is None else cut(w, plan["size"], rank, *spec)
     return out
 
 

@@ -273,7 +273,8 @@ def _free_port() -> int:
 
 
 def test_a_torch_distributed_job_runs_one_rank_per_process(tmp_path):
-    """Two processes (gloo), each its own rank, each given the whole inputs, return the unsplit graph's outputs."""
+    """Two processes (gloo), each its own rank, each given the whole inputs, return the unsplit graph's outputs; with
+    rank-local caches (split_io="local", for serving) each takes and returns only its part of the caches."""
     script = textwrap.dedent(f"""
         import sys, torch, torch.distributed as dist
         sys.path.insert(0, {str(REPO)!r})
@@ -282,7 +283,7 @@ def test_a_torch_distributed_job_runs_one_rank_per_process(tmp_path):
         from lmforge.backends.collectives import TensorParallelModel, TorchDistributedGroup
         from lmforge.compiler import CompiledModel
         from lmforge.passes import PassManager, default_pipeline
-        from lmforge.passes.shard import tensor_parallel
+        from lmforge.passes.shard import cut, tensor_parallel
         rank = int(sys.argv[1])
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{_free_port()}", rank=rank, world_size=2)
         w = random_workload("5m", seed=6)
@@ -292,6 +293,12 @@ def test_a_torch_distributed_job_runs_one_rank_per_process(tmp_path):
         got, want = model(*w.example_inputs), CompiledModel(g)(*w.example_inputs)
         err = max((a - b).abs().max().item() for a, b in zip(got, want))
         assert err < 1e-5, err
+        local = model.rank_local()
+        tokens, k, v = w.example_inputs
+        logits, k1, v1 = local(tokens, local.local_part("k_cache", k), local.local_part("v_cache", v))
+        assert k1.shape[2] == k.shape[2] // 2 and (logits - want[0]).abs().max().item() < 1e-5
+        assert (k1 - cut(want[1], 2, rank, 2)).abs().max().item() < 1e-5
+        assert (v1 - cut(want[2], 2, rank, 2)).abs().max().item() < 1e-5
         dist.destroy_process_group()
         print("rank", rank, "ok")
     """)
