@@ -138,7 +138,8 @@ def cmd_compile(args) -> int:
 
 def cmd_tune(args) -> int:
     from lmforge.search.report import write_report
-    from lmforge.search.tuner import check_budget, check_constraints, open_storage, tune
+    from lmforge.search.studies import open_storage
+    from lmforge.search.tuner import check_budget, check_constraints, tune
 
     _set_threads(args)
     _check_target(args.target)
@@ -189,7 +190,7 @@ def cmd_report(args) -> int:
     import optuna
 
     from lmforge.search.report import write_report
-    from lmforge.search.tuner import constraint_tag, default_storage, open_storage
+    from lmforge.search.studies import constraint_tag, default_storage, open_storage
 
     url = args.storage or default_storage()
     _check_out(args.out if args.study is not None else None)

@@ -302,13 +302,11 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
         get_target(target)   # an unknown target is an error now, not at inspect() or export
     graph = model if isinstance(model, Graph) else capture(model, example_inputs, dynamic=dynamic)
     if config == "best":
-        from lmforge.search.tuner import best_configs
+        from lmforge.search import studies
 
         graph = PassManager(canonical_pipeline()).run(graph)
-        from lmforge.search.tuner import default_storage, open_storage
-
-        url = storage or default_storage()
-        found = best_configs(graph, target, storage=open_storage(url, must_exist=storage is not None))
+        url = storage or studies.default_storage()
+        found = studies.best_configs(graph, target, storage=studies.open_storage(url, must_exist=storage is not None))
         if not found:
             raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}: "
                                f"run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target "

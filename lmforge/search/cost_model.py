@@ -182,8 +182,8 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
     """Weights + graph inputs + the largest total size of live intermediate values at any node.
 
     A value is live from the node that makes it to its last reader (graph outputs stay live to the end);
-    views share their input's memory (which stays live as long as any view of it is read), and so does `kv_qdq` (fused into the attention read). A KV cache that
-    attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 / fp8, plus
+    views share their input's memory (which stays live as long as any view of it is read), and so does `kv_qdq`
+    (fused into the attention read). A KV cache that attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 / fp8, plus
     one fp32 scale per token and head) from the graph input to the returned cache.
     """
     from lmforge.ir.types import itemsize

@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 
 from lmforge.errors import LmforgeError
-from lmforge.search.tuner import (_feasible, _pareto, _signs, measured_latencies, measured_violations,
-                                   ranked_trials)
+from lmforge.search.studies import (_feasible, _pareto, _signs, measured_latencies, measured_violations,
+                                     ranked_trials)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:

@@ -62,14 +62,14 @@ def test_tune_predict_finds_fusion_on_h100_and_resumes(tmp_path):
     import os
     os.environ["LMFORGE_CACHE"] = str(tmp_path)
     try:
-        from lmforge.search import tuner
-        orig = tuner.default_storage
-        tuner.default_storage = lambda: storage
+        from lmforge.search import studies
+        orig = studies.default_storage
+        studies.default_storage = lambda: storage
         compiled = lmforge.compile(MLP(), (x,), target="h100", config="best")
         assert compiled.config == res.best_config
         assert any(n.op == "fused" for n in compiled.graph.nodes)
     finally:
-        tuner.default_storage = orig
+        studies.default_storage = orig
 
 
 def test_constraints_mark_infeasible_and_failures_are_recorded(tmp_path):

@@ -9,7 +9,7 @@ import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.passes import dce, fuse_elementwise, merge_linears
 from lmforge.passes.base import Knob, graph_pass
-from lmforge.search import tuner
+from lmforge.search import studies, tuner
 from lmforge.search.report import write_report
 from lmforge.search.tuner import best_configs, prepare, ranked_trials, tune
 
@@ -49,12 +49,12 @@ def test_best_configs_takes_what_tune_returned_over_all_objectives(tmp_path):
     assert res.best_config == {"nofuse.skip": False}, "the fused config: same quality, lower latency"
     _, graph, _, _ = prepare(MLP(), (X,))
     assert best_configs(graph, "h100", storage) == [res.best_config]
-    tuner_storage = tuner.default_storage
+    tuner_storage = studies.default_storage
     try:
-        tuner.default_storage = lambda: storage
+        studies.default_storage = lambda: storage
         compiled = lmforge.compile(MLP(), (X,), target="h100", config="best", passes=[nofuse])
     finally:
-        tuner.default_storage = tuner_storage
+        studies.default_storage = tuner_storage
     assert compiled.config == res.best_config
 
 

@@ -1,0 +1,222 @@
+"""Tuning studies as lmforge stores and reads them: where they live (`default_storage`, `open_storage`), how
+they are named (`study_key`: graph signature, target fingerprint, objectives, mode, then a hash of the constraints
+and settings), which trials count (`counted_trials`), and the one ranking of a study's trials (`ranked_trials`)
+that `lmforge.tune`'s best config, `compile(config="best")` (`best_configs`) and `lmforge report` all take.
+`lmforge.search.tuner` runs the studies; this module only reads and names them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import optuna
+
+from lmforge.errors import LmforgeError
+from lmforge.ir.graph import Graph
+
+DIRECTIONS = {"latency": "minimize", "throughput": "maximize", "memory": "minimize", "quality": "maximize",
+              "kl": "minimize", "accuracy": "maximize"}
+COMPLETE, PRUNED, FAIL, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                   optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING)
+
+
+def constraint_values(values: Mapping[str, float], constraints: Mapping[str, Any]) -> list[float]:
+    """Optuna's convention: each value <= 0 means satisfied."""
+    out = []
+    for name, bound in constraints.items():
+        if name == "fits":
+            out.append(0.0 if values["fits"] or not bound else 1.0)
+        elif DIRECTIONS.get(name) == "maximize":
+            out.append(float(bound) - values[name])
+        else:
+            out.append(values[name] - float(bound))
+    return out
+
+
+def default_storage() -> str:
+    from lmforge.cache import cache_dir
+
+    return f"sqlite:///{cache_dir('tuning') / 'studies.db'}"
+
+
+def open_storage(storage: str | None = None, must_exist: bool = False):
+    """The Optuna storage for a URL (default: `default_storage()`), or an LmforgeError saying what is wrong with
+    the URL. must_exist: an SQLite file that does not exist is an error (reading studies) instead of created."""
+    import os
+
+    url = storage or default_storage()
+    if not isinstance(url, str):  # an Optuna storage object
+        return url
+    if "://" not in url:
+        raise LmforgeError(f"storage {url!r} is not a URL: give an Optuna storage URL, e.g. "
+                           f"sqlite:///{os.path.abspath(url)} for an SQLite file (three slashes, then the path) or "
+                           "postgresql://user@host/db")
+    if url.startswith("sqlite:///") and url[len("sqlite:///"):] not in ("", ":memory:"):
+        path = url[len("sqlite:///"):]
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LmforgeError(f"storage {url!r}: the folder {folder} does not exist; create it or give another path")
+        if must_exist and not os.path.exists(path):
+            raise LmforgeError(f"storage {url!r}: there is no tuning database at {path}; run `lmforge tune` first "
+                               "or give the --storage URL it used")
+    import time
+
+    try:
+        for attempt in range(5):
+            try:
+                return optuna.storages.get_storage(url)
+            except Exception as e:   # another worker creating the same new database's tables at the same moment
+                racing = any(w in str(e) for w in ("alembic_version", "already exists", "database is locked"))
+                if not racing or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    except ImportError as e:
+        raise LmforgeError(f"storage {url!r}: the database driver for it is not installed ({e})") from e
+    except Exception as e:  # SQLAlchemy: an unknown dialect, an unreachable server, an unreadable file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LmforgeError(f"cannot open the tuning storage {url!r}: {type(e).__name__}: {first}. Give an Optuna "
+                           "storage URL such as sqlite:///path/to/studies.db or postgresql://user@host/db") from e
+
+
+def study_key(name: str, graph: Graph, hw, objectives: Sequence[str], mode: str,
+              constraints: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None) -> str:
+    """Graph signature and target fingerprint first, so a lookup by (workload, target) is a prefix match; then
+    objectives, mode, name, the constraints (readable) and a hash of the other `settings` that change what a
+    trial's numbers mean, so a changed constraint or size never resumes a study run under other ones."""
+    return f"{graph.signature()}:{hw.fingerprint()}:{'+'.join(objectives)}:{mode}:{name}" + settings_suffix(
+        constraints, settings)
+
+
+def settings_suffix(constraints: Mapping[str, Any] | None, settings: Mapping[str, Any] | None) -> str:
+    """`:quality>=0.99,fits:s1a2b3c4d`: the constraints, readable, and a hash of the other settings."""
+    out = ""
+    if constraints:
+        out += ":" + ",".join(constraint_tag(c, b) for c, b in sorted(constraints.items()))
+    if settings:
+        out += ":s" + settings_hash(settings)
+    return out
+
+
+def constraint_tag(name: str, bound) -> str:
+    """`quality>=0.99`, `latency<=0.001`, `fits`: a constraint as it appears in study names."""
+    if name == "fits":
+        return "fits" if bound else "fits=off"
+    return f"{name}{'>=' if DIRECTIONS.get(name) == 'maximize' else '<='}{float(bound):g}"
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """8 hex digits of the settings' JSON."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def counted_trials(study) -> int:
+    """The trials `budget` counts: every trial that ended (finished, pruned or failed), of every run and worker,
+    less those Ctrl-C cut off (study attr "interrupted_trials"; a killed process's trial never ends)."""
+    interrupted = set(study.user_attrs.get("interrupted_trials", ()))
+    return sum(t.number not in interrupted for t in study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED, FAIL)))
+
+
+def _feasible(study) -> list:
+    return [t for t in study.trials if t.state == COMPLETE
+            and all(c <= 0 for c in t.user_attrs.get("constraints", [0.0]))]
+
+
+def _signs(study) -> list[int]:
+    """+1 for each minimized objective of `study`, -1 for each maximized one (from the study's directions, so a
+    study that lmforge.tune did not write reads too)."""
+    return [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+
+
+def measured_latencies(study) -> dict[int, float]:
+    """Hybrid studies: trial number -> latency measured on the tuning machine, for the configs the last run
+    measured (empty for other studies)."""
+    attrs = study.user_attrs
+    if "hybrid_measured" in attrs:
+        return {int(n): float(v) for n, v in attrs["hybrid_measured"].items()}
+    # a study from before "hybrid_measured": every measurement it holds
+    return {int(k.split(":", 1)[1]): float(v) for k, v in attrs.items() if k.startswith("measured_latency:")}
+
+
+def measured_values(values: Mapping[str, float], latency: float) -> dict[str, float]:
+    """A hybrid trial's values with its measured latency (and the throughput that follows) in place of the
+    predicted ones; "predicted_latency" keeps the prediction."""
+    out = dict(values)
+    out["throughput"] = out["throughput"] * out["latency"] / latency
+    out["latency"] = out["measured_latency"] = latency
+    return out
+
+
+def measured_violations(values: Mapping[str, float], latency: float, constraints: Mapping[str, Any]) -> list[str]:
+    """The latency / throughput constraints a config breaks at its measured latency (as `constraint_tag`s)."""
+    timed = {k: b for k, b in constraints.items() if k in ("latency", "throughput")}
+    return [constraint_tag(k, b) for (k, b), c in zip(timed.items(), constraint_values(measured_values(values, latency),
+                                                                                         timed)) if c > 0]
+
+
+def ranked_trials(study, measured: Mapping[int, float] | None = None,
+                  constraints: Mapping[str, Any] | None = None) -> list:
+    """The feasible trials of `study`, best first: the one ranking that `TuneResult.best_config` and
+    `compile(..., config="best")` (through `best_configs`) both take their first from.
+
+    Predict and measure studies: by the objectives in order (the first decides, ties go to the next, then to the
+    earlier trial), so one objective gives its best and several give the Pareto point best in the first.
+    Hybrid studies (`measured`, default: the study's own measurements): only the measured trials, by measured
+    latency, less those whose measured latency breaks a latency or throughput constraint (`constraints`, default:
+    the study's own). A trial that repeated an evaluated config (user attr "duplicate_of") is left out."""
+    if measured is None:
+        measured = measured_latencies(study)
+    if constraints is None:
+        constraints = (study.user_attrs.get("settings") or {}).get("constraints") or {}
+    trials = [t for t in _feasible(study) if "duplicate_of" not in t.user_attrs]
+    if measured:
+        kept = [t for t in trials if t.number in measured
+                and not measured_violations(t.user_attrs["values"], measured[t.number], constraints)]
+        return sorted(kept, key=lambda t: (measured[t.number], t.number))
+    signs = _signs(study)
+    return sorted(trials, key=lambda t: ([s * v for s, v in zip(signs, t.values)], t.number))
+
+
+def _pareto(trials, objectives, signs: Sequence[int] | None = None) -> list[dict]:
+    """The non-dominated trials, sorted by the objectives in order. signs: +1 minimize / -1 maximize per objective
+    (default: from DIRECTIONS); a trial's config is its user attr "config", else its params."""
+    if signs is None:
+        signs = [1 if DIRECTIONS.get(o, "minimize") == "minimize" else -1 for o in objectives]
+    vals = [[s * v for s, v in zip(signs, t.values)] for t in trials]
+    front = []
+    for i, t in enumerate(trials):
+        dominated = any(all(a <= b for a, b in zip(vals[j], vals[i])) and vals[j] != vals[i]
+                        for j in range(len(trials)) if j != i)
+        if not dominated:
+            front.append({"trial": t.number, "config": t.user_attrs.get("config", t.params),
+                          "values": dict(zip(objectives, t.values)), "_trial": t})
+    front.sort(key=lambda p: [s * p["values"][o] for s, o in zip(signs, objectives)])
+    return front
+
+
+def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_parallel: bool = False) -> list[dict]:
+    """The best configs found so far for this graph (by signature, after the canonical passes) on `target` (a name
+    or a Hardware): those of the most recently started study first (studies differ by objectives, mode,
+    constraints and calibration; the last one run is the one asked for), then of older ones. Within a study the
+    order is `ranked_trials`', so the first config is the `best_config` that `tune` returned for that study (in
+    hybrid mode the measured best).
+
+    Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
+    their latencies are those of a group of GPUs, not of one."""
+    import datetime
+
+    from lmforge.hwmodels import get_target
+
+    storage = storage or default_storage()
+    prefix = f"{graph.signature()}:{get_target(target).fingerprint()}:"
+    out = []
+    summaries = sorted(optuna.get_all_study_summaries(storage=storage),
+                       key=lambda s: s.datetime_start or datetime.datetime.min, reverse=True)
+    for summary in summaries:
+        if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
+            continue
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        out += [dict(t.user_attrs["config"]) for t in ranked_trials(study)[:limit]]
+    return out[:limit]
+
