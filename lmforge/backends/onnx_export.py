@@ -388,10 +388,15 @@ def _attention(em, node, ins):
     qt, kt = _in_type(node, 0), _in_type(node, 1)
     sq, skv = qt.shape[2], kt.shape[2]
     offset = a["q_offset"] if a["q_offset"] is not None else simplify_dim(f"({skv}) - ({sq})")
-    causal = a["causal"] and mask is None  # the reference ignores `causal` when an explicit mask is given
+    causal = a["causal"] and mask is None
     upper_left = causal and a["window"] is None and simplify_dim(str(offset)) == 0
     if mask is None and (a["window"] is not None or (causal and not upper_left)):
         mask = _attention_mask(em, node, sq, skv, offset)
+    elif mask is not None and a["causal"]:   # an explicit mask and causal: both apply (as SDPA's do)
+        seen = _attention_mask(em, node, sq, skv, offset)
+        mt = node.inputs[3].type.dtype
+        mask = em.node("And", [mask, seen], hint="causal") if mt == "bool" else \
+            em.node("Where", [seen, mask, em.const(float("-inf"), mt)], hint="causal")
     attrs = {"is_causal": int(upper_left)}
     if a["scale"] is not None:
         attrs["scale"] = float(a["scale"])

@@ -158,7 +158,10 @@ def recognize_attention(graph: Graph) -> Graph:
             s = s_prod.inputs[0]
             s_prod = ctx.producers.get(s.name)
         mask = None
-        if s_prod is not None and s_prod.op == "add" and s_prod.inputs[1] is not None and ctx.single_use(s):
+        # an additive float mask only: a bool or int addend adds 1 / its values (attention would read a bool mask
+        # as which keys to keep), and add's alpha scales the addend
+        if s_prod is not None and s_prod.op == "add" and s_prod.inputs[1] is not None and ctx.single_use(s) \
+                and s_prod.attr["alpha"] == 1.0 and s_prod.inputs[1].type.dtype.startswith(("float", "bfloat")):
             mask = s_prod.inputs[1]
             s = s_prod.inputs[0]
             s_prod = ctx.producers.get(s.name)

@@ -17,6 +17,7 @@ is derived holds for every size.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import product
 from typing import Callable
@@ -30,7 +31,7 @@ from lmforge.ir.types import TensorType, parse_dim, torch_dtype
 
 _MAX_CASES = 16
 _MAX_DEPTH = 64   # ops between a value and the sizes it is built from (masks take ~20; a residual stream more)
-INDEX = tuple(sympy.Symbol(f"_i{d}", integer=True, nonnegative=True) for d in range(8))
+INDEX = tuple(sympy.Dummy(f"_i{d}", integer=True, nonnegative=True) for d in range(8))
 TRUE, FALSE = sympy.true, sympy.false
 
 
@@ -164,6 +165,17 @@ def _pin(value, cond):
     return value.xreplace(pins) if pins else value
 
 
+_SYMBOLIC_INT = 2 ** 31   # sizes are taken below 2**31: int64 index arithmetic with smaller constants cannot wrap
+
+
+def _int_safe(v, dtype: str) -> bool:
+    """Whether an integer case value is exact as unbounded sympy arithmetic: a constant (torch computed it), or an
+    index-dependent int64 value whose integer constants are small enough that no size below 2**31 overflows it."""
+    if not isinstance(v, sympy.Basic) or not v.free_symbols:
+        return True
+    return dtype == "int64" and all(abs(int(a)) < _SYMBOLIC_INT for a in v.atoms(sympy.Integer))
+
+
 def _make(kind: str, dtype: str, shape, cases) -> Elems | None:
     """Normalized cases: values simplified under their condition, false conditions dropped, equal values merged."""
     merged: dict = {}
@@ -172,17 +184,21 @@ def _make(kind: str, dtype: str, shape, cases) -> Elems | None:
             continue
         if kind == "int":
             v = sympy.expand(_pin(v, c))
+            if not _int_safe(v, dtype):
+                return None
         elif kind == "bool":
             v = _pin(v, c)
             v, c = sympy.And(v, c), TRUE  # a bool is one Boolean: True where (value and condition)
-        merged[v] = sympy.Or(merged[v], c) if v in merged else c
+        key = (v, math.copysign(1.0, v)) if isinstance(v, float) else v   # 0.0 and -0.0 stay apart
+        merged[key] = sympy.Or(merged[key], c) if key in merged else c
     if kind == "bool":
         merged = {sympy.Or(*merged): TRUE} if merged else {FALSE: TRUE}
     if len(merged) == 1:
         merged = {next(iter(merged)): TRUE}
     if len(merged) > _MAX_CASES:
         return None
-    return Elems(kind, dtype, tuple(shape), tuple(merged.items()))
+    items = tuple((k[0] if isinstance(k, tuple) else k, c) for k, c in merged.items())
+    return Elems(kind, dtype, tuple(shape), items)
 
 
 def read_at(e: Elems, index) -> tuple:

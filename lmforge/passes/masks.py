@@ -114,8 +114,10 @@ def _visible(mask: Elems, scores: list, mask_dtype: str):
     cases = read_at(mask, index)
     if mask.kind == "bool":
         return sympy.Or(*(sympy.And(v, c) for v, c in cases))
+    if mask.kind != "float":
+        return None
     masked = {float("-inf"), float(torch.finfo(torch_dtype(mask_dtype)).min)}
-    if mask.kind != "float" or any(v != 0.0 and v not in masked for v, _ in cases):
+    if any(v != 0.0 and v not in masked for v, _ in cases):
         return None
     return sympy.Or(*(c for v, c in cases if v == 0.0))
 

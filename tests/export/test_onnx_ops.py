@@ -282,6 +282,28 @@ def test_attention_masks_in_onnx_follow_the_ops_definition(name, attrs):
                 assert_close(g, w, 1e-4)
 
 
+@pytest.mark.parametrize("mask_dtype", ["bool", "float32"])
+def test_sdpa_with_a_mask_and_is_causal_applies_both(mask_dtype):
+    """F.scaled_dot_product_attention(attn_mask=m, is_causal=True) keeps what the mask AND the causal rule keep
+    (torch's CPU kernel): the compiled model and its ONNX export do too (the reference dropped is_causal)."""
+    import lmforge
+    import torch.nn.functional as F
+
+    def fn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
+    m = (torch.rand(6, 6, generator=gen) > 0.3) | torch.eye(6, dtype=torch.bool)
+    m = m if mask_dtype == "bool" else torch.randn(6, 6, generator=gen)
+    want = fn(q, k, v, m)
+    compiled = lmforge.compile(fn, (q, k, v, m))
+    assert_close(compiled(q, k, v, m), want, 1e-5)
+    session = ort.InferenceSession(to_onnx(compiled.graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "m": m.numpy()})
+    assert_close(got, want, 1e-5)
+
+
 def test_onnx_checker_accepts_every_case():
     for name in CASES:
         onnx.checker.check_model(to_onnx(build(name), check=False), full_check=True)

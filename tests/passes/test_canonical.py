@@ -109,3 +109,27 @@ def test_cache_append_is_recognized_exact_and_charged_in_place():
     after = sum(c.bytes for c in node_costs(g2, env))
     assert after == 2 * kn.numel() * 4, "only the new entries are read and written"
     assert before > 10 * after
+
+
+@pytest.mark.parametrize("addend", ["bool", "long", "alpha"])
+def test_only_an_additive_float_mask_folds_into_attention(addend):
+    """softmax(s + m) @ v folds into attention(q, k, v, m) only for a float m added with alpha 1: torch adds a bool
+    or int m as numbers (attention would read a bool m as which keys to keep), and alpha scales it."""
+    import lmforge
+
+    def fn(q, k, v):
+        n = q.shape[2]
+        keep = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        s = q @ k.transpose(-1, -2) * 0.3
+        if addend == "alpha":
+            s = torch.add(s, torch.where(keep, 0.0, torch.finfo(torch.float32).min), alpha=-1)
+        else:
+            s = s + (keep if addend == "bool" else keep.long())
+        return torch.softmax(s, -1) @ v
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
+    model = lmforge.compile(fn, (q, k, v), dynamic={n: {2: "s"} for n in "qkv"})
+    assert not any(n.op == "attention" for n in model.graph.nodes)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=gen) for _ in range(3))
+    torch.testing.assert_close(model(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)

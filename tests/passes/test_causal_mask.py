@@ -99,6 +99,31 @@ class Buffered(torch.nn.Module):
         return sdpa(q, k, v, self.bias[:n, :n])
 
 
+def uint8_difference(q, k, v):
+    """uint8 subtraction wraps: i - j >= 0 holds for every pair (every key visible), not only the causal ones."""
+    p = torch.arange(q.shape[2], dtype=torch.uint8)
+    return sdpa(q, k, v, (p[:, None] - p[None, :]) >= 0)
+
+
+def int64_overflow(q, k, v):
+    """Positions near int64's end wrap past it: not provably causal."""
+    p = torch.arange(q.shape[2]) + (2**63 - 2)
+    return sdpa(q, k, v, p[None, :] <= p[:, None])
+
+
+def signed_zero(q, k, v):
+    """1 / -0.0 is -inf: this is the causal mask (0.0 and -0.0 must not be merged as one value)."""
+    i, j = positions(q, k)
+    z = torch.where(j <= i, 0.0, -0.0)
+    return sdpa(q, k, v, torch.ones_like(z) / z > 0)
+
+
+def all_visible(q, k, v):
+    n = q.shape[2]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return sdpa(q, k, v, (j <= i) | (j < n))
+
+
 def after_cache(fn):
     """fn on keys / values that extend a cache of `past` entries by the queries' own (Skv = past + Sq)."""
     def step(q, past_k, past_v):
@@ -129,6 +154,12 @@ CASES = {
     "strict": (strict, SQUARE, [(5, 5)], (False, None, 4)),
     "anti_causal": (anti_causal, SQUARE, [(5, 5)], (False, None, 4)),
     "registered_buffer": (Buffered(), {}, [(4, 4)], (False, None, 4)),
+    "uint8_difference": (uint8_difference, SQUARE, [(4, 4), (7, 7)], (False, None, 4)),
+    "int64_overflow": (int64_overflow, SQUARE, [(3, 3), (6, 6)], (False, None, 4)),
+    "signed_zero": (signed_zero, SQUARE, [(4, 4), (7, 7)], (True, None, 3)),
+    # a size named like the interpreter's index symbols (_i3) is still a size: j < n always holds
+    "all_visible_dim_named_like_an_index": (all_visible, {n: {0: "b", 2: "_i3"} for n in "qkv"}, [(4, 4), (6, 6)],
+                                            (False, None, 3)),
 }
 
 

@@ -146,6 +146,11 @@ def _attention_ref(q, k, v, mask=None, *, causal=False, scale=None, window=None,
     if mask is not None:
         if not plain:
             raise VerifyError("attention with an explicit mask takes no window/sinks/lse/q_offset")
+        if causal:   # SDPA(is_causal=True, attn_mask=m) applies both (torch's default CPU kernel): so does this
+            from lmforge.ir.ops.attention_ref import visibility_mask
+
+            seen = visibility_mask(q.shape[2], k.shape[2], causal=True, q_offset=q_offset, device=q.device)
+            mask = mask & seen if mask.dtype == torch.bool else mask.masked_fill(~seen, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     # torch's CPU SDPA returns NaN for causal attention with a scale <= 0 (torch 2.13): those go to attention_ref
