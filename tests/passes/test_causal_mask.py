@@ -124,6 +124,12 @@ def all_visible(q, k, v):
     return sdpa(q, k, v, (j <= i) | (j < n))
 
 
+def reversed_positions(q, k, v):
+    """arange with a negative step over a symbolic size (its length rule was wrong for step < 0)."""
+    r = torch.arange(q.shape[2] - 1, -1, -1)
+    return sdpa(q, k, v, r[None, :] >= r[:, None])
+
+
 def after_cache(fn):
     """fn on keys / values that extend a cache of `past` entries by the queries' own (Skv = past + Sq)."""
     def step(q, past_k, past_v):
@@ -157,6 +163,7 @@ CASES = {
     "uint8_difference": (uint8_difference, SQUARE, [(4, 4), (7, 7)], (False, None, 4)),
     "int64_overflow": (int64_overflow, SQUARE, [(3, 3), (6, 6)], (False, None, 4)),
     "signed_zero": (signed_zero, SQUARE, [(4, 4), (7, 7)], (True, None, 3)),
+    "reversed_positions": (reversed_positions, SQUARE, [(4, 4), (7, 7)], (True, None, 3)),
     # a size named like the interpreter's index symbols (_i3) is still a size: j < n always holds
     "all_visible_dim_named_like_an_index": (all_visible, {n: {0: "b", 2: "_i3"} for n in "qkv"}, [(4, 4), (6, 6)],
                                             (False, None, 3)),
@@ -225,3 +232,14 @@ def test_hand_built_graph_with_symbolic_scalar_offset():
                        b.op("reshape", [qpos], {"shape": (1, 1, 1, 1)})])
     g = recognize_causal_mask(b.build([b.op("attention", [q, k, v, mask])]))
     assert [n.op for n in g.nodes] == ["attention"] and len(g.nodes[0].inputs) == 3
+
+
+def test_a_tril_diagonal_from_symbolic_sizes_is_a_clear_capture_error():
+    from lmforge.errors import CaptureError
+
+    def fn(q, k, v):
+        sq, skv = q.shape[2], k.shape[2]
+        return sdpa(q, k, v, torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq))
+
+    with pytest.raises(CaptureError, match="symbolic size"):
+        lmforge.compile(fn, inputs(3, 5), dynamic=UNRELATED)

@@ -336,8 +336,10 @@ def full(t, node):
 
 def tri(upper: bool):
     def rule(t, node):
-        return t.emit(node, "tri", [t.value(node.args[0])], {"diagonal": int(_arg(node, 1, "diagonal", 0)),
-                                                              "upper": upper})
+        diagonal = _arg(node, 1, "diagonal", 0)
+        if not isinstance(diagonal, int):
+            return None   # a diagonal computed from symbolic sizes: left to the fallback (which says so)
+        return t.emit(node, "tri", [t.value(node.args[0])], {"diagonal": diagonal, "upper": upper})
 
     return rule
 

@@ -367,7 +367,8 @@ def _arange_infer(ins, attrs):
     from lmforge.ir.types import simplify_dim
 
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
-    n = simplify_dim(f"(({end}) - ({start}) + {step - 1}) // {step}") if not (
+    toward = step - 1 if step > 0 else step + 1   # ceil((end - start) / step) for either sign of step
+    n = simplify_dim(f"(({end}) - ({start}) + {toward}) // {step}") if not (
         isinstance(start, int) and isinstance(end, int)) else len(range(start, end, step))
     return [TensorType((n,), attrs["dtype"])]
 
