@@ -243,3 +243,16 @@ def test_a_tril_diagonal_from_symbolic_sizes_is_a_clear_capture_error():
 
     with pytest.raises(CaptureError, match="symbolic size"):
         lmforge.compile(fn, inputs(3, 5), dynamic=UNRELATED)
+
+
+def test_a_size_read_from_tensor_data_is_a_clear_capture_error():
+    """.item() makes an unbacked size (possibly negative): it was folded in as a dim and failed when run."""
+    from lmforge.errors import CaptureError
+
+    def fn(q, k, v, off):
+        n = q.shape[2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        return sdpa(q, k, v, j <= i + off.item())
+
+    with pytest.raises(CaptureError, match="from tensor data"):
+        lmforge.compile(fn, (*inputs(4, 4), torch.tensor(0)), dynamic=SQUARE)

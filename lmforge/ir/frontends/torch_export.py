@@ -227,6 +227,13 @@ class _Translator:
     def call(self, node):
         val = node.meta.get("val")
         if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool) and node.target is not operator.getitem:
+            if isinstance(val, torch.SymInt):
+                from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+                if free_unbacked_symbols(val):   # a value read from data (.item(), nonzero): not a size of an input
+                    raise CaptureError(f"{node.target} at {self.source(node)} makes a size from tensor data "
+                                       f"({val}, e.g. .item()): lmforge's sizes come from input shapes; pass the "
+                                       "value as a Python int or derive it from a shape")
             self.env[node.name] = self.dim(val)  # shape arithmetic: folded into symbolic dims
             return
         if node.target in _DROPPED:
