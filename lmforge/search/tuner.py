@@ -85,11 +85,9 @@ from lmforge.ir.graph import Graph
 from lmforge.passes.base import Knob, PassManager
 from lmforge.search.space import suggest
 from lmforge.search.studies import (COMPLETE, DIRECTIONS, FAIL, PRUNED, WAITING, _feasible, _pareto, _signs,
-                                    best_configs, constraint_values,
-                                    counted_trials, default_storage,
-                                    measured_values, measured_violations,
-                                    open_storage, ranked_trials, settings_suffix,
-                                    study_key)
+                                    best_configs, constraint_values, counted_trials, default_storage,
+                                    measured_values, measured_violations, open_storage, ranked_trials,
+                                    settings_suffix, study_key)
 
 @dataclass
 class TuneResult:
