@@ -330,7 +330,8 @@ def inspect_artifact(path) -> dict:
 KERNEL_MODES = ("auto", "required", "none")
 
 
-def load(path, device: str = "cpu", *, target: str | None = None, kernels: str = "auto", group=None):
+def load(path, device: str = "cpu", *, target: str | None = None, kernels: str = "auto", group=None,
+         split_io: str = "whole"):
     """The CompiledModel exported at `path`, on `device` (a TensorParallelModel for a tensor-parallel artifact).
 
     target:  the target whose configuration you want (default: the one the artifact was compiled for);
@@ -344,6 +345,9 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
     group:   for a tensor-parallel artifact, this process's rank in a torch.distributed job
              (`lmforge.backends.collectives.TorchDistributedGroup()`, on device f"cuda:{local rank}"); None runs
              every rank as a thread of this process.
+    split_io: with `group`, "whole" (whole tensors in and out: the KV caches are cut and all-gathered every call)
+             or "local" (this rank's own cache parts in and out, nothing cut or gathered: what the cost model
+             charges; see `lmforge.backends.collectives`).
 
         model = lmforge.load("out/tiny-llama")
         logits, k, v = model(tokens, k_cache, v_cache)
@@ -383,11 +387,12 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
         from lmforge.backends.collectives import TensorParallelModel
 
         model = TensorParallelModel(graph, backends, device, chosen, manifest["config"],
-                                    manifest.get("pass_report", ""), group=group)
+                                    manifest.get("pass_report", ""), group=group, split_io=split_io)
         model.kernel_source = triton_dir
         return model
-    if group is not None:
-        raise LmforgeError("group= is for tensor-parallel artifacts; this one runs on one device: load it without")
+    if group is not None or split_io != "whole":
+        raise LmforgeError("group= / split_io= are for tensor-parallel artifacts; this one runs on one device: load "
+                           "it without them")
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
     model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
     # the targets the artifact holds GPU kernels for (export warns that re-exporting does not carry them)

@@ -299,9 +299,18 @@ def test_a_torch_distributed_job_runs_one_rank_per_process(tmp_path):
         assert k1.shape[2] == k.shape[2] // 2 and (logits - want[0]).abs().max().item() < 1e-5
         assert (k1 - cut(want[1], 2, rank, 2)).abs().max().item() < 1e-5
         assert (v1 - cut(want[2], 2, rank, 2)).abs().max().item() < 1e-5
+        art = lmforge.load({str(tmp_path / "art")!r}, group=TorchDistributedGroup(), split_io="local")
+        logits2, _, _ = art(tokens, art.local_part("k_cache", k), art.local_part("v_cache", v))
+        assert (logits2 - want[0]).abs().max().item() < 1e-5
         dist.destroy_process_group()
         print("rank", rank, "ok")
     """)
+    from examples.llama_workload import random_workload
+
+    w = random_workload("5m", seed=6)   # the artifact the ranks load with split_io="local"
+    lmforge.compile(w.model, w.example_inputs, dynamic=w.dynamic, config={"shard.tp": 2}).export(tmp_path / "art")
+    with pytest.raises(LmforgeError, match="without a group"):
+        lmforge.load(tmp_path / "art", split_io="local")
     path = tmp_path / "job.py"
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
