@@ -501,10 +501,11 @@ class BlockSparseSpec:
     prefill in SPARSE mode over them (attention_prefill.block_sparse_prefill, as attention_glue calls it)."""
 
     def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
-        block_size, scale = node.attr["block_size"], node.attr["scale"]
-        if block_size < 16 or block_size & (block_size - 1) or (scale is not None and scale < 0):
-            raise Unservable("block size not a power of two >= 16, or a negative scale (the Triton backend does not "
-                             "claim these)")
+        from lmforge.backends.triton.attention_glue import claim_block_sparse
+
+        if claim_block_sparse(node, {}) is None:   # one rule for what the kernel serves: the backend's claim
+            raise Unservable("the Triton backend does not claim this block_sparse_attention node (block size not a "
+                             "power of two >= 16, a negative scale, or q / k / v the kernel does not take)")
         t, d, dtype = _attention_types(node.inputs[:3])
         return [_sparse_variant(node, configs.get("attention_prefill"), t, d, dtype)]
 
