@@ -95,16 +95,14 @@ def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="de
             nodes.append(n.with_attrs(q_offset=None, window=prefill_window, sinks=sinks))
         elif _is_prefill(n) and prefill_pattern == "flex":
             q, k, v = n.inputs
-            attrs = {"gamma": flex_gamma, "tau": flex_tau, "block_size": flex_block, "min_budget": flex_min_budget,
-                     "scale": n.attr["scale"]}
-            mask_attrs = get_op("flex_prefill_mask").normalize_attrs(attrs)
-            mask = Value(f"{n.output.name}_flexmask", get_op("flex_prefill_mask").infer([q.type, k.type],
-                                                                                       mask_attrs)[0])
-            nodes.append(Node("flex_prefill_mask", (q, k), (mask,), mask_attrs, (), n.source))
+            attrs = get_op("flex_prefill_mask").normalize_attrs({
+                "gamma": flex_gamma, "tau": flex_tau, "block_size": flex_block, "min_budget": flex_min_budget,
+                "scale": n.attr["scale"]})
+            mask = Value(f"{n.output.name}_flexmask", get_op("flex_prefill_mask").infer([q.type, k.type], attrs)[0])
+            nodes.append(_op("flex_prefill_mask", [q, k], [mask], attrs, n.source))
             flex_nodes.append(len(nodes))
-            nodes.append(Node("block_sparse_attention", (q, k, v, mask), n.outputs, get_op(
-                "block_sparse_attention").normalize_attrs({"block_size": flex_block, "scale": n.attr["scale"]}),
-                (), n.source))
+            nodes.append(_op("block_sparse_attention", [q, k, v, mask], n.outputs,
+                             {"block_size": flex_block, "scale": n.attr["scale"]}, n.source))
         else:
             nodes.append(n)
     out = graph.with_nodes(nodes)
