@@ -208,19 +208,25 @@ def test_hf_decode_step_mask_goes_and_decode_window_applies():
 
 
 @pytest.mark.parametrize("window", [4, 4096])
-def test_hf_sliding_window_mask_is_not_taken_for_causal(window):
-    """Mistral's sliding-window mask (key > query - window, and causal) stays an explicit mask, also with a window
-    of 4096 that equals the causal mask at every size a test can afford: the recognition is symbolic."""
+def test_hf_sliding_window_mask_becomes_window_attention(window):
+    """Mistral's sliding-window mask (key > query - window, and causal) becomes attention with that window, also a
+    window of 4096 that equals the causal mask at every size a test can afford: the recognition is symbolic, so
+    it is not taken for causal. The TVM backend runs it (its windowed prefill scans only the window's key
+    tiles), equal to the model at lengths below and above the window."""
     cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                      sliding_window=window)
     torch.manual_seed(0)
     model = Logits(transformers.MistralForCausalLM(cfg).eval())
-    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}})
-    assert [len(n.inputs) for n in compiled.graph.nodes if n.op == "attention"] == [4]
-    x = torch.randint(0, 128, (2, 13))
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    compiled = lmforge.compile(model, (torch.randint(0, 128, (2, 9)),), dynamic={"input_ids": {0: "batch", 1: "seq"}},
+                               backends=("tvm",))
+    (att,) = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert (len(att.inputs), att.attr["causal"], att.attr["window"], att.attr["sinks"]) == (3, True, window, 0)
+    assert [k.backend for n, k in zip(compiled.graph.nodes, compiled.kernels) if n.op == "attention"] == ["tvm"]
+    for seq in (3, 13):
+        x = torch.randint(0, 128, (2, seq))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)], ids=["fp32", "fp16"])

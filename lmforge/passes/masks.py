@@ -1,6 +1,8 @@
 """Causal-mask recognition: `attention(q, k, v, mask)` whose mask is provably the causal mask becomes
 `attention(q, k, v; causal=True)`, so that the sparsity passes, which rewrite mask-free attention, apply to
-models that build their mask from sizes (Hugging Face's models called without an attention_mask).
+models that build their mask from sizes (Hugging Face's models called without an attention_mask). A provably
+causal sliding-window mask of a constant width (Mistral's) becomes `attention(...; causal=True, window=W)`, which
+the backends' windowed kernels run (they read only the window's keys).
 
     %a = arange(; end='seq')                      %o = attention(%q, %k, %v; causal=True, scale=0.25)
     %i = reshape(%a; [1, 1, seq, 1]); %j = reshape(%a; [1, 1, 1, seq])
@@ -20,9 +22,12 @@ below guarantees, unless its score exceeds the row's maximum by about |finfo.min
 on the whole index box are decided from their linear bounds, the rest is simplified as propositional logic, and
 relations on the same `_i3 - _i2` are merged; what remains must be exactly `_i3 <= _i2 + c` with c >= 0 for every
 size (query i at position c + i: c = Skv - Sq is attention's default alignment, another c becomes `q_offset`),
-or True (every key visible: the mask is dropped, as in a decode step over its whole KV cache). A sliding-window
-mask, a packed-sequence mask that could split rows, a mask whose first rows could see no key, or anything else
-stays an explicit mask. Numerics do not change: the rewritten node computes the same attention.
+or True (every key visible: the mask is dropped, as in a decode step over its whole KV cache), possibly and-ed
+with `_i2 - _i3 <= b` where b + c + 1 is one integer W >= 1 for every size (the window: position p = i + c sees
+key j iff p - j < W; a decode step may have the window alone). A window whose width depends on the sizes, a band
+that lets later keys through, a packed-sequence mask that could split rows, a mask whose first rows could see no
+key, or anything else stays an explicit mask. Numerics do not change: the rewritten node computes the same
+attention.
 """
 from __future__ import annotations
 
@@ -122,9 +127,17 @@ def _visible(mask: Elems, scores: list, mask_dtype: str):
     return sympy.Or(*(c for v, c in cases if v == 0.0))
 
 
-def causal_offset(mask: Elems, q: TensorType, k: TensorType, mask_dtype: str):
-    """"all" when the mask lets every key through, the offset c (sympy) when it lets key j through to query i
-    iff j <= i + c (c >= 0 for every size), else None."""
+def _window_width(bound, c):
+    """The window attr of a relation `i - j <= bound` under causal offset c (position p = i + c, key visible iff
+    p - j < window): bound + c + 1, when that is one integer >= 1 for every size, else None."""
+    w = sympy.expand(bound + c + 1)
+    return int(w) if w.is_Integer and w >= 1 else None
+
+
+def visibility_rule(mask: Elems, q: TensorType, k: TensorType, mask_dtype: str):
+    """What the mask is, as attention attrs: "all" when it lets every key through; {"offset": c, "window": w}
+    when it lets key j through to query i iff j <= i + c (c >= 0 for every size) and, with a window w (an
+    integer), i + c - j < w; for a decode step (one query) also the window alone; else None."""
     scores = [size_expr(d) for d in (*q.shape[:3], k.shape[2])]
     visible = _visible(mask, scores, mask_dtype)
     if visible is None:
@@ -135,11 +148,27 @@ def causal_offset(mask: Elems, q: TensorType, k: TensorType, mask_dtype: str):
     visible = _tighten(sympy.simplify_logic(visible, force=True))  # reads `a > b` as not `a <= b`
     if visible is TRUE:
         return "all"
-    canon = _canonical(visible)
-    want = ((INDEX[3], 1),) if scores[2] == 1 else ((INDEX[2], -1), (INDEX[3], 1))
-    if canon is None or canon[0] != want:
+    decode = scores[2] == 1
+    causal = ((INDEX[3], 1),) if decode else ((INDEX[2], -1), (INDEX[3], 1))
+    window = ((INDEX[3], -1),) if decode else ((INDEX[2], 1), (INDEX[3], -1))
+    relations = visible.args if isinstance(visible, sympy.And) else (visible,)
+    canon = dict(_canonical(r) or (None, None) for r in relations)
+    if len(relations) != len(canon) or not set(canon) <= {causal, window}:
         return None
-    return canon[1] if holds(canon[1] >= 0) else None
+    if causal not in canon:    # a window alone: the query sits after every key only in a decode step
+        if not decode:
+            return None
+        c = scores[3] - 1
+    else:
+        c = canon[causal]
+        if not holds(c >= 0):
+            return None
+    width = None
+    if window in canon:
+        width = _window_width(canon[window], c)
+        if width is None:
+            return None
+    return {"offset": c, "window": width}
 
 
 def _rewrite(n: Node, producers: dict, memo: dict, decided: dict) -> Node:
@@ -151,15 +180,17 @@ def _rewrite(n: Node, producers: dict, memo: dict, decided: dict) -> Node:
     key = (m.name, q.type.shape, k.type.shape)          # the layers of a model share one mask: decide it once
     if key not in decided:
         mask = elements_of(m, producers, memo)
-        decided[key] = None if mask is None else causal_offset(mask, q.type, k.type, m.type.dtype)
-    c = decided[key]
-    if c is None:
+        decided[key] = None if mask is None else visibility_rule(mask, q.type, k.type, m.type.dtype)
+    rule = decided[key]
+    if rule is None:
         return n
     plain = replace(n, inputs=n.inputs[:3])
-    if isinstance(c, str):   # "all": every key visible
+    if rule == "all":
         return plain
+    c = rule["offset"]
     default = sympy.expand(c - (size_expr(k.type.shape[2]) - size_expr(q.type.shape[2]))) == 0
-    return plain.with_attrs(causal=True, q_offset=None if default else simplify_dim(str(c)))
+    return plain.with_attrs(causal=True, window=rule["window"],
+                            q_offset=None if default else simplify_dim(str(c)))
 
 
 @graph_pass("recognize_causal_mask")

@@ -66,9 +66,27 @@ def window(q, k, v):
 
 
 def wide_window(q, k, v):
-    """A 4096-token window: at every size tried here it equals the causal mask; it is not one."""
+    """A 4096-token window: at every size tried here it equals the causal mask; it is a window, not causal."""
     i, j = positions(q, k)
     return sdpa(q, k, v, (j <= i) & (j > i - 4096))
+
+
+def decode_window(q, k, v):
+    """A decode step's window mask (the causal half holds for every key of a cache)."""
+    i, j = positions(q, k)
+    return sdpa(q, k, v, (j <= i) & (i - j < 3))
+
+
+def half_window(q, k, v):
+    """A window whose width depends on the size: not one window attr."""
+    i, j = positions(q, k)
+    return sdpa(q, k, v, (j <= i) & (j > i - q.shape[2] // 2))
+
+
+def window_only(q, k, v):
+    """A band around the diagonal that lets later keys through: not causal."""
+    i, j = positions(q, k)
+    return sdpa(q, k, v, j > i - 4)
 
 
 def strict(q, k, v):
@@ -144,29 +162,33 @@ UNRELATED = {"q": {0: "b", 2: "s"}, "k": {0: "b", 2: "kv"}, "v": {0: "b", 2: "kv
 CACHED = {"q": {0: "b", 2: "s"}, "past_k": {0: "b", 2: "past"}, "past_v": {0: "b", 2: "past"}}
 DECODE = {"q": {0: "b"}, "past_k": {0: "b", 2: "past"}, "past_v": {0: "b", 2: "past"}}
 # name: (function, dynamic dims, sizes (Sq, Skv; Sq, past after a cache) to compare at, expected attention
-# (causal, q_offset, number of inputs: 4 = the mask stays))
+# (causal, q_offset, window, number of inputs: 4 = the mask stays))
 CASES = {
-    "bool_le": (bool_le, SQUARE, [(5, 5), (9, 9)], (True, None, 3)),
-    "bool_le_after_cache": (after_cache(bool_le), CACHED, [(3, 4), (6, 0)], (True, None, 3)),
-    "tril_ones": (tril_ones, SQUARE, [(5, 5), (9, 9)], (True, None, 3)),
-    "additive_inf": (after_cache(additive_inf), CACHED, [(3, 4), (5, 0)], (True, None, 3)),
-    "additive_finfo_triu": (after_cache(additive_finfo_triu), CACHED, [(3, 4), (5, 0)], (True, None, 3)),
-    "decode_all_visible": (after_cache(decode_all_visible), DECODE, [(1, 5), (1, 9)], (False, None, 3)),
-    "offset_from_start": (after_cache(offset_from_start), CACHED, [(3, 4), (5, 0)], (True, 0, 3)),
+    "bool_le": (bool_le, SQUARE, [(5, 5), (9, 9)], (True, None, None, 3)),
+    "bool_le_after_cache": (after_cache(bool_le), CACHED, [(3, 4), (6, 0)], (True, None, None, 3)),
+    "tril_ones": (tril_ones, SQUARE, [(5, 5), (9, 9)], (True, None, None, 3)),
+    "additive_inf": (after_cache(additive_inf), CACHED, [(3, 4), (5, 0)], (True, None, None, 3)),
+    "additive_finfo_triu": (after_cache(additive_finfo_triu), CACHED, [(3, 4), (5, 0)], (True, None, None, 3)),
+    "decode_all_visible": (after_cache(decode_all_visible), DECODE, [(1, 5), (1, 9)], (False, None, None, 3)),
+    "offset_from_start": (after_cache(offset_from_start), CACHED, [(3, 4), (5, 0)], (True, 0, None, 3)),
     # Skv < Sq is possible here: the first queries would see no key (NaN rows), which causal attention gives as 0
-    "bool_le_unrelated_lengths": (bool_le, UNRELATED, [(3, 7), (5, 5)], (False, None, 4)),
-    "window": (window, SQUARE, [(9, 9)], (False, None, 4)),
-    "wide_window": (wide_window, SQUARE, [(9, 9)], (False, None, 4)),
-    "strict": (strict, SQUARE, [(5, 5)], (False, None, 4)),
-    "anti_causal": (anti_causal, SQUARE, [(5, 5)], (False, None, 4)),
-    "registered_buffer": (Buffered(), {}, [(4, 4)], (False, None, 4)),
-    "uint8_difference": (uint8_difference, SQUARE, [(4, 4), (7, 7)], (False, None, 4)),
-    "int64_overflow": (int64_overflow, SQUARE, [(3, 3), (6, 6)], (False, None, 4)),
-    "signed_zero": (signed_zero, SQUARE, [(4, 4), (7, 7)], (True, None, 3)),
-    "reversed_positions": (reversed_positions, SQUARE, [(4, 4), (7, 7)], (True, None, 3)),
+    "bool_le_unrelated_lengths": (bool_le, UNRELATED, [(3, 7), (5, 5)], (False, None, None, 4)),
+    "window": (window, SQUARE, [(9, 9), (3, 3)], (True, None, 4, 3)),
+    "window_after_cache": (after_cache(window), CACHED, [(3, 4), (6, 0), (2, 9)], (True, None, 4, 3)),
+    "decode_window": (after_cache(decode_window), DECODE, [(1, 5), (1, 9)], (True, None, 3, 3)),
+    "size_dependent_window": (half_window, SQUARE, [(9, 9)], (False, None, None, 4)),
+    "window_without_causal": (window_only, SQUARE, [(9, 9)], (False, None, None, 4)),
+    "wide_window": (wide_window, SQUARE, [(9, 9)], (True, None, 4096, 3)),
+    "strict": (strict, SQUARE, [(5, 5)], (False, None, None, 4)),
+    "anti_causal": (anti_causal, SQUARE, [(5, 5)], (False, None, None, 4)),
+    "registered_buffer": (Buffered(), {}, [(4, 4)], (False, None, None, 4)),
+    "uint8_difference": (uint8_difference, SQUARE, [(4, 4), (7, 7)], (False, None, None, 4)),
+    "int64_overflow": (int64_overflow, SQUARE, [(3, 3), (6, 6)], (False, None, None, 4)),
+    "signed_zero": (signed_zero, SQUARE, [(4, 4), (7, 7)], (True, None, None, 3)),
+    "reversed_positions": (reversed_positions, SQUARE, [(4, 4), (7, 7)], (True, None, None, 3)),
     # a size named like the interpreter's index symbols (_i3) is still a size: j < n always holds
     "all_visible_dim_named_like_an_index": (all_visible, {n: {0: "b", 2: "_i3"} for n in "qkv"}, [(4, 4), (6, 6)],
-                                            (False, None, 3)),
+                                            (False, None, None, 3)),
 }
 
 
@@ -181,7 +203,7 @@ def test_mask_is_recognized_only_when_provably_causal_and_numerics_stay(name):
     example = inputs(*((1, 6) if dynamic is DECODE else (3, 4) if dynamic is CACHED else (4, 4)))
     compiled = lmforge.compile(fn, example, dynamic=dynamic)
     (att,) = [n for n in compiled.graph.nodes if n.op == "attention"]
-    assert (att.attr["causal"], att.attr["q_offset"], len(att.inputs)) == expected
+    assert (att.attr["causal"], att.attr["q_offset"], att.attr["window"], len(att.inputs)) == expected
     if len(att.inputs) == 3:   # the mask's nodes are gone
         assert {n.op for n in compiled.graph.nodes} <= {"attention", "concat", "kv_cache_append"}
     for sq, skv in sizes:
