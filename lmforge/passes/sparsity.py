@@ -1,8 +1,9 @@
 """Attention sparsity passes: sliding window + sinks (StreamingLLM), block top-k decode (Kinetics / Quest),
 FlexPrefill adaptive prefill, and the exact shared-prefix decomposition (Hydragen).
 
-Decode attention (one query per sequence) and prefill attention (queries = keys, causal) get separate
-patterns. Knob `attn.dense_layers` keeps the first layers dense (the i-th attention node is layer i).
+Decode attention (one query per sequence) and prefill attention (several causal queries) get separate
+patterns; the prefill window also applies to a chunk of queries after a KV cache (chunked prefill, at the
+node's own alignment), FlexPrefill only to a whole prefill (queries = keys). Knob `attn.dense_layers` keeps the first layers dense (the i-th attention node is layer i).
 """
 from __future__ import annotations
 
@@ -41,8 +42,15 @@ def _is_decode(n: Node) -> bool:
 
 
 def _is_prefill(n: Node) -> bool:
+    """A whole causal prefill (queries = keys): where FlexPrefill applies."""
     q, k = n.inputs[0].type, n.inputs[1].type
     return n.attr["causal"] and q.shape[2] == k.shape[2] and q.shape[2] != 1 and n.attr["q_offset"] in (None, 0)
+
+
+def _is_chunk(n: Node) -> bool:
+    """Causal attention of several queries: a prefill, or a chunk of one after a KV cache: where a window applies
+    (at the node's own alignment)."""
+    return n.attr["causal"] and n.inputs[0].type.shape[2] != 1
 
 
 def _plain(n: Node) -> bool:
@@ -91,8 +99,8 @@ def sparsify_attention(graph: Graph, decode_pattern="dense", prefill_pattern="de
                      "summary": summary, "scale": n.attr["scale"], "kv_dtype": n.attr["kv_dtype"]}
             nodes.append(Node("block_topk_attention", n.inputs, n.outputs,
                               get_op("block_topk_attention").normalize_attrs(attrs), (), n.source))
-        elif _is_prefill(n) and prefill_pattern == "window":
-            nodes.append(n.with_attrs(q_offset=None, window=prefill_window, sinks=sinks))
+        elif _is_chunk(n) and prefill_pattern == "window":
+            nodes.append(n.with_attrs(window=prefill_window, sinks=sinks))
         elif _is_prefill(n) and prefill_pattern == "flex":
             q, k, v = n.inputs
             attrs = get_op("flex_prefill_mask").normalize_attrs({
@@ -132,12 +140,14 @@ def _measure_flex_density(graph: Graph, idx: list[int], calibration) -> Graph:
 def _relevant(graph: Graph, knob: Knob) -> bool:
     plain = [n for n in graph.nodes if _plain(n)]
     has_decode = any(_is_decode(n) for n in plain)
-    has_prefill = any(_is_prefill(n) for n in plain)
+    has_chunk = any(_is_chunk(n) for n in plain)
     if knob.name.startswith(("attn.decode", "attn.block_size", "attn.topk", "attn.summary", "attn.dense")):
         return has_decode
-    if knob.name.startswith(("attn.prefill", "attn.flex")):
-        return has_prefill
-    return has_decode or has_prefill
+    if knob.name.startswith("attn.flex"):
+        return any(_is_prefill(n) for n in plain)
+    if knob.name.startswith("attn.prefill"):
+        return has_chunk
+    return has_decode or has_chunk
 
 
 def sparsity_pass(calibration: Sequence[tuple] | None = None) -> Pass:

@@ -278,3 +278,25 @@ def test_a_size_read_from_tensor_data_is_a_clear_capture_error():
 
     with pytest.raises(CaptureError, match="from tensor data"):
         lmforge.compile(fn, (*inputs(4, 4), torch.tensor(0)), dynamic=SQUARE)
+
+
+@pytest.mark.parametrize("backends", [("torch",), ("tvm",)])
+def test_prefill_window_applies_to_a_chunk_after_a_cache(backends):
+    """A chunked prefill (Sq queries after `past` cached keys, its causal mask recognized) takes the prefill window
+    at its own alignment; with FlexPrefill chosen it stays dense (FlexPrefill needs queries = keys)."""
+    from lmforge.ir.ops.attention_ref import attention_ref
+
+    torch.manual_seed(0)
+    step = after_cache(bool_le)
+    config = {"attn.prefill_pattern": "window", "attn.prefill_window": 4, "attn.sinks": 2}
+    compiled = lmforge.compile(step, inputs(3, 4), dynamic=CACHED, config=config, backends=backends)
+    (att,) = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert (att.attr["causal"], att.attr["q_offset"], att.attr["window"], att.attr["sinks"]) == (True, None, 4, 2)
+    for sq, past in ((5, 7), (6, 0), (2, 11)):
+        q, k, v = inputs(sq, past)
+        kk, vv = torch.cat([k, q], 2), torch.cat([v, q], 2)
+        torch.testing.assert_close(compiled(q, k, v), attention_ref(q, kk, vv, causal=True, window=4, sinks=2),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning):
+        flex = lmforge.compile(step, inputs(3, 4), dynamic=CACHED, config={"attn.prefill_pattern": "flex"})
+    assert [n.op for n in flex.graph.nodes if "attention" in n.op] == ["attention"]
