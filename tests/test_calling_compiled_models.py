@@ -109,6 +109,17 @@ def test_tvm_relu_keeps_nan_like_torch():
     torch.testing.assert_close(c(y), torch.relu(y), equal_nan=True)
 
 
+@pytest.mark.parametrize("fn", [torch.maximum, torch.minimum], ids=["maximum", "minimum"])
+def test_tvm_maximum_minimum_propagate_nan_like_torch(fn):
+    """NaN on either side gives NaN (tirx.max / min returned the other operand)."""
+    nan, inf = float("nan"), float("inf")
+    a = torch.tensor([[1.0, -2.0, nan, inf, 0.5, nan]])
+    b = torch.tensor([[0.0, 0.0, 0.0, 0.0, nan, nan]])
+    c = lmforge.compile(lambda x, y: fn(x, y), (a, b), backends=("tvm",))
+    assert c.kernels[0].backend == "tvm"
+    torch.testing.assert_close(c(a, b), fn(a, b), equal_nan=True)
+
+
 def test_awq_acts_with_calibration_inputs_and_warns_without():
     from lmforge.passes import PassManager
     from lmforge.search.tuner import prepare

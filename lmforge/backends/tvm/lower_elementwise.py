@@ -83,8 +83,15 @@ def binary_expr(op: str, a, b, attrs: dict):
     if op in ("add", "sub") and alpha != 1.0:
         y = y * _const(alpha)
     return {"add": lambda: x + y, "sub": lambda: x - y, "mul": lambda: x * y, "div": lambda: x / y,
-            "pow": lambda: te.power(x, y), "maximum": lambda: tirx.max(x, y),
-            "minimum": lambda: tirx.min(x, y)}[op]()
+            "pow": lambda: te.power(x, y), "maximum": lambda: _nan_or(x, y, tirx.Select(x > y, x, y)),
+            "minimum": lambda: _nan_or(x, y, tirx.Select(x < y, x, y))}[op]()
+
+
+def _nan_or(x, y, value):
+    """`value`, or NaN where x or y is NaN: torch.maximum / minimum propagate NaN, tirx.max / min do not."""
+    from tvm import tirx
+
+    return tirx.Select(tirx.isnan(x), x, tirx.Select(tirx.isnan(y), y, value))
 
 
 def op_expr(op: str, attrs: dict, args: list):
