@@ -19,6 +19,8 @@ warning, so a claimed node always runs.
 """
 from __future__ import annotations
 
+import threading
+
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -136,7 +138,7 @@ class OpKernel:
         self._main = None  # the packed function of variant 0 once resolved (False: its build failed)
         self.failures: dict[Any, str] = {}
         self._reuse = False
-        self._buffers: dict[int, torch.Tensor] = {}  # output slot -> the buffer of the last call (reuse on)
+        self._local = threading.local()   # .buffers: output slot -> this thread's last buffer (reuse on)
 
     # ---- to define in subclasses ------------------------------------------------------------------
     def key(self) -> tuple:
@@ -188,17 +190,21 @@ class OpKernel:
         The generated code turns this on for nodes whose outputs do not leave the graph (nor alias a value
         that does), so the buffer is dead by the next call. It saves a `torch.empty` (~1 us) per kernel call,
         a tenth of the cost of a small decode-step kernel. One buffer per output, replaced when the shape
-        changes, so memory stays bounded when the shapes vary (prefill lengths).
+        changes, so memory stays bounded when the shapes vary (prefill lengths). The buffers are per thread:
+        two threads calling one compiled model at once must not write into each other's intermediates.
         """
         self._reuse = True
 
     def empty(self, shape, slot: int = 0) -> torch.Tensor:
-        """An fp32 output buffer of `shape`: fresh, or the last call's when output reuse is on."""
+        """An fp32 output buffer of `shape`: fresh, or this thread's last call's when output reuse is on."""
         if self._reuse:
-            buf = self._buffers.get(slot)
+            buffers = getattr(self._local, "buffers", None)
+            if buffers is None:
+                buffers = self._local.buffers = {}
+            buf = buffers.get(slot)
             if buf is not None and buf.shape == shape:
                 return buf
-            buf = self._buffers[slot] = torch.empty(shape, dtype=F32)
+            buf = buffers[slot] = torch.empty(shape, dtype=F32)
             return buf
         return torch.empty(shape, dtype=F32)
 
