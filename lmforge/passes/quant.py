@@ -72,6 +72,12 @@ def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128,
     nodes: list[Node] = []
     from lmforge.ir.ops.quant_ref import awq_scale_search, quantize_weight
 
+    # A module called several times (one weight, several linears) is quantized once; AWQ then searches its
+    # scale on the activations of every call.
+    uses: dict[str, list[str]] = {}
+    for i in targets:
+        uses.setdefault(graph.nodes[i].inputs[1].name, []).append(graph.nodes[i].output.name)
+    done: dict[str, tuple] = {}      # weight name -> (packed values, AWQ inverse scale or None)
     target_set = set(targets)
     for i, n in enumerate(graph.nodes):
         if i not in target_set:
@@ -79,22 +85,28 @@ def quantize_weights(graph: Graph, weight_bits: int = 16, group_size: int = 128,
             continue
         weight_bits, group_size = per_linear[i]
         x, w = n.inputs[0], n.inputs[1]
-        wt = weights[w.name].float()
-        if n.output.name in acts:
-            s, _ = awq_scale_search(wt, acts[n.output.name], weight_bits, group_size, symmetric=symmetric)
-            inv = Value(f"{w.name}.awq_inv_scale", TensorType((wt.shape[1],), x.type.dtype))
-            weights[inv.name] = (1.0 / s).to(weights[w.name].dtype)
-            new_params.append(inv)
+        if w.name not in done:
+            wt, inv = weights[w.name].float(), None
+            if n.output.name in acts:
+                seen = torch.cat([acts[name] for name in uses[w.name]])
+                s, _ = awq_scale_search(wt, seen, weight_bits, group_size, symmetric=symmetric)
+                inv = Value(f"{w.name}.awq_inv_scale", TensorType((wt.shape[1],), x.type.dtype))
+                weights[inv.name] = (1.0 / s).to(weights[w.name].dtype)
+                new_params.append(inv)
+                wt = wt * s
+            qw = quantize_weight(wt, weight_bits, group_size, symmetric, scale_dtype=weights[w.name].dtype)
+            packed = []
+            for suffix, tensor in (("qweight", qw.qweight), ("scales", qw.scales), ("zeros", qw.zeros)):
+                v = Value(f"{w.name}.{suffix}", TensorType(tuple(tensor.shape), dtype_name(tensor.dtype)))
+                weights[v.name] = tensor
+                new_params.append(v)
+                packed.append(v)
+            done[w.name] = (packed, inv)
+        packed, inv = done[w.name]
+        if inv is not None:
             scaled = Value(f"{n.output.name}_awq_in", x.type)
             nodes.append(_node("mul", [x, inv], [scaled], source=n.source))
-            x, wt = scaled, wt * s
-        qw = quantize_weight(wt, weight_bits, group_size, symmetric, scale_dtype=weights[w.name].dtype)
-        packed = []
-        for suffix, tensor in (("qweight", qw.qweight), ("scales", qw.scales), ("zeros", qw.zeros)):
-            v = Value(f"{w.name}.{suffix}", TensorType(tuple(tensor.shape), dtype_name(tensor.dtype)))
-            weights[v.name] = tensor
-            new_params.append(v)
-            packed.append(v)
+            x = scaled
         bias = [n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else []
         nodes.append(_node("linear_wo", [x, *packed, *bias], n.outputs,
                            {"bits": weight_bits, "group_size": group_size}, n.source))
