@@ -3,8 +3,10 @@
 Conventions for every number below:
 - Peaks are dense (NVIDIA datasheets print 2:4-sparse tensor-core figures marked "*"; those are halved
   here). float32 is the non-tensor FP32 peak (what torch uses for fp32 matmul unless TF32 is enabled).
-- Memory capacity: the datasheet's "GB" of HBM/GDDR is read as GiB (2**30 bytes), which is what the
-  devices report (an "80GB" H100 shows 81559 MiB in nvidia-smi).
+- Memory capacity is what the device itself reports (nvidia-smi `memory.total`, in MiB), not the datasheet's
+  "GB": `fits` compares a graph's peak with it, and the usable memory is what the driver exposes. Most cards
+  report less than the datasheet's "GB" read as GiB (an "80GB" H100 shows 81559 MiB, not 81920; an L40S with
+  ECC on shows 46068 MiB, not 49152); each preset cites the report it uses.
 - Bandwidths are decimal (1 TB/s = 1e12 B/s). Links are per direction: datasheets give NVLink and PCIe as
   bidirectional totals ("NVLink 900GB/s", "PCIe Gen5 128GB/s"), halved here.
 - SM resources come from the CUDA C++ Programming Guide, "Technical Specifications per Compute
@@ -21,7 +23,7 @@ import re
 from lmforge.errors import TargetError
 from lmforge.hwmodels.hardware import Hardware
 
-KiB, GiB = 1024, 2**30
+KiB, MiB = 1024, 2**20
 MB = 2**20  # cache sizes in datasheets/whitepapers are binary megabytes
 T, G = 1e12, 1e9
 
@@ -35,15 +37,15 @@ _PCIE4 = ("PCIe Gen4 x16", 32 * G)   # "PCIe Gen4: 64GB/s" bidirectional
 _PCIE5 = ("PCIe Gen5 x16", 64 * G)   # "PCIe Gen5: 128GB/s" bidirectional
 
 
-def _gpu(name, arch, *, fp32, tf32, fp16, bf16, fp8, int8, mem_gib, bw, l2_mb, sms, interconnect, host_link=_PCIE5,
+def _gpu(name, arch, *, fp32, tf32, fp16, bf16, fp8, int8, mem_mib, bw, l2_mb, sms, interconnect, host_link=_PCIE5,
          notes=""):
-    """A GPU preset; peaks in TFLOP/s (dense), bandwidth in TB/s, L2 in MB, memory in GiB."""
+    """A GPU preset; peaks in TFLOP/s (dense), bandwidth in TB/s, L2 in MB, memory in MiB as the device reports."""
     smem, smem_block = _SMEM[arch]
     return Hardware(
         name=name, arch=arch, kind="gpu",
         peak_flops={"float32": fp32 * T, "tfloat32": tf32 * T, "float16": fp16 * T, "bfloat16": bf16 * T,
                     "float8_e4m3fn": fp8 * T, "int8": int8 * T},
-        memory_bytes=mem_gib * GiB, memory_bandwidth=bw * T, l2_bytes=l2_mb * MB, sm_count=sms,
+        memory_bytes=mem_mib * MiB, memory_bandwidth=bw * T, l2_bytes=l2_mb * MB, sm_count=sms,
         smem_per_sm=smem, regs_per_sm=65536, max_smem_per_block=smem_block,
         interconnect=interconnect, host_link=host_link, launch_overhead_s=_LAUNCH_S,
         launch_by_class={"collective": _COLLECTIVE_S}, notes=notes)
@@ -59,10 +61,11 @@ PRESETS: tuple[Hardware, ...] = (
     # table "NVIDIA A100 Tensor Core GPU Specifications", A100 40GB SXM column: FP32 19.5 TF, TF32 156 TF,
     # BF16/FP16 312 TF, INT8 624 TOPS (dense), 40GB HBM2 at 1,555GB/s, NVLink 600GB/s, PCIe Gen4 64GB/s.
     # SMs and L2: NVIDIA A100 Tensor Core GPU Architecture whitepaper, Table 1 (108 SMs, 40 MB L2).
-    _gpu("A100-40GB-SXM", "sm_80", fp32=19.5, tf32=156, fp16=312, bf16=312, fp8=312, int8=624, mem_gib=40,
+    # Memory: nvidia-smi reports 40960 MiB (A100-SXM4-40GB) and 81920 MiB (A100-SXM4-80GB).
+    _gpu("A100-40GB-SXM", "sm_80", fp32=19.5, tf32=156, fp16=312, bf16=312, fp8=312, int8=624, mem_mib=40960,
          bw=1.555, l2_mb=40, sms=108, interconnect=("NVLink 3", 300 * G), host_link=_PCIE4, notes=_AMPERE_NO_FP8),
     # Same datasheet and table, A100 80GB SXM column: same peaks, 80GB HBM2e at 2,039GB/s.
-    _gpu("A100-80GB-SXM", "sm_80", fp32=19.5, tf32=156, fp16=312, bf16=312, fp8=312, int8=624, mem_gib=80,
+    _gpu("A100-80GB-SXM", "sm_80", fp32=19.5, tf32=156, fp16=312, bf16=312, fp8=312, int8=624, mem_mib=81920,
          bw=2.039, l2_mb=40, sms=108, interconnect=("NVLink 3", 300 * G), host_link=_PCIE4, notes=_AMPERE_NO_FP8),
     # NVIDIA H100 Tensor Core GPU datasheet
     # (https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet), table "Technical
@@ -70,44 +73,51 @@ PRESETS: tuple[Hardware, ...] = (
     # INT8 3,958 TOPS* (* = with sparsity, halved here), 80GB HBM3 at 3.35TB/s,
     # NVLink 900GB/s, PCIe Gen5 128GB/s. SMs and L2: NVIDIA H100 Tensor Core GPU Architecture whitepaper
     # (gtc22-whitepaper-hopper), Table 3: H100 SXM5 132 SMs, 50 MB L2.
-    _gpu("H100-SXM", "sm_90", fp32=67, tf32=494.5, fp16=989.5, bf16=989.5, fp8=1979, int8=1979, mem_gib=80,
+    # Memory: nvidia-smi "NVIDIA H100 80GB HBM3 ... 0MiB / 81559MiB" (NVIDIA/nccl#1264).
+    _gpu("H100-SXM", "sm_90", fp32=67, tf32=494.5, fp16=989.5, bf16=989.5, fp8=1979, int8=1979, mem_mib=81559,
          bw=3.35, l2_mb=50, sms=132, interconnect=("NVLink 4", 450 * G)),
     # Same datasheet (2022 edition, H100 PCIe column): FP32 51 TF, TF32 756 TF*, BF16/FP16 1,513 TF*,
     # FP8 3,026 TF*, INT8 3,026 TOPS*, 80GB HBM2e at 2TB/s, NVLink bridge 600GB/s, PCIe Gen5 128GB/s.
-    # Hopper whitepaper Table 3: H100 PCIe 114 SMs, 50 MB L2.
-    _gpu("H100-PCIe", "sm_90", fp32=51, tf32=378, fp16=756.5, bf16=756.5, fp8=1513, int8=1513, mem_gib=80,
+    # Hopper whitepaper Table 3: H100 PCIe 114 SMs, 50 MB L2. Memory: taken as the SXM card's 81559 MiB (same
+    # 80 GB of HBM; no PCIe report checked here).
+    _gpu("H100-PCIe", "sm_90", fp32=51, tf32=378, fp16=756.5, bf16=756.5, fp8=1513, int8=1513, mem_mib=81559,
          bw=2.0, l2_mb=50, sms=114, interconnect=("NVLink bridge", 300 * G)),
     # NVIDIA H200 Tensor Core GPU datasheet / product page (https://www.nvidia.com/en-us/data-center/h200/),
     # table "Technical Specifications", H200 SXM column: FP32 67 TF, TF32 989 TF*, BF16/FP16 1,979 TF*,
     # FP8 3,958 TF*, INT8 3,958 TOPS*, 141GB HBM3e at 4.8TB/s, NVLink 900GB/s, PCIe Gen5 128GB/s.
     # Same GH100 die as H100 SXM: 132 SMs, 50 MB L2 (Hopper whitepaper, Table 3).
-    _gpu("H200-SXM", "sm_90", fp32=67, tf32=494.5, fp16=989.5, bf16=989.5, fp8=1979, int8=1979, mem_gib=141,
+    # Memory: nvidia-smi "NVIDIA H200 ... / 143771MiB".
+    _gpu("H200-SXM", "sm_90", fp32=67, tf32=494.5, fp16=989.5, bf16=989.5, fp8=1979, int8=1979, mem_mib=143771,
          bw=4.8, l2_mb=50, sms=132, interconnect=("NVLink 4", 450 * G)),
     # NVIDIA HGX platform page (https://www.nvidia.com/en-us/data-center/hgx/), "HGX B200" column (8 GPUs,
     # sparse tensor figures): FP32 600 TF, TF32 18 PF*, FP16/BF16 36 PF*, FP8 72 PF*, INT8 72 POPS*,
     # per GPU = /8 and dense = /2 more; NVLink 5 1.8TB/s per GPU. DGX B200 datasheet: 1,440GB HBM3e and
     # 64TB/s for 8 GPUs (180GB, 8TB/s each). SM count (148) and L2 (126 MB) are not in NVIDIA's datasheets:
     # they come from CUDA device queries reported publicly; treat them as approximate.
-    _gpu("B200", "sm_100", fp32=75, tf32=1125, fp16=2250, bf16=2250, fp8=4500, int8=4500, mem_gib=180,
+    # Memory: nvidia-smi "NVIDIA B200 ... / 183359MiB" (NVIDIA/TensorRT-LLM#10278).
+    _gpu("B200", "sm_100", fp32=75, tf32=1125, fp16=2250, bf16=2250, fp8=4500, int8=4500, mem_mib=183359,
          bw=8.0, l2_mb=126, sms=148, interconnect=("NVLink 5", 900 * G),
          notes="SM count and L2 size from public device queries, not a datasheet"),
     # NVIDIA L40S datasheet (https://resources.nvidia.com/en-us-l40s/l40s-datasheet-28413), table
     # "L40S Specifications": FP32 91.6 TF, TF32 183 TF (366*), BF16/FP16 362.05 TF (733*), FP8 733 TF (1,466*),
     # INT8 733 TOPS (1,466*), 48GB GDDR6 at 864GB/s, PCIe Gen4 x16 64GB/s, no NVLink; 142 RT cores = 142 SMs.
     # L2: 96 MB, the AD102 figure of the NVIDIA Ada GPU Architecture whitepaper (the datasheet omits it).
-    _gpu("L40S", "sm_89", fp32=91.6, tf32=183, fp16=362.05, bf16=362.05, fp8=733, int8=733, mem_gib=48,
+    # Memory: nvidia-smi "NVIDIA L40S, ..., 46068 MiB" with ECC on (akash-network/provider-configs#99).
+    _gpu("L40S", "sm_89", fp32=91.6, tf32=183, fp16=362.05, bf16=362.05, fp8=733, int8=733, mem_mib=46068,
          bw=0.864, l2_mb=96, sms=142, interconnect=_PCIE4, host_link=_PCIE4,
          notes="L2 size from the AD102 whitepaper figure, not the L40S datasheet"),
     # NVIDIA L4 Tensor Core GPU datasheet (https://resources.nvidia.com/en-us-data-center-overview/l4-gpu-datasheet),
     # table "Specifications": FP32 30.3 TF, TF32 120 TF*, BF16/FP16 242 TF*, FP8 485 TF*, INT8 485 TOPS*,
     # 24GB GDDR6 at 300GB/s, PCIe Gen4 x16 64GB/s. 58 SMs and 48 MB L2 (AD104): Ada whitepaper.
-    _gpu("L4", "sm_89", fp32=30.3, tf32=60, fp16=121, bf16=121, fp8=242.5, int8=242.5, mem_gib=24,
+    # Memory: nvidia-smi "NVIDIA L4 ... / 23034MiB".
+    _gpu("L4", "sm_89", fp32=30.3, tf32=60, fp16=121, bf16=121, fp8=242.5, int8=242.5, mem_mib=23034,
          bw=0.300, l2_mb=48, sms=58, interconnect=_PCIE4, host_link=_PCIE4),
     # NVIDIA Ada GPU Architecture whitepaper (nvidia-ada-gpu-architecture.pdf), Appendix A, table
     # "GeForce RTX 4090": 128 SMs, 72 MB L2, FP32 82.6 TF, TF32 82.6 TF, FP16/BF16 tensor with FP32 accumulate
     # 165.2 TF (what framework GEMMs use; FP16-accumulate is 330.3), FP8 with FP32 accumulate 330.3 TF,
     # INT8 660.6 TOPS, 24GB GDDR6X at 1,008GB/s; PCIe Gen4 x16, no NVLink.
-    _gpu("RTX-4090", "sm_89", fp32=82.6, tf32=82.6, fp16=165.2, bf16=165.2, fp8=330.3, int8=660.6, mem_gib=24,
+    # Memory: nvidia-smi "NVIDIA GeForce RTX 4090 ... / 24564MiB" (RLinf/RLinf#255).
+    _gpu("RTX-4090", "sm_89", fp32=82.6, tf32=82.6, fp16=165.2, bf16=165.2, fp8=330.3, int8=660.6, mem_mib=24564,
          bw=1.008, l2_mb=72, sms=128, interconnect=_PCIE4, host_link=_PCIE4),
 )
 
@@ -149,21 +159,37 @@ def get_target(name: "str | Hardware") -> Hardware:
                       f"(aliases: {', '.join(sorted(ALIASES))}). `lmforge targets` lists them.")
 
 
-# (words all in the CUDA device name, preset); the first match wins, so more specific rows come first.
+# (tokens all in the CUDA device name, tokens none of which may be in it, preset); the first match wins. A token is a
+# whole word of the upper-cased name split at anything but letters and digits, so "L40" is not "L4" and "GH200" is
+# not "H200". The exclusions keep variants whose memory, bandwidth, clocks or links differ off the preset of the card
+# they are named after: H100 NVL (94 GB at 3.9 TB/s), H200 NVL (lower power and clocks), A100 PCIe (1.9 TB/s on the
+# 80GB card, 250-300 W), RTX 4090 D (114 SMs), laptop parts. Such a card gets no preset rather than a wrong one.
 _DEVICE_NAMES = (
-    (("H100", "PCIE"), "H100-PCIe"), (("H100",), "H100-SXM"), (("H200",), "H200-SXM"), (("B200",), "B200"),
-    (("A100", "40GB"), "A100-40GB-SXM"), (("A100",), "A100-80GB-SXM"), (("L40S",), "L40S"), (("L4",), "L4"),
-    (("4090",), "RTX-4090"),
+    ({"H100", "PCIE"}, {"NVL"}, "H100-PCIe"),
+    ({"H100"}, {"NVL", "PCIE"}, "H100-SXM"),
+    ({"H200"}, {"NVL", "PCIE"}, "H200-SXM"),
+    ({"B200"}, set(), "B200"),
+    ({"A100", "40GB"}, {"PCIE"}, "A100-40GB-SXM"),
+    ({"A100"}, {"PCIE", "40GB"}, "A100-80GB-SXM"),
+    ({"L40S"}, set(), "L40S"),
+    ({"L4"}, set(), "L4"),
+    ({"4090"}, {"D", "LAPTOP"}, "RTX-4090"),
 )
 
 
 def target_for_device_name(device_name: str) -> Hardware:
-    """The preset of a CUDA device name as torch reports it ("NVIDIA H100 80GB HBM3" -> H100-SXM)."""
-    upper = device_name.upper()
-    for words, preset in _DEVICE_NAMES:
-        if all(w in upper for w in words):
+    """The preset of a CUDA device name as torch reports it ("NVIDIA H100 80GB HBM3" -> H100-SXM).
+
+    Only the card a preset describes matches: "NVIDIA L40", "NVIDIA GH200 480GB", "NVIDIA H100 NVL" or "NVIDIA A100
+    80GB PCIe" raise TargetError instead of borrowing the numbers (and the calibration file) of another card.
+    """
+    tokens = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    for required, excluded, preset in _DEVICE_NAMES:
+        if required <= tokens and not excluded & tokens:
             return get_target(preset)
-    raise TargetError(f"no preset matches the GPU {device_name!r}; known targets: {', '.join(known_names())}. "
+    near = sorted({preset for required, _, preset in _DEVICE_NAMES if required <= tokens})
+    variant = f" (a variant of {' / '.join(near)} with other memory, bandwidth or links)" if near else ""
+    raise TargetError(f"no preset matches the GPU {device_name!r}{variant}; known targets: {', '.join(known_names())}. "
                       f"Describe it as a Hardware (see lmforge.hwmodels.presets) to use it.")
 
 

@@ -75,6 +75,30 @@ def test_target_for_cuda_device_name(device_name, preset):
     assert target_for_device_name(device_name).name == preset
 
 
+@pytest.mark.parametrize("device_name, near", [
+    ("NVIDIA L40", None), ("NVIDIA GH200 480GB", None), ("NVIDIA GH200 144G HBM3e", None), ("NVIDIA H20", None),
+    ("NVIDIA H800 PCIe", None), ("NVIDIA GB200", None), ("NVIDIA H100 NVL", "H100"), ("NVIDIA H200 NVL", "H200-SXM"),
+    ("NVIDIA A100 80GB PCIe", "A100-80GB-SXM"), ("NVIDIA A100-PCIE-40GB", "A100"),
+    ("NVIDIA GeForce RTX 4090 D", "4090"),
+])
+def test_other_cards_named_like_a_preset_get_none(device_name, near):
+    # Substring matching filed these under L4, H200-SXM, H100-SXM, ...: another card's numbers and calibration.
+    with pytest.raises(TargetError, match="no preset matches") as err:
+        target_for_device_name(device_name)
+    if near:
+        assert "a variant of" in str(err.value) and near in str(err.value)
+
+
+@pytest.mark.parametrize("preset, reported_mib", [
+    ("H100-SXM", 81559), ("H100-PCIe", 81559), ("H200-SXM", 143771), ("B200", 183359), ("L40S", 46068),
+    ("L4", 23034), ("RTX-4090", 24564), ("A100-80GB-SXM", 81920), ("A100-40GB-SXM", 40960),
+])
+def test_preset_memory_is_what_the_device_reports(preset, reported_mib):
+    # The datasheet's "GB" read as GiB overstated H100..RTX 4090 by 12 MiB to 3 GiB, so `fits` accepted graphs the
+    # real card cannot hold.
+    assert get_target(preset).memory_bytes == reported_mib * 2**20
+
+
 def test_unknown_gpu_name_is_a_target_error():
     with pytest.raises(TargetError, match="no preset matches"):
         target_for_device_name("NVIDIA T4")
