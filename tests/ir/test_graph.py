@@ -87,3 +87,57 @@ def test_verifier_rejects_broken_graphs(breakage, message):
 def test_symbolic_dims(dim, env, value, simple):
     assert eval_dim(dim, env) == value
     assert simplify_dim(dim) == simple
+
+
+def _attention_graph() -> Graph:
+    b = GraphBuilder("attn")
+    q, k, v = (b.input(n, TensorType((1, 2, "seq", 16))) for n in "qkv")
+    return b.build([b.op("attention", [q, k, v], {"causal": True})])
+
+
+@pytest.mark.parametrize("attr, value, expected", [
+    ("causal", "false", "a bool"),             # truthy string: the reference ran causal attention
+    ("causal", 1, "a bool"),
+    ("window", "128", "an int"),
+    ("window", True, "an int"),
+    ("sinks", 2.5, "an int"),
+    ("scale", (1, 2), "a number"),
+    ("scale", "0.125", "a number"),
+    ("kv_dtype", "fp8", "a dtype name"),       # crashed graph_cost with a raw KeyError
+    ("q_offset", "past +", "a dimension"),
+    ("q_offset", 1.5, "a dimension"),
+    ("causal", None, "a bool"),                # None only where it is the default
+])
+def test_verifier_rejects_attribute_values_of_the_wrong_kind(attr, value, expected):
+    g = _attention_graph()
+    bad = g.with_nodes([g.nodes[0].with_attrs(**{attr: value})])
+    with pytest.raises(VerifyError, match=rf"node 0 \(attention\).*attribute '{attr}' = .* is not {expected}"):
+        verify(bad)
+
+
+@pytest.mark.parametrize("attr, value", [
+    ("window", None), ("window", 128), ("scale", 1), ("scale", 0.125), ("q_offset", "past + 1"), ("q_offset", 3),
+    ("kv_dtype", "float8_e4m3fn"),
+])
+def test_verifier_accepts_attribute_values_of_their_kind(attr, value):
+    g = _attention_graph()
+    ok = g.with_nodes([g.nodes[0].with_attrs(**{attr: value})])
+    assert verify(ok) is ok
+
+
+def test_enum_attribute_outside_its_choices_is_rejected():
+    b = GraphBuilder("qdq")
+    k = b.input("k", TensorType((1, 2, 8, 16)))
+    g = b.build([b.op("kv_qdq", [k])])
+    with pytest.raises(VerifyError, match=r"attribute 'axis' = 'channel' is not one of \['token', 'head'\]"):
+        verify(g.with_nodes([g.nodes[0].with_attrs(axis="channel")]))
+
+
+def test_string_bits_of_linear_wo_is_a_verify_error_not_a_type_error():
+    b = GraphBuilder("w")
+    x = b.input("x", TensorType((2, 64)))
+    qw, s, z = b.param("qw", TensorType((32, 32), "uint8")), b.param("s", TensorType((32, 2))), \
+        b.param("z", TensorType((32, 2), "uint8"))
+    g = b.build([b.op("linear_wo", [x, qw, s, z], {"bits": 4, "group_size": 32})])
+    with pytest.raises(VerifyError, match="attribute 'bits' = '4' is not an int"):
+        verify(g.with_nodes([g.nodes[0].with_attrs(bits="4")]))

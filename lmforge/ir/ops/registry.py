@@ -11,12 +11,13 @@ Backends claim ops by name (see `lmforge.backends`); the torch reference runs wh
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from lmforge.errors import UnsupportedOpError, VerifyError
 from lmforge.ir.cost import Cost
-from lmforge.ir.types import TensorType, itemsize
+from lmforge.ir.types import DTYPES, TensorType, itemsize, parse_dim
 
 _REQUIRED = object()
 
@@ -31,15 +32,71 @@ class AttrSpec:
     kind: str
     default: Any = _REQUIRED
     doc: str = ""
+    choices: tuple | None = None  # the only values a "str" attribute may take, where it is an enum
 
     @property
     def required(self) -> bool:
         return self.default is _REQUIRED
 
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not of this attribute's kind (a phrase naming the kind expected), or None when it is.
 
-def attr(kind: str, default: Any = _REQUIRED, doc: str = "") -> AttrSpec:
+        Checked by `OpDef.normalize_attrs`, so a graph read from JSON with `causal: "false"` or `bits: "4"` fails
+        `verify()` instead of running (a non-empty string is truthy) or crashing in a cost rule. None is allowed
+        only where it is the default (an optional attribute left unset).
+        """
+        if value is None and not self.required and self.default is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            return f"one of {list(self.choices)}"
+        check, expected = _KIND_CHECKS[self.kind]
+        return None if check(value) else expected
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_float(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_dim(v) -> bool:
+    if _is_int(v):
+        return True
+    if not isinstance(v, str):
+        return False
+    try:
+        parse_dim(v)
+    except Exception:  # sympy raises SympifyError, SyntaxError, TypeError, ... for what is not an expression
+        return False
+    return True
+
+
+def _tuple_of(check):
+    return lambda v: isinstance(v, (tuple, list)) and all(check(x) for x in v)
+
+
+# kind -> (check, the kind named in an error message)
+_KIND_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "an int (not a bool or a string)"),
+    "float": (_is_float, "a number (int or float, not a bool or a string)"),
+    "bool": (lambda v: isinstance(v, bool), "a bool (True or False, not a string or a number)"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "dim": (_is_dim, "a dimension: an int or a symbolic expression such as 'past + 1'"),
+    "dims": (_tuple_of(_is_dim), "a tuple of dimensions (ints or symbolic expressions)"),
+    "scalar": (lambda v: isinstance(v, bool) or _is_float(v) or _is_dim(v),
+               "a number, a bool or a symbolic expression"),
+    "ints": (_tuple_of(_is_int), "a tuple of ints"),
+    "floats": (_tuple_of(_is_float), "a tuple of numbers"),
+    "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"a dtype name, one of {sorted(DTYPES)}"),
+    "any": (lambda v: True, "anything"),
+}
+
+
+def attr(kind: str, default: Any = _REQUIRED, doc: str = "", choices: Sequence | None = None) -> AttrSpec:
     assert kind in ATTR_KINDS, kind
-    return AttrSpec(kind, default, doc)
+    return AttrSpec(kind, default, doc, None if choices is None else tuple(choices))
 
 
 @dataclass(frozen=True)
@@ -58,7 +115,7 @@ class OpDef:
     num_outputs: Callable[[dict], int] = field(default=lambda attrs: 1)
 
     def normalize_attrs(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
-        """Fill defaults and reject unknown or missing attributes with a message naming the op."""
+        """Fill defaults and reject unknown or missing attributes, or values not of their kind, naming the op."""
         unknown = set(attrs) - set(self.attrs)
         if unknown:
             raise VerifyError(f"op {self.name!r} has no attribute(s) {sorted(unknown)}; "
@@ -66,6 +123,9 @@ class OpDef:
         out = {}
         for k, spec in self.attrs.items():
             if k in attrs:
+                expected = spec.problem(attrs[k])
+                if expected is not None:
+                    raise VerifyError(f"op {self.name!r}: attribute {k!r} = {attrs[k]!r} is not {expected}")
                 out[k] = attrs[k]
             elif spec.required:
                 raise VerifyError(f"op {self.name!r} needs attribute {k!r} ({spec.kind}) {spec.doc}".rstrip())

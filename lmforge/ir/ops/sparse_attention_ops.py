@@ -158,8 +158,8 @@ def ops() -> list[OpDef]:
         OpDef("block_topk_attention", "Decode attention over the top-k KV blocks (+ sink and local-window blocks), "
                                       "selection shared by the query heads of a KV head.",
               {"block_size": attr("int"), "topk_blocks": attr("int"), "sinks": attr("int", 4),
-               "window": attr("int", 64), "summary": attr("str", "mean"), "scale": scale,
-               "kv_dtype": attr("dtype", None)},
+               "window": attr("int", 64), "summary": attr("str", "mean", choices=("mean", "minmax")),
+               "scale": scale, "kv_dtype": attr("dtype", None)},
               _out_like_q, _topk_ref, _topk_cost, arity=(3, 3), op_class="attention"),
         OpDef("block_sparse_attention", "Causal attention restricted to a boolean block mask [B, H, nQ, nK]; "
                                         "`density` is the expected kept fraction (for the cost model).",
@@ -184,6 +184,6 @@ def ops() -> list[OpDef]:
                                                                   "error, never a regrouping")},
               _shared_infer, _shared_ref, _shared_cost, arity=(5, 5), op_class="attention"),
         OpDef("kv_qdq", "K or V as read from a cache stored in int8 (per-token or per-head scales) or fp8 e4m3.",
-              {"dtype": attr("dtype", "int8"), "axis": attr("str", "token")}, lambda i, a: [i[0]], _kv_qdq_ref,
-              _fused_into_attention),
+              {"dtype": attr("dtype", "int8"), "axis": attr("str", "token", choices=("token", "head"))},
+              lambda i, a: [i[0]], _kv_qdq_ref, _fused_into_attention),
     ]
