@@ -141,3 +141,43 @@ def test_string_bits_of_linear_wo_is_a_verify_error_not_a_type_error():
     g = b.build([b.op("linear_wo", [x, qw, s, z], {"bits": 4, "group_size": 32})])
     with pytest.raises(VerifyError, match="attribute 'bits' = '4' is not an int"):
         verify(g.with_nodes([g.nodes[0].with_attrs(bits="4")]))
+
+
+def _op_graph(op, shapes, attrs=None, dtypes=None):
+    b = GraphBuilder(op)
+    ins = [b.input(f"x{i}", TensorType(s, (dtypes or {}).get(i, "float32"))) for i, s in enumerate(shapes)]
+    return b.build([b.op(op, ins, attrs or {})])
+
+
+@pytest.mark.parametrize("op, shapes, dtypes, message", [
+    ("attention", [(1, 8, 4, 64), (1, 8, 4, 32), (1, 8, 4, 64)], None, "differ in head_dim"),
+    ("attention", [(1, 8, 4, 64), (1, 8, 4, 64), (1, 8, 9, 64)], None, "differ in sequence length"),
+    ("attention", [(1, 8, 4, 64), (3, 8, 4, 64), (3, 8, 4, 64)], None, "differ in batch"),
+    ("attention", [(1, 8, 4, 64), (1, 8, 4, 64), (1, 4, 4, 64)], None, "differ in heads"),
+    ("attention", [(1, 8, 4, 64), (1, 3, 4, 64), (1, 3, 4, 64)], None, "not a multiple of 3 KV heads"),
+    ("linear", [(2, 16), (32, 16)], {1: "float16"}, "differ in dtype"),
+    ("linear", [(2, 16), (32, 16), (7,)], None, "bias"),
+    ("matmul", [(4, 6), (4, 6)], None, "inner dims 6 and 4 differ"),
+    ("matmul", [(4, 6), (6, 4)], {1: "float16"}, "differ in dtype"),
+])
+def test_type_rules_reject_operands_whose_static_dims_contradict(op, shapes, dtypes, message):
+    # verify() used to accept these, and the cost model priced them with whichever operand's dim it read.
+    with pytest.raises(VerifyError, match=message):
+        _op_graph(op, shapes, dtypes=dtypes)
+
+
+def test_type_rules_let_symbols_stand_for_any_size():
+    g = _op_graph("attention", [(1, 8, "s", 64), ("b", 2, "past", 64), (1, 2, "past", "dv")])
+    assert verify(g) is g and g.outputs[0].type.shape == (1, 8, "s", "dv")
+
+
+def test_fused_region_must_take_the_static_sizes_it_is_given():
+    body = GraphBuilder("body")
+    y = body.op("neg", [body.input("a", TensorType((4,)))])
+    region = body.build([y])
+    g = _op_graph("neg", [(9,)])
+    x = g.inputs[0]
+    bad = Node("fused", (x,), (Value("f", TensorType((4,))),), {"kind": "elementwise"}, regions=(region,))
+    with pytest.raises(VerifyError, match=r"input f32\[9\] does not match region input f32\[4\]"):
+        verify(g.with_nodes([bad], outputs=[bad.outputs[0]]))
+

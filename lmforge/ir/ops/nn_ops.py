@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
-from lmforge.ir.ops.registry import OpDef, attr, broadcast_shapes, nbytes, numel, streaming_cost
+from lmforge.ir.ops.registry import OpDef, attr, broadcast_shapes, dims_conflict, nbytes, numel, streaming_cost
 from lmforge.ir.types import TensorType
 
 
@@ -16,8 +16,14 @@ def _linear_infer(ins, attrs):
     x, w = ins[0], ins[1]
     if w.rank != 2:
         raise VerifyError(f"linear weight must be 2-D [out, in], got {w}")
-    if isinstance(x.shape[-1], int) and isinstance(w.shape[1], int) and x.shape[-1] != w.shape[1]:
+    if dims_conflict(x.shape[-1], w.shape[1]):
         raise VerifyError(f"linear: input features {x.shape[-1]} != weight in-features {w.shape[1]}")
+    if x.dtype != w.dtype:  # F.linear refuses mixed dtypes; a quantized weight goes through linear_wo
+        raise VerifyError(f"linear: input {x} and weight {w} differ in dtype; cast one of them first")
+    if len(ins) > 2 and ins[2] is not None:
+        bias = ins[2]
+        if bias.rank != 1 or dims_conflict(bias.shape[0], w.shape[0]) or bias.dtype != w.dtype:
+            raise VerifyError(f"linear: bias {bias} must be 1-D with one {w.dtype} per output ({w.shape[0]})")
     return [x.with_(shape=(*x.shape[:-1], w.shape[0]))]
 
 
@@ -73,6 +79,10 @@ def _matmul_infer(ins, attrs):
     a, b = ins
     if a.rank < 2 or b.rank < 2:
         raise VerifyError("matmul: both operands need rank >= 2 (1-D matmuls run as torch_fallback)")
+    if dims_conflict(a.shape[-1], b.shape[-2]):
+        raise VerifyError(f"matmul: {a} @ {b}: the inner dims {a.shape[-1]} and {b.shape[-2]} differ")
+    if a.dtype != b.dtype:
+        raise VerifyError(f"matmul: {a} @ {b}: the operands differ in dtype; cast one of them first")
     batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return [a.with_(shape=(*batch, a.shape[-2], b.shape[-1]))]
 
@@ -133,6 +143,13 @@ def _attention_infer(ins, attrs):
     hq, hk = q.shape[1], k.shape[1]
     if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
         raise VerifyError(f"attention: {hq} query heads is not a multiple of {hk} KV heads (GQA)")
+    # Static dims that contradict each other: the reference would fail or broadcast, the cost would use one of them.
+    for what, i, j, x, y in (("batch", 0, 0, q, k), ("batch", 0, 0, k, v), ("head_dim", 3, 3, q, k),
+                             ("heads", 1, 1, k, v), ("sequence length", 2, 2, k, v)):
+        if dims_conflict(x.shape[i], y.shape[j]):
+            names = {id(q): "q", id(k): "k", id(v): "v"}
+            raise VerifyError(f"attention: {names[id(x)]} {x} and {names[id(y)]} {y} differ in {what} "
+                              f"({x.shape[i]} vs {y.shape[j]})")
     out = q.with_(shape=(*q.shape[:3], v.shape[3]))
     if attrs["return_lse"]:
         return [out, TensorType(q.shape[:3], "float32")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
-from lmforge.ir.ops.registry import OpDef, attr, nbytes
+from lmforge.ir.ops.registry import OpDef, attr, dims_conflict, nbytes
 
 
 def _fused_infer(ins, attrs, regions):
@@ -17,7 +17,8 @@ def _fused_infer(ins, attrs, regions):
     if len(body.inputs) != len(ins):
         raise VerifyError(f"fused: {len(ins)} inputs but the region takes {len(body.inputs)}")
     for t, v in zip(ins, body.inputs):
-        if t is not None and (t.dtype != v.type.dtype or t.rank != v.type.rank):
+        if t is not None and (t.dtype != v.type.dtype or t.rank != v.type.rank
+                              or any(dims_conflict(a, b) for a, b in zip(t.shape, v.type.shape))):
             raise VerifyError(f"fused: input {t} does not match region input {v.type}")
     return [v.type for v in body.outputs]
 

@@ -212,6 +212,12 @@ def broadcast_shapes(*shapes: Sequence) -> tuple:
     return tuple(out)
 
 
+def dims_conflict(a, b) -> bool:
+    """Whether two dimensions are known to differ: both static and unequal. A symbol may take any value at run
+    time (the capture's guards keep it consistent), so it conflicts with nothing here."""
+    return isinstance(a, int) and isinstance(b, int) and a != b
+
+
 def norm_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
