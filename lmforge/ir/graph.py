@@ -164,13 +164,35 @@ class Graph:
         return replace(g, weights=dict(weights or {}))
 
     def signature(self) -> str:
-        """A stable hash of the structure (ops, attrs, types, param shapes): the workload's tuning key."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """A stable hash of the structure (ops, attrs, types, param shapes, regions): the workload's tuning key.
+
+        It leaves out what does not change what the graph computes: each node's `source` (a comment added above
+        `forward` moves every line number) and the meta that records how the graph was captured (`example_dims`,
+        the example sizes of its symbols; `captured_from`). So the same model captured again, or with another
+        example batch under the same dynamic spec, resumes its tuning study; the sizes a study ran at are in
+        its settings (see `lmforge.search.studies.study_key`).
+        """
+        from lmforge.ir.serialize import graph_to_dict
+
+        structure = json.dumps(_structural(graph_to_dict(self)), sort_keys=True)
+        return hashlib.sha256(structure.encode()).hexdigest()[:16]
 
     def __str__(self) -> str:
         from lmforge.ir.printer import format_graph
 
         return format_graph(self)
+
+
+# Meta keys that record how a graph was captured, not what it computes: left out of `Graph.signature`.
+CAPTURE_META = frozenset({"example_dims", "captured_from"})
+
+
+def _structural(d: dict) -> dict:
+    """A graph's JSON dict without node sources and capture meta, regions included."""
+    nodes = [{**{k: v for k, v in nd.items() if k != "source"},
+              **({"regions": [_structural(r) for r in nd["regions"]]} if "regions" in nd else {})}
+             for nd in d["nodes"]]
+    return {**d, "nodes": nodes, "meta": [[k, v] for k, v in d["meta"] if k not in CAPTURE_META]}
 
 
 class GraphBuilder:

@@ -204,6 +204,16 @@ def test_an_undamaged_copy_loads(template, tmp_path):
     assert load(tmp_path / "art")(x).shape == (5, 2)
 
 
+def test_an_artifact_keyed_by_the_older_whole_json_graph_hash_still_loads(template, tmp_path):
+    # Before Graph.signature left out node sources and capture meta, the manifest held the hash of graph.json.
+    shutil.copytree(template, tmp_path / "art", symlinks=True)
+    graph = lmforge.ir.Graph.from_json((tmp_path / "art" / "graph.json").read_text())
+    legacy = hashlib.sha256(graph.to_json().encode()).hexdigest()[:16]
+    assert legacy != graph.signature()
+    edit_manifest(lambda m: m.update(graph_hash=legacy))(tmp_path / "art")
+    assert load(tmp_path / "art")(torch.randn(5, 4)).shape == (5, 2)
+
+
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_a_path_that_is_not_an_artifact_directory_is_refused(tmp_path, where):
     path = tmp_path / "x"

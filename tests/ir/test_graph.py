@@ -181,3 +181,32 @@ def test_fused_region_must_take_the_static_sizes_it_is_given():
     with pytest.raises(VerifyError, match=r"input f32\[9\] does not match region input f32\[4\]"):
         verify(g.with_nodes([bad], outputs=[bad.outputs[0]]))
 
+
+
+def test_signature_ignores_source_lines_and_capture_meta_but_not_structure():
+    # The tuning study key changed when a comment moved forward's line numbers, or with the example batch size.
+    import dataclasses
+
+    g = small_graph()
+    g = g.with_nodes(g.nodes, meta={"example_dims": {"batch": 2}, "captured_from": "torch.export", "arg_names": ["x"]})
+    sources = [dataclasses.replace(n, source=f"model.py:{40 + i} in forward") for i, n in enumerate(g.nodes)]
+    moved = g.with_nodes(sources, meta={"example_dims": {"batch": 3}, "captured_from": "onnx", "arg_names": ["x"]})
+    assert moved.signature() == g.signature()
+    assert g.with_nodes(g.nodes, meta={"arg_names": ["y"]}).signature() != g.signature()
+    assert g.with_nodes([g.nodes[0], g.nodes[1].with_attrs(), g.nodes[2]]).signature() == g.signature()
+    other = g.with_nodes([g.nodes[0], dataclasses.replace(g.nodes[1], op="relu"), g.nodes[2]])
+    assert other.signature() != g.signature()
+
+
+def test_signature_ignores_sources_inside_regions():
+    import dataclasses
+
+    body = GraphBuilder("body")
+    body_out = body.op("neg", [body.input("a", TensorType((4,)))], source="model.py:10")
+    region = body.build([body_out])
+    b = GraphBuilder("outer")
+    x = b.input("x", TensorType((4,)))
+    g = b.build([b.op("fused", [x], {"kind": "elementwise"}, regions=[region])])
+    moved_region = region.with_nodes([dataclasses.replace(region.nodes[0], source="model.py:11")])
+    moved = g.with_nodes([dataclasses.replace(g.nodes[0], regions=(moved_region,))])
+    assert moved.signature() == g.signature()
