@@ -278,3 +278,38 @@ def test_quantized_kv_bytes_are_what_the_quantizers_store():
         q, s = quantize(k)
         stored = 2 * (q.numel() * q.element_size() + s.numel() * s.element_size())
         assert kv_bytes(TensorType.of(k), TensorType.of(k), fmt) == stored
+
+
+@pytest.mark.parametrize("sq", [1, 2, 8, 64])
+def test_windowed_attention_reads_only_the_keys_its_queries_see(sq):
+    # With sq > 1 the whole 32k cache was charged: ~126x the bytes of a 2-token verify step.
+    skv, window, sinks, hq, hk, d = 32768, 256, 4, 32, 8, 128
+    q, kv = TensorType((1, hq, sq, d), "bfloat16"), TensorType((1, hk, skv, d), "bfloat16")
+    cost = get_op("attention").cost([q, kv, kv], {"causal": True, "window": window, "sinks": sinks})
+    keys = window + sinks + sq - 1
+    assert cost.bytes == 2 * (2 * hq * sq * d) + 2 * 2 * hk * keys * d
+    # FLOPs: each query sees window + sinks keys (its position is past them all)
+    assert cost.flops == pytest.approx((2 * (d + d) + 5) * hq * sq * (window + sinks))
+
+
+def test_a_window_wider_than_the_cache_reads_the_cache_once():
+    q, kv = TensorType((1, 4, 8, 16)), TensorType((1, 4, 100, 16))
+    cost = get_op("attention").cost([q, kv, kv], {"causal": True, "window": 256})
+    assert cost.bytes == 4 * (2 * q.numel() + 2 * kv.numel())
+
+
+@pytest.mark.parametrize("op, ins, attrs, kv_fraction", [
+    ("attention", [(1, 8, 1, 64), (1, 2, 4096, 64), (1, 2, 4096, 64)], {"causal": True}, 1.0),
+    ("block_topk_attention", [(1, 8, 1, 64), (1, 2, 4096, 64), (1, 2, 4096, 64)],
+     {"block_size": 64, "topk_blocks": 4, "sinks": 4, "window": 64}, (4 + 1 + 1 + 1) * 64 / 4096),
+    ("flex_prefill_attention", [(1, 8, 256, 64), (1, 8, 256, 64), (1, 8, 256, 64)], {}, 1.0),
+])
+def test_attention_reads_an_offloaded_cache_over_the_host_link(op, ins, attrs, kv_fraction):
+    # memory_tier="host" was honoured by kv_cache_append but attention read the same cache at HBM speed.
+    plain = [TensorType(s, "float16") for s in ins]
+    host = [plain[0], *(x.with_(memory_tier="host") for x in plain[1:])]
+    on_device, offloaded = get_op(op).cost(plain, attrs), get_op(op).cost(host, attrs)
+    assert offloaded.bytes == pytest.approx(on_device.bytes) and offloaded.flops == on_device.flops
+    kv_read = kv_fraction * (plain[1].nbytes() + plain[2].nbytes())
+    assert offloaded.tier_bytes("host") == pytest.approx(kv_read)
+    assert offloaded.tier_bytes("dram") == pytest.approx(on_device.bytes - kv_read)

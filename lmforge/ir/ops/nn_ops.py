@@ -200,10 +200,19 @@ def _attention_cost(ins, attrs, outs):
     skv = k.shape[2]
     pairs = visible_keys(sq, skv, attrs["causal"], attrs["window"], attrs["sinks"], attrs["q_offset"])
     flops = 2.0 * b * hq * pairs * (d + v.shape[3]) + 5.0 * b * hq * pairs
-    # K/V are read once per KV head (GQA shares them); a window reads only the visible part of the cache.
-    frac = 1.0 if attrs["window"] is None or sq > 1 else min(1.0, (attrs["window"] + attrs["sinks"]) / max(skv, 1))
-    moved = nbytes(q, *outs, *(ins[3:])) + frac * kv_bytes(k, v, attrs.get("kv_dtype"))
-    return Cost.of(flops, moved, "attention", q.dtype)
+    # K/V are read once per KV head (GQA shares them). A window reads only the keys some query sees: sq consecutive
+    # queries with `window` keys each see window + sq - 1 positions, plus the sinks.
+    window = attrs["window"]
+    frac = 1.0 if window is None else min(1.0, (window + attrs["sinks"] + sq - 1) / max(skv, 1))
+    return attention_cost(flops, q.dtype, nbytes(q, *outs, *(ins[3:])), k, frac * kv_bytes(k, v, attrs["kv_dtype"]))
+
+
+def attention_cost(flops: float, dtype: str, other_bytes: float, k: TensorType, kv_read: float) -> Cost:
+    """The Cost of an attention op: q, the outputs and masks move in device memory, K/V in the tier where the
+    cache lives (its `memory_tier` annotation: "host" for a cache offloaded to host memory, read over the host
+    link, as kv_cache_append charges the writes into it)."""
+    tier = k.annotation("memory_tier", "dram")
+    return Cost.of(flops, other_bytes, "attention", dtype) + Cost.of(0.0, kv_read, "attention", dtype, tier=tier)
 
 
 def kv_bytes(k: TensorType, v: TensorType, kv_dtype: str | None) -> float:
@@ -231,7 +240,8 @@ def _kv_update_ref(cache, new, *, dim, pos):
 
 def _kv_update_cost(ins, attrs, outs):
     # In a serving runtime the cache is updated in place: only the new entries are read and written.
-    return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=ins[0].annotation("memory_tier", "dram"))
+    tier = ins[0].annotation("memory_tier", "dram")
+    return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=tier)
 
 
 def _append_infer(ins, attrs):
@@ -251,7 +261,8 @@ def _append_ref(past, new, *, dim):
 
 def _append_cost(ins, attrs, outs):
     # A serving runtime appends into a preallocated cache: only the new entries are read and written.
-    return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=ins[0].annotation("memory_tier", "dram"))
+    tier = ins[0].annotation("memory_tier", "dram")
+    return Cost.of(0.0, 2 * nbytes(ins[1]), "data_movement", ins[1].dtype, tier=tier)
 
 
 # ---- decoding helpers ------------------------------------------------------------------------------------

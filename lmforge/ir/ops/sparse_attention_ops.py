@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
-from lmforge.ir.ops.nn_ops import kv_bytes, visible_keys
+from lmforge.ir.ops.nn_ops import attention_cost, kv_bytes, visible_keys
 from lmforge.ir.ops.registry import OpDef, attr, nbytes
 
 
@@ -55,8 +55,10 @@ def _topk_cost(ins, attrs, outs):
     n_blocks = -(-skv // attrs["block_size"])
     summaries = (2 if attrs["summary"] == "minmax" else 1) * k.shape[0] * k.shape[1] * n_blocks * d * 2
     score_flops = 2.0 * b * hq * n_blocks * d * (2 if attrs["summary"] == "minmax" else 1)
-    moved = nbytes(q, *outs) + kv_bytes(k, v, attrs["kv_dtype"]) * keep / max(skv, 1) + summaries
-    return Cost.of(_flops(b, hq, sq * keep, d, v.shape[3]) + score_flops, moved, "attention", q.dtype)
+    # the block summaries stay in device memory (selection runs there); only the kept blocks come from the cache
+    kv_read = kv_bytes(k, v, attrs["kv_dtype"]) * keep / max(skv, 1)
+    flops = _flops(b, hq, sq * keep, d, v.shape[3]) + score_flops
+    return attention_cost(flops, q.dtype, nbytes(q, *outs) + summaries, k, kv_read)
 
 
 # ---- block-sparse prefill and FlexPrefill ---------------------------------------------------------------------------
@@ -71,8 +73,8 @@ def _sparse_cost(ins, attrs, outs):
     q, k, v = ins[:3]
     b, hq, sq, d = q.shape
     pairs = visible_keys(sq, k.shape[2], True, None, 0, None) * attrs["density"]
-    moved = nbytes(q, *outs, *ins[3:]) + nbytes(k, v) * max(attrs["density"], 1.0 / max(1, q.shape[2]))
-    return Cost.of(_flops(b, hq, pairs, d, v.shape[3]), moved, "attention", q.dtype)
+    kv_read = nbytes(k, v) * max(attrs["density"], 1.0 / max(1, q.shape[2]))
+    return attention_cost(_flops(b, hq, pairs, d, v.shape[3]), q.dtype, nbytes(q, *outs, *ins[3:]), k, kv_read)
 
 
 def _flex_ref(q, k, v, *, gamma=0.9, tau=0.1, block_size=64, min_budget=2, scale=None, density=1.0):
@@ -132,7 +134,9 @@ def _shared_cost(ins, attrs, outs):
     q, kp, vp, ks, vs = ins
     b, hq, sq, d = q.shape
     pairs = sq * kp.shape[2] + visible_keys(sq, ks.shape[2], True, None, 0, None)
-    return Cost.of(_flops(b, hq, pairs, d, vp.shape[3]), nbytes(*ins, *outs), "attention", q.dtype)
+    flops = _flops(b, hq, pairs, d, vp.shape[3])
+    prefix = attention_cost(flops, q.dtype, nbytes(q, *outs), kp, nbytes(kp, vp))
+    return prefix + attention_cost(0.0, q.dtype, 0.0, ks, nbytes(ks, vs))
 
 
 # ---- KV quantize-dequantize ------------------------------------------------------------------------------------------
