@@ -151,6 +151,9 @@ def critical_path_time(graph: Graph, times: list[float]) -> float:
 
 # ops whose output aliases their input (no new memory)
 _VIEWS = {"reshape", "permute", "expand", "slice", "select", "kv_qdq"}
+# ops whose output is their first input grown or updated in place (a serving runtime's preallocated KV cache, which
+# is what their cost rules charge): only the new entries are new memory
+_IN_PLACE = {"kv_cache_append", "kv_cache_update"}
 
 
 _CACHE_PATH = ("kv_cache_append", "select", "reshape", "concat", "permute", "slice")
@@ -179,46 +182,73 @@ def _quantized_cache_values(graph: Graph) -> dict[str, str]:
 
 
 def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
-    """Weights + graph inputs + the largest total size of live intermediate values at any node.
+    """Weights + graph inputs + the largest total size of live intermediate values at any node, in device memory.
 
-    A value is live from the node that makes it to its last reader (graph outputs stay live to the end);
-    views share their input's memory (which stays live as long as any view of it is read), and so does `kv_qdq`
-    (fused into the attention read). A KV cache that attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 / fp8, plus
-    one fp32 scale per token and head) from the graph input to the returned cache.
+    A value is live from the node that makes it to its last reader (graph outputs stay live to the end). Some
+    values share memory with others, whose buffers then stay live as long as any value sharing them is read:
+    - views share their input's memory, and so does `kv_qdq` (fused into the attention read);
+    - `kv_cache_append` / `kv_cache_update` write into their cache operand in place (a serving runtime's
+      preallocated cache, as their cost rules charge): only the appended entries are new memory;
+    - a `concat` marked `inplace` is the layers' caches stacked in one buffer they were written into: no new memory.
+    So a decode step holds its KV cache once, not once as input, once per append and once more as the stack.
+    A KV cache that attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 /
+    fp8, plus one fp32 scale per token and head) from the graph input to the returned cache. Values annotated with
+    a memory tier other than "dram" (memory_tier="host": an offloaded cache) are not in device memory.
     """
     from lmforge.ir.types import itemsize
 
-    size = {v.name: v.type.concrete(env).nbytes() for v in graph.values().values()}
     values = graph.values()
+    size = {v.name: v.type.concrete(env).nbytes() for v in values.values()}
     for name, dtype in _quantized_cache_values(graph).items():
         t = values[name].type.concrete(env)
         per_row = t.shape[-1] if t.rank else 1
         size[name] = t.numel() * (itemsize(dtype) + 4 / max(1, per_row))
-    # a view's memory is its source's: the source stays live until the last reader of any view of it
-    root: dict[str, str] = {}
-    for n in graph.nodes:
-        for v in n.outputs:
-            src = n.inputs[0] if n.op in _VIEWS and n.inputs and n.inputs[0] is not None else None
-            root[v.name] = root.get(src.name, src.name) if src is not None else v.name
+    for v in values.values():
+        if v.type.annotation("memory_tier", "dram") != "dram":
+            size[v.name] = 0.0
+    own, buffers = _buffers(graph, size)
     last_use: dict[str, int] = {}
     end = len(graph.nodes)
     for i, n in enumerate(graph.nodes):
         for v in n.inputs:
             if v is not None:
-                last_use[v.name] = i
-                last_use[root.get(v.name, v.name)] = i
+                last_use.update((b, i) for b in buffers.get(v.name, (v.name,)))
     for v in graph.outputs:
-        last_use[v.name] = last_use[root.get(v.name, v.name)] = end
+        last_use.update((b, end) for b in buffers.get(v.name, (v.name,)))
     base = sum(size[v.name] for v in (*graph.inputs, *graph.params))
     live: dict[str, float] = {}
     peak = 0.0
     for i, n in enumerate(graph.nodes):
         for v in n.outputs:
-            live[v.name] = 0.0 if n.op in _VIEWS else size[v.name]
+            live[v.name] = own[v.name]
         peak = max(peak, sum(live.values()))
         for name in [k for k in live if last_use.get(k, -1) <= i]:
             del live[name]
     return float(base + peak)
+
+
+def _buffers(graph: Graph, size: Mapping[str, float]) -> tuple[dict[str, float], dict[str, tuple[str, ...]]]:
+    """For each node output: the new memory it takes, and the values whose memory it lives in (itself included)."""
+    own: dict[str, float] = {}
+    buffers: dict[str, tuple[str, ...]] = {}
+
+    def of(v) -> tuple[str, ...]:
+        return buffers.get(v.name, (v.name,))
+
+    for n in graph.nodes:
+        ins = [v for v in n.inputs if v is not None]
+        for v in n.outputs:
+            if n.op in _VIEWS and ins:
+                own[v.name], buffers[v.name] = 0.0, of(ins[0])
+            elif n.op in _IN_PLACE and ins:
+                own[v.name], buffers[v.name] = max(0.0, size[v.name] - size[ins[0].name]), (*of(ins[0]), v.name)
+            elif n.op == "concat" and n.attr.get("inplace") and ins:
+                shared = tuple(dict.fromkeys(b for x in ins for b in of(x)))
+                own[v.name] = max(0.0, size[v.name] - sum(size[x.name] for x in ins))
+                buffers[v.name] = (*shared, v.name)
+            else:
+                own[v.name] = size[v.name]
+    return own, buffers
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,39 @@ def test_peak_memory_keeps_a_value_live_while_a_view_of_it_is_read():
     g = lmforge.capture(M(), (torch.randn(1024, 16),))
     base = sum(v.type.nbytes() for v in (*g.inputs, *g.params))
     assert peak_memory(g, {}) - base >= 2 * 16 * 2**20
+
+
+def test_a_decode_step_holds_its_kv_cache_once(step_graph):
+    """The appends write into the cache in place and the returned stack is the layers' caches: peak memory is
+    weights + one cache + the step's activations (it counted the cache ~2.5x: input, each append, the stack)."""
+    from lmforge.search.cost_model import bindings_for, peak_memory
+
+    assert {n.op for n in step_graph.nodes} >= {"kv_cache_append"}
+    assert any(n.op == "concat" and n.attr["inplace"] for n in step_graph.nodes)
+    env = bindings_for(step_graph, {"batch": 64, "past": 65536})
+    cache = sum(v.type.concrete(env).nbytes() for v in step_graph.inputs[1:])
+    weights = sum(v.type.concrete(env).nbytes() for v in step_graph.params)
+    grown = sum(v.type.concrete(env).nbytes() for v in step_graph.outputs[1:])   # past + 1 entries
+    peak = peak_memory(step_graph, env)
+    assert cache + weights + (grown - cache) <= peak <= cache + weights + (grown - cache) + 0.01 * cache
+    hw = get_target("h100")
+    past = int(0.6 * hw.memory_bytes / (cache / 65536))     # one cache is 60 % of the card: it fits
+    assert graph_cost(step_graph, hw, {"batch": 64, "past": past}).fits
+
+
+def test_an_offloaded_kv_cache_is_not_device_memory():
+    from lmforge.ir import GraphBuilder, TensorType
+    from lmforge.search.cost_model import peak_memory
+
+    def step(tier):
+        b = GraphBuilder("step")
+        q = b.input("q", TensorType((1, 8, 1, 128), "bfloat16"))
+        ann = {"memory_tier": tier} if tier else {}
+        caches = [b.input(n, TensorType((1, 8, 65536, 128), "bfloat16").with_(**ann)) for n in ("k", "v")]
+        k2, v2 = (b.op("kv_cache_append", [c, q], {"dim": 2}) for c in caches)
+        return b.build([b.op("attention", [q, k2, v2], {"causal": True}), k2, v2])
+
+    cache = 2 * 8 * 65536 * 128 * 2
+    on_device, offloaded = peak_memory(step(None), {}), peak_memory(step("host"), {})
+    assert cache < on_device < cache * 1.01
+    assert offloaded < cache / 100
