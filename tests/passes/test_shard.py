@@ -226,13 +226,13 @@ def test_cost_model_prices_one_rank_plus_the_collectives():
 
 
 def test_tune_splits_a_model_whose_kv_cache_does_not_fit_one_gpu(decode, tmp_path):
-    """5m Llama at batch 256 and 64k cached tokens: 172 GB of fp32 KV cache (in and out) per step. With the
-    split as the only knob (KV int8 would fit one GPU too), only tp = 4 fits an H100 (tp = 8 does not divide the 4
-    KV heads: pruned)."""
+    """5m Llama at batch 256 and 192k cached tokens: 258 GB of fp32 KV cache per step (held once: the appends
+    write into it in place). With the split as the only knob (KV int8 would fit one GPU too), only tp = 4 fits an
+    H100 (tp = 2 leaves 129 GB per GPU; tp = 8 does not divide the 4 KV heads: pruned)."""
     w, _ = decode
     result = lmforge.tune(w, target="h100", budget=8, pipeline=[tensor_parallel_pass(8)],
                           storage=f"sqlite:///{tmp_path}/tp.db", constraints={"fits": True},
-                          bindings={"batch": 256, "past": 65536}, progress=False, seed=0)
+                          bindings={"batch": 256, "past": 3 * 65536}, progress=False, seed=0)
     assert result.best_config["shard.tp"] == 4 and result.best_values["fits"] == 1.0
     tried = {t.user_attrs["config"]["shard.tp"]: t.user_attrs["values"]["fits"]
              for t in result.study.trials if "values" in t.user_attrs}
