@@ -44,8 +44,46 @@ class GraphCost:
         return self.peak_memory_bytes <= self.memory_capacity
 
 
+def size_symbols(graph: Graph) -> set[str]:
+    """Every symbol the graph's sizes use: in its values' shapes and its symbolic attributes (a `q_offset` of
+    "past"), regions included."""
+    from lmforge.ir.ops import get_op
+    from lmforge.ir.ops.registry import SYMBOLIC_KINDS
+
+    def attr_symbols(value) -> set[str]:
+        if isinstance(value, str):
+            return dim_symbols(value)
+        if isinstance(value, tuple):
+            return set().union(*(attr_symbols(x) for x in value))
+        return set()
+
+    out = {s for v in graph.values().values() for d in v.type.shape for s in dim_symbols(d)}
+    for n in graph.nodes:
+        spec = get_op(n.op).attrs
+        out.update(s for k, v in n.attrs if k in spec and spec[k].kind in SYMBOLIC_KINDS for s in attr_symbols(v))
+        for r in n.regions:
+            out |= size_symbols(r)
+    return out
+
+
+def check_bindings(graph: Graph, bindings: Mapping[str, int] | None) -> None:
+    """An LmforgeError for `bindings` keys that are not symbolic sizes of `graph` (a misspelled size would price
+    the graph at its default sizes without a word), listing the sizes it has."""
+    from lmforge.errors import LmforgeError
+
+    valid = size_symbols(graph) | set(dict(graph.get_meta("example_dims") or ()))
+    unknown = sorted(set(bindings or ()) - valid)
+    if unknown:
+        have = ", ".join(sorted(valid)) if valid else "none (capture it with dynamic sizes to price other sizes)"
+        raise LmforgeError(f"bindings {unknown} name no symbolic size of this graph; its symbolic sizes are: {have}")
+
+
 def bindings_for(graph: Graph, bindings: Mapping[str, int] | None = None) -> dict[str, int]:
-    env = {s: 1 for v in graph.values().values() for d in v.type.shape for s in dim_symbols(d)}
+    """The value of every symbolic size: `bindings`, else the size the graph was captured with (meta
+    `example_dims`), else 1. The default of 1 is deliberate: callers price graphs built without example sizes
+    (tests, passes' own checks) and pass only the sizes that matter to them; `graph_cost` and `decode_cost`
+    reject binding names that are not sizes of the graph, so a misspelled size never falls back silently."""
+    env = {s: 1 for s in size_symbols(graph)}
     env.update(dict(graph.get_meta("example_dims") or ()))
     env.update(bindings or {})
     return env
@@ -87,12 +125,16 @@ def graph_cost(graph: Graph, hw, bindings: Mapping[str, int] | None = None,
                kernels: Mapping[str, int] | None = None) -> GraphCost:
     """Predict the cost of one run of `graph` on hardware `hw` (a `lmforge.hwmodels.Hardware`).
 
+    `bindings` gives symbolic sizes (a name that is not a size of the graph is an LmforgeError); sizes not given
+    take the graph's example sizes, else 1 (see `bindings_for`).
+
     `kernels` (Triton template name -> candidate config index, see `lmforge.search.kernel_model`) charges the
     nodes a Triton template claims by the kernel model of that config (index 0 for templates not named);
     None keeps the plain roofline for every node. A config that cannot launch raises KernelConfigInfeasible.
     """
     from lmforge.hwmodels.roofline import node_time
 
+    check_bindings(graph, bindings)
     env = bindings_for(graph, bindings)
     costs = node_costs(graph, env)
     owner = {}
@@ -264,7 +306,18 @@ class DecodeCost:
 def decode_cost(step_graph: Graph, hw, *, prompt_len: int, new_tokens: int, past_symbol: str = "past",
                 bindings: Mapping[str, int] | None = None) -> DecodeCost:
     """Charge a decode loop per generated token: step t runs with the KV cache holding prompt_len + t
-    entries, so bytes and FLOPs of attention grow with t and the total grows quadratically."""
+    entries, so bytes and FLOPs of attention grow with t and the total grows quadratically.
+
+    `past_symbol` must be a symbolic size of the step graph (else every step would be priced at the same past).
+    """
+    from lmforge.errors import LmforgeError
+
+    sizes = size_symbols(step_graph)
+    if past_symbol not in sizes:
+        raise LmforgeError(f"past_symbol {past_symbol!r} is not a symbolic size of the step graph "
+                           f"{step_graph.name!r} (its sizes: {', '.join(sorted(sizes)) or 'none'}); pass the name of "
+                           "its KV cache length, or capture the step with a dynamic cache length")
+    check_bindings(step_graph, bindings)
     times, flops, byts, efl = [], 0.0, 0.0, 0.0
     for t in range(new_tokens):
         env = dict(bindings or {})

@@ -83,6 +83,7 @@ import optuna
 from lmforge.errors import LmforgeError
 from lmforge.ir.graph import Graph
 from lmforge.passes.base import Knob, PassManager
+from lmforge.search.cost_model import check_bindings
 from lmforge.search.space import suggest
 from lmforge.search.studies import (COMPLETE, DIRECTIONS, FAIL, PRUNED, WAITING, _feasible, _pareto, _signs,
                                     best_configs, constraint_values, counted_trials, default_storage,
@@ -467,16 +468,6 @@ def measure_device(mode: str, hw, target) -> str:
         warnings.warn(f"mode {mode!r} times trials on this machine's GPU {here!r}, which is not the target {name}: "
                       "the measured latencies are this GPU's", stacklevel=3)
     return "cuda"
-
-
-def check_bindings(graph: Graph, bindings: Mapping[str, int] | None) -> None:
-    """An LmforgeError for `bindings` keys that are not symbolic sizes of `graph` (a misspelled size would price
-    the graph at its default sizes without a word), listing the sizes it has."""
-    valid = set(graph.symbols()) | set(dict(graph.get_meta("example_dims") or ()))
-    unknown = sorted(set(bindings or ()) - valid)
-    if unknown:
-        have = ", ".join(sorted(valid)) if valid else "none (capture it with dynamic sizes to price other sizes)"
-        raise LmforgeError(f"bindings {unknown} name no symbolic size of this graph; its symbolic sizes are: {have}")
 
 
 def _sizes(graph: Graph, wl, evals, mode: str, bindings) -> dict[str, int]:

@@ -137,3 +137,45 @@ def test_an_offloaded_kv_cache_is_not_device_memory():
     on_device, offloaded = peak_memory(step(None), {}), peak_memory(step("host"), {})
     assert cache < on_device < cache * 1.01
     assert offloaded < cache / 100
+
+
+def _attention_with_symbolic_offset():
+    from lmforge.ir import GraphBuilder, TensorType
+
+    b = GraphBuilder("a")
+    q = b.input("q", TensorType(("batch", 8, "n", 64), "bfloat16"))
+    k = b.input("k", TensorType(("batch", 8, "past + n", 64), "bfloat16"))
+    return b.build([b.op("attention", [q, k, k], {"causal": True, "q_offset": "past"})])
+
+
+def test_a_misspelled_binding_is_an_error_not_a_default_size():
+    from lmforge.errors import LmforgeError
+
+    g, hw = _attention_with_symbolic_offset(), get_target("h100")
+    with pytest.raises(LmforgeError, match=r"bindings \['pst'\] name no symbolic size .* batch, n, past"):
+        graph_cost(g, hw, {"batch": 1, "n": 4, "pst": 100000})
+    # "past" appears only inside "past + n" and the q_offset attribute: still a size one may bind
+    assert graph_cost(g, hw, {"batch": 1, "n": 4, "past": 100}).flops > graph_cost(g, hw, {"batch": 1, "n": 4}).flops
+
+
+def test_decode_cost_refuses_a_past_symbol_the_step_does_not_have():
+    from lmforge.errors import LmforgeError
+
+    g, hw = _attention_with_symbolic_offset(), get_target("h100")
+    with pytest.raises(LmforgeError, match="past_symbol 'kv_len' is not a symbolic size"):
+        decode_cost(g, hw, prompt_len=1000, new_tokens=2, past_symbol="kv_len", bindings={"n": 1})
+    with pytest.raises(LmforgeError, match=r"bindings \['btach'\]"):
+        decode_cost(g, hw, prompt_len=1000, new_tokens=2, bindings={"btach": 4})
+
+
+def test_a_symbol_only_inside_a_region_defaults_like_the_others():
+    # It raised a raw KeyError: bindings_for collected the symbols of the outer graph only.
+    from lmforge.ir import GraphBuilder, TensorType
+
+    body = GraphBuilder("body")
+    body_graph = body.build([body.op("neg", [body.input("a", TensorType(("m",)))])])
+    b = GraphBuilder("f")
+    y = b.op("fused", [b.input("x", TensorType((5,)))], regions=[body_graph], out_types=[TensorType((5,))])
+    g, hw = b.build([y]), get_target("h100")
+    assert graph_cost(g, hw).flops == graph_cost(g, hw, {"m": 1}).flops
+    assert graph_cost(g, hw, {"m": 5}).flops > graph_cost(g, hw).flops
