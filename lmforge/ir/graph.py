@@ -158,9 +158,14 @@ class Graph:
 
     @staticmethod
     def from_json(text: str, weights: Mapping[str, Any] | None = None) -> "Graph":
+        from lmforge.errors import VerifyError
         from lmforge.ir.serialize import graph_from_dict
 
-        g = graph_from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as e:  # json.JSONDecodeError, or bytes that are not UTF-8
+            raise VerifyError(f"graph JSON is not valid JSON ({e}); give the text Graph.to_json wrote") from None
+        g = graph_from_dict(data)
         return replace(g, weights=dict(weights or {}))
 
     def signature(self) -> str:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge.errors import VerifyError
 from lmforge.ir.graph import Graph, Node, Value
-from lmforge.ir.types import TensorType, _freeze
+from lmforge.ir.types import TensorType, _freeze, from_json_value, json_value
 
 SCHEMA_VERSION = 1
 
@@ -17,20 +18,8 @@ def _value(v: Value | None) -> Any:
     return None if v is None else {"name": v.name, "type": v.type.to_json()}
 
 
-def _attr_to_json(value: Any) -> Any:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return {"float": repr(value)}
-    if isinstance(value, tuple):
-        return [_attr_to_json(v) for v in value]
-    return value
-
-
-def _attr_from_json(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"float"}:
-        return float(value["float"])
-    if isinstance(value, list):
-        return tuple(_attr_from_json(v) for v in value)
-    return value
+# Attribute and meta values use the same strict-JSON form as type annotations (inf / NaN as {"float": ...}).
+_attr_to_json, _attr_from_json = json_value, from_json_value
 
 
 def graph_to_dict(g: Graph) -> dict:
@@ -57,8 +46,24 @@ def _read_value(d: dict) -> Value:
 
 
 def graph_from_dict(d: dict, outer: dict[str, Value] | None = None) -> Graph:
-    from lmforge.errors import VerifyError
+    """The graph a dict from `graph_to_dict` describes. Anything else (a missing key, an unknown dtype, attrs that
+    are not [name, value] pairs, an undefined name) is a VerifyError saying what is wrong, not a KeyError."""
+    try:
+        return _graph_from_dict(d, outer)
+    except VerifyError:
+        raise
+    except KeyError as e:
+        raise VerifyError(f"graph JSON has no key {e} where a graph, node, value or type needs one: it was not "
+                          "written by Graph.to_json (or was edited); export the graph again") from None
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        raise VerifyError(f"graph JSON is malformed ({type(e).__name__}: {e}): it was not written by "
+                          "Graph.to_json (or was edited); export the graph again") from None
 
+
+def _graph_from_dict(d: dict, outer: dict[str, Value] | None = None) -> Graph:
+    if not isinstance(d, dict):
+        raise VerifyError(f"graph JSON must be an object with inputs, params, nodes and outputs, "
+                          f"not {type(d).__name__}")
     if d.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise VerifyError(f"graph JSON schema {d.get('schema')} is not {SCHEMA_VERSION}: "
                           "re-export it with this lmforge version")
@@ -77,6 +82,10 @@ def graph_from_dict(d: dict, outer: dict[str, Value] | None = None) -> Graph:
         attrs = tuple((k, _freeze(_attr_from_json(v))) for k, v in nd["attrs"])
         nodes.append(Node(nd["op"], ins, outs, attrs, regions, nd.get("source", "")))
         scope.update({v.name: v for v in outs})
+    undefined = [name for name in d["outputs"] if name not in scope]
+    if undefined:
+        raise VerifyError(f"graph JSON: outputs {undefined} of graph {d['name']!r} are not defined by its inputs, "
+                          "params or nodes")
     outputs = tuple(scope[name] for name in d["outputs"])
     meta = tuple((k, _freeze(_attr_from_json(v))) for k, v in d.get("meta", []))
     return Graph(d["name"], inputs, params, tuple(nodes), outputs, meta)

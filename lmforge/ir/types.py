@@ -54,12 +54,59 @@ def itemsize(name: str) -> float:
     return DTYPES[name][0]
 
 
+# The one NaN object frozen values hold: NaN != NaN, but tuples compare items by identity first, so attrs and
+# meta holding this object compare equal after a JSON round trip (which makes a new float NaN).
+_NAN = float("nan")
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
+    if isinstance(value, float) and value != value:
+        return _NAN
     return value
+
+
+def json_value(value: Any) -> Any:
+    """A frozen value as strict JSON: tuples become lists, inf / -inf / NaN become {"float": "inf"} (json.dumps
+    would write the bare words Infinity / NaN, which are not JSON)."""
+    if isinstance(value, float) and (value != value or value in (math.inf, -math.inf)):
+        return {"float": repr(value)}
+    if isinstance(value, tuple):
+        return [json_value(v) for v in value]
+    return value
+
+
+def from_json_value(value: Any) -> Any:
+    """The inverse of `json_value` (lists come back as tuples)."""
+    if isinstance(value, dict) and set(value) == {"float"}:
+        return float(value["float"])
+    if isinstance(value, list):
+        return tuple(from_json_value(v) for v in value)
+    return value
+
+
+def _check_dim(d: Any) -> Dim:
+    """A dimension as stored: an int >= 0, or a str naming a symbolic size. Floats (2.7 became 2), bools (True
+    became 1) and negative sizes (numel -6) are mistakes a pass or a hand-written graph made: refused here."""
+    if isinstance(d, str):
+        return d
+    if isinstance(d, bool) or not hasattr(d, "__index__"):
+        raise _dim_error(d, "is not an int or a symbolic size (str)")
+    n = d.__index__()
+    if n < 0:
+        raise _dim_error(d, "is negative")
+    return n
+
+
+def _dim_error(d: Any, why: str) -> Exception:
+    from lmforge.errors import VerifyError
+
+    return VerifyError(f"tensor dimension {d!r} ({type(d).__name__}) {why}: a dimension is an int >= 0 or the "
+                       "name / expression of a symbolic size such as 'batch' or 'past + 1'; fix the shape where the "
+                       "type is built")
 
 
 @dataclass(frozen=True)
@@ -73,7 +120,7 @@ class TensorType:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; known: {sorted(DTYPES)}")
-        object.__setattr__(self, "shape", tuple(int(d) if not isinstance(d, str) else d for d in self.shape))
+        object.__setattr__(self, "shape", tuple(_check_dim(d) for d in self.shape))
         object.__setattr__(self, "annotations", _freeze(dict(self.annotations)))
 
     @property
@@ -115,12 +162,13 @@ class TensorType:
     def to_json(self) -> dict:
         out: dict = {"shape": list(self.shape), "dtype": self.dtype}
         if self.annotations:
-            out["annotations"] = [[k, _thaw(v)] for k, v in self.annotations]
+            out["annotations"] = [[k, json_value(v)] for k, v in self.annotations]
         return out
 
     @staticmethod
     def from_json(d: dict) -> "TensorType":
-        return TensorType(tuple(d["shape"]), d["dtype"], tuple((k, _freeze(v)) for k, v in d.get("annotations", [])))
+        annotations = tuple((k, _freeze(from_json_value(v))) for k, v in d.get("annotations", []))
+        return TensorType(tuple(d["shape"]), d["dtype"], annotations)
 
     @staticmethod
     def of(t: torch.Tensor) -> "TensorType":

@@ -210,3 +210,75 @@ def test_signature_ignores_sources_inside_regions():
     moved_region = region.with_nodes([dataclasses.replace(region.nodes[0], source="model.py:11")])
     moved = g.with_nodes([dataclasses.replace(g.nodes[0], regions=(moved_region,))])
     assert moved.signature() == g.signature()
+
+
+def _json_of_small_graph() -> dict:
+    import json
+
+    return json.loads(small_graph().to_json())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.__setitem__("outputs", ["nope"]), r"outputs \['nope'\] of graph 'mlp' are not defined"),
+    (lambda d: d["inputs"][0]["type"].__setitem__("dtype", "float99"), "unknown dtype 'float99'"),
+    (lambda d: d.pop("params"), "graph JSON has no key 'params'"),
+    (lambda d: d["nodes"][0].__setitem__("attrs", {"scalar": 1}), "graph JSON is malformed"),
+    (lambda d: d["inputs"][0]["type"].__setitem__("shape", ["batch", 4.5]), r"dimension 4\.5 \(float\)"),
+    (lambda d: d["nodes"][0].__setitem__("inputs", ["nope"]), "reads undefined value 'nope'"),
+])
+def test_malformed_graph_json_is_a_verify_error_saying_what_is_wrong(edit, message):
+    import json
+
+    d = _json_of_small_graph()
+    edit(d)
+    with pytest.raises(VerifyError, match=message):
+        Graph.from_json(json.dumps(d))
+
+
+def test_text_that_is_not_json_is_a_verify_error():
+    with pytest.raises(VerifyError, match="not valid JSON"):
+        Graph.from_json('{"name": "g", ')
+
+
+def test_nan_attrs_and_meta_round_trip_equal():
+    b = GraphBuilder("nan")
+    y = b.op("full", [], {"shape": (2,), "value": float("nan")})
+    g = b.build([y], meta={"note": float("nan")})
+    assert Graph.from_json(g.to_json()) == g
+
+
+def test_infinite_and_nan_annotations_are_written_as_strict_json():
+    import json
+    import math
+
+    x = TensorType((4,)).with_(quant=(("scale", float("inf")), ("zero", float("nan"))))
+    b = GraphBuilder("ann")
+    g = b.build([b.op("neg", [b.input("x", x)])])
+    text = g.to_json()
+    json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} is not strict JSON"))
+    back = Graph.from_json(text)
+    assert back == g
+    scale, zero = dict(back.inputs[0].type.annotation("quant")).values()
+    assert scale == math.inf and math.isnan(zero)
+
+
+@pytest.mark.parametrize("dim, why", [(2.7, "is not an int"), (True, "is not an int"), (-3, "is negative"),
+                                       (None, "is not an int")])
+def test_impossible_dims_are_refused(dim, why):
+    # TensorType((2.7, True, -3)) became f32[2, 1, -3], numel -6: a broken pass produced negative costs.
+    with pytest.raises(VerifyError, match=why):
+        TensorType((4, dim))
+
+
+def test_dims_of_int_like_types_become_ints():
+    import numpy as np
+
+    assert TensorType((np.int64(3), torch.tensor(2).item(), "batch")).shape == (3, 2, "batch")
+
+
+def test_a_scalar_torch_cannot_take_is_a_verify_error():
+    b = GraphBuilder("big")
+    x = b.input("x", TensorType((4,)))
+    with pytest.raises(VerifyError, match=r"'scalar' = 1180591620717411303424 is not a number \(an int within int64\)"):
+        b.op("add", [x], {"scalar": 2**70})
+    assert b.op("add", [x], {"scalar": 2**63 - 1}) is not None

@@ -85,8 +85,10 @@ _KIND_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "dim": (_is_dim, "a dimension: an int or a symbolic expression such as 'past + 1'"),
     "dims": (_tuple_of(_is_dim), "a tuple of dimensions (ints or symbolic expressions)"),
-    "scalar": (lambda v: isinstance(v, bool) or _is_float(v) or _is_dim(v),
-               "a number, a bool or a symbolic expression"),
+    # torch takes a Python int operand only within int64 (2**70 raised a raw OverflowError in type promotion)
+    "scalar": (lambda v: isinstance(v, bool) or (_is_int(v) and -2**63 <= v < 2**63)
+               or (_is_float(v) and not _is_int(v)) or (isinstance(v, str) and _is_dim(v)),
+               "a number (an int within int64), a bool or a symbolic expression"),
     "ints": (_tuple_of(_is_int), "a tuple of ints"),
     "floats": (_tuple_of(_is_float), "a tuple of numbers"),
     "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"a dtype name, one of {sorted(DTYPES)}"),
