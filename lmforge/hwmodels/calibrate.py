@@ -21,6 +21,7 @@ after warm-up; tests pass a fake that reads `fn.cost`.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -119,8 +120,19 @@ def calibrate(hw: Hardware, instances: Sequence[OpInstance] | None = None, measu
         if progress:
             print(f"calibrate {hw.name}: {i + 1}/{len(instances)} {inst.name:<48} {measured[-1] * 1e3:9.3f} ms",
                   file=sys.stderr)
+        if not (math.isfinite(measured[-1]) and measured[-1] > 0):   # one inf sank every matmul factor to 0.001
+            raise TargetError(f"calibrating {hw.name}: instance {inst.name!r} measured {measured[-1]!r} s; a time must "
+                              "be finite and positive. Check the measure function (or the device's timer) and "
+                              "calibrate again; nothing was saved")
     fit = fit_efficiency(costs, measured, hw, fit_launch=fit_launch, per_class_launch=per_class_launch)
     after = hw.with_efficiency(fit.efficiency, fit.launch_overhead_s, fit.launch_by_class)
+    try:
+        after.validate()
+    except TargetError as e:
+        raise TargetError(f"calibrating {hw.name} fitted values this hardware cannot have ({e}); the measurements "
+                          "do not look like this device's (a loaded machine, another device, a wrong measure "
+                          "function?). Nothing was saved: check them and calibrate again") from None
+    _warn_on_bounds(hw, fit)
     samples = tuple(Sample(inst.name, inst.op, c.op_class, c.flops, c.bytes, t, node_time(c, hw).time_s,
                            node_time(c, after).time_s) for inst, c, t in zip(instances, costs, measured))
     cal = Calibration(hw.name, hw.fingerprint(), fit.efficiency, fit.launch_overhead_s, fit.launch_by_class, samples,
@@ -250,8 +262,10 @@ def fit_efficiency(costs: Sequence[Cost], measured: Sequence[float], hw: Hardwar
     """
     if len(costs) != len(measured) or not costs:
         raise ValueError("fit_efficiency needs one measured time per cost, and at least one")
-    if any(not t > 0 for t in measured):
-        raise ValueError("measured times must be positive")
+    bad = [(i, t) for i, t in enumerate(measured) if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise TargetError(f"fit_efficiency: measured times must be finite and positive; sample(s) "
+                          f"{', '.join(f'#{i} = {t!r} s' for i, t in bad[:5])} are not. Measure them again")
     unit = hw.with_efficiency({c.op_class: (1.0, 1.0) for c in costs}, 0.0, {})
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(costs):
@@ -326,6 +340,22 @@ class _ClassData:
         loss = self.loss(eff_c, eff_m, launches)
         i, a, b = np.unravel_index(int(np.argmin(loss)), loss.shape)
         return float(launches[i]), float(eff_c[a]), float(eff_m[b])
+
+
+def _warn_on_bounds(hw: Hardware, fit: "Fit") -> None:
+    """Warn about fitted values at the edge of the search grid: the data pushed them there, so the true value
+    may lie beyond (or the measurements are off), and predictions for that class deserve suspicion."""
+    import warnings
+
+    at_edge = [f"{cls} ({ec:.3g}, {em:.3g})" for cls, (ec, em) in fit.efficiency.items()
+               if any(math.isclose(v, b, rel_tol=1e-6) for v in (ec, em) for b in _EFF_RANGE)]
+    # a launch at the grid's floor is a real outcome (negligible on a CPU); at its ceiling it is not
+    launches = {"shared": fit.launch_overhead_s, **fit.launch_by_class}
+    at_edge += [f"launch {cls} {v:.3g} s" for cls, v in launches.items()
+                if math.isclose(v, _LAUNCH_RANGE[1], rel_tol=1e-6)]
+    if at_edge:
+        warnings.warn(f"calibrating {hw.name}: fitted values on the edge of the search range: {', '.join(at_edge)}; "
+                      "the measurements may be off for those op classes", stacklevel=3)
 
 
 def _around(x: float, step: float, n: int = 21, bounds: tuple[float, float] = _EFF_RANGE) -> np.ndarray:

@@ -28,7 +28,8 @@ PEAK_DTYPES = ("float32", "tfloat32", "float16", "bfloat16", "float8_e4m3fn", "i
 
 # dtypes a Cost may carry that have no peak of their own: the peak they run at.
 # float64 is not modeled (LLM inference does not use it); it is charged at the float32 peak.
-_PEAK_ALIASES = {
+_PEAK_ALIASES = {  # float16 and bfloat16 run on the same tensor cores: a description with one has both
+    "float16": "bfloat16", "bfloat16": "float16",
     "float64": "float32", "float8_e5m2": "float8_e4m3fn", "int4": "int8", "uint8": "int8",
     "int16": "float32", "int32": "float32", "int64": "float32", "bool": "float32",
 }

@@ -144,10 +144,12 @@ def known_names() -> list[str]:
 def get_target(name: "str | Hardware") -> Hardware:
     """The Hardware for a target name ("h100", "A100-40GB-SXM", "host", ...; case-insensitive).
 
-    A Hardware passed in is returned as is. "host" probes the CPU (cached, see `host.host_hardware`).
+    A Hardware passed in is validated (`Hardware.validate`: a missing peak, a unit mistake) and returned: a
+    description without a float16 peak used to run fp16 at the fp32 CUDA-core peak without a word.
+    "host" probes the CPU (cached, see `host.host_hardware`).
     """
     if isinstance(name, Hardware):
-        return name
+        return name.validate()
     key = _key(str(name))
     if key == "host":
         from lmforge.hwmodels.host import host_hardware

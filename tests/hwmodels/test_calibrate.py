@@ -251,3 +251,41 @@ def test_gpu_measurements_are_plausible_for_the_preset(tmp_cache):
     flops = gemm.cost().flops / gemm_s
     assert 0.3 * hw.memory_bandwidth < bandwidth < 1.05 * hw.memory_bandwidth, bandwidth
     assert 0.3 * hw.peak("float16") < flops < 1.05 * hw.peak("float16"), flops
+
+
+@pytest.mark.parametrize("bad", [float("inf"), 0.0, float("nan"), -1e-3])
+def test_a_time_that_is_not_finite_and_positive_is_refused_naming_the_sample(bad, tmp_cache):
+    # One inf among 34 samples passed `t > 0` and saved matmul efficiencies of 0.001 (every matmul ~750x slower).
+    hw = get_target("h100")
+    instances = op_instances("gpu", "fit")
+    calls = []
+
+    def glitch(fn):
+        calls.append(fn)
+        return bad if len(calls) == 5 else node_time(fn.cost, hw).time_s
+
+    with pytest.raises(TargetError, match=rf"instance '{instances[4].name}' measured .* finite and positive"):
+        calibrate(hw, instances, measure=glitch)
+    assert load_calibration(hw) is None
+
+
+def test_fit_efficiency_refuses_an_infinite_time_with_a_target_error():
+    hw = get_target("h100")
+    costs = [inst.cost() for inst in op_instances("gpu", "fit")[:3]]
+    with pytest.raises(TargetError, match=r"#1 = inf s"):
+        calibrate_module.fit_efficiency(costs, [1e-3, float("inf"), 1e-3], hw)
+
+
+def test_a_fit_the_hardware_cannot_have_is_not_saved(tmp_cache):
+    # 5 ms added to every time fits a launch overhead outside what validate() accepts for a GPU.
+    hw = get_target("h100")
+    with pytest.raises(TargetError, match="fitted values this hardware cannot have .*launch.*Nothing was saved"):
+        calibrate(hw, measure=lambda fn: 5e-3 + node_time(fn.cost, hw).time_s)
+    assert load_calibration(hw) is None
+
+
+def test_a_factor_fitted_on_the_edge_of_the_grid_warns(tmp_cache):
+    hw = get_target("h100")
+    truth = hw.with_efficiency({"norm": (2e-4, 2e-4)})   # below the grid's floor (1e-3): the fit stops there
+    with pytest.warns(UserWarning, match=r"edge of the search range: norm \([0-9.]+, 0\.001\)"):
+        calibrate(hw, measure=_fake_measure(truth), save=False)

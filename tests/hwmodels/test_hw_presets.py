@@ -141,3 +141,13 @@ def test_describe_and_summary_name_the_numbers():
     assert "H200-SXM" in hw.summary() and "4800 GB/s" in hw.summary()
     text = hw.describe()
     assert hw.fingerprint() in text and "NVLink 4" in text and "float8_e4m3fn" in text
+
+
+def test_a_hardware_passed_as_target_is_validated():
+    # Without a float16 peak, fp16 ran at the fp32 CUDA-core peak (67 instead of 989 TFLOP/s) without a word.
+    hw = get_target("h100")
+    no_fp16 = dataclasses.replace(hw, peak_flops={k: v for k, v in hw.peak_flops.items() if k != "float16"})
+    with pytest.raises(TargetError, match="no peak for float16"):
+        get_target(no_fp16)
+    assert get_target(hw) is hw
+    assert no_fp16.peak("float16") == hw.peak_flops["bfloat16"]   # the same tensor cores, not the fp32 pipe
