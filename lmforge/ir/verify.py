@@ -1,9 +1,10 @@
 """The IR verifier: the invariants every graph holds after capture and after every pass.
 
 - every op is registered and takes the number of inputs it gets;
-- attributes match the op's schema (no unknown, none missing);
+- attributes match the op's schema (no unknown, none missing, each value of its declared kind);
 - values are defined before use, each name once (inputs, params, node outputs);
-- output types agree with the op's type rule (ops without a rule, such as torch_fallback, keep theirs);
+- output types agree with the op's type rule, a constant never standing for a symbol (ops without a rule, such
+  as torch_fallback, keep theirs);
 - graph outputs are defined values; regions are closed graphs and verify on their own.
 """
 from __future__ import annotations
@@ -75,5 +76,4 @@ def _equal_dims(a, b) -> bool:
 
     if len(a) != len(b):
         return False
-    return all(x == y or simplify_dim(x) == simplify_dim(y) or isinstance(x, str) != isinstance(y, str)
-               for x, y in zip(a, b))
+    return all(x == y or simplify_dim(x) == simplify_dim(y) for x, y in zip(a, b))

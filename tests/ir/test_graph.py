@@ -282,3 +282,14 @@ def test_a_scalar_torch_cannot_take_is_a_verify_error():
     with pytest.raises(VerifyError, match=r"'scalar' = 1180591620717411303424 is not a number \(an int within int64\)"):
         b.op("add", [x], {"scalar": 2**70})
     assert b.op("add", [x], {"scalar": 2**63 - 1}) is not None
+
+
+def test_an_output_typed_with_a_constant_where_the_rule_gives_a_symbol_is_rejected():
+    # verify accepted f32[7, 8] for a linear whose rule gives f32[batch, 8]; the cost model then priced that value
+    # at 7 rows whatever batch was bound to.
+    g = small_graph()
+    n = g.nodes[-1]
+    wrong = Value(n.output.name, TensorType((7, 8)))
+    broken = g.with_nodes([*g.nodes[:-1], Node(n.op, n.inputs, (wrong,), n.attrs)], outputs=[wrong])
+    with pytest.raises(VerifyError, match=r"output type f32\[7, 8\] disagrees with the type rule's f32\[batch, 8\]"):
+        verify(broken)
