@@ -126,3 +126,107 @@ def test_sdpa_on_3d_inputs_runs_as_torch():
     c = lmforge.compile(attend, (q, q, q))
     assert [n.op for n in c.graph.nodes] == ["torch_fallback"]
     torch.testing.assert_close(c(q, q, q), attend(q, q, q))
+
+
+# ---- in-place writes -------------------------------------------------------------------------------------
+
+def _slice_assign(x):
+    y = x.clone()
+    y[:, -2:] = 0
+    return y
+
+
+def _copy_into_slice(x, u):
+    z = x.clone()
+    z[:, 2:4] = u
+    return z
+
+
+def _mul_on_view(x):
+    y = x.clone()
+    y[0].mul_(3)
+    return y
+
+
+def _add_on_clone(x):
+    y = x.clone()
+    y.add_(1)
+    return y
+
+
+def _relu_on_clone(x):
+    y = x.clone()
+    y.relu_()
+    return y * 1
+
+
+def _zeros_setitem(x):
+    y = torch.zeros(3, 6)
+    y[1] = x[0]
+    return y
+
+
+def _several_writes(x):
+    y = x.clone()
+    y[:, 1:3] += 1
+    y[0] = 5
+    y[:, ::2] *= 2
+    return y
+
+
+def _index_put(x, i):
+    y = x.clone()
+    y[i] = 0
+    return y
+
+
+@pytest.mark.parametrize("fn,extra", [
+    (_slice_assign, ()), (_copy_into_slice, ((3, 2),)), (_mul_on_view, ()), (_add_on_clone, ()),
+    (_relu_on_clone, ()), (_zeros_setitem, ()), (_several_writes, ()), (_index_put, ("index",)),
+], ids=lambda p: getattr(p, "__name__", "")[1:] if callable(p) else "")
+def test_in_place_writes_are_kept_and_never_touch_the_callers_tensors(fn, extra):
+    """torch.export's graph writes in place (a fill_ on a slice view of a clone, that nothing reads): lmforge
+    functionalizes such graphs, so the write is in the result and a compiled call leaves its inputs as they were."""
+    def inputs():
+        return (torch.randn(3, 6),) + tuple(torch.tensor([0, 2]) if e == "index" else torch.randn(*e) for e in extra)
+
+    compiled = lmforge.compile(fn, inputs())
+    for _ in range(2):
+        xs = inputs()
+        before = tuple(x.clone() for x in xs)
+        got, want = compiled(*xs), fn(*(x.clone() for x in xs))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert all(torch.equal(a, b) for a, b in zip(xs, before)), "the compiled call changed its input"
+
+
+def test_graphs_without_writes_are_not_functionalized():
+    """Only a graph with an in-place write goes through functionalization: an ordinary model keeps the graph (and
+    the signature its tuning studies are keyed by) it had."""
+    from lmforge.ir.frontends import torch_export
+
+    ep, _ = torch_export.export_program(Block().eval(), (torch.randn(2, 5, 16),))
+    assert torch_export.functional_program(ep) is ep
+
+
+class _StaticCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 8, 4))
+
+    def forward(self, k):
+        self.cache[:, :3] = k
+        return self.cache.sum(1)
+
+
+def test_writes_to_model_state_or_inputs_are_a_clear_error():
+    with pytest.raises(CaptureError, match=r"buffer 'cache'.*keeps no state.*return its new value"):
+        lmforge.capture(_StaticCache(), (torch.randn(2, 3, 4),))
+
+    def add_to_input(x):
+        x.add_(1)
+        return x * 2
+
+    with pytest.raises(CaptureError, match=r"input 'x' in place \(aten.add_.Tensor at test_capture.py:\d+.*clone"):
+        lmforge.capture(add_to_input, (torch.randn(3),))
+    with pytest.raises(CaptureError, match=r"parameter 'weight'.*max_norm"):
+        lmforge.capture(nn.Embedding(10, 4, max_norm=1.0), (torch.tensor([[1, 3, 9]]),))

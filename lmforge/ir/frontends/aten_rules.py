@@ -320,7 +320,7 @@ def arange(t, node):
 # ATen creation ops -> `full`: the constant they fill with, or the index of the argument holding it
 _FILL = {aten.zeros.default: 0, aten.ones.default: 1, aten.new_zeros.default: 0, aten.new_ones.default: 1,
          aten.zeros_like.default: 0, aten.ones_like.default: 1}
-_FILL_ARG = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1}
+_FILL_ARG = {aten.full.default: 1, aten.new_full.default: 2, aten.full_like.default: 1, aten.fill.Scalar: 1}
 
 
 def full(t, node):
@@ -351,12 +351,29 @@ def topk(t, node):
 
 
 def slice_scatter(t, node):
+    """slice_scatter(x, new, dim, start, ...): x with `new` written at start.. along dim (a KV-cache write, or a
+    functionalized `y[:, 2:4] = u`); a negative start on a static dim counts from its end."""
     cache, new = t.value(node.args[0]), t.value(node.args[1])
     dim, start = _arg(node, 2, "dim", 0), t.value(_arg(node, 3, "start", 0))
     step = _arg(node, 5, "step", 1)
     if step != 1 or not isinstance(start, (int, str)) or start is None:
         return None
+    size = cache.type.shape[dim]
+    if isinstance(start, int) and start < 0:
+        if not isinstance(size, int):
+            return None
+        start = max(start + size, 0)
     return t.emit(node, "kv_cache_update", [cache, new], {"dim": dim, "pos": start})
+
+
+def copy(t, node):
+    """copy(dst, src), the functional form of `dst.copy_(src)` / `dst[...] = src`: src cast to dst's dtype (torch
+    also broadcasts src to dst's shape; that case stays with torch)."""
+    src = t.value(node.args[1])
+    if not isinstance(src, Value) or tuple(src.type.shape) != _out_shape(t, node):
+        return None
+    dtype = dtype_name(node.meta["val"].dtype)
+    return src if src.type.dtype == dtype else t.emit(node, "cast", [src], {"dtype": dtype})
 
 
 ATEN_RULES = {
@@ -396,7 +413,8 @@ ATEN_RULES = {
     aten.full_like.default: full, aten.zeros_like.default: full, aten.ones_like.default: full,
     aten.triu.default: tri(True), aten.tril.default: tri(False),
     aten.topk.default: topk,
-    aten.slice_scatter.default: slice_scatter,
+    aten.slice_scatter.default: slice_scatter, aten.copy.default: copy,
+    aten.fill.Scalar: full,
 }
 for _name in ("neg", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "silu",
               "reciprocal", "logical_not"):

@@ -15,6 +15,7 @@ import operator
 import os
 import re
 import types
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -127,10 +128,99 @@ def export_program(model, example_inputs, dynamic=None):
         ep = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; all mean "could not capture"
         raise CaptureError(_explain(e)) from e
-    return ep, names
+    return functional_program(ep), names
+
+
+# ---- in-place writes ----------------------------------------------------------------------------------
+
+def _is_mutating(target) -> bool:
+    """An ATen op that writes to an argument (add_, copy_, fill_, index_put_, ...): its schema has a `Tensor(a!)`."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def _is_view(target) -> bool:
+    """An ATen op whose result aliases its first argument (slice, select, view, ...): a write to it writes there."""
+    schema = getattr(target, "_schema", None)
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None \
+        and not schema.is_mutable
+
+
+_STATE_WRITES = {"BUFFER_MUTATION": "buffer", "PARAMETER_MUTATION": "parameter", "USER_INPUT_MUTATION": "input"}
+
+
+def functional_program(ep):
+    """The exported program with its in-place writes made explicit, or `ep` itself when it has none.
+
+    torch.export (strict=False) returns a graph that still writes in place: `y = x.clone(); y[:, -2:] = 0` is a
+    `clone`, a `slice` view of it and a `fill_` on the view that nothing reads. lmforge's ops are pure (clone is
+    the identity, dead nodes go), so such a write would be lost and an in-place fallback would run on the
+    caller's tensor. Functionalization (`run_decompositions({})`) turns each write into a value (`slice_scatter`,
+    `select_scatter`, `copy`, `add`, ...) that the later reads use. Only graphs with a write go through it: the
+    graphs of ordinary models stay as exported, so the signatures that key their tuning studies do not change.
+
+    A write to model state (a buffer such as a static KV cache, a parameter, a caller's input) has no meaning
+    in a compiled function that keeps nothing between calls: a CaptureError says where it is and what to do.
+    """
+    writes = [n for n in ep.graph.nodes if n.op == "call_function" and _is_mutating(n.target)]
+    if not writes:
+        return ep
+    try:
+        with warnings.catch_warnings():   # torch's own deprecation notice from inside run_decompositions
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            functional = ep.run_decompositions({})
+    except Exception as e:  # functionalization rejects some programs; say which write it could not express
+        raise CaptureError(f"the model writes to tensors in place ({_where(writes)}) and torch could not rewrite "
+                           f"those writes as values ({type(e).__name__}: {str(e).splitlines()[0][:300]}); write "
+                           "the result to a new tensor instead (e.g. torch.where / torch.cat / x.clone() first)") from e
+    for spec in functional.graph_signature.output_specs:
+        kind = _STATE_WRITES.get(spec.kind.name)
+        if kind is not None:
+            raise CaptureError(_state_write_message(kind, spec.target, ep, writes))
+    return functional
+
+
+def _where(nodes) -> str:
+    lines = list(dict.fromkeys(f"{n.target} at {_source(n) or 'an unknown line'}" for n in nodes))
+    return "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
+
+
+def _state_write_message(kind: str, target: str, ep, writes) -> str:
+    """What to do about a write to a buffer, a parameter or an input, with the user's lines that write it."""
+    placeholder = {s.arg.name: s.target or s.arg.name for s in ep.graph_signature.input_specs}
+
+    def base(n):  # the placeholder a write lands in, through views (cache[:, :3] is a slice of the buffer)
+        n = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        while n is not None and n.op == "call_function" and _is_view(n.target) and isinstance(n.args[0], torch.fx.Node):
+            n = n.args[0]
+        return placeholder.get(n.name, n.name) if n is not None and n.op == "placeholder" else None
+
+    mine = [n for n in writes if base(n) == target] or writes
+    where = _where(mine)
+    if kind == "input":
+        return (f"the model writes to its input {target!r} in place ({where}); a compiled model never changes the "
+                "caller's tensors. Write to a copy instead (x = x.clone() first) and return it as an output if "
+                "the caller needs the new value.")
+    extra = (" nn.Embedding(max_norm=...) renormalizes its weight on every call: renormalize the weight once "
+             "before capturing and drop max_norm." if any("embedding_renorm" in str(n.target) for n in mine) else "")
+    return (f"the model writes to its {kind} {target!r} in place ({where}), but a compiled lmforge model keeps no "
+            f"state between calls, so the write would be lost. Pass the tensor as an input and return its new value "
+            f"as an output (e.g. `return out, new_cache` for a KV cache).{extra}")
 
 
 # ---- translation ----------------------------------------------------------------------------------
+
+def _source(node) -> str:
+    """`file.py:12 in forward`: the user's line that made an FX node (the innermost frame outside torch/lmforge)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
+    if not frames:
+        return ""
+    library_dirs = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    user = [f for f in frames if not f[0].startswith(library_dirs)] or frames
+    path, line, fn = user[-1]
+    return f"{os.path.basename(path)}:{line} in {fn}"
+
 
 class _Translator:
     def __init__(self, ep, names: list[str], graph_name: str):
@@ -162,14 +252,7 @@ class _Translator:
         return arg
 
     def source(self, node) -> str:
-        trace = node.meta.get("stack_trace") or ""
-        frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', trace)
-        if not frames:
-            return ""
-        library_dirs = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-        user = [f for f in frames if not f[0].startswith(library_dirs)] or frames
-        path, line, fn = user[-1]
-        return f"{os.path.basename(path)}:{line} in {fn}"
+        return _source(node)
 
     # -- placeholders
     def bind_inputs(self):
@@ -241,6 +324,10 @@ class _Translator:
         if node.target is operator.getitem:
             self.env[node.name] = self.value(node.args[0])[node.args[1]]
             return
+        if _is_mutating(node.target):   # functional_program removed every write torch can express as a value
+            raise CaptureError(f"{node.target} at {self.source(node) or 'an unknown line'} writes to a tensor in "
+                               "place, which lmforge cannot represent (its ops are pure); compute the result as a "
+                               "new tensor instead (e.g. y = x.add(1) rather than x.add_(1))")
         rule = ATEN_TO_IR.get(node.target)
         out = rule(self, node) if rule is not None else None
         if out is None:
