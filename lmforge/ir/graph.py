@@ -246,6 +246,20 @@ class GraphBuilder:
         self._nodes.append(node)
         return node
 
+    def mark(self) -> int:
+        """A point to come back to with `rollback` (the number of nodes built so far)."""
+        return len(self._nodes)
+
+    def nodes_since(self, mark: int) -> list[Node]:
+        return self._nodes[mark:]
+
+    def rollback(self, mark: int) -> None:
+        """Forget the nodes built since `mark` (and free their names): a frontend tried a translation and
+        dropped it."""
+        for n in self._nodes[mark:]:
+            self._names.difference_update(v.name for v in n.outputs)
+        del self._nodes[mark:]
+
     def op(self, op: str, inputs: Sequence[Value | None], attrs: Mapping[str, Any] | None = None, *,
            name: str | None = None, source: str = "", regions: Sequence[Graph] = (),
            out_types: Sequence[TensorType] | None = None):

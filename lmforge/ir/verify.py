@@ -56,6 +56,15 @@ def _define(scope: dict, v, where: str) -> None:
     scope[v.name] = v
 
 
+def check_types(n: Node, where: str = "") -> None:
+    """Raise VerifyError when the node's output types disagree with its op's type rule (or the rule rejects its
+    inputs). The capture frontends ask before keeping a node, so valid model code falls back instead of failing."""
+    from lmforge.ir.ops import get_op
+
+    opdef = get_op(n.op)
+    _check_types(n, opdef, opdef.normalize_attrs(n.attr), where or f"{n.op} node %{n.outputs[0].name}")
+
+
 def _check_types(n: Node, opdef, attrs, where: str) -> None:
     if opdef.infer_fn is None:
         return

@@ -230,3 +230,45 @@ def test_writes_to_model_state_or_inputs_are_a_clear_error():
         lmforge.capture(add_to_input, (torch.randn(3),))
     with pytest.raises(CaptureError, match=r"parameter 'weight'.*max_norm"):
         lmforge.capture(nn.Embedding(10, 4, max_norm=1.0), (torch.tensor([[1, 3, 9]]),))
+
+
+# ---- type rules that torch's types overrule -------------------------------------------------------------
+
+@pytest.mark.parametrize("fn,make", [
+    (lambda x: torch.sum(x, dim=[]), lambda: (torch.randn(4, 6),)),
+    (lambda x: x.argmax(keepdim=True), lambda: (torch.randn(4, 6),)),
+    (lambda a, b: torch.cat([a, b]), lambda: (torch.arange(3), torch.randn(2))),
+    (lambda a, b: torch.cat([a, b], 1), lambda: (torch.randn(2, 3).half(), torch.randn(2, 2))),
+    (lambda x: x.t() + 1, lambda: (torch.randn(()),)),
+    (lambda x, w: F.linear(x, w), lambda: (torch.randn(4, 6), torch.randn(6))),
+    (lambda x, i: torch.index_select(x, 0, i) * 2, lambda: (torch.randn(4, 6), torch.tensor(2))),
+    (lambda a, b: torch.add(a, b, alpha=2) - torch.sub(a, b, alpha=3), lambda: (
+        torch.randint(-5, 5, (3, 4)), torch.randint(-5, 5, (3, 4)))),
+    (lambda a: torch.rsub(a, 7, alpha=2), lambda: (torch.randint(-5, 5, (3, 4)),)),
+], ids=["sum_dim_empty", "argmax_keepdim_no_dim", "cat_int_float", "cat_half_float", "t_of_0d",
+        "linear_1d_weight", "index_select_0d_index", "int_add_sub_alpha", "int_rsub_alpha"])
+def test_valid_torch_code_captures_and_matches_eager(fn, make):
+    compiled = lmforge.compile(fn, make())
+    xs = make()
+    got, want = compiled(*xs), fn(*xs)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+def test_a_rule_whose_type_disagrees_with_torch_becomes_a_fallback(monkeypatch):
+    """The safety net: a rule that emits an IR node whose type rule disagrees with the type torch recorded (here a
+    concat rule that forgets to promote) gives a torch_fallback for that node, not a graph that fails to verify."""
+    from lmforge.ir.frontends import torch_export
+
+    def naive_cat(t, node):
+        return t.emit(node, "concat", [t.value(a) for a in node.args[0]], {"dim": 0})
+
+    monkeypatch.setitem(torch_export.ATEN_TO_IR, torch.ops.aten.cat.default, naive_cat)
+
+    def fn(a, b):
+        return torch.cat([a, b]) * 2
+
+    compiled = lmforge.compile(fn, (torch.arange(3), torch.randn(2)))
+    assert [n.attr["target"] for n in compiled.fallback_nodes()] == ["aten.cat.default"]
+    a, b = torch.randint(-9, 9, (3,)), torch.randn(2)
+    torch.testing.assert_close(compiled(a, b), fn(a, b))

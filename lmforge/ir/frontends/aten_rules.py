@@ -35,6 +35,8 @@ def embedding(t, node):
 
 
 def linear(t, node):
+    if t.value(node.args[1]).type.rank != 2:
+        return None   # F.linear with a 1-D weight (a dot product per row): torch runs it
     return t.emit(node, "linear", [t.value(a) for a in node.args[:3]])
 
 
@@ -143,7 +145,9 @@ def binary(op: str, swap: bool = False):
     def rule(t, node):
         a = t.value(node.args[0])
         b = t.value(node.args[1])
-        alpha = float(node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1.0))
+        alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+        if not (isinstance(alpha, int) and not node.meta["val"].dtype.is_floating_point):
+            alpha = float(alpha)   # an int alpha stays int on integer tensors only: torch refuses a float one there
         if not isinstance(a, Value):
             return None
         attrs = {"swap": swap}
@@ -203,6 +207,8 @@ def reduction(op: str):
         dims = _arg(node, 1, "dim")
         if isinstance(dims, int):
             dims = [dims]
+        if dims is not None and len(dims) == 0:
+            dims = None   # torch.sum(x, dim=[]) reduces every dim, as dim=None does
         dtype = _arg(node, 3, "dtype")
         return t.emit(node, op, [t.value(node.args[0])],
                       {"dims": None if dims is None else tuple(dims), "keepdim": bool(_arg(node, 2, "keepdim", False)),
@@ -239,11 +245,18 @@ def permute(t, node):
 
 def t_(t, node):
     x = t.value(node.args[0])
-    return t.emit(node, "permute", [x], {"perm": (1, 0) if x.type.rank == 2 else (0,)})
+    return t.emit(node, "permute", [x], {"perm": (1, 0) if x.type.rank == 2 else tuple(range(x.type.rank))})
 
 
 def cat(t, node):
-    xs = [t.value(a) for a in node.args[0]]
+    """cat of mixed dtypes promotes them (int64 with float32 gives float32): a cast of each other input first."""
+    dtype = dtype_name(node.meta["val"].dtype)
+    xs = []
+    for i, a in enumerate(node.args[0]):
+        x = t.value(a)
+        if x.type.dtype != dtype:
+            x = t.b.op("cast", [x], {"dtype": dtype}, name=f"{node.name}_in{i}", source=t.source(node))
+        xs.append(x)
     return t.emit(node, "concat", xs, {"dim": int(_arg(node, 1, "dim", 0))})
 
 

@@ -21,10 +21,11 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from lmforge.errors import CaptureError
+from lmforge.errors import CaptureError, VerifyError
 from lmforge.ir.frontends.aten_rules import ATEN_RULES as ATEN_TO_IR
 from lmforge.ir.graph import Graph, GraphBuilder, Value
 from lmforge.ir.types import TensorType, dtype_name, simplify_dim
+from lmforge.ir.verify import check_types
 
 aten = torch.ops.aten
 _INT64_MAX = 9223372036854775807
@@ -328,11 +329,27 @@ class _Translator:
             raise CaptureError(f"{node.target} at {self.source(node) or 'an unknown line'} writes to a tensor in "
                                "place, which lmforge cannot represent (its ops are pure); compute the result as a "
                                "new tensor instead (e.g. y = x.add(1) rather than x.add_(1))")
+        self.env[node.name] = self.translated(node)
+
+    def translated(self, node):
+        """The IR of one ATen node: its rule's nodes when their type rules give the types torch recorded for it,
+        else a torch_fallback. A rule that holds for the usual case (cat of one dtype, a 2-D linear weight) can
+        then never turn valid torch code into a graph that fails to verify: torch runs the unusual case."""
         rule = ATEN_TO_IR.get(node.target)
-        out = rule(self, node) if rule is not None else None
+        mark = self.b.mark()
+        try:
+            out = rule(self, node) if rule is not None else None
+            if out is not None:
+                for n in self.b.nodes_since(mark):
+                    check_types(n)
+        except (VerifyError, IndexError, ValueError, TypeError, KeyError):
+            # a type rule that cannot take these inputs, or disagrees with torch's types: torch runs the node
+            self.b.rollback(mark)
+            return self.fallback(node)
         if out is None:
-            out = self.fallback(node)
-        self.env[node.name] = out
+            self.b.rollback(mark)
+            return self.fallback(node)
+        return out
 
     def emit(self, node, op: str, inputs, attrs=None, out_types=None):
         vals = node.meta.get("val")

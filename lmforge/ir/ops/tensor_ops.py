@@ -123,7 +123,8 @@ def _binary(name: str, fn, flops: int) -> OpDef:
     return OpDef(name, f"Elementwise {name}(a, b); b may be absent, then the `scalar` attribute is used "
                        f"(`swap` puts the scalar first). The result dtype follows torch's type promotion"
                        f"{' (true division: integers give float32)' if name == 'div' else ''}.",
-                 {"scalar": attr("scalar", None), "swap": attr("bool", False), "alpha": attr("float", 1.0)},
+                 {"scalar": attr("scalar", None), "swap": attr("bool", False),
+                  "alpha": attr("scalar", 1.0, "multiplies b (add/sub); an int on integer tensors, as torch requires")},
                  _binary_infer_for(name), ref, streaming_cost(flops, "elementwise"), arity=(1, 2))
 
 
@@ -210,8 +211,8 @@ def _reduction(name: str, fn) -> OpDef:
 
 def _argmax_infer(ins, attrs):
     x = ins[0]
-    if attrs["dim"] is None:
-        return [TensorType((), "int64")]
+    if attrs["dim"] is None:   # the flattened argmax; keepdim keeps every dim, at size 1
+        return [TensorType((1,) * x.rank if attrs["keepdim"] else (), "int64")]
     d = norm_dim(attrs["dim"], x.rank)
     shape = [(1 if i == d else s) for i, s in enumerate(x.shape) if attrs["keepdim"] or i != d]
     return [TensorType(tuple(shape), "int64")]
@@ -345,7 +346,7 @@ def _index_select_infer(ins, attrs):
     x, idx = ins
     dim = norm_dim(attrs["dim"], x.rank)
     shape = list(x.shape)
-    shape[dim] = idx.shape[0]
+    shape[dim] = idx.shape[0] if idx.rank else 1   # a 0-d index picks one row and keeps the dim
     return [x.with_(shape=tuple(shape))]
 
 
