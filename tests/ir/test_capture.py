@@ -272,3 +272,10 @@ def test_a_rule_whose_type_disagrees_with_torch_becomes_a_fallback(monkeypatch):
     assert [n.attr["target"] for n in compiled.fallback_nodes()] == ["aten.cat.default"]
     a, b = torch.randint(-9, 9, (3,)), torch.randn(2)
     torch.testing.assert_close(compiled(a, b), fn(a, b))
+
+
+def test_float64_softmax_is_computed_in_float64():
+    x = torch.randn(4, 6, dtype=torch.float64) * 30
+    for fn in (lambda x: torch.softmax(x, -1), lambda x: torch.log_softmax(x, 0)):
+        got = lmforge.compile(fn, (x,))(x)
+        torch.testing.assert_close(got, fn(x), rtol=1e-12, atol=1e-12)

@@ -223,7 +223,9 @@ def _argmax_ref(x, *, dim=None, keepdim=False):
 
 
 def _softmax_ref(x, *, dim=-1, log=False):
-    y = torch.log_softmax(x.float(), dim) if log else torch.softmax(x.float(), dim)
+    # half precision computes in fp32; float64 stays float64 (x.float() would round it to fp32)
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    y = torch.log_softmax(wide, dim) if log else torch.softmax(wide, dim)
     return y.to(x.dtype)
 
 
@@ -452,7 +454,7 @@ def ops() -> list[OpDef]:
         OpDef("argmax", "Index of the maximum along `dim` (None = flattened).",
               {"dim": attr("int", None), "keepdim": attr("bool", False)}, _argmax_infer, _argmax_ref,
               lambda i, a, o: Cost.of(numel(i[0]), nbytes(*i, *o), "reduction", i[0].dtype), op_class="reduction"),
-        OpDef("softmax", "softmax (or log_softmax when `log`) along `dim`, computed in fp32.",
+        OpDef("softmax", "softmax (or log_softmax when `log`) along `dim`, computed in fp32 (float64 in float64).",
               {"dim": attr("int", -1), "log": attr("bool", False)}, _same_type, _softmax_ref,
               streaming_cost(5, "reduction"), op_class="reduction"),
         OpDef("reshape", "View with a new shape (dims may be symbolic).", {"shape": attr("dims")}, _reshape_infer,
