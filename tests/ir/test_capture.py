@@ -1,4 +1,6 @@
 """torch.export capture: ATen ops map to IR ops, dynamic dims, attention recognition, fallbacks, errors."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -279,3 +281,44 @@ def test_float64_softmax_is_computed_in_float64():
     for fn in (lambda x: torch.softmax(x, -1), lambda x: torch.log_softmax(x, 0)):
         got = lmforge.compile(fn, (x,))(x)
         torch.testing.assert_close(got, fn(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- dynamic dims --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn,example,dynamic,says", [
+    (lambda x: x[:, -2:] * 1, (torch.randn(2, 6, 3),), {"x": {1: "s"}},
+     [r"Not all values of s = x.shape\[1\]", r"guard \(3\*x.shape\[1\]\) != 6", "only works for some sizes"]),
+    (lambda x, y: x + y, (torch.randn(2, 6, 3), torch.randn(2, 6, 3)), {"x": {1: "a"}, "y": {1: "b"}},
+     [r"b = y.shape\[1\] and a = x.shape\[1\] must always be equal", "give them the same name"]),
+    (lambda x: x.reshape(2, 18), (torch.randn(2, 6, 3),), {"x": {1: "s"}},
+     ["specialized it to be a constant", "remove it from `dynamic`"]),
+], ids=["negative_slice", "dims_forced_equal", "dim_is_constant"])
+def test_dynamic_dim_errors_carry_torchs_reason_in_the_users_names(fn, example, dynamic, says):
+    with pytest.raises(CaptureError) as info:
+        lmforge.capture(fn, example, dynamic=dynamic)
+    text = str(info.value)
+    for pattern in says:
+        assert re.search(pattern, text), (pattern, text)
+    assert "L['" not in text and "draft_export" not in text and "TORCH_LOGS" not in text
+    if "constant" not in says[0]:
+        assert "is constant in the model" not in text, "the dim is not constant: that hint would mislead"
+
+
+@pytest.mark.parametrize("name", ["seq-len", "batch size", "1", "for"])
+def test_a_dim_name_that_is_not_an_identifier_is_a_clear_error(name):
+    with pytest.raises(CaptureError, match="not a Python identifier"):
+        lmforge.capture(lambda x: x * 2, (torch.randn(2, 6),), dynamic={"x": {1: name}})
+
+
+def test_a_dim_named_like_a_torch_symbol_stays_its_own_dim():
+    """torch names its symbols s17, s77, ...; a user's dim called "s17" is renamed once, so it never merges with
+    another dim that torch happened to call s17."""
+    def fn(x, y):
+        return torch.cat([x, y]) * 1
+
+    dynamic = {"x": {0: "s17"}, "y": {0: "b"}}
+    g = lmforge.capture(fn, (torch.randn(3, 4), torch.randn(5, 4)), dynamic=dynamic)
+    assert [v.type.shape for v in g.inputs] == [("s17", 4), ("b", 4)]
+    compiled = lmforge.compile(fn, (torch.randn(3, 4), torch.randn(5, 4)), dynamic=dynamic)
+    x, y = torch.randn(2, 4), torch.randn(6, 4)
+    torch.testing.assert_close(compiled(x, y), fn(x, y))

@@ -11,6 +11,7 @@ After translation, `recognize_attention` folds matmul-softmax-matmul chains into
 from __future__ import annotations
 
 import inspect
+import keyword
 import operator
 import os
 import re
@@ -87,6 +88,10 @@ def _dynamic_shapes(names: list[str], inputs: tuple, dynamic: dict | None):
             continue
         entry = {}
         for d, sym in per.items():
+            if not isinstance(sym, str) or not sym.isidentifier() or keyword.iskeyword(sym):
+                raise CaptureError(f"dynamic[{name!r}] names dim {d} {sym!r}, which is not a Python identifier: "
+                                   "lmforge writes sizes as expressions over dim names, so use letters, digits and "
+                                   "_ (e.g. 'seq_len')")
             if not isinstance(x, torch.Tensor) or d >= x.dim():
                 raise CaptureError(f"dynamic[{name!r}] names dim {d}, but that input has shape "
                                    f"{tuple(getattr(x, 'shape', ()))}")
@@ -99,6 +104,27 @@ def _dynamic_shapes(names: list[str], inputs: tuple, dynamic: dict | None):
     return tuple(spec)
 
 
+# torch.export's text that names its own tools (TORCH_LOGS, draft_export, mark_dynamic, Dim.STATIC) rather than
+# lmforge's: cut from each line it appears on
+_TORCH_ONLY = (" For more information, run with", " If you're using mark_dynamic", "The error above occurred when")
+
+
+def _torch_explanation(text: str) -> list[str]:
+    """torch's reasons, one per line, in lmforge's terms: the first line and the constraint lines ("Not all
+    values of seq = x.shape[1] ... satisfy the generated guard ...", "... must always be equal"), with
+    `L['x'].size()[1]` written as `x.shape[1]` (the dims already carry the user's names). torch's "Suggested
+    fixes" are dropped: they are torch.export.Dim code; `_explain`'s hint says what to do in lmforge."""
+    lines = []
+    for line in text.split("Suggested fixes:")[0].splitlines():   # torch's fixes use torch.export.Dim
+        for cut in _TORCH_ONLY:
+            line = line.split(cut)[0]
+        line = re.sub(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", r"\1.shape[\2]", line.rstrip())
+        line = re.sub(r"L\['(\w+)'\]", r"\1", line)
+        if line.strip():
+            lines.append(line.strip()[:400])
+    return lines[:8]
+
+
 def _explain(e: Exception) -> str:
     text = f"{type(e).__name__}: {e}"
     hint = "Check that the model runs eagerly on the example inputs."
@@ -106,9 +132,18 @@ def _explain(e: Exception) -> str:
     if "data-dependent" in low or "guardondatadependent" in low or "could not guard" in low:
         hint = ("The model branches on tensor values (data-dependent control flow). Make the branch depend on "
                 "shapes or Python constants, use torch.cond, or capture each branch as its own model.")
-    elif "constraint" in low or "specializ" in low:
+    elif "must always be equal" in low:
+        hint = ("The model needs two dims you named differently to be equal (e.g. it adds the tensors): give them "
+                "the same name in `dynamic`.")
+    elif "specialized it to be a constant" in low or "specialized" in low and "constant" in low:
         hint = "A dimension marked dynamic is constant in the model: remove it from `dynamic` or use a size >= 2."
-    return f"torch.export could not capture the model: {text.splitlines()[0][:400]}\n{hint}"
+    elif "not all values of" in low:
+        hint = ("The model only works for some sizes of a dynamic dim: torch had to assume the condition above "
+                "(a negative or stepped slice such as x[:, -2:], narrow or chunk on the dim often does this). "
+                "Make that dim static (remove it from `dynamic`) or compute the slice from the size so that it "
+                "holds for every size >= 2.")
+    detail = "\n  ".join(_torch_explanation(text))
+    return f"torch.export could not capture the model: {detail}\n{hint}"
 
 
 def export_program(model, example_inputs, dynamic=None):
@@ -237,10 +272,8 @@ class _Translator:
         if isinstance(d, int):
             return d
         if isinstance(d, torch.SymInt):
-            expr = d.node.expr
-            text = str(expr)
-            for sym, user in sorted(self.sym_names.items(), key=lambda kv: -len(kv[0])):
-                text = re.sub(rf"\b{sym}\b", user, text)
+            # one pass over the text: a user's name that is also a torch symbol ("s17") is never renamed again
+            text = re.sub(r"\b[A-Za-z_]\w*\b", lambda m: self.sym_names.get(m[0], m[0]), str(d.node.expr))
             return simplify_dim(text) if not text.isidentifier() else text
         return int(d)
 
