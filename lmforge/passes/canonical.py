@@ -41,14 +41,15 @@ def _free_names(region: Graph) -> set[str]:
 
 @graph_pass("cse")
 def cse(graph: Graph) -> Graph:
-    """Merge nodes that apply the same op with the same attributes to the same inputs.
+    """Merge nodes that apply the same op with the same attributes to the same inputs. Random draws are never
+    merged: rand_like(x) - rand_like(x) takes two draws.
 
         %a = rsqrt(%x); %b = rsqrt(%x); %c = add(%a, %b)   ->   %a = rsqrt(%x); %c = add(%a, %a)
     """
     seen: dict[tuple, Node] = {}
 
     def rule(node: Node, ctx: RewriteContext):
-        if node.regions or node.op == "sample":
+        if node.regions or _random(node):
             return None
         key = (node.op, tuple(None if v is None else v.name for v in node.inputs), json.dumps(node.attrs, default=str),
                tuple(v.type for v in node.outputs))
@@ -61,6 +62,24 @@ def cse(graph: Graph) -> Graph:
         return None
 
     return dce(rewrite(graph, rule))
+
+
+def _random(node: Node) -> bool:
+    """A node whose value is a fresh random draw: `sample`, or a torch fallback of a random ATen op (rand, randn,
+    bernoulli, dropout, ...: torch tags them nondeterministic_seeded). A target lmforge cannot resolve counts as
+    random, so it is never merged."""
+    if node.op == "sample":
+        return True
+    if node.op != "torch_fallback":
+        return False
+    import torch
+
+    from lmforge.ir.ops.tensor_ops import resolve_aten
+
+    try:
+        return torch.Tag.nondeterministic_seeded in resolve_aten(node.attr["target"]).tags
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _simplify_type(t: TensorType) -> TensorType:

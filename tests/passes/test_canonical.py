@@ -133,3 +133,24 @@ def test_only_an_additive_float_mask_folds_into_attention(addend):
     assert not any(n.op == "attention" for n in model.graph.nodes)
     q, k, v = (torch.randn(1, 2, 9, 8, generator=gen) for _ in range(3))
     torch.testing.assert_close(model(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("draw", [lambda x: torch.rand_like(x), lambda x: torch.randn(3, 4),
+                                  lambda x: torch.bernoulli(torch.full_like(x, 0.5))],
+                         ids=["rand_like", "randn", "bernoulli"])
+def test_cse_never_merges_random_draws(draw):
+    """rand_like(x) - rand_like(x) takes two draws: cse keeps both (merged, the difference would be exactly 0)."""
+    import lmforge
+
+    def fn(x):
+        return x + (draw(x) - draw(x))
+
+    model = lmforge.compile(fn, (torch.zeros(3, 4),))
+    assert sum(n.op == "torch_fallback" for n in model.graph.nodes) >= 2
+    x = torch.randn(3, 4)
+    torch.manual_seed(7)
+    got = model(x)
+    torch.manual_seed(7)
+    want = fn(x)
+    assert not torch.equal(want, x), "eager's two draws differ (with this seed)"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
