@@ -9,6 +9,7 @@ from dataclasses import replace
 from lmforge.ir.graph import Graph, Node, Value, region_params
 from lmforge.ir.ops import get_op
 from lmforge.ir.ops.registry import SYMBOLIC_KINDS
+from lmforge.ir.ops.tensor_ops import result_dtype
 from lmforge.ir.types import TensorType, simplify_dim
 from lmforge.passes.base import graph_pass
 from lmforge.passes.rewrite import RewriteContext, rewrite
@@ -156,7 +157,9 @@ def recognize_attention(graph: Graph) -> Graph:
         ->  %o = attention(%q, %k, %v; scale=0.125)
 
     Intermediate values must have no other readers; casts around the softmax are allowed (the op
-    computes its softmax in fp32 anyway).
+    computes its softmax in fp32 anyway). The additive mask is q's dtype or float32 (what SDPA takes); a
+    narrower one (fp16 on fp32 scores) is cast to q's dtype, as torch's add promotes it; any other (bf16 on
+    fp16 scores, which torch adds in fp32) leaves the chain as it is.
     """
 
     def rule(node: Node, ctx: RewriteContext):
@@ -201,9 +204,16 @@ def recognize_attention(graph: Graph) -> Graph:
         k = kt_prod.inputs[0]
         if k.type.rank != 4 or tuple(k.type.shape[:2]) != tuple(q.type.shape[:2]):
             return None
+        cast = []
+        if mask is not None and mask.type.dtype not in (q.type.dtype, "float32"):   # SDPA's two mask dtypes
+            if result_dtype(q.type, mask.type) != q.type.dtype:
+                return None   # the scores are computed in the mask's wider dtype: not what attention does
+            m = Value(ctx.fresh(f"{mask.name}_{q.type.dtype}"), mask.type.with_(dtype=q.type.dtype))
+            cast = [Node("cast", (ctx.sub(mask),), (m,), (("dtype", q.type.dtype),), (), node.source)]
+            mask = m
         attrs = get_op("attention").normalize_attrs({"scale": scale})
         ins = tuple(ctx.sub(x) for x in (q, k, v) + ((mask,) if mask is not None else ()))
-        return [Node("attention", ins, node.outputs, tuple(sorted(attrs.items())), (), node.source)]
+        return cast + [Node("attention", ins, node.outputs, tuple(sorted(attrs.items())), (), node.source)]
 
     return dce(rewrite(graph, rule))
 

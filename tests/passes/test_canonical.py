@@ -154,3 +154,30 @@ def test_cse_never_merges_random_draws(draw):
     want = fn(x)
     assert not torch.equal(want, x), "eager's two draws differ (with this seed)"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q_dtype,mask_dtype,folds", [
+    ("float32", "float16", True), ("float32", "bfloat16", True), ("float16", "float32", True),
+    ("float16", "bfloat16", False), ("float64", "float16", True),
+])
+def test_attention_mask_takes_the_dtype_torchs_add_gives_it(q_dtype, mask_dtype, folds):
+    """softmax(q @ k^T * s + m) @ v with m of another float dtype: torch's add promotes m; the recognized attention
+    gets m cast to q's dtype (SDPA refuses an fp16 mask on fp32 q), or float32 as is. bf16 on fp16 scores, which
+    torch adds in fp32, stays unrecognized."""
+    import lmforge
+
+    qd, md = getattr(torch, q_dtype), getattr(torch, mask_dtype)
+
+    def fn(q, k, v, m):
+        s = q @ k.transpose(-1, -2) * 0.3 + m
+        return (torch.softmax(s, -1).to(q.dtype)) @ v
+
+    def inputs():
+        q, k, v = (torch.randn(2, 3, 5, 8, dtype=qd) for _ in range(3))
+        return q, k, v, torch.randn(5, 5).to(md)
+
+    model = lmforge.compile(fn, inputs())
+    assert any(n.op == "attention" for n in model.graph.nodes) == folds
+    xs = inputs()
+    tol = 1e-5 if qd != torch.float16 else 2e-3
+    torch.testing.assert_close(model(*xs), fn(*xs), rtol=tol, atol=tol)
