@@ -245,3 +245,38 @@ def test_hf_llama_eager_attention_becomes_causal_attention(dtype, tol):
     x = torch.randint(0, 128, (3, 13))
     ref = model(x).float()
     assert ((compiled(x).float() - ref).norm() / ref.norm()).item() <= tol
+
+
+@pytest.mark.parametrize("impl,masked", [("sdpa", False), ("sdpa", True), ("eager", False)],
+                         ids=["sdpa", "sdpa_padding_mask", "eager"])
+def test_hf_llama_gqa_attention_reads_the_kv_heads_once(impl, masked):
+    """Llama with 2 KV heads for 4 query heads repeats each KV head with repeat_kv (expand + reshape) before
+    attention; compiled, attention reads the 2 KV heads themselves (query head h reads KV head h // 2, as
+    repeat_kv orders them), the repeats are gone, and the logits equal eager on new shapes."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation=impl)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    model = MaskedLogits(hf) if masked else Logits(hf)
+
+    def inputs(batch, seq):
+        ids = torch.randint(0, 128, (batch, seq))
+        if not masked:
+            return (ids,)
+        keep = torch.ones(batch, seq, dtype=torch.long)
+        keep[0, : seq // 3] = 0
+        return ids, keep
+
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    dynamic = {k: v for k, v in dynamic.items() if masked or k == "input_ids"}
+    captured = lmforge.capture(model, inputs(2, 9), dynamic=dynamic)
+    assert [n.inputs[1].type.shape[1] for n in captured.nodes if n.op == "attention"] == [4, 4]
+    compiled = lmforge.compile(model, inputs(2, 9), dynamic=dynamic)
+    attention = [n for n in compiled.graph.nodes if n.op == "attention"]
+    assert [[x.type.shape[1] for x in n.inputs[:3]] for n in attention] == [[4, 2, 2]] * 2
+    assert not any(n.op == "expand" for n in compiled.graph.nodes)
+    for shape in [(2, 9), (3, 13)]:
+        xs = inputs(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(*xs), model(*xs), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Graph passes. `default_pipeline()` lists the passes lmforge runs, one line each."""
 from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
-from lmforge.passes.canonical import cse, dce, fold_shapes, recognize_attention, recognize_cache_append
+from lmforge.passes.canonical import (cse, dce, fold_shapes, recognize_attention, recognize_cache_append,
+                                     recognize_repeat_kv)
 from lmforge.passes.decoding import decoding_knobs, decoding_pass, lower_decoding
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
 from lmforge.passes.masks import recognize_causal_mask
@@ -14,6 +15,7 @@ def canonical_pipeline() -> list[Pass]:
         recognize_attention,  # matmul-softmax-matmul -> attention (capture runs it too)
         fold_shapes,          # simplify symbolic dims, drop no-op reshapes/permutes/casts/slices
         cse,                  # merge duplicate computations (RoPE tables shared by layers, ...)
+        recognize_repeat_kv,  # attention on repeat_kv'd K/V (GQA as Hugging Face writes it) reads the KV heads
         recognize_causal_mask,  # attention(q, k, v, mask) with a provably causal mask -> attention(...; causal)
         recognize_rmsnorm,    # x * rsqrt(mean(x^2) + eps) * w -> rmsnorm
         recognize_rope,       # x * cos + rotate_half(x) * sin -> rope
@@ -43,4 +45,5 @@ def default_pipeline() -> list[Pass]:
 __all__ = ["decoding_knobs", "decoding_pass", "lower_decoding", "recognize_cache_append", "kv_quant_pass",
            "weight_quant_pass", "shared_prefix_decode", "sparsity_pass", "canonical_pipeline", "tunable_pipeline",
            "fuse_elementwise", "merge_linears", "recognize_rmsnorm", "recognize_rope", "recognize_causal_mask", "Knob",
-           "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes", "recognize_attention"]
+           "Pass", "PassManager", "graph_pass", "default_pipeline", "cse", "dce", "fold_shapes", "recognize_attention",
+           "recognize_repeat_kv"]

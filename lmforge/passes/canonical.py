@@ -218,6 +218,47 @@ def recognize_attention(graph: Graph) -> Graph:
     return dce(rewrite(graph, rule))
 
 
+@graph_pass("recognize_repeat_kv")
+def recognize_repeat_kv(graph: Graph) -> Graph:
+    """Grouped-query attention written as Hugging Face's `repeat_kv` (each KV head copied n times with
+    expand + reshape) reads the KV heads themselves: attention takes fewer KV heads than query heads (query head
+    h reads KV head h // n, the order repeat_kv makes), so the cost model and the kernels read the cache once,
+    not n times. The expand and reshape go when nothing else reads them.
+
+        %u = reshape(%k; [b, 2, 1, s, d]); %e = expand(%u; [b, 2, 4, s, d]); %kr = reshape(%e; [b, 8, s, d])
+        %o = attention(%q, %kr, %vr)   ->   %o = attention(%q, %k, %v)          (the same for v)
+    """
+
+    def rule(node: Node, ctx: RewriteContext):
+        if node.op != "attention" or len(node.inputs) < 3:
+            return None
+        k, v = (_repeated_kv(x, ctx.producers) for x in node.inputs[1:3])
+        if k is None or v is None or k[1] != v[1] or k[0].type.shape[1] != v[0].type.shape[1]:
+            return None
+        return [replace(node, inputs=(node.inputs[0], ctx.sub(k[0]), ctx.sub(v[0]), *node.inputs[3:]))]
+
+    return dce(rewrite(graph, rule))
+
+
+def _repeated_kv(x: Value, producers: dict[str, Node]):
+    """(kv, n) when x is repeat_kv(kv, n): reshape(expand(reshape(kv; [b, h, 1, s, d]); [b, h, n, s, d]);
+    [b, h*n, s, d]), with h and n static; else None."""
+    merge = producers.get(x.name)
+    grow = producers.get(merge.inputs[0].name) if merge is not None and merge.op == "reshape" else None
+    split = producers.get(grow.inputs[0].name) if grow is not None and grow.op == "expand" else None
+    if split is None or split.op != "reshape" or split.inputs[0].type.rank != 4:
+        return None
+    kv = split.inputs[0]
+    b, h, s, d = kv.type.shape
+    n = grow.output.type.shape[2] if grow.output.type.rank == 5 else None
+    if not isinstance(h, int) or not isinstance(n, int):
+        return None
+    if tuple(split.output.type.shape) != (b, h, 1, s, d) or tuple(grow.output.type.shape) != (b, h, n, s, d) \
+            or tuple(x.type.shape) != (b, h * n, s, d):
+        return None
+    return kv, n
+
+
 _VIEW_OPS = {"select", "slice", "reshape", "permute"}
 
 

@@ -181,3 +181,61 @@ def test_attention_mask_takes_the_dtype_torchs_add_gives_it(q_dtype, mask_dtype,
     xs = inputs()
     tol = 1e-5 if qd != torch.float16 else 2e-3
     torch.testing.assert_close(model(*xs), fn(*xs), rtol=tol, atol=tol)
+
+
+def _repeat_kv(x, n):
+    """Hugging Face's repeat_kv: [b, hkv, s, d] -> [b, hkv * n, s, d], head h a copy of KV head h // n."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+@pytest.mark.parametrize("written", ["matmul_softmax", "sdpa"])
+def test_attention_on_repeat_kv_reads_the_kv_heads_once(written):
+    """Attention over repeat_kv'd K/V reads the un-repeated KV heads (GQA): same outputs as eager, the expand and
+    reshape gone, and the cost model's bytes no longer count the repeated copies."""
+    import lmforge
+    from lmforge.passes import canonical_pipeline, recognize_repeat_kv
+    from lmforge.search.cost_model import bindings_for, node_costs
+
+    def fn(q, k, v):
+        k, v = _repeat_kv(k, 4), _repeat_kv(v, 4)
+        if written == "sdpa":
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+
+    def inputs(s):
+        return torch.randn(2, 8, s, 16), torch.randn(2, 2, s, 16), torch.randn(2, 2, s, 16)
+
+    dynamic = {n: {2: "seq"} for n in "qkv"}
+    g = lmforge.capture(fn, inputs(6), dynamic=dynamic)
+    (att,) = [n for n in g.nodes if n.op == "attention"]
+    assert att.inputs[1].type.shape[1] == 8, "capture alone still reads the repeated heads"
+    assert recognize_repeat_kv in canonical_pipeline()
+    model = lmforge.compile(fn, inputs(6), dynamic=dynamic)
+    (att,) = [n for n in model.graph.nodes if n.op == "attention"]
+    assert [x.type.shape[1] for x in att.inputs[:3]] == [8, 2, 2]
+    assert not any(n.op == "expand" for n in model.graph.nodes)
+    for s in (3, 11):
+        xs = inputs(s)
+        torch.testing.assert_close(model(*xs), fn(*xs), rtol=1e-5, atol=1e-5)
+    env = bindings_for(g, {"seq": 4096})
+    repeated = PassManager([fold_shapes, cse]).run(g)
+    kv_bytes = 2 * 2 * 2 * 4096 * 16 * 4   # K and V, [2, 2, seq, 16] fp32
+    saved = sum(c.bytes for c in node_costs(repeated, env)) - sum(
+        c.bytes for c in node_costs(recognize_repeat_kv(repeated), env))
+    assert saved >= 3 * kv_bytes, "the three repeated copies of K and V are no longer read"
+
+
+def test_repeat_kv_needs_both_k_and_v_repeated_alike():
+    """Only K repeated (V already at the query heads), or K and V repeated a different number of times, stays as
+    it is: attention reads K and V with one number of heads."""
+    import lmforge
+
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, _repeat_kv(k, 4), v)
+
+    xs = torch.randn(1, 8, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 8, 5, 16)
+    model = lmforge.compile(fn, xs)
+    (att,) = [n for n in model.graph.nodes if n.op == "attention"]
+    assert att.inputs[1].type.shape[1] == 8
+    torch.testing.assert_close(model(*xs), fn(*xs), rtol=1e-5, atol=1e-5)
