@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
@@ -211,7 +213,21 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
     `types`: the input types to check against, when not the graph's own (a split graph takes whole tensors)."""
     from lmforge.ir.types import dtype_name
 
-    leaves = pytree.tree_leaves((bind_arguments(graph, args, kwargs), {}))
+    call = (bind_arguments(graph, args, kwargs), {})
+    spec = graph.get_meta("in_spec")
+    if spec is None:
+        nested = [i for i, a in enumerate(call[0]) if isinstance(a, (list, tuple, dict))]
+        if nested and graph.get_meta("captured_from") == "torch.export":
+            raise LmforgeError(f"{graph.name} was captured with tensor arguments, but argument {nested[0]} is a "
+                               f"{type(call[0][nested[0]]).__name__}: pass each tensor as its own argument")
+        leaves = pytree.tree_leaves(call)
+    else:   # inputs in containers: matched to the captured structure (a dict by its keys, in any order)
+        try:
+            leaves = _treespec(spec).flatten_up_to(_plain_containers(call))
+        except ValueError as e:
+            like = pytree.tree_unflatten(["T"] * _treespec(spec).num_leaves, _treespec(spec))[0]
+            raise LmforgeError(f"{graph.name}'s inputs do not have the structure it was captured with, "
+                               f"{like!r} (T: a tensor): {e}") from None
     if len(leaves) != len(graph.inputs):
         raise LmforgeError(f"{graph.name} takes {len(graph.inputs)} tensor inputs "
                            f"({[v.name for v in graph.inputs]}), got {len(leaves)}")
@@ -231,6 +247,23 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
                     raise LmforgeError(f"dim {want!r} is {seen[0]} in input {seen[1]!r} but {size} in input "
                                        f"{v.name!r}: the graph's inputs must agree on it")
     return leaves
+
+
+@functools.lru_cache(maxsize=64)
+def _treespec(dumped: str):
+    return pytree.treespec_loads(dumped)
+
+
+def _plain_containers(o):
+    """`o` with dict subclasses as dicts and tuple subclasses (named tuples) as tuples: the captured structure
+    is stored with Python's own containers (see `builtin_structure`)."""
+    if isinstance(o, dict):
+        return {k: _plain_containers(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_plain_containers(v) for v in o]
+    if isinstance(o, tuple):
+        return tuple(_plain_containers(v) for v in o)
+    return o
 
 
 def bind_arguments(graph: Graph, args, kwargs) -> tuple:

@@ -200,3 +200,43 @@ def test_tvm_model_called_from_several_threads_at_once():
     for t in threads:
         t.join()
     assert not wrong
+
+
+def test_an_output_that_is_an_input_or_its_view_is_a_copy():
+    """x.clone() is captured as x itself: the compiled model returns a copy, so writing into its output leaves the
+    caller's input alone (it zeroed it); a returned view of an input is a copy too, a computed output is not."""
+    def f(x):
+        return x.clone(), x.transpose(0, 1), x * 2
+
+    x = torch.randn(3, 4)
+    c = lmforge.compile(f, (x,))
+    a, t, y = c(x)
+    for out in (a, t):
+        assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    keep = x.clone()
+    a.zero_()
+    t.zero_()
+    assert torch.equal(x, keep)
+    assert torch.equal(y, keep * 2) and c.source.count(".clone()") == 2
+
+
+def test_dict_inputs_are_bound_by_key_and_a_wrong_structure_is_an_error():
+    """A dict input is matched to the captured keys (a call with another key order swapped the tensors); a
+    missing key or another nesting is an LmforgeError showing the captured structure."""
+    class M(torch.nn.Module):
+        def forward(self, inputs, scale):
+            return inputs["a"] - 2 * inputs["b"] * scale
+
+    a, b, s = torch.randn(3), torch.randn(3), torch.randn(3)
+    c = lmforge.compile(M(), ({"a": a, "b": b}, s))
+    want = M()({"a": a, "b": b}, s)
+    torch.testing.assert_close(c({"b": b, "a": a}, s), want)
+    torch.testing.assert_close(c(scale=s, inputs={"b": b, "a": a}), want)
+    with pytest.raises(LmforgeError, match=r"\{'a': 'T', 'b': 'T'\}.*missing key"):
+        c({"a": a, "c": b}, s)
+    with pytest.raises(LmforgeError, match="structure it was captured with"):
+        c([a, b], s)
+    flat = lmforge.compile(lambda x, y: x - 2 * y, (a, b))
+    assert flat.graph.get_meta("in_spec") is None          # flat tensor inputs: the graph is as before
+    with pytest.raises(LmforgeError):
+        flat([a], [b])

@@ -136,7 +136,11 @@ def generate(graph: Graph, kernels: Sequence[Kernel], weights: dict[str, Any],
         if opdef.arity == (0, 0):
             call_args.append(f"device={device_src}")
         lines.append(f"    {target} = _k{i}({', '.join(call_args)})")
-    lines.append("    return (" + "".join(f"{names[v.name]}, " for v in graph.outputs) + ")")
+    # An output that may share storage with an input (a clone captured as the input itself, a view of an input) is
+    # returned as a copy: writing into a model's output must never change the caller's tensors.
+    shared = input_aliases(graph)
+    lines.append("    return (" + "".join(f"{names[v.name]}{'.clone()' if v.name in shared else ''}, "
+                                          for v in graph.outputs) + ")")
     source = "\n".join(lines) + "\n"
     code = compile(source, f"<lmforge:{graph.name}>", "exec")
     exec(code, env)
@@ -204,13 +208,31 @@ def plan_stacked_appends(graph: Graph, kernels: Sequence[Kernel]) -> StackPlan:
 VIEW_OPS = frozenset({"reshape", "permute", "slice", "select", "expand", "cast"})
 
 
+def input_aliases(graph: Graph) -> set[str]:
+    """Names of the graph's outputs that are one of its inputs or may be a view of one (through view ops)."""
+    producer = {v.name: n for n in graph.nodes for v in n.outputs}
+    inputs = {v.name for v in graph.inputs}
+
+    def reaches_input(name: str) -> bool:
+        while name not in inputs:
+            node = producer.get(name)
+            if node is None or node.op not in VIEW_OPS or not node.inputs or node.inputs[0] is None:
+                return False
+            if node.op == "cast" and node.outputs[0].type.dtype != node.inputs[0].type.dtype:
+                return False      # a cast to another dtype makes a new tensor
+            name = node.inputs[0].name
+        return True
+
+    return {v.name for v in graph.outputs if v is not None and reaches_input(v.name)}
+
+
 def escaping_values(graph: Graph) -> set[str]:
     """Names of the values whose storage can be seen after the generated function returns.
 
     A graph output escapes; so does every value it may be a view of (walking back through view ops), and,
     conservatively, every input of a node whose aliasing is unknown (torch_fallback, ops with regions).
-    A kernel whose outputs do not escape may reuse one output buffer across calls. (The generated function
-    is then not re-entrant: two threads must not call one compiled model at the same time.)
+    A kernel whose outputs do not escape may reuse one output buffer across calls (one per thread: see the TVM
+    backend's `OpKernel.empty`).
     """
     producer = {v.name: n for n in graph.nodes for v in n.outputs}
     escaping: set[str] = set()

@@ -439,6 +439,10 @@ class _Translator:
         meta = {"out_spec": pytree.treespec_dumps(out_spec) if out_spec is not None else None,
                 "captured_from": "torch.export", "example_dims": self.example_dims,
                 "arg_names": list(self.user_names)}
+        in_spec = self.ep.call_spec.in_spec
+        if in_spec is not None and in_spec.num_leaves != in_spec.child(0).num_children:
+            # inputs in containers (a dict of tensors): calls are matched to this structure, dicts by key
+            meta["in_spec"] = pytree.treespec_dumps(builtin_structure(in_spec))
         return self.b.build(outs, meta)
 
 
