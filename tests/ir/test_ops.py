@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.ir import TensorType
+from lmforge.errors import VerifyError
+from lmforge.ir import GraphBuilder, TensorType
 from lmforge.ir.ops import all_ops, get_op
 from lmforge.ir.types import dtype_name
 
@@ -313,3 +314,25 @@ def test_attention_reads_an_offloaded_cache_over_the_host_link(op, ins, attrs, k
     kv_read = kv_fraction * (plain[1].nbytes() + plain[2].nbytes())
     assert offloaded.tier_bytes("host") == pytest.approx(kv_read)
     assert offloaded.tier_bytes("dram") == pytest.approx(on_device.bytes - kv_read)
+
+
+@pytest.mark.parametrize("op, types, attrs", [
+    ("concat", [TensorType((4, 6)), TensorType((3, 7))], {"dim": 0}),
+    ("concat", [TensorType((4, 6)), TensorType((3, 6), "float16")], {"dim": 0}),
+    ("concat", [TensorType((4, 6)), TensorType((3, 6, 1))], {"dim": 0}),
+    ("reshape", [TensorType((4, 6))], {"shape": (5, 5)}),
+    ("reshape", [TensorType((4, 6))], {"shape": (5, -1)}),
+    ("gelu", [TensorType((4, 6))], {"approximate": "tan"}),
+], ids=["concat-other-dim", "concat-dtype", "concat-rank", "reshape-numel", "reshape-minus-one", "gelu-enum"])
+def test_type_rules_refuse_operands_that_contradict(op, types, attrs):
+    b = GraphBuilder("g")
+    ins = [b.input(f"x{i}", t) for i, t in enumerate(types)]
+    with pytest.raises(VerifyError):
+        b.build([b.op(op, ins, attrs)])
+
+
+def test_type_rules_keep_symbolic_sizes_open():
+    b = GraphBuilder("g")
+    x, y = b.input("x", TensorType(("b", 6))), b.input("y", TensorType((3, 6)))
+    g = b.build([b.op("concat", [x, y], {"dim": 0}), b.op("reshape", [x], {"shape": ("b", 2, 3)})])
+    assert [v.type.shape for v in g.outputs] == [("b + 3", 6), ("b", 2, 3)]

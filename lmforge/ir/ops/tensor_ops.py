@@ -1,6 +1,7 @@
 """Tensor ops: elementwise, comparisons, reductions, softmax, data movement, creation, torch fallback."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 
 from lmforge.errors import VerifyError
 from lmforge.ir.cost import Cost
-from lmforge.ir.ops.registry import (OpDef, attr, broadcast_shapes, nbytes, norm_dim, numel, streaming_cost,
-                                     view_cost)
+from lmforge.ir.ops.registry import (OpDef, attr, broadcast_shapes, dims_conflict, nbytes, norm_dim, numel,
+                                     streaming_cost, view_cost)
 from lmforge.ir.types import TensorType, dtype_name, torch_dtype
 
 # ---- elementwise -----------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def result_dtype(a: TensorType | bool | int | float | str | None, b: TensorType 
             other = next(o for o in ops if o is not tensors[0])
             y = _meta(other) if isinstance(other, TensorType) else _scalar(other)
             dtype = dtype_name(torch.result_type(_meta(tensors[0]), y))
-        except (ValueError, TypeError, RuntimeError) as e:
+        except (ValueError, TypeError, RuntimeError, OverflowError) as e:
             raise VerifyError(f"no torch type promotion for operands {a} and {b}: {e}") from None
     if floating and not dtype.startswith(("float", "bfloat")):
         dtype = dtype_name(torch.get_default_dtype())
@@ -240,7 +241,12 @@ def _reshape_infer(ins, attrs):
         known = 1
         for d in shape:
             known *= d if d != -1 else 1
+        if known == 0 or x.numel() % known:
+            raise VerifyError(f"reshape of {x} to {tuple(attrs['shape'])}: the sizes do not divide")
         shape[shape.index(-1)] = x.numel() // known
+    x = ins[0]
+    if x.is_static and all(isinstance(d, int) for d in shape) and math.prod(shape) != x.numel():
+        raise VerifyError(f"reshape of {x} ({x.numel()} elements) to {tuple(shape)} ({math.prod(shape)} elements)")
     return [ins[0].with_(shape=tuple(shape))]
 
 
@@ -277,6 +283,11 @@ def _expand_ref(x, *, shape):
 def _concat_infer(ins, attrs):
     ts = [t for t in ins if t is not None]
     dim = norm_dim(attrs["dim"], ts[0].rank)
+    for t in ts[1:]:
+        if t.rank != ts[0].rank or t.dtype != ts[0].dtype or any(
+                dims_conflict(a, b) for i, (a, b) in enumerate(zip(t.shape, ts[0].shape)) if i != dim):
+            raise VerifyError(f"concat along dim {attrs['dim']}: {t} does not fit {ts[0]} (same rank, dtype and "
+                              "sizes outside the concat dim)")
     total: Any = 0
     for t in ts:
         d = t.shape[dim]
@@ -433,7 +444,7 @@ def ops() -> list[OpDef]:
     out += [_binary(n, fn, f) for n, (fn, f) in BINARY.items()]
     out += [_compare(n, fn) for n, fn in COMPARE.items()]
     out += [
-        OpDef("gelu", "GELU activation.", {"approximate": attr("str", "none")}, _same_type, _gelu_ref,
+        OpDef("gelu", "GELU activation.", {"approximate": attr("str", "none", choices=("none", "tanh"))}, _same_type, _gelu_ref,
               streaming_cost(8, "elementwise")),
         OpDef("pow_scalar", "x ** exponent with a constant exponent (an integral one keeps integer x integral; "
                             "a fractional one makes it float32).", {"exponent": attr("float")}, _pow_scalar_infer,
