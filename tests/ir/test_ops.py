@@ -336,3 +336,14 @@ def test_type_rules_keep_symbolic_sizes_open():
     x, y = b.input("x", TensorType(("b", 6))), b.input("y", TensorType((3, 6)))
     g = b.build([b.op("concat", [x, y], {"dim": 0}), b.op("reshape", [x], {"shape": ("b", 2, 3)})])
     assert [v.type.shape for v in g.outputs] == [("b + 3", 6), ("b", 2, 3)]
+
+
+def test_topk_ties_take_the_lower_index_first():
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0]])
+    v, i = get_op("topk").reference(x, k=3)
+    assert i.tolist() == [[0, 2, 5]] and v.tolist() == [[3.0, 3.0, 3.0]]
+    v, i = get_op("topk").reference(x, k=3, largest=False)
+    assert i.tolist() == [[1, 4, 3]] and v.tolist() == [[1.0, 1.0, 2.0]]
+    y = torch.randn(4, 50)
+    for got, want in zip(get_op("topk").reference(y, k=7, dim=1), torch.topk(y, 7, dim=1)):
+        assert torch.equal(got, want)      # no ties: the same as torch.topk

@@ -275,8 +275,10 @@ def _topk_infer(ins, attrs):
 
 
 def _topk_ref(x, *, k, dim=-1, largest=True):
-    v, i = torch.topk(x, k, dim=dim, largest=largest)
-    return v, i
+    """Among equal values the lower index comes first (ONNX's TopK rule; torch.topk leaves ties in any order,
+    and may even pick other tied elements at the k-th place), so a stable sort decides."""
+    v, i = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return v.narrow(dim, 0, k), i.narrow(dim, 0, k)
 
 
 def _sample_infer(ins, attrs):
