@@ -399,6 +399,13 @@ def environment(args) -> dict:
             "python": platform.python_version()}
 
 
+def print_timings(rows: dict, ratios: dict, unit: str, baseline: str, width: int = 26, digits: int = 2) -> None:
+    """One table: each variant's time (median and min..max of the round medians) and its ratio to the baseline."""
+    print(f"{'variant':<{width}} {unit + ' (min..max)':>24} {'vs ' + baseline:>9}")
+    for name, (t, lo, hi) in rows.items():
+        print(f"{name:<{width}} {t:10.{digits}f} ({lo:.{digits}f}..{hi:.{digits}f}) {ratios[name]:8.2f}x")
+
+
 def print_tables(results: dict) -> None:
     env = results["env"]
     print(f"\n# cpu_backend  {env['date']}  {env['llvm_cpu']}  {env['cores']} cores  threads={env['threads']}  "
@@ -440,9 +447,7 @@ def print_tables(results: dict) -> None:
         r = results["sparse"]
         print(f"\n(d) causal prefill attention {r['shape']}, blocks of {r['block_size']}, block-sparse keeps "
               f"{r['density_of_causal_blocks']:.0%} of the causal blocks")
-        print(f"{'variant':<26} {'ms (min..max)':>24} {'vs SDPA':>8}")
-        for name, (ms, lo, hi) in r["ms"].items():
-            print(f"{name:<26} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {r['vs_sdpa'][name]:7.2f}x")
+        print_timings(r["ms"], r["vs_sdpa"], "ms", "SDPA")
         print(f"rel err: block-sparse vs reference {r['rel_err_vs_reference']:.1e}, dense vs SDPA "
               f"{r['dense_rel_err_vs_sdpa']:.1e}, window vs reference {r['window_rel_err']:.1e}")
         if "flex_density" in r:
@@ -452,21 +457,15 @@ def print_tables(results: dict) -> None:
         if "flex_long_ms" in r:
             print(f"\n    FlexPrefill at {r['flex_long_shape']} (sharpness 4): kept {r['flex_long_density']:.0%} "
                   f"of the causal blocks, rel err vs its reference {r['flex_long_rel_err_vs_reference']:.1e}")
-            print(f"{'variant':<26} {'ms (min..max)':>24} {'vs SDPA':>8}")
-            for name, (ms, lo, hi) in r["flex_long_ms"].items():
-                print(f"{name:<26} {ms:10.2f} ({lo:.2f}..{hi:.2f}) {r['flex_long_vs_sdpa'][name]:7.2f}x")
+            print_timings(r["flex_long_ms"], r["flex_long_vs_sdpa"], "ms", "SDPA")
         print(f"\n    decode attention {r['decode_shape']} over {r['decode_past']} cached tokens")
-        print(f"{'variant':<34} {'us (min..max)':>24} {'vs SDPA':>8}")
-        for name, (us, lo, hi) in r["decode_us"].items():
-            print(f"{name:<34} {us:10.1f} ({lo:.1f}..{hi:.1f}) {r['decode_vs_sdpa'][name]:7.2f}x")
+        print_timings(r["decode_us"], r["decode_vs_sdpa"], "us", "SDPA", width=34, digits=1)
         print(f"rel err: window decode vs reference {r['decode_window_rel_err']:.1e}")
     if "mistral" in results:
         r = results["mistral"]
         print(f"\n(e) Hugging Face Mistral prefill {r['shape']} (transformers {r['transformers']}); attention windows "
               f"{r['attention_windows']}; logits rel err {r['rel_err']:.1e}")
-        print(f"{'variant':<32} {'ms (min..max)':>26} {'vs eager':>9}")
-        for name, (ms, lo, hi) in r["ms"].items():
-            print(f"{name:<32} {ms:10.1f} ({lo:.1f}..{hi:.1f}) {r['vs_eager'][name]:8.2f}x")
+        print_timings(r["ms"], r["vs_eager"], "ms", "eager", width=32, digits=1)
 
 
 def main(argv=None) -> dict:
