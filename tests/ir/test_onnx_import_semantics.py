@@ -296,3 +296,12 @@ def test_slice_of_a_symbolic_dim_keeps_a_right_shape_for_shape_arithmetic():
     assert [o.type.shape for o in graph.outputs] == [("b", 2), ("b", "s - 1")]
     for s in (3, 7):
         check(m, {"x": randn(2, s)})
+
+
+# ---- 8. Findings of the ONNX import audit ----------------------------------------------------------------
+
+@pytest.mark.parametrize("axis", [-3, -2, -1, 0, 1, 3])
+def test_flatten_counts_a_negative_axis_from_the_back(axis):
+    m = model([h.make_node("Flatten", ["x"], ["y"], axis=axis)], [vi("x", F32, [2, 3, 4])], [vi("y", F32, None)],
+              opset=13)
+    check(m, {"x": randn(2, 3, 4)})

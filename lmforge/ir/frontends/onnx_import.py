@@ -658,8 +658,13 @@ def _squeeze(im: Importer, node):
 
 
 def _flatten(im: Importer, node):
+    """Flatten to 2-D, [prod(dims[:axis]), prod(dims[axis:])]; a negative axis counts from the back (axis=-1 on
+    [2, 3, 4] is axis 2, giving [6, 4]), so it adds the rank, not rank + 1."""
     x = im.tensor(node.input[0])
-    axis = _attrs(node).get("axis", 1) % (x.type.rank + 1)
+    rank, axis = x.type.rank, _attrs(node).get("axis", 1)
+    if not -rank <= axis <= rank:
+        raise CaptureError(f"Flatten axis {axis} is out of range for a rank-{rank} input")
+    axis = axis + rank if axis < 0 else axis
     return _reshape_to(im, node, [_numel(x.type.shape[:axis]), _numel(x.type.shape[axis:])])
 
 
