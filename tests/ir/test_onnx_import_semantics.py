@@ -305,3 +305,25 @@ def test_flatten_counts_a_negative_axis_from_the_back(axis):
     m = model([h.make_node("Flatten", ["x"], ["y"], axis=axis)], [vi("x", F32, [2, 3, 4])], [vi("y", F32, None)],
               opset=13)
     check(m, {"x": randn(2, 3, 4)})
+
+
+@pytest.mark.parametrize("op", ["Less", "Equal", "GreaterOrEqual"])
+@pytest.mark.parametrize("c_shape", [[], [1], [1, 1], [1, 1, 1]])
+def test_compare_with_a_constant_of_higher_rank_broadcasts_up(op, c_shape):
+    c = nh.from_array(np.zeros(c_shape, np.float32), "c")
+    m = model([h.make_node(op, ["x", "c"], ["y"])], [vi("x", F32, [3])], [vi("y", TP.BOOL, None)], [c], opset=13)
+    check(m, {"x": np.array([-1, 0, 1], np.float32)})
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [([1, 1], None), (None, [1, 1]), ([1, 1], [1, 1, 1]), ([1], [])])
+def test_where_with_a_constant_of_higher_rank_broadcasts_up(a_shape, b_shape):
+    """A branch with a shape is a size-1 constant, None a [3] input; the output takes the largest rank."""
+    inits, inputs, feeds = [], [vi("k", TP.BOOL, [3])], {"k": np.array([True, False, True])}
+    for name, shape in (("a", a_shape), ("b", b_shape)):
+        if shape is None:
+            inputs.append(vi(name, F32, [3]))
+            feeds[name] = randn(3)
+        else:
+            inits.append(nh.from_array(np.full(shape, 2.0 if name == "a" else -2.0, np.float32), name))
+    m = model([h.make_node("Where", ["k", "a", "b"], ["y"])], inputs, [vi("y", F32, None)], inits, opset=13)
+    check(m, feeds)

@@ -591,24 +591,37 @@ def _variadic(ir_op: str):
 
 
 def _compare(ir_op: str):
+    """A comparison; a size-1 constant right operand becomes the `scalar` attribute, unless it has more dims
+    than the tensor (Less(x[3], c[1, 1]) is [1, 3]: a scalar would lose the broadcast dim)."""
     def handle(im: Importer, node):
         x, s = node.input[0], im.get_static(node.input[1])
         if s is not None and s.array.size == 1 and x not in im.static:
             xv = im.tensor(x)
-            return [im.op(ir_op, [xv, None], {"scalar": _scalar_value(s, xv.type.dtype)}, hint=node.output[0])]
+            if s.array.ndim <= xv.type.rank:
+                return [im.op(ir_op, [xv, None], {"scalar": _scalar_value(s, xv.type.dtype)}, hint=node.output[0])]
         return [im.op(ir_op, [im.tensor(x), im.tensor(node.input[1])], hint=node.output[0])]
 
     return handle
 
 
 def _where(im: Importer, node):
+    """Where; size-1 constant branches become `a_scalar` / `b_scalar`, as long as the inputs that stay tensors
+    still give the output its rank (a [1, 1] constant beside [3] tensors makes the output [1, 3])."""
     cond = im.tensor(node.input[0])
+    branches = node.input[1:]
+    statics = [im.get_static(name) for name in branches]
+    scalar = {i for i, s in enumerate(statics) if s is not None and s.array.size == 1}
+    while True:  # a scalar candidate with more dims than the tensors left is kept as a tensor; then re-check
+        ranks = [cond.type.rank] + [im.tensor(branches[i]).type.rank for i in range(2) if i not in scalar]
+        too_big = [i for i in scalar if statics[i].array.ndim > max(ranks)]
+        if not too_big:
+            break
+        scalar.discard(max(too_big, key=lambda i: statics[i].array.ndim))
     ins, attrs = [cond], {}
-    for name, key in zip(node.input[1:], ("a_scalar", "b_scalar")):
-        s = im.get_static(name)
-        if s is not None and s.array.size == 1:
+    for i, (name, key) in enumerate(zip(branches, ("a_scalar", "b_scalar"))):
+        if i in scalar:
             ins.append(None)
-            attrs[key] = _scalar_value(s, s.dtype)
+            attrs[key] = _scalar_value(statics[i], statics[i].dtype)
         else:
             ins.append(im.tensor(name))
     return [im.op("where", ins, attrs, hint=node.output[0])]
