@@ -327,3 +327,17 @@ def test_where_with_a_constant_of_higher_rank_broadcasts_up(a_shape, b_shape):
             inits.append(nh.from_array(np.full(shape, 2.0 if name == "a" else -2.0, np.float32), name))
     m = model([h.make_node("Where", ["k", "a", "b"], ["y"])], inputs, [vi("y", F32, None)], inits, opset=13)
     check(m, feeds)
+
+
+@pytest.mark.parametrize("noop,keepdims", [(1, 1), (0, 1), (0, 0)])
+def test_reduce_logsumexp_without_axes_honours_noop_with_empty_axes(noop, keepdims):
+    m = model([h.make_node("ReduceLogSumExp", ["x"], ["y"], noop_with_empty_axes=noop, keepdims=keepdims)],
+              [vi("x", F32, [2, 3])], [vi("y", F32, None)], opset=18)
+    check(m, {"x": randn(2, 3)})
+
+
+def test_integer_reduce_mean_is_refused_at_import():
+    m = model([h.make_node("ReduceMean", ["x", "ax"], ["y"])], [vi("x", I64, [2, 3])], [vi("y", I64, None)],
+              [const("ax", [1])], opset=18)
+    with pytest.raises(UnsupportedOpError, match="ReduceMean of int64 values"):
+        lmforge.capture(m, None)

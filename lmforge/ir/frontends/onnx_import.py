@@ -861,6 +861,9 @@ def _reduce(ir_op: str):
         axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("axes")
         if not axes and a.get("noop_with_empty_axes"):
             return [x]
+        if ir_op == "mean" and not _is_float(x.type.dtype):
+            raise UnsupportedOpError(f"ReduceMean of {x.type.dtype} values: lmforge's mean takes floats only; "
+                                     "Cast the input to float before ReduceMean (and back after, if needed)")
         attrs = {"dims": tuple(axes) if axes else None, "keepdim": bool(a.get("keepdims", 1))}
         return [im.op(ir_op, [x], attrs, hint=node.output[0])]
 
@@ -868,10 +871,13 @@ def _reduce(ir_op: str):
 
 
 def _reduce_logsumexp(im: Importer, node):
-    """log(sum(exp(x - m))) + m with m = amax(x): the stable form (the IR has no logsumexp op)."""
+    """log(sum(exp(x - m))) + m with m = amax(x): the stable form (the IR has no logsumexp op). No axes with
+    `noop_with_empty_axes=1` is the identity, as for the other reductions."""
     a = _attrs(node)
     x = im.tensor(node.input[0])
     axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("axes")
+    if not axes and a.get("noop_with_empty_axes"):
+        return [x]
     dims, keep = (tuple(axes) if axes else None), bool(a.get("keepdims", 1))
     m = im.op("amax", [x], {"dims": dims, "keepdim": True}, hint="lse_max")
     e = im.op("exp", [im.op("sub", [x, m], hint="lse")], hint="lse")
