@@ -341,3 +341,35 @@ def test_integer_reduce_mean_is_refused_at_import():
               [const("ax", [1])], opset=18)
     with pytest.raises(UnsupportedOpError, match="ReduceMean of int64 values"):
         lmforge.capture(m, None)
+
+
+def _float_range_to_n(start, step):
+    """Range(start, float(N), step) with N a symbolic dim of x: not folded at import."""
+    n = h.make_node
+    nodes = [n("Shape", ["x"], ["sh"]), n("Gather", ["sh", "i0"], ["d"]), n("Cast", ["d"], ["df"], to=F32),
+             n("Range", ["s", "df", "st"], ["y"])]
+    inits = [const("i0", 0), nh.from_array(np.array(start, np.float32), "s"),
+             nh.from_array(np.array(step, np.float32), "st")]
+    return model(nodes, [vi("x", F32, ["N"])], [vi("y", F32, None)], inits)
+
+
+@pytest.mark.parametrize("start,step", [(0.0, 1.0), (1.0, 2.0), (-3.0, 1.0)])
+def test_float_range_over_a_symbolic_bound(start, step):
+    m = _float_range_to_n(start, step)
+    for n in (5, 8):
+        check(m, {"x": np.zeros(n, np.float32)})
+
+
+@pytest.mark.parametrize("start,step", [(0.5, 1.0), (0.0, 0.5)])
+def test_float_range_over_a_symbolic_bound_with_a_fractional_start_or_step_is_refused(start, step):
+    with pytest.raises(UnsupportedOpError, match="whole-number start and step"):
+        lmforge.capture(_float_range_to_n(start, step), None)
+
+
+@pytest.mark.parametrize("limit,step", [(5000.5, 1.0), (-5000.5, -1.0), (5000.0, 1.0)])
+def test_float_range_too_long_to_fold_with_a_fractional_limit(limit, step):
+    """Past FOLD_LIMIT elements Range is an arange node; a limit of 5000.5 still includes 5000."""
+    m = model([h.make_node("Range", ["s", "l", "d"], ["r"]), h.make_node("Add", ["x", "r"], ["y"])],
+              [vi("x", F32, [1])], [vi("y", F32, None)],
+              [nh.from_array(np.array(v, np.float32), k) for k, v in (("s", 0.0), ("l", limit), ("d", step))])
+    check(m, {"x": np.zeros(1, np.float32)})

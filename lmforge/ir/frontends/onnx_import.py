@@ -28,6 +28,7 @@ Gather and Slice take negative indices (counted from the end). Ops with no IR fo
 from __future__ import annotations
 
 import json
+import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -891,10 +892,25 @@ def _reduce_logsumexp(im: Importer, node):
 
 
 def _range(im: Importer, node):
+    """Range that was not folded (a bound over symbolic dims, or too long to fold) -> `arange`, whose bounds and
+    step are integers. A float Range is an integer arange cast to float: exact when the start and step are whole
+    numbers; a non-whole limit L becomes ceil(L) (floor(L) for a negative step), which keeps the same elements."""
     start, limit, delta = (im.get_static(i) for i in node.input)
     if None in (start, limit, delta) or isinstance(delta.item(), str):
         raise UnsupportedOpError("Range needs bounds computed from shapes or constants and a constant step")
-    attrs = {"start": _ints(start)[0], "end": _ints(limit)[0], "step": int(delta.item()), "dtype": start.dtype}
+    first, end, step = start.item(), limit.item(), delta.item()
+    if step == 0:
+        raise CaptureError("Range with a step of 0 (ONNX requires a non-zero delta)")
+    if _is_float(start.dtype):
+        if any(not isinstance(v, str) and not float(v).is_integer() for v in (first, step)):
+            raise UnsupportedOpError(f"Range of {start.dtype} from {first} by {step} with a bound over symbolic "
+                                     f"dims or more than {FOLD_LIMIT} elements: lmforge builds it from an integer "
+                                     "arange, so it needs a whole-number start and step; scale the range so they are "
+                                     "whole (e.g. Range(1, 2N, 2) * 0.5 for 0.5, 1.5, ...)")
+        if not isinstance(end, str):
+            end = math.ceil(end) if step > 0 else math.floor(end)
+    first, end = (v if isinstance(v, str) else int(v) for v in (first, end))
+    attrs = {"start": first, "end": end, "step": int(step), "dtype": start.dtype}
     if start.dtype.startswith("float"):
         attrs["dtype"] = "int64"
         return [im.op("cast", [im.op("arange", [], attrs, hint=node.output[0])], {"dtype": start.dtype},
