@@ -373,3 +373,25 @@ def test_float_range_too_long_to_fold_with_a_fractional_limit(limit, step):
               [vi("x", F32, [1])], [vi("y", F32, None)],
               [nh.from_array(np.array(v, np.float32), k) for k, v in (("s", 0.0), ("l", limit), ("d", step))])
     check(m, {"x": np.zeros(1, np.float32)})
+
+
+def test_constant_float32_arithmetic_is_folded_in_float32():
+    """Folded at import, Mul/Add/Sub/Div of float32 constants round to float32 at each step, as onnxruntime's:
+    Cast(0.7f * 10f) is 7 (float64 says 6.99..., cast to 6) and (1e8f + 1f) - 1e8f is 0 (float64 says 1)."""
+    n = h.make_node
+    nodes = [n("Mul", ["a", "ten"], ["p"]), n("Cast", ["p"], ["pi"], to=I64), n("Add", ["i", "pi"], ["y"]),
+             n("Add", ["big", "one"], ["q"]), n("Sub", ["q", "big"], ["r"]), n("Div", ["one", "three"], ["t"]),
+             n("Mul", ["t", "three"], ["u"]), n("Sub", ["u", "one"], ["w"]), n("Concat", ["r", "w"], ["c"], axis=0),
+             n("Mul", ["x", "c"], ["z"])]
+    f32 = {"a": 0.7, "ten": 10.0, "big": 1e8, "one": 1.0, "three": 3.0}
+    inits = [nh.from_array(np.array([v], np.float32), k) for k, v in f32.items()]
+    m = model(nodes, [vi("i", I64, [1]), vi("x", F32, [2])], [vi("y", I64, None), vi("z", F32, None)], inits)
+    check(m, {"i": np.zeros(1, np.int64), "x": np.full(2, 1e8, np.float32)}, atol=0, rtol=0)
+
+
+def test_constant_integer_arithmetic_wraps_in_its_own_dtype():
+    inits = [nh.from_array(np.array([2**31 - 1, -7], np.int32), "a"), nh.from_array(np.array([1, 2], np.int32), "b")]
+    m = model([h.make_node("Add", ["a", "b"], ["s"]), h.make_node("Div", ["s", "b"], ["d"]),
+               h.make_node("Add", ["x", "d"], ["y"])],
+              [vi("x", I32, [2])], [vi("y", I32, None)], inits)
+    check(m, {"x": np.zeros(2, np.int32)})

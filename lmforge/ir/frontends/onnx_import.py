@@ -80,15 +80,14 @@ class NotFoldable(Exception):
 
 
 def _dim_op(fn, sym: str):
-    """Elementwise op over ints and symbolic dims (str): numbers compute, symbols build an expression."""
+    """Elementwise op over the entries of a static holding symbolic dims (str) and ints: ints compute exactly,
+    symbols build a dimension expression. Float entries are not folded (see `_fold_elementwise`)."""
 
     def apply(a, b):
+        if isinstance(a, float) or isinstance(b, float):
+            raise NotFoldable()
         if isinstance(a, str) or isinstance(b, str):
-            if isinstance(a, float) or isinstance(b, float):
-                raise NotFoldable()
             return simplify_dim(f"({a}) {sym} ({b})")
-        if fn is operator.floordiv and isinstance(a, float):
-            return a / b
         if fn is operator.floordiv:  # ONNX integer Div truncates toward zero (C semantics), Python's // floors
             q = abs(a) // abs(b)
             return q if (a < 0) == (b < 0) else -q
@@ -97,9 +96,13 @@ def _dim_op(fn, sym: str):
     return np.frompyfunc(apply, 2, 1)
 
 
-_FOLD_BINARY = {"Add": _dim_op(operator.add, "+"), "Sub": _dim_op(operator.sub, "-"),
-                "Mul": _dim_op(operator.mul, "*"), "Div": _dim_op(operator.floordiv, "//"),
-                "Mod": _dim_op(operator.mod, "%")}
+_FOLD_SYMBOLIC = {"Add": _dim_op(operator.add, "+"), "Sub": _dim_op(operator.sub, "-"),
+                  "Mul": _dim_op(operator.mul, "*"), "Div": _dim_op(operator.floordiv, "//")}
+
+_FOLD_NUMERIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.true_divide,
+                 "Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
+                 "GreaterOrEqual": np.greater_equal, "Max": np.maximum, "Min": np.minimum, "Neg": np.negative,
+                 "Not": np.logical_not, "And": np.logical_and, "Or": np.logical_or, "Where": np.where}
 
 
 def _tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
@@ -324,21 +327,38 @@ def _fold_shape(im: Importer, node):
     return [Static(np.array(dims, dtype=object), "int64")]
 
 
+def _storage(dtype: str) -> np.dtype:
+    """The numpy dtype a static of IR `dtype` is computed in (bfloat16 and float8 in float32, rounded after)."""
+    return np.dtype(np.float32) if dtype in ("bfloat16", "float8_e4m3fn") else \
+        torch.empty(0, dtype=torch_dtype(dtype)).numpy().dtype
+
+
 def _fold_elementwise(im: Importer, node):
+    """An elementwise op over statics. Numbers are computed by numpy in the statics' own dtype, as a runtime
+    would: float32 rounds at each step ((1e8f + 1f) - 1e8f is 0, and 0.7f * 10f is exactly 7), integers wrap
+    around. Statics holding symbolic dims take the exact object path (`_dim_op`) for Add/Sub/Mul/integer Div."""
     ins = [im.get_static(i) for i in node.input]
     op = node.op_type
-    if op in _FOLD_BINARY:
-        arr = _FOLD_BINARY[op](ins[0].array.astype(object), ins[1].array.astype(object))
-    elif any(s.symbolic for s in ins):
-        raise NotFoldable()
-    else:
-        fn = {"Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
-              "GreaterOrEqual": np.greater_equal, "Max": np.maximum, "Min": np.minimum, "Neg": np.negative,
-              "Not": np.logical_not, "And": np.logical_and, "Or": np.logical_or, "Where": np.where}[op]
-        arr = fn(*[s.array for s in ins])
     dtype = "bool" if op in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or") \
         else ins[-1].dtype
-    return [Static(np.asarray(arr, dtype=object if np.asarray(arr).dtype == object else None), dtype)]
+    if any(s.symbolic for s in ins):
+        if op not in _FOLD_SYMBOLIC or op == "Div" and _is_float(dtype):
+            raise NotFoldable()
+        arr = _FOLD_SYMBOLIC[op](ins[0].array.astype(object), ins[1].array.astype(object))
+        return [Static(np.asarray(arr, dtype=object), dtype)]
+    arrs = [s.array.astype(_storage(s.dtype)) for s in ins]
+    with np.errstate(all="ignore"):  # integer wrap-around, inf and nan: what the runtime computes too
+        if op == "Div" and not _is_float(dtype):
+            a, b = arrs
+            if (b == 0).any():  # left to run time, which says so
+                raise NotFoldable()
+            arr = (a - np.fmod(a, b)) // b  # ONNX integer Div truncates toward zero; the division is exact
+        else:
+            arr = _FOLD_NUMERIC[op](*arrs)
+    arr = np.asarray(arr).astype(_storage(dtype))
+    if dtype in ("bfloat16", "float8_e4m3fn"):  # round to the static's own precision
+        arr = torch.from_numpy(np.ascontiguousarray(arr)).to(torch_dtype(dtype)).float().numpy()
+    return [Static(arr, dtype)]
 
 
 def _fold(fn):
@@ -401,9 +421,7 @@ def _fold_cast(ins, a, im):
         if dtype == "bool":
             raise NotFoldable()
         return Static(x, dtype)
-    storage = np.float32 if dtype in ("bfloat16", "float8_e4m3fn") else \
-        torch.empty(0, dtype=torch_dtype(dtype)).numpy().dtype
-    return Static(x.astype(storage), dtype)
+    return Static(x.astype(_storage(dtype)), dtype)
 
 
 def _fold_range(ins, a, im):
@@ -425,7 +443,7 @@ def _fold_constant_of_shape(ins, a, im):
 
 _FOLDERS = {
     "Shape": _fold_shape,
-    **{op: _fold_elementwise for op in ("Add", "Sub", "Mul", "Div", "Mod", "Equal", "Less", "Greater",
+    **{op: _fold_elementwise for op in ("Add", "Sub", "Mul", "Div", "Equal", "Less", "Greater",
                                          "LessOrEqual", "GreaterOrEqual", "Max", "Min", "Neg", "Not", "And", "Or",
                                          "Where")},
     "Gather": _fold(lambda ins, a, im: Static(np.take(ins[0].array, ins[1].array.astype(np.int64),
