@@ -395,3 +395,12 @@ def test_constant_integer_arithmetic_wraps_in_its_own_dtype():
                h.make_node("Add", ["x", "d"], ["y"])],
               [vi("x", I32, [2])], [vi("y", I32, None)], inits)
     check(m, {"x": np.zeros(2, np.int32)})
+
+
+@pytest.mark.parametrize("op,outputs", [("Trilu", ["y"]), ("TopK", ["y", "i"])])
+def test_a_run_time_k_is_refused_naming_the_op(op, outputs):
+    k = vi("k", I64, [] if op == "Trilu" else [1])
+    m = model([h.make_node(op, ["x", "k"], outputs)], [vi("x", F32, [2, 3, 4]), k],
+              [vi(o, F32 if o == "y" else I64, None) for o in outputs], opset=14)
+    with pytest.raises(UnsupportedOpError, match=f"{op}.* 'k' computed at run time"):
+        lmforge.capture(m, None)

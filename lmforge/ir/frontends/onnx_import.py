@@ -945,9 +945,26 @@ def _constant_of_shape(im: Importer, node):
                   hint=node.output[0])]
 
 
+def _static_int(im: Importer, node, i: int, what: str):
+    """Input #i of `node` as one int (or symbolic dim) known at import; UnsupportedOpError when it is computed
+    at run time, since the IR op takes it as an attribute."""
+    s = im.get_static(node.input[i])
+    if s is None or s.array.size != 1:
+        raise UnsupportedOpError(f"{node.op_type} with {what} {node.input[i]!r} computed at run time: lmforge needs "
+                                 f"{what} as a constant (or from shapes) at import, since its result shape "
+                                 "depends on it")
+    return _ints(s)[0]
+
+
+def _trilu(im: Importer, node):
+    k = _static_int(im, node, 1, "diagonal offset k") if len(node.input) > 1 and node.input[1] else 0
+    return [im.op("tri", [im.tensor(node.input[0])], {"diagonal": k, "upper": bool(_attrs(node).get("upper", 1))},
+                  hint=node.output[0])]
+
+
 def _topk(im: Importer, node):
     a = _attrs(node)
-    k = _ints(im.get_static(node.input[1]))[0]
+    k = _static_int(im, node, 1, "K")
     return list(im.op("topk", [im.tensor(node.input[0])], {"k": k, "dim": a.get("axis", -1),
                                                             "largest": bool(a.get("largest", 1))}, hint=node.output[0]))
 
@@ -1086,9 +1103,7 @@ _HANDLERS = {
     "Where": _where, "Identity": lambda im, n: [im.tensor(n.input[0])], "Dropout": lambda im, n: [im.tensor(n.input[0])],
     "Cast": lambda im, n: [im.op("cast", [im.tensor(n.input[0])], {"dtype": IR_DTYPES[_attrs(n)["to"]]},
                                  hint=n.output[0])],
-    "Trilu": lambda im, n: [im.op("tri", [im.tensor(n.input[0])], {
-        "diagonal": _ints(im.get_static(n.input[1]))[0] if len(n.input) > 1 else 0,
-        "upper": bool(_attrs(n).get("upper", 1))}, hint=n.output[0])],
+    "Trilu": _trilu,
     **{t: _reduce(op) for op, t in REDUCE.items()}, "ReduceLogSumExp": _reduce_logsumexp,
     "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,
     **{t: _softmax(t) for t in ("Softmax", "LogSoftmax", "Hardmax")},
