@@ -404,3 +404,19 @@ def test_a_run_time_k_is_refused_naming_the_op(op, outputs):
               [vi(o, F32 if o == "y" else I64, None) for o in outputs], opset=14)
     with pytest.raises(UnsupportedOpError, match=f"{op}.* 'k' computed at run time"):
         lmforge.capture(m, None)
+
+
+@pytest.mark.parametrize("inputs", [["x"], ["x", "ratio"], ["x", "ratio", "off"]])
+def test_dropout_mask_output_is_all_true_at_inference(inputs):
+    inits = [nh.from_array(np.array(0.3, np.float32), "ratio"), nh.from_array(np.array(False), "off")]
+    m = model([h.make_node("Dropout", inputs, ["y", "mask"])], [vi("x", F32, ["b", 3])],
+              [vi("y", F32, None), vi("mask", TP.BOOL, None)], inits, opset=13)
+    for b in (1, 4):
+        check(m, {"x": randn(b, 3)})
+
+
+def test_dropout_in_training_mode_is_refused():
+    m = model([h.make_node("Dropout", ["x", "", "on"], ["y"])], [vi("x", F32, [3])], [vi("y", F32, None)],
+              [nh.from_array(np.array(True), "on")], opset=13)
+    with pytest.raises(UnsupportedOpError, match="training_mode"):
+        lmforge.capture(m, None)

@@ -1077,6 +1077,22 @@ def _erf(im: Importer, node):
     return [_fallback(im, "aten.erf.default", [x], x.type, node.output[0])]
 
 
+def _dropout(im: Importer, node):
+    """Dropout at inference: the identity, and its optional mask output all ones (True from opset 10, where the
+    mask is bool). A training_mode that is true or computed at run time would drop at random: refused."""
+    x = im.tensor(node.input[0])
+    if len(node.input) > 2 and node.input[2]:
+        mode = im.get_static(node.input[2])
+        if mode is None or mode.array.size != 1 or bool(mode.item()):
+            raise UnsupportedOpError(f"Dropout with training_mode {node.input[2]!r} true or computed at run time: "
+                                     "lmforge imports inference models, where Dropout is the identity")
+    if len(node.output) < 2 or not node.output[1]:
+        return [x]
+    dtype, value = ("bool", True) if im.opset >= 10 else (x.type.dtype, 1)
+    mask = im.op("full", [], {"shape": x.type.shape, "value": value, "dtype": dtype}, hint=node.output[1])
+    return [x, mask]
+
+
 def _clip(im: Importer, node):
     """Clip -> maximum(x, min) then minimum(.., max): bounds are optional inputs from opset 11, `min` / `max`
     attributes before. (min > max gives max everywhere, as ONNX says.)"""
@@ -1100,7 +1116,7 @@ _HANDLERS = {
     **{t: _compare(op) for op, t in COMPARE.items()},
     "Gelu": lambda im, n: [im.op("gelu", [im.tensor(n.input[0])], {"approximate": _attrs(n).get("approximate", "none")},
                                  hint=n.output[0])],
-    "Where": _where, "Identity": lambda im, n: [im.tensor(n.input[0])], "Dropout": lambda im, n: [im.tensor(n.input[0])],
+    "Where": _where, "Identity": lambda im, n: [im.tensor(n.input[0])], "Dropout": _dropout,
     "Cast": lambda im, n: [im.op("cast", [im.tensor(n.input[0])], {"dtype": IR_DTYPES[_attrs(n)["to"]]},
                                  hint=n.output[0])],
     "Trilu": _trilu,
