@@ -420,3 +420,35 @@ def test_dropout_in_training_mode_is_refused():
               [nh.from_array(np.array(True), "on")], opset=13)
     with pytest.raises(UnsupportedOpError, match="training_mode"):
         lmforge.capture(m, None)
+
+
+@pytest.mark.parametrize("op,opset", [("LayerNormalization", 17), ("RMSNormalization", 23)])
+@pytest.mark.parametrize("scale_shape,bias_shape", [([4], [4]), ([1, 4], None), ([3, 1], [1]), ([3, 4], [4])])
+def test_normalization_scale_and_bias_that_broadcast_to_the_normalized_dims(op, opset, scale_shape, bias_shape):
+    """scale [4] with axis=1 on [2, 3, 4] broadcasts to the normalized dims [3, 4] (onnxruntime accepts it)."""
+    if op == "RMSNormalization" and "RMSNormalization" not in {s.name for s in onnx.defs.get_all_schemas()}:
+        pytest.skip("this onnx has no RMSNormalization")
+    inits = [nh.from_array(randn(*scale_shape), "s")]
+    if bias_shape is not None and op == "LayerNormalization":
+        inits.append(nh.from_array(randn(*bias_shape), "b"))
+    m = model([h.make_node(op, ["x"] + [t.name for t in inits], ["y"], axis=1)], [vi("x", F32, [2, 3, 4])],
+              [vi("y", F32, None)], inits, opset=opset)
+    try:
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # an onnxruntime without this op or opset: nothing to compare with
+        pytest.skip(f"onnxruntime cannot run it: {e}")
+    check(m, {"x": randn(2, 3, 4)}, atol=1e-5)
+
+
+def test_normalization_scale_that_does_not_broadcast_is_refused():
+    m = model([h.make_node("LayerNormalization", ["x", "s"], ["y"], axis=1)], [vi("x", F32, [2, 3, 4])],
+              [vi("y", F32, None)], [nh.from_array(np.ones(3, np.float32), "s")], opset=17)
+    with pytest.raises(CaptureError, match="does not broadcast to the normalized dims"):
+        lmforge.capture(m, None)
+
+
+def test_layernorm_scale_given_at_run_time_is_expanded():
+    m = model([h.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-2)], [vi("x", F32, [2, 3, 4]),
+                                                                               vi("s", F32, [4])],
+              [vi("y", F32, None)], opset=17)
+    check(m, {"x": randn(2, 3, 4), "s": randn(4)}, atol=1e-5)

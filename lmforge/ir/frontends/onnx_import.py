@@ -852,10 +852,32 @@ def _norm(ir_op: str):
         if any(o for o in node.output[1:]):
             raise UnsupportedOpError(f"{node.op_type} with mean/inv-std outputs")
         ndim = x.type.rank - a.get("axis", -1) % x.type.rank
-        ins = [x] + [im.tensor(i) if i else None for i in node.input[1:]]
+        norm_shape = tuple(x.type.shape[x.type.rank - ndim:])
+        ins = [x] + [_norm_param(im, node, i, norm_shape) if i else None for i in node.input[1:]]
         return [im.op(ir_op, ins, {"eps": a.get("epsilon", 1e-5), "ndim": ndim}, hint=node.output[0])]
 
     return handle
+
+
+def _norm_param(im: Importer, node, name: str, norm_shape: tuple) -> Value:
+    """A scale or bias of a normalization, shaped like the normalized dims x.shape[axis:] as the IR op wants it.
+    ONNX lets it broadcast to them (scale [4] with axis=1 on [2, 3, 4]): an initializer is expanded to a
+    parameter of the full shape, a run-time tensor by an `expand` node."""
+    v = im.tensor(name)
+    shape = tuple(v.type.shape)
+    if shape == norm_shape:
+        return v
+    try:
+        fits = broadcast_shapes(shape, norm_shape) == norm_shape
+    except LmforgeError:
+        fits = False
+    if not fits:
+        raise CaptureError(f"{node.op_type} input {name!r} of shape {list(shape)} does not broadcast to the "
+                           f"normalized dims {list(norm_shape)} (x.shape[axis:])")
+    if name in im.inits and all(isinstance(d, int) for d in norm_shape):
+        weight = _tensor_from_proto(im.inits[name]).expand(norm_shape)
+        return im.param(name, weight, key=("expand", name, norm_shape))
+    return im.op("expand", [v], {"shape": norm_shape}, hint=name)
 
 
 def _attention(im: Importer, node):
