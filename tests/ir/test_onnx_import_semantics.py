@@ -452,3 +452,10 @@ def test_layernorm_scale_given_at_run_time_is_expanded():
                                                                                vi("s", F32, [4])],
               [vi("y", F32, None)], opset=17)
     check(m, {"x": randn(2, 3, 4), "s": randn(4)}, atol=1e-5)
+
+
+def test_gather_of_an_embedding_table_takes_negative_run_time_ids():
+    table = nh.from_array(np.arange(15, dtype=np.float32).reshape(5, 3), "t")
+    m = model([h.make_node("Gather", ["t", "i"], ["y"])], [vi("i", I64, ["b", "s"])], [vi("y", F32, None)], [table])
+    assert "embedding" in {n.op for n in lmforge.capture(m, None).nodes}
+    check(m, {"i": np.array([[0, -1, 4], [-5, 2, -2]])})

@@ -772,12 +772,15 @@ def _split(im: Importer, node):
 def _gather(im: Importer, node):
     """Gather; negative indices count from the end of the gathered dim (constant ones are normalized here,
     run-time ones by `where(idx < 0, idx + size, idx)`). Token ids read from an initializer table become
-    `embedding`, which takes them as they are (ids are never negative)."""
+    `embedding`, after the same fix-up (the embedding op takes row numbers, never negative)."""
     axis = _attrs(node).get("axis", 0)
     data, idx_name = node.input
     s = im.get_static(idx_name)
     if data in im.inits and axis == 0 and idx_name in im.values and len(im.inits[data].dims) == 2:
-        return [im.op("embedding", [im.tensor(idx_name), im.tensor(data)], hint=node.output[0])]
+        ids = im.tensor(idx_name)
+        if not ids.type.dtype.startswith("uint"):
+            ids = _wrap_negative(im, ids, int(im.inits[data].dims[0]))
+        return [im.op("embedding", [ids, im.tensor(data)], hint=node.output[0])]
     x = im.tensor(data)
     axis %= x.type.rank
     n = x.type.shape[axis]
@@ -796,15 +799,19 @@ def _gather(im: Importer, node):
         else:
             idx = im.tensor(idx_name)
     else:
-        idx = im.tensor(idx_name)
-        neg = im.op("lt", [idx, None], {"scalar": 0}, hint="idx_neg")
-        idx = im.op("where", [neg, im.op("add", [idx, None], {"scalar": n}, hint="idx"), idx], hint="idx")
+        idx = _wrap_negative(im, im.tensor(idx_name), n)
     flat = idx if idx.type.rank == 1 else im.op("reshape", [idx], {"shape": (_numel(idx.type.shape),)}, hint="idx")
     out = im.op("index_select", [x, flat], {"dim": axis}, hint=node.output[0])
     if idx.type.rank == 1:
         return [out]
     shape = (*x.type.shape[:axis], *idx.type.shape, *x.type.shape[axis + 1:])
     return [im.op("reshape", [out], {"shape": shape}, hint=node.output[0])]
+
+
+def _wrap_negative(im: Importer, idx: Value, n) -> Value:
+    """Run-time Gather indices with negative ones counted from the end of a dim of size n (ONNX)."""
+    neg = im.op("lt", [idx, None], {"scalar": 0}, hint="idx_neg")
+    return im.op("where", [neg, im.op("add", [idx, None], {"scalar": n}, hint="idx"), idx], hint="idx")
 
 
 def _weight_name(name: str) -> str:
