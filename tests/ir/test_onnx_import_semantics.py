@@ -459,3 +459,29 @@ def test_gather_of_an_embedding_table_takes_negative_run_time_ids():
     m = model([h.make_node("Gather", ["t", "i"], ["y"])], [vi("i", I64, ["b", "s"])], [vi("y", F32, None)], [table])
     assert "embedding" in {n.op for n in lmforge.capture(m, None).nodes}
     check(m, {"i": np.array([[0, -1, 4], [-5, 2, -2]])})
+
+
+def test_external_data_that_was_not_loaded_is_refused_and_never_read_from_the_cwd(tmp_path, monkeypatch):
+    m = model([h.make_node("Add", ["x", "c"], ["y"])], [vi("x", F32, [4])], [vi("y", F32, [4])],
+              [nh.from_array(np.ones(4, np.float32), "c")])
+    (tmp_path / "model").mkdir()
+    onnx.save_model(m, str(tmp_path / "model" / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    unloaded = onnx.load(str(tmp_path / "model" / "m.onnx"), load_external_data=False)
+    (tmp_path / "m.data").write_bytes(np.full(4, 7, np.float32).tobytes())  # a same-named decoy in the cwd
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CaptureError, match="external file 'm.data', which was not loaded"):
+        lmforge.capture(unloaded, None)
+    check(onnx.load(str(tmp_path / "model" / "m.onnx")), {"x": randn(4)})  # loaded with its data: fine
+
+
+def test_a_raw_index_or_type_error_in_a_handler_names_the_node(monkeypatch):
+    from lmforge.ir.frontends import onnx_import
+
+    def broken(im, node):
+        return [][0]
+
+    monkeypatch.setitem(onnx_import._HANDLERS, "Relu", broken)
+    m = model([h.make_node("Relu", ["x"], ["y"], name="the_relu")], [vi("x", F32, [4])], [vi("y", F32, [4])])
+    with pytest.raises(CaptureError, match=r"ONNX node the_relu \(Relu\) could not be imported: list index"):
+        lmforge.capture(m, None)

@@ -106,6 +106,11 @@ _FOLD_NUMERIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": n
 
 
 def _tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
+    if t.data_location == onnx.TensorProto.EXTERNAL:  # onnx would read it relative to the current directory
+        where = {e.key: e.value for e in t.external_data}.get("location", "?")
+        raise CaptureError(f"tensor {t.name!r} keeps its data in the external file {where!r}, which was not loaded; "
+                           "pass lmforge the .onnx path (with its data file beside it), or load the model with "
+                           "onnx.load(path) (load_external_data=True)")
     dtype = IR_DTYPES.get(t.data_type)
     if dtype is None or dtype == "int4":
         raise UnsupportedOpError(f"initializer {t.name!r} has ONNX type {t.data_type}, which lmforge has no dtype for")
@@ -240,7 +245,7 @@ class Importer:
         for node in g.node:
             try:
                 self.convert(node)
-            except (LmforgeError, NotFoldable, ValueError, KeyError) as e:
+            except (LmforgeError, NotFoldable, ValueError, KeyError, IndexError, TypeError) as e:
                 label = f"ONNX node {node.name or '?'} ({node.domain + '::' if node.domain else ''}{node.op_type})"
                 if isinstance(e, UnsupportedOpError):
                     raise UnsupportedOpError(f"{label}: {e}") from None
