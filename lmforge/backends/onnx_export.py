@@ -199,6 +199,8 @@ def _scalar_operand(em: Emitter, node: Node, dtype: str) -> str:
 
 
 def _binary(op_type: str) -> Lowering:
+    """A binary op. `swap` puts the scalar first; then, for Add/Sub only (as in the IR and torch), `alpha` scales
+    the second operand: rsub(x, 2, alpha=3) is sub(x; scalar=2, swap, alpha=3) = 2 - 3 * x."""
     def lower(em, node, ins):
         a = node.attr
         out_dtype = node.output.type.dtype
@@ -207,10 +209,10 @@ def _binary(op_type: str) -> Lowering:
         x = em.cast(ins[0], _in_type(node, 0).dtype, out_dtype)
         y = em.cast(ins[1], _in_type(node, 1).dtype, out_dtype) if ins[1] is not None else \
             _scalar_operand(em, node, out_dtype)
-        if a.get("alpha", 1.0) != 1.0:
-            y = em.node("Mul", [y, em.const(a["alpha"], out_dtype)], hint=node.output.name)
         if a.get("swap"):
             x, y = y, x
+        if op_type in ("Add", "Sub") and a.get("alpha", 1.0) != 1.0:
+            y = em.node("Mul", [y, em.const(a["alpha"], out_dtype)], hint=node.output.name)
         return [em.node(op_type, [x, y], hint=node.output.name)]
 
     return lower

@@ -35,7 +35,11 @@ def elementwise(b):
             b.op("gelu", [x], {"approximate": "tanh"}), b.op("gelu", [y]), b.op("silu", [x]), b.op("sigmoid", [y]),
             b.op("relu", [x]), b.op("neg", [y]), b.op("sin", [x]), b.op("cos", [y]), b.op("maximum", [x, y]),
             b.op("minimum", [x, y]), b.op("pow_scalar", [pos], {"exponent": 1.5}), b.op("pow", [pos, y]),
-            b.op("mul", [x, None], {"scalar": "batch"})]
+            b.op("mul", [x, None], {"scalar": "batch"}),
+            # alpha scales the second operand after the swap, for add/sub only: 2 - 3x, 2 + 3x, x - (-2)y, x * y
+            b.op("sub", [x, None], {"scalar": 2.0, "swap": True, "alpha": 3.0}),
+            b.op("add", [x, None], {"scalar": 2.0, "swap": True, "alpha": 3.0}),
+            b.op("sub", [x, y], {"alpha": -2.0}), b.op("mul", [x, y], {"alpha": 3.0})]
     return outs
 
 
@@ -332,3 +336,15 @@ def test_half_precision_rmsnorm_default_eps_is_torchs(backend):
         assert compiled.kernels[0].backend == "triton"
         got = compiled(xs, ws)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_rsub_with_alpha_from_torch_exports_as_torch_computes_it():
+    """torch.rsub(x, 2, alpha=3) is 2 - 3x; the exported model computed (2 * 3) - x."""
+    import lmforge
+
+    compiled = lmforge.compile(lambda x: torch.rsub(x, 2.0, alpha=3.0), (torch.randn(4, 6),), dynamic={"x": {0: "b"}})
+    x = torch.randn(3, 6)
+    session = ort.InferenceSession(to_onnx(compiled.graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {compiled.graph.inputs[0].name: x.numpy()})[0]
+    assert_close(got, torch.rsub(x, 2.0, alpha=3.0), 1e-6)
+    assert_close(got, compiled(x), 1e-6)
