@@ -984,9 +984,9 @@ def _static_int(im: Importer, node, i: int, what: str):
     at run time, since the IR op takes it as an attribute."""
     s = im.get_static(node.input[i])
     if s is None or s.array.size != 1:
-        raise UnsupportedOpError(f"{node.op_type} with {what} {node.input[i]!r} computed at run time: lmforge needs "
-                                 f"{what} as a constant (or from shapes) at import, since its result shape "
-                                 "depends on it")
+        raise UnsupportedOpError(f"{node.op_type} with {what} {node.input[i]!r} computed at run time: lmforge takes "
+                                 f"{what} as an attribute of its op, so it must be known at import (a constant, "
+                                 "or computed from shapes)")
     return _ints(s)[0]
 
 
