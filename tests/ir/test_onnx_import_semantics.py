@@ -489,8 +489,6 @@ def test_a_raw_index_or_type_error_in_a_handler_names_the_node(monkeypatch):
         lmforge.capture(m, None)
 
 
-@pytest.mark.xfail(strict=False, reason="the IR topk reference (lmforge/ir/ops/nn_ops.py::_topk_ref) calls torch.topk, "
-                   "which leaves the order of ties unspecified; ONNX TopK returns the lowest index first")
 @pytest.mark.parametrize("largest", [1, 0])
 def test_topk_ties_come_back_lowest_index_first(largest):
     m = model([h.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, largest=largest)], [vi("x", F32, [2, 6])],
