@@ -3,7 +3,8 @@ FlexPrefill adaptive prefill, and the exact shared-prefix decomposition (Hydrage
 
 Decode attention (one query per sequence) and prefill attention (several causal queries) get separate
 patterns; the prefill window also applies to a chunk of queries after a KV cache (chunked prefill, at the
-node's own alignment), FlexPrefill only to a whole prefill (queries = keys). Knob `attn.dense_layers` keeps the first layers dense (the i-th attention node is layer i).
+node's own alignment), FlexPrefill only to a whole prefill (queries = keys). Knob `attn.dense_layers` keeps the
+first layers dense (the i-th attention node is layer i).
 """
 from __future__ import annotations
 

@@ -444,8 +444,8 @@ def ops() -> list[OpDef]:
     out += [_binary(n, fn, f) for n, (fn, f) in BINARY.items()]
     out += [_compare(n, fn) for n, fn in COMPARE.items()]
     out += [
-        OpDef("gelu", "GELU activation.", {"approximate": attr("str", "none", choices=("none", "tanh"))}, _same_type, _gelu_ref,
-              streaming_cost(8, "elementwise")),
+        OpDef("gelu", "GELU activation.", {"approximate": attr("str", "none", choices=("none", "tanh"))}, _same_type,
+              _gelu_ref, streaming_cost(8, "elementwise")),
         OpDef("pow_scalar", "x ** exponent with a constant exponent (an integral one keeps integer x integral; "
                             "a fractional one makes it float32).", {"exponent": attr("float")}, _pow_scalar_infer,
               _pow_scalar_ref, streaming_cost(1, "elementwise")),
