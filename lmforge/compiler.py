@@ -214,6 +214,8 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
     from lmforge.ir.types import dtype_name
 
     call = (bind_arguments(graph, args, kwargs), {})
+    from lmforge.ir.frontends.torch_export import plain_containers
+
     spec = graph.get_meta("in_spec")
     if spec is None:
         nested = [i for i, a in enumerate(call[0]) if isinstance(a, (list, tuple, dict))]
@@ -223,7 +225,7 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
         leaves = pytree.tree_leaves(call)
     else:   # inputs in containers: matched to the captured structure (a dict by its keys, in any order)
         try:
-            leaves = _treespec(spec).flatten_up_to(_plain_containers(call))
+            leaves = _treespec(spec).flatten_up_to(plain_containers(call))
         except ValueError as e:
             like = pytree.tree_unflatten(["T"] * _treespec(spec).num_leaves, _treespec(spec))[0]
             raise LmforgeError(f"{graph.name}'s inputs do not have the structure it was captured with, "
@@ -252,18 +254,6 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
 @functools.lru_cache(maxsize=64)
 def _treespec(dumped: str):
     return pytree.treespec_loads(dumped)
-
-
-def _plain_containers(o):
-    """`o` with dict subclasses as dicts and tuple subclasses (named tuples) as tuples: the captured structure
-    is stored with Python's own containers (see `builtin_structure`)."""
-    if isinstance(o, dict):
-        return {k: _plain_containers(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_plain_containers(v) for v in o]
-    if isinstance(o, tuple):
-        return tuple(_plain_containers(v) for v in o)
-    return o
 
 
 def bind_arguments(graph: Graph, args, kwargs) -> tuple:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.errors import LmforgeError
+from lmforge.errors import CaptureError, LmforgeError
 
 Pair = namedtuple("Pair", "doubled info")
 
@@ -240,3 +240,48 @@ def test_dict_inputs_are_bound_by_key_and_a_wrong_structure_is_an_error():
     assert flat.graph.get_meta("in_spec") is None          # flat tensor inputs: the graph is as before
     with pytest.raises(LmforgeError):
         flat([a], [b])
+
+
+def test_an_output_that_is_a_weight_or_a_fallback_view_of_an_input_is_a_copy():
+    """self.w.clone() is captured as the weight: writing into that output corrupted the compiled model and the
+    module; views made by torch fallbacks (narrow, .T, unbind) of an input leaked the caller's input."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return x + self.w, self.w.clone(), torch.narrow(x.clone(), 1, 0, 2), x.clone().T, x.clone().unbind(0)[1]
+
+    m = M()
+    x = torch.randn(3, 4)
+    c = lmforge.compile(m, (x,))
+    keep_x, keep_w = x.clone(), m.w.detach().clone()
+    with torch.no_grad():
+        outs = c(x)
+        for out in outs[1:]:
+            out.zero_()
+        torch.testing.assert_close(c(x)[0], keep_x + keep_w)
+    assert torch.equal(x, keep_x) and torch.equal(m.w.detach(), keep_w)
+
+
+def test_a_list_input_may_be_called_with_a_tuple_and_nested_inputs_cannot_be_dynamic():
+    def f(pair, x):
+        return pair[0] * x - pair[1]
+
+    a, b, x = torch.randn(3), torch.randn(3), torch.randn(3)
+    c = lmforge.compile(f, ([a, b], x))
+    torch.testing.assert_close(c((a, b), x), f((a, b), x))
+    with pytest.raises(CaptureError, match="dynamic dims can be given for tensor arguments only"):
+        lmforge.compile(f, ([a, b], x), dynamic={"pair": {0: "n"}})
+
+
+def test_a_complex_tensor_is_a_capture_error():
+    freqs = torch.polar(torch.ones(4, 4), torch.randn(4, 4))
+
+    def rope(x):
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs).flatten(-2)
+
+    with pytest.raises(CaptureError, match="complex64.*cos / sin"):
+        lmforge.compile(rope, (torch.randn(2, 4, 8),))

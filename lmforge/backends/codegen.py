@@ -209,21 +209,42 @@ VIEW_OPS = frozenset({"reshape", "permute", "slice", "select", "expand", "cast"}
 
 
 def input_aliases(graph: Graph) -> set[str]:
-    """Names of the graph's outputs that are one of its inputs or may be a view of one (through view ops)."""
+    """Names of the graph's outputs that are one of its inputs or parameters or may be a view of one: through view
+    ops, and through torch fallbacks whose ATen op returns a view (narrow, unbind, .T, ...). A clone is captured
+    as its source itself, so `return self.w.clone()` is the weight."""
     producer = {v.name: n for n in graph.nodes for v in n.outputs}
-    inputs = {v.name for v in graph.inputs}
+    roots = {v.name for v in (*graph.inputs, *graph.params)}
+    memo: dict[str, bool] = {}
 
-    def reaches_input(name: str) -> bool:
-        while name not in inputs:
+    def sources(node: Node) -> list:
+        ins = [v for v in node.inputs if v is not None]
+        if node.op == "cast" and ins and node.outputs[0].type.dtype != ins[0].type.dtype:
+            return []     # a cast to another dtype makes a new tensor
+        if node.op in VIEW_OPS:
+            return ins[:1]
+        if node.op == "torch_fallback" and _returns_view(node.attr["target"]):
+            return ins
+        return []
+
+    def aliases(name: str) -> bool:
+        if name not in memo:
+            memo[name] = False         # cycles cannot occur in a graph; this only bounds the recursion
             node = producer.get(name)
-            if node is None or node.op not in VIEW_OPS or not node.inputs or node.inputs[0] is None:
-                return False
-            if node.op == "cast" and node.outputs[0].type.dtype != node.inputs[0].type.dtype:
-                return False      # a cast to another dtype makes a new tensor
-            name = node.inputs[0].name
-        return True
+            memo[name] = name in roots or (node is not None and any(aliases(v.name) for v in sources(node)))
+        return memo[name]
 
-    return {v.name for v in graph.outputs if v is not None and reaches_input(v.name)}
+    return {v.name for v in graph.outputs if v is not None and aliases(v.name)}
+
+
+def _returns_view(target: str) -> bool:
+    """Whether an ATen op (by name) may return a view of an argument; True when it cannot be resolved."""
+    from lmforge.ir.ops.tensor_ops import resolve_aten
+
+    try:
+        schema = resolve_aten(target)._schema
+    except (AttributeError, RuntimeError):
+        return True
+    return any(r.alias_info is not None for r in schema.returns)
 
 
 def escaping_values(graph: Graph) -> set[str]:

@@ -86,6 +86,10 @@ def _dynamic_shapes(names: list[str], inputs: tuple, dynamic: dict | None):
         if per is None:
             spec.append(None)
             continue
+        if not isinstance(x, torch.Tensor):
+            raise CaptureError(f"dynamic[{name!r}]: input {name!r} is a {type(x).__name__}, not a tensor; dynamic "
+                               "dims can be given for tensor arguments only (pass the tensors of a dict or list as "
+                               "arguments of their own to vary their sizes)")
         entry = {}
         for d, sym in per.items():
             if not isinstance(sym, str) or not sym.isidentifier() or keyword.iskeyword(sym):
@@ -258,6 +262,15 @@ def _source(node) -> str:
     return f"{os.path.basename(path)}:{line} in {fn}"
 
 
+def _ir_dtype(dtype: torch.dtype) -> str:
+    """The IR's name of a torch dtype; a CaptureError for the dtypes the IR does not have (complex, ...)."""
+    try:
+        return dtype_name(dtype)
+    except ValueError:
+        raise CaptureError(f"the model uses a {dtype} tensor, a dtype lmforge's IR does not have; compute in real "
+                           "dtypes (e.g. RoPE with cos / sin tensors instead of complex numbers)") from None
+
+
 class _Translator:
     def __init__(self, ep, names: list[str], graph_name: str):
         self.ep = ep
@@ -278,7 +291,7 @@ class _Translator:
         return int(d)
 
     def ttype(self, val) -> TensorType:
-        return TensorType(tuple(self.dim(d) for d in val.shape), dtype_name(val.dtype))
+        return TensorType(tuple(self.dim(d) for d in val.shape), _ir_dtype(val.dtype))
 
     def value(self, arg):
         if isinstance(arg, torch.fx.Node):
@@ -324,7 +337,8 @@ class _Translator:
                     tensor = self.ep.constants.get(target)
                 if tensor is None:
                     raise CaptureError(f"parameter {target!r} has no value in the exported program")
-                self.env[n.name] = self.b.param(target, TensorType.of(tensor), tensor.detach())
+                self.env[n.name] = self.b.param(target, TensorType(tuple(tensor.shape), _ir_dtype(tensor.dtype)),
+                                            tensor.detach())
 
     def _user_dim_name(self, user_i: int, d: int, size) -> str:
         wanted = getattr(self, "dynamic", {}) or {}
@@ -442,8 +456,19 @@ class _Translator:
         in_spec = self.ep.call_spec.in_spec
         if in_spec is not None and in_spec.num_leaves != in_spec.child(0).num_children:
             # inputs in containers (a dict of tensors): calls are matched to this structure, dicts by key
-            meta["in_spec"] = pytree.treespec_dumps(builtin_structure(in_spec))
+            meta["in_spec"] = pytree.treespec_dumps(
+                pytree.tree_structure(plain_containers(pytree.tree_unflatten(range(in_spec.num_leaves), in_spec))))
         return self.b.build(outs, meta)
+
+
+def plain_containers(o):
+    """`o` with dicts (and dict subclasses) as dicts and lists, tuples and named tuples as tuples: the structure
+    a call's inputs are matched against (a list where the model was captured with a tuple is the same input)."""
+    if isinstance(o, dict):
+        return {k: plain_containers(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return tuple(plain_containers(v) for v in o)
+    return o
 
 
 def builtin_structure(spec):
