@@ -165,14 +165,15 @@ def get_target(name: "str | Hardware") -> Hardware:
 # whole word of the upper-cased name split at anything but letters and digits, so "L40" is not "L4" and "GH200" is
 # not "H200". The exclusions keep variants whose memory, bandwidth, clocks or links differ off the preset of the card
 # they are named after: H100 NVL (94 GB at 3.9 TB/s), H200 NVL (lower power and clocks), A100 PCIe (1.9 TB/s on the
-# 80GB card, 250-300 W), RTX 4090 D (114 SMs), laptop parts. Such a card gets no preset rather than a wrong one.
+# 80GB card, 250-300 W), H100 / A100 with other memory sizes (64, 94, 96 GB), RTX 4090 D (114 SMs), laptop parts,
+# MIG slices. Such a card gets no preset rather than a wrong one.
 _DEVICE_NAMES = (
     ({"H100", "PCIE"}, {"NVL"}, "H100-PCIe"),
-    ({"H100"}, {"NVL", "PCIE"}, "H100-SXM"),
+    ({"H100"}, {"NVL", "PCIE", "64GB", "94GB", "96GB"}, "H100-SXM"),
     ({"H200"}, {"NVL", "PCIE"}, "H200-SXM"),
     ({"B200"}, set(), "B200"),
     ({"A100", "40GB"}, {"PCIE"}, "A100-40GB-SXM"),
-    ({"A100"}, {"PCIE", "40GB"}, "A100-80GB-SXM"),
+    ({"A100", "80GB"}, {"PCIE"}, "A100-80GB-SXM"),
     ({"L40S"}, set(), "L40S"),
     ({"L4"}, set(), "L4"),
     ({"4090"}, {"D", "LAPTOP"}, "RTX-4090"),
@@ -186,6 +187,9 @@ def target_for_device_name(device_name: str) -> Hardware:
     80GB PCIe" raise TargetError instead of borrowing the numbers (and the calibration file) of another card.
     """
     tokens = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    if "MIG" in tokens:   # a MIG slice has a fraction of the card's memory and SMs
+        raise TargetError(f"the GPU {device_name!r} is a MIG slice, which no preset describes (its memory and SMs are "
+                          "a fraction of the card's); describe it as a Hardware (see lmforge.hwmodels.presets)")
     for required, excluded, preset in _DEVICE_NAMES:
         if required <= tokens and not excluded & tokens:
             return get_target(preset)

@@ -39,7 +39,9 @@ SPARSITY_KNOBS = (
 
 
 def _is_decode(n: Node) -> bool:
-    return n.inputs[0].type.shape[2] == 1
+    """One query that sees its whole KV cache (a causal node aligned elsewhere, q_offset set, sees a prefix of
+    it: the decode patterns, which keep the cache's last keys, do not apply)."""
+    return n.inputs[0].type.shape[2] == 1 and (not n.attr["causal"] or n.attr["q_offset"] is None)
 
 
 def _is_prefill(n: Node) -> bool:

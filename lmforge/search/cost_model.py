@@ -234,8 +234,9 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
     - a `concat` marked `inplace` is the layers' caches stacked in one buffer they were written into: no new memory.
     So a decode step holds its KV cache once, not once as input, once per append and once more as the stack.
     A KV cache that attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 /
-    fp8, plus one fp32 scale per token and head) from the graph input to the returned cache. Values annotated with
-    a memory tier other than "dram" (memory_tier="host": an offloaded cache) are not in device memory.
+    fp8, plus one fp32 scale per token and head) from the graph input to the returned cache. Graph inputs and
+    weights annotated with a memory tier other than "dram" (memory_tier="host": an offloaded cache), and the
+    values that live in their buffers, are not in device memory; values computed from them are.
     """
     from lmforge.ir.types import itemsize
 
@@ -245,10 +246,15 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
         t = values[name].type.concrete(env)
         per_row = t.shape[-1] if t.rank else 1
         size[name] = t.numel() * (itemsize(dtype) + 4 / max(1, per_row))
-    for v in values.values():
-        if v.type.annotation("memory_tier", "dram") != "dram":
-            size[v.name] = 0.0
+    # an offloaded input or weight (memory_tier="host") and what lives in its buffer (views, in-place appends) are
+    # not device memory; a value computed from it is (type rules pass annotations on, so only these are zeroed)
+    offloaded = {v.name for v in (*graph.inputs, *graph.params) if v.type.annotation("memory_tier", "dram") != "dram"}
+    for name in offloaded:
+        size[name] = 0.0
     own, buffers = _buffers(graph, size)
+    for name, shared in buffers.items():
+        if offloaded.intersection(shared):
+            own[name] = 0.0
     last_use: dict[str, int] = {}
     end = len(graph.nodes)
     for i, n in enumerate(graph.nodes):
@@ -270,21 +276,28 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
 
 
 def _buffers(graph: Graph, size: Mapping[str, float]) -> tuple[dict[str, float], dict[str, tuple[str, ...]]]:
-    """For each node output: the new memory it takes, and the values whose memory it lives in (itself included)."""
+    """For each node output: the new memory it takes, and the values whose memory it lives in (itself included).
+    A buffer is grown in place once: a second append to the same cache is a new buffer."""
     own: dict[str, float] = {}
     buffers: dict[str, tuple[str, ...]] = {}
+    grown: set[str] = set()       # values whose buffer an in-place op already took over
 
     def of(v) -> tuple[str, ...]:
         return buffers.get(v.name, (v.name,))
 
     for n in graph.nodes:
         ins = [v for v in n.inputs if v is not None]
+        # the operands whose buffer the op grows: an append's cache (not the new entries), a stack's pieces
+        targets = {ins[0].name} if n.op in _IN_PLACE and ins else {x.name for x in ins} if (
+            n.op == "concat" and n.attr.get("inplace")) else set()
+        in_place = bool(targets) and not grown & targets
+        grown |= targets if in_place else set()
         for v in n.outputs:
             if n.op in _VIEWS and ins:
                 own[v.name], buffers[v.name] = 0.0, of(ins[0])
-            elif n.op in _IN_PLACE and ins:
+            elif n.op in _IN_PLACE and in_place:
                 own[v.name], buffers[v.name] = max(0.0, size[v.name] - size[ins[0].name]), (*of(ins[0]), v.name)
-            elif n.op == "concat" and n.attr.get("inplace") and ins:
+            elif n.op == "concat" and in_place:
                 shared = tuple(dict.fromkeys(b for x in ins for b in of(x)))
                 own[v.name] = max(0.0, size[v.name] - sum(size[x.name] for x in ins))
                 buffers[v.name] = (*shared, v.name)

@@ -79,7 +79,7 @@ def test_target_for_cuda_device_name(device_name, preset):
     ("NVIDIA L40", None), ("NVIDIA GH200 480GB", None), ("NVIDIA GH200 144G HBM3e", None), ("NVIDIA H20", None),
     ("NVIDIA H800 PCIe", None), ("NVIDIA GB200", None), ("NVIDIA H100 NVL", "H100"), ("NVIDIA H200 NVL", "H200-SXM"),
     ("NVIDIA A100 80GB PCIe", "A100-80GB-SXM"), ("NVIDIA A100-PCIE-40GB", "A100"),
-    ("NVIDIA GeForce RTX 4090 D", "4090"),
+    ("NVIDIA GeForce RTX 4090 D", "4090"), ("NVIDIA H100 SXM5 94GB", "H100"), ("NVIDIA A100-SXM-64GB", None),
 ])
 def test_other_cards_named_like_a_preset_get_none(device_name, near):
     # Substring matching filed these under L4, H200-SXM, H100-SXM, ...: another card's numbers and calibration.
@@ -87,6 +87,12 @@ def test_other_cards_named_like_a_preset_get_none(device_name, near):
         target_for_device_name(device_name)
     if near:
         assert "a variant of" in str(err.value) and near in str(err.value)
+
+
+@pytest.mark.parametrize("device_name", ["NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA A100-SXM4-40GB MIG 3g.20gb"])
+def test_a_mig_slice_gets_no_preset(device_name):
+    with pytest.raises(TargetError, match="MIG slice"):
+        target_for_device_name(device_name)
 
 
 @pytest.mark.parametrize("preset, reported_mib", [

@@ -300,3 +300,20 @@ def test_prefill_window_applies_to_a_chunk_after_a_cache(backends):
     with pytest.warns(UserWarning):
         flex = lmforge.compile(step, inputs(3, 4), dynamic=CACHED, config={"attn.prefill_pattern": "flex"})
     assert [n.op for n in flex.graph.nodes if "attention" in n.op] == ["attention"]
+
+
+def test_decode_patterns_leave_a_step_that_sees_only_a_prefix_of_its_cache():
+    """A decode mask that lets the query see keys 0..3 of a longer cache is causal with q_offset=3; the decode
+    window (which keeps the cache's last keys) must not move the query to the end of the cache."""
+    def first_four(q, k, v):
+        j = torch.arange(k.shape[2])
+        return sdpa(q, k, v, (j <= 3)[None, None, None, :])
+
+    step = after_cache(first_four)
+    config = {"attn.decode_pattern": "window", "attn.decode_window": 4, "attn.sinks": 1}
+    with pytest.warns(UserWarning):      # the pattern changes no attention
+        c = lmforge.compile(step, inputs(1, 6), dynamic=DECODE, config=config)
+    (att,) = [n for n in c.graph.nodes if n.op == "attention"]
+    assert (att.attr["causal"], att.attr["q_offset"], att.attr["window"]) == (True, 3, None)
+    xs = inputs(1, 19)
+    torch.testing.assert_close(c(*xs), step(*xs), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 import lmforge
 from lmforge.hwmodels import get_target
 from lmforge.passes import PassManager, canonical_pipeline
-from lmforge.search.cost_model import decode_cost, graph_cost
+from lmforge.search.cost_model import decode_cost, graph_cost, node_costs
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +179,47 @@ def test_a_symbol_only_inside_a_region_defaults_like_the_others():
     g, hw = b.build([y]), get_target("h100")
     assert graph_cost(g, hw).flops == graph_cost(g, hw, {"m": 1}).flops
     assert graph_cost(g, hw, {"m": 5}).flops > graph_cost(g, hw).flops
+
+
+def test_non_causal_window_over_several_queries_reads_every_later_key():
+    """Without the causal rule a window hides only keys at or before p - window: 4 queries over 1000 keys with a
+    window of 16 compute all 4000 pairs and read all of K / V (the causal window's fraction charged 19 keys)."""
+    from lmforge.ir import GraphBuilder, TensorType
+    from lmforge.ir.ops.attention_ref import visibility_mask
+
+    b = GraphBuilder("a")
+    q = b.input("q", TensorType((1, 8, 4, 64), "float16"))
+    k, v = (b.input(n, TensorType((1, 8, 1000, 64), "float16")) for n in "kv")
+    g = b.build([b.op("attention", [q, k, v], {"causal": False, "window": 16, "q_offset": 0})])
+    cost = node_costs(g, {})[0]
+    pairs = int(visibility_mask(4, 1000, causal=False, window=16, q_offset=0).sum())
+    assert pairs == 4000 and cost.flops == 8 * pairs * (2 * 128 + 5)
+    assert sum(b for _, b in cost.bytes_by_tier) == 2 * 8 * 1000 * 64 * 2 + 2 * 8 * 4 * 64 * 2
+
+
+def test_a_value_computed_from_an_offloaded_cache_is_device_memory():
+    """A host-tier (offloaded) input costs no device memory, but its fp32 copy does (type rules pass the
+    annotation on; peak memory counted the copy as 0)."""
+    from lmforge.ir import GraphBuilder, TensorType
+    from lmforge.search.cost_model import peak_memory
+
+    b = GraphBuilder("offload")
+    host = TensorType((64, 1024, 1024), "float16").with_(memory_tier="host")
+    k = b.input("k", host)
+    g = b.build([b.op("cast", [k], {"dtype": "float32"})])
+    assert peak_memory(g, {}) == 64 * 1024 * 1024 * 4
+
+
+def test_a_cache_grown_in_place_twice_is_two_buffers():
+    """Two appends to one cache make two grown caches: the first may take the input's buffer, the second cannot
+    (both were counted in the input's buffer)."""
+    from lmforge.ir import GraphBuilder, TensorType
+    from lmforge.search.cost_model import peak_memory
+
+    b = GraphBuilder("twice")
+    cache = b.input("c", TensorType((1, 8, 4096, 128), "float32"))
+    new = b.input("n", TensorType((1, 8, 1, 128), "float32"))
+    outs = [b.op("kv_cache_append", [cache, new], {"dim": 2}) for _ in range(2)]
+    g = b.build(outs)
+    one = 8 * 4096 * 128 * 4
+    assert 2 * one < peak_memory(g, {}) < 2.01 * one

@@ -182,9 +182,13 @@ def _attention_ref(q, k, v, mask=None, *, causal=False, scale=None, window=None,
 
 def visible_keys(sq: int, skv: int, causal: bool, window, sinks: int, q_offset) -> float:
     """Number of (query, key) pairs attention computes, for the FLOP and eFLOP counts."""
-    if not causal:
-        return float(sq * skv) if window is None else float(sq * min(skv, window + sinks))
     off = skv - sq if q_offset is None else q_offset
+    if not causal:
+        if window is None:
+            return float(sq * skv)
+        # without the causal rule a window only hides keys at or before p - window: later keys stay visible
+        cuts = [max(0, min(skv, off + i - window + 1)) for i in range(sq)]
+        return float(sum(skv - cut + min(sinks, cut) for cut in cuts))
     total = 0.0
     for i in range(sq):
         n = max(0, min(skv, off + i + 1))
@@ -203,7 +207,14 @@ def _attention_cost(ins, attrs, outs):
     # K/V are read once per KV head (GQA shares them). A window reads only the keys some query sees: sq consecutive
     # queries with `window` keys each see window + sq - 1 positions, plus the sinks.
     window = attrs["window"]
-    frac = 1.0 if window is None else min(1.0, (window + attrs["sinks"] + sq - 1) / max(skv, 1))
+    if window is None:
+        frac = 1.0
+    elif attrs["causal"]:
+        frac = min(1.0, (window + attrs["sinks"] + sq - 1) / max(skv, 1))
+    else:   # the first query's window start bounds what any query reads; every later key is read
+        off = skv - sq if attrs["q_offset"] is None else attrs["q_offset"]
+        cut = max(0, min(skv, off - window + 1))
+        frac = (skv - cut + min(attrs["sinks"], cut)) / max(skv, 1)
     return attention_cost(flops, q.dtype, nbytes(q, *outs, *(ins[3:])), k, frac * kv_bytes(k, v, attrs["kv_dtype"]))
 
 
