@@ -214,8 +214,6 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
     from lmforge.ir.types import dtype_name
 
     call = (bind_arguments(graph, args, kwargs), {})
-    from lmforge.ir.frontends.torch_export import plain_containers
-
     spec = graph.get_meta("in_spec")
     if spec is None:
         nested = [i for i, a in enumerate(call[0]) if isinstance(a, (list, tuple, dict))]
@@ -224,6 +222,8 @@ def input_leaves(graph: Graph, args, kwargs, types=None) -> list:
                                f"{type(call[0][nested[0]]).__name__}: pass each tensor as its own argument")
         leaves = pytree.tree_leaves(call)
     else:   # inputs in containers: matched to the captured structure (a dict by its keys, in any order)
+        from lmforge.ir.frontends.torch_export import plain_containers
+
         try:
             leaves = _treespec(spec).flatten_up_to(plain_containers(call))
         except ValueError as e:
