@@ -238,13 +238,10 @@ def input_aliases(graph: Graph) -> set[str]:
 
 def _returns_view(target: str) -> bool:
     """Whether an ATen op (by name) may return a view of an argument; True when it cannot be resolved."""
-    from lmforge.ir.ops.tensor_ops import resolve_aten
+    from lmforge.ir.ops.tensor_ops import aten_op, returns_view
 
-    try:
-        schema = resolve_aten(target)._schema
-    except (AttributeError, RuntimeError):
-        return True
-    return any(r.alias_info is not None for r in schema.returns)
+    op = aten_op(target)
+    return op is None or returns_view(op)
 
 
 def escaping_values(graph: Graph) -> set[str]:

@@ -75,12 +75,10 @@ def _random(node: Node) -> bool:
         return False
     import torch
 
-    from lmforge.ir.ops.tensor_ops import resolve_aten
+    from lmforge.ir.ops.tensor_ops import aten_op
 
-    try:
-        return torch.Tag.nondeterministic_seeded in resolve_aten(node.attr["target"]).tags
-    except (AttributeError, RuntimeError):
-        return True
+    op = aten_op(node.attr["target"])
+    return op is None or torch.Tag.nondeterministic_seeded in op.tags
 
 
 def _simplify_type(t: TensorType) -> TensorType:

@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 
 from lmforge.errors import CaptureError, VerifyError
 from lmforge.ir.frontends.aten_rules import ATEN_RULES as ATEN_TO_IR
+from lmforge.ir.ops.tensor_ops import returns_view
 from lmforge.ir.graph import Graph, GraphBuilder, Value
 from lmforge.ir.types import TensorType, dtype_name, simplify_dim
 from lmforge.ir.verify import check_types
@@ -179,13 +180,6 @@ def _is_mutating(target) -> bool:
     return schema is not None and schema.is_mutable
 
 
-def _is_view(target) -> bool:
-    """An ATen op whose result aliases its first argument (slice, select, view, ...): a write to it writes there."""
-    schema = getattr(target, "_schema", None)
-    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None \
-        and not schema.is_mutable
-
-
 _STATE_WRITES = {"BUFFER_MUTATION": "buffer", "PARAMETER_MUTATION": "parameter", "USER_INPUT_MUTATION": "input"}
 
 
@@ -231,7 +225,7 @@ def _state_write_message(kind: str, target: str, ep, writes) -> str:
 
     def base(n):  # the placeholder a write lands in, through views (cache[:, :3] is a slice of the buffer)
         n = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-        while n is not None and n.op == "call_function" and _is_view(n.target) and isinstance(n.args[0], torch.fx.Node):
+        while n is not None and n.op == "call_function" and returns_view(n.target) and isinstance(n.args[0], torch.fx.Node):
             n = n.args[0]
         return placeholder.get(n.name, n.name) if n is not None and n.op == "placeholder" else None
 

@@ -413,6 +413,22 @@ def resolve_aten(target: str):
     return obj
 
 
+def aten_op(target: str):
+    """The ATen op of a fallback's target name, or None when this torch has no such op."""
+    try:
+        return resolve_aten(target)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def returns_view(op) -> bool:
+    """Whether an ATen op returns a view of an argument without writing to it (slice, select, unbind, .t(), ...):
+    a write to its result writes there."""
+    schema = getattr(op, "_schema", None)
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None \
+        and not schema.is_mutable
+
+
 def _rebuild(spec, inputs):
     """Rebuild one argument of a fallback call. Tagged tuples stand for what JSON cannot hold:
     ("$input", i) is the i-th tensor input, ("$dtype", name) a torch dtype, ("$list", items) a list."""
