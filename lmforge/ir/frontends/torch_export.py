@@ -24,8 +24,8 @@ import torch.utils._pytree as pytree
 
 from lmforge.errors import CaptureError, VerifyError
 from lmforge.ir.frontends.aten_rules import ATEN_RULES as ATEN_TO_IR
-from lmforge.ir.ops.tensor_ops import returns_view
 from lmforge.ir.graph import Graph, GraphBuilder, Value
+from lmforge.ir.ops.tensor_ops import returns_view
 from lmforge.ir.types import TensorType, dtype_name, simplify_dim
 from lmforge.ir.verify import check_types
 
@@ -140,7 +140,7 @@ def _explain(e: Exception) -> str:
     elif "must always be equal" in low:
         hint = ("The model needs two dims you named differently to be equal (e.g. it adds the tensors): give them "
                 "the same name in `dynamic`.")
-    elif "specialized it to be a constant" in low or "specialized" in low and "constant" in low:
+    elif "specialized" in low and "constant" in low:
         hint = "A dimension marked dynamic is constant in the model: remove it from `dynamic` or use a size >= 2."
     elif "not all values of" in low:
         hint = ("The model only works for some sizes of a dynamic dim: torch had to assume the condition above "
@@ -225,7 +225,8 @@ def _state_write_message(kind: str, target: str, ep, writes) -> str:
 
     def base(n):  # the placeholder a write lands in, through views (cache[:, :3] is a slice of the buffer)
         n = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
-        while n is not None and n.op == "call_function" and returns_view(n.target) and isinstance(n.args[0], torch.fx.Node):
+        while (n is not None and n.op == "call_function" and returns_view(n.target)
+               and isinstance(n.args[0], torch.fx.Node)):
             n = n.args[0]
         return placeholder.get(n.name, n.name) if n is not None and n.op == "placeholder" else None
 
@@ -448,10 +449,11 @@ class _Translator:
                 "captured_from": "torch.export", "example_dims": self.example_dims,
                 "arg_names": list(self.user_names)}
         in_spec = self.ep.call_spec.in_spec
-        if in_spec is not None and in_spec.num_leaves != in_spec.child(0).num_children:
-            # inputs in containers (a dict of tensors): calls are matched to this structure, dicts by key
-            meta["in_spec"] = pytree.treespec_dumps(
-                pytree.tree_structure(plain_containers(pytree.tree_unflatten(range(in_spec.num_leaves), in_spec))))
+        if in_spec is not None:
+            args_kwargs = plain_containers(pytree.tree_unflatten(range(in_spec.num_leaves), in_spec))
+            if in_spec.num_leaves != len(args_kwargs[0]):
+                # inputs in containers (a dict of tensors): calls are matched to this structure, dicts by key
+                meta["in_spec"] = pytree.treespec_dumps(pytree.tree_structure(args_kwargs))
         return self.b.build(outs, meta)
 
 
