@@ -217,7 +217,30 @@ def test_an_output_that_is_an_input_or_its_view_is_a_copy():
     a.zero_()
     t.zero_()
     assert torch.equal(x, keep)
-    assert torch.equal(y, keep * 2) and c.source.count(".clone()") == 2
+    assert torch.equal(y, keep * 2) and c.source.count(".clone(") == 2
+
+
+def test_outputs_are_contiguous_where_the_model_made_them_so():
+    """Capture keeps no layout (`.contiguous()` is the identity), so every output is returned contiguous: a
+    transposed-then-contiguous output supports `.view` as eager's does, and nothing else changes."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):                    # [B, S, H*D] -> heads -> back, the attention output's shape dance
+            h = self.lin(x).view(2, 3, 2, 4).transpose(1, 2)
+            return h.contiguous(), h[:, :, -1]
+
+    m = M()
+    x = torch.randn(2, 3, 8)
+    c = lmforge.compile(m, (x,))
+    heads, last = c(x)
+    want_heads, want_last = m(x)
+    assert want_heads.is_contiguous() and heads.is_contiguous()
+    torch.testing.assert_close(heads.view(2, -1), want_heads.view(2, -1))
+    assert last.is_contiguous()
+    torch.testing.assert_close(last, want_last)
 
 
 def test_dict_inputs_are_bound_by_key_and_a_wrong_structure_is_an_error():

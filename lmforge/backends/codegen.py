@@ -137,16 +137,26 @@ def generate(graph: Graph, kernels: Sequence[Kernel], weights: dict[str, Any],
             call_args.append(f"device={device_src}")
         lines.append(f"    {target} = _k{i}({', '.join(call_args)})")
     # An output that may share storage with an input (a clone captured as the input itself, a view of an input) is
-    # returned as a copy: writing into a model's output must never change the caller's tensors.
+    # returned as a copy: writing into a model's output must never change the caller's tensors. Every output is
+    # contiguous: capture keeps no layout (`x.contiguous()` is the identity), so a view the model made contiguous
+    # is made so here (`.contiguous()` returns a contiguous tensor itself, without a copy).
     shared = input_aliases(graph)
-    lines.append("    return (" + "".join(f"{names[v.name]}{'.clone()' if v.name in shared else ''}, "
-                                          for v in graph.outputs) + ")")
+    env["_contiguous"] = _contiguous_format()
+    lines.append("    return (" + "".join(
+        f"{names[v.name]}{'.clone(memory_format=_contiguous)' if v.name in shared else '.contiguous()'}, "
+        for v in graph.outputs) + ")")
     source = "\n".join(lines) + "\n"
     code = compile(source, f"<lmforge:{graph.name}>", "exec")
     exec(code, env)
     fn = env[fn_name]
     fn.__lmforge_source__ = source
     return fn
+
+
+def _contiguous_format():
+    import torch
+
+    return torch.contiguous_format
 
 
 @dataclass
