@@ -28,7 +28,9 @@ test: $(STAMP)
 # with their inputs and reference outputs (carry .gpu_export to the GPU run).
 # Also the wheels (Python 3.12, x86_64) of what the artifact cases need beyond torch; gpu_check extracts those the
 # GPU machine lacks to a temporary directory (nothing is installed there).
-GPU_WHEELS := onnx protobuf ml_dtypes safetensors
+# numpy too: torch does not require it, and onnx, ml_dtypes and lmforge's cost model (imported by the cubin export
+# path) do.
+GPU_WHEELS := numpy onnx protobuf ml_dtypes safetensors
 gpu-export: $(STAMP)
 	TVM_NUM_THREADS=1 $(PY) -m lmforge.backends.tvm.gpu_check export .gpu_export/tvm --arch sm_90
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \

@@ -122,8 +122,13 @@ def _weights_bytes(graph) -> bytes:
 
 
 def _onnx_files(graph) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """({file: bytes}, manifest "onnx" entry). A graph with no ONNX form gets a reason instead of a file."""
-    from lmforge.backends.onnx_export import OPSET, to_onnx
+    """({file: bytes}, manifest "onnx" entry). A graph with no ONNX form gets a reason instead of a file, and so
+    does a machine without the onnx package (or with one that fails to import)."""
+    try:
+        from lmforge.backends.onnx_export import OPSET, to_onnx
+    except ImportError as e:
+        warnings.warn(f"onnx cannot be imported ({e}); the artifact is written without model.onnx")
+        return {}, {"written": False, "reason": f"onnx cannot be imported here: {e}"}
 
     if graph.get_meta("tensor_parallel"):
         return {}, {"written": False, "reason": "a tensor-parallel graph (one rank's program with whole weights "

@@ -133,6 +133,19 @@ def test_a_graph_with_no_onnx_form_is_exported_without_model_onnx(tmp_path):
         n.op for n in compiled.graph.nodes]
 
 
+def test_a_machine_without_onnx_exports_without_model_onnx(tmp_path, monkeypatch):
+    """A GPU machine with torch only (no onnx): the artifact is written without model.onnx, with the reason."""
+    monkeypatch.setitem(sys.modules, "lmforge.backends.onnx_export", None)   # importing it raises ImportError
+    x = torch.randn(2, 6)
+    compiled = lmforge.compile(lambda x: torch.relu(x) * 2, (x,))
+    with pytest.warns(UserWarning, match="onnx cannot be imported"):
+        path = export(compiled, tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["onnx"]["written"] is False and "onnx cannot be imported" in manifest["onnx"]["reason"]
+    assert not (path / "model.onnx").exists()
+    assert torch.equal(load(path)(x), compiled(x))
+
+
 def test_export_refuses_to_overwrite_what_is_not_an_artifact(tmp_path, prefill_compiled):
     precious = tmp_path / "project"
     precious.mkdir()
