@@ -1,15 +1,18 @@
 """Check and time lmforge's Triton and TVM kernels on the CUDA GPU at hand, against exact references and baselines.
 
-    python benchmarks/gpu_check.py [--quick] [--only SUBSTRING]
+    python benchmarks/gpu_check.py [--quick] [--only SUBSTRING] [--budget SECONDS] [--sweep-budget SECONDS]
 
 Runs from a plain checkout (the repo root goes on sys.path; nothing is installed). For every case of
 benchmarks/gpu_cases/{attention,quant,norms,artifact,tvm}.py: run the kernel and the reference, check allclose and
 the relative L2 error, then time kernel and baseline (where the case has one; else "-" cells) with
 triton.testing.do_bench (median) and report speedup = baseline / kernel; then time both again as pure GPU time
 (CUDA graphs, cold L2: see gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and TFLOP/s
-from the GPU time (and the share of the GPU's memory bandwidth when the GPU is known). A module that fails to
-import or a case that raises becomes an error row; the run goes on. Prints a versions header, then a Markdown table
-last; with $OUT set, also writes gpu_check.md and gpu_check.json there. Without a CUDA GPU it says so and exits 0.
+from the GPU time (and the share of the GPU's memory bandwidth when the GPU is known). Cases are built (inputs,
+compiles, config sweeps) as the run reaches them: a module that fails to import, a case that fails to build or
+raises becomes an error row and the run goes on; past --budget seconds the remaining cases become "skipped" rows.
+Prints a versions header and one line per case as it finishes, then a Markdown table last; with $OUT set, also
+writes gpu_check.md and gpu_check.json there, rewritten after every case (a run killed midway keeps what it
+measured). Without a CUDA GPU it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CASE_MODULES = ("attention", "quant", "norms", "artifact", "tvm")
+CASE_MODULES = ("attention", "quant", "artifact", "norms", "tvm")  # most wanted first: --budget cuts the tail
 # Peak HBM bandwidth (bytes/s) by device-name fragment, from NVIDIA's datasheets.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
                   "A100-SXM4-80GB": 2.04e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12}
@@ -38,9 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer shapes, default configs, shorter timing")
     parser.add_argument("--only", metavar="SUBSTRING", default=None,
                         help="run only the cases (or case modules) whose name contains SUBSTRING")
-    parser.add_argument("--sweep-budget", metavar="SECONDS", type=float, default=180.0,
+    parser.add_argument("--sweep-budget", metavar="SECONDS", type=float, default=120.0,
                         help="after this many seconds, stop sweeping candidate configs (each case then runs its "
-                             "first candidate, usually the default); default 180")
+                             "first candidate, usually the default); default 120")
+    parser.add_argument("--budget", metavar="SECONDS", type=float, default=270.0,
+                        help="start no case after this many seconds (the rest are listed as skipped), so that the "
+                             "run ends in about 5 minutes; default 270")
     return parser.parse_args(argv)
 
 
@@ -60,8 +66,12 @@ def peak_bandwidth(gpu_name: str) -> float | None:
     return None
 
 
-def load_cases(quick: bool, only: str | None) -> list[dict]:
-    """All cases of all modules; an import or cases() failure becomes one error entry for that module."""
+def load_cases(quick: bool, only: str | None) -> list:
+    """The entries of all modules: cases (dicts) and Pending ones (built when run() reaches them); an import or
+    cases() failure becomes one error entry for that module. --only filters the cases by name here and a
+    Pending entry's cases once built."""
+    from benchmarks.gpu_cases import Pending
+
     found = []
     whole_modules = [m for m in CASE_MODULES if only and only in m]
     for module_name in CASE_MODULES:
@@ -74,8 +84,22 @@ def load_cases(quick: bool, only: str | None) -> list[dict]:
             found.append({"name": f"{module_name}/*", "error": f"{type(exc).__name__}: {exc}",
                           "trace": traceback.format_exc()})
             continue
-        found += [c for c in module_cases if not only or only in c["name"]]
+        found += [c for c in module_cases if not only or isinstance(c, Pending) or only in c["name"]]
     return found
+
+
+def built_cases(entry, only: str | None) -> list[dict]:
+    """The cases of one entry of load_cases: itself, or a Pending entry's cases (built now) that --only selects
+    (all of them when it names the entry's label or module)."""
+    from benchmarks.gpu_cases import Pending
+
+    if not isinstance(entry, Pending):
+        return [entry]
+    built = entry.build()
+    built = built if isinstance(built, list) else [built]
+    if not only or only in entry.label:
+        return built
+    return [c for c in built if only in c["name"]]
 
 
 def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
@@ -146,8 +170,9 @@ def markdown_table(rows: list[dict]) -> str:
               "graph kernel ms | graph baseline ms | graph speedup | GB/s | % peak BW | TFLOP/s | note |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | ERROR |" + " |" * 13 + f" {r['error'][:160].replace('|', '/')} |")
+        if "error" in r or "skipped" in r:
+            status, text = ("ERROR", r["error"]) if "error" in r else ("skipped", r["skipped"])
+            lines.append(f"| {r['name']} | {status} |" + " |" * 13 + f" {text[:160].replace('|', '/')} |")
             continue
         util = None if r.get("bw_util") is None else 100 * r["bw_util"]
         lines.append(
@@ -177,30 +202,70 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks.gpu_cases import SWEEP
 
     SWEEP["deadline"] = started + args.sweep_budget
-    rows = []
-    for case in load_cases(args.quick, args.only):
-        if "error" in case:
-            rows.append(case)
-            print(f"[error] {case['name']}: {case['error']}", flush=True)
-            continue
-        try:
-            row = check_and_time(case, args.quick, peak)
-        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-            row = {"name": case["name"], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        rows.append(row)
-        print(f"[{'error' if 'error' in row else 'ok' if row['ok'] else 'MISMATCH'}] {case['name']} "
-              f"({time.time() - started:.0f}s)", flush=True)
+    rows = run_entries(load_cases(args.quick, args.only), args, peak, info, started)
     table = markdown_table(rows)
     print(f"- total {time.time() - started:.0f} s; candidate sweeps cut short by --sweep-budget "
-          f"({args.sweep_budget:.0f} s): {SWEEP['cut']}")
+          f"({args.sweep_budget:.0f} s): {SWEEP['cut']}; cases skipped by --budget ({args.budget:.0f} s): "
+          f"{sum('skipped' in r for r in rows)}")
     print()
     print(table)
+    return 0
+
+
+def run_entries(entries: list, args: argparse.Namespace, peak: float | None, info: dict, started: float) -> list:
+    """The table's rows: each entry built (if Pending) and its cases checked and timed in turn, one progress line
+    each, $OUT's files rewritten after each entry; an entry reached after `args.budget` seconds is skipped."""
+    from benchmarks.gpu_cases import Pending
+
+    rows: list[dict] = []
+    for entry in entries:
+        label = entry.label if isinstance(entry, Pending) else entry["name"]
+        if time.time() - started > args.budget:
+            rows.append({"name": label, "skipped": f"not run: past --budget {args.budget:.0f} s"})
+            print(f"[skipped] {label}", flush=True)
+            continue
+        if not isinstance(entry, Pending) and "error" in entry:
+            rows.append(entry)
+            print(f"[error] {label}: {entry['error']}", flush=True)
+            continue
+        try:
+            cases = built_cases(entry, args.only)
+        except Exception as exc:  # noqa: BLE001 - this entry becomes one error row, the run goes on
+            cases = []
+            rows.append({"name": label, "error": f"building the case failed: {type(exc).__name__}: {exc}",
+                         "trace": traceback.format_exc()})
+            print(f"[error] {label}: {rows[-1]['error']}", flush=True)
+        for case in cases:
+            try:
+                row = check_and_time(case, args.quick, peak)
+            except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+                row = {"name": case["name"], "error": f"{type(exc).__name__}: {exc}",
+                       "trace": traceback.format_exc()}
+            rows.append(row)
+            print(f"{progress_line(row)} ({time.time() - started:.0f}s)", flush=True)
+        write_results(rows, info)
+    write_results(rows, info)   # with the skipped entries
+    return rows
+
+
+def progress_line(row: dict) -> str:
+    """One line for a finished case: its status and, when it ran, its times."""
+    if "error" in row:
+        return f"[error] {row['name']}: {row['error'][:200]}"
+    times = f"kernel {_fmt(row['kernel_ms'], '.4f')} ms"
+    if row.get("baseline_ms") is not None:
+        times += (f", baseline {_fmt(row['baseline_ms'], '.4f')} ms, {_fmt(row['speedup'], '.2f', 'x')} "
+                  f"(graph {_fmt(row.get('graph_speedup'), '.2f', 'x')})")
+    return f"[{'ok' if row['ok'] else 'MISMATCH'}] {row['name']}: {times}, rel L2 {_fmt(row['rel_l2'], '.1e')}"
+
+
+def write_results(rows: list[dict], info: dict) -> None:
+    """gpu_check.md and gpu_check.json under $OUT (if set), as far as the run has got."""
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "gpu_check.md").write_text(table + "\n")
+        (Path(out_dir) / "gpu_check.md").write_text(markdown_table(rows) + "\n")
         (Path(out_dir) / "gpu_check.json").write_text(json.dumps({"versions": info, "rows": rows}, indent=2))
-    return 0
 
 
 # Import names of the carried distributions whose name differs from their import name.
@@ -217,7 +282,7 @@ def use_carried_wheels(wheel_dir: Path = REPO_ROOT / ".gpu_export" / "wheels") -
 
     if not wheel_dir.is_dir():
         return []
-    site, used = Path(tempfile.mkdtemp(prefix="lmforge-gpu-site-")), []
+    site, used = None, []
     for wheel in sorted(wheel_dir.glob("*.whl")):
         distribution = wheel.name.split("-")[0]
         try:
@@ -225,6 +290,7 @@ def use_carried_wheels(wheel_dir: Path = REPO_ROOT / ".gpu_export" / "wheels") -
         except (ImportError, ValueError):
             present = False
         if not present:
+            site = site or Path(tempfile.mkdtemp(prefix="lmforge-gpu-site-"))   # only when a wheel is used
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(site)
             used.append(wheel.name)

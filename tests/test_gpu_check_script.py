@@ -1,5 +1,8 @@
 """benchmarks/gpu_check.py on a machine without a GPU: the carried wheels are made importable only for the
-packages that are missing, without installing anything."""
+packages that are missing, without installing anything; case entries are built as the run reaches them, a failing
+one costs only itself, the time budget skips the rest, and the results are written after every entry."""
+import argparse
+import json
 import subprocess
 import sys
 import zipfile
@@ -42,3 +45,52 @@ def test_no_wheel_directory_uses_nothing(tmp_path):
         assert use_carried_wheels(tmp_path / "absent") == []
     finally:
         sys.path.remove(str(REPO))
+
+
+def test_entries_are_built_in_turn_failures_are_rows_and_the_budget_skips_the_rest(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import gpu_check
+        from benchmarks.gpu_cases import Pending, pending
+    finally:
+        sys.path.remove(str(REPO))
+    built = []
+
+    def two_cases(tag, quick=True):
+        built.append(tag)
+        return [{"name": f"fam/{tag}_a"}, {"name": f"fam/{tag}_b"}]
+
+    def broken():
+        built.append("broken")
+        raise RuntimeError("no such kernel")
+
+    def slow():
+        built.append("slow")
+        clock[0] += 100.0          # building this one uses up the budget
+        return {"name": "fam/slow"}
+
+    def checked(case, quick, peak):
+        if case["name"].endswith("_b"):
+            raise ValueError("mismatched shapes")
+        return {"name": case["name"], "ok": True, "kernel_ms": 1.0, "baseline_ms": None, "rel_l2": 0.0}
+
+    clock = [1000.0]
+    monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
+    monkeypatch.setattr(gpu_check, "check_and_time", checked)
+    monkeypatch.setattr(gpu_check, "markdown_table", lambda rows: f"{len(rows)} rows")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    entries = [pending("fam", two_cases, "x", True), Pending("fam/broken", broken), Pending("fam/slow", slow),
+               Pending("fam/late", lambda: two_cases("late"))]
+    args = argparse.Namespace(budget=50.0, only=None, quick=True)
+    rows = gpu_check.run_entries(entries, args, None, {"gpu": "none"}, started=1000.0)
+    assert built == ["x", "broken", "slow"], "the entry past the budget is not built"
+    assert [r["name"] for r in rows] == ["fam/x_a", "fam/x_b", "fam/broken", "fam/slow", "fam/late"]
+    assert rows[0]["ok"] and "mismatched shapes" in rows[1]["error"]
+    assert "building the case failed: RuntimeError: no such kernel" in rows[2]["error"]
+    assert rows[3]["ok"] and "--budget 50" in rows[4]["skipped"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == [r["name"] for r in rows]
+
+    only = argparse.Namespace(budget=1e9, only="_a", quick=True)
+    assert [r["name"] for r in gpu_check.run_entries(entries[:1], only, None, {}, started=clock[0])] == ["fam/x_a"]
+    assert pending("fam", two_cases, "x", True).label == "fam/two_cases('x')"

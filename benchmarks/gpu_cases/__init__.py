@@ -1,6 +1,6 @@
 """Benchmark cases for benchmarks/gpu_check.py, one module per kernel family.
 
-Each module defines `cases(quick: bool) -> list[dict]`; a case is a dict with
+Each module defines `cases(quick: bool) -> list[dict | Pending]`; a case is a dict with
     name           short unique name ("quant/int4_gemv_N4096_K4096")
     kernel         zero-arg callable running the lmforge kernel, returning its output
     reference      zero-arg callable returning the exact answer (torch, fp32 math)
@@ -10,9 +10,35 @@ Each module defines `cases(quick: bool) -> list[dict]`; a case is a dict with
     bytes, flops   the kernel's minimal memory traffic and arithmetic, for GB/s and TFLOP/s
 and optionally `note` (e.g. the config the quick tuning picked) and `stages`, {name: zero-arg callable}: parts
 of the kernel's pipeline that gpu_check times alone (GPU time, `graph_time_ms`) and lists in the note, to show
-where a multi-launch kernel spends its time. Inputs are built on CUDA inside cases().
+where a multi-launch kernel spends its time. Inputs are built on CUDA inside cases(), or, for a `Pending`
+entry, inside its build() when gpu_check gets to it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Pending:
+    """A case (or several) built only when gpu_check reaches it: its inputs made, its kernels compiled and its
+    candidate configs swept then, so that a failure costs this entry alone and the run's time budget
+    (`gpu_check --budget`) can skip what is left. `build()` returns a case dict or a list of them; `label` names
+    the entry in an error or skipped row."""
+
+    label: str
+    build: Callable[[], "dict | list[dict]"]
+
+
+def pending(family: str, builder: Callable, *args, **kwargs) -> Pending:
+    """`builder(*args, **kwargs)` as a Pending entry, labelled by the family, the builder and the arguments that
+    tell the entries apart (shapes, knobs, dtypes; not flags, generators or tensors)."""
+    def shown(a) -> bool:
+        return not isinstance(a, bool) and not hasattr(a, "device")
+
+    plain = [repr(a) for a in args if shown(a)] + [f"{k}={v!r}" for k, v in kwargs.items() if shown(v)]
+    return Pending(f"{family}/{builder.__name__.lstrip('_')}({', '.join(plain)})",
+                   lambda: builder(*args, **kwargs))
 
 
 def graph_time_ms(fn, reps: int = 20, trials: int = 5, flush_mb: int = 128) -> float:

@@ -1,6 +1,7 @@
 """Attention kernels on the GPU against torch SDPA: prefill (dense causal, GQA, sliding window + sinks, block
 sparse, FlexPrefill compiled end to end) and decode (dense at 32k / 128k, block top-k at 128k with a 1/16
-budget, shared prefix), all fp16.
+budget, shared prefix), fp16, plus a dense prefill and decode in bf16 (default configs) and the Triton block
+selection (`select_largest`) against its stable-sort reference.
 
 Every reference is `lmforge.ir.ops.attention_ref` computed in fp32 on the GPU from the same inputs (fine at
 batch 1; the shared-prefix one expands the prefix to the 16 sequences, ~9 GB). Baselines are what a torch
@@ -17,17 +18,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_cases import describe, pick_fastest
+from benchmarks.gpu_cases import Pending, describe, pending, pick_fastest
 from lmforge.backends.triton import attention_decode, attention_prefill
-from lmforge.ir.ops.attention_ref import attention_ref, decode_block_topk_ref, shared_prefix_attention_ref
+from lmforge.ir.ops.attention_ref import (attention_ref, decode_block_topk_ref, shared_prefix_attention_ref,
+                                          top_indices)
 
 D = 128
 HALF = 2  # bytes per fp16 element
 TOL = {"rtol": 2e-2, "atol": 2e-2}
+TOL_FOR = {torch.float16: TOL, torch.bfloat16: {"rtol": 5e-2, "atol": 5e-2}}   # bf16 keeps 8 mantissa bits
 
 
-def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.float16)
+def _randn(gen: torch.Generator, *shape: int, dtype=torch.float16) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", generator=gen, dtype=dtype)
+
+
+def _dtype_tag(dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def _tuned(quick: bool, default, candidates, make_kernel):
@@ -53,15 +60,16 @@ def _visible_pairs_causal(sq: int, skv: int, window=None, sinks: int = 0) -> int
 
 # ---- prefill ---------------------------------------------------------------------------------------------------------
 
-def _prefill_dense(gen, quick, hq, hkv, s) -> dict:
-    q, k, v = _randn(gen, 1, hq, s, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
-    default = attention_prefill.default_config(torch.float16, D)
-    kernel, note = _tuned(quick, default, attention_prefill.CANDIDATE_CONFIGS,
+def _prefill_dense(gen, quick, hq, hkv, s, dtype=torch.float16) -> dict:
+    q, k, v = (_randn(gen, 1, h, s, D, dtype=dtype) for h in (hq, hkv, hkv))
+    default = attention_prefill.default_config(dtype, D)
+    kernel, note = _tuned(quick or dtype != torch.float16, default, attention_prefill.CANDIDATE_CONFIGS,
                           lambda c: (lambda: attention_prefill.flash_prefill(q, k, v, config=c, return_lse=False)))
-    return {"name": f"attention/prefill_causal_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16", "kernel": kernel,
+    tag = _dtype_tag(dtype)
+    return {"name": f"attention/prefill_causal_B1_H{hq}_KV{hkv}_S{s}_D{D}_{tag}", "kernel": kernel,
             "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True),
             "baseline": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv),
-            "baseline_name": "torch SDPA fp16 (is_causal)", **TOL,
+            "baseline_name": f"torch SDPA {tag} (is_causal)", **TOL_FOR[dtype],
             "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * hq * _visible_pairs_causal(s, s),
             "note": note}
 
@@ -145,14 +153,17 @@ def _prefill_flex(gen, quick, hq, hkv, s, block_size, device="cuda") -> dict:
 
 # ---- decode ----------------------------------------------------------------------------------------------------------
 
-def _decode_dense(gen, quick, hq, hkv, s) -> dict:
-    q, k, v = _randn(gen, 1, hq, 1, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
-    kernel, note = _tuned(quick, attention_decode.DEFAULT_CONFIG, attention_decode.CANDIDATE_CONFIGS,
+def _decode_dense(gen, quick, hq, hkv, s, dtype=torch.float16) -> dict:
+    q, k, v = _randn(gen, 1, hq, 1, D, dtype=dtype), _randn(gen, 1, hkv, s, D, dtype=dtype), \
+        _randn(gen, 1, hkv, s, D, dtype=dtype)
+    kernel, note = _tuned(quick or dtype != torch.float16, attention_decode.DEFAULT_CONFIG,
+                          attention_decode.CANDIDATE_CONFIGS,
                           lambda c: (lambda: attention_decode.decode_attention(q, k, v, config=c)))
-    return {"name": f"attention/decode_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16", "kernel": kernel,
+    tag = _dtype_tag(dtype)
+    return {"name": f"attention/decode_B1_H{hq}_KV{hkv}_S{s}_D{D}_{tag}", "kernel": kernel,
             "reference": lambda: attention_ref(*_fp32(q, k, v)),
             "baseline": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-            "baseline_name": "torch SDPA fp16 decode (enable_gqa)", **TOL,
+            "baseline_name": f"torch SDPA {tag} decode (enable_gqa)", **TOL_FOR[dtype],
             "bytes": 2 * hkv * s * D * HALF + 2 * hq * D * HALF, "flops": 4 * D * hq * s, "note": note}
 
 
@@ -192,6 +203,20 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
             "note": f"{note}; {kept_blocks} of {n_blocks} blocks of {block_size} (sinks {sinks}, window {window})"}
 
 
+def _select_largest(gen, hkv, n_blocks, keep) -> dict:
+    """The Triton block selection (`select_largest`, behind select_topk_blocks(method="triton")) against the
+    stable-sort reference: the same block indices, in increasing order. Scores carry ties (rounded to 1/8) as
+    zero-filled cache blocks do."""
+    scores = (torch.randn(1, hkv, n_blocks, device="cuda", generator=gen) * 8).round() / 8
+    return {"name": f"attention/select_largest_{keep}of{n_blocks}_H{hkv}_fp32", "kernel":
+            lambda: attention_decode.select_largest(scores, keep),
+            "reference": lambda: top_indices(scores, keep).sort(dim=-1).values,
+            "baseline": lambda: scores.topk(keep, dim=-1, sorted=False),
+            "baseline_name": "torch.topk (sorted=False)", "rtol": 0.0, "atol": 0.0,
+            "bytes": scores.numel() * 4 + hkv * keep * 8, "flops": 0,
+            "note": "exact indices (ties: lowest first)"}
+
+
 def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix, groups: int = 1) -> dict:
     """b sequences; `groups` prefixes, each shared by b / groups consecutive sequences (several prompts' samples)."""
     q = _randn(gen, b, hq, 1, D)
@@ -213,21 +238,29 @@ def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix, groups: int = 1) -> d
             "flops": 4 * D * b * hq * (prefix + suffix), "note": note}
 
 
-def cases(quick: bool) -> list[dict]:
-    """The attention cases; inputs are made on CUDA here, one generator so every run sees the same data."""
+def cases(quick: bool) -> list[Pending]:
+    """The attention cases, each built when gpu_check reaches it; inputs are made on CUDA from one generator, in
+    this order, so every run sees the same data."""
     gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def later(builder, *args, **kwargs) -> Pending:
+        return pending("attention", builder, gen, quick, *args, **kwargs)
+
     out = [
-        _prefill_dense(gen, quick, 32, 32, 4096),
-        _prefill_dense(gen, quick, 32, 8, 4096),
-        _prefill_window(gen, quick, 32, 8, 4096, window=1024, sinks=4),
-        _prefill_sparse(gen, quick, 32, 8, 4096, block_size=64, keep=0.2),
-        _prefill_flex(gen, quick, 32, 8, 8192, block_size=64),
-        _decode_dense(gen, quick, 32, 8, 32768),
-        _decode_dense(gen, quick, 32, 8, 131072),
-        _decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="mean"),
-        _shared_prefix(gen, quick, 16, 32, 8, 16384, 256),
-        _shared_prefix(gen, quick, 32, 32, 8, 4096, 256, groups=4),   # 4 prompts x 8 samples in one batch
+        later(_prefill_dense, 32, 32, 4096),
+        later(_prefill_dense, 32, 8, 4096),
+        later(_prefill_window, 32, 8, 4096, window=1024, sinks=4),
+        later(_prefill_sparse, 32, 8, 4096, block_size=64, keep=0.2),
+        later(_prefill_flex, 32, 8, 8192, block_size=64),
+        later(_decode_dense, 32, 8, 32768),
+        later(_decode_dense, 32, 8, 131072),
+        later(_decode_block_topk, 32, 8, 131072, block_size=64, budget=16, summary="mean"),
+        later(_shared_prefix, 16, 32, 8, 16384, 256),
+        later(_shared_prefix, 32, 32, 8, 4096, 256, groups=4),   # 4 prompts x 8 samples in one batch
+        pending("attention", _select_largest, gen, 8, 2048, 128),
+        later(_prefill_dense, 32, 8, 4096, dtype=torch.bfloat16),
+        later(_decode_dense, 32, 8, 32768, dtype=torch.bfloat16),
     ]
     if not quick:
-        out.append(_decode_block_topk(gen, quick, 32, 8, 131072, block_size=64, budget=16, summary="minmax"))
+        out.append(later(_decode_block_topk, 32, 8, 131072, block_size=64, budget=16, summary="minmax"))
     return out

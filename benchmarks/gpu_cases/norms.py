@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_cases import describe, pick_fastest
+from benchmarks.gpu_cases import Pending, describe, pick_fastest
 from lmforge.backends.triton import norms
 
 ROWS, COLS = 8192, 4096
@@ -21,7 +21,7 @@ def _tuned(kernel: str, quick: bool, run):
     return fn, describe(config)
 
 
-def cases(quick: bool) -> list[dict]:
+def cases(quick: bool) -> list[Pending]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(ROWS, COLS, device="cuda", generator=gen).half()
     up = torch.randn(ROWS, COLS, device="cuda", generator=gen).half()
@@ -42,10 +42,11 @@ def cases(quick: bool) -> list[dict]:
          lambda: (F.silu(x.float()) * up.float()).half(),
          lambda: F.silu(x) * up, "torch F.silu(g) * u", 3 * ROWS * COLS * 2, 6 * ROWS * COLS),
     ]
-    out = []
-    for name, run, reference, baseline, baseline_name, nbytes, flops in specs:
+
+    def build(name, run, reference, baseline, baseline_name, nbytes, flops) -> dict:
         kernel, note = _tuned(name, quick, run)
-        out.append({"name": f"norms/{name}_{ROWS}x{COLS}_fp16", "kernel": kernel, "reference": reference,
-                    "baseline": baseline, "baseline_name": baseline_name, "rtol": 1e-2, "atol": 1e-2,
-                    "bytes": nbytes, "flops": flops, "note": note})
-    return out
+        return {"name": f"norms/{name}_{ROWS}x{COLS}_fp16", "kernel": kernel, "reference": reference,
+                "baseline": baseline, "baseline_name": baseline_name, "rtol": 1e-2, "atol": 1e-2,
+                "bytes": nbytes, "flops": flops, "note": note}
+
+    return [Pending(f"norms/{spec[0]}", lambda spec=spec: build(*spec)) for spec in specs]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_cases import describe, pick_fastest
+from benchmarks.gpu_cases import Pending, describe, pending, pick_fastest
 from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, DEFAULT_CONFIGS, UNTIMED_CONFIGS,
                                                   kernel_for_rows, linear_weight_only)
 from lmforge.ir.ops.quant_ref import dequantize_weight, linear_weight_only_ref, quantize_weight
@@ -61,18 +61,19 @@ def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.
     }
 
 
-def cases(quick: bool) -> list[dict]:
+def cases(quick: bool) -> list[Pending]:
+    """The quantized-linear cases, each built (weights quantized, candidates swept) when gpu_check reaches it."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = []
     for bits in (4, 8):
         for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
             for design in DESIGNS["wo_gemv"]:
-                out.append(_case("gemv", bits, n, k, 1, quick, gen, design))
+                out.append(pending("quant", _case, "gemv", bits, n, k, 1, quick, gen, design))
     # batch-4 decode (beams, samples): the fp16-pair design walks the weights once for all 4 rows
     for design in DESIGNS["wo_gemv"]:
-        out.append(_case("gemv", 4, *GEMV_SHAPES[0], 4, quick, gen, design))
+        out.append(pending("quant", _case, "gemv", 4, *GEMV_SHAPES[0], 4, quick, gen, design))
     for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
         for m in GEMM_ROWS:
             for design in DESIGNS["wo_gemm"]:
-                out.append(_case("gemm", 4, n, k, m, quick, gen, design))
+                out.append(pending("quant", _case, "gemm", 4, n, k, m, quick, gen, design))
     return out
