@@ -10,13 +10,24 @@ Each module defines `cases(quick: bool) -> list[dict | Pending]`; a case is a di
     bytes, flops   the kernel's minimal memory traffic and arithmetic, for GB/s and TFLOP/s
 and optionally `note` (e.g. the config the quick tuning picked) and `stages`, {name: zero-arg callable}: parts
 of the kernel's pipeline that gpu_check times alone (GPU time, `graph_time_ms`) and lists in the note, to show
-where a multi-launch kernel spends its time. Inputs are built on CUDA inside cases(), or, for a `Pending`
-entry, inside its build() when gpu_check gets to it.
+where a multi-launch kernel spends its time. Inputs are built on `device()` (CUDA) inside cases(), or, for a
+`Pending` entry, inside its build() when gpu_check gets to it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+
+# Where the attention, quant and norms builders make their inputs: "cuda" for gpu_check; the CPU test
+# (tests/test_gpu_cases_cpu.py) sets "cpu" and calls the builders at tiny shapes under Triton's interpreter, so
+# a builder's wiring is checked before the one GPU run.
+DEVICE = {"name": "cuda"}
+
+
+def device() -> str:
+    """The device the case builders put their tensors (and generators) on: DEVICE["name"]."""
+    return DEVICE["name"]
 
 
 @dataclass
@@ -98,13 +109,16 @@ def pick_fastest(make_kernel, configs, reps: int = 10, trials: int = 3):
 
     A config that raises (does not compile, runs out of resources) is skipped, as Triton's autotuner
     does; if every config fails, the first config's kernel is returned so the case reports the error.
-    Past SWEEP["deadline"] only the first config is tried (counted in SWEEP["cut"]).
+    Past SWEEP["deadline"] only the first config is tried (counted in SWEEP["cut"]). A single candidate is
+    returned untimed: there is nothing to choose (and gpu_check runs and times it anyway).
     """
     import time
 
     if SWEEP["deadline"] is not None and time.time() > SWEEP["deadline"] and len(configs) > 1:
         SWEEP["cut"] += 1
         configs = configs[:1]
+    if len(configs) == 1:
+        return configs[0], make_kernel(configs[0])
     best = None
     for config in configs:
         kernel = make_kernel(config)
