@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_cases import Pending, describe, pending, pick_fastest
+from benchmarks.gpu_cases import Pending, describe, device, pending, pick_fastest
 from lmforge.backends.triton import attention_decode, attention_prefill
 from lmforge.ir.ops.attention_ref import (attention_ref, decode_block_topk_ref, shared_prefix_attention_ref,
                                           top_indices)
@@ -30,7 +30,7 @@ TOL_FOR = {torch.float16: TOL, torch.bfloat16: {"rtol": 5e-2, "atol": 5e-2}}   #
 
 
 def _randn(gen: torch.Generator, *shape: int, dtype=torch.float16) -> torch.Tensor:
-    return torch.randn(*shape, device="cuda", generator=gen, dtype=dtype)
+    return torch.randn(*shape, device=device(), generator=gen, dtype=dtype)
 
 
 def _dtype_tag(dtype) -> str:
@@ -76,7 +76,7 @@ def _prefill_dense(gen, quick, hq, hkv, s, dtype=torch.float16) -> dict:
 
 def _prefill_window(gen, quick, hq, hkv, s, window, sinks) -> dict:
     q, k, v = _randn(gen, 1, hq, s, D), _randn(gen, 1, hkv, s, D), _randn(gen, 1, hkv, s, D)
-    pos = torch.arange(s, device="cuda")
+    pos = torch.arange(s, device=device())
     mask = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < window) | (pos[None, :] < sinks))
     k_rep, v_rep = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     default = attention_prefill.default_config(torch.float16, D)
@@ -94,8 +94,8 @@ def _prefill_window(gen, quick, hq, hkv, s, window, sinks) -> dict:
 
 def _random_block_mask(gen, hkv, n_blocks, keep) -> torch.Tensor:
     """Causal block mask [1, Hkv, n, n]: the diagonal and first blocks, and each other causal block w.p. keep."""
-    mask = torch.rand(1, hkv, n_blocks, n_blocks, device="cuda", generator=gen) < keep
-    eye = torch.eye(n_blocks, dtype=torch.bool, device="cuda")
+    mask = torch.rand(1, hkv, n_blocks, n_blocks, device=device(), generator=gen) < keep
+    eye = torch.eye(n_blocks, dtype=torch.bool, device=device())
     mask |= eye
     mask[..., 0] = True
     return mask & torch.ones_like(eye).tril()
@@ -122,7 +122,7 @@ def _prefill_sparse(gen, quick, hq, hkv, s, block_size, keep) -> dict:
             "note": f"{note}; kept {density:.0%} of causal pairs"}
 
 
-def _prefill_flex(gen, quick, hq, hkv, s, block_size, device="cuda") -> dict:
+def _prefill_flex(gen, quick, hq, hkv, s, block_size) -> dict:
     """FlexPrefill end to end as lmforge compiles it (the sparsity pass's flex_prefill_mask on torch, then
     block_sparse_attention on the Triton kernel), on synthetic q / k with a local band and heavy key columns
     (benchmarks.cpu_backend.structured_prefill_qkv, sharpness 4): the time includes choosing the mask."""
@@ -130,14 +130,15 @@ def _prefill_flex(gen, quick, hq, hkv, s, block_size, device="cuda") -> dict:
     from benchmarks.cpu_backend import structured_prefill_qkv
     from lmforge.ir.ops.flexprefill_ref import flex_prefill_attention_ref
 
-    q, k, v = (t.to(device, torch.float16) for t in structured_prefill_qkv(1, hq, hkv, s, D, seed=2, sharpness=4.0))
+    q, k, v = (t.to(device(), torch.float16)
+               for t in structured_prefill_qkv(1, hq, hkv, s, D, seed=2, sharpness=4.0))
     cfg = {"attn.prefill_pattern": "flex", "attn.flex_gamma": 0.9, "attn.flex_tau": 0.1,
            "attn.flex_block": block_size}
 
     def causal(q_, k_, v_):
         return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)
 
-    model = lmforge.compile(causal, (q, k, v), config=cfg, backends=("triton",), device=device,
+    model = lmforge.compile(causal, (q, k, v), config=cfg, backends=("triton",), device=device(),
                             calibration=[(q, k, v)])
     density = next(n.attr["density"] for n in model.graph.nodes if n.op == "block_sparse_attention")
     runs = [line.split("#")[1].split()[0] for line in model.inspect().splitlines() if "block_sparse_attention(" in line]
@@ -181,7 +182,7 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
                                                                                 **args)))
     summary_bytes = (2 if summary == "minmax" else 1) * hkv * n_blocks * D * 4
     selected = attention_decode.select_topk_blocks(q, kept, summary, s, block_size, topk, sinks, window)
-    scores = torch.randn(1, hkv, n_blocks, device="cuda", generator=gen)
+    scores = torch.randn(1, hkv, n_blocks, device=device(), generator=gen)
     stages = {  # the pipeline's launches (default config), to show where its time goes
         "scores + torch.topk": lambda: attention_decode.select_topk_blocks(q, kept, summary, s, block_size, topk,
                                                                           sinks, window),
@@ -207,7 +208,7 @@ def _select_largest(gen, hkv, n_blocks, keep) -> dict:
     """The Triton block selection (`select_largest`, behind select_topk_blocks(method="triton")) against the
     stable-sort reference: the same block indices, in increasing order. Scores carry ties (rounded to 1/8) as
     zero-filled cache blocks do."""
-    scores = (torch.randn(1, hkv, n_blocks, device="cuda", generator=gen) * 8).round() / 8
+    scores = (torch.randn(1, hkv, n_blocks, device=device(), generator=gen) * 8).round() / 8
     return {"name": f"attention/select_largest_{keep}of{n_blocks}_H{hkv}_fp32", "kernel":
             lambda: attention_decode.select_largest(scores, keep),
             "reference": lambda: top_indices(scores, keep).sort(dim=-1).values,
@@ -239,9 +240,9 @@ def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix, groups: int = 1) -> d
 
 
 def cases(quick: bool) -> list[Pending]:
-    """The attention cases, each built when gpu_check reaches it; inputs are made on CUDA from one generator, in
-    this order, so every run sees the same data."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    """The attention cases, each built when gpu_check reaches it; inputs are made on `device()` (CUDA) from one
+    generator, in this order, so every run sees the same data."""
+    gen = torch.Generator(device=device()).manual_seed(0)
 
     def later(builder, *args, **kwargs) -> Pending:
         return pending("attention", builder, gen, quick, *args, **kwargs)

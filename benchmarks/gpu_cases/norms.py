@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_cases import Pending, describe, pick_fastest
+from benchmarks.gpu_cases import Pending, describe, device, pick_fastest
 from lmforge.backends.triton import norms
 
 ROWS, COLS = 8192, 4096
 EPS = 1e-6
+KERNELS = ("rmsnorm", "layernorm", "softmax", "swiglu")
 
 
 def _tuned(kernel: str, quick: bool, run):
@@ -21,32 +22,43 @@ def _tuned(kernel: str, quick: bool, run):
     return fn, describe(config)
 
 
+def _inputs(rows: int, cols: int) -> dict:
+    """The four kernels' inputs on `device()`, from one generator seeded 0: x and up [rows, cols] fp16, the norms'
+    weight w and bias b [cols] fp16."""
+    gen = torch.Generator(device=device()).manual_seed(0)
+    x = torch.randn(rows, cols, device=device(), generator=gen).half()
+    up = torch.randn(rows, cols, device=device(), generator=gen).half()
+    w = (torch.randn(cols, device=device(), generator=gen) * 0.1 + 1).half()
+    b = (torch.randn(cols, device=device(), generator=gen) * 0.1).half()
+    return {"x": x, "up": up, "w": w, "b": b}
+
+
+def _case(name: str, quick: bool, x, up, w, b) -> dict:
+    """The case of kernel `name` (one of KERNELS) on inputs from `_inputs`; its config tuned unless quick."""
+    rows, cols = x.shape
+    io_bytes = 2 * rows * cols * 2            # read x, write y (fp16)
+    specs = {   # name: (run(config), reference, baseline, baseline_name, bytes, flops)
+        "rmsnorm": (lambda c: norms.rmsnorm(x, w, EPS, c),
+                    lambda: F.rms_norm(x.float(), (cols,), w.float(), EPS).half(),
+                    lambda: F.rms_norm(x, (cols,), w, EPS), "torch F.rms_norm", io_bytes, 4 * rows * cols),
+        "layernorm": (lambda c: norms.layernorm(x, w, b, EPS, c),
+                      lambda: F.layer_norm(x.float(), (cols,), w.float(), b.float(), EPS).half(),
+                      lambda: F.layer_norm(x, (cols,), w, b, EPS), "torch F.layer_norm", io_bytes, 8 * rows * cols),
+        "softmax": (lambda c: norms.softmax(x, -1, c),
+                    lambda: torch.softmax(x.float(), -1).half(),
+                    lambda: torch.softmax(x, -1), "torch.softmax", io_bytes, 5 * rows * cols),
+        "swiglu": (lambda c: norms.swiglu(x, up, c),
+                   lambda: (F.silu(x.float()) * up.float()).half(),
+                   lambda: F.silu(x) * up, "torch F.silu(g) * u", 3 * rows * cols * 2, 6 * rows * cols),
+    }
+    run, reference, baseline, baseline_name, nbytes, flops = specs[name]
+    kernel, note = _tuned(name, quick, run)
+    return {"name": f"norms/{name}_{rows}x{cols}_fp16", "kernel": kernel, "reference": reference,
+            "baseline": baseline, "baseline_name": baseline_name, "rtol": 1e-2, "atol": 1e-2,
+            "bytes": nbytes, "flops": flops, "note": note}
+
+
 def cases(quick: bool) -> list[Pending]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(ROWS, COLS, device="cuda", generator=gen).half()
-    up = torch.randn(ROWS, COLS, device="cuda", generator=gen).half()
-    w = (torch.randn(COLS, device="cuda", generator=gen) * 0.1 + 1).half()
-    b = (torch.randn(COLS, device="cuda", generator=gen) * 0.1).half()
-    io_bytes = 2 * ROWS * COLS * 2            # read x, write y (fp16)
-    specs = [
-        ("rmsnorm", lambda c: norms.rmsnorm(x, w, EPS, c),
-         lambda: F.rms_norm(x.float(), (COLS,), w.float(), EPS).half(),
-         lambda: F.rms_norm(x, (COLS,), w, EPS), "torch F.rms_norm", io_bytes, 4 * ROWS * COLS),
-        ("layernorm", lambda c: norms.layernorm(x, w, b, EPS, c),
-         lambda: F.layer_norm(x.float(), (COLS,), w.float(), b.float(), EPS).half(),
-         lambda: F.layer_norm(x, (COLS,), w, b, EPS), "torch F.layer_norm", io_bytes, 8 * ROWS * COLS),
-        ("softmax", lambda c: norms.softmax(x, -1, c),
-         lambda: torch.softmax(x.float(), -1).half(),
-         lambda: torch.softmax(x, -1), "torch.softmax", io_bytes, 5 * ROWS * COLS),
-        ("swiglu", lambda c: norms.swiglu(x, up, c),
-         lambda: (F.silu(x.float()) * up.float()).half(),
-         lambda: F.silu(x) * up, "torch F.silu(g) * u", 3 * ROWS * COLS * 2, 6 * ROWS * COLS),
-    ]
-
-    def build(name, run, reference, baseline, baseline_name, nbytes, flops) -> dict:
-        kernel, note = _tuned(name, quick, run)
-        return {"name": f"norms/{name}_{ROWS}x{COLS}_fp16", "kernel": kernel, "reference": reference,
-                "baseline": baseline, "baseline_name": baseline_name, "rtol": 1e-2, "atol": 1e-2,
-                "bytes": nbytes, "flops": flops, "note": note}
-
-    return [Pending(f"norms/{spec[0]}", lambda spec=spec: build(*spec)) for spec in specs]
+    """One entry per kernel at [ROWS, COLS]; the inputs are made now (shared), each kernel tuned when built."""
+    inputs = _inputs(ROWS, COLS)
+    return [Pending(f"norms/{name}", lambda name=name: _case(name, quick, **inputs)) for name in KERNELS]

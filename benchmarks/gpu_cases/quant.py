@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_cases import Pending, describe, pending, pick_fastest
+from benchmarks.gpu_cases import Pending, describe, device, pending, pick_fastest
 from lmforge.backends.triton.quant_matmul import (CANDIDATE_CONFIGS, DEFAULT_CONFIGS, UNTIMED_CONFIGS,
                                                   kernel_for_rows, linear_weight_only)
 from lmforge.ir.ops.quant_ref import dequantize_weight, linear_weight_only_ref, quantize_weight
@@ -37,10 +37,10 @@ DESIGNS = {"wo_gemv": {"byte tiles": lambda c: c.get("WORD_TILES", 0) == 0,
 
 
 def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.Generator, design: str) -> dict:
-    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    w = torch.randn(n, k, device=device(), generator=gen) * 0.02
     qw = quantize_weight(w.half(), bits, GROUP_SIZE, symmetric=True)
     del w
-    x = torch.randn(m, k, device="cuda", generator=gen).half()
+    x = torch.randn(m, k, device=device(), generator=gen).half()
     w_fp16 = dequantize_weight(qw, torch.float16)
     kernel_name = kernel_for_rows(m)
     configs = [c for c in CANDIDATE_CONFIGS[kernel_name] + UNTIMED_CONFIGS[kernel_name]
@@ -63,7 +63,7 @@ def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.
 
 def cases(quick: bool) -> list[Pending]:
     """The quantized-linear cases, each built (weights quantized, candidates swept) when gpu_check reaches it."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device()).manual_seed(0)
     out = []
     for bits in (4, 8):
         for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
