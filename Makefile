@@ -46,7 +46,7 @@ test-triton36:
 	$(VENV36)/bin/python -m pip install -q 'triton==3.6.0' 'numpy<2.4'
 	$(VENV36)/bin/python -m pip install -q -e '.[test]' 'triton==3.6.0' 'numpy<2.4'
 	$(VENV36)/bin/python -m pytest -n 2 tests/backends/triton tests/export/test_triton_kernels.py \
-		tests/export/test_kernel_files.py tests/search/test_kernel_knobs.py
+		tests/export/test_kernel_files.py tests/search/test_kernel_knobs.py tests/test_gpu_cases_cpu.py
 
 clean:
 	rm -rf $(VENV) $(VENV36) build *.egg-info
