@@ -5,14 +5,19 @@
     p = b.retrieve("facts", k=2, method="embedding", insert_at=1)
     graph = b.build(b.generate("m", prompts=p, max_new_tokens=3, eos_id=EOS))
 
-A corpus is N documents of Ld token ids each (pad them to one length with a token of your choice). Like checker
-functions, it is registered by name, because a program graph round-trips through JSON and a tensor of documents
-or a Python encoder does not belong in it; the op records the corpus's shape and checks it at run time.
+A corpus is N documents of Ld token ids each (pad them to one length with a token of your choice, and name it
+with pad_id= so that overlap scoring does not count it). Like checker functions, it is registered by name,
+because a program graph round-trips through JSON and a tensor of documents or a Python encoder does not belong
+in it; the op records the corpus's shape and checks it at run time.
 
 Scoring a prompt [L] against every document (ties go to the lower document index):
-- method "overlap" (lexical): the number of distinct prompt tokens that occur in the document;
+- method "overlap" (lexical): the number of distinct prompt tokens that occur in the document (the corpus's
+  pad_id, if any, never counts);
 - method "embedding" (dense): embed(prompt) . embed(document), where `embed(tokens [n, len]) -> [n, E]` is the
-  corpus's encoder (the documents are embedded once, when the corpus is registered).
+  corpus's encoder (the documents are embedded once, when the corpus is registered). Each prompt's dot products
+  are computed on their own, so a prompt retrieves the same documents whatever prompts share its batch; for
+  that to hold end to end, the encoder must give a prompt the same embedding in any batch. An encoder that
+  returns NaN or inf (for a document at registration, or for a prompt) is an error.
 
 The k best documents, best first, go into the prompt at position insert_at:
 `prompt[:insert_at] + doc_1 + ... + doc_k + prompt[insert_at:]`, so a program's prompts grow by k * Ld tokens.
@@ -24,6 +29,7 @@ charged. The longer prompt is charged where it is paid for: by the generate node
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +46,7 @@ class Corpus:
     documents: torch.Tensor               # [N, Ld] int64
     embed: Callable | None = None         # tokens [n, len] -> [n, E]
     doc_embeddings: torch.Tensor | None = None  # [N, E] float32
+    pad_id: int | None = None             # the documents' padding token: overlap scoring does not count it
 
     @property
     def n_docs(self) -> int:
@@ -55,25 +62,62 @@ class Corpus:
 
 
 _CORPORA: dict[str, Corpus] = {}
+_PAD_HINT = "pad the documents to one length with a token of your choice (and pass it as pad_id=)"
 
 
-def register_corpus(name: str, documents: torch.Tensor, embed: Callable | None = None) -> Corpus:
-    """Make `documents` (LongTensor [N, Ld]) retrievable by programs as `name`; `embed(tokens [n, len]) ->
-    [n, E]` enables method="embedding". Registering a name again replaces the corpus."""
-    documents = torch.as_tensor(documents)
-    if documents.dim() != 2 or documents.dtype != torch.long or documents.shape[0] < 1 or documents.shape[1] < 1:
-        raise LmforgeError(f"corpus {name!r}: documents must be a LongTensor [n_docs >= 1, doc_len >= 1] (pad the "
-                           f"documents to one length), got {documents.dtype} {tuple(documents.shape)}")
+def register_corpus(name: str, documents, embed: Callable | None = None, pad_id: int | None = None) -> Corpus:
+    """Make `documents` (LongTensor [N, Ld], or a list of N rows of Ld token ids) retrievable by programs as
+    `name`; `embed(tokens [n, len]) -> [n, E]` enables method="embedding"; pad_id: the token the documents are
+    padded with, which overlap scoring then does not count. Registering a name again replaces the corpus."""
+    if not isinstance(name, str) or not name:
+        raise LmforgeError(f"register_corpus: the corpus name must be a non-empty string, got {name!r}")
+    if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+        raise LmforgeError(f"corpus {name!r}: pad_id must be a token id (int) or None, got {pad_id!r}")
+    documents = _as_documents(name, documents)
     doc_embeddings = None
     if embed is not None:
         with torch.no_grad():
-            doc_embeddings = torch.as_tensor(embed(documents)).float()
+            doc_embeddings = torch.as_tensor(embed(documents)).detach().to(torch.float32, copy=True)
         if doc_embeddings.dim() != 2 or doc_embeddings.shape[0] != documents.shape[0]:
             raise LmforgeError(f"corpus {name!r}: embed(documents) must return [n_docs, E] = "
                                f"[{documents.shape[0]}, E], got {tuple(doc_embeddings.shape)}")
-    corpus = Corpus(name, documents.clone(), embed, doc_embeddings)
+        bad = _non_finite_rows(doc_embeddings)
+        if bad:
+            raise LmforgeError(f"corpus {name!r}: embed(documents) returned NaN or inf for documents {bad} (a NaN "
+                               "score sorts first, so such a document would be retrieved for every prompt): fix "
+                               "the encoder (e.g. a normalisation that divides by the norm of an all-padding "
+                               "document) or leave those documents out")
+    documents = documents.clone()
+    corpus = Corpus(name, documents, embed, doc_embeddings, pad_id)
     _CORPORA[name] = corpus
     return corpus
+
+
+def _as_documents(name: str, documents) -> torch.Tensor:
+    """The documents as a LongTensor [N >= 1, Ld >= 1], or an LmforgeError saying how to make them one."""
+    if isinstance(documents, (list, tuple)) and documents and all(isinstance(d, torch.Tensor) for d in documents):
+        shapes = sorted({tuple(d.shape) for d in documents})
+        if len(shapes) > 1:
+            raise LmforgeError(f"corpus {name!r}: the documents have different shapes {shapes[:5]}: {_PAD_HINT}")
+        documents = torch.stack(list(documents))
+    try:
+        documents = torch.as_tensor(documents)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise LmforgeError(f"corpus {name!r}: documents must be a LongTensor [n_docs, doc_len] or a list of rows "
+                           f"of one length ({e}): {_PAD_HINT}") from None
+    if documents.dim() != 2 or documents.shape[0] < 1 or documents.shape[1] < 1:
+        raise LmforgeError(f"corpus {name!r}: documents must be a LongTensor [n_docs >= 1, doc_len >= 1], got "
+                           f"{documents.dtype} {tuple(documents.shape)}: {_PAD_HINT}")
+    if documents.dtype != torch.long:
+        raise LmforgeError(f"corpus {name!r}: documents must be int64 token ids (a LongTensor), got "
+                           f"{documents.dtype}: convert them with .long()")
+    return documents
+
+
+def _non_finite_rows(x: torch.Tensor) -> str:
+    """The rows of x [n, E] holding NaN or inf ("" if none), as a short list for an error message."""
+    rows = (~torch.isfinite(x)).any(1).nonzero().flatten().tolist()
+    return "" if not rows else f"{rows[:10]}{' ...' if len(rows) > 10 else ''} ({len(rows)} of {x.shape[0]})"
 
 
 def get_corpus(name: str) -> Corpus:
@@ -87,14 +131,10 @@ def has_corpus(name: str) -> bool:
 
 
 def scores(prompts: torch.Tensor, corpus: Corpus, method: str) -> torch.Tensor:
-    """Relevance of every document to every prompt: [B, N] float32 (see the module docstring)."""
+    """Relevance of every document to every prompt: [B, N] float32 (see the module docstring). Each prompt's row is
+    computed on its own, so it does not depend on the other prompts of the batch."""
     if method == "overlap":
-        docs = corpus.documents
-        # first occurrence of each prompt token, so that a repeated token counts once
-        same = prompts[:, :, None] == prompts[:, None, :]                          # [B, L, L]
-        first = ~torch.tril(same, diagonal=-1).any(-1)                              # [B, L]
-        contains = (docs[None, :, :, None] == prompts[:, None, None, :]).any(2)    # [B, N, L]
-        return (contains & first[:, None, :]).sum(-1).float()
+        return _overlap_scores(prompts, corpus)
     if method == "embedding":
         if corpus.embed is None:
             raise LmforgeError(f"corpus {corpus.name!r} has no encoder: register it with embed=... to retrieve "
@@ -104,13 +144,60 @@ def scores(prompts: torch.Tensor, corpus: Corpus, method: str) -> torch.Tensor:
         if q.shape != (prompts.shape[0], corpus.embed_dim):
             raise LmforgeError(f"corpus {corpus.name!r}: embed(prompts) returned {tuple(q.shape)}, expected "
                                f"[{prompts.shape[0]}, {corpus.embed_dim}]")
-        return q @ corpus.doc_embeddings.T
+        bad = _non_finite_rows(q)
+        if bad:
+            raise LmforgeError(f"corpus {corpus.name!r}: the encoder returned NaN or inf for prompts {bad} "
+                               "(embed(prompts)): fix the encoder for such prompts (e.g. a normalisation that "
+                               "divides by a zero norm)")
+        # prompt by prompt, not q @ D.T: a matrix product rounds differently with the number of rows, so a near-tie
+        # between two documents could flip with the batch (and batch_prompts=False would retrieve other documents)
+        rows = [(corpus.doc_embeddings * row).sum(1) for row in q]
+        return torch.stack(rows) if rows else q.new_zeros(0, corpus.n_docs)
     raise LmforgeError(f"retrieve: method must be one of {METHODS}, got {method!r}")
+
+
+def _overlap_scores(prompts: torch.Tensor, corpus: Corpus) -> torch.Tensor:
+    """Per prompt, the number of distinct tokens (but pad_id) each document shares with it, from an inverted index:
+    every document's distinct tokens, sorted, with the document each comes from; a prompt's distinct tokens find
+    their runs in it by binary search, and the documents of those runs are counted (memory N x Ld, time per
+    prompt L log(N Ld) plus the matches, instead of a B x N x Ld x L comparison)."""
+    docs = corpus.documents.sort(1).values
+    distinct = torch.ones_like(docs, dtype=torch.bool)
+    distinct[:, 1:] = docs[:, 1:] != docs[:, :-1]            # a token's first place in its sorted document
+    if corpus.pad_id is not None:
+        distinct &= docs != corpus.pad_id
+    tokens = docs[distinct]                                  # row by row, so document i's come i-th
+    owner = torch.arange(corpus.n_docs).repeat_interleave(distinct.sum(1))
+    order = tokens.argsort()
+    tokens, owner = tokens[order], owner[order]
+    out = torch.empty(prompts.shape[0], corpus.n_docs)
+    for b in range(prompts.shape[0]):
+        u = prompts[b].unique()
+        lo = torch.searchsorted(tokens, u)
+        n = torch.searchsorted(tokens, u, right=True) - lo    # documents holding each prompt token
+        at = torch.repeat_interleave(lo - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
+        out[b] = torch.bincount(owner[at], minlength=corpus.n_docs).float()
+    return out
+
+
+def _index(what: str, v) -> int:
+    """v as an int (a Python, NumPy or 0-d tensor integer, not a bool), or an LmforgeError naming `what`."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise LmforgeError(f"retrieve: {what} must be an int, got {v!r} ({type(v).__name__})")
 
 
 def retrieve(prompts: torch.Tensor, corpus: Corpus, k: int, method: str = "overlap", insert_at: int = 0):
     """The k most relevant documents of each prompt [B, L], best first, inserted at insert_at.
     Returns (prompts [B, L + k * Ld], document ids [B, k])."""
+    if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.dtype != torch.long:
+        got = f"{prompts.dtype} {tuple(prompts.shape)}" if isinstance(prompts, torch.Tensor) else type(prompts).__name__
+        raise LmforgeError(f"retrieve: prompts must be a LongTensor [batch, prompt_len] of token ids, got {got} "
+                           "(one prompt p: p[None])")
+    k, insert_at = _index("k", k), _index("insert_at", insert_at)
     if not 1 <= k <= corpus.n_docs:
         raise LmforgeError(f"retrieve: k={k} must be between 1 and the corpus's {corpus.n_docs} documents")
     if not 0 <= insert_at <= prompts.shape[1]:

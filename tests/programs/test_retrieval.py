@@ -40,6 +40,15 @@ def test_embedding_retrieval_ranks_by_dot_product():
     (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=1, method="bm25"), "method"),
     (lambda c: register_corpus("bad", torch.zeros(3)), "LongTensor"),
     (lambda c: get_corpus("nowhere"), "register_corpus"),
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=2.0), "k must be an int"),
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=True), "k must be an int"),
+    (lambda c: retrieve(torch.zeros(1, 2, dtype=torch.long), c, k=1, insert_at=1.0), "insert_at must be an int"),
+    (lambda c: retrieve(torch.zeros(2, dtype=torch.long), c, k=1), r"LongTensor \[batch, prompt_len\]"),
+    (lambda c: retrieve(torch.zeros(1, 2), c, k=1), r"LongTensor \[batch, prompt_len\]"),
+    (lambda c: register_corpus("bad", [[1, 2, 3], [4, 5]]), "pad the documents to one length"),
+    (lambda c: register_corpus("bad", [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]), "pad the documents"),
+    (lambda c: register_corpus("bad", DOCS.int()), r"\.long\(\)"),
+    (lambda c: register_corpus("bad", DOCS, pad_id=True), "pad_id"),
 ])
 def test_bad_retrieval_input_raises_lmforge_error(call, match):
     corpus = register_corpus("t-errors", DOCS)
@@ -147,3 +156,110 @@ def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
     assert torch.equal(compiled(questions[:8])[0], want)
     lmforge.export_artifact(compiled, tmp_path / "rag")
     assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
+
+
+
+def test_a_list_of_equal_1d_documents_is_a_corpus():
+    corpus = register_corpus("t-rows", list(DOCS))
+    assert torch.equal(corpus.documents, DOCS)
+
+
+def _brute_overlap(prompts, docs, pad_id=None):
+    return torch.tensor([[len((set(p) & set(d)) - {pad_id}) for d in docs.tolist()] for p in prompts.tolist()])
+
+
+@pytest.mark.parametrize("pad_id", [None, 0])
+def test_overlap_matches_set_intersection_and_skips_the_pad_token(pad_id):
+    """Scores and order against plain Python sets (ties to the lower index); with pad_id the padding token, which
+    the prompts contain too, counts for nothing."""
+    from lmforge.programs.retrieval import scores
+
+    g = torch.Generator().manual_seed(3)
+    docs = torch.randint(0, 9, (40, 6), generator=g)
+    docs[::3, 3:] = 0                                        # padded documents
+    prompts = torch.randint(0, 9, (25, 7), generator=g)
+    prompts[:, :2] = 0
+    corpus = register_corpus("t-sets", docs, pad_id=pad_id)
+    want = _brute_overlap(prompts, docs, pad_id)
+    assert torch.equal(scores(prompts, corpus, "overlap"), want.float())
+    order = [sorted(range(40), key=lambda j: (-int(want[b, j]), j)) for b in range(25)]
+    assert retrieve(prompts, corpus, k=40)[1].tolist() == order
+    if pad_id is not None:
+        assert not torch.equal(want, _brute_overlap(prompts, docs))   # the pad token did matter here
+
+
+def test_overlap_scoring_needs_no_prompt_by_document_by_token_tensor():
+    """Scoring B prompts of L tokens against N documents of Ld tokens allocates about N x Ld, not B x N x Ld x L."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lmforge.programs.retrieval import scores
+
+    B, N, Ld, L = 4, 500, 32, 64
+    g = torch.Generator().manual_seed(0)
+    corpus = register_corpus("t-memory", torch.randint(0, 1000, (N, Ld), generator=g))
+    prompts = torch.randint(0, 1000, (B, L), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = scores(prompts, corpus, "overlap")
+    assert max(e.cpu_memory_usage for e in prof.events()) <= 4 * N * Ld * 8
+    assert torch.equal(got, _brute_overlap(prompts, corpus.documents).float())
+
+
+def _bag_corpus(name):
+    """Documents that are the same bag of tokens as another one (a row and its reversal): near-ties in embedding
+    scores, which a matrix product breaks differently depending on how many prompts it multiplies."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 96, generator=g)
+    base = torch.randint(0, 40, (200, 6), generator=g)
+    corpus = register_corpus(name, torch.cat([base, base.flip(1)]), embed=lambda t: table[t].sum(1))
+    return corpus, torch.randint(0, 40, (64, 5), generator=g), table
+
+
+def test_embedding_retrieval_does_not_depend_on_the_batch():
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+    from lmforge.programs.retrieval import scores
+    from lmforge.programs.runtime import run_node
+
+    corpus, prompts, table = _bag_corpus("t-bag")
+    batched = retrieve(prompts, corpus, k=4, method="embedding")
+    alone = [retrieve(p[None], corpus, k=4, method="embedding") for p in prompts]
+    assert torch.equal(batched[1], torch.cat([a[1] for a in alone]))
+    assert torch.equal(batched[0], torch.cat([a[0] for a in alone]))
+    want = table[prompts].sum(1).double() @ corpus.doc_embeddings.double().T    # independent reference
+    assert torch.allclose(scores(prompts, corpus, "embedding").double(), want, rtol=1e-5, atol=1e-4)
+    gb = GraphBuilder("g")
+    x = gb.input("prompts", TensorType(("batch", 5), "int64"))
+    gb.op("retrieve", [x], {"corpus": "t-bag", "k": 4, "method": "embedding", "n_docs": 400, "doc_len": 6,
+                            "embed_dim": 96}, name="retrieve")
+    node = gb._nodes[-1]
+    one_batch, one_by_one = (run_node(None, 0, node, [prompts], None, batch) for batch in (True, False))
+    assert all(torch.equal(a, b) for a, b in zip(one_batch, one_by_one))
+
+
+def test_non_finite_embeddings_are_errors():
+    """A NaN score sorts first: a document whose embedding is NaN (here: an all-padding document, cosine-normalised)
+    would be retrieved for every prompt; a prompt's NaN embedding would retrieve arbitrary documents."""
+    table = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    table[0] = 0.0
+
+    def cosine(tokens):
+        v = table[tokens].sum(1)
+        return v / v.norm(dim=1, keepdim=True)
+
+    docs = torch.tensor([[1, 2, 3], [4, 5, 6], [0, 0, 0], [7, 8, 9]])
+    with pytest.raises(LmforgeError, match=r"documents \[2\]"):
+        register_corpus("t-nan", docs, embed=cosine)
+    corpus = register_corpus("t-nan", docs[[0, 1, 3]], embed=cosine)
+    assert retrieve(torch.tensor([[7, 8, 9]]), corpus, k=1, method="embedding")[1].tolist() == [[2]]
+    with pytest.raises(LmforgeError, match=r"encoder returned NaN or inf for prompts \[1\]"):
+        retrieve(torch.tensor([[7, 8, 9], [0, 0, 0]]), corpus, k=1, method="embedding")
+
+
+def test_builder_checks_insert_at_where_the_prompt_length_is_known(tiny):
+    register_corpus("t-insert", DOCS)
+    for prompt_len, insert_at in (("prompt_len", -1), (3, 4)):
+        b = ProgramBuilder("rag", {"tiny": tiny[1]}, prompt_len=prompt_len)
+        with pytest.raises(VerifyError, match=f"insert_at={insert_at}"):
+            b.retrieve("t-insert", k=1, insert_at=insert_at)
+    assert ProgramBuilder("rag", {"tiny": tiny[1]}, prompt_len=3).retrieve("t-insert", insert_at=3).type.shape == \
+        ("batch", 6)

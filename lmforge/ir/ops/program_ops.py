@@ -181,6 +181,12 @@ def _retrieve_infer(ins, a, regions):
     if a["method"] == "embedding" and a["embed_dim"] < 1:
         raise VerifyError(f"retrieve: corpus {a['corpus']!r} has no encoder (embed_dim 0) for method 'embedding'")
     batch, length = ins[0].shape
+    if a["insert_at"] < 0:
+        raise VerifyError(f"retrieve: insert_at={a['insert_at']} must be a position >= 0 in the prompt (0: the "
+                          "documents go before it)")
+    if isinstance(length, int) and a["insert_at"] > length:
+        raise VerifyError(f"retrieve: insert_at={a['insert_at']} is past the end of prompts of length {length}: give "
+                          f"a position from 0 to {length}")
     grown = a["k"] * a["doc_len"]
     length = length + grown if isinstance(length, int) else f"{length} + {grown}"
     return [TensorType((batch, length), "int64"), TensorType((batch, a["k"]), "int64")]
