@@ -121,12 +121,14 @@ class ProgramBuilder:
     def retrieve(self, corpus: str, k: int = 1, method: str = "overlap", insert_at: int = 0,
                  prompts: Value | None = None) -> Value:
         """Prompts with the k documents of a registered corpus most relevant to each inserted at insert_at
-        (lmforge.programs.retrieval); pass the result as `prompts=` to generate (or rank / verify / fuse)."""
+        (lmforge.programs.retrieval); pass the result as `prompts=` to generate (or rank / verify / fuse). The node
+        records the corpus's shape and fingerprint: running the program with another corpus under that name is an
+        error."""
         from lmforge.programs.retrieval import get_corpus
 
         c = get_corpus(corpus)
         attrs = {"corpus": corpus, "k": k, "method": method, "insert_at": insert_at, "n_docs": c.n_docs,
-                 "doc_len": c.doc_len, "embed_dim": c.embed_dim}
+                 "doc_len": c.doc_len, "embed_dim": c.embed_dim, "fingerprint": c.fingerprint}
         out, _ids = self._b.op("retrieve", [self.prompts if prompts is None else prompts], attrs, name="retrieve")
         return out
 

@@ -8,7 +8,9 @@
 A corpus is N documents of Ld token ids each (pad them to one length with a token of your choice, and name it
 with pad_id= so that overlap scoring does not count it). Like checker functions, it is registered by name,
 because a program graph round-trips through JSON and a tensor of documents or a Python encoder does not belong
-in it; the op records the corpus's shape and checks it at run time.
+in it; the op records the corpus's shape and fingerprint (a digest of its documents, embeddings and pad_id),
+and the runtime refuses a corpus registered under that name since that differs from the one the program was
+built (and tuned) with.
 
 Scoring a prompt [L] against every document (ties go to the lower document index):
 - method "overlap" (lexical): the number of distinct prompt tokens that occur in the document (the corpus's
@@ -29,6 +31,7 @@ charged. The longer prompt is charged where it is paid for: by the generate node
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +50,7 @@ class Corpus:
     embed: Callable | None = None         # tokens [n, len] -> [n, E]
     doc_embeddings: torch.Tensor | None = None  # [N, E] float32
     pad_id: int | None = None             # the documents' padding token: overlap scoring does not count it
+    fingerprint: str = ""                 # corpus_fingerprint(documents, doc_embeddings, pad_id)
 
     @property
     def n_docs(self) -> int:
@@ -88,7 +92,8 @@ def register_corpus(name: str, documents, embed: Callable | None = None, pad_id:
                                "the encoder (e.g. a normalisation that divides by the norm of an all-padding "
                                "document) or leave those documents out")
     documents = documents.clone()
-    corpus = Corpus(name, documents, embed, doc_embeddings, pad_id)
+    corpus = Corpus(name, documents, embed, doc_embeddings, pad_id,
+                    corpus_fingerprint(documents, doc_embeddings, pad_id))
     _CORPORA[name] = corpus
     return corpus
 
@@ -112,6 +117,17 @@ def _as_documents(name: str, documents) -> torch.Tensor:
         raise LmforgeError(f"corpus {name!r}: documents must be int64 token ids (a LongTensor), got "
                            f"{documents.dtype}: convert them with .long()")
     return documents
+
+
+def corpus_fingerprint(documents: torch.Tensor, doc_embeddings: torch.Tensor | None, pad_id: int | None) -> str:
+    """sha256 of what decides a corpus's retrievals (16 hex digits, like Hardware.fingerprint): the documents, their
+    embeddings and pad_id. Computed once, at registration; a retrieve node records it and the runtime compares."""
+    h = hashlib.sha256(f"{tuple(documents.shape)}:{pad_id}".encode())
+    h.update(documents.cpu().contiguous().numpy().tobytes())
+    if doc_embeddings is not None:
+        h.update(str(tuple(doc_embeddings.shape)).encode())
+        h.update(doc_embeddings.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _non_finite_rows(x: torch.Tensor) -> str:

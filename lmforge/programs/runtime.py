@@ -273,6 +273,12 @@ def run_retrieve(a: dict, prompts: torch.Tensor):
         raise LmforgeError(f"retrieve: corpus {a['corpus']!r} is now {corpus.n_docs} documents of {corpus.doc_len} "
                            f"tokens (embedding width {corpus.embed_dim}); the program was built for {a['n_docs']} of "
                            f"{a['doc_len']} (width {a['embed_dim']}): rebuild the program")
+    if a.get("fingerprint") and a["fingerprint"] != corpus.fingerprint:
+        raise LmforgeError(f"retrieve: the corpus registered as {a['corpus']!r} (fingerprint {corpus.fingerprint}) "
+                           f"differs from the one the program was built and tuned with (fingerprint "
+                           f"{a['fingerprint']}): its documents, their embeddings or its pad_id changed. Register "
+                           f"the same corpus (documents, encoder, pad_id) as {a['corpus']!r}, or rebuild the program "
+                           "(and re-tune it) for this corpus")
     return retrieve(prompts, corpus, a["k"], a["method"], a["insert_at"])
 
 

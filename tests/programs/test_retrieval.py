@@ -156,7 +156,14 @@ def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
     assert torch.equal(compiled(questions[:8])[0], want)
     lmforge.export_artifact(compiled, tmp_path / "rag")
     assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
-
+    documents = get_corpus("facts").documents
+    try:   # the artifact does not carry the corpus: a corpus of the same shape but other documents is refused
+        register_corpus("facts", documents.flip(0))
+        with pytest.raises(LmforgeError, match="differs from the one the program was built"):
+            lmforge.load(tmp_path / "rag")(questions[:8])
+    finally:
+        register_corpus("facts", documents)
+    assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
 
 
 def test_a_list_of_equal_1d_documents_is_a_corpus():
@@ -263,3 +270,22 @@ def test_builder_checks_insert_at_where_the_prompt_length_is_known(tiny):
             b.retrieve("t-insert", k=1, insert_at=insert_at)
     assert ProgramBuilder("rag", {"tiny": tiny[1]}, prompt_len=3).retrieve("t-insert", insert_at=3).type.shape == \
         ("batch", 6)
+
+
+def test_a_corpus_whose_contents_changed_is_refused(tiny, task):
+    """Same shape, other contents (a token, the encoder's embeddings, the pad token): the program was built and tuned
+    for another corpus, so running it is an error; registering the same corpus again runs it."""
+    from lmforge.ir.graph import Graph
+
+    one, other = (torch.randn(10, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    register_corpus("t-contents", DOCS, embed=lambda t: one[t].sum(1))
+    graph = _rag(tiny[1], corpus="t-contents")
+    assert Graph.from_json(graph.to_json()).nodes[0].attr["fingerprint"] == get_corpus("t-contents").fingerprint
+    changed = DOCS.clone()
+    changed[1, 1] = 7
+    for docs, table, pad_id in ((changed, one, None), (DOCS, one, 0), (DOCS, other, None)):
+        register_corpus("t-contents", docs, embed=lambda t, table=table: table[t].sum(1), pad_id=pad_id)
+        with pytest.raises(LmforgeError, match="differs from the one the program was built"):
+            ProgramRunner(graph).run(task[0][:2])
+    register_corpus("t-contents", DOCS.clone(), embed=lambda t: one[t].sum(1))
+    assert ProgramRunner(graph).run(task[0][:2]).tokens.shape[0] == 2
