@@ -134,13 +134,21 @@ class ProgramBuilder:
 
     def generate(self, model: str, *, max_new_tokens: int, strategy: str = "greedy", prompts: Value | None = None,
                  **attrs) -> Candidates:
-        """Decode the program's prompts (or `prompts`, e.g. from retrieve) with a strategy over the model's step."""
+        """Decode the program's prompts (or `prompts`, e.g. from retrieve) with a strategy over the model's step.
+
+        A best-of-N scorer (aggregator="scorer") reads the program's own prompts, as rank, verify and fuse do by
+        default: given retrieval-augmented `prompts`, the node also takes the program's prompts (a second input)
+        for its scorer, which so sees the user's prompt without the documents. (For a scorer that should read the
+        documents, sample and then rank(..., by=scorer, prompts=<the retrieved prompts>).)"""
         region = self._region(model)
         attrs = dict(attrs, model=model, strategy=strategy, max_new_tokens=max_new_tokens,
                      kv_shape=kv_shape_of(region))
         if "catalog" in attrs:
             attrs["catalog"] = tuple(tuple(int(t) for t in e) for e in attrs["catalog"])
-        return self._op("generate", [self.prompts if prompts is None else prompts], attrs, self._regions(model))
+        inputs = [self.prompts if prompts is None else prompts]
+        if attrs.get("aggregator") == "scorer" and inputs[0].name != self.prompts.name:
+            inputs.append(self.prompts)
+        return self._op("generate", inputs, attrs, self._regions(model))
 
     def ensemble(self, *parts: Candidates) -> Candidates:
         return self._op("ensemble", [v for c in parts for v in (c.tokens, c.scores)], {})

@@ -102,9 +102,11 @@ class ExecContext:
         return self.vocabs.get(idx)
 
 
-def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> list[Generation]:
+def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor,
+                 scorer_prompts: torch.Tensor | None = None) -> list[Generation]:
     """The prompts [B, L] through a generate node (attrs `a`, see lmforge.ir.ops.program_ops), as one batch:
-    what the cache holds is reused, prompts that repeat decode once."""
+    what the cache holds is reused, prompts that repeat decode once. scorer_prompts [B, L']: what a best-of-N
+    scorer reads instead of `prompts` (the program's own prompts, when `prompts` are retrieval-augmented)."""
     strategy, T, eos, shared = a["strategy"], a["max_new_tokens"], a["eos_id"], a["shared_prefix"]
     model = ctx.step_model(idx, 0, prompts.shape[1] if shared else None)
     vocab = ctx.vocab(idx)
@@ -122,7 +124,7 @@ def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor) -> 
         if strategy == "first_finish":
             return [_first_finish(g) for g in gens]
         out = []
-        for prompt, gen in zip(prompts, gens):
+        for prompt, gen in zip(prompts if scorer_prompts is None else scorer_prompts, gens):
             tokens, scores = compound.aggregate(prompt, gen.tokens, gen.logprobs, a["aggregator"], a["scorer"])
             out.append(Generation(tokens, scores, gen.lengths[:1], gen.trace))
         return out
@@ -246,7 +248,7 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
             account.query_lens += [args[0].shape[1]] * args[0].shape[0]
         return run_retrieve(a, args[0])
     if node.op == "generate":
-        gens = run_generate(ctx, idx, a, args[0])
+        gens = run_generate(ctx, idx, a, *args)
         traces.extend(g.trace for g in gens)
         return torch.stack([g.tokens for g in gens]), torch.stack([g.logprobs.float() for g in gens])
     if node.op == "fuse" and a["by"] == "model":

@@ -289,3 +289,28 @@ def test_a_corpus_whose_contents_changed_is_refused(tiny, task):
             ProgramRunner(graph).run(task[0][:2])
     register_corpus("t-contents", DOCS.clone(), embed=lambda t: one[t].sum(1))
     assert ProgramRunner(graph).run(task[0][:2]).tokens.shape[0] == 2
+
+
+def test_a_best_of_n_scorer_reads_the_prompt_without_the_documents(tiny, task):
+    """The aggregators read the user's prompt: a best-of-N scorer as well as rank / verify / fuse, in a program
+    built by hand and in the search's template; batched or prompt by prompt."""
+    from lmforge.programs import register_function
+    from lmforge.programs.search import ProgramEvaluator
+
+    seen = []
+    register_function("t-spy", lambda prompt, cands: (seen.append(prompt.tolist()), torch.zeros(cands.shape[0]))[1])
+    register_corpus("t-scorer", DOCS)
+    prompts, answers = task[0][:3], task[1][:3]
+    b = ProgramBuilder("rag", {"tiny": tiny[1]})
+    graph = b.build(b.generate("tiny", prompts=b.retrieve("t-scorer", k=2), strategy="best_of_n", n=2,
+                               aggregator="scorer", scorer="t-spy", max_new_tokens=3, eos_id=12))
+    for batch_prompts in (True, False):
+        seen.clear()
+        ProgramRunner(graph, batch_prompts=batch_prompts).run(prompts)
+        assert seen == prompts.tolist()
+    ev = ProgramEvaluator({"tiny": tiny[1]}, prompts, answers, H100, eos_id=12, scorer="t-spy",
+                          retrievers={"lexical": ("t-scorer", "overlap")})
+    seen.clear()
+    ev({"program.model": "tiny", "program.strategy": "best_of_n", "program.n": 2, "program.aggregator": "scorer",
+        "program.max_new_tokens": 3, "program.retriever": "lexical", "program.retrieve_k": 1})
+    assert seen == prompts.tolist()

@@ -109,6 +109,11 @@ def _check_step_region(op: str, regions, a=None, required: bool = True) -> None:
 
 def _generate_infer(ins, a, regions):
     _prompts_type(ins[0], "generate")
+    if len(ins) == 2:
+        _prompts_type(ins[1], "generate")
+        if ins[1].shape[0] != ins[0].shape[0]:
+            raise VerifyError(f"generate: its scorer's prompts have batch {ins[1].shape[0]}, its prompts "
+                              f"{ins[0].shape[0]}")
     _check_step_region("generate", regions, a)
     return candidates(ins[0].shape[0], num_candidates(a), a["max_new_tokens"])
 
@@ -216,8 +221,10 @@ def _cand_attrs(**extra):
 def ops() -> list[OpDef]:
     two = lambda a: 2  # noqa: E731
     return [
-        OpDef("generate", "Decode a batch of prompts with a decoding strategy over the decode step in its region.",
-              GENERATE_ATTRS, _generate_infer, _reference("generate"), _program_cost, arity=(1, 1),
+        OpDef("generate", "Decode a batch of prompts with a decoding strategy over the decode step in its region; "
+                          "an optional second input: the prompts a best-of-N scorer reads (the program's own, when "
+                          "the first are retrieval-augmented).",
+              GENERATE_ATTRS, _generate_infer, _reference("generate"), _program_cost, arity=(1, 2),
               op_class="program", kind="program", num_outputs=two),
         OpDef("ensemble", "All candidates of several generators (inputs: tokens, scores, tokens, scores, ...).",
               {}, _ensemble_infer, _reference("ensemble"), _program_cost, arity=(2, None), op_class="program",
