@@ -14,10 +14,12 @@ step graphs run (an exact inner minimisation per step graph and shape): the sear
 then sees latencies with tuned kernels, and a latency budget makes the kernel choice matter.
 
 Knobs: which model, strategy (greedy, best_of_n, first_finish, beam) and its parameters, max new tokens,
-optionally a retriever and its number of documents (retrieval-augmented prompts; the fuser reads the original
-prompt), and pass knobs applied to the model's decode step: a sliding decode window (sparse attention, with
-4 sink tokens) and KV-cache int8. Multi-fidelity: a trial is evaluated on a growing prefix of the dev
-set (`fidelities`), reports its accuracy after each, and Optuna's median pruner stops the weak ones.
+optionally a retriever and its number of documents (retrieval-augmented prompts: the model decodes them, while
+the aggregators, best-of-N's scorer and the fuser, read the user's original prompt; a number of documents larger
+than the retriever's corpus is not a program and is pruned), and pass knobs applied to the model's decode step:
+a sliding decode window (sparse attention, with 4 sink tokens) and KV-cache int8. Multi-fidelity: a trial is
+evaluated on a growing prefix of the dev set (`fidelities`), reports its accuracy after each, and Optuna's median
+pruner stops the weak ones.
 The budget is an Optuna constraint (`trial.set_constraint`), never a made-up score. Generations are
 cached by (model, prompt, seed, sample index) across trials, so a best-of-8 after a best-of-4 decodes
 only the 4 new samples.
@@ -37,9 +39,18 @@ from lmforge.passes.decoding import DecodingError, lower_decoding, model_pass_co
 from lmforge.passes.shard import ShardError
 from lmforge.programs.builder import ProgramBuilder
 from lmforge.programs.cost import _StepCosts, program_cost
+from lmforge.programs.retrieval import get_corpus
 from lmforge.programs.runtime import GenerationCache, ProgramRunner
 
 _SAMPLED = ("program.strategy", ("best_of_n", "first_finish"))
+
+
+class TooFewDocuments(LmforgeError):
+    """The config retrieves more documents than its retriever's corpus holds: not a program (the search prunes it)."""
+
+
+# configs that are not programs: the grid skips them, the search prunes them (never scored)
+NOT_A_PROGRAM = (ShardError, DecodingError, TooFewDocuments)
 
 
 def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choices=(3, 4),
@@ -52,8 +63,9 @@ def program_space(models: Sequence[str], n_choices=(2, 4, 8, 16), max_new_choice
     when given), and with `fuser`: "fuse_vote" (fuse by a score-weighted token vote) and "fuser" (fuse by the
     generative fuser model). Pass knobs: decode window, KV-cache format, weight-only bits (16 = none).
     retrievers (names of ProgramEvaluator(retrievers=...)): a retrieve step before generation, "none" or one of
-    them, and how many documents it inserts (retrieve_k). tp: GPUs every model of the program is split over
-    (knob `shard.tp`, lmforge.passes.shard.tensor_parallel_regions; offered when tp has more than one value)."""
+    them, and how many documents it inserts (retrieve_k; a k larger than a retriever's corpus is pruned). tp:
+    GPUs every model of the program is split over (knob `shard.tp`, lmforge.passes.shard.tensor_parallel_regions;
+    offered when tp has more than one value)."""
     aggs = ("vote",) + (("scorer",) if scorer else ()) + (("fuse_vote", "fuser") if fuser else ())
     rag = [Knob("program.retriever", "categorical", "none", choices=("none", *retrievers)),
            Knob("program.retrieve_k", "categorical", retrieve_k[0], choices=tuple(retrieve_k),
@@ -194,6 +206,10 @@ class ProgramEvaluator:
                 raise LmforgeError(f"retriever {retriever!r} is not one of ProgramEvaluator(retrievers=...): "
                                    f"{sorted(self.retrievers)}")
             corpus, method = self.retrievers[retriever]
+            n_docs = get_corpus(corpus).n_docs
+            if c["program.retrieve_k"] > n_docs:
+                raise TooFewDocuments(f"retriever {retriever!r}: k={c['program.retrieve_k']} documents from corpus "
+                                      f"{corpus!r} of {n_docs}")
             attrs["prompts"] = b.retrieve(corpus, c["program.retrieve_k"], method, self.insert_at)
         if fused:  # n samples, then a fuse node reads them all
             attrs.update(strategy="sample", n=c["program.n"], temperature=self.temperature)
@@ -261,18 +277,35 @@ def _budget(budget_eflops: float | None, budget_latency_s: float | None) -> tupl
     return ("eflops", budget_eflops) if budget_eflops is not None else ("latency_s", budget_latency_s)
 
 
+def _check_retrieve_k(ev: ProgramEvaluator, knobs: Sequence[Knob]) -> None:
+    """An LmforgeError when a retriever of the space can insert none of the space's retrieve_k values (its corpus
+    has fewer documents than the smallest): that retriever's every config would be pruned."""
+    by_name = {k.name: k for k in knobs}
+    if ev.program is not None or "program.retriever" not in by_name or "program.retrieve_k" not in by_name:
+        return
+    ks = tuple(by_name["program.retrieve_k"].choices)
+    for name in by_name["program.retriever"].choices:
+        if name in ev.retrievers:
+            corpus = ev.retrievers[name][0]
+            n_docs = get_corpus(corpus).n_docs
+            if min(ks) > n_docs:
+                raise LmforgeError(f"retriever {name!r} (corpus {corpus!r} of {n_docs} documents) can retrieve none "
+                                   f"of program_space(retrieve_k={ks}): give retrieve_k values of at most {n_docs}")
+
+
 def grid_search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | None = None, *,
                 budget_latency_s: float | None = None) -> SearchResult:
     """Evaluate every config on the full dev set (the exhaustive reference); the best is the most accurate
     within the budget (eFLOPs, or predicted latency on the target)."""
     field_name, limit = _budget(budget_eflops, budget_latency_s)
+    _check_retrieve_k(ev, knobs)
     before = ev.problems_evaluated
     evals = []
     for c in grid(knobs):
         try:
             evals.append(ev(c))
-        except (ShardError, DecodingError):
-            continue   # a tp the heads do not divide by, a strategy the program cannot take: not a program
+        except NOT_A_PROGRAM:
+            continue   # a tp the heads do not divide by, a strategy the program cannot take, k > the corpus
     feasible = [e for e in evals if getattr(e, field_name) <= limit]
     best = max(feasible, key=lambda e: (e.accuracy, -getattr(e, field_name)), default=None)
     return SearchResult(best, evals, pareto_front(evals), ev.problems_evaluated - before, len(evals), 0)
@@ -294,6 +327,7 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
     from lmforge.search.space import suggest
 
     field_name, limit = _budget(budget_eflops, budget_latency_s)
+    _check_retrieve_k(ev, knobs)
     full = len(ev.prompts)
     fidelities = sorted({max(1, min(int(n), full)) for n in (fidelities or (full // 4, full // 2, full))})
     if fidelities[-1] != full:
@@ -315,7 +349,7 @@ def search(ev: ProgramEvaluator, knobs: Sequence[Knob], budget_eflops: float | N
         for step, n in enumerate(fidelities):
             try:
                 e = ev(config, n)
-            except (ShardError, DecodingError) as err:   # not a program (see grid_search): pruned, never scored
+            except NOT_A_PROGRAM as err:   # not a program (see grid_search): pruned, never scored
                 trial.set_user_attr("pruned_reason", str(err))
                 raise optuna.TrialPruned(str(err)) from err
             over = getattr(e, field_name) - limit

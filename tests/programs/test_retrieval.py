@@ -314,3 +314,26 @@ def test_a_best_of_n_scorer_reads_the_prompt_without_the_documents(tiny, task):
     ev({"program.model": "tiny", "program.strategy": "best_of_n", "program.n": 2, "program.aggregator": "scorer",
         "program.max_new_tokens": 3, "program.retriever": "lexical", "program.retrieve_k": 1})
     assert seen == prompts.tolist()
+
+
+def test_search_prunes_k_beyond_the_corpus_and_names_a_space_with_none_that_fits(tiny, task):
+    from lmforge.programs.search import ProgramEvaluator, grid_search, program_space, search
+
+    register_corpus("t-small", DOCS)      # 4 documents: k = 8 cannot be retrieved
+    prompts, answers = task[0][:4], task[1][:4]
+    ev = ProgramEvaluator({"tiny": tiny[1]}, prompts, answers, H100, eos_id=12,
+                          retrievers={"lexical": ("t-small", "overlap")})
+    space = program_space(["tiny"], max_new_choices=(4,), windows=(0,), kv=("none",), strategies=("greedy",),
+                          retrievers=("lexical",), retrieve_k=(2, 8))
+    g = grid_search(ev, space, budget_eflops=1e15)
+    assert sorted(e.config.get("program.retrieve_k") for e in g.evaluations
+                  if e.config["program.retriever"] != "none") == [2]
+    s = search(ev, space, budget_eflops=1e15, n_trials=6, fidelities=(4,))
+    assert all(e.config["program.retrieve_k"] != 8 or e.config["program.retriever"] == "none"
+               for e in s.evaluations)
+    too_big = program_space(["tiny"], max_new_choices=(4,), windows=(0,), kv=("none",), strategies=("greedy",),
+                            retrievers=("lexical",), retrieve_k=(8, 16))
+    for run in (lambda: grid_search(ev, too_big, budget_eflops=1e15),
+                lambda: search(ev, too_big, budget_eflops=1e15, n_trials=2)):
+        with pytest.raises(LmforgeError, match=r"program_space\(retrieve_k=\(8, 16\)\)"):
+            run()
