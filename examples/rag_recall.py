@@ -142,6 +142,9 @@ def main(argv=None) -> None:
 
 
 def describe(e) -> str:
+    """One line on the best evaluation of a search, or on there being none (nothing fits the budget)."""
+    if e is None:
+        return "none: no config fits the budget (raise --budget: 1.0 is the cost of overlap with k = 1)"
     c = e.config
     rag = f"{c['program.retriever']} k={c['program.retrieve_k']}" if c["program.retriever"] != "none" else "none"
     return (f"{rag}, KV {c['quant.kv']}, {c['quant.weight_bits']}-bit weights: accuracy {e.accuracy:.3f}, "

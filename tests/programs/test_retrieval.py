@@ -166,6 +166,12 @@ def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
     assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
 
 
+def test_the_example_says_when_no_config_fits_the_budget():
+    from examples.rag_recall import describe
+
+    assert "no config fits the budget" in describe(None)
+
+
 def test_a_list_of_equal_1d_documents_is_a_corpus():
     corpus = register_corpus("t-rows", list(DOCS))
     assert torch.equal(corpus.documents, DOCS)
