@@ -67,6 +67,15 @@ def kv_shape_of(step: Graph) -> tuple[int, int, int]:
     return int(shape[0]), int(shape[2]), int(shape[4])
 
 
+def kv_dtype_of(step: Graph) -> str:
+    """The dtype of the KV cache a decode step takes (its k_cache input), e.g. "bfloat16": a cache the runtime
+    starts empty (no prefill region) must have it."""
+    from lmforge.passes.shard import whole_io_types
+
+    kv_shape_of(step)   # a decode step, or a clear error
+    return whole_io_types(step)[0][1].dtype
+
+
 class ProgramBuilder:
     """Builds a program graph; see the module docstring."""
 
@@ -142,7 +151,7 @@ class ProgramBuilder:
         documents, sample and then rank(..., by=scorer, prompts=<the retrieved prompts>).)"""
         region = self._region(model)
         attrs = dict(attrs, model=model, strategy=strategy, max_new_tokens=max_new_tokens,
-                     kv_shape=kv_shape_of(region))
+                     kv_shape=kv_shape_of(region), kv_dtype=kv_dtype_of(region))
         if "catalog" in attrs:
             attrs["catalog"] = tuple(tuple(int(t) for t in e) for e in attrs["catalog"])
         inputs = [self.prompts if prompts is None else prompts]
@@ -156,7 +165,7 @@ class ProgramBuilder:
     def _scored(self, op: str, c: Candidates, attrs, model: str | None, prompts: Value | None = None) -> Candidates:
         regions = self._regions(model) if model else ()
         if model:
-            attrs = dict(attrs, kv_shape=kv_shape_of(regions[0]))
+            attrs = dict(attrs, kv_shape=kv_shape_of(regions[0]), kv_dtype=kv_dtype_of(regions[0]))
         return self._op(op, [self.prompts if prompts is None else prompts, c.tokens, c.scores], attrs, regions)
 
     def _upstream_eos(self, c: Candidates) -> int:

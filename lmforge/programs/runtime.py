@@ -378,7 +378,8 @@ class ProgramRunner:
         return self._compiled[id(region)][1]
 
     def step_model(self, idx: int, region: int, prefix_len: int | None) -> StepModel:
-        from lmforge.programs.builder import kv_shape_of
+        from lmforge.ir.types import torch_dtype
+        from lmforge.programs.builder import kv_dtype_of, kv_shape_of
 
         key = (idx, region, prefix_len if self.hydragen else None)
         if key not in self._models:
@@ -391,7 +392,7 @@ class ProgramRunner:
 
             regions = self.graph.nodes[idx].regions
             pre = regions[region + 1] if len(regions) > region + 1 else None   # the model's prefill graph
-            self._models[key] = StepModel(self._compile(r), kv_shape_of(r),
+            self._models[key] = StepModel(self._compile(r), kv_shape_of(r), torch_dtype(kv_dtype_of(r)),
                                           hydragen_step=self._compile(hyd) if hyd is not None else None,
                                           grouped=grouped, prefill_fn=self._compile(pre) if pre is not None else None)
         return self._models[key]

@@ -90,3 +90,31 @@ def test_prefill_graphs_must_match_their_model(tiny, tiny_prefill):
     b = ProgramBuilder("p", {"tiny": tiny[1]}, prefills={"tiny": tiny[1]})      # a decode step is not a prefill
     with pytest.raises(VerifyError, match="second region must be the model's prefill"):
         b.generate("tiny", max_new_tokens=2)
+
+
+def test_a_bf16_model_runs_without_a_prefill_region(tiny, task):
+    """Without a prefill region the prompt is fed token by token from an empty cache, which must have the step's
+    cache dtype (bf16 here, not float32): the float32 model's answers within bf16 rounding, in the runner, in
+    lmforge.compile and in a scoring model."""
+    import copy
+
+    import lmforge
+    from examples.llama_workload import DECODE_DYNAMIC, decode_inputs
+    from examples.models.llama import LlamaDecodeStep
+    from lmforge.ir.frontends.torch_export import capture
+
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    prompts = task[0][:4]
+    step = capture(LlamaDecodeStep(model), decode_inputs(model, prompts[:2], 5), dynamic=DECODE_DYNAMIC)
+    half = ProgramRunner(_program(step, None, strategy="beam", width=2)).run(prompts)
+    full = ProgramRunner(_program(tiny[1], None, strategy="beam", width=2)).run(prompts)
+    assert torch.equal(half.tokens, full.tokens)
+    torch.testing.assert_close(half.scores, full.scores, rtol=0.05, atol=0.05)    # bf16 arithmetic
+
+    b = ProgramBuilder("p", {"tiny": step})
+    graph = b.build(b.rank(b.generate("tiny", strategy="sample", n=3, max_new_tokens=ANSWER_LEN, eos_id=EOS),
+                           model="tiny", top_k=2))
+    assert [n.attr["kv_dtype"] for n in graph.nodes] == ["bfloat16", "bfloat16"]
+    ranked = ProgramRunner(graph).run(prompts)
+    got = lmforge.compile(graph)(prompts)
+    assert torch.equal(got[0], ranked.tokens) and torch.allclose(got[1], ranked.scores)

@@ -34,6 +34,7 @@ GENERATE_ATTRS = {
     "max_new_tokens": attr("int"),
     "eos_id": attr("int", -1, "end-of-sequence token (-1: none)"),
     "kv_shape": attr("ints", doc="(layers, kv_heads, head_dim) of the region's KV cache"),
+    "kv_dtype": attr("str", "", "dtype of the region's KV cache, e.g. 'bfloat16' ('': float32)"),
     "n": attr("int", 1, "samples (sample, best_of_n, first_finish)"),
     "temperature": attr("float", 1.0),
     "top_p": attr("float", 1.0),
@@ -105,6 +106,10 @@ def _check_step_region(op: str, regions, a=None, required: bool = True) -> None:
         if want is None or tuple(a["kv_shape"]) != tuple(want):
             raise VerifyError(f"{op}: kv_shape {tuple(a['kv_shape'])} does not match the region's k_cache {ks} "
                               f"(expected (layers, kv_heads, head_dim) = {want})")
+        dtype = whole_io_types(r)[0][1].dtype
+        if a.get("kv_dtype") and a["kv_dtype"] != dtype:
+            raise VerifyError(f"{op}: kv_dtype {a['kv_dtype']!r} does not match the region's k_cache dtype "
+                              f"{dtype!r}; set kv_dtype={dtype!r} (lmforge.programs.ProgramBuilder does)")
 
 
 def _generate_infer(ins, a, regions):
@@ -151,17 +156,22 @@ def _program_cost(ins, attrs, outs) -> Cost:
 
 
 def _reference(op: str):
-    """The torch reference of a program op: the runtime's node executor with no cache and no accounting."""
+    """The torch reference of a program op: the runtime's node executor with no cache and no accounting. Its regions
+    come compiled (callables), so the cache dtype is the node's `kv_dtype`."""
 
     def ref(*inputs, regions=(), **attrs):
+        import torch
+
+        from lmforge.ir.types import torch_dtype
         from lmforge.programs.decoding import StepModel
         from lmforge.programs.runtime import ExecContext, run_node
 
         kv = attrs.get("kv_shape")
+        dtype = torch_dtype(attrs["kv_dtype"]) if attrs.get("kv_dtype") else torch.float32
 
         def step_model(idx, region, prefix_len):
             shape = kv if kv else _region_kv_shape_unknown(op)
-            return StepModel(regions[region], tuple(shape),
+            return StepModel(regions[region], tuple(shape), dtype,
                              prefill_fn=regions[region + 1] if len(regions) > region + 1 else None)
 
         node = SimpleNamespace(op=op, attr=attrs, regions=regions)
@@ -215,7 +225,8 @@ _SCORED_EOS = attr("int", -1, "the candidates' end-of-sequence token: a scoring 
 
 
 def _cand_attrs(**extra):
-    return {**extra, "kv_shape": attr("ints", (), "(layers, kv_heads, head_dim) of the scoring region, if any")}
+    return {**extra, "kv_shape": attr("ints", (), "(layers, kv_heads, head_dim) of the scoring region, if any"),
+            "kv_dtype": attr("str", "", "dtype of the scoring region's KV cache, e.g. 'bfloat16' ('': float32)")}
 
 
 def ops() -> list[OpDef]:
