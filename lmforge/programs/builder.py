@@ -250,6 +250,7 @@ def verify_program(graph: Graph) -> Graph:
     - a verifier needs candidates: verify/rank need >= 1 candidate coming in (fuse and vote need >= 1 too),
       and verify needs a checker function or a model region; a fuse with a model (by="model") is a
       generative fuser and needs >= 1 candidate to read;
+    - a scoring or fuser model's vocabulary covers the generators' whose candidates it reads;
     - a retrieve names a registered corpus;
     - strategies: beam widths >= 1, diverse beam width divisible by groups, n >= 1, a best_of_n with
       aggregator "scorer" names a registered function, a trie beam has a non-empty catalog.
@@ -288,6 +289,8 @@ def verify_program(graph: Graph) -> Graph:
                                                                    else "takes no model region (use by='model')"))
         if n.op == "fuse" and n.regions and n.regions[0].outputs[0].type.shape[-1] in (0, 1):
             raise VerifyError(f"{where}: a fuser model needs a vocabulary of the task's tokens plus a separator")
+        if n.regions:
+            _check_reader_vocab(graph, n, where)
         if n.op == "verify" and not a["checker"] and not n.regions:
             raise VerifyError(f"{where}: a verifier needs a checker function (checker=...) or a model (model=...)")
         if n.op == "verify" and a["checker"] and n.regions:
@@ -307,6 +310,35 @@ def verify_program(graph: Graph) -> Graph:
                 raise VerifyError(f"{where}: {fn_attr}={name!r} is not a registered program function; register it "
                                   "with lmforge.programs.register_function first")
     return graph
+
+
+def _vocab(step: Graph) -> int | None:
+    """The vocabulary of a decode step (its logits' last dim), when the graph states it."""
+    v = step.outputs[0].type.shape[-1] if step.outputs else None
+    return v if isinstance(v, int) else None
+
+
+def _check_reader_vocab(graph: Graph, node, where: str) -> None:
+    """A scoring or fuser model reads the candidates: its vocabulary must cover the tokens of every generate node
+    upstream of them (both vocabularies known)."""
+    vocab = _vocab(node.regions[0])
+    if vocab is None:
+        return
+    producers, seen = graph.producers(), set()
+    todo = [v for v in node.inputs if v is not None and v.type.rank == 3]
+    while todo:
+        src = producers.get(todo.pop().name)
+        if src is None or id(src) in seen:
+            continue
+        seen.add(id(src))
+        if src.op != "generate":
+            todo += [v for v in src.inputs if v is not None and v.type.rank == 3]
+            continue
+        gen_vocab = _vocab(src.regions[0]) if src.regions else None
+        if gen_vocab is not None and gen_vocab > vocab:
+            raise VerifyError(f"{where}: its model's vocabulary ({vocab} tokens) is smaller than that of model "
+                              f"{src.attr['model']!r} ({gen_vocab}), whose candidates it reads: the candidates' ids "
+                              "must be its tokens; use a model with the generators' tokenizer")
 
 
 def _check_generate(a, where, strategies, aggregators, has_function) -> None:
@@ -341,8 +373,8 @@ def _check_generate(a, where, strategies, aggregators, has_function) -> None:
 
 def _check_token_ids(a, where: str, step) -> None:
     """eos_id and a trie catalog's ids must be tokens of the model's vocabulary (its step's logits width)."""
-    vocab = step.outputs[0].type.shape[-1] if step is not None and step.outputs else None
-    if not isinstance(vocab, int):
+    vocab = _vocab(step) if step is not None else None
+    if vocab is None:
         return
     if a["eos_id"] >= vocab:
         raise VerifyError(f"{where}: eos_id {a['eos_id']} is not a token of model {a['model']!r} (vocabulary of "

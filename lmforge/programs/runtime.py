@@ -256,6 +256,7 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     outs_t, outs_s = [], []
     score_fns = [None] * args[0].shape[0]
     if node.regions and node.op in ("rank", "verify"):  # a scoring model: all candidates scored as one batch
+        _check_candidate_ids(args[1], ctx.vocab(idx), node)
         score_fns = model_score_fns(ctx.step_model(idx, 0, None), args[0], args[1], traces, a["eos_id"])
     for b in range(args[0].shape[0]):
         tokens, scores, checks = _compound_row(node, a, [x[b] for x in args], score_fns[b])
@@ -264,6 +265,16 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
         outs_t.append(tokens)
         outs_s.append(scores.float())
     return torch.stack(outs_t), torch.stack(outs_s)
+
+
+def _check_candidate_ids(tokens: torch.Tensor, vocab: int | None, node) -> None:
+    """A scoring model reads the candidates [B, k, T]: each id must be a token of its vocabulary (when known)."""
+    if vocab is None or not tokens.numel() or (int(tokens.min()) >= 0 and int(tokens.max()) < vocab):
+        return
+    bad = sorted(set(tokens[(tokens < 0) | (tokens >= vocab)].tolist()))
+    raise LmforgeError(f"{node.op}: candidate token ids {bad[:5]} are outside the scoring model's vocabulary "
+                       f"(0..{vocab - 1}); score with a model whose vocabulary covers the generators' (the same "
+                       "tokenizer)")
 
 
 def run_retrieve(a: dict, prompts: torch.Tensor):

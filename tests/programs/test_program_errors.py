@@ -59,6 +59,41 @@ def test_bad_prompts_at_run_time(tiny, prompts, match):
         ProgramRunner(b.build(_gen(b))).run(prompts)
 
 
+def test_compiled_programs_check_prompt_ids_like_the_runner(tiny):
+    import lmforge
+
+    b = ProgramBuilder("p", {"tiny": tiny[1]})
+    compiled = lmforge.compile(b.build(_gen(b, strategy="beam", width=2)))
+    with pytest.raises(LmforgeError, match=r"prompt token ids \[99\] are outside model 'tiny''s vocabulary"):
+        compiled(torch.tensor([[1, 2, 99]]))
+
+
+def test_a_scoring_model_must_cover_the_generators_vocabulary(tiny, fuser):
+    """The fuser model's vocabulary (15) is the task's (14) plus a separator: it may score the tiny model's
+    candidates, but the tiny model may not score the fuser's (ids up to 14)."""
+    b = ProgramBuilder("p", {"tiny": tiny[1], "fuser": fuser[1]})
+    b.build(b.rank(_gen(b, strategy="sample", n=2), model="fuser"))
+    for node in (lambda c: b.rank(c, model="tiny"), lambda c: b.verify(c, model="tiny")):
+        c = b.generate("fuser", strategy="sample", n=2, max_new_tokens=ANSWER_LEN, eos_id=EOS)
+        with pytest.raises(VerifyError, match=r"vocabulary \(14 tokens\) is smaller than that of model 'fuser' "
+                                              r"\(15\)"):
+            b.build(node(c))
+
+
+def test_a_scoring_model_checks_candidate_ids_at_run_time(tiny):
+    """Where a vocabulary is known only at run time (a compiled region), an id the scoring model lacks is an
+    LmforgeError before the model runs."""
+    from types import SimpleNamespace
+
+    from lmforge.programs.runtime import ExecContext, run_node
+
+    node = SimpleNamespace(op="rank", attr={"by": "logprob", "top_k": 1, "eos_id": EOS}, regions=(tiny[1],))
+    ctx = ExecContext(lambda *a: pytest.fail("the scoring model ran before its ids were checked"), vocabs={0: VOCAB})
+    cands = torch.tensor([[[1, 2, VOCAB + 1, EOS]]])
+    with pytest.raises(LmforgeError, match=r"candidate token ids \[15\] are outside the scoring model's"):
+        run_node(ctx, 0, node, [torch.tensor([[1, 2, 3]]), cands, torch.zeros(1, 1)])
+
+
 def test_program_functions_are_checked(tiny, task):
     with pytest.raises(LmforgeError, match="must be callable"):
         register_function("t-not-callable", 5)

@@ -157,14 +157,15 @@ def _program_cost(ins, attrs, outs) -> Cost:
 
 def _reference(op: str):
     """The torch reference of a program op: the runtime's node executor with no cache and no accounting. Its regions
-    come compiled (callables), so the cache dtype is the node's `kv_dtype`."""
+    come compiled (callables), so the cache dtype is the node's `kv_dtype` and the vocabulary (for the prompt and
+    candidate id checks) is found by one probe step, as the runtime does for a compiled region."""
 
     def ref(*inputs, regions=(), **attrs):
         import torch
 
         from lmforge.ir.types import torch_dtype
         from lmforge.programs.decoding import StepModel
-        from lmforge.programs.runtime import ExecContext, run_node
+        from lmforge.programs.runtime import ExecContext, run_node, vocab_size
 
         kv = attrs.get("kv_shape")
         dtype = torch_dtype(attrs["kv_dtype"]) if attrs.get("kv_dtype") else torch.float32
@@ -175,7 +176,8 @@ def _reference(op: str):
                              prefill_fn=regions[region + 1] if len(regions) > region + 1 else None)
 
         node = SimpleNamespace(op=op, attr=attrs, regions=regions)
-        return run_node(ExecContext(step_model), 0, node, list(inputs))
+        vocabs = {0: vocab_size(step_model(0, 0, None), regions[0])} if regions and op != "fuse" else {}
+        return run_node(ExecContext(step_model, vocabs=vocabs), 0, node, list(inputs))
 
     return ref
 
