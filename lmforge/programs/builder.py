@@ -76,6 +76,28 @@ def kv_dtype_of(step: Graph) -> str:
     return whole_io_types(step)[0][1].dtype
 
 
+def catalog_entries(catalog) -> tuple[tuple[int, ...], ...]:
+    """A trie_beam catalog as a tuple of token-id tuples, e.g. [[5, 12], (5, 6, 12)] -> ((5, 12), (5, 6, 12));
+    an LmforgeError when it is not a list of token-id sequences (ints, or integer tensors of one element)."""
+    import operator
+
+    def items(seq) -> list:
+        if isinstance(seq, (str, bytes)):
+            raise TypeError(seq)
+        return list(seq)    # TypeError when not iterable
+
+    def token(t) -> int:
+        if isinstance(t, bool):
+            raise TypeError(t)
+        return operator.index(t)   # TypeError for strings, floats, float tensors
+
+    try:
+        return tuple(tuple(token(t) for t in items(e)) for e in items(catalog))
+    except TypeError:
+        raise LmforgeError(f"catalog must be a list of token-id sequences, e.g. [(5, 12), (5, 6, 12)] (each entry "
+                           f"the ids of one allowed output), got {catalog!r:.120}") from None
+
+
 class ProgramBuilder:
     """Builds a program graph; see the module docstring."""
 
@@ -153,7 +175,7 @@ class ProgramBuilder:
         attrs = dict(attrs, model=model, strategy=strategy, max_new_tokens=max_new_tokens,
                      kv_shape=kv_shape_of(region), kv_dtype=kv_dtype_of(region))
         if "catalog" in attrs:
-            attrs["catalog"] = tuple(tuple(int(t) for t in e) for e in attrs["catalog"])
+            attrs["catalog"] = catalog_entries(attrs["catalog"])
         inputs = [self.prompts if prompts is None else prompts]
         if attrs.get("aggregator") == "scorer" and inputs[0].name != self.prompts.name:
             inputs.append(self.prompts)
@@ -252,8 +274,9 @@ def verify_program(graph: Graph) -> Graph:
       generative fuser and needs >= 1 candidate to read;
     - a scoring or fuser model's vocabulary covers the generators' whose candidates it reads;
     - a retrieve names a registered corpus;
-    - strategies: beam widths >= 1, diverse beam width divisible by groups, n >= 1, a best_of_n with
-      aggregator "scorer" names a registered function, a trie beam has a non-empty catalog.
+    - strategies: beam widths >= 1, diverse beam width divisible by groups and diversity >= 0, n >= 1, a
+      best_of_n with aggregator "scorer" names a registered function, momentum's max_ngram >= 2, a trie beam
+      has a non-empty catalog of token-id sequences, and without an eos_id entries of max_new_tokens tokens.
     """
     from lmforge.ir.ops.program_ops import AGGREGATORS, STRATEGIES
     from lmforge.programs.functions import has_function
@@ -359,8 +382,25 @@ def _check_generate(a, where, strategies, aggregators, has_function) -> None:
         if a["aggregator"] == "scorer" and not has_function(a["scorer"]):
             raise VerifyError(f"{where}: aggregator 'scorer' needs scorer=<a registered program function>, "
                               f"got {a['scorer']!r}")
+    if s == "diverse_beam" and not a["diversity"] >= 0:
+        raise VerifyError(f"{where}: diversity is the penalty on tokens earlier groups chose, >= 0 (0: plain beam "
+                          f"search per group); got {a['diversity']}")
+    if s == "momentum" and a["max_ngram"] < 2:
+        raise VerifyError(f"{where}: momentum penalizes repeated n-grams of 2 <= n <= max_ngram tokens (a loop "
+                          f"needs two), so max_ngram must be >= 2; got {a['max_ngram']}")
+    if s == "trie_beam":
+        try:
+            catalog_entries(a["catalog"])
+        except LmforgeError as e:
+            raise VerifyError(f"{where}: {e}") from None
     if s == "trie_beam" and not a["catalog"]:
         raise VerifyError(f"{where}: trie_beam needs a non-empty catalog of allowed token sequences")
+    if s == "trie_beam" and a["eos_id"] < 0:
+        short = [e for e in a["catalog"] if len(e) < a["max_new_tokens"]]
+        if short:
+            raise VerifyError(f"{where}: trie_beam without an eos_id cannot end catalog entries shorter than "
+                              f"max_new_tokens={a['max_new_tokens']} (e.g. {tuple(short[0])}): give an eos_id, or "
+                              "make every entry max_new_tokens long")
     if s == "first_finish" and a["eos_id"] < 0:
         raise VerifyError(f"{where}: first_finish needs eos_id (the first sample to emit it wins)")
     if s in ("sample", "best_of_n", "first_finish"):

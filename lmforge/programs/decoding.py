@@ -211,8 +211,9 @@ def sample_many(model: StepModel, prompts, indices: Sequence[Sequence[int]], max
 def momentum(model: StepModel, prompt, max_new: int, eos: int = -1, alpha: float = 0.0, max_ngram: int = 2,
              resistance: Sequence[float] = (1.0,), shared_prefix: bool = True) -> Generation:
     """Momentum decoding (Lan et al., 2022): greedy, but a token that would close a loop, i.e. repeat an
-    n-gram (n <= max_ngram) already in the context, is penalized by alpha x resistance[c], c = how often
-    that n-gram was already visited (the last entry of the table applies beyond its length)."""
+    n-gram (2 <= n <= max_ngram) already in the context, is penalized by alpha x resistance[c - 1], where
+    c >= 1 is how many times the longest such n-gram already occurs in the context (resistance[0]: its first
+    repeat; the last entry of the table applies beyond its length)."""
     return momentum_many(model, prompt[None], max_new, eos, alpha, max_ngram, resistance, shared_prefix)[0]
 
 
@@ -248,13 +249,19 @@ def _ngram_visits(ctx: list[int], tok: int, max_ngram: int) -> int:
     return 0
 
 
-def catalog_trie(catalog: Sequence[Sequence[int]]) -> dict[tuple, set]:
-    """prefix -> the tokens that continue it to some catalog entry."""
+def catalog_trie(catalog: Sequence[Sequence[int]]) -> tuple[dict[tuple, set], set[tuple]]:
+    """(prefix -> the tokens that continue it to some catalog entry, the set of complete entries).
+
+    An entry may also be the prefix of a longer one: catalog [(5,), (5, 6, 7)] gives ({(): {5}, (5,): {6},
+    (5, 6): {7}}, {(5,), (5, 6, 7)}), and a beam at (5,) may then end (EOS) or go on with 6."""
     trie: dict[tuple, set] = {}
+    complete: set[tuple] = set()
     for entry in catalog:
+        entry = tuple(int(t) for t in entry)
+        complete.add(entry)
         for i in range(len(entry)):
-            trie.setdefault(tuple(entry[:i]), set()).add(int(entry[i]))
-    return trie
+            trie.setdefault(entry[:i], set()).add(entry[i])
+    return trie, complete
 
 
 def beam_search(model: StepModel, prompt, max_new: int, eos: int = -1, width: int = 1, groups: int = 1,
@@ -263,7 +270,8 @@ def beam_search(model: StepModel, prompt, max_new: int, eos: int = -1, width: in
     """Diverse beam search (Vijayakumar et al., 2018): `groups` groups of width/groups beams; at each step
     group g's scores are lowered by diversity x (times each token was chosen by groups < g at this step,
     the Hamming penalty). groups=1 is plain beam search. With a catalog, only continuations of catalog
-    entries are allowed (trie-constrained beam search); an entry that is complete may only emit EOS.
+    entries are allowed (trie-constrained beam search); a beam that spells a complete entry may emit EOS there
+    (with eos >= 0), also where a longer entry continues it.
     Returns all beams group by group, each group best first (by summed log-probability)."""
     return beam_search_many(model, prompt[None], max_new, eos, width, groups, diversity, catalog, shared_prefix)[0]
 
@@ -294,7 +302,7 @@ def beam_search_many(model: StepModel, prompts, max_new: int, eos: int = -1, wid
             done_row[eos] = 0.0
             logp = torch.where(finished[:, None], done_row, logp)
         if trie is not None:
-            logp = logp + _trie_mask(trie, tokens, finished, eos, logp.shape[-1])
+            logp = logp + _trie_mask(*trie, tokens, finished, eos, logp.shape[-1])
         src, new_tok, scores = _select_beams(scores, logp.reshape(n_prompts, width, -1), per, groups, diversity)
         src = (src + torch.arange(n_prompts)[:, None] * width).reshape(-1)   # rows of the whole batch
         new_tok = new_tok.reshape(-1)
@@ -309,16 +317,19 @@ def beam_search_many(model: StepModel, prompts, max_new: int, eos: int = -1, wid
             for p in range(n_prompts)]
 
 
-def _trie_mask(trie, tokens, finished, eos, vocab) -> torch.Tensor:
+def _trie_mask(trie, complete, tokens, finished, eos, vocab) -> torch.Tensor:
+    """[R, vocab]: 0 for the tokens row r may emit next, -inf for the others (see `catalog_trie`): the tokens that
+    continue its prefix to a catalog entry, and EOS (eos >= 0) where its prefix is a complete entry; a finished
+    row emits only EOS."""
     mask = torch.full((tokens.shape[0], vocab), NEG_INF)
     for r in range(tokens.shape[0]):
         prefix = tuple(tokens[r].tolist())
         if finished[r]:
             mask[r, eos] = 0.0
             continue
-        allowed = trie.get(prefix, set())
-        if not allowed and eos >= 0:
-            allowed = {eos}  # a complete entry: only EOS (or nothing when there is no EOS)
+        allowed = set(trie.get(prefix, ()))
+        if eos >= 0 and prefix in complete:
+            allowed.add(eos)   # a complete entry may end here, even where a longer entry continues it
         mask[r, list(allowed)] = 0.0
     return mask
 

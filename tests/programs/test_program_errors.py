@@ -25,6 +25,10 @@ BUILD_ERRORS = [   # (build(b) -> candidates, the error's words)
     (lambda b: b.verify(_gen(b), model="tiny", threshold=0.0), "threshold"),
     (lambda b: b.verify(_gen(b), model="tiny", checker="addition_checker"), "not both"),
     (lambda b: b.rank(_gen(b, strategy="sample", n=2), by="addition_checker", model="tiny"), "not both"),
+    (lambda b: _gen(b, strategy="diverse_beam", width=2, groups=2, diversity=-5.0), "diversity .* >= 0"),
+    (lambda b: _gen(b, strategy="momentum", alpha=1.0, max_ngram=1), "max_ngram must be >= 2"),
+    (lambda b: _gen(b, strategy="trie_beam", width=2, eos_id=-1, catalog=[(8, 3), (1, 2, 3, 4)]),
+     r"without an eos_id .* \(e.g. \(8, 3\)\): give an eos_id"),
 ]
 
 
@@ -33,6 +37,24 @@ def test_programs_that_cannot_run_are_refused_at_build_time(tiny, build, match):
     b = ProgramBuilder("p", {"tiny": tiny[1]})
     with pytest.raises(VerifyError, match=match):
         b.build(build(b))
+
+
+@pytest.mark.parametrize("catalog", [[("a", "b")], [5, 6], "56", None, [(1.5, 2)], [(True, 2)], [[torch.tensor(1.0)]]])
+def test_a_malformed_catalog_is_a_clear_error(tiny, catalog):
+    b = ProgramBuilder("p", {"tiny": tiny[1]})
+    with pytest.raises(LmforgeError, match="catalog must be a list of token-id sequences"):
+        _gen(b, strategy="trie_beam", width=2, catalog=catalog)
+
+
+def test_catalogs_take_ids_of_any_integer_kind_and_graphs_are_checked(tiny):
+    b = ProgramBuilder("p", {"tiny": tiny[1]})
+    graph = b.build(_gen(b, strategy="trie_beam", width=2, catalog=[torch.tensor([8, 3, EOS]), [1, 2, EOS]]))
+    assert graph.nodes[0].attr["catalog"] == ((8, 3, EOS), (1, 2, EOS))
+    from lmforge.programs import verify_program
+
+    bad = graph.with_nodes([graph.nodes[0].with_attrs(catalog=((8, "x"),))])
+    with pytest.raises(VerifyError, match="node 0 .*catalog must be a list of token-id sequences"):
+        verify_program(bad)
 
 
 def test_models_must_be_captured_graphs_and_prefills_dynamic(tiny):

@@ -11,7 +11,7 @@ T = 4
 
 def run(step, prompts, **attrs):
     b = ProgramBuilder("p", {"tiny": step})
-    graph = b.build(b.generate("tiny", max_new_tokens=attrs.pop("max_new_tokens", T), eos_id=EOS, **attrs))
+    graph = b.build(b.generate("tiny", max_new_tokens=attrs.pop("max_new_tokens", T), **{"eos_id": EOS, **attrs}))
     return ProgramRunner(graph).run(prompts)
 
 
@@ -91,14 +91,24 @@ def test_trie_beam_with_fewer_entries_than_beams_repeats_the_best(tiny, task, ca
         assert torch.equal(got.tokens[b, ~live[b]], got.tokens[b, :1].expand(int((~live[b]).sum()), -1))
 
 
-def test_trie_beam_without_eos_ends_dead_on_short_entries(tiny, task):
-    """With no EOS a complete entry shorter than max_new_tokens cannot go on: every beam is rejected (-inf)."""
+@pytest.mark.parametrize("catalog", [[(8,), (8, 3, 1)], [(8, 3, 1), (8,)], [(8, EOS), (8, 3, 1, EOS)]])
+def test_trie_beam_can_end_an_entry_that_a_longer_entry_continues(tiny, task, catalog):
+    """(8,) is a complete entry and the prefix of (8, 3, 1): a beam at (8,) may end there (EOS) or go on."""
     _, step = tiny
-    b = ProgramBuilder("p", {"tiny": step})
-    graph = b.build(b.generate("tiny", max_new_tokens=T, eos_id=-1, strategy="trie_beam", width=2,
-                               catalog=[(8, 3), (1, 2)]))
-    got = ProgramRunner(graph).run(task[0][:2])
-    assert bool(torch.isinf(got.scores).all())
+    got = run(step, task[0][:3], strategy="trie_beam", width=2, catalog=catalog)
+    assert bool(torch.isfinite(got.scores).all())
+    for b in range(3):
+        assert {tuple(r) for r in got.tokens[b].tolist()} == {(8, EOS, EOS, EOS), (8, 3, 1, EOS)}
+
+
+def test_trie_beam_without_eos_takes_entries_of_max_new_tokens(tiny, task):
+    """With no EOS a beam ends only at max_new_tokens: entries of that length work (a shorter one is refused at
+    build time, tests/programs/test_program_errors.py)."""
+    _, step = tiny
+    catalog = [(8, 3, 1, 2), (1, 2, 3, 4), (1, 2, 5, 5)]
+    got = run(step, task[0][:2], strategy="trie_beam", width=2, catalog=catalog, eos_id=-1)
+    assert bool(torch.isfinite(got.scores).all())
+    assert {tuple(r) for r in got.tokens.reshape(-1, T).tolist()} <= set(catalog)
 
 
 def test_best_of_n_with_perfect_verifier_beats_greedy(tiny, task):
