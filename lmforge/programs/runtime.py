@@ -126,7 +126,8 @@ def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor,
         out = []
         for prompt, gen in zip(prompts if scorer_prompts is None else scorer_prompts, gens):
             tokens, scores = compound.aggregate(prompt, gen.tokens, gen.logprobs, a["aggregator"], a["scorer"])
-            out.append(Generation(tokens, scores, gen.lengths[:1], gen.trace))
+            chosen = int((gen.tokens == tokens).all(1).int().argmax())   # the chosen sample (its tokens, its length)
+            out.append(Generation(tokens, scores, gen.lengths[chosen:chosen + 1], gen.trace))
         return out
     if strategy not in ("greedy", "momentum", "beam", "diverse_beam", "trie_beam"):
         raise LmforgeError(f"generate: unknown strategy {strategy!r}")
@@ -365,6 +366,9 @@ class ProgramRunner:
         from lmforge.ir.verify import verify
         from lmforge.programs.builder import verify_program
 
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise LmforgeError(f"threads is the number of CPU threads torch uses while the program runs: an int >= 1, "
+                               f"or None to keep torch's setting; got {threads!r}")
         self.graph = verify_program(verify(graph))
         self.hydragen = hydragen
         self.batch_prompts = batch_prompts
@@ -419,6 +423,11 @@ class ProgramRunner:
             got = f"{prompts.dtype} {tuple(prompts.shape)}" if isinstance(prompts, torch.Tensor) else type(prompts)
             raise LmforgeError(f"a program takes prompts as a LongTensor [batch, prompt_len] (at least one prompt of "
                                f"at least one token) or a list of 1-D LongTensors, got {got}")
+        declared = self.graph.inputs[0].type.shape[1]
+        if isinstance(declared, int) and prompts.shape[1] != declared:
+            raise LmforgeError(f"program {self.graph.name!r} was built for prompts of {declared} tokens "
+                               f"(prompt_len={declared}), got {tuple(prompts.shape)}; build it with the default "
+                               "prompt_len='prompt_len' to run prompts of any length")
         env = {self.graph.inputs[0].name: prompts}
         accounts = []
         before = torch.get_num_threads()

@@ -90,6 +90,13 @@ def test_compiled_programs_check_prompt_ids_like_the_runner(tiny):
         compiled(torch.tensor([[1, 2, 99]]))
 
 
+@pytest.mark.parametrize("threads", [-1, 0, 1.5, "2"])
+def test_runner_threads_must_be_a_positive_int(tiny, threads):
+    b = ProgramBuilder("p", {"tiny": tiny[1]})
+    with pytest.raises(LmforgeError, match="threads is the number of CPU threads"):
+        ProgramRunner(b.build(_gen(b)), threads=threads)
+
+
 def test_a_scoring_model_must_cover_the_generators_vocabulary(tiny, fuser):
     """The fuser model's vocabulary (15) is the task's (14) plus a separator: it may score the tiny model's
     candidates, but the tiny model may not score the fuser's (ids up to 14)."""

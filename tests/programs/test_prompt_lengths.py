@@ -76,6 +76,22 @@ def test_bad_prompts_are_a_clear_error(tiny, prompts, match):
         ProgramRunner(_program(tiny[1], {})).run(prompts)
 
 
+def test_a_declared_prompt_len_is_enforced_by_the_runner_as_by_compile(tiny, task):
+    """A program built with prompt_len=6 takes prompts of 6 tokens only, in ProgramRunner as in lmforge.compile."""
+    import lmforge
+
+    b = ProgramBuilder("p", {"tiny": tiny[1]}, prompt_len=6)
+    graph = b.build(b.generate("tiny", max_new_tokens=ANSWER_LEN, eos_id=EOS))
+    assert ProgramRunner(graph).run(task[0][:2, :6]).tokens.shape == (2, 1, ANSWER_LEN)
+    short = task[0][:2, :3]
+    with pytest.raises(LmforgeError, match=r"built for prompts of 6 tokens \(prompt_len=6\), got \(2, 3\)"):
+        ProgramRunner(graph).run(short)
+    with pytest.raises(LmforgeError, match="built for prompts of 6 tokens"):
+        ProgramRunner(graph).run([task[0][0], task[0][1, :3]])
+    with pytest.raises(LmforgeError, match="must have size 6 in dim 1"):
+        lmforge.compile(graph)(short)
+
+
 def test_evaluator_takes_a_list_of_prompts(tiny, task):
     """A dev set of prompts of different lengths (half of them cut by a token): the evaluator's accuracy and eFLOPs
     per prompt are those of the prompts run one by one."""

@@ -120,6 +120,22 @@ def test_best_of_n_with_perfect_verifier_beats_greedy(tiny, task):
     assert exact_match(best, answers) >= greedy
 
 
+def test_best_of_n_reports_the_length_of_the_sample_it_chose(tiny, task):
+    """A scorer that prefers long answers picks samples other than sample 0: the Generation has their lengths."""
+    from lmforge.programs import register_function
+    from lmforge.programs.runtime import run_generate
+
+    register_function("t-longest", lambda prompt, cands: [(r + [EOS]).index(EOS) for r in cands.tolist()])
+    _, step = tiny
+    b = ProgramBuilder("p", {"tiny": step})
+    graph = b.build(b.generate("tiny", strategy="best_of_n", n=6, temperature=3.0, aggregator="scorer",
+                               scorer="t-longest", max_new_tokens=6, eos_id=EOS, seed=0))
+    gens = run_generate(ProgramRunner(graph).ctx, 0, graph.nodes[0].attr, task[0][:12])
+    lengths = [int(g.lengths[0]) for g in gens]
+    assert lengths == [(g.tokens[0].tolist() + [EOS]).index(EOS) + 1 if EOS in g.tokens[0] else 6 for g in gens]
+    assert max(lengths) > T      # some prompt had a sample longer than the usual answer, and it was chosen
+
+
 def test_momentum_alpha_zero_is_greedy_and_penalty_changes_repeats(tiny, task):
     _, step = tiny
     prompts, _ = task
