@@ -18,6 +18,7 @@ on what it decoded, which `lmforge.programs.cost.program_cost` charges from the 
 """
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 from lmforge.errors import VerifyError
@@ -158,14 +159,14 @@ def _program_cost(ins, attrs, outs) -> Cost:
 def _reference(op: str):
     """The torch reference of a program op: the runtime's node executor with no cache and no accounting. Its regions
     come compiled (callables), so the cache dtype is the node's `kv_dtype` and the vocabulary (for the prompt and
-    candidate id checks) is found by one probe step, as the runtime does for a compiled region."""
+    candidate id checks) is found by one probe step per region, as the runtime does for a compiled region."""
 
     def ref(*inputs, regions=(), **attrs):
         import torch
 
         from lmforge.ir.types import torch_dtype
         from lmforge.programs.decoding import StepModel
-        from lmforge.programs.runtime import ExecContext, run_node, vocab_size
+        from lmforge.programs.runtime import ExecContext, run_node
 
         kv = attrs.get("kv_shape")
         dtype = torch_dtype(attrs["kv_dtype"]) if attrs.get("kv_dtype") else torch.float32
@@ -176,10 +177,30 @@ def _reference(op: str):
                              prefill_fn=regions[region + 1] if len(regions) > region + 1 else None)
 
         node = SimpleNamespace(op=op, attr=attrs, regions=regions)
-        vocabs = {0: vocab_size(step_model(0, 0, None), regions[0])} if regions and op != "fuse" else {}
+        vocabs = {0: _probed_vocab(regions[0], lambda: step_model(0, 0, None))} if regions and op != "fuse" else {}
         return run_node(ExecContext(step_model, vocabs=vocabs), 0, node, list(inputs))
 
     return ref
+
+
+# The vocabulary of each compiled step region the program ops' reference has probed (dropped with the region).
+_PROBED_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probed_vocab(region, step_model) -> int:
+    """The vocabulary of a compiled step region, by one probe step the first time it is asked for."""
+    from lmforge.programs.runtime import vocab_size
+
+    try:
+        return _PROBED_VOCABS[region]
+    except (KeyError, TypeError):   # TypeError: a callable that takes no weak reference (probed at every call)
+        pass
+    vocab = vocab_size(step_model(), region)
+    try:
+        _PROBED_VOCABS[region] = vocab
+    except TypeError:
+        pass
+    return vocab
 
 
 def _region_kv_shape_unknown(op):
