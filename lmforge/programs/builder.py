@@ -20,6 +20,7 @@ lmforge.programs.functions), because a program graph round-trips through JSON an
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
@@ -244,7 +245,13 @@ class ProgramBuilder:
         are left out, so they are neither run nor charged."""
         from lmforge.passes.canonical import dce
 
-        graph = dce(self._b.build([out.tokens, out.scores]))
+        whole = self._b.build([out.tokens, out.scores])
+        graph = dce(whole)
+        kept = {v.name for n in graph.nodes for v in n.outputs}
+        unread = [n.attr["corpus"] for n in whole.nodes if n.op == "retrieve" and n.outputs[0].name not in kept]
+        if unread:
+            warnings.warn(f"retrieve from corpus {unread} is left out: nothing reads its prompts (pass "
+                          "prompts=<the retrieve's output> to generate, rank, verify or fuse)", stacklevel=2)
         return verify_program(verify(graph))
 
 

@@ -343,3 +343,13 @@ def test_search_prunes_k_beyond_the_corpus_and_names_a_space_with_none_that_fits
                 lambda: search(ev, too_big, budget_eflops=1e15, n_trials=2)):
         with pytest.raises(LmforgeError, match=r"program_space\(retrieve_k=\(8, 16\)\)"):
             run()
+
+
+def test_a_retrieve_nothing_reads_is_a_warning(tiny):
+    """Forgetting `prompts=` leaves the retrieve step out of the program (dead code): the builder says so."""
+    register_corpus("t-unread", DOCS)
+    b = ProgramBuilder("rag", {"tiny": tiny[1]})
+    b.retrieve("t-unread", k=1)
+    with pytest.warns(UserWarning, match=r"retrieve from corpus \['t-unread'\] is left out"):
+        graph = b.build(b.generate("tiny", max_new_tokens=2, eos_id=12))
+    assert [n.op for n in graph.nodes] == ["generate"]
