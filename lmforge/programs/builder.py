@@ -282,8 +282,9 @@ def verify_program(graph: Graph) -> Graph:
     - a scoring or fuser model's vocabulary covers the generators' whose candidates it reads;
     - a retrieve names a registered corpus;
     - strategies: beam widths >= 1, diverse beam width divisible by groups and diversity >= 0, n >= 1, a
-      best_of_n with aggregator "scorer" names a registered function, momentum's max_ngram >= 2, a trie beam
-      has a non-empty catalog of token-id sequences, and without an eos_id entries of max_new_tokens tokens.
+      best_of_n with aggregator "scorer" names a registered function, momentum's max_ngram >= 2, alpha >= 0 and
+      a non-empty resistance table >= 0, a trie beam has a non-empty catalog of token-id sequences, and
+      without an eos_id entries of max_new_tokens tokens.
     """
     from lmforge.ir.ops.program_ops import AGGREGATORS, STRATEGIES
     from lmforge.programs.functions import has_function
@@ -395,6 +396,10 @@ def _check_generate(a, where, strategies, aggregators, has_function) -> None:
     if s == "momentum" and a["max_ngram"] < 2:
         raise VerifyError(f"{where}: momentum penalizes repeated n-grams of 2 <= n <= max_ngram tokens (a loop "
                           f"needs two), so max_ngram must be >= 2; got {a['max_ngram']}")
+    if s == "momentum" and not (a["alpha"] >= 0 and a["resistance"] and all(r >= 0 for r in a["resistance"])):
+        raise VerifyError(f"{where}: momentum subtracts alpha x resistance[c - 1] from a token that repeats an "
+                          f"n-gram, so alpha >= 0 and a non-empty resistance table of values >= 0 (a negative one "
+                          f"would reward loops); got alpha={a['alpha']}, resistance={tuple(a['resistance'])}")
     if s == "trie_beam":
         try:
             catalog_entries(a["catalog"])

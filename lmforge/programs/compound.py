@@ -24,7 +24,12 @@ def ensemble(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 def function_scores(name: str, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The registered function `name` on one prompt's candidates: one float per candidate."""
-    got = torch.as_tensor(get_function(name).fn(prompt, tokens), dtype=torch.float32)
+    returned = get_function(name).fn(prompt, tokens)
+    try:
+        got = torch.as_tensor(returned, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise LmforgeError(f"program function {name!r} returned {type(returned).__name__} {returned!r:.80}, which "
+                           f"is not numbers ({e}): it must return one float score per candidate, shape [k]") from None
     if got.numel() != tokens.shape[0]:
         raise LmforgeError(f"program function {name!r} returned {tuple(got.shape)} for {tokens.shape[0]} candidates: "
                            "it must return one score per candidate, shape [k]")

@@ -27,6 +27,9 @@ BUILD_ERRORS = [   # (build(b) -> candidates, the error's words)
     (lambda b: b.rank(_gen(b, strategy="sample", n=2), by="addition_checker", model="tiny"), "not both"),
     (lambda b: _gen(b, strategy="diverse_beam", width=2, groups=2, diversity=-5.0), "diversity .* >= 0"),
     (lambda b: _gen(b, strategy="momentum", alpha=1.0, max_ngram=1), "max_ngram must be >= 2"),
+    (lambda b: _gen(b, strategy="momentum", alpha=-1.0), "alpha >= 0"),
+    (lambda b: _gen(b, strategy="momentum", alpha=1.0, resistance=()), "non-empty resistance"),
+    (lambda b: _gen(b, strategy="momentum", alpha=1.0, resistance=(1.0, -2.0)), "would reward loops"),
     (lambda b: _gen(b, strategy="trie_beam", width=2, eos_id=-1, catalog=[(8, 3), (1, 2, 3, 4)]),
      r"without an eos_id .* \(e.g. \(8, 3\)\): give an eos_id"),
 ]
@@ -130,6 +133,11 @@ def test_program_functions_are_checked(tiny, task):
     b = ProgramBuilder("p", {"tiny": tiny[1]})
     graph = b.build(b.rank(_gen(b, strategy="sample", n=2), by="t-bad-shape"))
     with pytest.raises(LmforgeError, match="'t-bad-shape' returned \\(3,\\) for 2 candidates"):
+        ProgramRunner(graph).run(task[0][:2])
+    register_function("t-words", lambda prompt, cands: ["good"] * cands.shape[0])
+    b = ProgramBuilder("p", {"tiny": tiny[1]})
+    graph = b.build(b.rank(_gen(b, strategy="sample", n=2), by="t-words"))
+    with pytest.raises(LmforgeError, match="'t-words' returned list .* which is not numbers"):
         ProgramRunner(graph).run(task[0][:2])
 
 
