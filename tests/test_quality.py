@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lmforge import quality
+from lmforge.errors import LmforgeError
 
 
 class Logits(torch.nn.Module):
@@ -57,3 +58,56 @@ def test_positions_restrict_where_agreement_is_counted():
     assert quality.compare(ref, new, toks).top1_agreement == pytest.approx(4 / 6)
     r = quality.compare(ref, new, toks, positions=slice(2, 6))
     assert r.top1_agreement == 1.0 and r.n_positions == 12
+
+
+def _argmax_and_logits(w):
+    """A model returning (next token ids, logits): the integer output comes first."""
+    def model(x):
+        logits = x @ w
+        return logits.argmax(-1, keepdim=True), logits
+    return model
+
+
+def test_an_integer_output_is_not_taken_as_logits():
+    w = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
+    ref, flipped = _argmax_and_logits(w), _argmax_and_logits(-w)
+    inputs = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)),)]
+    with pytest.raises(LmforgeError, match=r"tensor output 0 of the model is int64 \(8, 1\), not logits.*logits_index"):
+        quality.compare(ref, flipped, inputs)
+    assert quality.compare(ref, flipped, inputs, logits_index=1).top1_agreement == 0.0, "negated logits never agree"
+    with pytest.raises(LmforgeError, match="logits_index=2, but the model has 2 tensor output"):
+        quality.compare(ref, ref, inputs, logits_index=2)
+
+
+def test_a_last_dimension_of_one_is_not_logits():
+    model = lambda x: x.sum(-1, keepdim=True)   # a float [n, 1]: argmax always 0, KL always 0
+    with pytest.raises(LmforgeError, match=r"float32 \(4, 1\), not logits"):
+        quality.compare(model, model, [(torch.randn(4, 3),)])
+
+
+def test_logits_masked_with_minus_inf_compare_finitely():
+    def masked(x):
+        logits = x.clone()
+        logits[..., 0] = float("-inf")
+        return logits
+    inputs = [(torch.randn(4, 10, generator=torch.Generator().manual_seed(0)),)]
+    r = quality.compare(masked, masked, inputs)
+    assert r.kl == 0.0 and r.max_rel_err == 0.0 and r.top1_agreement == 1.0
+    r = quality.compare(masked, lambda x: masked(x) * 1.01, inputs)
+    assert 0 < r.kl < 1e-2 and r.max_rel_err == pytest.approx(0.01)
+    assert quality.rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, float("-inf")])) == math.inf, \
+        "an infinite entry the other model does not have is an infinite error"
+
+
+def test_kl_is_infinite_where_the_new_model_rules_out_a_likely_token():
+    ref, new = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, float("-inf")]])
+    assert quality.kl_divergence(ref, new).item() == math.inf
+    assert quality.kl_divergence(new, ref).item() == pytest.approx(math.log(2.0))
+
+
+def test_no_inputs_or_no_positions_is_an_error():
+    m = Logits()
+    with pytest.raises(LmforgeError, match="no inputs"):
+        quality.compare(m, m, [])
+    with pytest.raises(LmforgeError, match="select no logits"):
+        quality.compare(m, m, [(torch.randint(0, 11, (2, 5)),)], positions=slice(7, 9))
