@@ -2,7 +2,7 @@
 
 - `workload()`: the decode step of the tiny Llama trained on 2-digit addition
   (examples/models/tiny_task.py). Quality is checked by exact-match accuracy of greedy decoding
-  through the (compiled) decode step, and by perplexity on held-out sequences. Caveat: those sequences
+  through the (compiled) decode step, and by next-token agreement on held-out sequences. Caveat: those sequences
   are 10 tokens long, so quality sees at most 9 cached tokens while latency is priced at 2048
   (`serving_dims`): an attention window or KV format looks free to the quality constraint here. For
   sparsity knobs, judge quality on a long-context task (examples/models/recall_task.py, 99 tokens).
@@ -56,7 +56,6 @@ def workload() -> Workload:
         # next-token distributions at every position of the held-out sequences, from real caches
         eval_inputs=[decode_inputs(model, sequences[:16], past_len) for past_len in range(sequences.shape[1] - 1)],
         checker=lambda step_fn: accuracy(step_fn, n=128, config=model.config),
-        token_data=sequences,
         name="tiny-llama-decode",
         # the tuner predicts latency for serving 32 sequences with 2048 cached tokens each (quality is measured
         # on the real task inputs above): at that size the KV cache, not the tiny weights, sets the cost
@@ -75,7 +74,6 @@ def prefill_workload() -> Workload:
         dynamic=PREFILL_DYNAMIC,
         eval_inputs=[(prompts[i:i + 16],) for i in range(0, 64, 16)] + [(sequences[:16],)],
         checker=lambda prefill_fn: prefill_accuracy(prefill_fn, n=128),
-        token_data=sequences,
         name="tiny-llama-prefill",
         extras={"llama_config": model.config.to_dict(), "prompt_len": PROMPT_LEN},
     )

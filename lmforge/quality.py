@@ -48,7 +48,7 @@ class QualityReport:
         return d
 
 
-def _logits(out, index: int) -> torch.Tensor:
+def logits_of(out, index: int) -> torch.Tensor:
     """The tensor output `index` of a model's outputs, checked to be logits: floating point, vocabulary last."""
     leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
     outputs = ", ".join(f"{i}: {str(x.dtype).replace('torch.', '')} {tuple(x.shape)}" for i, x in enumerate(leaves))
@@ -93,7 +93,7 @@ def perplexity(model: Callable, token_data: torch.Tensor, logits_index: int = 0,
     with torch.no_grad():
         for i in range(0, token_data.shape[0], batch):
             toks = token_data[i:i + batch]
-            logits = _logits(model(toks), logits_index)[:, :-1]
+            logits = logits_of(model(toks), logits_index)[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
                                                     toks[:, 1:].reshape(-1), reduction="sum")
             total += nll.item()
@@ -124,7 +124,7 @@ def compare(original: Callable, transformed: Callable, inputs: Sequence[tuple], 
             ref_leaves = [x for x in pytree.tree_leaves(ref_out) if isinstance(x, torch.Tensor)]
             new_leaves = [x for x in pytree.tree_leaves(new_out) if isinstance(x, torch.Tensor)]
             errs += [rel_err(n, r) for n, r in zip(new_leaves, ref_leaves) if r.is_floating_point()]
-            ref_l, new_l = _logits(ref_out, logits_index), _logits(new_out, logits_index)
+            ref_l, new_l = logits_of(ref_out, logits_index), logits_of(new_out, logits_index)
             if isinstance(positions, slice):
                 ref_l, new_l = ref_l[..., positions, :], new_l[..., positions, :]
             elif positions is not None:

@@ -18,10 +18,17 @@ class Workload:
     model:          a torch.nn.Module or a function over tensors.
     example_inputs: a tuple of positional inputs used for capture (and the default measurement inputs).
     dynamic:        {input name: {dim index: symbol name}} for dimensions that vary (batch, seq, ...).
-    eval_inputs:    a list of input tuples for quality measurement (next-token distributions etc.).
-    checker:        optional `checker(compiled_or_model) -> accuracy in [0, 1]` for task accuracy.
-    token_data:     optional LongTensor [n, seq] of held-out tokens for perplexity.
+    eval_inputs:    a list of input tuples for quality measurement: the `quality` and `kl` objectives compare the
+                    next-token distributions of the transformed and the untransformed model on them (default: the
+                    example inputs). Each must fit the captured model (a size that varies needs `dynamic`).
+    logits_index:   which tensor output holds the logits (floating point, vocabulary last); default 0, the first.
+    quality_positions: optional slice over the sequence dimension (dim -2) of the logits: the positions `quality`
+                    and `kl` count, e.g. only the answer positions of a task whose prompt tokens are random and so
+                    have no meaningful next token (default: every position). To leave out whole eval inputs (one
+                    decode step per position), leave them out of eval_inputs.
+    checker:        optional `checker(compiled_or_model) -> accuracy in [0, 1]`: the `accuracy` objective.
     name:           a short name used for studies and artifacts.
+    extras:         anything else, e.g. `serving_dims` (the sizes the tuner prices latency at).
     """
 
     model: Any
@@ -29,9 +36,10 @@ class Workload:
     dynamic: dict[str, dict[int, str]] | None = None
     eval_inputs: list[tuple] | None = None
     checker: Callable[[Any], float] | None = None
-    token_data: Any = None
     name: str = "workload"
     extras: dict[str, Any] = field(default_factory=dict)
+    logits_index: int = 0
+    quality_positions: slice | None = None
 
     def __post_init__(self):
         """Check the fields' types, so a mistake is named here rather than deep inside capture or tuning."""
@@ -55,6 +63,12 @@ class Workload:
                                     f"inputs per evaluation call, e.g. [(x1,), (x2,)]); item {bad[0]} is a "
                                     f"{type(self.eval_inputs[bad[0]]).__name__}")
             self.eval_inputs = [tuple(x) for x in self.eval_inputs]
+        if isinstance(self.logits_index, bool) or not isinstance(self.logits_index, int):
+            raise WorkloadError(f"Workload.logits_index must be the position of the logits among the model's tensor "
+                                f"outputs (an int, default 0), not {self.logits_index!r}")
+        if self.quality_positions is not None and not isinstance(self.quality_positions, slice):
+            raise WorkloadError(f"Workload.quality_positions must be a slice over the logits' sequence dimension, e.g. "
+                                f"slice(5, 9), not a {type(self.quality_positions).__name__}")
         if self.checker is not None and not callable(self.checker):
             raise WorkloadError(f"Workload.checker must be a function `checker(model) -> accuracy`, not a "
                                 f"{type(self.checker).__name__}")

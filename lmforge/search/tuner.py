@@ -11,6 +11,7 @@ Objectives (name -> direction):
   memory     minimize  peak memory in bytes (weights + KV cache + live activations)
   quality    maximize  top-1 next-token agreement with the untransformed model on the eval inputs
   kl         minimize  mean KL divergence of next-token distributions against the untransformed model
+                       (both: the logits are the workload's `logits_index` output, at its `quality_positions`)
   accuracy   maximize  task accuracy from the workload's checker
 Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) go through Optuna's
 constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
@@ -183,6 +184,8 @@ class TuneContext:
     reference: Any = None  # CompiledModel of the untransformed graph (for quality)
     backends: tuple[str, ...] = ()  # kernel backends whose real timings "measure" mode takes (e.g. "tvm")
     device: str = "cpu"  # where measure / hybrid time the model: "cuda" for a GPU target (see `measure_device`)
+    logits_index: int = 0  # which tensor output quality compares as logits (Workload.logits_index)
+    quality_positions: slice | None = None  # the sequence positions quality counts (Workload.quality_positions)
 
     @property
     def knobs(self) -> list[Knob]:
@@ -264,7 +267,8 @@ def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Seq
     tokens = ctx.graph.inputs[0].type.numel(ctx.bindings) if ctx.graph.inputs else 1
     values["throughput"] = tokens / values["latency"]
     if "quality" in objectives or "kl" in objectives:
-        report = compare(ctx.reference, compiled, ctx.eval_inputs)
+        report = compare(ctx.reference, compiled, ctx.eval_inputs, logits_index=ctx.logits_index,
+                         positions=ctx.quality_positions)
         values["quality"], values["kl"] = report.top1_agreement, report.kl
     if "accuracy" in objectives:
         if ctx.checker is None:
@@ -352,11 +356,28 @@ def prepare(model_or_workload, example_inputs=None, *, dynamic=None, eval_inputs
         wl = Workload(model=model_or_workload, example_inputs=tuple(example_inputs or ()), dynamic=dynamic,
                       eval_inputs=eval_inputs, checker=checker, name=name or "workload")
     graph = wl.model if isinstance(wl.model, Graph) else capture(wl.model, wl.example_inputs, dynamic=wl.dynamic)
-    graph = PassManager(canonical_pipeline()).run(graph)
     evals = list(wl.eval_inputs or [wl.example_inputs])
+    check_eval_inputs(graph, evals)
+    graph = PassManager(canonical_pipeline()).run(graph)
     # the first eval inputs calibrate the passes that need activations (AWQ's scales, FlexPrefill's measured
     # density): without them those knobs would do nothing or claim no saving
     return wl, graph, list(pipeline if pipeline is not None else tunable_pipeline(calibration=evals[:2])), evals
+
+
+def check_eval_inputs(graph: Graph, evals: Sequence[tuple]) -> None:
+    """An LmforgeError naming the first eval input that does not fit the captured graph (count, dtype, rank, a
+    static size), before any trial runs: otherwise every trial would fail on it and only the end of the budget
+    would say so."""
+    from lmforge.compiler import input_leaves
+
+    for i, args in enumerate(evals):
+        try:
+            input_leaves(graph, args, {})
+        except LmforgeError as e:
+            first = graph.inputs[0].name if graph.inputs else "x"
+            raise LmforgeError(f"eval input {i} does not fit the captured model: {e}. Eval inputs must have the "
+                               f"example inputs' count and dtypes, and sizes that differ from theirs need `dynamic` "
+                               f"(Workload.dynamic or tune(dynamic=...), e.g. {{{first!r}: {{0: 'batch'}}}})") from None
 
 
 def tune(model_or_workload, example_inputs=None, *, target: str = "h100", objectives: Sequence[str] = ("latency",),
@@ -389,12 +410,21 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     wl, graph, pipe, evals = prepare(model_or_workload, example_inputs, dynamic=dynamic, pipeline=pipeline)
     check_bindings(graph, bindings)
     env = _sizes(graph, wl, evals, mode, bindings)
-    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends), device)
+    ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends), device,
+                      wl.logits_index, wl.quality_positions)
+    if {"quality", "kl"} & {*objectives, *constraints}:  # a wrong logits_index or positions fails here, not per trial
+        from lmforge.quality import compare
+
+        compare(ctx.reference, ctx.reference, evals[:1], logits_index=ctx.logits_index,
+                positions=ctx.quality_positions)
     knobs = _space(ctx, layer_groups)
     # what a trial's numbers depend on besides graph, target, objectives and mode: a study holds one setting of each
     settings = {"constraints": {k: (bool(v) if k == "fits" else float(v)) for k, v in constraints.items()},
                 "bindings": dict(sorted(env.items())), "backends": list(backends), "layer_groups": layer_groups,
-                "knobs": sorted(k.name for k in knobs)}
+                "knobs": sorted(k.name for k in knobs),
+                "quality_data": {"logits_index": wl.logits_index, "positions": None if wl.quality_positions is None
+                                 else [wl.quality_positions.start, wl.quality_positions.stop,
+                                       wl.quality_positions.step]}}
     if hw.fingerprint() != base_hw.fingerprint():  # calibrated: trials are priced by another cost model
         settings["calibration"] = hw.fingerprint()
     name = study_name or study_key(wl.name, graph, base_hw, objectives, mode)
