@@ -29,6 +29,10 @@ class Workload:
     checker:        optional `checker(compiled_or_model) -> accuracy in [0, 1]`: the `accuracy` objective.
     name:           a short name used for studies and artifacts.
     extras:         anything else, e.g. `serving_dims` (the sizes the tuner prices latency at).
+
+    The weights, eval inputs, logits_index, quality_positions and checker are part of a tuning study's settings:
+    another model of the same architecture, or other eval data, starts a new study instead of reusing the old
+    numbers.
     """
 
     model: Any

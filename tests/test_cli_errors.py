@@ -112,12 +112,16 @@ def test_a_named_study_refuses_other_settings(tmp_path):
     db = f"sqlite:///{tmp_path}/t.db"
     pipe = [merge_linears, fuse_elementwise, dce]
     x = torch.randn(4, 16)
-    tune(MLP(), (x,), target="h100", budget=2, storage=db, study_name="mine", pipeline=pipe, progress=False,
+    model = MLP()
+    tune(model, (x,), target="h100", budget=2, storage=db, study_name="mine", pipeline=pipe, progress=False,
          constraints={"quality": 0.5})
     with pytest.raises(LmforgeError, match="other settings.*constraints"):
-        tune(MLP(), (x,), target="h100", budget=3, storage=db, study_name="mine", pipeline=pipe, progress=False,
+        tune(model, (x,), target="h100", budget=3, storage=db, study_name="mine", pipeline=pipe, progress=False,
              constraints={"quality": 0.9})
-    again = tune(MLP(), (x,), target="h100", budget=3, storage=db, study_name="mine", pipeline=pipe,
+    with pytest.raises(LmforgeError, match="other settings.*weights: study has"):
+        tune(MLP(), (x,), target="h100", budget=3, storage=db, study_name="mine", pipeline=pipe, progress=False,
+             constraints={"quality": 0.5})
+    again = tune(model, (x,), target="h100", budget=3, storage=db, study_name="mine", pipeline=pipe,
                  progress=False, constraints={"quality": 0.5})
     assert again.n_complete == 3 and again.n_earlier == 2
 

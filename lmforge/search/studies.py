@@ -1,7 +1,8 @@
 """Tuning studies as lmforge stores and reads them: where they live (`default_storage`, `open_storage`), how
 they are named (`study_key`: graph signature, target fingerprint, objectives, mode, then a hash of the constraints
-and settings), which trials count (`counted_trials`), and the one ranking of a study's trials (`ranked_trials`)
-that `lmforge.tune`'s best config, `compile(config="best")` (`best_configs`) and `lmforge report` all take.
+and settings, the model's weights and quality data among them: `model_settings`), which trials count
+(`counted_trials`), and the one ranking of a study's trials (`ranked_trials`) that `lmforge.tune`'s best config,
+`compile(config="best")` (`best_configs`) and `lmforge report` all take.
 `lmforge.search.tuner` runs the studies; this module only reads and names them.
 """
 from __future__ import annotations
@@ -84,6 +85,48 @@ def study_key(name: str, graph: Graph, hw, objectives: Sequence[str], mode: str,
     trial's numbers mean, so a changed constraint or size never resumes a study run under other ones."""
     return f"{graph.signature()}:{hw.fingerprint()}:{'+'.join(objectives)}:{mode}:{name}" + settings_suffix(
         constraints, settings)
+
+
+def model_settings(graph: Graph, eval_inputs: Sequence[tuple], *, logits_index: int = 0, quality_positions=None,
+                   checker=None) -> dict[str, Any]:
+    """The settings that say which model and which quality data a study's numbers are of: a fingerprint of the
+    graph's weights (`weights_fingerprint`) and of the eval inputs, the logits index, the quality positions and the
+    checker's name. Graph signatures see only the structure, so without these a retrained model of the same
+    architecture (or other eval data) would resume the old study and take its quality numbers as its own."""
+    positions = None if quality_positions is None else [quality_positions.start, quality_positions.stop,
+                                                        quality_positions.step]
+    name = None if checker is None else getattr(checker, "__qualname__", type(checker).__qualname__)
+    return {"weights": weights_fingerprint(graph),
+            "quality_data": {"eval_inputs": data_fingerprint(eval_inputs), "logits_index": logits_index,
+                             "positions": positions, "checker": name}}
+
+
+def weights_fingerprint(graph: Graph) -> str:
+    """A digest of the graph's weights (names, types and values): the one the program runtime keys generations by
+    (`lmforge.programs.runtime.weights_fingerprint`), cached per tensor."""
+    from lmforge.programs.runtime import weights_fingerprint as digest
+
+    return digest(graph, graph.weights)
+
+
+def data_fingerprint(values) -> str:
+    """16 hex digits of sha256 over the tensors in `values` (nested tuples, lists and dicts, in order): each one's
+    dtype, shape and bytes; other leaves by their type and, for numbers, strings and None, their value."""
+    import hashlib
+
+    import torch
+    import torch.utils._pytree as pytree
+
+    h = hashlib.sha256()
+    for leaf in pytree.tree_leaves(values):
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            plain = isinstance(leaf, (bool, int, float, str, type(None)))
+            h.update(f"{type(leaf).__name__}:{leaf!r}".encode() if plain else type(leaf).__name__.encode())
+    return h.hexdigest()[:16]
 
 
 def settings_suffix(constraints: Mapping[str, Any] | None, settings: Mapping[str, Any] | None) -> str:
@@ -202,6 +245,8 @@ def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_para
     order is `ranked_trials`', so the first config is the `best_config` that `tune` returned for that study (in
     hybrid mode the measured best).
 
+    Only studies of these weights count (settings "weights", `model_settings`): a study of another model of the same
+    architecture, or one from before lmforge recorded the weights, is not this model's.
     Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
     their latencies are those of a group of GPUs, not of one."""
     import datetime
@@ -210,11 +255,14 @@ def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_para
 
     storage = storage or default_storage()
     prefix = f"{graph.signature()}:{get_target(target).fingerprint()}:"
+    weights = weights_fingerprint(graph)
     out = []
     summaries = sorted(optuna.get_all_study_summaries(storage=storage),
                        key=lambda s: s.datetime_start or datetime.datetime.min, reverse=True)
     for summary in summaries:
         if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
+            continue
+        if (summary.user_attrs.get("settings") or {}).get("weights") != weights:
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         out += [dict(t.user_attrs["config"]) for t in ranked_trials(study)[:limit]]

@@ -67,9 +67,12 @@ The tuning database is Optuna storage: SQLite under `cache_dir("tuning")` unless
 URL (PostgreSQL for many workers). The study is keyed by the workload's graph signature and the target's
 fingerprint, so re-running resumes it and `compile(..., config="best")` finds its best config. The key also
 holds the objectives, the mode, the constraints and a hash of the other settings that change what a trial's
-numbers mean (sizes, backends, layer groups, the knob space, and the fingerprint of the calibrated target when
-`lmforge calibrate` has refined it, so a recalibration starts a new study instead of mixing two cost models): the
-same command resumes its study (`budget` counts the trials of earlier runs too), a changed one starts a new study.
+numbers mean (sizes, backends, layer groups, the knob space, the fingerprint of the calibrated target when
+`lmforge calibrate` has refined it, so a recalibration starts a new study instead of mixing two cost models, and
+fingerprints of the model's weights and of its quality data: eval inputs, logits index, quality positions, checker):
+the same command resumes its study (`budget` counts the trials of earlier runs too), a changed one, or a retrained
+model of the same architecture, starts a new study, and `compile(..., config="best")` reads only studies of the
+same weights.
 A study named by `study_name` stores those settings and refuses to resume with different ones. `target` may be a
 preset name or a `Hardware`; the study stores its name and fingerprint.
 """
@@ -88,8 +91,8 @@ from lmforge.search.cost_model import check_bindings
 from lmforge.search.space import suggest
 from lmforge.search.studies import (COMPLETE, DIRECTIONS, FAIL, PRUNED, WAITING, _feasible, _pareto, _signs,
                                     best_configs, constraint_values, counted_trials, default_storage,
-                                    measured_values, measured_violations, open_storage, ranked_trials,
-                                    settings_suffix, study_key)
+                                    measured_values, measured_violations, model_settings, open_storage,
+                                    ranked_trials, settings_suffix, study_key)
 
 @dataclass
 class TuneResult:
@@ -422,9 +425,8 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     settings = {"constraints": {k: (bool(v) if k == "fits" else float(v)) for k, v in constraints.items()},
                 "bindings": dict(sorted(env.items())), "backends": list(backends), "layer_groups": layer_groups,
                 "knobs": sorted(k.name for k in knobs),
-                "quality_data": {"logits_index": wl.logits_index, "positions": None if wl.quality_positions is None
-                                 else [wl.quality_positions.start, wl.quality_positions.stop,
-                                       wl.quality_positions.step]}}
+                **model_settings(graph, evals, logits_index=wl.logits_index, quality_positions=wl.quality_positions,
+                                 checker=wl.checker)}
     if hw.fingerprint() != base_hw.fingerprint():  # calibrated: trials are priced by another cost model
         settings["calibration"] = hw.fingerprint()
     name = study_name or study_key(wl.name, graph, base_hw, objectives, mode)

@@ -50,13 +50,14 @@ def test_per_group_knobs():
 def test_tune_predict_finds_fusion_on_h100_and_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path}/db.sqlite"
     x = torch.randn(4, 32)
+    model = MLP()  # the same weights each time: another model of this architecture would start a new study
     pipe = [merge_linears, fuse_elementwise, dce]
-    res = tune(MLP(), (x,), target="h100", objectives=("latency",), budget=6, storage=storage, progress=False,
+    res = tune(model, (x,), target="h100", objectives=("latency",), budget=6, storage=storage, progress=False,
                pipeline=pipe)
     assert res.best_config == {"fusion.merge_linears": True, "fusion.elementwise": True}
     assert res.n_complete == 6 and res.n_failed == 0
     assert res.best_values["latency"] == min(t.values[0] for t in res.study.trials)
-    again = tune(MLP(), (x,), target="h100", objectives=("latency",), budget=8, storage=storage, progress=False,
+    again = tune(model, (x,), target="h100", objectives=("latency",), budget=8, storage=storage, progress=False,
                  pipeline=pipe)
     assert again.study_name == res.study_name and again.n_complete == 8, "the study resumed, adding 2 trials"
     import os
@@ -65,7 +66,7 @@ def test_tune_predict_finds_fusion_on_h100_and_resumes(tmp_path):
         from lmforge.search import studies
         orig = studies.default_storage
         studies.default_storage = lambda: storage
-        compiled = lmforge.compile(MLP(), (x,), target="h100", config="best")
+        compiled = lmforge.compile(model, (x,), target="h100", config="best")
         assert compiled.config == res.best_config
         assert any(n.op == "fused" for n in compiled.graph.nodes)
     finally:

@@ -1,13 +1,16 @@
-"""What tune's quality numbers are of: the logits are the workload's `logits_index` output at its
-`quality_positions`; eval inputs that do not fit the captured model, and an output that is not logits, are errors
-before any trial; -inf-masked logits give a finite KL."""
+"""What tune's quality numbers are of: a study belongs to one model's weights and quality data (a retrained model
+of the same architecture starts its own, and compile(config="best") reads only its own); the logits are the
+workload's `logits_index` output at its `quality_positions`; eval inputs that do not fit the captured model, and
+an output that is not logits, are errors before any trial; -inf-masked logits give a finite KL."""
 import optuna
 import pytest
 import torch
 
+import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.passes import dce, fuse_elementwise, merge_linears
-from lmforge.search.tuner import tune
+from lmforge.search import studies
+from lmforge.search.tuner import best_configs, prepare, tune
 from lmforge.workload import Workload
 
 PIPE = [merge_linears, fuse_elementwise, dce]
@@ -38,6 +41,25 @@ def workload(model, eval_seed=0, **fields) -> Workload:
 def run(wl, storage, budget=2, **kw):
     return tune(wl, target="h100", objectives=("latency", "quality"), budget=budget, storage=storage, pipeline=PIPE,
                 progress=False, **kw)
+
+
+def test_another_model_or_other_eval_data_starts_its_own_study_and_best_reads_its_own(tmp_path):
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    a = run(workload(mlp(0)), storage)
+    assert run(workload(mlp(0)), storage, budget=3).n_earlier == 2, "the same model and data resume"
+    b = run(workload(mlp(7)), storage)
+    assert b.study_name != a.study_name and b.n_earlier == 0, "a retrained model is not the old one"
+    other_data = run(workload(mlp(0), eval_seed=50), storage)
+    assert other_data.study_name not in (a.study_name, b.study_name) and other_data.n_earlier == 0
+    assert run(workload(mlp(0), checker=lambda m: 1.0), storage).n_earlier == 0, "another checker, another study"
+    _, graph_b, _, _ = prepare(mlp(7), inputs(99), dynamic={"input": {0: "batch"}})
+    assert best_configs(graph_b, "h100", storage) == [b.best_config]
+    assert b.study.user_attrs["settings"]["weights"] == studies.weights_fingerprint(graph_b)
+    _, untuned, _, _ = prepare(mlp(3), inputs(99), dynamic={"input": {0: "batch"}})
+    assert best_configs(untuned, "h100", storage) == [], "no study of these weights"
+    with pytest.raises(LmforgeError, match="no tuned configuration"):
+        lmforge.compile(mlp(3), inputs(99), dynamic={"input": {0: "batch"}}, target="h100", config="best",
+                        storage=storage)
 
 
 class IdsThenLogits(torch.nn.Module):

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent("""
         time.sleep(0.2)  # a slow trial, so the kill lands mid-study
         return graph
 
+    torch.manual_seed(0)  # the re-run below builds the same weights and inputs: it resumes this model's study
     m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16))
     print("started", flush=True)
     tune(m, (torch.randn(4, 16),), target="h100", budget=1000, storage=sys.argv[1], study_name="killed",
@@ -57,6 +58,7 @@ def test_killed_tuning_keeps_finished_trials_and_resumes(tmp_path):
     def fast(graph, x):
         return graph
 
+    torch.manual_seed(0)
     again = tune(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16)),
                  (torch.randn(4, 16),), target="h100", budget=len(complete) + 3, storage=storage,
                  study_name="killed", pipeline=[fast, merge_linears, fuse_elementwise, dce], progress=False)
