@@ -1,12 +1,14 @@
 """Workloads for lmforge's CLI built on the example Llama: `lmforge tune examples/llama_workload.py`.
 
 - `workload()`: the decode step of the tiny Llama trained on 2-digit addition
-  (examples/models/tiny_task.py). Quality is checked by exact-match accuracy of greedy decoding
-  through the (compiled) decode step, and by next-token agreement on held-out sequences. Caveat: those sequences
-  are 10 tokens long, so quality sees at most 9 cached tokens while latency is priced at 2048
-  (`serving_dims`): an attention window or KV format looks free to the quality constraint here. For
-  sparsity knobs, judge quality on a long-context task (examples/models/recall_task.py, 99 tokens).
-- `prefill_workload()`: the prefill of the same model (dynamic batch and sequence length).
+  (examples/models/tiny_task.py). Quality (`quality`, `kl`) compares next-token distributions on held-out
+  sequences at the steps that predict the answer tokens, the only ones the model was trained on (its prompt
+  digits are random); `accuracy` is the exact-match accuracy of greedy decoding through the (compiled) decode
+  step. Caveat: those sequences are 10 tokens long, so quality sees at most 8 cached tokens while latency is
+  priced at 2048 (`serving_dims`): an attention window or KV format looks free to the quality constraint here.
+  For sparsity knobs, judge quality on a long-context task (examples/models/recall_task.py, 99 tokens).
+- `prefill_workload()`: the prefill of the same model (dynamic batch and sequence length); quality counts the
+  answer positions (`quality_positions`).
 - `random_workload(preset="5m")`: a Llama preset with random weights, for speed benchmarks only.
 
 Importing this file is cheap: the model is trained (about 30 s, once, then cached under
@@ -27,10 +29,12 @@ except ImportError:  # loaded by file path from outside the repository root: mak
 
 from examples.models.llama import Llama, LlamaConfig, LlamaDecodeStep, LlamaPrefill  # noqa: E402
 from examples.models.tiny_task import (  # noqa: E402
-    PROMPT_LEN, accuracy, eval_token_data, load_or_train, make_problems, prefill_accuracy)
+    ANSWER_LEN, PROMPT_LEN, accuracy, eval_token_data, load_or_train, make_problems, prefill_accuracy)
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.workload import Workload  # noqa: E402
 
+# the positions whose next token is an answer token ("=" and the answer but its last): the ones training scores
+ANSWER_POSITIONS = slice(PROMPT_LEN - 1, PROMPT_LEN + ANSWER_LEN - 1)
 DECODE_DYNAMIC = {"tokens": {0: "batch"}, "k_cache": {1: "batch", 3: "past"}, "v_cache": {1: "batch", 3: "past"}}
 PREFILL_DYNAMIC = {"tokens": {0: "batch", 1: "seq"}}
 
@@ -53,8 +57,10 @@ def workload() -> Workload:
         model=LlamaDecodeStep(model),
         example_inputs=decode_inputs(model, sequences[:2], past_len=7),
         dynamic=DECODE_DYNAMIC,
-        # next-token distributions at every position of the held-out sequences, from real caches
-        eval_inputs=[decode_inputs(model, sequences[:16], past_len) for past_len in range(sequences.shape[1] - 1)],
+        # next-token distributions of the held-out sequences from real caches, at the answer positions only:
+        # the model is trained on those (tiny_task.answer_loss), its logits at the random prompt digits are noise
+        eval_inputs=[decode_inputs(model, sequences[:16], past_len)
+                     for past_len in range(ANSWER_POSITIONS.start, ANSWER_POSITIONS.stop)],
         checker=lambda step_fn: accuracy(step_fn, n=128, config=model.config),
         name="tiny-llama-decode",
         # the tuner predicts latency for serving 32 sequences with 2048 cached tokens each (quality is measured
@@ -74,6 +80,7 @@ def prefill_workload() -> Workload:
         dynamic=PREFILL_DYNAMIC,
         eval_inputs=[(prompts[i:i + 16],) for i in range(0, 64, 16)] + [(sequences[:16],)],
         checker=lambda prefill_fn: prefill_accuracy(prefill_fn, n=128),
+        quality_positions=ANSWER_POSITIONS,  # the prompts' last position; the sequences' answer positions
         name="tiny-llama-prefill",
         extras={"llama_config": model.config.to_dict(), "prompt_len": PROMPT_LEN},
     )

@@ -164,7 +164,8 @@ def make_problems(n: int, seed: int, split: str = "heldout",
 
 
 def eval_token_data(n: int = 256, seed: int = 4321) -> torch.Tensor:
-    """Held-out full sequences prompt + answer, LongTensor [n, PROMPT_LEN + 3], for perplexity measurement."""
+    """Held-out full sequences prompt + answer, LongTensor [n, PROMPT_LEN + 3] (quality or calibration
+    inputs of a prefill)."""
     prompts, answers = make_problems(n, seed, split="heldout")
     return torch.cat((prompts, answers), dim=1)
 

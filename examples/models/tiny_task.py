@@ -3,7 +3,8 @@
 Why it exists: lmforge's quality objectives need a model whose outputs can be graded exactly. A tiny
 Llama trained in well under a minute on the CPU to add two 2-digit numbers gives that: exact-match
 accuracy on held-out problems says whether a compiled or compressed model still works, and the
-held-out token sequences give a perplexity.
+held-out token sequences give next-token distributions to compare with the original model's at the answer
+positions (top-1 agreement, KL: the tuner's `quality` and `kl`).
 
 Format. Tokens 0-9 are the digits, then '+', '=', EOS and PAD (14 tokens). A problem a + b with
 0 <= a, b <= 99 is the prompt "aa+bb=" (operands zero-padded to 2 digits, so every prompt has 6
@@ -131,7 +132,8 @@ def make_problems(n: int, seed: int, split: str = "heldout") -> tuple[torch.Tens
 
 
 def eval_token_data(n: int = 256, seed: int = 4321) -> torch.Tensor:
-    """Held-out full sequences prompt + answer, LongTensor [n, 10], for perplexity measurement."""
+    """Held-out full sequences prompt + answer, LongTensor [n, 10]: quality data (next-token distributions; the
+    model is trained on the positions that predict the answer, PROMPT_LEN - 1 to PROMPT_LEN + ANSWER_LEN - 2)."""
     prompts, answers = make_problems(n, seed, split="heldout")
     return torch.cat((prompts, answers), dim=1)
 

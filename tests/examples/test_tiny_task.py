@@ -158,6 +158,9 @@ def test_workload_convention(trained):
     for inputs in work.eval_inputs:
         with torch.no_grad():
             torch.testing.assert_close(exported(*inputs)[0], work.model(*inputs)[0], atol=1e-5, rtol=1e-5)
+    # quality looks only at the steps that predict answer tokens: the model is trained on those alone
+    answer_steps = list(range(PROMPT_LEN - 1, PROMPT_LEN + ANSWER_LEN - 1))
+    assert [k_cache.shape[3] for _, k_cache, _ in work.eval_inputs] == answer_steps
     assert not hasattr(work, "token_data"), "no field that nothing reads"
 
 
@@ -166,6 +169,7 @@ def test_prefill_and_random_workloads(trained):
 
     prefill = llama_workload.prefill_workload()
     assert prefill.checker(prefill.model) >= 0.95
+    assert prefill.quality_positions == slice(PROMPT_LEN - 1, PROMPT_LEN + ANSWER_LEN - 1)
     assert prefill.dynamic == {"tokens": {0: "batch", 1: "seq"}}
     random = llama_workload.random_workload("5m")
     logits, k_cache, _ = random.model(*random.example_inputs)
