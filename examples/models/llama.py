@@ -218,7 +218,15 @@ class Llama(nn.Module):
         return self._run(tokens)
 
     def decode_step(self, tokens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """tokens [B, 1] after T cached positions -> (logits [B, 1, V], caches grown to T + 1)."""
+        """tokens [B, 1] after T cached positions -> (logits [B, 1, V], caches grown to T + 1).
+
+        One new token per sequence: the step attends without a causal mask (its one query may see every key),
+        so several new tokens would see each other's future; prefill them, or feed them one step at a time.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] != 1:   # a static size, also under torch.export
+            raise LmforgeError(f"decode_step takes one new token per sequence (tokens [B, 1]), got tokens of shape "
+                               f"{tuple(tokens.shape)}: its attention has no causal mask among new tokens; use "
+                               "prefill for several tokens, or call decode_step once per token")
         return self._run(tokens, k_cache, v_cache)
 
     def empty_cache(self, batch: int):

@@ -41,6 +41,18 @@ def test_prefill_logits_equal_forward(n_heads, n_kv_heads):
     assert k_cache.shape == expected and v_cache.shape == expected
 
 
+@pytest.mark.parametrize("prefill_len", [0, 4])
+def test_decode_step_refuses_several_new_tokens(prefill_len):
+    """A decode step has no causal mask among its new tokens: two at once would let the first see the second."""
+    cfg = small_config()
+    model = seeded_model(cfg)
+    tokens = random_tokens(cfg, batch=1, seq=6)
+    with torch.no_grad():
+        k_cache, v_cache = model.prefill(tokens[:, :prefill_len])[1:] if prefill_len else model.empty_cache(1)
+        with pytest.raises(LmforgeError, match=r"one new token per sequence .*shape \(1, 2\).*prefill"):
+            model.decode_step(tokens[:, prefill_len:prefill_len + 2], k_cache, v_cache)
+
+
 @pytest.mark.parametrize("n_heads,n_kv_heads", HEAD_LAYOUTS)
 @pytest.mark.parametrize("prefill_len", [0, 1, 6])
 def test_prefill_then_decode_matches_forward(n_heads, n_kv_heads, prefill_len):
