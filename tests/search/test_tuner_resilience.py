@@ -88,8 +88,8 @@ def test_cli_tunes_the_example_workload_in_predict_mode(tmp_path):
     elapsed = time.time() - t0
     assert out.returncode == 0, out.stderr[-2000:]
     assert elapsed < 240, f"tuning took {elapsed:.0f} s"
-    study = optuna.load_study(study_name=optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/db.sqlite")[0].study_name,
-                              storage=f"sqlite:///{tmp_path}/db.sqlite")
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    study = optuna.load_study(study_name=optuna.get_all_study_summaries(url)[0].study_name, storage=url)
     default = min(study.trials, key=lambda t: t.number)
     best = study.best_trial
     assert best.values[0] < default.values[0], "the tuned config beats the default config's predicted latency"
