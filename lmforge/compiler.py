@@ -329,12 +329,17 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
 
         graph = PassManager(canonical_pipeline()).run(graph)
         url = storage or studies.default_storage()
-        found = studies.best_configs(graph, target, storage=studies.open_storage(url, must_exist=storage is not None))
+        store = studies.open_storage(url, must_exist=storage is not None)
+        found = studies.best_configs(graph, target, storage=store)
         if not found:
-            raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}: "
-                               f"run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target "
-                               f"{target}`) first (with the same storage), or pass a config dict (CLI: --config "
-                               f"JSON)")
+            other = studies.best_configs(graph, target, storage=store, same_weights=False)
+            why = (" (it has studies of this architecture, but of other weights: another checkpoint, or tuned before "
+                   "lmforge recorded the weights; their knob values can seed a study: tune(..., "
+                   f"warm_start_from={target!r}))") if other else ""
+            raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}"
+                               f"{why}: run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD "
+                               f"--target {target}`) first (with the same storage), or pass a config dict (CLI: "
+                               f"--config JSON)")
         config = found[0]
         passes = tunable_pipeline(calibration) if passes is None else passes
     elif storage is not None:

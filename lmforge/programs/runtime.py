@@ -496,11 +496,28 @@ def _tensor_digest(w: torch.Tensor) -> bytes:
     if got is None or got[0]() is not w:
         if len(_DIGESTS) > 4096:
             _DIGESTS.clear()
-        flat = w.detach().reshape(-1).float()
-        digest = hashlib.sha1(flat[::max(1, flat.numel() // 4096)].cpu().numpy().tobytes()
-                              + repr(float(flat.sum())).encode()).digest()
+        bits = _raw_bits(w.detach())
+        digest = hashlib.sha1(bits[::max(1, bits.numel() // 4096)].cpu().numpy().tobytes()
+                              + str(_bit_sum(bits)).encode()).digest()
         got = _DIGESTS[key] = (weakref.ref(w), digest)
     return got[1]
+
+
+def _raw_bits(w: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as a flat integer tensor of their bit patterns (same element size)."""
+    flat = w.contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8)
+    return flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+
+
+def _bit_sum(bits: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """The sum of the bit patterns in int64 (wrapping): exact, so the same on any device and thread count (a float
+    sum is not: its order of additions changes with both); summed in chunks to bound the int64 copy."""
+    total = 0
+    for start in range(0, bits.numel(), chunk):
+        total = (total + int(bits[start:start + chunk].to(torch.int64).sum())) % (1 << 64)
+    return total
 
 
 _HYDRAGEN: dict[tuple, tuple[Graph, Graph | None]] = {}  # (id(step), P, r) -> (step, rewritten): ids are rechecked

@@ -110,15 +110,24 @@ def weights_fingerprint(graph: Graph) -> str:
 
 
 def data_fingerprint(values) -> str:
-    """16 hex digits of sha256 over the tensors in `values` (nested tuples, lists and dicts, in order): each one's
-    dtype, shape and bytes; other leaves by their type and, for numbers, strings and None, their value."""
+    """16 hex digits of sha256 over `values` (nested tuples, lists and dicts: their structure, dicts by sorted key,
+    then the leaves in order): each tensor's dtype, shape and bytes; other leaves by their type and, for numbers,
+    strings and None, their value."""
     import hashlib
 
     import torch
     import torch.utils._pytree as pytree
 
-    h = hashlib.sha256()
-    for leaf in pytree.tree_leaves(values):
+    def keyed(v):   # dicts by sorted key, so that the order keys were written in does not matter
+        if isinstance(v, dict):
+            return {k: keyed(v[k]) for k in sorted(v, key=repr)}
+        if isinstance(v, (list, tuple)):
+            return tuple(keyed(x) for x in v)
+        return v
+
+    leaves, spec = pytree.tree_flatten(keyed(values))
+    h = hashlib.sha256(str(spec).encode())
+    for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
@@ -238,7 +247,8 @@ def _pareto(trials, objectives, signs: Sequence[int] | None = None) -> list[dict
     return front
 
 
-def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_parallel: bool = False) -> list[dict]:
+def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_parallel: bool = False,
+                 same_weights: bool = True) -> list[dict]:
     """The best configs found so far for this graph (by signature, after the canonical passes) on `target` (a name
     or a Hardware): those of the most recently started study first (studies differ by objectives, mode,
     constraints and calibration; the last one run is the one asked for), then of older ones. Within a study the
@@ -246,7 +256,8 @@ def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_para
     hybrid mode the measured best).
 
     Only studies of these weights count (settings "weights", `model_settings`): a study of another model of the same
-    architecture, or one from before lmforge recorded the weights, is not this model's.
+    architecture, or one from before lmforge recorded the weights, is not this model's (same_weights=False takes
+    them too: a warm start from another checkpoint's knob values).
     Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
     their latencies are those of a group of GPUs, not of one."""
     import datetime
@@ -262,7 +273,7 @@ def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_para
     for summary in summaries:
         if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
             continue
-        if (summary.user_attrs.get("settings") or {}).get("weights") != weights:
+        if same_weights and (summary.user_attrs.get("settings") or {}).get("weights") != weights:
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         out += [dict(t.user_attrs["config"]) for t in ranked_trials(study)[:limit]]

@@ -577,7 +577,8 @@ def _enqueue_start_points(study, knobs: Sequence[Knob], graph: Graph, warm_start
     default = {k.name: k.default for k in knobs}
     starts = [default]
     if warm_start_from:
-        found = best_configs(graph, warm_start_from, store, limit=3)
+        # knob values carry over between checkpoints of one architecture: studies of other weights count here
+        found = best_configs(graph, warm_start_from, store, limit=3, same_weights=False)
         if not found:
             warnings.warn(f"warm_start_from={warm_start_from!r}: the storage has no tuning study of this graph for "
                           "that target with a feasible trial, so no config was enqueued from it", stacklevel=3)

@@ -2,6 +2,8 @@
 of the same architecture starts its own, and compile(config="best") reads only its own); the logits are the
 workload's `logits_index` output at its `quality_positions`; eval inputs that do not fit the captured model, and
 an output that is not logits, are errors before any trial; -inf-masked logits give a finite KL."""
+import warnings
+
 import optuna
 import pytest
 import torch
@@ -57,9 +59,36 @@ def test_another_model_or_other_eval_data_starts_its_own_study_and_best_reads_it
     assert b.study.user_attrs["settings"]["weights"] == studies.weights_fingerprint(graph_b)
     _, untuned, _, _ = prepare(mlp(3), inputs(99), dynamic={"input": {0: "batch"}})
     assert best_configs(untuned, "h100", storage) == [], "no study of these weights"
-    with pytest.raises(LmforgeError, match="no tuned configuration"):
+    with pytest.raises(LmforgeError, match="no tuned configuration .* of other weights"):
         lmforge.compile(mlp(3), inputs(99), dynamic={"input": {0: "batch"}}, target="h100", config="best",
                         storage=storage)
+    with warnings.catch_warnings(record=True) as caught:   # another checkpoint's knob values seed a warm start
+        warnings.simplefilter("always")
+        warm = run(workload(mlp(3)), storage, warm_start_from="h100")
+    assert not [w for w in caught if "warm_start_from" in str(w.message)]
+    assert warm.n_earlier == 0 and len(warm.study.trials) == 2
+
+
+def test_fingerprints_do_not_depend_on_threads_or_key_order():
+    """The weights digest is exact (an integer sum of the bit patterns: a float sum over >32k values changes with
+    the thread count, so `--threads` lost a study); eval data is hashed with its structure, dicts by key."""
+    w = torch.randn(300, 300, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            lin = torch.nn.Linear(300, 300, bias=False).requires_grad_(False)
+            lin.weight.copy_(w)
+            _, graph, _, _ = prepare(lin, (torch.randn(2, 300),))
+            digests.append(studies.weights_fingerprint(graph))
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1]
+    x, y = torch.zeros(3), torch.ones(3)
+    fp = studies.data_fingerprint
+    assert fp({"a": x, "b": y}) == fp({"b": y, "a": x})
+    assert fp({"a": x, "b": y}) != fp({"a": y, "b": x}) != fp([x, y])
 
 
 class IdsThenLogits(torch.nn.Module):
