@@ -254,7 +254,7 @@ def check_target(manifest: dict, device: str, target: str | None = None) -> None
 # ---- graph and weights -------------------------------------------------------------------------------
 
 def _parse_graph(data: bytes, manifest: dict):
-    from lmforge.ir.graph import Graph
+    from lmforge.ir.graph import Graph, dict_signature
     from lmforge.ir.verify import verify
 
     try:
@@ -263,10 +263,12 @@ def _parse_graph(data: bytes, manifest: dict):
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError, LmforgeError) as e:
         raise _fail(f"{GRAPH_FILE} is not a valid lmforge graph ({type(e).__name__}: {e}); "
                     "export the artifact again with this lmforge version") from None
-    # Artifacts exported before `Graph.signature` left out node sources and capture meta hold the hash of the whole
-    # graph JSON: both name this graph.
-    legacy = hashlib.sha256(graph.to_json().encode()).hexdigest()[:16]
-    if manifest["graph_hash"] not in (graph.signature(), legacy):
+    # The manifest holds the signature of the graph as written (an earlier lmforge's graph lacks attributes added
+    # since, which loading sets to their defaults); artifacts exported before `Graph.signature` left out node
+    # sources and capture meta hold the hash of the whole graph JSON. Each names this graph.
+    written = json.loads(data.decode("utf-8"))
+    legacy = hashlib.sha256(json.dumps(written, indent=1, sort_keys=True).encode()).hexdigest()[:16]
+    if manifest["graph_hash"] not in (graph.signature(), dict_signature(written), legacy):
         raise _fail(f"{GRAPH_FILE} has signature {graph.signature()} but the manifest says "
                     f"{manifest['graph_hash']}: the graph was modified. Export the artifact again")
     for key, values in (("inputs", graph.inputs), ("outputs", graph.outputs)):   # what inspect / README report

@@ -179,8 +179,7 @@ class Graph:
         """
         from lmforge.ir.serialize import graph_to_dict
 
-        structure = json.dumps(_structural(graph_to_dict(self)), sort_keys=True)
-        return hashlib.sha256(structure.encode()).hexdigest()[:16]
+        return dict_signature(graph_to_dict(self))
 
     def __str__(self) -> str:
         from lmforge.ir.printer import format_graph
@@ -190,6 +189,13 @@ class Graph:
 
 # Meta keys that record how a graph was captured, not what it computes: left out of `Graph.signature`.
 CAPTURE_META = frozenset({"example_dims", "captured_from"})
+
+
+def dict_signature(d: dict) -> str:
+    """`Graph.signature` of the graph a `graph_to_dict` dict describes, as the dict has it: for a graph read from
+    JSON written by an earlier lmforge, the signature it had then (before `graph_from_dict` added the attributes
+    its ops gained since, at their defaults)."""
+    return hashlib.sha256(json.dumps(_structural(d), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _structural(d: dict) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.errors import VerifyError
+from lmforge.errors import LmforgeError, VerifyError
 from lmforge.ir.graph import Graph, Node, Value
 from lmforge.ir.types import TensorType, _freeze, from_json_value, json_value
 
@@ -79,7 +79,7 @@ def _graph_from_dict(d: dict, outer: dict[str, Value] | None = None) -> Graph:
             raise VerifyError(f"graph JSON: node {nd['op']} reads undefined value {e}") from None
         outs = tuple(_read_value(v) for v in nd["outputs"])
         regions = tuple(graph_from_dict(r, scope) for r in nd.get("regions", ()))
-        attrs = tuple((k, _freeze(_attr_from_json(v))) for k, v in nd["attrs"])
+        attrs = _with_added_defaults(nd["op"], tuple((k, _freeze(_attr_from_json(v))) for k, v in nd["attrs"]))
         nodes.append(Node(nd["op"], ins, outs, attrs, regions, nd.get("source", "")))
         scope.update({v.name: v for v in outs})
     undefined = [name for name in d["outputs"] if name not in scope]
@@ -89,3 +89,19 @@ def _graph_from_dict(d: dict, outer: dict[str, Value] | None = None) -> Graph:
     outputs = tuple(scope[name] for name in d["outputs"])
     meta = tuple((k, _freeze(_attr_from_json(v))) for k, v in d.get("meta", []))
     return Graph(d["name"], inputs, params, tuple(nodes), outputs, meta)
+
+
+def _with_added_defaults(op: str, attrs: tuple) -> tuple:
+    """A node's attrs with the optional attributes its op gained after the JSON was written set to their defaults
+    (whose meaning is "as before": e.g. a generate node's `kv_dtype` "" is float32, a retrieve's `fingerprint` ""
+    is not checked), so graphs and artifacts of earlier versions still load. Unknown ops and attrs are left for
+    the verifier to report."""
+    from lmforge.ir.ops import get_op
+
+    try:
+        specs = get_op(op).attrs
+    except LmforgeError:
+        return attrs
+    have = {k for k, _ in attrs}
+    added = [(k, _freeze(spec.default)) for k, spec in specs.items() if k not in have and not spec.required]
+    return tuple(sorted((*attrs, *added), key=lambda kv: kv[0])) if added else attrs

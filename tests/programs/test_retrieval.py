@@ -165,6 +165,27 @@ def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
         register_corpus("facts", documents)
     assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
 
+    # An artifact of an earlier lmforge: its nodes lack the attributes added since (generate's kv_dtype, the
+    # retrieve's fingerprint) and its manifest holds that graph's signature. It loads, with the defaults.
+    import hashlib
+    import json
+
+    from lmforge.ir.graph import dict_signature
+
+    root = tmp_path / "rag"
+    written = json.loads((root / "graph.json").read_text())
+    for node in written["nodes"]:
+        node["attrs"] = [[k, v] for k, v in node["attrs"] if k not in ("kv_dtype", "fingerprint")]
+    (root / "graph.json").write_text(json.dumps(written, indent=1, sort_keys=True))
+    manifest = json.loads((root / "manifest.json").read_text())
+    data = (root / "graph.json").read_bytes()
+    manifest["files"]["graph.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest["graph_hash"] = dict_signature(written)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    old = lmforge.load(root)
+    assert [n.attr["kv_dtype"] for n in old.graph.nodes if n.op == "generate"] == [""]
+    assert torch.equal(old(questions[:8])[0], want)
+
 
 def test_the_example_says_when_no_config_fits_the_budget():
     from examples.rag_recall import describe
