@@ -126,9 +126,10 @@ def _onnx_files(graph) -> tuple[dict[str, bytes], dict[str, Any]]:
     does a machine without the onnx package (or with one that fails to import)."""
     try:
         from lmforge.backends.onnx_export import OPSET, to_onnx
-    except ImportError as e:
-        warnings.warn(f"onnx cannot be imported ({e}); the artifact is written without model.onnx")
-        return {}, {"written": False, "reason": f"onnx cannot be imported here: {e}"}
+    except Exception as e:   # not installed (ImportError), or a broken install (e.g. a protobuf mismatch: TypeError)
+        warnings.warn(f"onnx cannot be imported ({type(e).__name__}: {e}); the artifact is written without "
+                      "model.onnx")
+        return {}, {"written": False, "reason": f"onnx cannot be imported here: {type(e).__name__}: {e}"}
 
     if graph.get_meta("tensor_parallel"):
         return {}, {"written": False, "reason": "a tensor-parallel graph (one rank's program with whole weights "

@@ -27,6 +27,8 @@ class Workload:
                     have no meaningful next token (default: every position). To leave out whole eval inputs (one
                     decode step per position), leave them out of eval_inputs.
     checker:        optional `checker(compiled_or_model) -> accuracy in [0, 1]`: the `accuracy` objective.
+    token_data:     deprecated and ignored (no objective ever read it; perplexity is not an objective): a
+                    DeprecationWarning says so.
     name:           a short name used for studies and artifacts.
     extras:         anything else, e.g. `serving_dims` (the sizes the tuner prices latency at).
 
@@ -40,6 +42,7 @@ class Workload:
     dynamic: dict[str, dict[int, str]] | None = None
     eval_inputs: list[tuple] | None = None
     checker: Callable[[Any], float] | None = None
+    token_data: Any = None   # deprecated, unused (kept so that positional and keyword callers keep working)
     name: str = "workload"
     extras: dict[str, Any] = field(default_factory=dict)
     logits_index: int = 0
@@ -49,6 +52,11 @@ class Workload:
         """Check the fields' types, so a mistake is named here rather than deep inside capture or tuning."""
         if self.model is None:
             raise WorkloadError("Workload.model is None: give a torch.nn.Module or a function over tensors")
+        if self.token_data is not None:
+            import warnings
+
+            warnings.warn("Workload.token_data is ignored (no objective reads it) and will be removed: drop it; "
+                          "quality is measured on eval_inputs", DeprecationWarning, stacklevel=3)
         if isinstance(self.example_inputs, list):
             self.example_inputs = tuple(self.example_inputs)
         if not isinstance(self.example_inputs, tuple):

@@ -334,6 +334,9 @@ def test_workload_validates_its_fields():
     with pytest.raises(WorkloadError, match="item 0 is a Tensor"):
         Workload(model=lambda x: x, example_inputs=(torch.randn(2),), eval_inputs=[torch.randn(2)])
     assert Workload(model=lambda x: x, example_inputs=[torch.randn(2)]).example_inputs[0].shape == (2,)
+    with pytest.warns(DeprecationWarning, match="token_data is ignored"):   # removed as unused: still accepted
+        work = Workload(lambda x: x, (torch.randn(2),), None, None, None, torch.zeros(2, 3), "named")
+    assert work.name == "named"
 
 
 # ---- 10. pruned trials are shown, with why ----------------------------------------------------------------------

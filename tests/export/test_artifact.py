@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from datetime import datetime
 from pathlib import Path
 
@@ -133,9 +134,16 @@ def test_a_graph_with_no_onnx_form_is_exported_without_model_onnx(tmp_path):
         n.op for n in compiled.graph.nodes]
 
 
-def test_a_machine_without_onnx_exports_without_model_onnx(tmp_path, monkeypatch):
-    """A GPU machine with torch only (no onnx): the artifact is written without model.onnx, with the reason."""
-    monkeypatch.setitem(sys.modules, "lmforge.backends.onnx_export", None)   # importing it raises ImportError
+class _BrokenOnnx(types.ModuleType):
+    def __getattr__(self, name):   # what a protobuf version mismatch raises when onnx is imported
+        raise TypeError("Descriptors cannot be created directly")
+
+
+@pytest.mark.parametrize("broken", [None, _BrokenOnnx("onnx_export")], ids=["missing", "broken"])
+def test_a_machine_without_onnx_exports_without_model_onnx(tmp_path, monkeypatch, broken):
+    """A GPU machine with torch only (no onnx), or a broken onnx install: the artifact is written without
+    model.onnx, with the reason."""
+    monkeypatch.setitem(sys.modules, "lmforge.backends.onnx_export", broken)   # None: importing raises ImportError
     x = torch.randn(2, 6)
     compiled = lmforge.compile(lambda x: torch.relu(x) * 2, (x,))
     with pytest.warns(UserWarning, match="onnx cannot be imported"):
