@@ -8,7 +8,7 @@
 A corpus is N documents of Ld token ids each (pad them to one length with a token of your choice, and name it
 with pad_id= so that overlap scoring does not count it). Like checker functions, it is registered by name,
 because a program graph round-trips through JSON and a tensor of documents or a Python encoder does not belong
-in it; the op records the corpus's shape and fingerprint (a digest of its documents, embeddings and pad_id),
+in it; the op records the corpus's shape and fingerprint (a digest of its documents, pad_id and embedding width),
 and the runtime refuses a corpus registered under that name since that differs from the one the program was
 built (and tuned) with.
 
@@ -120,13 +120,15 @@ def _as_documents(name: str, documents) -> torch.Tensor:
 
 
 def corpus_fingerprint(documents: torch.Tensor, doc_embeddings: torch.Tensor | None, pad_id: int | None) -> str:
-    """sha256 of what decides a corpus's retrievals (16 hex digits, like Hardware.fingerprint): the documents, their
-    embeddings and pad_id. Computed once, at registration; a retrieve node records it and the runtime compares."""
+    """sha256 of what a corpus is (16 hex digits, like Hardware.fingerprint): its documents (token ids), pad_id and
+    the shape of its embeddings. Not the embeddings' values: the same encoder gives floats that differ in the last
+    bits with the thread count or the BLAS, which must not make a program refuse its own corpus (so a changed
+    encoder of the same width is not caught). Computed once, at registration; a retrieve node records it and the
+    runtime compares."""
     h = hashlib.sha256(f"{tuple(documents.shape)}:{pad_id}".encode())
     h.update(documents.cpu().contiguous().numpy().tobytes())
     if doc_embeddings is not None:
         h.update(str(tuple(doc_embeddings.shape)).encode())
-        h.update(doc_embeddings.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -238,7 +238,7 @@ RETRIEVE_ATTRS = {
     "n_docs": attr("int", doc="the corpus's documents (checked at run time)"),
     "doc_len": attr("int", doc="tokens per document (checked at run time)"),
     "embed_dim": attr("int", 0, "the corpus's embedding width (0: no encoder)"),
-    "fingerprint": attr("str", "", "digest of the corpus's documents, embeddings and pad_id (checked at run time; "
+    "fingerprint": attr("str", "", "digest of the corpus's documents, pad_id and embedding width (checked at run time; "
                                    "'': not checked)"),
 }
 
