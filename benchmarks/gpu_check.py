@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes, default configs, shorter timing")
     parser.add_argument("--only", metavar="SUBSTRING", default=None,
-                        help="run only the cases (or case modules) whose name contains SUBSTRING")
+                        help="run only the case modules, entries (their labels) or cases whose name contains "
+                             "SUBSTRING")
     parser.add_argument("--sweep-budget", metavar="SECONDS", type=float, default=120.0,
                         help="after this many seconds, stop sweeping candidate configs (each case then runs its "
                              "first candidate, usually the default); default 120")
@@ -68,8 +69,9 @@ def peak_bandwidth(gpu_name: str) -> float | None:
 
 def load_cases(quick: bool, only: str | None) -> list:
     """The entries of all modules: cases (dicts) and Pending ones (built when run() reaches them); an import or
-    cases() failure becomes one error entry for that module. --only filters the cases by name here and a
-    Pending entry's cases once built."""
+    cases() failure becomes one error entry for that module. --only selects a module by name, Pending entries by
+    their label (as the progress lines print them, e.g. "decode_dense(32, 8, 131072"), else cases by name: then
+    every Pending entry is built to learn its cases' names."""
     from benchmarks.gpu_cases import Pending
 
     found = []
@@ -85,6 +87,9 @@ def load_cases(quick: bool, only: str | None) -> list:
                           "trace": traceback.format_exc()})
             continue
         found += [c for c in module_cases if not only or isinstance(c, Pending) or only in c["name"]]
+    if only and any(isinstance(c, Pending) and only in c.label for c in found):
+        # entries named by their labels: only those are built (the others' cases are not what was asked for)
+        found = [c for c in found if not isinstance(c, Pending) or only in c.label]
     return found
 
 

@@ -94,7 +94,7 @@ def test_select_largest_builder():
 
 @pytest.mark.parametrize("kind,bits,n,k,m,design", [row[1:] for row in QUANT], ids=[row[0] for row in QUANT])
 def test_quant_builder(kind, bits, n, k, m, design):
-    case = quant._case(kind, bits, n, k, m, True, _gen(), design)
+    case = quant._case(_gen(), kind, bits, n, k, m, True, design)
     _check(case)
     assert case["name"].startswith(f"quant/int{bits}_{kind}_M{m}_N{n}_K{k}/")
 
@@ -113,9 +113,9 @@ def test_listed_entries_fit_their_builders(module, quick, monkeypatch):
     when gpu_check builds it on the GPU); the labels are unique."""
     calls = []
 
-    def recording(family, builder, *args, **kwargs):
-        calls.append((builder, args, kwargs))
-        return gpu_cases.pending(family, builder, *args, **kwargs)
+    def recording(family, builder, *args, seeded=False, **kwargs):
+        calls.append((builder, ("generator",) * seeded + args, kwargs))
+        return gpu_cases.pending(family, builder, *args, seeded=seeded, **kwargs)
 
     monkeypatch.setattr(module, "pending", recording)
     entries = module.cases(quick)

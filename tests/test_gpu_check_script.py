@@ -94,3 +94,51 @@ def test_entries_are_built_in_turn_failures_are_rows_and_the_budget_skips_the_re
     only = argparse.Namespace(budget=1e9, only="_a", quick=True)
     assert [r["name"] for r in gpu_check.run_entries(entries[:1], only, None, {}, started=clock[0])] == ["fam/x_a"]
     assert pending("fam", two_cases, "x", True).label == "fam/two_cases('x')"
+
+
+def test_only_selects_entries_by_label_before_building_them(monkeypatch):
+    """--only with part of an entry's label builds that entry alone (others would spend the budget and shift its
+    place); with part of a case name, entries are built to learn their cases' names."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import gpu_check
+        from benchmarks.gpu_cases import Pending
+    finally:
+        sys.path.remove(str(REPO))
+    import types
+
+    entries = {"attention": [Pending("attention/decode_dense(32)", dict), Pending("attention/prefill(8)", dict)],
+               "quant": [Pending("quant/case('gemv', 4)", dict), {"name": "quant/ready_decode_dense_x"}]}
+    monkeypatch.setattr(gpu_check, "CASE_MODULES", tuple(entries))
+    monkeypatch.setattr(gpu_check.importlib, "import_module",
+                        lambda name: types.SimpleNamespace(cases=lambda quick: entries[name.rsplit(".", 1)[1]]))
+    labels = [getattr(e, "label", None) or e["name"] for e in gpu_check.load_cases(True, "decode_dense")]
+    assert labels == ["attention/decode_dense(32)", "quant/ready_decode_dense_x"]
+    by_name = gpu_check.load_cases(True, "int4_gemv")   # no label has it: every entry may hold such a case
+    assert [e.label for e in by_name] == ["attention/decode_dense(32)", "attention/prefill(8)", "quant/case('gemv', 4)"]
+    assert len(gpu_check.load_cases(True, "quant")) == 2
+
+
+def test_seeded_entries_make_the_same_inputs_whatever_ran_before():
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import gpu_cases
+        from benchmarks.gpu_cases import pending
+    finally:
+        sys.path.remove(str(REPO))
+
+    def draw(gen, n):
+        return torch.randn(n, generator=gen, device=gpu_cases.device())
+
+    old = gpu_cases.DEVICE["name"]
+    gpu_cases.DEVICE["name"] = "cpu"
+    try:
+        a, b = pending("t", draw, 4, seeded=True), pending("t", draw, 5, seeded=True)
+        first = a.build()
+        b.build()
+        assert torch.equal(a.build(), first) and not torch.equal(b.build()[:4], first)
+        assert a.label == "t/draw(4)"
+    finally:
+        gpu_cases.DEVICE["name"] = old

@@ -41,15 +41,29 @@ class Pending:
     build: Callable[[], "dict | list[dict]"]
 
 
-def pending(family: str, builder: Callable, *args, **kwargs) -> Pending:
+def pending(family: str, builder: Callable, *args, seeded: bool = False, **kwargs) -> Pending:
     """`builder(*args, **kwargs)` as a Pending entry, labelled by the family, the builder and the arguments that
-    tell the entries apart (shapes, knobs, dtypes; not flags, generators or tensors)."""
+    tell the entries apart (shapes, knobs, dtypes; not flags, generators or tensors). seeded: the builder takes a
+    torch.Generator first, made when it is built and seeded from the label, so an entry's inputs are the same
+    whichever entries are built before it (--only, --budget, a failed build)."""
     def shown(a) -> bool:
         return not isinstance(a, bool) and not hasattr(a, "device")
 
     plain = [repr(a) for a in args if shown(a)] + [f"{k}={v!r}" for k, v in kwargs.items() if shown(v)]
-    return Pending(f"{family}/{builder.__name__.lstrip('_')}({', '.join(plain)})",
-                   lambda: builder(*args, **kwargs))
+    label = f"{family}/{builder.__name__.lstrip('_')}({', '.join(plain)})"
+    if seeded:
+        return Pending(label, lambda: builder(label_generator(label), *args, **kwargs))
+    return Pending(label, lambda: builder(*args, **kwargs))
+
+
+def label_generator(label: str):
+    """A torch.Generator on `device()` seeded from a sha256 of `label`."""
+    import hashlib
+
+    import torch
+
+    seed = int.from_bytes(hashlib.sha256(label.encode()).digest()[:7], "little")
+    return torch.Generator(device=device()).manual_seed(seed)
 
 
 def graph_time_ms(fn, reps: int = 20, trials: int = 5, flush_mb: int = 128) -> float:

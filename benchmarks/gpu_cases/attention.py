@@ -240,12 +240,10 @@ def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix, groups: int = 1) -> d
 
 
 def cases(quick: bool) -> list[Pending]:
-    """The attention cases, each built when gpu_check reaches it; inputs are made on `device()` (CUDA) from one
-    generator, in this order, so every run sees the same data."""
-    gen = torch.Generator(device=device()).manual_seed(0)
-
+    """The attention cases, each built when gpu_check reaches it, its inputs made on `device()` (CUDA) from a
+    generator seeded by its label (the same data in every run, whichever cases run before it)."""
     def later(builder, *args, **kwargs) -> Pending:
-        return pending("attention", builder, gen, quick, *args, **kwargs)
+        return pending("attention", builder, quick, *args, seeded=True, **kwargs)
 
     out = [
         later(_prefill_dense, 32, 32, 4096),
@@ -258,7 +256,7 @@ def cases(quick: bool) -> list[Pending]:
         later(_decode_block_topk, 32, 8, 131072, block_size=64, budget=16, summary="mean"),
         later(_shared_prefix, 16, 32, 8, 16384, 256),
         later(_shared_prefix, 32, 32, 8, 4096, 256, groups=4),   # 4 prompts x 8 samples in one batch
-        pending("attention", _select_largest, gen, 8, 2048, 128),
+        pending("attention", _select_largest, 8, 2048, 128, seeded=True),
         later(_prefill_dense, 32, 8, 4096, dtype=torch.bfloat16),
         later(_decode_dense, 32, 8, 32768, dtype=torch.bfloat16),
     ]

@@ -36,7 +36,7 @@ DESIGNS = {"wo_gemv": {"byte tiles": lambda c: c.get("WORD_TILES", 0) == 0,
            "wo_gemm": {"tiled": lambda c: not c.get("SWAP_AB", 0), "swapped": lambda c: c.get("SWAP_AB", 0)}}
 
 
-def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.Generator, design: str) -> dict:
+def _case(gen: torch.Generator, kind: str, bits: int, n: int, k: int, m: int, quick: bool, design: str) -> dict:
     w = torch.randn(n, k, device=device(), generator=gen) * 0.02
     qw = quantize_weight(w.half(), bits, GROUP_SIZE, symmetric=True)
     del w
@@ -63,17 +63,16 @@ def _case(kind: str, bits: int, n: int, k: int, m: int, quick: bool, gen: torch.
 
 def cases(quick: bool) -> list[Pending]:
     """The quantized-linear cases, each built (weights quantized, candidates swept) when gpu_check reaches it."""
-    gen = torch.Generator(device=device()).manual_seed(0)
     out = []
     for bits in (4, 8):
         for n, k in GEMV_SHAPES[:1] if quick else GEMV_SHAPES:
             for design in DESIGNS["wo_gemv"]:
-                out.append(pending("quant", _case, "gemv", bits, n, k, 1, quick, gen, design))
+                out.append(pending("quant", _case, "gemv", bits, n, k, 1, quick, design, seeded=True))
     # batch-4 decode (beams, samples): the fp16-pair design walks the weights once for all 4 rows
     for design in DESIGNS["wo_gemv"]:
-        out.append(pending("quant", _case, "gemv", 4, *GEMV_SHAPES[0], 4, quick, gen, design))
+        out.append(pending("quant", _case, "gemv", 4, *GEMV_SHAPES[0], 4, quick, design, seeded=True))
     for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
         for m in GEMM_ROWS:
             for design in DESIGNS["wo_gemm"]:
-                out.append(pending("quant", _case, "gemm", 4, n, k, m, quick, gen, design))
+                out.append(pending("quant", _case, "gemm", 4, n, k, m, quick, design, seeded=True))
     return out
