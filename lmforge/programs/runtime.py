@@ -290,7 +290,7 @@ def run_retrieve(a: dict, prompts: torch.Tensor):
     if a.get("fingerprint") and a["fingerprint"] != corpus.fingerprint:
         raise LmforgeError(f"retrieve: the corpus registered as {a['corpus']!r} (fingerprint {corpus.fingerprint}) "
                            f"differs from the one the program was built and tuned with (fingerprint "
-                           f"{a['fingerprint']}): its documents, their embeddings or its pad_id changed. Register "
+                           f"{a['fingerprint']}): its documents, its pad_id or its embedding width changed. Register "
                            f"the same corpus (documents, encoder, pad_id) as {a['corpus']!r}, or rebuild the program "
                            "(and re-tune it) for this corpus")
     return retrieve(prompts, corpus, a["k"], a["method"], a["insert_at"])
