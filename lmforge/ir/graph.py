@@ -203,7 +203,7 @@ def _structural(d: dict) -> dict:
     nodes = [{**{k: v for k, v in nd.items() if k != "source"},
               **({"regions": [_structural(r) for r in nd["regions"]]} if "regions" in nd else {})}
              for nd in d["nodes"]]
-    return {**d, "nodes": nodes, "meta": [[k, v] for k, v in d["meta"] if k not in CAPTURE_META]}
+    return {**d, "nodes": nodes, "meta": [[k, v] for k, v in d.get("meta", []) if k not in CAPTURE_META]}
 
 
 class GraphBuilder:
