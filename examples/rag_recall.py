@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     from lmforge.hwmodels import get_target
     from lmforge.programs.search import ProgramEvaluator, grid, grid_search, program_space, search
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--budget", type=float, default=2.0, help="eFLOPs budget in units of a k = 1 overlap run")
     ap.add_argument("--seed", type=int, default=0, help="the world's facts and documents")

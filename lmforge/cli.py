@@ -215,7 +215,7 @@ def cmd_report(args) -> int:
     matches = [n for n in names if n == args.study] or [n for n in names if args.study in n]
     if len(matches) != 1:
         raise LmforgeError(f"{len(matches)} studies match {args.study!r} in {url}: give the full name or a unique "
-                           f"part of one of {names}")
+                           f"part of one of {matches or names}")
     paths = write_report(optuna.load_study(study_name=matches[0], storage=storage), args.out)
     print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0

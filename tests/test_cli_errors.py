@@ -187,6 +187,10 @@ def test_report_prefers_an_exact_study_name(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "report", "--storage", db, "--study", "abc", "--out", tmp_path / "r")
     assert code == 0 and "Tuning report: abc\n" in (tmp_path / "r" / "report.md").read_text()
     assert "2 studies match 'ab'" in cli_error(capsys, "report", "--storage", db, "--study", "ab")
+    tune(MLP(), (torch.randn(4, 16),), target="h100", budget=1, storage=db, study_name="other",
+         pipeline=[merge_linears, dce], progress=False)
+    listed = cli_error(capsys, "report", "--storage", db, "--study", "zzz")   # no match: every study is listed
+    assert "'other'" in listed and "'other'" not in cli_error(capsys, "report", "--storage", db, "--study", "ab")
 
 
 # ---- 5. errors, not tracebacks -------------------------------------------------------------------------------

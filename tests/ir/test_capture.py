@@ -292,7 +292,9 @@ def test_float64_softmax_is_computed_in_float64():
      [r"b = y.shape\[1\] and a = x.shape\[1\] must always be equal", "give them the same name"]),
     (lambda x: x.reshape(2, 18), (torch.randn(2, 6, 3),), {"x": {1: "s"}},
      ["specialized it to be a constant", "remove it from `dynamic`"]),
-], ids=["negative_slice", "dims_forced_equal", "dim_is_constant"])
+    (lambda k, v: k + v, (torch.randn(2, 6, 3), torch.randn(2, 6, 3)), {"k": {1: "s"}},   # v's dim left unmarked
+     ["specialized it to be a constant", "mark the same dim of every input that has it"]),
+], ids=["negative_slice", "dims_forced_equal", "dim_is_constant", "a_sibling_input_unmarked"])
 def test_dynamic_dim_errors_carry_torchs_reason_in_the_users_names(fn, example, dynamic, says):
     with pytest.raises(CaptureError) as info:
         lmforge.capture(fn, example, dynamic=dynamic)

@@ -141,7 +141,9 @@ def _explain(e: Exception) -> str:
         hint = ("The model needs two dims you named differently to be equal (e.g. it adds the tensors): give them "
                 "the same name in `dynamic`.")
     elif "specialized" in low and "constant" in low:
-        hint = "A dimension marked dynamic is constant in the model: remove it from `dynamic` or use a size >= 2."
+        hint = ("A dimension marked dynamic is constant in the model: mark the same dim of every input that has it "
+                "(e.g. the batch of both k_cache and v_cache; an unmarked one fixes the size for all), or remove "
+                "it from `dynamic`, or use a size >= 2.")
     elif "not all values of" in low:
         hint = ("The model only works for some sizes of a dynamic dim: torch had to assume the condition above "
                 "(a negative or stepped slice such as x[:, -2:], narrow or chunk on the dim often does this). "
