@@ -22,14 +22,17 @@ def targets():
 
 
 def tune(*args, **kwargs):
-    """Search the knobs of a workload for a target: see `lmforge.search.tuner.tune`."""
+    """Search the knobs of a workload for a target: `lmforge.search.tuner.tune(model_or_workload,
+    example_inputs=None, *, target="h100", objectives=("latency",), constraints=None, budget=50, mode="predict",
+    storage=None, ...)`, documented there. (Imported on first call, so that `import lmforge` needs no optuna.)"""
     from lmforge.search.tuner import tune as _tune
 
     return _tune(*args, **kwargs)
 
 
 def export_artifact(compiled, path, **kwargs):
-    """Write an artifact directory for a compiled model: see `lmforge.export.export`."""
+    """Write an artifact directory for a compiled model: `lmforge.export.export(compiled, path, *,
+    objectives=None, targets=None)`, documented there (the same as `compiled.export(path)`)."""
     from lmforge.export import export as _export
 
     return _export(compiled, path, **kwargs)

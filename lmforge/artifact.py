@@ -341,11 +341,12 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
 
     target:  the target whose configuration you want (default: the one the artifact was compiled for);
              TargetError when the artifact was not built for it or for the device's kind.
-    kernels: what runs the graph on a CUDA device (ignored on the CPU, where the torch reference runs):
+    kernels: what runs the graph on a CUDA device (on the CPU the torch reference runs: "auto" and "none" are the
+             same there, "required" is an error):
              "auto"      the artifact's Triton cubins for the nodes they serve when a GPU target's arch matches
                          this GPU (kernels/<target>/triton/), the torch reference for the rest; without a
                          matching arch (or if a cubin fails to load) the reference alone, with a warning;
-             "required"  the same, but an LmforgeError instead of the warning (and on the CPU);
+             "required"  the same, but an LmforgeError instead of the warning (and on a CPU device);
              "none"      the torch reference alone.
     group:   for a tensor-parallel artifact, this process's rank in a torch.distributed job
              (`lmforge.backends.collectives.TorchDistributedGroup()`, on device f"cuda:{local rank}"); None runs

@@ -119,7 +119,10 @@ class CompiledModel:
         return CompiledModel(self.graph, self.backends, device, self.target, self.config, self.pass_report)
 
     def inspect(self, target: str | None = None, show_costs: bool = True) -> str:
-        """The graph with, per node, the backend that runs it and (when a target is known) its predicted cost."""
+        """The graph with, per node, the backend that runs it and (when a target is known) its predicted cost.
+
+        target: the hardware to price the nodes on (default: the one the model was compiled for); show_costs=False
+        leaves the costs out."""
         from lmforge.inspect import inspect_graph
 
         return inspect_graph(self.graph, self.kernels, target=target or self.target if show_costs else None)
@@ -128,6 +131,8 @@ class CompiledModel:
         return [n for n in self.graph.nodes if n.op == "torch_fallback"]
 
     def export(self, path, **kwargs):
+        """Write this model as an artifact directory at `path` (manifest, graph, weights, ONNX, kernels); see
+        `lmforge.export.export` for the keyword arguments. Returns the path; `lmforge.load(path)` reads it."""
         from lmforge.export import export
 
         return export(self, path, **kwargs)
@@ -306,9 +311,13 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
             storage: str | None = None) -> CompiledModel:
     """Capture `model` (a torch module/function, or an IR Graph), run the pass pipeline, return a CompiledModel.
 
+    example_inputs: a tuple of the model's positional inputs to capture it with (not for a Graph).
     target:      the hardware the configuration is for ("host", "h100", ...); costs in `inspect()` use it.
+    dynamic:     {input name: {dim index: symbol}}: the dims that may vary between calls (as `lmforge.capture`).
     config:      knob values for the passes (from `lmforge.tune`), or "best" to look the best one up.
     backends:    backend names in priority order; the torch reference always runs what others leave.
+    device:      where the compiled model runs (default: where its weights are, or "cpu").
+    passes:      the pass pipeline (default: the canonical passes, then `lmforge.passes.tunable_pipeline`).
     calibration: input tuples for the passes that need activations (AWQ with quant.awq, FlexPrefill's measured
                  density); `lmforge.tune` uses the workload's first eval inputs.
     storage:     with config="best", the Optuna storage URL `tune` wrote to (default: the SQLite database in the

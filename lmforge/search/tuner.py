@@ -391,10 +391,21 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
          layer_groups: int = 1) -> TuneResult:
     """Tune the knobs of `model_or_workload` for `target`. See the module docstring.
 
+    model_or_workload: a `Workload`, or a torch module / function over tensors with `example_inputs` (a tuple)
+              and `dynamic` ({input name: {dim: symbol}}, as for `lmforge.capture`).
     target:   a preset name ("h100", "host", ...) or a `lmforge.hwmodels.Hardware`.
+    objectives, constraints: see the module docstring (e.g. ("latency", "quality"), {"quality": 0.99}).
     budget:   the number of trials the study holds when tuning stops, earlier runs' and other workers' included
               (finished, pruned and failed trials count; those cut off by Ctrl-C do not).
-    bindings: symbolic sizes to price at (keys must be symbols of the captured graph)."""
+    mode:     "predict" (the target's cost model), "measure" or "hybrid" (timed on this machine / its GPU).
+    storage, study_name: the Optuna storage URL (default: SQLite in the cache) and a study name (default: the
+              key described in the module docstring).
+    sampler, seed: "tpe", "nsga2", "gp" or "random" (default: chosen as the module docstring says), its seed. warm_start_from: a target whose studies of this
+              graph seed the first trials. hybrid_top: how many predicted-best configs hybrid mode measures.
+    bindings: symbolic sizes to price at (keys must be symbols of the captured graph).
+    pipeline: the pass pipeline whose knobs are searched (default: `lmforge.passes.tunable_pipeline`).
+    progress: show a progress bar. backends: kernel backends measure mode times ("tvm", "triton").
+    layer_groups: knobs per group of layers (1: one value for the whole model)."""
     from lmforge.compiler import CompiledModel
     from lmforge.hwmodels import calibrated, get_target
     from lmforge.workload import Workload

@@ -510,7 +510,10 @@ def capture(model, example_inputs, dynamic: dict | None = None, name: str | None
     """Capture a torch.nn.Module or a function of tensors (or an ONNX model / .onnx path) into a verified graph.
 
     `dynamic` maps input names to {dim index: symbol name}, e.g. {"tokens": {0: "batch", 1: "seq"}};
-    inputs sharing a symbol name share the dimension. Raises CaptureError with the cause and what to try.
+    inputs sharing a symbol name share the dimension. `name`: the graph's name (default: the model's class or
+    function name). `recognize`: fold decomposed attention (softmax(q k^T) v, with or without a mask) into
+    `attention` ops, as the passes expect (False keeps the ops as captured). Raises CaptureError with the cause and
+    what to try.
     """
     from lmforge.ir.verify import verify
     from lmforge.passes.canonical import recognize_attention
