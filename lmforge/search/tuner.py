@@ -400,8 +400,9 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     mode:     "predict" (the target's cost model), "measure" or "hybrid" (timed on this machine / its GPU).
     storage, study_name: the Optuna storage URL (default: SQLite in the cache) and a study name (default: the
               key described in the module docstring).
-    sampler, seed: "tpe", "nsga2", "gp" or "random" (default: chosen as the module docstring says), its seed. warm_start_from: a target whose studies of this
-              graph seed the first trials. hybrid_top: how many predicted-best configs hybrid mode measures.
+    sampler, seed: "tpe", "nsga2", "gp" or "random" (default: chosen as the module docstring says), its seed.
+    warm_start_from: a target whose studies of this graph seed the first trials.
+    hybrid_top: how many predicted-best configs hybrid mode measures.
     bindings: symbolic sizes to price at (keys must be symbols of the captured graph).
     pipeline: the pass pipeline whose knobs are searched (default: `lmforge.passes.tunable_pipeline`).
     progress: show a progress bar. backends: kernel backends measure mode times ("tvm", "triton").
