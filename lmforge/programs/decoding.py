@@ -131,14 +131,17 @@ def _sharing(shared_prefix: bool, rows: Sequence[int]) -> bool | int:
 def _decode_rows(model: StepModel, prompts, rows: Sequence[int], max_new: int, eos: int, pick,
                  shared_prefix: bool, stop_at_first: bool = False) -> list[Generation]:
     """The common loop over rows[p] rows of each prompt p (prompt-major): pick(logits [R, V], step,
-    generated [R, step]) -> tokens [R]. Finished rows emit EOS.
+    generated [R, step], row ids [R]) -> tokens [R] for the R rows in the batch. Finished rows emit EOS.
 
-    Rows that finished are still in the batch (their tokens are EOS), but a prompt's trace counts only its active
-    rows (a serving engine drops finished sequences) and ends when its rows have all finished. With stop_at_first
-    a prompt ends at its first EOS (first-finish): its other rows keep their tokens so far, EOS after.
+    A row that finished leaves the batch (its cache rows dropped: the next steps decode only the others, as a
+    serving engine does), or, where the step reads the rows' prefixes in equal groups (several prompts' samples
+    under the shared-prefix step), a prompt's rows leave together once all of them finished. A prompt's trace
+    counts its active rows and ends when they have all finished. With stop_at_first a prompt ends at its first EOS
+    (first-finish): its other rows keep their tokens so far, EOS after.
     """
     logits, k, v = model.prefill_many(prompts, rows, shared_prefix)
     shared = _sharing(shared_prefix, rows)
+    grouped = shared is not True and shared is not False       # the step needs every prompt's rows together
     owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(list(rows)))
     n = int(owner.numel())
     traces = [DecodeTrace(prompts.shape[1], 1 if shared_prefix else r, shared_prefix=shared_prefix) for r in rows]
@@ -147,20 +150,22 @@ def _decode_rows(model: StepModel, prompts, rows: Sequence[int], max_new: int, e
     lengths = torch.full((n,), max_new, dtype=torch.long)
     finished = torch.zeros(n, dtype=torch.bool)
     done = torch.zeros(len(rows), dtype=torch.bool)        # prompts whose decoding has ended
+    live = torch.arange(n)                                 # the row ids in the batch, in batch order
     for t in range(max_new):
         active = torch.bincount(owner[~finished], minlength=len(rows))
         for p in (~done).nonzero().flatten().tolist():
             traces[p].rows_per_step.append(int(active[p]))
-        tok = pick(logits, t, out[:, :t])
+        tok = pick(logits, t, out[live, :t], live)
         logp = logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1)
+        was = finished[live]
         if eos >= 0:
-            tok = torch.where(finished, torch.full_like(tok, eos), tok)
-        logp_sum += torch.where(finished, torch.zeros_like(logp), logp)
-        out[:, t] = tok
+            tok = torch.where(was, torch.full_like(tok, eos), tok)
+        logp_sum[live] += torch.where(was, torch.zeros_like(logp), logp)
+        out[live, t] = tok
         if eos >= 0:
-            newly = (tok == eos) & ~finished
-            lengths[newly] = t + 1
-            finished |= newly
+            newly = (tok == eos) & ~was
+            lengths[live[newly]] = t + 1
+            finished[live[newly]] = True
         left = torch.bincount(owner[~finished], minlength=len(rows))
         done |= left == 0
         if stop_at_first:
@@ -168,6 +173,9 @@ def _decode_rows(model: StepModel, prompts, rows: Sequence[int], max_new: int, e
             finished |= done[owner]            # frozen: EOS from here on, lengths stay as they are
         if bool(done.all()) or t + 1 == max_new:
             break
+        keep = ~done[owner[live]] if grouped else ~finished[live]
+        if not bool(keep.all()):
+            live, tok, k, v = live[keep], tok[keep], k[:, keep], v[:, keep]
         logits, k, v = model.run(tok, k, v, shared=shared)
     bounds = [0, *torch.tensor(list(rows)).cumsum(0).tolist()]
     return [Generation(out[a:b], logp_sum[a:b], lengths[a:b], tr) for a, b, tr in zip(bounds, bounds[1:], traces)]
@@ -180,7 +188,7 @@ def greedy(model: StepModel, prompt, max_new: int, eos: int = -1, shared_prefix:
 def greedy_many(model: StepModel, prompts, max_new: int, eos: int = -1, shared_prefix: bool = True
                 ) -> list[Generation]:
     """Greedy decoding of prompts [P, L] as one batch (one row each)."""
-    return _decode_rows(model, prompts, [1] * prompts.shape[0], max_new, eos, lambda lg, t, h: lg.argmax(-1),
+    return _decode_rows(model, prompts, [1] * prompts.shape[0], max_new, eos, lambda lg, t, h, r: lg.argmax(-1),
                         shared_prefix)
 
 
@@ -197,11 +205,11 @@ def sample_many(model: StepModel, prompts, indices: Sequence[Sequence[int]], max
     """Samples indices[p] of each prompt p of prompts [P, L], all as one batch (prompt-major rows)."""
     gens = [sample_generator(seed, prompt, i) for prompt, idx in zip(prompts, indices) for i in idx]
 
-    def pick(logits, t, hist):
+    def pick(logits, t, hist, row_ids):
         if temperature <= 0:
             return logits.argmax(-1)
         probs = top_p_filter(logits / temperature, top_p).softmax(-1).cumsum(-1)
-        u = torch.stack([torch.rand((), generator=g) for g in gens]) * probs[:, -1]
+        u = torch.stack([torch.rand((), generator=gens[i]) for i in row_ids.tolist()]) * probs[:, -1]
         return torch.searchsorted(probs, u[:, None]).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
     return _decode_rows(model, prompts, [len(i) for i in indices], max_new, eos, pick, shared_prefix,
@@ -223,11 +231,11 @@ def momentum_many(model: StepModel, prompts, max_new: int, eos: int = -1, alpha:
     table = list(resistance) or [1.0]
     prompt_lists = prompts.tolist()
 
-    def pick(logits, t, hist):
+    def pick(logits, t, hist, row_ids):
         adjusted = logits.clone()
         if alpha:
-            for r in range(logits.shape[0]):
-                ctx = prompt_lists[r] + hist[r].tolist()
+            for r, row in enumerate(row_ids.tolist()):       # one row per prompt: row id = prompt index
+                ctx = prompt_lists[row] + hist[r].tolist()
                 for tok in range(logits.shape[1]):
                     visits = _ngram_visits(ctx, tok, max_ngram)
                     if visits:

@@ -165,3 +165,35 @@ def test_scoring_models_stop_at_each_candidates_eos(tiny, task):
     result = ProgramRunner(verified).run(prompts)
     assert bool(torch.isfinite(result.scores).all())
     assert all(t.steps == ANSWER_LEN for t in result.accounts[1].traces)   # charged up to the EOS, not T
+
+
+def _counting_step(vocab: int, eos: int, seen: list):
+    """A toy decode step: each row's next token is its last token + 1 (EOS once it gets there); records the rows of
+    every call, and grows a [1, R, 1, S, 1] cache so that dropped rows must be dropped from the cache too."""
+    def step(tokens, k, v):
+        seen.append(tokens.shape[0])
+        assert k.shape[1] == tokens.shape[0], "the cache rows follow the batch"
+        nxt = (tokens[:, -1] + 1).clamp_max(eos)
+        logits = torch.full((tokens.shape[0], 1, vocab), -10.0).scatter(2, nxt[:, None, None], 10.0)
+        grow = tokens[:, -1].float().view(1, -1, 1, 1, 1)
+        return logits, torch.cat([k, grow], 3), torch.cat([v, grow], 3)
+
+    return StepModel(step, (1, 1, 1))
+
+
+def test_finished_rows_leave_the_batch():
+    """Continuous batching: a row that emitted EOS is no longer decoded (nor its prompt's rows, for the grouped
+    shared-prefix step, once all of them finished); tokens, lengths and traces are as before."""
+    from lmforge.programs.decoding import greedy_many, sample_many
+
+    seen = []
+    gens = greedy_many(_counting_step(8, 7, seen), torch.tensor([[1], [3], [5]]), max_new=8, eos=7)
+    assert [g.tokens[0].tolist() for g in gens] == [[2, 3, 4, 5, 6, 7, 7, 7], [4, 5, 6, 7, 7, 7, 7, 7],
+                                                    [6, 7, 7, 7, 7, 7, 7, 7]]
+    assert [int(g.lengths[0]) for g in gens] == [6, 4, 2]
+    assert seen == [3, 3, 2, 2, 1, 1], "prefill, then the batch shrinks as rows finish"
+    assert [g.trace.rows_per_step for g in gens] == [[1] * 6, [1] * 4, [1] * 2]
+    seen.clear()   # 2 samples of 2 prompts (prefilled once each, then groups of 2): a prompt leaves when both finished
+    gens = sample_many(_counting_step(8, 7, seen), torch.tensor([[4], [1]]), [[0, 1], [0, 1]], max_new=8, eos=7,
+                       temperature=0.0)
+    assert seen == [2, 4, 4, 2, 2, 2] and [int(g.lengths[0]) for g in gens] == [3, 6]
