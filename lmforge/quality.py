@@ -134,7 +134,8 @@ def compare(original: Callable, transformed: Callable, inputs: Sequence[tuple], 
             n_pos += ref_l[..., 0].numel()
     if n_pos == 0:
         raise LmforgeError(f"positions={positions!r} select no logits of the inputs' outputs: choose sequence "
-                           "positions that exist (a slice over dim -2 of the logits, or a bool mask of their leading shape)")
+                           "positions that exist (a slice over dim -2 of the logits, or a bool mask of their "
+                           "leading shape)")
     kl = torch.cat(kls).mean().item()
     ppl_ref = ppl_new = acc_ref = acc_new = None
     if token_data is not None:
