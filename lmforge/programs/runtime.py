@@ -110,11 +110,11 @@ def run_generate(ctx: ExecContext, idx: int, a: dict, prompts: torch.Tensor,
     strategy, T, eos, shared = a["strategy"], a["max_new_tokens"], a["eos_id"], a["shared_prefix"]
     model = ctx.step_model(idx, 0, prompts.shape[1] if shared else None)
     vocab = ctx.vocab(idx)
-    if prompts.numel() and (int(prompts.min()) < 0 or (vocab is not None and int(prompts.max()) >= vocab)):
-        bad = prompts[(prompts < 0) | (prompts >= (vocab if vocab is not None else 2 ** 62))]
-        raise LmforgeError(f"prompt token ids {sorted(set(bad.tolist()))[:5]} are outside model {a['model']!r}'s "
-                           f"vocabulary (0..{vocab - 1 if vocab is not None else '?'}); check the prompts (and the "
-                           "documents of a retrieval corpus) against the model's tokenizer")
+    bad = ids_outside(prompts, vocab)
+    if bad:
+        raise LmforgeError(f"prompt token ids {bad} are outside model {a['model']!r}'s vocabulary "
+                           f"(0..{vocab - 1 if vocab is not None else '?'}); check the prompts (and the documents of "
+                           "a retrieval corpus) against the model's tokenizer")
     keys = [(ctx.model_keys.get(idx, idx), tuple(p.tolist()), T, eos, shared) for p in prompts]
     if strategy in SAMPLED:
         gens = _cached_samples(ctx, [k + (a["seed"], a["temperature"], a["top_p"]) for k in keys], model, prompts,
@@ -257,7 +257,11 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     outs_t, outs_s = [], []
     score_fns = [None] * args[0].shape[0]
     if node.regions and node.op in ("rank", "verify"):  # a scoring model: all candidates scored as one batch
-        _check_candidate_ids(args[1], ctx.vocab(idx), node)
+        bad = ids_outside(args[1], ctx.vocab(idx))
+        if bad:
+            raise LmforgeError(f"{node.op}: candidate token ids {bad} are outside the scoring model's vocabulary "
+                               f"(0..{ctx.vocab(idx) - 1}); score with a model whose vocabulary covers the "
+                               "generators' (the same tokenizer)")
         score_fns = model_score_fns(ctx.step_model(idx, 0, None), args[0], args[1], traces, a["eos_id"])
     for b in range(args[0].shape[0]):
         tokens, scores, checks = _compound_row(node, a, [x[b] for x in args], score_fns[b])
@@ -268,14 +272,13 @@ def run_node(ctx: ExecContext, idx: int, node: Node, args: list, account: NodeAc
     return torch.stack(outs_t), torch.stack(outs_s)
 
 
-def _check_candidate_ids(tokens: torch.Tensor, vocab: int | None, node) -> None:
-    """A scoring model reads the candidates [B, k, T]: each id must be a token of its vocabulary (when known)."""
-    if vocab is None or not tokens.numel() or (int(tokens.min()) >= 0 and int(tokens.max()) < vocab):
-        return
-    bad = sorted(set(tokens[(tokens < 0) | (tokens >= vocab)].tolist()))
-    raise LmforgeError(f"{node.op}: candidate token ids {bad[:5]} are outside the scoring model's vocabulary "
-                       f"(0..{vocab - 1}); score with a model whose vocabulary covers the generators' (the same "
-                       "tokenizer)")
+def ids_outside(tokens: torch.Tensor, vocab: int | None) -> list[int]:
+    """The first few distinct ids of `tokens` that are not tokens of a vocabulary of `vocab` ids (negative ones
+    only, when the vocabulary is unknown); [] when all are."""
+    if not tokens.numel() or (int(tokens.min()) >= 0 and (vocab is None or int(tokens.max()) < vocab)):
+        return []
+    bad = (tokens < 0) | (tokens >= vocab) if vocab is not None else tokens < 0
+    return sorted(set(tokens[bad].tolist()))[:5]
 
 
 def run_retrieve(a: dict, prompts: torch.Tensor):
