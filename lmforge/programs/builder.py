@@ -343,7 +343,7 @@ def verify_program(graph: Graph) -> Graph:
     return graph
 
 
-def _vocab(step: Graph) -> int | None:
+def step_vocab(step: Graph) -> int | None:
     """The vocabulary of a decode step (its logits' last dim), when the graph states it."""
     v = step.outputs[0].type.shape[-1] if step.outputs else None
     return v if isinstance(v, int) else None
@@ -352,7 +352,7 @@ def _vocab(step: Graph) -> int | None:
 def _check_reader_vocab(graph: Graph, node, where: str) -> None:
     """A scoring or fuser model reads the candidates: its vocabulary must cover the tokens of every generate node
     upstream of them (both vocabularies known)."""
-    vocab = _vocab(node.regions[0])
+    vocab = step_vocab(node.regions[0])
     if vocab is None:
         return
     producers, seen = graph.producers(), set()
@@ -365,7 +365,7 @@ def _check_reader_vocab(graph: Graph, node, where: str) -> None:
         if src.op != "generate":
             todo += [v for v in src.inputs if v is not None and v.type.rank == 3]
             continue
-        gen_vocab = _vocab(src.regions[0]) if src.regions else None
+        gen_vocab = step_vocab(src.regions[0]) if src.regions else None
         if gen_vocab is not None and gen_vocab > vocab:
             raise VerifyError(f"{where}: its model's vocabulary ({vocab} tokens) is smaller than that of model "
                               f"{src.attr['model']!r} ({gen_vocab}), whose candidates it reads: the candidates' ids "
@@ -425,7 +425,7 @@ def _check_generate(a, where, strategies, aggregators, has_function) -> None:
 
 def _check_token_ids(a, where: str, step) -> None:
     """eos_id and a trie catalog's ids must be tokens of the model's vocabulary (its step's logits width)."""
-    vocab = _vocab(step) if step is not None else None
+    vocab = step_vocab(step) if step is not None else None
     if vocab is None:
         return
     if a["eos_id"] >= vocab:

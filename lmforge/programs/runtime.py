@@ -367,7 +367,7 @@ class ProgramRunner:
     def __init__(self, graph: Graph, *, hydragen: bool = True, cache: GenerationCache | None = None,
                  threads: int | None = 1, batch_prompts: bool = True):
         from lmforge.ir.verify import verify
-        from lmforge.programs.builder import verify_program
+        from lmforge.programs.builder import step_vocab, verify_program
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise LmforgeError(f"threads is the number of CPU threads torch uses while the program runs: an int >= 1, "
@@ -382,8 +382,8 @@ class ProgramRunner:
         keys = {i: (n.attr.get("model", ""), *(r.signature() for r in n.regions),
                     *(weights_fingerprint(r, graph.weights) for r in n.regions))
                 for i, n in enumerate(graph.nodes) if n.regions}
-        vocabs = {i: n.regions[0].outputs[0].type.shape[-1] for i, n in enumerate(graph.nodes)
-                  if n.regions and isinstance(n.regions[0].outputs[0].type.shape[-1], int)}
+        vocabs = {i: step_vocab(n.regions[0]) for i, n in enumerate(graph.nodes)
+                  if n.regions and step_vocab(n.regions[0]) is not None}
         self.ctx = ExecContext(self.step_model, self.cache, keys, vocabs)
 
     def _compile(self, region: Graph):
