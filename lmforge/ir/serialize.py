@@ -94,14 +94,11 @@ def _graph_from_dict(d: dict, outer: dict[str, Value] | None = None) -> Graph:
 def _with_added_defaults(op: str, attrs: tuple) -> tuple:
     """A node's attrs with the optional attributes its op gained after the JSON was written set to their defaults
     (whose meaning is "as before": e.g. a generate node's `kv_dtype` "" is float32, a retrieve's `fingerprint` ""
-    is not checked), so graphs and artifacts of earlier versions still load. Unknown ops and attrs are left for
-    the verifier to report."""
+    is not checked), so graphs and artifacts of earlier versions still load: the op's own `normalize_attrs`. An
+    unknown op, unknown or ill-kinded attrs are left as written, for the verifier to report."""
     from lmforge.ir.ops import get_op
 
     try:
-        specs = get_op(op).attrs
+        return _freeze(get_op(op).normalize_attrs(dict(attrs)))
     except LmforgeError:
         return attrs
-    have = {k for k, _ in attrs}
-    added = [(k, _freeze(spec.default)) for k, spec in specs.items() if k not in have and not spec.required]
-    return tuple(sorted((*attrs, *added), key=lambda kv: kv[0])) if added else attrs
