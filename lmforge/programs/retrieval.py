@@ -31,6 +31,7 @@ charged. The longer prompt is charged where it is paid for: by the generate node
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 from dataclasses import dataclass
@@ -63,6 +64,20 @@ class Corpus:
     @property
     def embed_dim(self) -> int:
         return 0 if self.doc_embeddings is None else int(self.doc_embeddings.shape[1])
+
+    @functools.cached_property
+    def overlap_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, owner): every document's distinct tokens but pad_id, sorted, and the document each comes from;
+        built once per corpus (overlap scoring searches it for each prompt)."""
+        docs = self.documents.sort(1).values
+        distinct = torch.ones_like(docs, dtype=torch.bool)
+        distinct[:, 1:] = docs[:, 1:] != docs[:, :-1]            # a token's first place in its sorted document
+        if self.pad_id is not None:
+            distinct &= docs != self.pad_id
+        tokens = docs[distinct]                                  # row by row, so document i's come i-th
+        owner = torch.arange(self.n_docs).repeat_interleave(distinct.sum(1))
+        order = tokens.argsort()
+        return tokens[order], owner[order]
 
 
 _CORPORA: dict[str, Corpus] = {}
@@ -175,19 +190,11 @@ def scores(prompts: torch.Tensor, corpus: Corpus, method: str) -> torch.Tensor:
 
 
 def _overlap_scores(prompts: torch.Tensor, corpus: Corpus) -> torch.Tensor:
-    """Per prompt, the number of distinct tokens (but pad_id) each document shares with it, from an inverted index:
-    every document's distinct tokens, sorted, with the document each comes from; a prompt's distinct tokens find
-    their runs in it by binary search, and the documents of those runs are counted (memory N x Ld, time per
-    prompt L log(N Ld) plus the matches, instead of a B x N x Ld x L comparison)."""
-    docs = corpus.documents.sort(1).values
-    distinct = torch.ones_like(docs, dtype=torch.bool)
-    distinct[:, 1:] = docs[:, 1:] != docs[:, :-1]            # a token's first place in its sorted document
-    if corpus.pad_id is not None:
-        distinct &= docs != corpus.pad_id
-    tokens = docs[distinct]                                  # row by row, so document i's come i-th
-    owner = torch.arange(corpus.n_docs).repeat_interleave(distinct.sum(1))
-    order = tokens.argsort()
-    tokens, owner = tokens[order], owner[order]
+    """Per prompt, the number of distinct tokens (but pad_id) each document shares with it, from an inverted index
+    (`Corpus.overlap_index`): every document's distinct tokens, sorted, with the document each comes from; a
+    prompt's distinct tokens find their runs in it by binary search, and the documents of those runs are counted
+    (memory N x Ld, time per prompt L log(N Ld) plus the matches, instead of a B x N x Ld x L comparison)."""
+    tokens, owner = corpus.overlap_index
     out = torch.empty(prompts.shape[0], corpus.n_docs)
     for b in range(prompts.shape[0]):
         u = prompts[b].unique()
