@@ -220,36 +220,39 @@ def run(args: argparse.Namespace) -> int:
 def run_entries(entries: list, args: argparse.Namespace, peak: float | None, info: dict, started: float) -> list:
     """The table's rows: each entry built (if Pending) and its cases checked and timed in turn, one progress line
     each, $OUT's files rewritten after each entry; an entry reached after `args.budget` seconds is skipped."""
-    from benchmarks.gpu_cases import Pending
-
     rows: list[dict] = []
     for entry in entries:
-        label = entry.label if isinstance(entry, Pending) else entry["name"]
-        if time.time() - started > args.budget:
-            rows.append({"name": label, "skipped": f"not run: past --budget {args.budget:.0f} s"})
-            print(f"[skipped] {label}", flush=True)
-            continue
-        if not isinstance(entry, Pending) and "error" in entry:
-            rows.append(entry)
-            print(f"[error] {label}: {entry['error']}", flush=True)
-            continue
-        try:
-            cases = built_cases(entry, args.only)
-        except Exception as exc:  # noqa: BLE001 - this entry becomes one error row, the run goes on
-            cases = []
-            rows.append({"name": label, "error": f"building the case failed: {type(exc).__name__}: {exc}",
-                         "trace": traceback.format_exc()})
-            print(f"[error] {label}: {rows[-1]['error']}", flush=True)
-        for case in cases:
-            try:
-                row = check_and_time(case, args.quick, peak)
-            except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-                row = {"name": case["name"], "error": f"{type(exc).__name__}: {exc}",
-                       "trace": traceback.format_exc()}
-            rows.append(row)
-            print(f"{progress_line(row)} ({time.time() - started:.0f}s)", flush=True)
+        rows += entry_rows(entry, args, peak, started)
         write_results(rows, info)
-    write_results(rows, info)   # with the skipped entries
+    return rows
+
+
+def entry_rows(entry, args: argparse.Namespace, peak: float | None, started: float) -> list[dict]:
+    """The rows of one entry of load_cases: skipped (past the budget), its error, or its cases' results."""
+    from benchmarks.gpu_cases import Pending
+
+    label = entry.label if isinstance(entry, Pending) else entry["name"]
+    if time.time() - started > args.budget:
+        print(f"[skipped] {label}", flush=True)
+        return [{"name": label, "skipped": f"not run: past --budget {args.budget:.0f} s"}]
+    if not isinstance(entry, Pending) and "error" in entry:
+        print(f"[error] {label}: {entry['error']}", flush=True)
+        return [entry]
+    try:
+        cases = built_cases(entry, args.only)
+    except Exception as exc:  # noqa: BLE001 - this entry becomes one error row, the run goes on
+        row = {"name": label, "error": f"building the case failed: {type(exc).__name__}: {exc}",
+               "trace": traceback.format_exc()}
+        print(f"[error] {label}: {row['error']}", flush=True)
+        return [row]
+    rows = []
+    for case in cases:
+        try:
+            row = check_and_time(case, args.quick, peak)
+        except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
+            row = {"name": case["name"], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        rows.append(row)
+        print(f"{progress_line(row)} ({time.time() - started:.0f}s)", flush=True)
     return rows
 
 
