@@ -11,6 +11,7 @@ import optuna
 import torch
 
 from lmforge.passes import dce, fuse_elementwise, merge_linears
+from lmforge.search.studies import open_storage
 from lmforge.search.tuner import tune
 
 SCRIPT = textwrap.dedent("""
@@ -41,8 +42,8 @@ def test_killed_tuning_keeps_finished_trials_and_resumes(tmp_path):
     done = 0
     while time.time() < deadline and done < 5:
         time.sleep(1.0)
-        try:
-            study = optuna.load_study(study_name="killed", storage=storage)
+        try:   # open_storage: the child may be creating the new database's tables at this moment
+            study = optuna.load_study(study_name="killed", storage=open_storage(storage))
             done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         except KeyError:
             pass
