@@ -197,6 +197,7 @@ def _reduction(name: str, fn) -> OpDef:
         d = tuple(dims) if dims is not None else tuple(range(x.dim()))
         if dtype is not None and name in ("sum", "mean"):
             x = x.to(torch_dtype(dtype))  # torch's dtype= converts the input before reducing
+            return fn(x, d, keepdim).to(x.dtype)  # and keeps it: torch.sum of int32 alone gives int64
         return fn(x, d, keepdim)
 
     def cost(ins, attrs, outs):
