@@ -12,7 +12,7 @@ from lmforge.ir.ops.registry import SYMBOLIC_KINDS
 from lmforge.ir.ops.tensor_ops import result_dtype
 from lmforge.ir.types import TensorType, simplify_dim
 from lmforge.passes.base import graph_pass
-from lmforge.passes.rewrite import RewriteContext, rewrite
+from lmforge.passes.rewrite import RewriteContext, rewrite, types_agree
 
 
 @graph_pass("dce")
@@ -211,6 +211,8 @@ def recognize_attention(graph: Graph) -> Graph:
             mask = m
         attrs = get_op("attention").normalize_attrs({"scale": scale})
         ins = tuple(ctx.sub(x) for x in (q, k, v) + ((mask,) if mask is not None else ()))
+        if not types_agree("attention", ins, attrs, node.outputs):
+            return None  # v or the mask broadcast over batch / heads, or dtypes mixed: torch's, not attention's
         return cast + [Node("attention", ins, node.outputs, tuple(sorted(attrs.items())), (), node.source)]
 
     return dce(rewrite(graph, rule))

@@ -10,10 +10,10 @@ import torch
 
 from lmforge.ir.graph import Graph, GraphBuilder, Node, Value
 from lmforge.ir.ops import get_op
-from lmforge.ir.types import TensorType
+from lmforge.ir.types import TensorType, dim_symbols
 from lmforge.passes.base import Knob, graph_pass
 from lmforge.passes.canonical import dce
-from lmforge.passes.rewrite import RewriteContext, rewrite
+from lmforge.passes.rewrite import RewriteContext, rewrite, types_agree
 
 
 def _node(op: str, inputs, outputs, attrs=None, source="", regions=()) -> Node:
@@ -117,8 +117,10 @@ def recognize_rmsnorm(graph: Graph) -> Graph:
                                                                   ->   %y = rmsnorm(%x, w; eps)
 
     which is exact up to rounding because `rmsnorm` computes in fp32 whatever the storage dtype (its
-    reference and kernels upcast). Otherwise, when the dtype the model produces differs from the dtype
-    `rmsnorm` gives (x's), a `cast` to the model's dtype follows the `rmsnorm`.
+    reference and kernels upcast). When the weight's dtype is not the one the model rounds to, that rounding
+    stays (`%n = rmsnorm(%x32; eps); %h = cast(%n; f16); %y = mul(w, %h)`). Otherwise, when the dtype the model
+    produces differs from the dtype `rmsnorm` gives (x's), a `cast` to the model's dtype follows the `rmsnorm`.
+    A weight that is not of the normalized shape (a gain of shape [1], which torch broadcasts) is left alone.
     """
 
     def rule(node: Node, ctx: RewriteContext):
@@ -145,9 +147,22 @@ def recognize_rmsnorm(graph: Graph) -> Graph:
                     x.type.dtype in ("float32", "float64") and up.inputs[0].type.dtype == cast_back
                 if round_trip and cast_back == w.type.dtype == out.type.dtype:
                     x = up.inputs[0]  # the round trip through fp32 is what rmsnorm does inside
+                elif cast_back not in (None, x.type.dtype):
+                    # the model rounds the normalized x (to fp16, say) before a weight of another dtype: the norm
+                    # without its weight, then that rounding and the weight as the model has them
+                    normed = Value(ctx.fresh(out.name + "_rms"), x.type)
+                    rounded = Value(ctx.fresh(out.name + "_rounded"), x.type.with_(dtype=cast_back))
+                    ins = [ctx.sub(w) if v.name == w.name else rounded for v in (a, b)]
+                    return [_node("rmsnorm", [ctx.sub(x)], [normed], {"eps": match}, node.source),
+                            _node("cast", [normed], [rounded], {"dtype": cast_back}, node.source),
+                            replace(node, inputs=tuple(ins))]
                 if x.type.dtype == out.type.dtype:
+                    if not types_agree("rmsnorm", [x, w], {"eps": match}, node.outputs):
+                        continue  # a weight torch broadcasts (shape [1]) is not rmsnorm's
                     return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], node.outputs, {"eps": match}, node.source)]
                 normed = Value(ctx.fresh(out.name + "_rms"), x.type)
+                if not types_agree("rmsnorm", [x, w], {"eps": match}, [normed]):
+                    continue
                 return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], [normed], {"eps": match}, node.source),
                         _node("cast", [normed], node.outputs, {"dtype": out.type.dtype}, node.source)]
         return None
@@ -198,8 +213,9 @@ def recognize_rope(graph: Graph) -> Graph:
                 if x is None:
                     continue
                 cos = next((c for xx, c in (p1.inputs, p1.inputs[::-1]) if xx.name == x.name), None)
-                if cos is None or tuple(node.output.type.shape) != tuple(x.type.shape):
-                    continue
+                if cos is None or tuple(node.output.type.shape) != tuple(x.type.shape) or \
+                        not types_agree("rope", [x, cos, sin], {}, node.outputs):
+                    continue  # e.g. fp32 cos / sin promote an fp16 x: rope keeps x's dtype
                 return [_node("rope", [ctx.sub(x), ctx.sub(cos), ctx.sub(sin)], node.outputs, {}, node.source)]
         return None
 
@@ -220,7 +236,7 @@ def _rotate_half_source(rot: Value, ctx: RewriteContext):
     x = lo.inputs[0]
     d = x.type.shape[-1]
     last = (-1, x.type.rank - 1)
-    if not isinstance(d, int) or lo.attr["dim"] not in last or hi.attr["dim"] not in last:
+    if not isinstance(d, int) or d % 2 or lo.attr["dim"] not in last or hi.attr["dim"] not in last:
         return None
     if (lo.attr["start"], lo.attr["end"]) != (0, d // 2) or hi.attr["start"] != d // 2 or hi.attr["end"] not in (None, d):
         return None
@@ -239,7 +255,9 @@ def fuse_elementwise(graph: Graph, elementwise: bool = True) -> Graph:
         %g = silu(%a); %y = mul(%g, %b)   ->   %y = fused(%a, %b; kind='swiglu') { silu; mul }
 
     A chain is grown backwards from its last op through single-reader producers of the same shape, so the
-    region reads its inputs once and writes one output (the bytes the cost model charges).
+    region reads its inputs once and writes one output (the bytes the cost model charges). A region's code knows
+    only the sizes of its inputs, so an op whose attributes use another size (`add(%pos; scalar='t')`, t the length
+    of a KV cache the chain does not read) stays outside.
     """
     if not elementwise:
         return graph
@@ -249,16 +267,22 @@ def fuse_elementwise(graph: Graph, elementwise: bool = True) -> Graph:
     taken: set[int] = set()
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     groups: dict[int, list[int]] = {}
+    def fusable(n: Node) -> bool:
+        if n.op not in FUSABLE:
+            return False
+        bound = {s for v in n.inputs if v is not None for d in v.type.shape for s in dim_symbols(d)}
+        return get_op(n.op).size_symbols(n.attr) <= bound
+
     for i in range(len(graph.nodes) - 1, -1, -1):
         n = graph.nodes[i]
-        if i in taken or n.op not in FUSABLE or len(n.outputs) != 1:
+        if i in taken or len(n.outputs) != 1 or not fusable(n):
             continue
         chain, frontier = [i], [n]
         while frontier:
             cur = frontier.pop()
             for v in cur.inputs:
                 p = producers.get(v.name) if v is not None else None
-                if p is None or p.op not in FUSABLE or index[id(p)] in taken or index[id(p)] in chain:
+                if p is None or index[id(p)] in taken or index[id(p)] in chain or not fusable(p):
                     continue
                 if len(users.get(v.name, [])) != 1 or v.name in outputs:
                     continue

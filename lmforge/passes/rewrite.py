@@ -33,6 +33,21 @@ class RewriteContext:
         return len(self.users.get(v.name, [])) == 1 and v.name not in {o.name for o in self.graph.outputs}
 
 
+def types_agree(op: str, inputs: Sequence[Value | None], attrs: dict, outputs: Sequence[Value]) -> bool:
+    """Whether `op`'s type rule takes these inputs and attributes and gives exactly the types of `outputs`: a
+    pattern that matched ops torch broadcasts or promotes differently (a weight of shape [1], an fp16 x with fp32
+    cos / sin) is left as the model wrote it, not rewritten into a node that fails verification or computes
+    something else."""
+    from lmforge.errors import LmforgeError
+    from lmforge.ir.ops import get_op
+
+    try:
+        types = get_op(op).infer([None if v is None else v.type for v in inputs], attrs)
+    except LmforgeError:
+        return False
+    return tuple(types) == tuple(v.type for v in outputs)
+
+
 def rewrite(graph: Graph, rule: Callable[[Node, RewriteContext], object]) -> Graph:
     subst: dict[str, Value] = {}
     ctx = RewriteContext(graph, graph.producers(), graph.users(), set(graph.values()), subst)

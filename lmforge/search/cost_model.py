@@ -48,19 +48,10 @@ def size_symbols(graph: Graph) -> set[str]:
     """Every symbol the graph's sizes use: in its values' shapes and its symbolic attributes (a `q_offset` of
     "past"), regions included."""
     from lmforge.ir.ops import get_op
-    from lmforge.ir.ops.registry import SYMBOLIC_KINDS
-
-    def attr_symbols(value) -> set[str]:
-        if isinstance(value, str):
-            return dim_symbols(value)
-        if isinstance(value, tuple):
-            return set().union(*(attr_symbols(x) for x in value))
-        return set()
 
     out = {s for v in graph.values().values() for d in v.type.shape for s in dim_symbols(d)}
     for n in graph.nodes:
-        spec = get_op(n.op).attrs
-        out.update(s for k, v in n.attrs if k in spec and spec[k].kind in SYMBOLIC_KINDS for s in attr_symbols(v))
+        out |= get_op(n.op).size_symbols(n.attr)
         for r in n.regions:
             out |= size_symbols(r)
     return out

@@ -112,6 +112,18 @@ def _embedding_cost(ins, attrs, outs):
 
 # ---- norms and RoPE --------------------------------------------------------------------------------------
 
+def _norm_infer(ins, attrs):
+    """x's type; the weight (and bias) must have the shape of x's last `ndim` dims, as torch's norms require."""
+    x, ndim = ins[0], attrs["ndim"]
+    if not 1 <= ndim <= x.rank:
+        raise VerifyError(f"a norm over the last {ndim} dims of a rank-{x.rank} input")
+    for p in ins[1:]:
+        if p is not None and (p.rank != ndim or any(dims_conflict(a, b) for a, b in zip(p.shape, x.shape[-ndim:]))):
+            raise VerifyError(f"a norm's weight / bias of shape {list(p.shape)} does not match the normalized "
+                              f"shape {list(x.shape[-ndim:])}")
+    return [x]
+
+
 def _rmsnorm_ref(x, w=None, *, eps=None, ndim=1):
     return F.rms_norm(x, x.shape[-ndim:], w, eps)
 
@@ -330,10 +342,10 @@ def ops() -> list[OpDef]:
         OpDef("embedding", "Rows of the table `weight` at the token ids.", {}, _embedding_infer, _embedding_ref,
               _embedding_cost, arity=(2, 2), op_class="gather"),
         OpDef("rmsnorm", "x / sqrt(mean(x^2 over the last `ndim` dims) + eps) * weight.",
-              {"eps": attr("float", None), "ndim": attr("int", 1)}, lambda i, a: [i[0]], _rmsnorm_ref,
+              {"eps": attr("float", None), "ndim": attr("int", 1)}, _norm_infer, _rmsnorm_ref,
               norm_cost, arity=(1, 2), op_class="norm"),
         OpDef("layernorm", "(x - mean) / sqrt(var + eps) * weight + bias over the last `ndim` dims.",
-              {"eps": attr("float", 1e-5), "ndim": attr("int", 1)}, lambda i, a: [i[0]], _layernorm_ref,
+              {"eps": attr("float", 1e-5), "ndim": attr("int", 1)}, _norm_infer, _layernorm_ref,
               norm_cost, arity=(1, 3), op_class="norm"),
         OpDef("rope", "Rotary embedding, rotate-half form: x * cos + rotate_half(x) * sin.", {}, _rope_infer,
               _rope_ref, streaming_cost(3, "elementwise"), arity=(3, 3)),

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from lmforge.errors import UnsupportedOpError, VerifyError
 from lmforge.ir.cost import Cost
-from lmforge.ir.types import DTYPES, TensorType, itemsize, parse_dim
+from lmforge.ir.types import DTYPES, TensorType, dim_symbols, itemsize, parse_dim
 
 _REQUIRED = object()
 
@@ -134,6 +134,20 @@ class OpDef:
             else:
                 out[k] = spec.default
         return out
+
+    def size_symbols(self, attrs: Mapping[str, Any]) -> set[str]:
+        """The size symbols its symbolic attributes use (a `scalar` of "-s + t" uses s and t): code that runs the
+        node must bind them."""
+
+        def symbols(value) -> set[str]:
+            if isinstance(value, str):
+                return dim_symbols(value)
+            if isinstance(value, (tuple, list)):
+                return set().union(*(symbols(x) for x in value))
+            return set()
+
+        return set().union(*(symbols(v) for k, v in attrs.items()
+                             if k in self.attrs and self.attrs[k].kind in SYMBOLIC_KINDS))
 
     def check_arity(self, n: int) -> None:
         lo, hi = self.arity

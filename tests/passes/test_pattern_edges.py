@@ -1,0 +1,112 @@
+"""Pattern passes leave alone what only looks like their pattern (found by differential testing against eager):
+each model here is compiled with the default pipeline and must give eager's result, dtype included."""
+import pytest
+import torch
+
+import lmforge
+from lmforge.errors import VerifyError
+from lmforge.ir.ops import get_op
+from lmforge.ir.types import TensorType
+
+R = torch.randn
+
+
+def _same(f, inputs, dynamic=None, tol=1e-6, ops_absent=()):
+    compiled = lmforge.compile(f, inputs, dynamic=dynamic)
+    got, want = compiled(*inputs), f(*inputs)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    assert not {n.op for n in compiled.graph.nodes} & set(ops_absent)
+    return compiled
+
+
+def test_fused_chain_keeps_out_an_add_of_a_size_its_inputs_do_not_have():
+    def positions(x, k_cache):   # positions after a KV cache of t tokens: the add's scalar is t
+        return x * (torch.arange(x.shape[1]) + k_cache.shape[2]).float()[None, :, None]
+
+    dyn = {"x": {1: "s"}, "k_cache": {2: "t"}}
+    compiled = _same(positions, (R(1, 3, 8), R(1, 2, 5, 8)), dyn)
+    x, kc = R(1, 4, 8), R(1, 2, 9, 8)     # other sizes
+    torch.testing.assert_close(compiled(x, kc), positions(x, kc))
+
+
+def test_rope_pattern_on_an_odd_head_dim_is_not_rope():
+    def f(x, cos, sin):      # rotate_half split at d // 2 = 2; rope's own split would be at 3
+        d = x.shape[-1]
+        return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+    _same(f, (R(2, 3, 5), R(3, 5), R(3, 5)), ops_absent=("rope",))
+
+
+def test_rope_of_fp16_x_with_fp32_tables_keeps_torch_promotion():
+    def f(x, cos, sin):
+        return x * cos + torch.cat([-x[..., 2:], x[..., :2]], -1) * sin
+
+    _same(f, (R(2, 3, 4).half(), R(3, 4), R(3, 4)), tol=1e-3, ops_absent=("rope",))
+
+
+def test_rmsnorm_keeps_the_models_rounding_before_an_fp32_weight():
+    def hf_mixed(x, w):     # fp16 activations normalized in fp32, rounded to fp16, then an fp32 weight
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).half()
+
+    def to_bf16(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+
+    _same(hf_mixed, (R(4, 64).half(), R(64)))
+    _same(to_bf16, (R(4, 64), R(64).half()))
+
+
+def test_rmsnorm_with_a_broadcast_gain_is_not_rmsnorm():
+    def f(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    _same(f, (R(2, 3, 8), R(1)), ops_absent=("rmsnorm",))
+
+
+def test_norm_type_rule_checks_the_weight_shape():
+    x = TensorType((2, 8), "float32")
+    assert get_op("rmsnorm").infer([x, TensorType((8,), "float32")], {}) == (x,)
+    for bad in ((1,), (4,), (2, 8)):
+        with pytest.raises(VerifyError, match="normalized shape"):
+            get_op("rmsnorm").infer([x, TensorType(bad, "float32")], {})
+    with pytest.raises(VerifyError, match="normalized shape"):
+        get_op("layernorm").infer([x, TensorType((8,), "float32"), TensorType((3,), "float32")], {})
+
+
+@pytest.mark.parametrize("case", ["v over batch", "v over heads", "mask wider", "fp16 probs"])
+def test_attention_pattern_with_torch_broadcasting_or_mixed_dtypes(case):
+    def attn(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+
+    def attn_mask(q, k, v, m):
+        return torch.softmax(q @ k.transpose(-2, -1) + m, -1) @ v
+
+    def attn_half(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1), -1).half() @ v
+
+    f, inputs, tol = {
+        "v over batch": (attn, (R(3, 2, 5, 4), R(3, 2, 5, 4), R(1, 2, 5, 4)), 1e-5),
+        "v over heads": (attn, (R(3, 2, 5, 4), R(3, 2, 5, 4), R(3, 1, 5, 4)), 1e-5),
+        "mask wider": (attn_mask, (R(1, 2, 5, 4), R(1, 2, 5, 4), R(1, 2, 5, 4), R(3, 2, 5, 5)), 1e-5),
+        "fp16 probs": (attn_half, (R(2, 2, 5, 4), R(2, 2, 5, 4), R(2, 2, 5, 4).half()), 1e-3),
+    }[case]
+    _same(f, inputs, tol=tol, ops_absent=("attention",))
+
+
+def test_attention_pattern_is_still_recognized():
+    def attn(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v
+
+    compiled = _same(attn, (R(2, 2, 5, 4), R(2, 2, 5, 4), R(2, 2, 5, 4)), tol=1e-5)
+    assert "attention" in {n.op for n in compiled.graph.nodes}
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_sum_with_a_narrower_integer_dtype_returns_that_dtype(dtype):
+    def f(x, m):
+        return torch.sum(x > 0, dtype=dtype), m.sum(-1, dtype=dtype)
+
+    _same(f, (R(3, 4), torch.randint(0, 5, (3, 4))))
