@@ -97,6 +97,25 @@ def test_bad_dynamic_spec_is_a_clear_error():
         lmforge.capture(lambda x: x + 1, (torch.randn(1, 4),), dynamic={"x": {0: "b"}})
 
 
+@pytest.mark.parametrize("dynamic,says", [
+    ({"x": [0, 1]}, "is a list; dynamic must be a dict"),
+    ({"x": {"0": "b"}}, "has the key '0': dims are given by their index"),
+    ({"x": {0.0: "b"}}, "has the key 0.0"),
+    ({"x": {-3: "b"}}, "names dim -3, but that input has shape"),
+    ({"x": {2: "b"}}, "names dim 2, but that input has shape"),
+    ({"x": {0: "b", -2: "c"}}, "names dim 0 twice"),
+    ([("x", {0: "b"})], "dynamic must be a dict"),
+])
+def test_malformed_dynamic_spec_is_a_capture_error(dynamic, says):
+    with pytest.raises(CaptureError, match=re.escape(says)):
+        lmforge.capture(lambda x: x + 1, (torch.randn(3, 4),), dynamic=dynamic)
+
+
+def test_negative_dynamic_dim_keeps_the_users_name():
+    graph = lmforge.capture(lambda x: x * 2, (torch.randn(3, 4),), dynamic={"x": {-1: "seq", -2: "batch"}})
+    assert graph.inputs[0].type.shape == ("batch", "seq")
+
+
 def test_torch_compile_backend_matches_eager():
     torch.manual_seed(1)
     m = Block().eval()

@@ -74,39 +74,56 @@ def _check_inputs(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
-def _dynamic_shapes(names: list[str], inputs: tuple, dynamic: dict | None):
+def check_dynamic(names: list[str], inputs: tuple, dynamic) -> dict[str, dict[int, str]]:
+    """`dynamic` checked against the inputs and normalized: {input name: {dim index >= 0: dim name}} (a negative
+    index counts from the end, as in torch). Each mistake is a CaptureError that says what the spec should be."""
     if not dynamic:
-        return None
+        return {}
+    form = 'a dict {input name: {dim index: dim name}}, e.g. {"tokens": {0: "batch", 1: "seq"}}'
+    if not isinstance(dynamic, dict):
+        raise CaptureError(f"dynamic must be {form}, got a {type(dynamic).__name__}")
     unknown = set(dynamic) - set(names)
     if unknown:
-        raise CaptureError(f"dynamic names inputs {sorted(unknown)}, but the model's inputs are {names}")
-    dims: dict[str, Any] = {}
-    spec = []
+        raise CaptureError(f"dynamic names inputs {sorted(unknown, key=str)}, but the model's inputs are {names}")
+    out: dict[str, dict[int, str]] = {}
     for name, x in zip(names, inputs):
         per = dynamic.get(name)
         if per is None:
-            spec.append(None)
             continue
         if not isinstance(x, torch.Tensor):
             raise CaptureError(f"dynamic[{name!r}]: input {name!r} is a {type(x).__name__}, not a tensor; dynamic "
                                "dims can be given for tensor arguments only (pass the tensors of a dict or list as "
                                "arguments of their own to vary their sizes)")
+        if not isinstance(per, dict):
+            raise CaptureError(f"dynamic[{name!r}] is a {type(per).__name__}; dynamic must be {form}")
         entry = {}
         for d, sym in per.items():
+            if isinstance(d, bool) or not isinstance(d, int):
+                raise CaptureError(f"dynamic[{name!r}] has the key {d!r}: dims are given by their index (an int), "
+                                   f"as in {form}")
             if not isinstance(sym, str) or not sym.isidentifier() or keyword.iskeyword(sym):
                 raise CaptureError(f"dynamic[{name!r}] names dim {d} {sym!r}, which is not a Python identifier: "
                                    "lmforge writes sizes as expressions over dim names, so use letters, digits and "
                                    "_ (e.g. 'seq_len')")
-            if not isinstance(x, torch.Tensor) or d >= x.dim():
-                raise CaptureError(f"dynamic[{name!r}] names dim {d}, but that input has shape "
-                                   f"{tuple(getattr(x, 'shape', ()))}")
+            if not -x.dim() <= d < x.dim():
+                raise CaptureError(f"dynamic[{name!r}] names dim {d}, but that input has shape {tuple(x.shape)}")
+            d = d % x.dim()
+            if d in entry and entry[d] != sym:
+                raise CaptureError(f"dynamic[{name!r}] names dim {d} twice ({entry[d]!r} and {sym!r})")
             if x.shape[d] < 2:
                 raise CaptureError(f"dynamic dim {sym!r} of input {name!r} is {x.shape[d]} in the example; "
                                    "torch.export specializes sizes 0 and 1: give an example size >= 2")
-            dims.setdefault(sym, torch.export.Dim(sym))
-            entry[d] = dims[sym]
-        spec.append(entry)
-    return tuple(spec)
+            entry[d] = sym
+        out[name] = entry
+    return out
+
+
+def _dynamic_shapes(names: list[str], dynamic: dict[str, dict[int, str]]):
+    """torch.export's dynamic_shapes for a checked spec: one torch.export.Dim per dim name."""
+    if not dynamic:
+        return None
+    dims = {sym: torch.export.Dim(sym) for per in dynamic.values() for sym in per.values()}
+    return tuple({d: dims[sym] for d, sym in dynamic[name].items()} if name in dynamic else None for name in names)
 
 
 # torch.export's text that names its own tools (TORCH_LOGS, draft_export, mark_dynamic, Dim.STATIC) rather than
@@ -166,7 +183,7 @@ def export_program(model, example_inputs, dynamic=None):
                                "capture a Python function that calls it (e.g. lambda x: torch.exp(x))") from None
         model = _FunctionModule(model)
     names = _input_names(model, len(inputs))
-    shapes = _dynamic_shapes(names, inputs, dynamic)
+    shapes = _dynamic_shapes(names, check_dynamic(names, inputs, dynamic))
     try:
         ep = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; all mean "could not capture"
@@ -528,7 +545,8 @@ def capture(model, example_inputs, dynamic: dict | None = None, name: str | None
     if not isinstance(model, torch.nn.Module):
         gname = name or getattr(model, "__name__", "function")
     t = _Translator(ep, names, gname)
-    t.dynamic = dynamic or {}
+    t.dynamic = check_dynamic(names, tuple(example_inputs) if isinstance(example_inputs, (tuple, list))
+                              else (example_inputs,), dynamic)
     graph = t.run()
     if recognize:
         graph = recognize_attention(graph)
