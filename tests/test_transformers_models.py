@@ -33,6 +33,13 @@ def gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
+def test_hf_model_returning_its_cache_object_says_to_turn_the_cache_off():
+    model = llama().eval()    # use_cache=True by default: the output holds a DynamicCache
+    with pytest.raises(lmforge.LmforgeError, match=r"DynamicCache in or out.*use_cache = False") as e:
+        lmforge.compile(model, (torch.randint(0, 128, (2, 9)),))
+    assert "register a pytree" not in str(e.value)   # torch's advice, about torch's tools
+
+
 @pytest.mark.parametrize("build", [llama, gpt2], ids=["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_hf_model_matches_eager(build):
     torch.manual_seed(0)

@@ -128,7 +128,8 @@ def _dynamic_shapes(names: list[str], dynamic: dict[str, dict[int, str]]):
 
 # torch.export's text that names its own tools (TORCH_LOGS, draft_export, mark_dynamic, Dim.STATIC) rather than
 # lmforge's: cut from each line it appears on
-_TORCH_ONLY = (" For more information, run with", " If you're using mark_dynamic", "The error above occurred when")
+_TORCH_ONLY = (" For more information, run with", " If you're using mark_dynamic", "The error above occurred when",
+               " If this type holds tensors")
 
 
 def _torch_explanation(text: str) -> list[str]:
@@ -161,6 +162,13 @@ def _explain(e: Exception) -> str:
         hint = ("A dimension marked dynamic is constant in the model: mark the same dim of every input that has it "
                 "(e.g. the batch of both k_cache and v_cache; an unmarked one fixes the size for all), or remove "
                 "it from `dynamic`, or use a size >= 2.")
+    elif "in output, which is not a known type" in low or "in input, which is not a known type" in low:
+        kind = re.search(r"<class '([\w.]+)'>", text)
+        kind = kind.group(1) if kind else "an object"
+        hint = (f"The model passes {kind} in or out, which lmforge cannot take apart into tensors. "
+                "Hugging Face models: turn the cache off (config.use_cache = False, or call with use_cache=False) "
+                "and pass caches as tensors; otherwise wrap the model in a function that takes and returns tensors "
+                "(or tuples / dicts of them).")
     elif "not all values of" in low:
         hint = ("The model only works for some sizes of a dynamic dim: torch had to assume the condition above "
                 "(a negative or stepped slice such as x[:, -2:], narrow or chunk on the dim often does this). "
