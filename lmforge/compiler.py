@@ -189,8 +189,8 @@ def knob_value_ok(knob, value) -> bool:
     choices = tuple(knob.choices)
     if knob.kind == "bool":
         return isinstance(value, bool)
-    if choices and all(isinstance(c, str) for c in choices):
-        return value in choices
+    if choices and (knob.closed or all(isinstance(c, str) for c in choices)):
+        return not isinstance(value, bool) and value in choices
     if choices:
         least = 0 if min(choices) <= 0 else 1
         return isinstance(value, int) and not isinstance(value, bool) and value >= least

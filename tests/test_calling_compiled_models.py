@@ -3,6 +3,7 @@ LmforgeError before any kernel runs, and outputs come back as tuples / lists / d
 subclasses too), also from an artifact loaded in a process that never imported the model's classes."""
 import subprocess
 import sys
+import warnings
 from collections import namedtuple
 
 import pytest
@@ -74,9 +75,22 @@ def test_compile_config_names_real_knobs_and_warns_when_quantization_does_nothin
     q = lmforge.compile(lin, (x,), config={"quant.weight_bits": 4, "quant.group_size": 32})
     assert any(n.op == "linear_wo" for n in q.graph.nodes)
     for bad in ({"attn.decode_window": 0}, {"attn.decode_pattern": "windw"}, {"attn.sinks": -1},
-                {"fusion.elementwise": "no"}, {"attn.block_size": 0}, {"quant.kv": "int4"}):
+                {"fusion.elementwise": "no"}, {"attn.block_size": 0}, {"quant.kv": "int4"},
+                {"quant.weight_bits": 3}, {"quant.weight_bits": 2}, {"quant.weight_bits": True}):
         with pytest.raises(LmforgeError, match="is not a value knob"):
             lmforge.compile(lin, (x,), config=bad)
+
+
+def test_a_misspelled_print_after_pass_in_the_environment_warns(monkeypatch, capsys):
+    x = torch.randn(2, 8)
+    monkeypatch.setenv("LMFORGE_PRINT_AFTER", "fuse_elementwse")
+    with pytest.warns(UserWarning, match="names \\['fuse_elementwse'\\], which are not lmforge passes"):
+        lmforge.compile(lambda t: torch.relu(t) * 2, (x,))
+    monkeypatch.setenv("LMFORGE_PRINT_AFTER", "fuse_elementwise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lmforge.compile(lambda t: torch.relu(t) * 3, (x,))
+    assert "// IR after fuse_elementwise" in capsys.readouterr().err
 
 
 def test_an_attention_pattern_that_finds_no_attention_it_applies_to_warns():

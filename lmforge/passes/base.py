@@ -7,9 +7,11 @@ verifies after each pass, times each one, and prints the IR after a pass when as
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,12 +39,26 @@ class Knob:
     condition: tuple[str, tuple] | None = None
     doc: str = ""
     per_layer: bool = False  # the pass can take a different value per layer group (see search.space)
+    closed: bool = False     # only `choices` are valid (weight bits), not just the values the search tries
 
     def describe(self) -> str:
         rng = (f"{{{', '.join(map(str, self.choices))}}}" if self.choices else f"[{self.low}, {self.high}]"
                + (" log" if self.log else ""))
         cond = f" if {self.condition[0]} in {list(self.condition[1])}" if self.condition else ""
         return f"{self.name}: {self.kind} {rng} default={self.default}{cond}"
+
+
+_PASS_NAMES: set[str] = set()   # every pass defined so far: what LMFORGE_PRINT_AFTER may name
+
+
+@functools.lru_cache(maxsize=8)
+def _check_print_after(show: str) -> None:
+    """A warning (once per value) when LMFORGE_PRINT_AFTER names no pass lmforge has: a misspelled name would
+    print nothing without a word."""
+    unknown = sorted(set(show.split(",")) - _PASS_NAMES - {"all"})
+    if unknown:
+        warnings.warn(f"LMFORGE_PRINT_AFTER names {unknown}, which are not lmforge passes; they are "
+                      f"{sorted(_PASS_NAMES)} (or 'all')", stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,9 @@ class Pass:
     knobs: tuple[Knob, ...] = ()
     doc: str = ""
     relevant: Callable[[Graph, Knob], bool] | None = None
+
+    def __post_init__(self):
+        _PASS_NAMES.add(self.name)
 
     def knobs_for(self, graph: Graph | None) -> list[Knob]:
         if graph is None or self.relevant is None:
@@ -102,6 +121,8 @@ class PassManager:
 
     def run(self, graph: Graph, config: Mapping[str, Any] | None = None) -> Graph:
         show = self.print_after or os.environ.get("LMFORGE_PRINT_AFTER")
+        if show and not self.print_after:
+            _check_print_after(show)
         done: list[str] = []
         for p in self.passes:
             t0 = time.perf_counter()

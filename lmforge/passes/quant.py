@@ -22,7 +22,8 @@ from lmforge.passes.base import Knob, Pass
 from lmforge.passes.canonical import dce
 
 WEIGHT_KNOBS = (
-    Knob("quant.weight_bits", "categorical", 16, choices=(16, 8, 4), doc="weight-only bits (16 = not quantized)",
+    Knob("quant.weight_bits", "categorical", 16, choices=(16, 8, 4), closed=True,
+         doc="weight-only bits (16 = not quantized)",
          per_layer=True),
     Knob("quant.group_size", "categorical", 128, choices=(32, 64, 128), condition=("quant.weight_bits", (8, 4)),
          per_layer=True),
