@@ -147,6 +147,12 @@ def _fold_rule(node: Node, ctx: RewriteContext):
     return None
 
 
+def _widens(src: str, dst: str) -> bool:
+    """Whether a cast from float dtype `src` to `dst` loses nothing (the same dtype, or a wider float)."""
+    wider = {"float16": ("float32", "float64"), "bfloat16": ("float32", "float64"), "float32": ("float64",)}
+    return src == dst or dst in wider.get(src, ())
+
+
 @graph_pass("recognize_attention")
 def recognize_attention(graph: Graph) -> Graph:
     """Fold `matmul(softmax(matmul(q, k^T) * scale [+ mask]), v)` into one `attention` op.
@@ -154,8 +160,10 @@ def recognize_attention(graph: Graph) -> Graph:
         %s = matmul(%q, %kt); %s2 = mul(%s; scalar=0.125); %p = softmax(%s2; dim=-1); %o = matmul(%p, %v)
         ->  %o = attention(%q, %k, %v; scale=0.125)
 
-    Intermediate values must have no other readers; casts around the softmax are allowed (the op
-    computes its softmax in fp32 anyway). The additive mask is q's dtype or float32 (what SDPA takes); a
+    Intermediate values must have no other readers; casts around the softmax are allowed where the op does the
+    same (it computes its softmax in fp32 and rounds the probabilities to v's dtype): a cast of the scores to a
+    wider dtype, of the probabilities back to v's; a cast that rounds the scores or probabilities to a narrower
+    dtype keeps the chain as written. The additive mask is q's dtype or float32 (what SDPA takes); a
     narrower one (fp16 on fp32 scores) is cast to q's dtype, as torch's add promotes it; any other (bf16 on
     fp16 scores, which torch adds in fp32) leaves the chain as it is.
     """
@@ -166,6 +174,8 @@ def recognize_attention(graph: Graph) -> Graph:
         p, v = node.inputs
         prod = ctx.producers.get(p.name)
         if prod is not None and prod.op == "cast" and ctx.single_use(p):
+            if prod.attr["dtype"] != v.type.dtype or not _widens(prod.attr["dtype"], prod.inputs[0].type.dtype):
+                return None   # attention rounds the probabilities to v's dtype only
             p = prod.inputs[0]
             prod = ctx.producers.get(p.name)
         if prod is None or prod.op != "softmax" or prod.attr["log"] or not ctx.single_use(p):
@@ -175,6 +185,8 @@ def recognize_attention(graph: Graph) -> Graph:
         s = prod.inputs[0]
         s_prod = ctx.producers.get(s.name)
         if s_prod is not None and s_prod.op == "cast" and ctx.single_use(s):
+            if not _widens(s_prod.inputs[0].type.dtype, s_prod.attr["dtype"]):
+                return None   # scores rounded to a narrower dtype (bf16, softmax(dtype=f16)) before the softmax
             s = s_prod.inputs[0]
             s_prod = ctx.producers.get(s.name)
         mask = None
@@ -187,7 +199,8 @@ def recognize_attention(graph: Graph) -> Graph:
             s_prod = ctx.producers.get(s.name)
         scale = 1.0
         if s_prod is not None and s_prod.op in ("mul", "div") and s_prod.inputs[1] is None and ctx.single_use(s) \
-                and not s_prod.attr["swap"] and isinstance(s_prod.attr["scalar"], (int, float)):
+                and not s_prod.attr["swap"] and isinstance(s_prod.attr["scalar"], (int, float)) \
+                and not (s_prod.op == "div" and s_prod.attr["scalar"] == 0):
             scale = float(s_prod.attr["scalar"]) if s_prod.op == "mul" else 1.0 / float(s_prod.attr["scalar"])
             s = s_prod.inputs[0]
             s_prod = ctx.producers.get(s.name)

@@ -59,14 +59,16 @@ def merge_linears(graph: Graph, merge_linears: bool = True) -> Graph:
         name = "+".join(w.name for w in ws)
         w_type = TensorType((sum(w.type.shape[0] for w in ws), ws[0].type.shape[1]), ws[0].type.dtype)
         w_val = Value(name, w_type)
-        weights[name] = torch.cat([weights[w.name] for w in ws], 0)
-        new_params.append(w_val)
+        if name not in weights:   # two inputs that each read the same linears share one merged weight
+            weights[name] = torch.cat([weights[w.name] for w in ws], 0)
+            new_params.append(w_val)
         ins = [n.inputs[0], w_val]
         if len(n.inputs) > 2 and n.inputs[2] is not None:
             bs = [m.inputs[2] for m in members]
             b_val = Value("+".join(b.name for b in bs), TensorType((w_type.shape[0],), bs[0].type.dtype))
-            weights[b_val.name] = torch.cat([weights[b.name] for b in bs], 0)
-            new_params.append(b_val)
+            if b_val.name not in weights:
+                weights[b_val.name] = torch.cat([weights[b.name] for b in bs], 0)
+                new_params.append(b_val)
             ins.append(b_val)
         x = n.inputs[0]
         merged = Value(n.output.name + "_merged", x.type.with_(shape=(*x.type.shape[:-1], w_type.shape[0])))
@@ -99,8 +101,11 @@ def _toposort(nodes: list[Node], graph: Graph) -> list[Node]:
 
 
 def _scalar_of(node: Node | None, op: str):
-    if node is not None and node.op == op and node.inputs[1] is None and not node.attr.get("swap"):
-        return node.attr["scalar"]
+    """The constant c of `op(x; scalar=c)` (an add without alpha), or None (a size symbol is not a constant)."""
+    if node is not None and node.op == op and node.inputs[1] is None and not node.attr.get("swap") \
+            and node.attr.get("alpha", 1.0) == 1.0:
+        c = node.attr["scalar"]
+        return c if isinstance(c, (int, float)) and not isinstance(c, bool) else None
     return None
 
 
@@ -117,7 +122,8 @@ def recognize_rmsnorm(graph: Graph) -> Graph:
                                                                   ->   %y = rmsnorm(%x, w; eps)
 
     which is exact up to rounding because `rmsnorm` computes in fp32 whatever the storage dtype (its
-    reference and kernels upcast). When the weight's dtype is not the one the model rounds to, that rounding
+    reference and kernels upcast; an fp16 model that squares x in fp16 overflows where |x| > 256 and `rmsnorm`
+    does not, a deliberate difference). When the weight's dtype is not the one the model rounds to, that rounding
     stays (`%n = rmsnorm(%x32; eps); %h = cast(%n; f16); %y = mul(w, %h)`). Otherwise, when the dtype the model
     produces differs from the dtype `rmsnorm` gives (x's), a `cast` to the model's dtype follows the `rmsnorm`.
     A weight that is not of the normalized shape (a gain of shape [1], which torch broadcasts) is left alone.
@@ -182,6 +188,8 @@ def _match_rms(x: Value, r: Value, ctx: RewriteContext):
     if mean is None or mean.op != "mean" or not mean.attr["keepdim"] or tuple(mean.attr["dims"] or ()) not in (
             (-1,), (x.type.rank - 1,)):
         return None
+    if mean.attr["dtype"] not in (None, x.type.dtype, "float32", "float64"):
+        return None   # the model averages in a narrower dtype (mean(...; dtype=f16) of fp32 squares)
     sq = ctx.producers.get(mean.inputs[0].name)
     if sq is None:
         return None

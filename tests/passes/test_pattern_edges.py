@@ -110,3 +110,69 @@ def test_sum_with_a_narrower_integer_dtype_returns_that_dtype(dtype):
         return torch.sum(x > 0, dtype=dtype), m.sum(-1, dtype=dtype)
 
     _same(f, (R(3, 4), torch.randint(0, 5, (3, 4))))
+
+
+def test_rmsnorm_eps_added_with_alpha_or_a_size_is_not_taken_for_eps():
+    def alpha(x, w):     # eps = 1e-2 * 100
+        return w * (x * torch.rsqrt(torch.add(x.pow(2).mean(-1, keepdim=True), 1e-2, alpha=100.0)))
+
+    def size_eps(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + x.shape[0]))
+
+    _same(alpha, (R(3, 8), R(8)), tol=1e-5)
+    compiled = _same(size_eps, (R(3, 8), R(8)), dynamic={"x": {0: "b"}}, tol=1e-5)
+    x, w = R(5, 8), R(8)
+    torch.testing.assert_close(compiled(x, w), size_eps(x, w))
+
+
+def test_rmsnorm_averaging_in_a_narrower_dtype_keeps_it():
+    def f(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True, dtype=torch.bfloat16) + 1e-6))
+
+    _same(f, (R(3, 64), R(64)), ops_absent=("rmsnorm",))
+
+
+@pytest.mark.parametrize("case", ["bf16 scores", "softmax dtype fp16", "fp16 model, bf16 scores"])
+def test_attention_pattern_rounding_to_a_narrower_dtype_keeps_it(case):
+    def bf16_scores(q, k, v):
+        return torch.softmax((q @ k.transpose(-2, -1) * 3).bfloat16(), -1).to(v.dtype) @ v
+
+    def fp16_softmax(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1), -1, dtype=torch.float16).float() @ v
+
+    f, dtype, tol = {"bf16 scores": (bf16_scores, torch.float32, 1e-6),
+                     "softmax dtype fp16": (fp16_softmax, torch.float32, 1e-6),
+                     "fp16 model, bf16 scores": (bf16_scores, torch.float16, 1e-3)}[case]
+    _same(f, tuple(R(2, 2, 6, 8, dtype=dtype) for _ in range(3)), tol=tol, ops_absent=("attention",))
+
+
+def test_attention_pattern_as_hugging_face_writes_it_is_recognized():
+    def hf_eager(q, k, v):   # softmax in fp32, probabilities back to the model's dtype
+        s = q @ k.transpose(-2, -1) * 0.3
+        return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+
+    compiled = _same(hf_eager, tuple(R(2, 2, 6, 8, dtype=torch.float16) for _ in range(3)), tol=2e-3)
+    assert "attention" in {n.op for n in compiled.graph.nodes}
+
+
+def test_scores_divided_by_zero_stay_as_written():
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / 0.0, -1) @ v
+
+    inputs = (R(1, 2, 4, 8), R(1, 2, 4, 8), R(1, 2, 4, 8))
+    got = lmforge.compile(f, inputs)(*inputs)
+    assert torch.isnan(got).all() and torch.isnan(f(*inputs)).all()
+
+
+def test_merged_linears_read_by_two_inputs_share_one_merged_weight():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(8, 4), torch.nn.Linear(8, 6)
+
+        def forward(self, x1, x2):
+            return self.q(x1), self.k(x1), self.q(x2), self.k(x2)
+
+    compiled = _same(Two().eval(), (R(3, 8), R(3, 8)), tol=1e-5)
+    assert [n.op for n in compiled.graph.nodes].count("linear") == 2
+    assert len(compiled.graph.params) == 2   # one merged weight, one merged bias
