@@ -225,10 +225,12 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
     - a `concat` marked `inplace` is the layers' caches stacked in one buffer they were written into: no new memory.
     So a decode step holds its KV cache once, not once as input, once per append and once more as the stack.
     A KV cache that attention reads through `kv_qdq` is held in its storage dtype (1 byte per element for int8 /
-    fp8, plus one fp32 scale per token and head) from the graph input to the returned cache. Graph inputs and
+    fp8, plus one fp32 scale per token and head) from the graph input to the returned cache; block top-k attention
+    keeps its block summaries (fp32) beside the cache for the whole step. Graph inputs and
     weights annotated with a memory tier other than "dram" (memory_tier="host": an offloaded cache), and the
     values that live in their buffers, are not in device memory; values computed from them are.
     """
+    from lmforge.ir.ops.sparse_attention_ops import block_summary_bytes
     from lmforge.ir.types import itemsize
 
     values = graph.values()
@@ -255,6 +257,8 @@ def peak_memory(graph: Graph, env: Mapping[str, int]) -> float:
     for v in graph.outputs:
         last_use.update((b, end) for b in buffers.get(v.name, (v.name,)))
     base = sum(size[v.name] for v in (*graph.inputs, *graph.params))
+    base += sum(block_summary_bytes(values[n.inputs[1].name].type.concrete(env).shape, n.attr["block_size"],
+                                    n.attr["summary"]) for n in graph.nodes if n.op == "block_topk_attention")
     live: dict[str, float] = {}
     peak = 0.0
     for i, n in enumerate(graph.nodes):

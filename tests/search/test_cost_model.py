@@ -223,3 +223,31 @@ def test_a_cache_grown_in_place_twice_is_two_buffers():
     g = b.build(outs)
     one = 8 * 4096 * 128 * 4
     assert 2 * one < peak_memory(g, {}) < 2.01 * one
+
+
+@pytest.mark.parametrize("summary", ["mean", "minmax"])
+def test_block_topk_charges_and_holds_its_fp32_block_summaries(summary):
+    """The summaries are fp32 (the reference's and the Triton kernel's): read once per step and held in device
+    memory beside the cache. They were charged at 2 bytes per element and left out of peak memory."""
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.ops import get_op
+    from lmforge.ir.ops.attention_ref import block_summary
+    from lmforge.ir.ops.nn_ops import kv_bytes
+    from lmforge.ir.ops.sparse_attention_ops import kept_keys
+    from lmforge.ir.types import TensorType
+    from lmforge.search.cost_model import peak_memory
+
+    b, hq, hkv, skv, d, bs = 2, 4, 2, 1000, 64, 8
+    q, k = TensorType((b, hq, 1, d), "float16"), TensorType((b, hkv, skv, d), "float16")
+    attrs = dict(block_size=bs, topk_blocks=4, summary=summary)
+    cost = get_op("block_topk_attention").cost([q, k, k], attrs)
+    made = block_summary(torch.zeros(b, hkv, skv, d, dtype=torch.float16), bs, summary)
+    real = sum(t.numel() * t.element_size() for t in (made if isinstance(made, tuple) else (made,)))
+    kept = kv_bytes(k, k, None) * kept_keys(skv, bs, 4, 4, 64) / skv
+    assert cost.bytes == pytest.approx(2 * q.nbytes() + kept + real)
+
+    gb = GraphBuilder("topk")
+    ins = [gb.input(n, t) for n, t in (("q", q), ("k", k), ("v", k))]
+    out = gb.op("block_topk_attention", ins, attrs)
+    g = gb.build([out])
+    assert peak_memory(g, {}) == pytest.approx(q.nbytes() + 2 * k.nbytes() + real + q.nbytes())

@@ -47,13 +47,21 @@ def kept_keys(skv: int, block_size: int, topk_blocks: int, sinks: int, window: i
     return min(skv, (min(n_blocks, forced + topk_blocks)) * block_size)
 
 
+def block_summary_bytes(k_shape, block_size: int, summary: str) -> float:
+    """Bytes of the block summaries of a KV cache of shape [B, Hkv, Skv, D]: per block the fp32 mean key, or its
+    fp32 min and max keys (as `attention_ref.block_summary` and the Triton summary kernel build them). They stay in
+    device memory beside the cache."""
+    b, hkv, skv, d = k_shape
+    return (2 if summary == "minmax" else 1) * b * hkv * -(-skv // block_size) * d * 4
+
+
 def _topk_cost(ins, attrs, outs):
     q, k, v = ins
     b, hq, sq, d = q.shape
     skv = k.shape[2]
     keep = kept_keys(skv, attrs["block_size"], attrs["topk_blocks"], attrs["sinks"], attrs["window"])
     n_blocks = -(-skv // attrs["block_size"])
-    summaries = (2 if attrs["summary"] == "minmax" else 1) * k.shape[0] * k.shape[1] * n_blocks * d * 2
+    summaries = block_summary_bytes(k.shape, attrs["block_size"], attrs["summary"])
     score_flops = 2.0 * b * hq * n_blocks * d * (2 if attrs["summary"] == "minmax" else 1)
     # the block summaries stay in device memory (selection runs there); only the kept blocks come from the cache
     kv_read = kv_bytes(k, v, attrs["kv_dtype"]) * keep / max(skv, 1)
