@@ -15,7 +15,7 @@ import optuna
 
 from lmforge.errors import LmforgeError
 from lmforge.search.studies import (_feasible, _pareto, _signs, measured_latencies, measured_violations,
-                                     ranked_trials)
+                                     measurement_unfinished, ranked_trials)
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
@@ -86,7 +86,10 @@ def write_report(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     lines.append(f"trials: {len(study.trials)} ({len(trials)} feasible)  ")
     measured = measured_latencies(study)
     by_tune = "objectives" in study.user_attrs  # a study lmforge.tune wrote: compile(config="best") reads it
-    if best_trial is None:
+    if best_trial is None and measurement_unfinished(study):
+        lines.append("best: none yet (the measurement of the best predicted configs did not finish: rerun the same "
+                     "`lmforge tune` command)")
+    elif best_trial is None:
         lines.append("best: none (no feasible trial" + (", or every measured config breaks a constraint as "
                                                         "measured)" if measured else ")"))
     else:

@@ -183,12 +183,30 @@ def _signs(study) -> list[int]:
 
 def measured_latencies(study) -> dict[int, float]:
     """Hybrid studies: trial number -> latency measured on the tuning machine, for the configs the last run
-    measured (empty for other studies)."""
+    measured (empty for other studies, and for a hybrid study whose measurement did not finish:
+    `measurement_unfinished`)."""
     attrs = study.user_attrs
     if "hybrid_measured" in attrs:
-        return {int(n): float(v) for n, v in attrs["hybrid_measured"].items()}
+        return {int(n): float(v) for n, v in (attrs["hybrid_measured"] or {}).items()}
+    if measurement_unfinished(study):
+        return {}
     # a study from before "hybrid_measured": every measurement it holds
     return {int(k.split(":", 1)[1]): float(v) for k, v in attrs.items() if k.startswith("measured_latency:")}
+
+
+def measurement_unfinished(study) -> bool:
+    """Whether `study` is a hybrid study whose measurement of its best predicted configs did not finish (Ctrl-C,
+    a killed process): it has no measured best until the same `tune` command runs again. `tune` sets study attr
+    "hybrid_measured" to None when it starts measuring and to the measurements when it is done. A hybrid study
+    without that attr and with the weights fingerprint in its settings did not finish either (every lmforge that
+    records the fingerprint records that attr); one without the fingerprint may be from before the attr, and its
+    `measured_latency:N` attrs count."""
+    attrs = study.user_attrs
+    if attrs.get("mode") != "hybrid":
+        return False
+    if "hybrid_measured" in attrs:
+        return attrs["hybrid_measured"] is None
+    return "weights" in (attrs.get("settings") or {})
 
 
 def measured_values(values: Mapping[str, float], latency: float) -> dict[str, float]:
@@ -216,8 +234,11 @@ def ranked_trials(study, measured: Mapping[int, float] | None = None,
     earlier trial), so one objective gives its best and several give the Pareto point best in the first.
     Hybrid studies (`measured`, default: the study's own measurements): only the measured trials, by measured
     latency, less those whose measured latency breaks a latency or throughput constraint (`constraints`, default:
-    the study's own). A trial that repeated an evaluated config (user attr "duplicate_of") is left out."""
+    the study's own); none while the study's measurement is unfinished (`measurement_unfinished`). A trial that
+    repeated an evaluated config (user attr "duplicate_of") is left out."""
     if measured is None:
+        if measurement_unfinished(study):  # no measured best yet, and the predicted best is not hybrid's best
+            return []
         measured = measured_latencies(study)
     if constraints is None:
         constraints = (study.user_attrs.get("settings") or {}).get("constraints") or {}

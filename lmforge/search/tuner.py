@@ -61,7 +61,9 @@ Budget: `budget` is the number of trials the study holds when tune stops: finish
 count, those of earlier runs and of other workers on the same storage too; a trial cut off by Ctrl-C (or a killed
 process) does not. Several workers stop when the study reaches the budget, each after its running trial, so
 with N workers the study may end up to N - 1 trials over it. Ctrl-C returns the result of the finished trials;
-before any trial has finished it is an LmforgeError that says to rerun the same command to resume.
+before any trial has finished it is an LmforgeError that says to rerun the same command to resume, and so it is
+in hybrid mode's measurement phase: until a run has measured all of its top configs a hybrid study has no best
+config (`studies.measurement_unfinished`), so partial measurements are never taken for the measured best.
 
 The tuning database is Optuna storage: SQLite under `cache_dir("tuning")` unless `storage` gives another
 URL (PostgreSQL for many workers). The study is keyed by the workload's graph signature and the target's
@@ -710,12 +712,23 @@ def _check_same_settings(study, objectives, mode, settings) -> None:
 
 def _measure_top(ctx: TuneContext, study, k: int, constraints: Mapping[str, Any]) -> dict[int, float]:
     """Hybrid mode: measure the k best configs by their predicted numbers on this machine; the study keeps the
-    measured latencies (study attr "hybrid_measured", which `ranked_trials` reads)."""
+    measured latencies (study attr "hybrid_measured", which `ranked_trials` reads). Until they are all measured
+    the attr is None: a study whose measurement Ctrl-C cut off has no best config (`measurement_unfinished`),
+    and its finished trials stay for the rerun that measures them."""
+    top = ranked_trials(study, measured={}, constraints=constraints)[:k]
+    study.set_user_attr("hybrid_measured", None)
     out = {}
-    for t in ranked_trials(study, measured={}, constraints=constraints)[:k]:
-        values = evaluate_config(ctx, t.user_attrs["config"], (), measure_latency=True)
-        out[t.number] = values["measured_latency"]
-        study.set_user_attr(f"measured_latency:{t.number}", values["measured_latency"])
+    try:
+        for t in top:
+            values = evaluate_config(ctx, t.user_attrs["config"], (), measure_latency=True)
+            out[t.number] = values["measured_latency"]
+            study.set_user_attr(f"measured_latency:{t.number}", values["measured_latency"])
+    except KeyboardInterrupt:
+        n = len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
+        raise LmforgeError(f"tuning was interrupted while measuring the {len(top)} best predicted configs on this "
+                           f"machine ({len(out)} measured): study {study.study_name!r} keeps its {n} finished "
+                           "trials (they count toward the budget), but a hybrid study has no best config until its "
+                           "measurement finishes: rerun the same command to measure them") from None
     study.set_user_attr("hybrid_measured", {str(n): v for n, v in out.items()})
     return out
 

@@ -111,6 +111,37 @@ def test_hybrid_with_every_measured_config_over_a_latency_bound_is_an_error(tmp_
              pipeline=[merge_linears, fuse_elementwise, dce], progress=False, sampler="random")
 
 
+def test_ctrl_c_while_measuring_says_to_rerun_and_leaves_no_best_until_the_measurement_finishes(tmp_path,
+                                                                                                 monkeypatch):
+    """Ctrl-C in hybrid's measurement phase is an LmforgeError saying to rerun (not a bare KeyboardInterrupt), and
+    the measurements taken so far (or those of an earlier run, of other top configs) are no best: compile's
+    config="best" and the report have none until the rerun has measured every top config."""
+    _fake_measurements(monkeypatch)
+    fake, measured, stop_at = tuner.evaluate_config, [], [None]
+
+    def evaluate(ctx, config, objectives, measure_latency=False):
+        if measure_latency:
+            measured.append(config)
+            if len(measured) == stop_at[0]:
+                raise KeyboardInterrupt
+        return fake(ctx, config, objectives, measure_latency)
+
+    monkeypatch.setattr(tuner, "evaluate_config", evaluate)
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    run = dict(target="host", objectives=("latency",), mode="hybrid", hybrid_top=4, storage=storage,
+               pipeline=[merge_linears, fuse_elementwise, dce], progress=False, sampler="random")
+    first = tune(MLP(), (X,), budget=6, **run)
+    stop_at[0] = len(measured) + 2  # the second run's second measurement
+    with pytest.raises(LmforgeError, match=r"interrupted while measuring the \d best predicted configs on this "
+                                           r"machine \(1 measured\).*rerun the same command"):
+        tune(MLP(), (X,), budget=8, **run)
+    _, graph, _, _ = prepare(MLP(), (X,))
+    assert ranked_trials(first.study) == [] and best_configs(graph, "host", storage) == []
+    assert "best: none yet" in write_report(first.study, tmp_path / "report")["table"].read_text()
+    again = tune(MLP(), (X,), budget=8, **run)
+    assert again.measured and best_configs(graph, "host", storage) == [again.best_config]
+
+
 @pytest.mark.parametrize("objectives", [("memory",), ("quality", "latency")])
 def test_hybrid_needs_latency_or_throughput_first(tmp_path, objectives):
     with pytest.raises(LmforgeError, match="first objective must be 'latency' or 'throughput'"):
