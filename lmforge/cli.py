@@ -5,7 +5,7 @@
     lmforge tune WORKLOAD --target h100 --budget 100 [--objective latency --objective quality] [--out DIR]
                  [--mode predict|measure|hybrid] [--threads N]
     lmforge report [--study NAME] [--out DIR]
-    lmforge export WORKLOAD --target h100 --out DIR [--config best|JSON|FILE]
+    lmforge export WORKLOAD --target h100 --out DIR [--config best|JSON|FILE] [--study NAME]
     lmforge run ARTIFACT [--device cpu] [--dim batch=4]
     lmforge calibrate [--target host] [--threads N]
     lmforge targets [show NAME]
@@ -241,13 +241,21 @@ def _config_arg(value: str | None):
 
 
 def cmd_export(args) -> int:
+    from lmforge.artifact import artifact_dir, read_manifest
     from lmforge.export import export_workload
 
     config = _config_arg(args.config)
     if args.storage is not None and config != "best":
         raise LmforgeError("--storage is where --config best is looked up: pass --config best with it")
+    if args.study is not None and config != "best":
+        raise LmforgeError("--study names the study whose best config --config best takes: pass --config best "
+                           "with it")
     path = export_workload(args.workload, args.target, args.out, config=config, gpu_kernels=args.kernels,
-                           storage=args.storage)
+                           storage=args.storage, study=args.study)
+    source = read_manifest(artifact_dir(path)).get("config_source")
+    if source:
+        print(f"config: the best of tuning study {source['study']} (trial {source['trial']}; --study NAME takes "
+              "another study's)")
     print(f"artifact written to {path}")
     return 0
 
@@ -392,9 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="h100")
     e.add_argument("--out", required=True)
     e.add_argument("--config", default=None,
-                   help="'best' (the tuned config for the target), a JSON object of knob values, or a JSON file")
+                   help="'best' (the config the most recently run `lmforge tune` of the workload and target "
+                        "reported as best; see --study), a JSON object of knob values, or a JSON file")
     e.add_argument("--storage", default=None,
                    help="with --config best: the Optuna storage URL `lmforge tune --storage` wrote to")
+    e.add_argument("--study", default=None,
+                   help="with --config best: the study to take the best config of (its name or a unique part, as "
+                        "`lmforge report` lists them; default: the most recently run study of the workload and "
+                        "target)")
     e.add_argument("--kernels", action="store_true",
                    help="also build the target GPU's kernels: Triton PTX/cubin (launched by `run --device cuda` on "
                         "that GPU) and TVM CUDA source")

@@ -23,6 +23,8 @@ from lmforge.ir.graph import Graph, Node
 class CompiledModel:
     """A graph, its weights, and generated code that runs it; callable like the captured model."""
 
+    config_source: dict | None = None  # config="best": {"study", "trial"} the config came from (see `compile`)
+
     def __init__(self, graph: Graph, backends: Sequence = (), device: str | torch.device = "cpu",
                  target: str = "host", config: Mapping[str, Any] | None = None, pass_report: str = ""):
         if graph.get_meta("tensor_parallel") and graph.get_meta("tensor_parallel_rank") is None:
@@ -116,7 +118,9 @@ class CompiledModel:
         return self
 
     def to(self, device) -> "CompiledModel":
-        return CompiledModel(self.graph, self.backends, device, self.target, self.config, self.pass_report)
+        moved = CompiledModel(self.graph, self.backends, device, self.target, self.config, self.pass_report)
+        moved.config_source = self.config_source
+        return moved
 
     def inspect(self, target: str | None = None, show_costs: bool = True) -> str:
         """The graph with, per node, the backend that runs it and (when a target is known) its predicted cost.
@@ -308,7 +312,7 @@ def region_callable(region: Graph, backends, device: str, weights: Mapping[str, 
 def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict | None = None,
             config: Mapping[str, Any] | None = None, backends: Sequence[str] = ("torch",),
             device: str | None = None, passes=None, calibration: Sequence[tuple] | None = None,
-            storage: str | None = None) -> CompiledModel:
+            storage: str | None = None, study: str | None = None) -> CompiledModel:
     """Capture `model` (a torch module/function, or an IR Graph), run the pass pipeline, return a CompiledModel.
 
     example_inputs: a tuple of the model's positional inputs to capture it with (not for a Graph).
@@ -322,6 +326,11 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
                  density); `lmforge.tune` uses the workload's first eval inputs.
     storage:     with config="best", the Optuna storage URL `tune` wrote to (default: the SQLite database in the
                  lmforge cache).
+    study:       with config="best", the study to take the best config of (its name or a unique part of it, as
+                 `lmforge report` lists them); default: the most recently run study of this model and target.
+    config="best" takes the config `tune` reported as best in that study (`lmforge.search.studies.tuned_config`);
+    the returned model's `config_source` says which study and trial it came from (None for other configs), and
+    `export` records it in the manifest.
     """
     import warnings
 
@@ -333,26 +342,22 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
 
         get_target(target)   # an unknown target is an error now, not at inspect() or export
     graph = model if isinstance(model, Graph) else capture(model, example_inputs, dynamic=dynamic)
+    source = None
     if config == "best":
         from lmforge.search import studies
 
         graph = PassManager(canonical_pipeline()).run(graph)
         url = storage or studies.default_storage()
         store = studies.open_storage(url, must_exist=storage is not None)
-        found = studies.best_configs(graph, target, storage=store)
-        if not found:
-            other = studies.best_configs(graph, target, storage=store, same_weights=False)
-            why = (" (it has studies of this architecture, but of other weights: another checkpoint, or tuned before "
-                   "lmforge recorded the weights; their knob values can seed a study: tune(..., "
-                   f"warm_start_from={target!r}))") if other else ""
-            raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}"
-                               f"{why}: run `lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD "
-                               f"--target {target}`) first (with the same storage), or pass a config dict (CLI: "
-                               f"--config JSON)")
-        config = found[0]
+        chosen = studies.tuned_config(graph, target, store, url, study=study)
+        for name, why in chosen["passed_over"]:
+            warnings.warn(f"config='best': the more recently run study {name} has no best config ({why}); took "
+                          f"the best of study {chosen['study']}", stacklevel=2)
+        config, source = chosen["config"], {"study": chosen["study"], "trial": chosen["trial"]}
         passes = tunable_pipeline(calibration) if passes is None else passes
-    elif storage is not None:
-        raise LmforgeError("storage= is where config='best' is looked up; pass config='best' with it")
+    elif storage is not None or study is not None:
+        which = "storage= is where" if storage is not None else "study= names the study in which"
+        raise LmforgeError(f"{which} config='best' is looked up; pass config='best' with it")
     elif config is not None and not isinstance(config, Mapping):
         raise LmforgeError(f"config must be a dict of knob values or 'best', not {type(config).__name__}")
     passes = list(passes if passes is not None else canonical_pipeline() + tunable_pipeline(calibration))
@@ -383,5 +388,8 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
     if graph.get_meta("tensor_parallel"):  # a `shard.tp` > 1 config: the ranks, as threads of this process
         from lmforge.backends.collectives import TensorParallelModel
 
-        return TensorParallelModel(graph, chosen, dev, target, config, pm.report())
-    return CompiledModel(graph, chosen, dev, target, config, pm.report())
+        compiled = TensorParallelModel(graph, chosen, dev, target, config, pm.report())
+    else:
+        compiled = CompiledModel(graph, chosen, dev, target, config, pm.report())
+    compiled.config_source = source
+    return compiled

@@ -169,6 +169,8 @@ def _readme(manifest: dict) -> bytes:
                  else f"no `model.onnx`: {manifest['onnx']['reason']}")
     targets = ", ".join(f"{t['name']} ({t['kind']}, fingerprint {t['fingerprint']})" for t in manifest["targets"])
     files = "\n".join(f"| `{rel}` | {e['bytes']} |" for rel, e in sorted(manifest["files"].items()))
+    origin = manifest.get("config_source")
+    source = f" (the best of tuning study `{origin.get('study')}`, trial {origin.get('trial')})" if origin else ""
     text = f"""# {manifest['name']}
 
 An lmforge artifact, exported {manifest['created']} (lmforge {manifest['versions']['lmforge']},
@@ -194,7 +196,7 @@ torch {manifest['versions']['torch']}).
 Compiled for `{manifest['target']}`; targets: {targets}.
 Graph signature `{manifest['graph_hash']}`. {onnx_line}.
 
-Configuration: `{json.dumps(manifest['config'], sort_keys=True)}`
+Configuration: `{json.dumps(manifest['config'], sort_keys=True)}`{source}
 
 ## Files
 
@@ -286,6 +288,8 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
         "outputs": [{"name": v.name, "type": v.type.to_json()} for v in graph.outputs],
         "onnx": onnx_entry, "pass_report": str(getattr(compiled, "pass_report", "") or ""), "files": {},
     }
+    if getattr(compiled, "config_source", None):  # config="best": the tuning study and trial it came from
+        manifest["config_source"] = _json_safe(dict(compiled.config_source))
     manifest["files"] = _file_entries(files)
     files["README.md"] = _readme(manifest)
     manifest["files"] = _file_entries(files)
@@ -298,17 +302,19 @@ def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:
 
 
 def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gpu_kernels: bool = False,
-                    storage: str | None = None) -> Path:
+                    storage: str | None = None, study: str | None = None) -> Path:
     """Load a workload (`file.py[:function]` or `module:function`), compile it for `target`, export to `out_dir`.
 
-    config: knob values, "best" (the tuning database's best for this target), or None (defaults).
+    config: knob values, "best" (the tuning database's best for this target: of `study`, else of the most recently
+            run study; see `lmforge.compile`), or None (defaults).
     """
     import lmforge
     from lmforge.workload import load_workload
 
     work = load_workload(workload_spec)
+    best = config == "best"
     compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config,
-                               storage=storage if config == "best" else None)
+                               storage=storage if best else None, study=study if best else None)
     if gpu_kernels:
         compiled.add_gpu_kernels([target])
     return export(compiled, out_dir)

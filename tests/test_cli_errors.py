@@ -108,6 +108,27 @@ def test_export_config_best_reads_the_storage_tune_wrote(capsys, tmp_path, wl_fi
                                                       "--config", "best", "--storage", f"sqlite:///{tmp_path}/no.db")
 
 
+def test_export_config_best_takes_the_latest_tune_and_says_which_study(capsys, tmp_path, wl_file):
+    """tune latency, tune memory, resume latency: `export --config best` takes the latency study's best (the last
+    tune), prints the study and records it in the manifest; --study takes another; --study needs --config best."""
+    import json
+
+    db = f"sqlite:///{tmp_path}/t.db"
+    for objective, budget in (("latency", 2), ("memory", 2), ("latency", 3)):
+        code, out, _ = run_cli(capsys, "tune", wl_file, "--budget", budget, "--storage", db, "--objective", objective)
+        assert code == 0, out
+    latency = out.splitlines()[0].split()[1]   # "study NAME in URL: ..."
+    assert ":latency:" in latency
+    code, out, _ = run_cli(capsys, "export", wl_file, "--out", tmp_path / "a", "--config", "best", "--storage", db)
+    assert code == 0 and f"config: the best of tuning study {latency} (trial " in out, out
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["config_source"]["study"] == latency
+    code, out, _ = run_cli(capsys, "export", wl_file, "--out", tmp_path / "b", "--config", "best", "--storage", db,
+                           "--study", ":memory:")
+    assert code == 0 and ":memory:" in out.splitlines()[0], out
+    assert "--study names the study" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "c", "--study", "x")
+
+
 def test_a_named_study_refuses_other_settings(tmp_path):
     db = f"sqlite:///{tmp_path}/t.db"
     pipe = [merge_linears, fuse_elementwise, dce]

@@ -166,6 +166,8 @@ class TensorParallelModel:
     parts of the KV caches (split_io="local": nothing cut or gathered, what the cost model charges). See the module
     docstring."""
 
+    config_source: dict | None = None  # config="best": {"study", "trial"} the config came from (CompiledModel's)
+
     def __init__(self, graph, backends: Sequence = (), device="cpu", target: str = "host", config=None,
                  pass_report: str = "", group=None, split_io: str = "whole"):
         from lmforge.compiler import CompiledModel, output_structure

@@ -270,33 +270,126 @@ def _pareto(trials, objectives, signs: Sequence[int] | None = None) -> list[dict
 
 def best_configs(graph: Graph, target, storage=None, limit: int = 1, tensor_parallel: bool = False,
                  same_weights: bool = True) -> list[dict]:
+    """The configs of `best_trials` (the same arguments)."""
+    return [b["config"] for b in best_trials(graph, target, storage, limit, tensor_parallel, same_weights)]
+
+
+def best_trials(graph: Graph, target, storage=None, limit: int = 1, tensor_parallel: bool = False,
+                same_weights: bool = True) -> list[dict]:
     """The best configs found so far for this graph (by signature, after the canonical passes) on `target` (a name
-    or a Hardware): those of the most recently started study first (studies differ by objectives, mode,
-    constraints and calibration; the last one run is the one asked for), then of older ones. Within a study the
-    order is `ranked_trials`', so the first config is the `best_config` that `tune` returned for that study (in
-    hybrid mode the measured best).
+    or a Hardware), as {"study": name, "trial": number, "config": {...}}: those of the most recently run study
+    first (`tuned_studies`: studies differ by objectives, mode, constraints and calibration; the last one run is
+    the one asked for), then of older ones. Within a study the order is `ranked_trials`', so the first config is
+    the `best_config` that `tune` returned for that study (in hybrid mode the measured best)."""
+    out: list[dict] = []
+    for study in tuned_studies(graph, target, storage, tensor_parallel=tensor_parallel, same_weights=same_weights):
+        out += [{"study": study.study_name, "trial": t.number, "config": dict(t.user_attrs["config"])}
+                for t in ranked_trials(study)[:limit - len(out)]]
+        if len(out) >= limit:
+            break
+    return out
+
+
+def tuned_studies(graph: Graph, target, storage=None, *, tensor_parallel: bool = False,
+                  same_weights: bool = True) -> list:
+    """The studies of this graph (by signature, after the canonical passes) on `target`, the most recently run
+    first (`last_run`).
 
     Only studies of these weights count (settings "weights", `model_settings`): a study of another model of the same
     architecture, or one from before lmforge recorded the weights, is not this model's (same_weights=False takes
     them too: a warm start from another checkpoint's knob values).
     Studies that searched tensor parallelism (`shard.tp`, several GPUs) count only with tensor_parallel=True:
     their latencies are those of a group of GPUs, not of one."""
-    import datetime
-
     from lmforge.hwmodels import get_target
 
     storage = storage or default_storage()
     prefix = f"{graph.signature()}:{get_target(target).fingerprint()}:"
     weights = weights_fingerprint(graph)
     out = []
-    summaries = sorted(optuna.get_all_study_summaries(storage=storage),
-                       key=lambda s: s.datetime_start or datetime.datetime.min, reverse=True)
-    for summary in summaries:
+    for summary in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
         if not summary.study_name.startswith(prefix) or (":tp<=" in summary.study_name and not tensor_parallel):
             continue
         if same_weights and (summary.user_attrs.get("settings") or {}).get("weights") != weights:
             continue
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        out += [dict(t.user_attrs["config"]) for t in ranked_trials(study)[:limit]]
-    return out[:limit]
+        out.append(optuna.load_study(study_name=summary.study_name, storage=storage))
+    return sorted(out, key=last_run, reverse=True)
 
+
+def last_run(study):
+    """When `study` last ran: the end of its newest trial (the start of a running one), or when `tune` last opened
+    it (study attr "last_run": a rerun whose study already holds its budget runs no trial), whichever is later.
+    Not Optuna's `datetime_start`, the start of the first trial: a resumed older study would lose to any study
+    started after it."""
+    import datetime
+
+    stamps = [t.datetime_complete or t.datetime_start for t in study.get_trials(deepcopy=False)]
+    stamps = [s for s in stamps if s is not None]
+    try:
+        stamps.append(datetime.datetime.fromisoformat(study.user_attrs["last_run"]))
+    except (KeyError, TypeError, ValueError):  # a study tune did not write, or from before the attr
+        pass
+    return max(stamps, default=datetime.datetime.min)
+
+
+def run_stamp() -> str:
+    """Now, as `last_run` reads study attr "last_run" (local time without a zone, as Optuna records trials)."""
+    import datetime
+
+    return datetime.datetime.now().isoformat()
+
+
+def tuned_config(graph: Graph, target, storage, url: str, study: str | None = None) -> dict:
+    """What `compile(config="best")` takes: {"study": name, "trial": number, "config": {...}, "passed_over":
+    [(name, why), ...]}: the best trial (`ranked_trials`) of the most recently run study of this graph, weights and
+    target that has one (`tuned_studies`), or of `study` (a study name, or a unique part of one); "passed_over":
+    the more recently run studies without a best trial. An LmforgeError when there is none, saying why and what to
+    do. url: the storage as the user gave it, for messages."""
+    found = tuned_studies(graph, target, storage)
+    if study is not None:
+        found = [_named_study(found, study, target, storage, url)]
+    passed_over = []
+    for s in found:
+        ranked = ranked_trials(s)
+        if ranked:
+            return {"study": s.study_name, "trial": ranked[0].number, "config": dict(ranked[0].user_attrs["config"]),
+                    "passed_over": passed_over}
+        passed_over.append((s.study_name, no_best_reason(s)))
+    other = tuned_studies(graph, target, storage, same_weights=False)
+    why = (" (it has studies of this architecture, but of other weights: another checkpoint, or tuned before "
+           "lmforge recorded the weights; their knob values can seed a study: tune(..., "
+           f"warm_start_from={target!r}))") if other else ""
+    raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}{why}: run "
+                       f"`lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target {target}`) "
+                       "first (with the same storage), or pass a config dict (CLI: --config JSON)")
+
+
+def _named_study(found: Sequence, name: str, target, storage, url: str):
+    """The study of `found` named `name` (exactly, else the one whose name holds it), or an LmforgeError."""
+    matches = [s for s in found if s.study_name == name] or [s for s in found if name in s.study_name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise LmforgeError(f"{len(matches)} studies of this model on {target!r} match study={name!r} in {url}: give "
+                           f"the full name or a unique part of one of {[s.study_name for s in matches]}")
+    names = optuna.get_all_study_names(storage)
+    elsewhere = [n for n in names if name in n]
+    mine = [s.study_name for s in found]
+    raise LmforgeError(f"no study of this model (these weights) on {target!r} matches study={name!r} in {url}"
+                       + (f"; {elsewhere} {'is' if len(elsewhere) == 1 else 'are'} of another model, weights or "
+                          "target" if elsewhere else "")
+                       + (f": its studies are {mine}" if mine else ": it has no study of this model on that target "
+                          "(`lmforge report` lists the studies)"))
+
+
+def no_best_reason(study) -> str:
+    """Why `study` has no best trial (`ranked_trials` is empty), in words."""
+    if measurement_unfinished(study):
+        return "its hybrid measurement of the best predicted configs did not finish (rerun the same tune command)"
+    complete = study.get_trials(deepcopy=False, states=(COMPLETE,))
+    if not complete:
+        return "no trial finished"
+    cons = (study.user_attrs.get("settings") or {}).get("constraints") or {}
+    if not _feasible(study):
+        tags = ", ".join(constraint_tag(k, v) for k, v in sorted(cons.items()))
+        return f"none of its {len(complete)} finished trials meets its constraints" + (f" ({tags})" if tags else "")
+    return "every config it measured breaks a latency or throughput constraint as measured"

@@ -94,7 +94,7 @@ from lmforge.search.space import suggest
 from lmforge.search.studies import (COMPLETE, DIRECTIONS, FAIL, PRUNED, WAITING, _feasible, _pareto, _signs,
                                     best_configs, constraint_values, counted_trials, default_storage,
                                     measured_values, measured_violations, model_settings, open_storage,
-                                    ranked_trials, settings_suffix, study_key)
+                                    ranked_trials, run_stamp, settings_suffix, study_key)
 
 @dataclass
 class TuneResult:
@@ -567,7 +567,8 @@ def _open_study(store, name: str, objectives, mode: str, settings: Mapping[str, 
     study = optuna.create_study(storage=store, study_name=name, load_if_exists=True,
                                 directions=[DIRECTIONS[o] for o in objectives])
     _check_same_settings(study, objectives, mode, settings)
-    for key, value in {"settings": settings, "mode": mode, "objectives": list(objectives), **attrs}.items():
+    attrs = {"settings": settings, "mode": mode, "objectives": list(objectives), **attrs, "last_run": run_stamp()}
+    for key, value in attrs.items():  # "last_run": compile(config="best") takes the most recently run study
         study.set_user_attr(key, value)
     return study
 

@@ -58,6 +58,39 @@ def test_best_configs_takes_what_tune_returned_over_all_objectives(tmp_path):
     assert compiled.config == res.best_config
 
 
+def test_config_best_takes_the_most_recently_run_study_and_says_which(tmp_path):
+    """Not the study whose first trial started last: a resumed older study, or a rerun that ran no trial (its budget
+    was reached), is the latest tune, and config="best" takes what it reported; study= picks another; the compiled
+    model, the artifact's manifest and the loaded model name the study and trial."""
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    run = dict(target="h100", storage=storage, pipeline=[nofuse], progress=False, sampler="random")
+    tune(MLP(), (X,), objectives=("latency",), budget=2, **run)
+    memory = tune(MLP(), (X,), objectives=("memory",), budget=2, **run)
+    latency = tune(MLP(), (X,), objectives=("latency",), budget=4, **run)   # resumes the first study
+
+    def best(**kw):
+        return lmforge.compile(MLP(), (X,), target="h100", config="best", passes=[nofuse], storage=storage, **kw)
+
+    def source(res):
+        return {"study": res.study_name, "trial": ranked_trials(res.study)[0].number}
+
+    compiled = best()
+    assert compiled.config == latency.best_config and compiled.config_source == source(latency)
+    path = compiled.export(tmp_path / "artifact")
+    assert lmforge.load(path).config_source == source(latency)
+    assert f"tuning study `{latency.study_name}`" in (path / "README.md").read_text()
+    again = tune(MLP(), (X,), objectives=("memory",), budget=2, **run)   # reached its budget: runs no trial
+    assert again.n_complete == 2 and best().config_source == source(memory)
+    assert best(study=":latency:").config_source == source(latency)
+    assert best(study=latency.study_name).config == latency.best_config
+    with pytest.raises(LmforgeError, match="2 studies of this model on 'h100' match study=':workload:'"):
+        best(study=":workload:")
+    with pytest.raises(LmforgeError, match="no study of this model .* matches study='no-such-study'"):
+        best(study="no-such-study")
+    with pytest.raises(LmforgeError, match="study= names the study"):
+        lmforge.compile(MLP(), (X,), target="h100", study=":latency:")
+
+
 def test_ranking_ties_go_to_the_next_objective_then_the_earlier_trial():
     study = optuna.create_study(directions=["maximize", "minimize"])
     rows = [(1.0, 3.0), (1.0, 2.0), (0.5, 1.0), (1.0, 2.0)]
