@@ -354,6 +354,15 @@ def tuned_config(graph: Graph, target, storage, url: str, study: str | None = No
             return {"study": s.study_name, "trial": ranked[0].number, "config": dict(ranked[0].user_attrs["config"]),
                     "passed_over": passed_over}
         passed_over.append((s.study_name, no_best_reason(s)))
+    if passed_over:  # studies of this model, but not one with a trial to take
+        which = "; ".join(f"study {name}: {why}" for name, why in passed_over)
+        unmeasured = [s for s in found if measurement_unfinished(s)]
+        what = "best config" if unmeasured else "feasible trial"
+        lead = f"its study has no {what}" if len(found) == 1 else f"none of its {len(found)} studies has a {what}"
+        todo = "rerun the same tune command to finish its measurement" if len(unmeasured) == len(found) else \
+            "relax the constraints or raise the budget and tune again"
+        raise LmforgeError(f"no tuned configuration to take for this model on {target!r} in the tuning database "
+                           f"{url}: {lead} ({which}): {todo}, or pass a config dict (CLI: --config JSON)")
     other = tuned_studies(graph, target, storage, same_weights=False)
     why = (" (it has studies of this architecture, but of other weights: another checkpoint, or tuned before "
            "lmforge recorded the weights; their knob values can seed a study: tune(..., "

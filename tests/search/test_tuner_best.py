@@ -91,6 +91,17 @@ def test_config_best_takes_the_most_recently_run_study_and_says_which(tmp_path):
         lmforge.compile(MLP(), (X,), target="h100", study=":latency:")
 
 
+def test_config_best_of_a_study_without_a_feasible_trial_says_so(tmp_path):
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    with pytest.raises(LmforgeError, match="no feasible configuration"):
+        tune(MLP(), (X,), target="h100", budget=2, storage=storage, constraints={"latency": 1e-12},
+             pipeline=[nofuse], progress=False)
+    with pytest.raises(LmforgeError, match=r"its study has no feasible trial \(study .*: none of its 2 finished "
+                                           r"trials meets its constraints \(latency<=1e-12\)\): relax the "
+                                           "constraints or raise the budget"):
+        lmforge.compile(MLP(), (X,), target="h100", config="best", passes=[nofuse], storage=storage)
+
+
 def test_ranking_ties_go_to_the_next_objective_then_the_earlier_trial():
     study = optuna.create_study(directions=["maximize", "minimize"])
     rows = [(1.0, 3.0), (1.0, 2.0), (0.5, 1.0), (1.0, 2.0)]
@@ -171,6 +182,8 @@ def test_ctrl_c_while_measuring_says_to_rerun_and_leaves_no_best_until_the_measu
     _, graph, _, _ = prepare(MLP(), (X,))
     assert ranked_trials(first.study) == [] and best_configs(graph, "host", storage) == []
     assert "best: none yet" in write_report(first.study, tmp_path / "report")["table"].read_text()
+    with pytest.raises(LmforgeError, match="its study has no best config .* rerun the same tune command to finish"):
+        lmforge.compile(MLP(), (X,), target="host", config="best", storage=storage, passes=run["pipeline"])
     again = tune(MLP(), (X,), budget=8, **run)
     assert again.measured and best_configs(graph, "host", storage) == [again.best_config]
 
