@@ -129,6 +129,21 @@ def test_export_config_best_takes_the_latest_tune_and_says_which_study(capsys, t
     assert "--study names the study" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "c", "--study", "x")
 
 
+def test_export_config_best_after_a_tensor_parallel_tune(capsys, tmp_path, wl_file):
+    """`tune --max-tp N` then `export --config best` takes that tune's best (it said: no tuned configuration)."""
+    import ast
+    import json
+
+    db = f"sqlite:///{tmp_path}/t.db"
+    code, out, _ = run_cli(capsys, "tune", wl_file, "--budget", 3, "--storage", db, "--max-tp", 2)
+    assert code == 0, out
+    best = json.loads(json.dumps(ast.literal_eval(out.split("best config: ")[1].splitlines()[0])))
+    code, out, _ = run_cli(capsys, "export", wl_file, "--out", tmp_path / "a", "--config", "best", "--storage", db)
+    assert code == 0 and ":tp<=2:" in out.splitlines()[0], out
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["config"] == best and "shard.tp" in best
+
+
 def test_a_named_study_refuses_other_settings(tmp_path):
     db = f"sqlite:///{tmp_path}/t.db"
     pipe = [merge_linears, fuse_elementwise, dce]

@@ -343,8 +343,10 @@ def tuned_config(graph: Graph, target, storage, url: str, study: str | None = No
     [(name, why), ...]}: the best trial (`ranked_trials`) of the most recently run study of this graph, weights and
     target that has one (`tuned_studies`), or of `study` (a study name, or a unique part of one); "passed_over":
     the more recently run studies without a best trial. An LmforgeError when there is none, saying why and what to
-    do. url: the storage as the user gave it, for messages."""
-    found = tuned_studies(graph, target, storage)
+    do. url: the storage as the user gave it, for messages.
+    Studies that searched tensor parallelism count like the others: their config holds its `shard.tp`, and
+    `compile` splits the model for it as for any config with shard.tp > 1."""
+    found = tuned_studies(graph, target, storage, tensor_parallel=True)  # a --max-tp tune is a tune too
     if study is not None:
         found = [_named_study(found, study, target, storage, url)]
     passed_over = []

@@ -239,13 +239,18 @@ def test_tune_splits_a_model_whose_kv_cache_does_not_fit_one_gpu(decode, tmp_pat
     assert tried.get(1, 0.0) == 0.0 and tried.get(2, 0.0) == 0.0
     pruned = [t for t in result.study.trials if "pruned_reason" in t.user_attrs]
     assert pruned and all("divide by 8" in t.user_attrs["pruned_reason"] for t in pruned)
-    # compile(config="best") looks at single-GPU studies unless asked for multi-GPU ones
+    # best_configs (warm starts) looks at single-GPU studies unless asked for multi-GPU ones
     from lmforge.search.tuner import best_configs, prepare
 
     graph = prepare(w)[1]
     storage = f"sqlite:///{tmp_path}/tp.db"
     assert best_configs(graph, "h100", storage) == []
     assert best_configs(graph, "h100", storage, tensor_parallel=True)[0]["shard.tp"] == 4
+    # compile(config="best") takes the tune's best, split over its 4 ranks as config={"shard.tp": 4} would be
+    model = lmforge.compile(w.model, w.example_inputs, dynamic=w.dynamic, target="h100", config="best",
+                            storage=storage)
+    assert model.config == result.best_config and model.config_source["study"] == result.study_name
+    assert isinstance(model, TensorParallelModel) and plan_of(model.graph)["size"] == 4
 
 
 def test_compile_export_load_round_trip(decode, tmp_path):
