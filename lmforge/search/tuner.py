@@ -12,7 +12,8 @@ Objectives (name -> direction):
   quality    maximize  top-1 next-token agreement with the untransformed model on the eval inputs
   kl         minimize  mean KL divergence of next-token distributions against the untransformed model
                        (both: the logits are the workload's `logits_index` output, at its `quality_positions`)
-  accuracy   maximize  task accuracy from the workload's checker
+  accuracy   maximize  task accuracy from the workload's checker (a fraction in [0, 1]; the checker runs once on the
+                       untransformed model before the first trial, so a broken one fails up front)
 Constraints ({"fits": True, "quality": 0.99, "accuracy": 0.9, "latency": 1e-3}) go through Optuna's
 constraints support: an infeasible trial is kept and marked, never scored with a made-up number. A config
 whose passes fail is recorded as a failed trial and the search goes on.
@@ -278,8 +279,25 @@ def evaluate_config(ctx: TuneContext, config: Mapping[str, Any], objectives: Seq
     if "accuracy" in objectives:
         if ctx.checker is None:
             raise LmforgeError("objective 'accuracy' needs a workload with a checker")
-        values["accuracy"] = float(ctx.checker(compiled))
+        values["accuracy"] = checker_accuracy(ctx.checker, compiled)
     return values
+
+
+def checker_accuracy(checker: Callable, model) -> float:
+    """`checker(model)` (Workload.checker) as a float, or an LmforgeError when it is not a finite fraction in [0, 1]:
+    a percentage (42.0) would pass every accuracy constraint, and NaN would fail every one without a word."""
+    import math
+
+    value = checker(model)
+    try:
+        accuracy = float(value)
+    except (TypeError, ValueError, RuntimeError):   # RuntimeError: a tensor of several values
+        raise LmforgeError(f"Workload.checker returned {value!r:.80}, not a number: it must return the accuracy as a "
+                           "fraction in [0, 1]") from None
+    if not math.isfinite(accuracy) or not 0.0 <= accuracy <= 1.0:
+        raise LmforgeError(f"Workload.checker returned {accuracy!r}: it must return the accuracy as a finite fraction "
+                           "in [0, 1] (return a fraction, not a percent: 0.42 for 42 %)")
+    return accuracy
 
 
 TPE_STARTUP = 5   # random trials before TPE models the results (the module docstring says why 5)
@@ -331,6 +349,19 @@ def check_constraints(constraints: Mapping[str, Any], objectives: Sequence[str],
         raise LmforgeError("objective/constraint 'accuracy' needs a workload with a checker (Workload.checker, a "
                            "function `checker(model) -> accuracy in [0, 1]`); this workload has none: use "
                            "'quality' (top-1 agreement with the untransformed model) or 'kl' instead")
+
+
+def check_checker(checker: Callable, reference) -> None:
+    """Run the workload's checker once on the untransformed model (`reference`) before any trial: an LmforgeError
+    naming Workload.checker when it raises or returns no fraction in [0, 1] (`checker_accuracy`), where otherwise
+    every trial would fail on it and only the end of the budget would say so."""
+    try:
+        checker_accuracy(checker, reference)
+    except LmforgeError as e:
+        raise LmforgeError(f"{e} (on the untransformed model, before any trial)") from None
+    except Exception as e:
+        raise LmforgeError(f"Workload.checker failed on the untransformed model, before any trial: "
+                           f"{type(e).__name__}: {e}") from e
 
 
 def input_bindings(graph: Graph, inputs: Sequence) -> dict[str, int]:
@@ -434,6 +465,8 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
 
         compare(ctx.reference, ctx.reference, evals[:1], logits_index=ctx.logits_index,
                 positions=ctx.quality_positions)
+    if "accuracy" in {*objectives, *constraints}:  # a broken checker fails here, not in every trial
+        check_checker(wl.checker, ctx.reference)
     knobs = _space(ctx, layer_groups)
     # what a trial's numbers depend on besides graph, target, objectives and mode: a study holds one setting of each
     settings = {"constraints": {k: (bool(v) if k == "fits" else float(v)) for k, v in constraints.items()},

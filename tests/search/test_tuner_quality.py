@@ -148,3 +148,35 @@ def test_kl_of_masked_logits_is_finite_in_tune(tmp_path):
     res = tune(wl, target="h100", objectives=("latency", "kl"), budget=2, storage=f"sqlite:///{tmp_path}/db.sqlite",
                pipeline=PIPE, progress=False, constraints={"kl": 0.01})
     assert [t.user_attrs["values"]["kl"] for t in res.study.trials] == [0.0, 0.0]
+
+
+def _raises(model):
+    raise ValueError("no labels")
+
+
+@pytest.mark.parametrize("checker, message", [
+    (lambda m: 42.0, r"Workload.checker returned 42.0: .*return a fraction, not a percent"),
+    (lambda m: float("nan"), r"Workload.checker returned nan: it must return the accuracy as a finite fraction"),
+    (lambda m: "high", r"Workload.checker returned 'high', not a number"),
+    (_raises, r"Workload.checker failed on the untransformed model, before any trial: ValueError: no labels"),
+])
+def test_a_checker_that_returns_no_fraction_is_an_error_before_any_trial(tmp_path, checker, message):
+    with pytest.raises(LmforgeError, match=message):
+        tune(workload(mlp(0), checker=checker), target="h100", objectives=("latency",), budget=2,
+             constraints={"accuracy": 0.9}, storage=f"sqlite:///{tmp_path}/db.sqlite", pipeline=PIPE, progress=False)
+    assert not optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/db.sqlite"), "no study, no trial"
+
+
+def test_a_checker_value_out_of_range_fails_the_trial_and_says_why(tmp_path):
+    calls = []
+
+    def checker(model):   # right on the untransformed model, a percent on the compiled ones
+        calls.append(model)
+        return 0.95 if len(calls) == 1 else 95.0
+
+    with pytest.raises(LmforgeError, match="no feasible configuration"):
+        tune(workload(mlp(0), checker=checker), target="h100", objectives=("accuracy",), budget=2,
+             storage=f"sqlite:///{tmp_path}/db.sqlite", pipeline=PIPE, progress=False)
+    study = optuna.load_study(study_name=optuna.get_all_study_names(f"sqlite:///{tmp_path}/db.sqlite")[0],
+                              storage=f"sqlite:///{tmp_path}/db.sqlite")
+    assert all("Workload.checker returned 95.0" in t.user_attrs["error"] for t in study.trials)
