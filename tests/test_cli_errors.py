@@ -313,6 +313,21 @@ def test_accuracy_needs_a_checker(capsys, tmp_path, wl_file):
                                   "--storage", f"sqlite:///{tmp_path}/t.db")
 
 
+@pytest.mark.parametrize("dims, message", [
+    ('{"btch": 64}', """Workload.extras["serving_dims"] ['btch'] name no symbolic size of this graph; its symbolic """
+                     """sizes are: batch"""),
+    ('{"batch": "64"}', """Workload.extras["serving_dims"] {'batch': '64'}: each size must be a whole number"""),
+    ('[64]', """Workload.extras["serving_dims"] must be a dict of symbolic sizes"""),
+])
+def test_bad_serving_dims_are_an_error_before_any_trial(capsys, tmp_path, dims, message):
+    """A typo in serving_dims failed every trial with a traceback, and the final error did not name it."""
+    path = tmp_path / "typo_workload.py"
+    path.write_text(MLP_WORKLOAD.replace('{"batch": 64}', dims))
+    err = cli_error(capsys, "tune", path, "--budget", 2, "--storage", f"sqlite:///{tmp_path}/t.db")
+    assert message in err, err
+    assert not optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/t.db"), "refused before any trial"
+
+
 # ---- 7. nothing silently ignored -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [

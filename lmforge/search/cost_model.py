@@ -57,16 +57,17 @@ def size_symbols(graph: Graph) -> set[str]:
     return out
 
 
-def check_bindings(graph: Graph, bindings: Mapping[str, int] | None) -> None:
+def check_bindings(graph: Graph, bindings: Mapping[str, int] | None, what: str = "bindings") -> None:
     """An LmforgeError for `bindings` keys that are not symbolic sizes of `graph` (a misspelled size would price
-    the graph at its default sizes without a word), listing the sizes it has."""
+    the graph at its default sizes without a word), listing the sizes it has. what: how the caller's user names
+    the bindings (e.g. 'Workload.extras["serving_dims"]')."""
     from lmforge.errors import LmforgeError
 
     valid = size_symbols(graph) | set(dict(graph.get_meta("example_dims") or ()))
     unknown = sorted(set(bindings or ()) - valid)
     if unknown:
         have = ", ".join(sorted(valid)) if valid else "none (capture it with dynamic sizes to price other sizes)"
-        raise LmforgeError(f"bindings {unknown} name no symbolic size of this graph; its symbolic sizes are: {have}")
+        raise LmforgeError(f"{what} {unknown} name no symbolic size of this graph; its symbolic sizes are: {have}")
 
 
 def bindings_for(graph: Graph, bindings: Mapping[str, int] | None = None) -> dict[str, int]:

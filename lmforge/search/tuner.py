@@ -351,6 +351,23 @@ def check_constraints(constraints: Mapping[str, Any], objectives: Sequence[str],
                            "'quality' (top-1 agreement with the untransformed model) or 'kl' instead")
 
 
+def check_serving_dims(graph: Graph, dims) -> None:
+    """An LmforgeError naming Workload.extras["serving_dims"] when it is not a dict of this graph's symbolic sizes
+    to whole numbers >= 0, before any trial (every trial would fail on it, and the error would not say where)."""
+    import numbers
+
+    where = 'Workload.extras["serving_dims"]'
+    if dims is None:
+        return
+    if not isinstance(dims, Mapping):
+        raise LmforgeError(f"{where} must be a dict of symbolic sizes, e.g. {{'batch': 32}}, not "
+                           f"{type(dims).__name__} {dims!r:.60}")
+    check_bindings(graph, dims, where)
+    bad = {k: v for k, v in dims.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0}
+    if bad:
+        raise LmforgeError(f"{where} {bad}: each size must be a whole number >= 0, e.g. {{'batch': 32}}")
+
+
 def check_checker(checker: Callable, reference) -> None:
     """Run the workload's checker once on the untransformed model (`reference`) before any trial: an LmforgeError
     naming Workload.checker when it raises or returns no fraction in [0, 1] (`checker_accuracy`), where otherwise
@@ -457,6 +474,7 @@ def tune(model_or_workload, example_inputs=None, *, target: str = "h100", object
     device = measure_device(mode, hw, target)
     wl, graph, pipe, evals = prepare(model_or_workload, example_inputs, dynamic=dynamic, pipeline=pipeline)
     check_bindings(graph, bindings)
+    check_serving_dims(graph, (wl.extras or {}).get("serving_dims"))
     env = _sizes(graph, wl, evals, mode, bindings)
     ctx = TuneContext(graph, pipe, hw, evals, wl.checker, env, mode, CompiledModel(graph), tuple(backends), device,
                       wl.logits_index, wl.quality_positions)
