@@ -81,6 +81,7 @@ preset name or a `Hardware`; the study stores its name and fingerprint.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -675,6 +676,9 @@ def _run(study, ctx: TuneContext, knobs, objectives, constraints, budget: int, p
             raise
 
     bars = [_progress(remaining, objectives)] if progress else []
+    quiet = _QuietInterrupts(interrupted)
+    optuna_log = logging.getLogger("optuna.study._optimize")   # where Optuna logs a failed trial
+    optuna_log.addFilter(quiet)
     try:
         study.optimize(objective, n_trials=remaining, catch=(LmforgeError, RuntimeError, ValueError),
                        callbacks=[_StopAtBudget(budget), *bars], gc_after_trial=False)
@@ -686,8 +690,24 @@ def _run(study, ctx: TuneContext, knobs, objectives, constraints, budget: int, p
             raise LmforgeError(f"tuning was interrupted before any trial finished, so there is no result yet: rerun "
                                f"the same command to resume study {study.study_name!r}") from None
     finally:
+        optuna_log.removeFilter(quiet)
         for bar in bars:
             bar.close()
+
+
+class _QuietInterrupts(logging.Filter):
+    """Drops Optuna's warnings about the trial Ctrl-C cut off (its KeyboardInterrupt traceback, 10 to 50 lines,
+    and "Trial N failed with value None"): `_run` ends the run and the result or error says what happened. The
+    warnings of configs that failed stay. interrupted: the numbers of the trials cut off (filled by `_run`)."""
+
+    def __init__(self, interrupted: Sequence[int]):
+        super().__init__()
+        self.interrupted = interrupted
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            return False
+        return not any(record.getMessage().startswith(f"Trial {n} failed") for n in self.interrupted)
 
 
 def _trial(trial: optuna.Trial, ctx: TuneContext, knobs, objectives, constraints):

@@ -69,6 +69,39 @@ def test_ctrl_c_later_returns_the_finished_trials(tmp_path):
     assert (res.n_complete, res.n_failed, res.n_interrupted) == (2, 0, 1)
 
 
+def test_ctrl_c_leaves_no_optuna_traceback_but_failed_configs_are_still_logged(tmp_path):
+    """Optuna logged the interrupted trial as failed, with the KeyboardInterrupt's traceback, before tune's own
+    summary; a config that fails is still logged (with its error)."""
+    import logging
+
+    calls = []
+
+    @graph_pass("flaky", knobs=[Knob("flaky.x", "int", 0, low=0, high=10**6)])
+    def flaky(graph, x):
+        calls.append(x)
+        if len(calls) == 2:
+            raise ValueError("a broken config")
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return graph
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        res = tune(mlp(), (X,), target="h100", budget=10, storage=storage_of(tmp_path), progress=False,
+                   pipeline=[flaky, *FUSION])
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    assert (res.n_complete, res.n_failed, res.n_interrupted) == (2, 1, 1)
+    messages = [r.getMessage() for r in records]
+    assert not any(r.exc_info and r.exc_info[0] is KeyboardInterrupt for r in records), messages
+    assert not any(m.startswith("Trial 3 failed") for m in messages), messages
+    assert any(m.startswith("Trial 1 failed") and "a broken config" in m for m in messages), messages
+    assert not logging.getLogger("optuna.study._optimize").filters, "the filter is gone after the run"
+
+
 def test_a_resumed_study_does_not_replay_its_draws(tmp_path):
     run = dict(target="h100", storage=storage_of(tmp_path), progress=False, sampler="random",
                pipeline=Interrupt(at=None).pipeline)
