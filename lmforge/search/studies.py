@@ -395,7 +395,7 @@ def _named_study(found: Sequence, name: str, target, storage, url: str):
 def no_best_reason(study) -> str:
     """Why `study` has no best trial (`ranked_trials` is empty), in words."""
     if measurement_unfinished(study):
-        return "its hybrid measurement of the best predicted configs did not finish (rerun the same tune command)"
+        return "its hybrid measurement of the best predicted configs did not finish"
     complete = study.get_trials(deepcopy=False, states=(COMPLETE,))
     if not complete:
         return "no trial finished"
