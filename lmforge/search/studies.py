@@ -2,7 +2,8 @@
 they are named (`study_key`: graph signature, target fingerprint, objectives, mode, then a hash of the constraints
 and settings, the model's weights and quality data among them: `model_settings`), which trials count
 (`counted_trials`), and the one ranking of a study's trials (`ranked_trials`) that `lmforge.tune`'s best config,
-`compile(config="best")` (`best_configs`) and `lmforge report` all take.
+`compile(config="best")` (`tuned_config`: of the most recently run study, `tuned_studies`) and `lmforge report`
+all take.
 `lmforge.search.tuner` runs the studies; this module only reads and names them.
 """
 from __future__ import annotations
