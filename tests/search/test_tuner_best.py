@@ -102,6 +102,18 @@ def test_config_best_of_a_study_without_a_feasible_trial_says_so(tmp_path):
         lmforge.compile(MLP(), (X,), target="h100", config="best", passes=[nofuse], storage=storage)
 
 
+def test_config_best_passes_over_a_newer_study_without_a_best_and_warns(tmp_path):
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    run = dict(target="h100", storage=storage, pipeline=[nofuse], progress=False)
+    good = tune(MLP(), (X,), objectives=("latency",), budget=2, **run)
+    with pytest.raises(LmforgeError, match="no feasible configuration"):
+        tune(MLP(), (X,), objectives=("latency",), budget=2, constraints={"latency": 1e-12}, **run)
+    with pytest.warns(UserWarning, match=r"the more recently run study .*latency<=1e-12.* has no best config "
+                                         r"\(none of its 2 finished trials meets its constraints"):
+        compiled = lmforge.compile(MLP(), (X,), target="h100", config="best", passes=[nofuse], storage=storage)
+    assert compiled.config == good.best_config and compiled.config_source["study"] == good.study_name
+
+
 def test_ranking_ties_go_to_the_next_objective_then_the_earlier_trial():
     study = optuna.create_study(directions=["maximize", "minimize"])
     rows = [(1.0, 3.0), (1.0, 2.0), (0.5, 1.0), (1.0, 2.0)]
