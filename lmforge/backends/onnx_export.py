@@ -279,7 +279,11 @@ def _argmax(em, node, ins):
     a = node.attr
     if a["dim"] is None:
         flat = em.node("Reshape", [ins[0], em.const([-1])], hint=node.output.name)
-        return [em.node("ArgMax", [flat], hint=node.output.name, axis=0, keepdims=0)]
+        if not a["keepdim"]:
+            return [em.node("ArgMax", [flat], hint=node.output.name, axis=0, keepdims=0)]
+        # torch keeps every dim as a 1: [1] * rank, not the flattened argmax's [1]
+        idx = em.node("ArgMax", [flat], hint=node.output.name, axis=0, keepdims=1)
+        return [em.node("Reshape", [idx, em.shape(node.output.type.shape)], hint=node.output.name)]
     return [em.node("ArgMax", ins[:1], hint=node.output.name, axis=a["dim"], keepdims=int(a["keepdim"]))]
 
 

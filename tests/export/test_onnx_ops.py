@@ -57,7 +57,8 @@ def reductions(b):
     x = b.input("x", T("batch", "seq", 8))
     return [b.op("sum", [x], {"dims": (1,), "keepdim": True}), b.op("mean", [x], {"dims": None}),
             b.op("amax", [x], {"dims": (-1,)}), b.op("amin", [x], {"dims": (0, 2), "keepdim": True}),
-            b.op("argmax", [x], {"dim": 1}), b.op("argmax", [x]), b.op("softmax", [x], {"dim": -1}),
+            b.op("argmax", [x], {"dim": 1}), b.op("argmax", [x]), b.op("argmax", [x], {"keepdim": True}),
+            b.op("softmax", [x], {"dim": -1}),
             b.op("softmax", [x], {"dim": 1, "log": True})]
 
 
