@@ -494,3 +494,13 @@ def test_topk_ties_come_back_lowest_index_first(largest):
     m = model([h.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, largest=largest)], [vi("x", F32, [2, 6])],
               [vi("v", F32, None), vi("i", I64, None)], [const("k", [3])], opset=11)
     check(m, {"x": np.array([[3, 1, 3, 2, 1, 3], [1, 1, 1, 1, 1, 1]], np.float32)})
+
+
+# ---- 9. the second import audit: run-time axes, dtypes kept, truncation over sizes, old opsets ------------
+
+@pytest.mark.parametrize("op,shape", [("Unsqueeze", ["n", 6]), ("Squeeze", ["n", 1, 1, 6])])
+def test_squeeze_and_unsqueeze_with_run_time_axes_are_refused(op, shape):
+    m = model([h.make_node(op, ["x", "axes"], ["y"])], [vi("x", F32, shape), vi("axes", I64, [1])],
+              [vi("y", F32, None)], opset=13)
+    with pytest.raises(UnsupportedOpError, match="'axes' .*computed from run-time values"):
+        lmforge.capture(m, None)

@@ -652,10 +652,11 @@ def _where(im: Importer, node):
 
 
 def _shape_list(im: Importer, name: str) -> list:
+    """Input `name` (a shape, axes or slice bounds) as ints and symbolic dims known at import."""
     s = im.get_static(name)
     if s is None:
-        raise UnsupportedOpError(f"shape input {name!r} is computed from run-time values, not from shapes; "
-                                 "lmforge needs shapes it can express with symbolic dims")
+        raise UnsupportedOpError(f"input {name!r} (a shape, axes or bounds) is computed from run-time values, not "
+                                 "from shapes or constants; lmforge needs it at import, expressed with symbolic dims")
     return _ints(s)
 
 
@@ -680,7 +681,7 @@ def _reshape_to(im: Importer, node, shape):
 
 def _unsqueeze(im: Importer, node):
     x = im.tensor(node.input[0])
-    axes = _ints(im.get_static(node.input[1])) if len(node.input) > 1 else _attrs(node)["axes"]
+    axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node)["axes"]
     shape = list(x.type.shape)
     for ax in sorted(ax % (x.type.rank + len(axes)) for ax in axes):
         shape.insert(ax, 1)
@@ -689,7 +690,7 @@ def _unsqueeze(im: Importer, node):
 
 def _squeeze(im: Importer, node):
     x = im.tensor(node.input[0])
-    axes = _ints(im.get_static(node.input[1])) if len(node.input) > 1 else _attrs(node).get("axes")
+    axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
     drop = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
     return _reshape_to(im, node, [d for i, d in enumerate(x.type.shape) if i not in drop])
 
