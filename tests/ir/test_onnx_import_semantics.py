@@ -504,3 +504,15 @@ def test_squeeze_and_unsqueeze_with_run_time_axes_are_refused(op, shape):
               [vi("y", F32, None)], opset=13)
     with pytest.raises(UnsupportedOpError, match="'axes' .*computed from run-time values"):
         lmforge.capture(m, None)
+
+
+def test_squeeze_without_axes_on_symbolic_dims_is_refused():
+    """A symbolic dim may be 1 at run time, so which dims go is unknown at import."""
+    m = model([h.make_node("Squeeze", ["x"], ["y"])], [vi("x", F32, ["n", 1, 6])], [vi("y", F32, None)], opset=13)
+    with pytest.raises(UnsupportedOpError, match="Squeeze without axes .*symbolic dims"):
+        lmforge.capture(m, None)
+
+
+def test_squeeze_without_axes_on_static_dims_drops_the_ones():
+    m = model([h.make_node("Squeeze", ["x"], ["y"])], [vi("x", F32, [1, 3, 1, 2])], [vi("y", F32, None)], opset=13)
+    check(m, {"x": randn(1, 3, 1, 2)})

@@ -691,6 +691,9 @@ def _unsqueeze(im: Importer, node):
 def _squeeze(im: Importer, node):
     x = im.tensor(node.input[0])
     axes = _shape_list(im, node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
+    if not axes and not all(isinstance(d, int) for d in x.type.shape):
+        raise UnsupportedOpError(f"Squeeze without axes on an input with symbolic dims {list(x.type.shape)}: which "
+                                 "dims are 1 is only known at run time; give the axes")
     drop = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
     return _reshape_to(im, node, [d for i, d in enumerate(x.type.shape) if i not in drop])
 
