@@ -516,3 +516,11 @@ def test_squeeze_without_axes_on_symbolic_dims_is_refused():
 def test_squeeze_without_axes_on_static_dims_drops_the_ones():
     m = model([h.make_node("Squeeze", ["x"], ["y"])], [vi("x", F32, [1, 3, 1, 2])], [vi("y", F32, None)], opset=13)
     check(m, {"x": randn(1, 3, 1, 2)})
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, np.int64, np.float32, np.float64])
+def test_where_of_two_constants_keeps_their_dtype(dtype):
+    m = model([h.make_node("Greater", ["x", "zero"], ["c"]), h.make_node("Where", ["c", "a", "b"], ["y"])],
+              [vi("x", F32, ["n", 6])], [vi("y", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)],
+              [nh.from_array(np.float32(0), "zero"), const("a", 1.1, dtype), const("b", -2.7, dtype)])
+    check(m, {"x": randn(3, 6)})

@@ -630,11 +630,13 @@ def _compare(ir_op: str):
 
 def _where(im: Importer, node):
     """Where; size-1 constant branches become `a_scalar` / `b_scalar`, as long as the inputs that stay tensors
-    still give the output its rank (a [1, 1] constant beside [3] tensors makes the output [1, 3])."""
+    still give the output its rank (a [1, 1] constant beside [3] tensors makes the output [1, 3]). One branch
+    stays a tensor, as two scalars would give torch's default dtype (float32, int64), not the branches' dtype."""
     cond = im.tensor(node.input[0])
     branches = node.input[1:]
     statics = [im.get_static(name) for name in branches]
     scalar = {i for i, s in enumerate(statics) if s is not None and s.array.size == 1}
+    scalar.discard(0 if len(scalar) == 2 else None)  # a tensor branch keeps the dtype (two scalars: torch's default)
     while True:  # a scalar candidate with more dims than the tensors left is kept as a tensor; then re-check
         ranks = [cond.type.rank] + [im.tensor(branches[i]).type.rank for i in range(2) if i not in scalar]
         too_big = [i for i in scalar if statics[i].array.ndim > max(ranks)]
