@@ -524,3 +524,13 @@ def test_where_of_two_constants_keeps_their_dtype(dtype):
               [vi("x", F32, ["n", 6])], [vi("y", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)],
               [nh.from_array(np.float32(0), "zero"), const("a", 1.1, dtype), const("b", -2.7, dtype)])
     check(m, {"x": randn(3, 6)})
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMax"])
+@pytest.mark.parametrize("dtype,keepdims", [("int32", 0), ("int32", 1), ("int64", 0)])
+def test_integer_reductions_keep_the_input_dtype(op, dtype, keepdims):
+    """ONNX reduces in the input's type; torch.sum of int32 alone would give int64."""
+    dtype = {"int32": I32, "int64": I64}[dtype]
+    m = model([h.make_node("Cast", ["x"], ["i"], to=dtype), h.make_node(op, ["i", "axes"], ["y"], keepdims=keepdims)],
+              [vi("x", F32, ["n", 6])], [vi("y", dtype, None)], [const("axes", [1])], opset=18)
+    check(m, {"x": randn(3, 6) * 10})

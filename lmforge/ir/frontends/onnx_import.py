@@ -924,6 +924,8 @@ def _reduce(ir_op: str):
             raise UnsupportedOpError(f"ReduceMean of {x.type.dtype} values: lmforge's mean takes floats only; "
                                      "Cast the input to float before ReduceMean (and back after, if needed)")
         attrs = {"dims": tuple(axes) if axes else None, "keepdim": bool(a.get("keepdims", 1))}
+        if ir_op == "sum" and not _is_float(x.type.dtype):  # ONNX sums in the input's type, torch in int64
+            attrs["dtype"] = x.type.dtype
         return [im.op(ir_op, [x], attrs, hint=node.output[0])]
 
     return handle
