@@ -534,3 +534,26 @@ def test_integer_reductions_keep_the_input_dtype(op, dtype, keepdims):
     m = model([h.make_node("Cast", ["x"], ["i"], to=dtype), h.make_node(op, ["i", "axes"], ["y"], keepdims=keepdims)],
               [vi("x", F32, ["n", 6])], [vi("y", dtype, None)], [const("axes", [1])], opset=18)
     check(m, {"x": randn(3, 6) * 10})
+
+
+@pytest.mark.parametrize("num,den", [("one", "n"), ("n", "minus_two"), ("one_minus_n", "two")])
+def test_integer_div_over_sizes_truncates_toward_zero(num, den):
+    """(1 - n) / 2 is -1 for n = 4 in ONNX (truncation), not -2 (floor): only sizes >= 0 fold as `//`."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "zero"], ["n"]),
+             h.make_node("Sub", ["one", "n"], ["one_minus_n"]), h.make_node("Div", [num, den], ["q"]),
+             h.make_node("Cast", ["q"], ["y"], to=F32)]
+    inits = [const("zero", 0), const("one", 1), const("two", 2), const("minus_two", -2)]
+    m = model(nodes, [vi("x", F32, ["n", 6])], [vi("y", F32, None)], [c for c in inits if c.name != "minus_two" or
+                                                                       den == "minus_two"])
+    for n in (1, 4, 5):
+        check(m, {"x": randn(n, 6)})
+
+
+def test_integer_div_of_sizes_still_folds_into_a_shape():
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "zero"], ["n"]),
+             h.make_node("Div", ["n", "two"], ["half"]),
+             h.make_node("Concat", ["half", "minus_one"], ["shape"], axis=0),
+             h.make_node("Reshape", ["x", "shape"], ["y"])]
+    m = model(nodes, [vi("x", F32, ["n", 6])], [vi("y", F32, None)],
+              [const("zero", [0]), const("two", [2]), const("minus_one", [-1])])
+    check(m, {"x": randn(4, 6)})

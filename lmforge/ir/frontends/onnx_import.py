@@ -43,7 +43,7 @@ from lmforge.errors import CaptureError, LmforgeError, UnsupportedOpError
 from lmforge.ir.graph import Graph, GraphBuilder, Value
 from lmforge.ir.ops import get_op
 from lmforge.ir.ops.registry import broadcast_shapes
-from lmforge.ir.types import TensorType, simplify_dim, torch_dtype
+from lmforge.ir.types import TensorType, parse_dim, simplify_dim, torch_dtype
 from lmforge.ir.verify import verify
 
 from lmforge.backends.onnx_export import (BINARY, COMPARE, CUSTOM_DOMAIN, MS_DOMAIN, ONNX_DTYPES, REDUCE,
@@ -87,6 +87,8 @@ def _dim_op(fn, sym: str):
         if isinstance(a, float) or isinstance(b, float):
             raise NotFoldable()
         if isinstance(a, str) or isinstance(b, str):
+            if fn is operator.floordiv and not (_nonnegative(a) and _nonnegative(b)):
+                raise NotFoldable()  # `//` floors, ONNX truncates: the same only for operands >= 0
             return simplify_dim(f"({a}) {sym} ({b})")
         if fn is operator.floordiv:  # ONNX integer Div truncates toward zero (C semantics), Python's // floors
             q = abs(a) // abs(b)
@@ -94,6 +96,11 @@ def _dim_op(fn, sym: str):
         return fn(a, b)
 
     return np.frompyfunc(apply, 2, 1)
+
+
+def _nonnegative(d) -> bool:
+    """Whether a dim (an int or an expression over sizes, which are >= 0) is provably >= 0."""
+    return d >= 0 if isinstance(d, int) else bool(parse_dim(d).is_nonnegative)
 
 
 _FOLD_SYMBOLIC = {"Add": _dim_op(operator.add, "+"), "Sub": _dim_op(operator.sub, "-"),
