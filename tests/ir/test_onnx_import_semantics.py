@@ -557,3 +557,17 @@ def test_integer_div_of_sizes_still_folds_into_a_shape():
     m = model(nodes, [vi("x", F32, ["n", 6])], [vi("y", F32, None)],
               [const("zero", [0]), const("two", [2]), const("minus_one", [-1])])
     check(m, {"x": randn(4, 6)})
+
+
+@pytest.mark.parametrize("shape,attrs", [([3, 6], {"starts": [1], "ends": [5], "axes": [1]}),
+                                         (["n", 6], {"starts": [0, -4], "ends": [2**31 - 1, -1]}),
+                                         (["n", 6], {"starts": [-2], "ends": [100], "axes": [0]})])
+def test_slice_opset9_reads_its_bounds_from_the_attributes(shape, attrs):
+    m = model([h.make_node("Slice", ["x"], ["y"], **attrs)], [vi("x", F32, shape)], [vi("y", F32, None)], opset=9)
+    check(m, {"x": randn(3, 6)})
+
+
+def test_slice_opset9_of_a_constant_folds():
+    m = model([h.make_node("Slice", ["c"], ["s"], starts=[1], ends=[3]), h.make_node("Add", ["x", "s"], ["y"])],
+              [vi("x", F32, [2])], [vi("y", F32, None)], [nh.from_array(randn(4), "c")], opset=9)
+    check(m, {"x": randn(2)})

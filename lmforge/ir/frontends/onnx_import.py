@@ -388,11 +388,20 @@ def _ints(s: Static | None) -> list:
     return [] if s is None else [x if isinstance(x, str) else int(x) for x in s.array.reshape(-1).tolist()]
 
 
+def _slice_attributes(a: dict) -> tuple[list, list, list, list]:
+    """starts, ends, axes, steps of a Slice before opset 10, which has them as attributes (and no steps)."""
+    starts, ends = list(a["starts"]), list(a["ends"])
+    return starts, ends, list(a.get("axes", range(len(starts)))), [1] * len(starts)
+
+
 def _fold_slice(ins, a, im):
     x = ins[0].array
-    starts, ends = _ints(ins[1]), _ints(ins[2])
-    axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
-    steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    if len(ins) == 1:
+        starts, ends, axes, steps = _slice_attributes(a)
+    else:
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+        steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
     if any(isinstance(v, str) for v in starts + ends):
         raise NotFoldable()
     idx = [slice(None)] * x.ndim
@@ -726,9 +735,12 @@ def _expand(im: Importer, node):
 
 def _slice(im: Importer, node):
     x = im.tensor(node.input[0])
-    starts, ends = _shape_list(im, node.input[1]), _shape_list(im, node.input[2])
-    axes = _shape_list(im, node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
-    steps = _shape_list(im, node.input[4]) if len(node.input) > 4 and node.input[4] else [1] * len(starts)
+    if len(node.input) == 1:
+        starts, ends, axes, steps = _slice_attributes(_attrs(node))
+    else:
+        starts, ends = _shape_list(im, node.input[1]), _shape_list(im, node.input[2])
+        axes = _shape_list(im, node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
+        steps = _shape_list(im, node.input[4]) if len(node.input) > 4 and node.input[4] else [1] * len(starts)
     for s, e, ax, st in zip(starts, ends, axes, steps):
         if not isinstance(st, int) or st < 1:
             raise UnsupportedOpError(f"Slice step {st} (lmforge slices take positive static steps)")
