@@ -571,3 +571,13 @@ def test_slice_opset9_of_a_constant_folds():
     m = model([h.make_node("Slice", ["c"], ["s"], starts=[1], ends=[3]), h.make_node("Add", ["x", "s"], ["y"])],
               [vi("x", F32, [2])], [vi("y", F32, None)], [nh.from_array(randn(4), "c")], opset=9)
     check(m, {"x": randn(2)})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("c_shape", [[], [1], [5], [1, 5], [3, 1], [1, 1]])
+def test_gemm_bias_c_broadcasts_like_onnx(c_shape, trans_b):
+    """C broadcasts to [M, N]: only a C of N elements is a linear bias, the others are added."""
+    w = randn(5, 6) if trans_b else randn(6, 5)
+    m = model([h.make_node("Gemm", ["x", "W", "C"], ["y"], transB=trans_b)], [vi("x", F32, [3, 6])],
+              [vi("y", F32, None)], [nh.from_array(w, "W"), nh.from_array(np.asarray(randn(*c_shape)), "C")])
+    check(m, {"x": randn(3, 6)}, atol=1e-5)

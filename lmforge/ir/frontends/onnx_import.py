@@ -871,7 +871,8 @@ def _gemm(im: Importer, node):
     if at.get("transA", 0):
         x = im.op("permute", [x], {"perm": (1, 0)}, hint=node.output[0])
     bias = None
-    if c is not None and c in im.inits and len(im.inits[c].dims) == 1:
+    n = im.inits[b].dims[0 if at.get("transB", 0) else 1]
+    if c is not None and c in im.inits and list(im.inits[c].dims) == [n]:  # else C broadcasts: add it
         bias = im.tensor(c)
     if at.get("transB", 0):
         out = [im.op("linear", [x, im.tensor(b)] + ([bias] if bias is not None else []), hint=node.output[0])]
