@@ -107,6 +107,24 @@ def test_weight_only_linear_exports_as_matmul_nbits(bits, group, symmetric, bias
     assert rel_err(CompiledModel(imported)(inputs), want) <= 1e-6
 
 
+@pytest.mark.parametrize("zp_dtype", [np.float32, np.float16])
+def test_matmul_nbits_with_float_zero_points_is_refused_at_import(zp_dtype):
+    """Float zero points (onnxruntime allows them) have no exact uint8 form in lmforge's quantized weight."""
+    k, n, block = 64, 8, 32
+    gen = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(gen.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8), "B"),
+             numpy_helper.from_array(np.full(n * k // block, 0.1, np.float32), "S"),
+             numpy_helper.from_array(np.full(n * k // block, 8.5, zp_dtype), "Z")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UnsupportedOpError, match="MatMulNBits zero points 'Z' of type float"):
+        import_onnx(model)
+
+
 # ---- lmforge-only ops, refusals ----------------------------------------------------------------------
 
 def test_lmforge_only_ops_become_custom_domain_nodes_and_import_back():

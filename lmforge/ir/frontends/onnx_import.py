@@ -1042,7 +1042,11 @@ def _matmul_nbits(im: Importer, node):
     s = _tensor_from_proto(im.inits[node.input[2]]).reshape(n, blocks)
     if len(node.input) > 3 and node.input[3]:
         z = _tensor_from_proto(im.inits[node.input[3]])
-        if z.dtype == torch.uint8 and bits == 4:
+        if z.dtype != torch.uint8:  # onnxruntime also takes them in the scales' float type
+            raise UnsupportedOpError(f"MatMulNBits zero points {node.input[3]!r} of type "
+                                     f"{IR_DTYPES[im.inits[node.input[3]].data_type]}: lmforge's quantized weights "
+                                     "take uint8 zero points only; export the model with integer (uint8) zero points")
+        if bits == 4:
             z = z.reshape(n, -1)
             z = torch.stack([z & 0xF, z >> 4], dim=-1).reshape(n, -1)[:, :blocks]
         z = z.reshape(n, blocks)
