@@ -5,7 +5,9 @@ Covered: opset <= 12 Softmax/LogSoftmax/Hardmax (2-D coercion at `axis`), Split 
 num_outputs), integer Div (truncation) and Pow (stays integer), ArgMax/ArgMin `select_last_index`, negative
 Gather indices, negative / out-of-range Slice bounds, Erf (and the exact GELU built on it), Clip; and the
 findings of the import audit (section 8): Flatten axes, scalar shortcuts of Compare/Where, folding in the
-constants' dtype, float Range, Dropout masks, broadcasting norm scales, and clear errors for what is refused.
+constants' dtype, float Range, Dropout masks, broadcasting norm scales, and clear errors for what is refused;
+and the second audit (section 9): Squeeze/Unsqueeze axes, dtypes of Where and ReduceSum, integer Div over
+sizes, opset 9 Slice, Gemm's broadcast C, and `capture` of an ONNX model without example inputs.
 """
 import numpy as np
 import onnx
@@ -581,3 +583,15 @@ def test_gemm_bias_c_broadcasts_like_onnx(c_shape, trans_b):
     m = model([h.make_node("Gemm", ["x", "W", "C"], ["y"], transB=trans_b)], [vi("x", F32, [3, 6])],
               [vi("y", F32, None)], [nh.from_array(w, "W"), nh.from_array(np.asarray(randn(*c_shape)), "C")])
     check(m, {"x": randn(3, 6)}, atol=1e-5)
+
+
+def test_capture_of_an_onnx_model_needs_no_example_inputs(tmp_path):
+    m = model([h.make_node("Relu", ["x"], ["y"])], [vi("x", F32, ["n", 4])], [vi("y", F32, ["n", 4])])
+    onnx.save_model(m, str(tmp_path / "m.onnx"))
+    for source in (m, str(tmp_path / "m.onnx"), tmp_path / "m.onnx"):
+        assert [n.op for n in lmforge.capture(source).nodes] == ["relu"]
+
+
+def test_capture_of_a_torch_model_without_example_inputs_says_to_pass_them():
+    with pytest.raises(CaptureError, match=r"example_inputs.*lmforge.capture\(model, \(x,\)\)"):
+        lmforge.capture(torch.nn.ReLU())

@@ -61,6 +61,10 @@ def _input_names(model, n: int) -> list[str]:
 
 
 def _check_inputs(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise CaptureError("example_inputs are missing: a torch model is captured by running it on them; pass a "
+                           "tuple of its positional inputs, e.g. lmforge.capture(model, (x,)) or "
+                           "lmforge.compile(model, (x,)) (only an ONNX model or .onnx path needs none)")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
@@ -530,7 +534,7 @@ if hasattr(aten, "_assert_async"):
     _DROPPED |= {aten._assert_async.msg}
 
 
-def capture(model, example_inputs, dynamic: dict | None = None, name: str | None = None,
+def capture(model, example_inputs=None, dynamic: dict | None = None, name: str | None = None,
             recognize: bool = True) -> Graph:
     """Capture a torch.nn.Module or a function of tensors (or an ONNX model / .onnx path) into a verified graph.
 
