@@ -144,15 +144,20 @@ class CompiledModel:
 
 def ineffective_knobs(graph: Graph, config: Mapping[str, Any]) -> list[str]:
     """Warnings for knobs a config sets that changed (part of) the graph less than asked: weight-only bits that
-    skipped linears whose input size the group size does not divide, attention patterns that found no attention
-    they apply to (e.g. attention whose mask reads an attention_mask input)."""
+    quantized nothing, or skipped linears whose input size the group size does not divide, attention patterns that
+    found no attention they apply to (e.g. attention whose mask reads an attention_mask input)."""
     out = []
     bits, group = config.get("quant.weight_bits", 16), config.get("quant.group_size", 128)
     if isinstance(bits, int) and bits < 16 and isinstance(group, int) and group > 0:
         skipped = sorted({int(n.inputs[1].type.shape[1]) for n in graph.nodes if n.op == "linear" and
                           isinstance(n.inputs[1].type.shape[-1], int) and n.inputs[1].type.shape[1] % group})
+        done = sum(n.op == "linear_wo" for n in graph.nodes)
+        if not skipped and not done:
+            out.append(f"quant.weight_bits={bits} quantized no layer: weight-only quantization applies to linear "
+                       "layers whose weight is a parameter (a matmul by a parameter counts), and not to the one "
+                       "whose output is the model's output unless quant.lm_head=True; this model has "
+                       f"{sum(n.op == 'linear' for n in graph.nodes)} linear layer(s) left")
         if skipped:
-            done = sum(n.op == "linear_wo" for n in graph.nodes)
             out.append(f"quant.weight_bits={bits} left linear layers with input sizes {skipped} unquantized (they "
                        f"are not multiples of quant.group_size={group}; {done} were quantized): choose a group size "
                        "that divides them")

@@ -1,7 +1,7 @@
 """Graph passes. `default_pipeline()` lists the passes lmforge runs, one line each."""
 from lmforge.passes.base import Knob, Pass, PassManager, graph_pass
 from lmforge.passes.canonical import (cse, dce, fold_shapes, recognize_attention, recognize_cache_append,
-                                     recognize_repeat_kv)
+                                     recognize_linear, recognize_repeat_kv)
 from lmforge.passes.decoding import decoding_knobs, decoding_pass, lower_decoding
 from lmforge.passes.fusion import fuse_elementwise, merge_linears, recognize_rmsnorm, recognize_rope
 from lmforge.passes.masks import recognize_causal_mask
@@ -13,6 +13,7 @@ def canonical_pipeline() -> list[Pass]:
     """Exact clean-ups with no knobs: every graph goes through these first."""
     return [
         recognize_attention,  # matmul-softmax-matmul -> attention (capture runs it too)
+        recognize_linear,     # matmul(x, W) / x @ W.T (+ b) with W a weight -> linear
         fold_shapes,          # simplify symbolic dims, drop no-op reshapes/permutes/casts/slices
         cse,                  # merge duplicate computations (RoPE tables shared by layers, ...)
         recognize_repeat_kv,  # attention on repeat_kv'd K/V (GQA as Hugging Face writes it) reads the KV heads

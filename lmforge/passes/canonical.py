@@ -147,6 +147,65 @@ def _fold_rule(node: Node, ctx: RewriteContext):
     return None
 
 
+@graph_pass("recognize_linear")
+def recognize_linear(graph: Graph) -> Graph:
+    """A matmul of activations by a weight parameter becomes `linear`, so weight-only quantization, merging and the
+    linear kernels apply to models that write their projections as matmuls (GPT-2's Conv1D, addmm(b, x, W) with W
+    [in, out]; Falcon-style x @ W.T):
+
+        %y = matmul(%x, W)                  (W [K, N], a parameter)  ->  %y = linear(%x, W.T)   (stored [N, K])
+        %y = matmul(%x, permute(W; [1, 0]))  (W [N, K], a parameter)  ->  %y = linear(%x, W)
+        %z = add(%y, b)                     (b [N], a parameter)     ->  %z = linear(%x, W', b)
+
+    W is stored transposed only when every reader of W is such a matmul (else it would be held twice: the matmuls
+    stay). Exact up to rounding: the same products, summed by another GEMM.
+    """
+    params = {p.name: p for p in graph.params}
+    producers, users = graph.producers(), graph.users()
+    outputs = {v.name for v in graph.outputs}
+    weights, new_params = dict(graph.weights), list(graph.params)
+
+    def by_weight(n: Node) -> bool:   # matmul(x, W) with W a 2-D parameter that only such matmuls read
+        w = n.inputs[1]
+        return w.name in params and w.type.rank == 2 and w.name not in outputs and all(
+            u.op == "matmul" and u.inputs[0].name != w.name and u.inputs[0].type.rank >= 2
+            and u.inputs[0].type.dtype == w.type.dtype for u in users.get(w.name, []))
+
+    def weight_of(n: Node) -> Value | None:
+        w = n.inputs[1]
+        p = producers.get(w.name)
+        if p is not None and p.op == "permute" and tuple(p.attr["perm"]) in ((1, 0), (-1, -2), (1, -2), (-1, 0)) \
+                and p.inputs[0].name in params and p.inputs[0].type.rank == 2:
+            return p.inputs[0]
+        if not by_weight(n):
+            return None
+        name = f"{w.name}.T"
+        if name not in weights:
+            weights[name] = weights[w.name].t().contiguous()
+            new_params.append(Value(name, w.type.with_(shape=tuple(reversed(w.type.shape)))))
+        return next(v for v in new_params if v.name == name)
+
+    nodes: list[Node] = []
+    linear_of: dict[str, Node] = {}   # output name -> the new bias-free linear that makes it
+    for n in graph.nodes:
+        if n.op == "matmul" and n.inputs[0].type.rank >= 2:
+            w = weight_of(n)
+            if w is not None and types_agree("linear", [n.inputs[0], w], {}, n.outputs):
+                n = Node("linear", (n.inputs[0], w), n.outputs, (), (), n.source)
+                linear_of[n.output.name] = n
+        elif n.op == "add" and n.inputs[1] is not None and n.attr["alpha"] == 1.0:
+            for y, b in (n.inputs, n.inputs[::-1]):
+                lin = linear_of.get(y.name)
+                if lin is None or b.name not in params or y.name in outputs or len(users.get(y.name, [])) != 1:
+                    continue
+                if types_agree("linear", [*lin.inputs, b], {}, n.outputs):
+                    nodes = [m for m in nodes if m is not lin]
+                    n = Node("linear", (*lin.inputs, b), n.outputs, (), (), n.source)
+                    break
+        nodes.append(n)
+    return dce(replace(graph, nodes=tuple(nodes), params=tuple(new_params), weights=weights))
+
+
 def _widens(src: str, dst: str) -> bool:
     """Whether a cast from float dtype `src` to `dst` loses nothing (the same dtype, or a wider float)."""
     wider = {"float16": ("float32", "float64"), "bfloat16": ("float32", "float64"), "float32": ("float64",)}

@@ -343,3 +343,15 @@ def test_a_dim_named_like_a_torch_symbol_stays_its_own_dim():
     compiled = lmforge.compile(fn, (torch.randn(3, 4), torch.randn(5, 4)), dynamic=dynamic)
     x, y = torch.randn(2, 4), torch.randn(6, 4)
     torch.testing.assert_close(compiled(x, y), fn(x, y))
+
+
+def test_dot_T_and_mT_are_permutes_not_fallbacks():
+    def f(x, w):
+        return x.mT @ w.T, w.T * 2
+
+    x, w = torch.randn(2, 3, 4), torch.randn(5, 3)
+    graph = lmforge.capture(f, (x, w))
+    assert "torch_fallback" not in {n.op for n in graph.nodes}
+    compiled = lmforge.compile(f, (x, w))
+    for got, want in zip(compiled(x, w), f(x, w)):
+        torch.testing.assert_close(got, want)

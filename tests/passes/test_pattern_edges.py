@@ -176,3 +176,63 @@ def test_merged_linears_read_by_two_inputs_share_one_merged_weight():
     compiled = _same(Two().eval(), (R(3, 8), R(3, 8)), tol=1e-5)
     assert [n.op for n in compiled.graph.nodes].count("linear") == 2
     assert len(compiled.graph.params) == 2   # one merged weight, one merged bias
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's projection: addmm(b, x, W) with W [in, out]."""
+
+    def __init__(self, k, n):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(torch.randn(k, n)), torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class TransposedWeight(torch.nn.Module):
+    """x @ W.T (+ b) with W [out, in], as Falcon-style models write a projection."""
+
+    def __init__(self, k, n, bias=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, k))
+        self.bias = torch.nn.Parameter(torch.randn(n)) if bias else None
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+
+@pytest.mark.parametrize("make", [lambda: Conv1D(64, 96), lambda: TransposedWeight(64, 96),
+                                  lambda: TransposedWeight(64, 96, bias=False)],
+                         ids=["conv1d", "x@W.T+b", "x@W.T"])
+def test_a_matmul_by_a_weight_becomes_a_linear_and_quantizes(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = R(2, 5, 64)
+    compiled = _same(model, (x,), dynamic={"x": {0: "b", 1: "s"}}, tol=1e-5, ops_absent=("matmul",))
+    assert [n.op for n in compiled.graph.nodes].count("linear") == 1
+    assert len(compiled.graph.params) == (1 if getattr(model, "bias", None) is None else 2)
+    x2 = R(3, 7, 64)
+    torch.testing.assert_close(compiled(x2), model(x2), rtol=1e-5, atol=1e-5)
+    q = lmforge.compile(model, (x,), config={"quant.weight_bits": 8, "quant.group_size": 32, "quant.lm_head": True})
+    assert [n.op for n in q.graph.nodes].count("linear_wo") == 1
+    torch.testing.assert_close(q(x), model(x), rtol=0.05, atol=0.05 * model(x).abs().max().item())
+
+
+def test_a_weight_read_by_other_ops_is_not_stored_twice():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x @ self.w, self.w.sum()
+
+    compiled = _same(Shared().eval(), (R(3, 8),), tol=1e-5)
+    assert "matmul" in {n.op for n in compiled.graph.nodes} and len(compiled.graph.params) == 1
+
+
+def test_weight_bits_that_quantize_nothing_warn():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()   # its only linear is the output (the LM head)
+    with pytest.warns(UserWarning, match="quant.weight_bits=8 quantized no layer"):
+        lmforge.compile(model, (R(2, 64),), config={"quant.weight_bits": 8, "quant.group_size": 32})

@@ -248,6 +248,20 @@ def t_(t, node):
     return t.emit(node, "permute", [x], {"perm": (1, 0) if x.type.rank == 2 else tuple(range(x.type.rank))})
 
 
+def numpy_t(t, node):
+    """`x.T`: every dim reversed."""
+    x = t.value(node.args[0])
+    return t.emit(node, "permute", [x], {"perm": tuple(reversed(range(x.type.rank)))})
+
+
+def matrix_t(t, node):
+    """`x.mT`: the last two dims swapped."""
+    x = t.value(node.args[0])
+    perm = list(range(x.type.rank))
+    perm[-2:] = perm[-1], perm[-2]
+    return t.emit(node, "permute", [x], {"perm": tuple(perm)})
+
+
 def cat(t, node):
     """cat of mixed dtypes promotes them (int64 with float32 gives float32): a cast of each other input first."""
     dtype = dtype_name(node.meta["val"].dtype)
@@ -409,6 +423,7 @@ ATEN_RULES = {
     aten.squeeze.default: reshape_like, aten.flatten.using_ints: reshape_like, aten.unflatten.int: reshape_like,
     aten.expand.default: expand,
     aten.transpose.int: transpose, aten.permute.default: permute, aten.t.default: t_,
+    aten.numpy_T.default: numpy_t, aten.mT.default: matrix_t,
     aten.cat.default: cat,
     aten.slice.Tensor: slice_, aten.select.int: select, aten.index_select.default: index_select,
     aten.contiguous.default: identity, aten.clone.default: identity, aten.alias.default: identity,
