@@ -45,6 +45,7 @@ MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
     "versions": (dict, True), "graph_hash": (str, True), "target": (str, True), "targets": (list, True),
     "config": (dict, True), "objectives": (dict, True), "inputs": (list, True), "outputs": (list, True),
     "files": (dict, True), "onnx": (dict, True), "pass_report": (str, False),
+    "op_libraries": (dict, False),   # {fallback op: the module that registers it} for ops not torch's own
     "config_source": (dict, False),  # config="best": {"study", "trial"} of the tuning study the config is from
 }
 _TARGET_SCHEMA = {"name": (str, True), "fingerprint": ((str, type(None)), True), "kind": (str, True)}
@@ -254,6 +255,18 @@ def check_target(manifest: dict, device: str, target: str | None = None) -> None
 
 # ---- graph and weights -------------------------------------------------------------------------------
 
+def _check_ops_present(graph, manifest: dict) -> None:
+    """An LmforgeError at load, not at the first call, when a fallback's op is not in this process (a library's
+    custom op whose module was not imported), naming the module the manifest says registers it."""
+    from lmforge.ir.ops.tensor_ops import aten_op, missing_op_error
+
+    libraries = manifest.get("op_libraries") or {}
+    for n in graph.walk_nodes():
+        if n.op == "torch_fallback" and aten_op(n.attr["target"]) is None:
+            library = libraries.get(n.attr["target"])
+            raise missing_op_error(n.attr["target"], library if isinstance(library, str) else None)
+
+
 def _parse_graph(data: bytes, manifest: dict):
     from lmforge.ir.graph import Graph, dict_signature
     from lmforge.ir.verify import verify
@@ -378,6 +391,7 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
                                               if gpu_kernels and re.fullmatch(r"kernels/[^/]+/triton/.+", rel))
     data = check_files(root, manifest, keep)
     graph = _parse_graph(data[GRAPH_FILE], manifest)
+    _check_ops_present(graph, manifest)
     weights = _parse_weights(data[WEIGHTS_FILE], graph)
     graph = replace(graph, weights=weights)
     chosen = next((t["name"] for t in manifest["targets"] if target and t["name"].lower() == target.lower()),

@@ -288,6 +288,9 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
         "outputs": [{"name": v.name, "type": v.type.to_json()} for v in graph.outputs],
         "onnx": onnx_entry, "pass_report": str(getattr(compiled, "pass_report", "") or ""), "files": {},
     }
+    libraries = _op_libraries(graph)
+    if libraries:   # ops of other libraries (a Hugging Face MoE's grouped matmul): load names the import they need
+        manifest["op_libraries"] = libraries
     if getattr(compiled, "config_source", None):  # config="best": the tuning study and trial it came from
         manifest["config_source"] = _json_safe(dict(compiled.config_source))
     manifest["files"] = _file_entries(files)
@@ -295,6 +298,17 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
     manifest["files"] = _file_entries(files)
     _write_atomically(path, files, manifest)
     return path
+
+
+def _op_libraries(graph) -> dict[str, str]:
+    """{fallback op: the module that registers it} for the graph's fallbacks of ops that are not torch's own."""
+    from lmforge.ir.ops.tensor_ops import op_library
+
+    out = {}
+    for n in graph.walk_nodes():
+        if n.op == "torch_fallback" and op_library(n.attr["target"]):
+            out[n.attr["target"]] = op_library(n.attr["target"])
+    return out
 
 
 def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:

@@ -1,6 +1,8 @@
 """Compiling and calling a model: keyword arguments bind by name, inputs that do not fit the graph are a clear
 LmforgeError before any kernel runs, and outputs come back as tuples / lists / dicts (named tuples and dict
 subclasses too), also from an artifact loaded in a process that never imported the model's classes."""
+import importlib
+import os
 import subprocess
 import sys
 import warnings
@@ -322,3 +324,37 @@ def test_a_complex_tensor_is_a_capture_error():
 
     with pytest.raises(CaptureError, match="complex64.*cos / sin"):
         lmforge.compile(rope, (torch.randn(2, 4, 8),))
+
+
+def test_an_artifact_calling_another_librarys_op_names_the_import_it_needs(tmp_path):
+    """A fallback of a library's custom op (as Hugging Face's MoE layers call): an artifact loaded in a process that
+    did not import the library is an LmforgeError at load naming the module to import, not an AttributeError at
+    the first call."""
+    (tmp_path / "lmforge_test_ops.py").write_text(
+        "import torch\n"
+        "@torch.library.custom_op('lmforge_test::twice', mutates_args=())\n"
+        "def twice(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return x * 2\n"
+        "@twice.register_fake\n"
+        "def _(x):\n"
+        "    return torch.empty_like(x)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        importlib.import_module("lmforge_test_ops")   # registers the op in this process
+
+        def f(x):
+            return torch.ops.lmforge_test.twice(x) + 1
+
+        path = lmforge.compile(f, (torch.ones(3),)).export(tmp_path / "art")
+    finally:
+        sys.path.remove(str(tmp_path))
+    code = "import torch, lmforge; m = lmforge.load(%r); print(float(m(torch.ones(3)).sum()))" % str(path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert bare.returncode != 0
+    assert "LmforgeError: the graph calls torch op lmforge_test.twice.default, which this process does not have: " \
+           "`import lmforge_test_ops`" in bare.stderr
+    ok = subprocess.run([sys.executable, "-c", "import lmforge_test_ops; " + code], capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.split() == ["9.0"]

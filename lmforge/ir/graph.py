@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import networkx as nx
 
@@ -91,6 +91,13 @@ class Graph:
     # ---- queries -----------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
         return dict(self.meta).get(key, default)
+
+    def walk_nodes(self) -> Iterator[Node]:
+        """Every node, those of regions (fused bodies, program models) included, each before its regions' nodes."""
+        for n in self.nodes:
+            yield n
+            for r in n.regions:
+                yield from r.walk_nodes()
 
     def producers(self) -> dict[str, Node]:
         """Value name -> the node that produces it."""

@@ -446,8 +446,36 @@ def _rebuild(spec, inputs):
     return spec
 
 
+def op_library(target: str) -> str | None:
+    """The Python module that registered a fallback's op when it is not torch's own (`transformers.integrations.moe`
+    for "transformers.grouped_mm_fallback.default"): a process must import it before it can run the op. None for
+    torch's ops (aten, prims, ...) and where torch does not say."""
+    namespace, name = (target.split(".") + [""])[:2]
+    if namespace in ("aten", "prims", "prim", "_c10d_functional", "c10d_functional"):
+        return None
+    try:
+        from torch._library.custom_ops import OPDEFS   # ops made with torch.library.custom_op
+
+        return getattr(getattr(OPDEFS.get(f"{namespace}::{name}"), "_init_fn", None), "__module__", None)
+    except (ImportError, AttributeError):
+        return None
+
+
+def missing_op_error(target: str, library: str | None = None):
+    """The LmforgeError for a fallback whose op this process does not have (a library's custom op)."""
+    from lmforge.errors import LmforgeError
+
+    namespace = target.split(".")[0]
+    todo = f"`import {library}` (it registers the op)" if library else \
+        f"import the library that registers torch ops of namespace {namespace!r}"
+    return LmforgeError(f"the graph calls torch op {target}, which this process does not have: {todo} before "
+                        "loading or calling the model")
+
+
 def _fallback_ref(*inputs, target, args, kwargs=()):
-    fn = resolve_aten(target)
+    fn = aten_op(target)
+    if fn is None:
+        raise missing_op_error(target, op_library(target))
     out = fn(*[_rebuild(a, inputs) for a in args], **{k: _rebuild(v, inputs) for k, v in kwargs})
     return tuple(out) if isinstance(out, (list, tuple)) else out
 
