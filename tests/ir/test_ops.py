@@ -347,3 +347,12 @@ def test_topk_ties_take_the_lower_index_first():
     y = torch.randn(4, 50)
     for got, want in zip(get_op("topk").reference(y, k=7, dim=1), torch.topk(y, 7, dim=1)):
         assert torch.equal(got, want)      # no ties: the same as torch.topk
+
+
+def test_block_topk_attention_that_keeps_no_key_is_refused():
+    q, k = TensorType((1, 2, 1, 16), "float32"), TensorType((1, 2, 40, 16), "float32")
+    op = get_op("block_topk_attention")
+    assert op.infer([q, k, k], {"block_size": 8, "topk_blocks": 0, "sinks": 0, "window": 8})[0].shape == (1, 2, 1, 16)
+    for bad in ({"topk_blocks": 0, "sinks": 0, "window": 0}, {"topk_blocks": -1, "sinks": 4, "window": 8}):
+        with pytest.raises(VerifyError, match="no key|>= 0"):
+            op.infer([q, k, k], {"block_size": 8, **bad})

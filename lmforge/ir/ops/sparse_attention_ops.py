@@ -33,6 +33,16 @@ def _flops(b, hq, pairs, d, dv):
 
 # ---- block top-k decode ---------------------------------------------------------------------------------------
 
+def _topk_infer(ins, attrs):
+    if attrs["block_size"] < 1 or min(attrs["topk_blocks"], attrs["sinks"], attrs["window"]) < 0:
+        raise VerifyError(f"block_topk_attention: block_size {attrs['block_size']} must be >= 1 and topk_blocks, "
+                          "sinks, window >= 0")
+    if attrs["topk_blocks"] == attrs["sinks"] == attrs["window"] == 0:
+        raise VerifyError("block_topk_attention with topk_blocks = sinks = window = 0 attends to no key: keep at "
+                          "least one block")
+    return _out_like_q(ins, attrs)
+
+
 def _topk_ref(q, k, v, *, block_size, topk_blocks, sinks=4, window=64, summary="mean", scale=None, kv_dtype=None):
     from lmforge.ir.ops.attention_ref import decode_block_topk_ref
 
@@ -172,7 +182,7 @@ def ops() -> list[OpDef]:
               {"block_size": attr("int"), "topk_blocks": attr("int"), "sinks": attr("int", 4),
                "window": attr("int", 64), "summary": attr("str", "mean", choices=("mean", "minmax")),
                "scale": scale, "kv_dtype": attr("dtype", None)},
-              _out_like_q, _topk_ref, _topk_cost, arity=(3, 3), op_class="attention"),
+              _topk_infer, _topk_ref, _topk_cost, arity=(3, 3), op_class="attention"),
         OpDef("block_sparse_attention", "Causal attention restricted to a boolean block mask [B, H, nQ, nK]; "
                                         "`density` is the expected kept fraction (for the cost model).",
               {"block_size": attr("int"), "scale": scale, "density": attr("float", 1.0)},
