@@ -313,7 +313,9 @@ def test_float64_softmax_is_computed_in_float64():
      ["specialized it to be a constant", "remove it from `dynamic`"]),
     (lambda k, v: k + v, (torch.randn(2, 6, 3), torch.randn(2, 6, 3)), {"k": {1: "s"}},   # v's dim left unmarked
      ["specialized it to be a constant", "mark the same dim of every input that has it"]),
-], ids=["negative_slice", "dims_forced_equal", "dim_is_constant", "a_sibling_input_unmarked"])
+    (lambda x: x.reshape(2, -1, 2), (torch.randn(2, 6, 3),), {"x": {1: "s"}},   # only for even s
+     [r"Not all values of s = x.shape\[1\]", "only works for some sizes"]),
+], ids=["negative_slice", "dims_forced_equal", "dim_is_constant", "a_sibling_input_unmarked", "divisible_only"])
 def test_dynamic_dim_errors_carry_torchs_reason_in_the_users_names(fn, example, dynamic, says):
     with pytest.raises(CaptureError) as info:
         lmforge.capture(fn, example, dynamic=dynamic)
@@ -355,3 +357,32 @@ def test_dot_T_and_mT_are_permutes_not_fallbacks():
     compiled = lmforge.compile(f, (x, w))
     for got, want in zip(compiled(x, w), f(x, w)):
         torch.testing.assert_close(got, want)
+
+
+def repeat_kv(x, n):
+    """Transformers' repeat_kv: each of x's KV heads n times, with expand + reshape."""
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def gqa_decode(q, past_k, past_v):
+    """One decode step of grouped-query attention: 4 query heads over 2 KV heads, each grown by one token."""
+    k = repeat_kv(torch.cat([past_k, q[:, :2] * 0.5], 2), 2)
+    v = repeat_kv(torch.cat([past_v, q[:, 2:] * 2.0], 2), 2)
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+
+
+def test_a_guard_torch_cannot_prove_for_a_named_dim_but_that_always_holds_captures():
+    """repeat_kv on a cache of dynamic length makes torch guard min(16 + 16*past, 32 + 32*past) == 16 + 16*past,
+    which holds for every past >= 0 but which torch.export cannot prove for a named Dim. Capture retries with
+    unnamed dims, proves each guard for every size >= 2, and keeps the user's names: past_k's and past_v's lengths
+    (two symbols for torch) are both `past`, so a call where they differ is refused."""
+    example = (torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16))
+    dynamic = {"q": {0: "batch"}, "past_k": {0: "batch", 2: "past"}, "past_v": {0: "batch", 2: "past"}}
+    compiled = lmforge.compile(gqa_decode, example, dynamic=dynamic)
+    assert [v.type.shape for v in compiled.graph.inputs] == [("batch", 4, 1, 16)] + [("batch", 2, "past", 16)] * 2
+    for batch, past in [(1, 2), (2, 5), (3, 30)]:
+        xs = (torch.randn(batch, 4, 1, 16), torch.randn(batch, 2, past, 16), torch.randn(batch, 2, past, 16))
+        torch.testing.assert_close(compiled(*xs), gqa_decode(*xs))
+    with pytest.raises(lmforge.LmforgeError, match="dim 'past' is 5 in input 'past_k' but 6 in input 'past_v'"):
+        compiled(torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 6, 16))

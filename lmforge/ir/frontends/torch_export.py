@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 
 from lmforge.errors import CaptureError, VerifyError
 from lmforge.ir.frontends.aten_rules import ATEN_RULES as ATEN_TO_IR
+from lmforge.ir.frontends.unnamed_dims import export_unnamed
 from lmforge.ir.graph import Graph, GraphBuilder, Value
 from lmforge.ir.ops.tensor_ops import returns_view
 from lmforge.ir.types import TensorType, dtype_name, simplify_dim
@@ -195,11 +196,15 @@ def export_program(model, example_inputs, dynamic=None):
                                "capture a Python function that calls it (e.g. lambda x: torch.exp(x))") from None
         model = _FunctionModule(model)
     names = _input_names(model, len(inputs))
-    shapes = _dynamic_shapes(names, check_dynamic(names, inputs, dynamic))
+    spec = check_dynamic(names, inputs, dynamic)
     try:
-        ep = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(names, spec), strict=False)
     except Exception as e:  # torch.export raises many exception types; all mean "could not capture"
-        raise CaptureError(_explain(e)) from e
+        # a guard torch could not prove for named dims may still hold for every size (GQA's repeat_kv):
+        # export_unnamed keeps its retry only if it proves that
+        ep = export_unnamed(model, inputs, names, spec) if "not all values of" in str(e).lower() else None
+        if ep is None:
+            raise CaptureError(_explain(e)) from e
     return functional_program(ep), names
 
 
