@@ -315,7 +315,10 @@ def test_float64_softmax_is_computed_in_float64():
      ["specialized it to be a constant", "mark the same dim of every input that has it"]),
     (lambda x: x.reshape(2, -1, 2), (torch.randn(2, 6, 3),), {"x": {1: "s"}},   # only for even s
      [r"Not all values of s = x.shape\[1\]", "only works for some sizes"]),
-], ids=["negative_slice", "dims_forced_equal", "dim_is_constant", "a_sibling_input_unmarked", "divisible_only"])
+    (lambda x: x + torch.arange(64.0)[:x.shape[1]].view(1, -1, 1), (torch.randn(2, 6, 3),), {"x": {1: "s"}},
+     [r"x.shape\[1\] <= 64", "works only up to s = 64", "dynamic dims have no upper bound", "Make s static"]),
+], ids=["negative_slice", "dims_forced_equal", "dim_is_constant", "a_sibling_input_unmarked", "divisible_only",
+        "upper_bound"])
 def test_dynamic_dim_errors_carry_torchs_reason_in_the_users_names(fn, example, dynamic, says):
     with pytest.raises(CaptureError) as info:
         lmforge.capture(fn, example, dynamic=dynamic)

@@ -153,10 +153,29 @@ def _torch_explanation(text: str) -> list[str]:
     return lines[:8]
 
 
+def _upper_bound(text: str) -> tuple[str, int] | None:
+    """(dim name, largest size) when torch's reason is a guard that bounds a named dim from above, as in
+    "Not all values of seq = L['x'].size()[1] ... satisfy the generated guard 2 <= L['x'].size()[1] and
+    L['x'].size()[1] <= 64"."""
+    reasons = re.findall(r"Not all values of (\w+) = (\S+) in the specified range satisfy the generated guard (.*)",
+                         text)
+    for dim, size, guard in reasons:
+        bound = re.search(re.escape(size) + r" (<=?) (\d+)", guard)
+        if bound:
+            largest = int(bound[2]) - (bound[1] == "<")
+            excluded = {int(m[1]) for d, _, g in reasons
+                        if d == dim and (m := re.fullmatch(re.escape(size) + r" != (\d+)\.?", g))}
+            while largest in excluded:   # `seq <= 64` with `seq != 64`: up to 63
+                largest -= 1
+            return dim, largest
+    return None
+
+
 def _explain(e: Exception) -> str:
     text = f"{type(e).__name__}: {e}"
     hint = "Check that the model runs eagerly on the example inputs."
     low = text.lower()
+    upper = _upper_bound(text)
     if "data-dependent" in low or "guardondatadependent" in low or "could not guard" in low:
         hint = ("The model branches on tensor values (data-dependent control flow). Make the branch depend on "
                 "shapes or Python constants, use torch.cond, or capture each branch as its own model.")
@@ -174,6 +193,11 @@ def _explain(e: Exception) -> str:
                 "Hugging Face models: turn the cache off (config.use_cache = False, or call with use_cache=False) "
                 "and pass caches as tensors; otherwise wrap the model in a function that takes and returns tensors "
                 "(or tuples / dicts of them).")
+    elif upper is not None:
+        dim, size = upper
+        hint = (f"The model works only up to {dim} = {size} (e.g. a table of max_position_embeddings positions), and "
+                f"lmforge's dynamic dims have no upper bound. Make {dim} static (remove it from `dynamic`) or change "
+                "the model so that it works for every size (e.g. a larger max_position_embeddings).")
     elif "not all values of" in low:
         hint = ("The model only works for some sizes of a dynamic dim: torch had to assume the condition above "
                 "(a negative or stepped slice such as x[:, -2:], narrow or chunk on the dim often does this). "
