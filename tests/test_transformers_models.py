@@ -187,17 +187,24 @@ def test_hf_prefill_window_applies_and_matches_a_window_mask(build):
     assert (got - dense).abs().max() > 1e-2   # the window did change the result
 
 
+def decode_step_case(build, kv_heads: int):
+    """(DecodeStep of a fresh 2-layer model, example inputs with a 5-entry cache, dynamic batch and `past`);
+    skips where transformers' caches are not made of DynamicLayers."""
+    if not hasattr(importlib.import_module("transformers.cache_utils"), "DynamicLayer"):
+        pytest.skip("needs transformers >= 5 (DynamicCache made of DynamicLayers)")
+    torch.manual_seed(0)
+    cache = torch.randn(2, 2, kv_heads, 5, 16)
+    example = (torch.randint(0, 128, (2, 1)), cache, torch.randn_like(cache))
+    dynamic = {"input_ids": {0: "batch"}, "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"}}
+    return DecodeStep(build().eval()), example, dynamic
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_hf_decode_step_mask_goes_and_decode_window_applies():
     """GPT-2 decode step over a KV cache of symbolic length `past`: the mask (key position <= past) lets every key
     through, so it is dropped; a decode window config then applies and matches the model run with that window's
     mask. Dense numerics equal eager at two cache lengths."""
-    if not hasattr(importlib.import_module("transformers.cache_utils"), "DynamicLayer"):
-        pytest.skip("needs transformers >= 5 (DynamicCache made of DynamicLayers)")
-    torch.manual_seed(0)
-    step = DecodeStep(gpt2().eval())
-    example = (torch.randint(0, 128, (2, 1)), torch.randn(2, 2, 4, 5, 16), torch.randn(2, 2, 4, 5, 16))
-    dynamic = {"input_ids": {0: "batch"}, "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"}}
+    step, example, dynamic = decode_step_case(gpt2, kv_heads=4)
     dense = lmforge.compile(step, example, dynamic=dynamic)
     assert [len(n.inputs) for n in dense.graph.nodes if n.op == "attention"] == [3, 3]
     config = {"attn.decode_pattern": "window", "attn.decode_window": 4, "attn.sinks": 2}
@@ -220,12 +227,7 @@ def test_hf_gqa_decode_step_captures_with_a_dynamic_cache_length():
     makes torch.export guard min(16 + 16*past, 32 + 32*past) == 16 + 16*past, true for every past but not provable
     for a named Dim, so capture failed for every GQA model. It captures, attention reads the 2 KV heads once, the
     outputs equal eager at several batches and cache lengths, and caches of different lengths are refused."""
-    if not hasattr(importlib.import_module("transformers.cache_utils"), "DynamicLayer"):
-        pytest.skip("needs transformers >= 5 (DynamicCache made of DynamicLayers)")
-    torch.manual_seed(0)
-    step = DecodeStep(llama().eval())
-    example = (torch.randint(0, 128, (2, 1)), torch.randn(2, 2, 2, 5, 16), torch.randn(2, 2, 2, 5, 16))
-    dynamic = {"input_ids": {0: "batch"}, "past_k": {1: "batch", 3: "past"}, "past_v": {1: "batch", 3: "past"}}
+    step, example, dynamic = decode_step_case(llama, kv_heads=2)
     compiled = lmforge.compile(step, example, dynamic=dynamic)
     attention = [n for n in compiled.graph.nodes if n.op == "attention"]
     assert [[x.type.shape[1] for x in n.inputs[:3]] for n in attention] == [[4, 2, 2]] * 2
