@@ -304,11 +304,8 @@ def _op_libraries(graph) -> dict[str, str]:
     """{fallback op: the module that registers it} for the graph's fallbacks of ops that are not torch's own."""
     from lmforge.ir.ops.tensor_ops import op_library
 
-    out = {}
-    for n in graph.walk_nodes():
-        if n.op == "torch_fallback" and op_library(n.attr["target"]):
-            out[n.attr["target"]] = op_library(n.attr["target"])
-    return out
+    targets = {n.attr["target"] for n in graph.walk_nodes() if n.op == "torch_fallback"}
+    return {t: lib for t in sorted(targets) if (lib := op_library(t))}
 
 
 def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:

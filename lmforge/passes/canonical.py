@@ -164,6 +164,7 @@ def recognize_linear(graph: Graph) -> Graph:
     producers, users = graph.producers(), graph.users()
     outputs = {v.name for v in graph.outputs}
     weights, new_params = dict(graph.weights), list(graph.params)
+    transposed: dict[str, Value] = {}   # W's name -> the parameter holding W.T
 
     def by_weight(n: Node) -> bool:   # matmul(x, W) with W a 2-D parameter that only such matmuls read
         w = n.inputs[1]
@@ -179,11 +180,11 @@ def recognize_linear(graph: Graph) -> Graph:
             return p.inputs[0]
         if not by_weight(n):
             return None
-        name = f"{w.name}.T"
-        if name not in weights:
-            weights[name] = weights[w.name].t().contiguous()
-            new_params.append(Value(name, w.type.with_(shape=tuple(reversed(w.type.shape)))))
-        return next(v for v in new_params if v.name == name)
+        if w.name not in transposed:
+            transposed[w.name] = Value(f"{w.name}.T", w.type.with_(shape=tuple(reversed(w.type.shape))))
+            weights[transposed[w.name].name] = weights[w.name].t().contiguous()
+            new_params.append(transposed[w.name])
+        return transposed[w.name]
 
     nodes: list[Node] = []
     linear_of: dict[str, Node] = {}   # output name -> the new bias-free linear that makes it

@@ -162,13 +162,11 @@ def recognize_rmsnorm(graph: Graph) -> Graph:
                     return [_node("rmsnorm", [ctx.sub(x)], [normed], {"eps": match}, node.source),
                             _node("cast", [normed], [rounded], {"dtype": cast_back}, node.source),
                             replace(node, inputs=tuple(ins))]
-                if x.type.dtype == out.type.dtype:
-                    if not types_agree("rmsnorm", [x, w], {"eps": match}, node.outputs):
-                        continue  # a weight torch broadcasts (shape [1]) is not rmsnorm's
-                    return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], node.outputs, {"eps": match}, node.source)]
                 normed = Value(ctx.fresh(out.name + "_rms"), x.type)
                 if not types_agree("rmsnorm", [x, w], {"eps": match}, [normed]):
-                    continue
+                    continue  # a weight torch broadcasts (shape [1]) is not rmsnorm's
+                if x.type.dtype == out.type.dtype:
+                    return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], node.outputs, {"eps": match}, node.source)]
                 return [_node("rmsnorm", [ctx.sub(x), ctx.sub(w)], [normed], {"eps": match}, node.source),
                         _node("cast", [normed], node.outputs, {"dtype": out.type.dtype}, node.source)]
         return None
