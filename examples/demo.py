@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     objectives = {"predicted": {k: best[k] for k in ("latency", "memory", "eflops") if k in best},
                   "measured": {"quality_top1": best.get("quality")}}
-    path = lmforge.export_artifact(compiled, args.out, objectives=objectives)
+    path = lmforge.export(compiled, args.out, objectives=objectives)
     print(f"[4/6] exported to {path}")
 
     loaded = lmforge.load(path, device="cpu")

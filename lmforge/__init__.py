@@ -30,13 +30,13 @@ def tune(*args, **kwargs):
     return _tune(*args, **kwargs)
 
 
-def export_artifact(compiled, path, **kwargs):
-    """Write an artifact directory for a compiled model: `lmforge.export.export(compiled, path, *,
+def export(compiled, path, **kwargs):
+    """Write an artifact directory for a compiled model: `lmforge.exporting.export(compiled, path, *,
     objectives=None, targets=None)`, documented there (the same as `compiled.export(path)`)."""
-    from lmforge.export import export as _export
+    from lmforge.exporting import export as _export
 
     return _export(compiled, path, **kwargs)
 
 
-__all__ = ["CompiledModel", "LmforgeError", "Workload", "capture", "compile", "export_artifact", "load", "targets",
-           "tune", "__version__"]
+__all__ = ["CompiledModel", "LmforgeError", "Workload", "capture", "compile", "export", "load", "targets", "tune",
+           "__version__"]

@@ -1,6 +1,6 @@
 """Loading exported artifacts: `load(path, device="cpu")` -> CompiledModel, after validating everything.
 
-An artifact directory (written by `lmforge.export.export`) holds `manifest.json`, `graph.json`,
+An artifact directory (written by `lmforge.exporting.export`) holds `manifest.json`, `graph.json`,
 `weights.safetensors`, optionally `model.onnx` and `kernels/<target>/...`, and `README.md`. Loading:
 
 1. reads `manifest.json` (JSON only; a repeated key is an error) and checks it against `MANIFEST_SCHEMA`

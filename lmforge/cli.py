@@ -242,7 +242,7 @@ def _config_arg(value: str | None):
 
 def cmd_export(args) -> int:
     from lmforge.artifact import artifact_dir, read_manifest
-    from lmforge.export import export_workload
+    from lmforge.exporting import export_workload
 
     config = _config_arg(args.config)
     if args.storage is not None and config != "best":

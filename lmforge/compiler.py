@@ -136,8 +136,8 @@ class CompiledModel:
 
     def export(self, path, **kwargs):
         """Write this model as an artifact directory at `path` (manifest, graph, weights, ONNX, kernels); see
-        `lmforge.export.export` for the keyword arguments. Returns the path; `lmforge.load(path)` reads it."""
-        from lmforge.export import export
+        `lmforge.exporting.export` for the keyword arguments. Returns the path; `lmforge.load(path)` reads it."""
+        from lmforge.exporting import export
 
         return export(self, path, **kwargs)
 

@@ -216,7 +216,7 @@ class TensorParallelModel:
 
     def export(self, path, **kwargs):
         """An artifact of the split graph with the whole weights; `lmforge.load` gives a TensorParallelModel."""
-        from lmforge.export import export
+        from lmforge.exporting import export
 
         return export(self, path, **kwargs)
 

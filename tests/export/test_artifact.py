@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import lmforge
 from lmforge.artifact import inspect_artifact, load
 from lmforge.errors import ArtifactError, TargetError
-from lmforge.export import export, export_workload
+from lmforge.exporting import export, export_workload
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,8 +169,8 @@ def test_export_refuses_to_overwrite_what_is_not_an_artifact(tmp_path, prefill_c
 
 
 def test_export_replaces_an_artifact_and_a_crash_leaves_the_old_one(tmp_path, prefill_compiled, monkeypatch):
-    # the module, even once `lmforge.export` (the attribute) is the export function
-    export_module = importlib.import_module("lmforge.export")
+    # the module, even once `lmforge.exporting` (the attribute) is the export function
+    export_module = importlib.import_module("lmforge.exporting")
 
     path = export(lmforge.compile(lambda x: x * 2, (torch.randn(3),)), tmp_path / "art")
     first = json.loads((path / "manifest.json").read_text())
@@ -206,3 +206,7 @@ def test_export_method_and_export_workload(tmp_path):
     eager = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3)).eval()
     assert ((model(x) - eager(x)).norm() / eager(x).norm()).item() <= 1e-6
     assert model.export(tmp_path / "again") == tmp_path / "again" and load(tmp_path / "again")(x).shape == (5, 3)
+    import lmforge   # the public function, not the module lmforge.exporting
+
+    assert lmforge.export(model, tmp_path / "third") == tmp_path / "third"
+    assert torch.equal(load(tmp_path / "third")(x), model(x))

@@ -14,7 +14,7 @@ from safetensors.torch import save
 import lmforge
 from lmforge.artifact import load
 from lmforge.errors import ArtifactError, LmforgeError, TargetError
-from lmforge.export import export
+from lmforge.exporting import export
 
 LMFORGE_DIR = Path(lmforge.__file__).resolve().parent
 # every message tells the user what to do next

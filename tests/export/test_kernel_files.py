@@ -7,7 +7,7 @@ import lmforge
 from examples.models.llama import LlamaDecodeStep
 from lmforge.artifact import inspect_artifact
 from lmforge.errors import ArtifactError, LmforgeError
-from lmforge.export import export
+from lmforge.exporting import export
 
 pytest.importorskip("tvm")
 

@@ -154,7 +154,7 @@ def test_a_rag_program_compiles_exports_and_loads(rag_world, tmp_path):
     assert len(listing) == 2 and all("program op (cost from what it runs" in line for line in listing)
     want = ProgramRunner(graph).run(questions[:8]).tokens
     assert torch.equal(compiled(questions[:8])[0], want)
-    lmforge.export_artifact(compiled, tmp_path / "rag")
+    lmforge.export(compiled, tmp_path / "rag")
     assert torch.equal(lmforge.load(tmp_path / "rag")(questions[:8])[0], want)
     documents = get_corpus("facts").documents
     try:   # the artifact does not carry the corpus: a corpus of the same shape but other documents is refused
