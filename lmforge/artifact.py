@@ -410,14 +410,14 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
         model = TensorParallelModel(graph, backends, device, chosen, manifest["config"],
                                     manifest.get("pass_report", ""), group=group, split_io=split_io)
         model.kernel_source = triton_dir
-        model.config_source = manifest.get("config_source")
+        model.config_source, model.objectives = manifest.get("config_source"), manifest.get("objectives") or None
         return model
     if group is not None or split_io != "whole":
         raise LmforgeError("group= / split_io= are for tensor-parallel artifacts; this one runs on one device: load "
                            "it without them")
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
     model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
-    model.config_source = manifest.get("config_source")
+    model.config_source, model.objectives = manifest.get("config_source"), manifest.get("objectives") or None
     # the targets the artifact holds GPU kernels for (export warns that re-exporting does not carry them)
     model.artifact_kernel_targets = sorted({rel.split("/")[1] for rel in manifest["files"]
                                             if rel.startswith("kernels/")})

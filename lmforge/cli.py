@@ -5,7 +5,8 @@
     lmforge tune WORKLOAD --target h100 --budget 100 [--objective latency --objective quality] [--out DIR]
                  [--mode predict|measure|hybrid] [--threads N]
     lmforge report [--study NAME] [--out DIR]
-    lmforge export WORKLOAD --target h100 --out DIR [--config best|JSON|FILE] [--study NAME]
+    lmforge export WORKLOAD --target h100 --out DIR [--config best|JSON|FILE] [--study NAME] [--kernels]
+                   [--kernel-targets a100,l40s]
     lmforge run ARTIFACT [--device cpu] [--dim batch=4]
     lmforge calibrate [--target host] [--threads N]
     lmforge targets [show NAME]
@@ -250,8 +251,9 @@ def cmd_export(args) -> int:
     if args.study is not None and config != "best":
         raise LmforgeError("--study names the study whose best config --config best takes: pass --config best "
                            "with it")
+    more = [t.strip() for t in args.kernel_targets.split(",") if t.strip()]
     path = export_workload(args.workload, args.target, args.out, config=config, gpu_kernels=args.kernels,
-                           storage=args.storage, study=args.study)
+                           storage=args.storage, study=args.study, kernel_targets=more)
     source = read_manifest(artifact_dir(path)).get("config_source")
     if source:
         print(f"config: the best of tuning study {source['study']} (trial {source['trial']}; --study NAME takes "
@@ -411,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", action="store_true",
                    help="also build the target GPU's kernels: Triton PTX/cubin (launched by `run --device cuda` on "
                         "that GPU) and TVM CUDA source")
+    e.add_argument("--kernel-targets", default="", metavar="T1,T2",
+                   help="more GPU targets to build kernels for (comma-separated, e.g. a100,l40s; implies "
+                        "--kernels): one artifact holds them all, and `run --device cuda` picks the one for its GPU")
     e.set_defaults(fn=cmd_export)
     ru = sub.add_parser("run", help="load an artifact (checking every file) and run it on random inputs")
     ru.add_argument("artifact")

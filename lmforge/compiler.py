@@ -24,6 +24,7 @@ class CompiledModel:
     """A graph, its weights, and generated code that runs it; callable like the captured model."""
 
     config_source: dict | None = None  # config="best": {"study", "trial"} the config came from (see `compile`)
+    objectives: dict | None = None  # config="best": that trial's predicted / measured numbers (studies.trial_objectives)
 
     def __init__(self, graph: Graph, backends: Sequence = (), device: str | torch.device = "cpu",
                  target: str = "host", config: Mapping[str, Any] | None = None, pass_report: str = ""):
@@ -119,7 +120,7 @@ class CompiledModel:
 
     def to(self, device) -> "CompiledModel":
         moved = CompiledModel(self.graph, self.backends, device, self.target, self.config, self.pass_report)
-        moved.config_source = self.config_source
+        moved.config_source, moved.objectives = self.config_source, self.objectives
         return moved
 
     def inspect(self, target: str | None = None, show_costs: bool = True) -> str:
@@ -347,7 +348,7 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
 
         get_target(target)   # an unknown target is an error now, not at inspect() or export
     graph = model if isinstance(model, Graph) else capture(model, example_inputs, dynamic=dynamic)
-    source = None
+    source = objectives = None
     if config == "best":
         from lmforge.search import studies
 
@@ -359,6 +360,7 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
             warnings.warn(f"config='best': the more recently run study {name} has no best config ({why}); took "
                           f"the best of study {chosen['study']}", stacklevel=2)
         config, source = chosen["config"], {"study": chosen["study"], "trial": chosen["trial"]}
+        objectives = chosen["objectives"]
         passes = tunable_pipeline(calibration) if passes is None else passes
     elif storage is not None or study is not None:
         which = "storage= is where" if storage is not None else "study= names the study in which"
@@ -396,5 +398,5 @@ def compile(model, example_inputs=None, *, target: str = "host", dynamic: dict |
         compiled = TensorParallelModel(graph, chosen, dev, target, config, pm.report())
     else:
         compiled = CompiledModel(graph, chosen, dev, target, config, pm.report())
-    compiled.config_source = source
+    compiled.config_source, compiled.objectives = source, objectives
     return compiled

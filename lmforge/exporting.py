@@ -169,6 +169,7 @@ def _readme(manifest: dict) -> bytes:
                  else f"no `model.onnx`: {manifest['onnx']['reason']}")
     targets = ", ".join(f"{t['name']} ({t['kind']}, fingerprint {t['fingerprint']})" for t in manifest["targets"])
     files = "\n".join(f"| `{rel}` | {e['bytes']} |" for rel, e in sorted(manifest["files"].items()))
+    objectives = _objectives_line(manifest.get("objectives") or {})
     origin = manifest.get("config_source")
     source = f" (the best of tuning study `{origin.get('study')}`, trial {origin.get('trial')})" if origin else ""
     text = f"""# {manifest['name']}
@@ -198,6 +199,8 @@ Graph signature `{manifest['graph_hash']}`. {onnx_line}.
 
 Configuration: `{json.dumps(manifest['config'], sort_keys=True)}`{source}
 
+{objectives}
+
 ## Files
 
 | file | bytes |
@@ -207,6 +210,26 @@ Configuration: `{json.dumps(manifest['config'], sort_keys=True)}`{source}
 | `manifest.json` | sha256 and size of every file above |
 """
     return text.encode()
+
+
+def _objectives_line(objectives: Mapping[str, Any]) -> str:
+    """The manifest's objectives in a sentence: what was predicted, what measured (and that latency was not)."""
+    if not objectives:
+        return "Objectives: none recorded (the config did not come from a tuning study, or none were given)."
+
+    def numbers(d):
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(d.items()))
+
+    predicted, measured = objectives.get("predicted") or {}, objectives.get("measured") or {}
+    where = objectives.get("target")
+    sizes = objectives.get("bindings")
+    text = f"Objectives (tuning mode `{objectives.get('mode', '?')}`): predicted"
+    text += f" on {where}" if where else ""
+    text += f" at {sizes}" if sizes else ""
+    text += f": {numbers(predicted) or 'none'}; measured: {numbers(measured) or 'none'}"
+    if predicted and "latency" not in measured:
+        text += " (latency was predicted, not measured)"
+    return text + ". Units: seconds, bytes, tokens/s."
 
 
 def _destination(path: Path) -> bool:
@@ -252,7 +275,9 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
            targets: Sequence[str] | None = None) -> Path:
     """Write `compiled` (a CompiledModel) as an artifact directory at `path`; return the path.
 
-    objectives: {"predicted": {...}, "measured": {...}} from tuning, recorded as they are.
+    objectives: {"predicted": {...}, "measured": {...}} from tuning, recorded as they are; default: the model's
+                own (`compiled.objectives`: a config="best" compile takes its trial's, see
+                lmforge.search.studies.trial_objectives; a loaded artifact keeps its manifest's).
     targets:    more target names the configuration is meant for (besides compiled.target, the targets of
                 compiled.kernel_files, and "host", which is always listed).
     """
@@ -283,7 +308,8 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(), "graph_hash": graph.signature(), "target": compiled.target,
         "targets": list(entries.values()), "config": _json_safe(dict(compiled.config or {})),
-        "objectives": _json_safe(dict(objectives or {})),
+        "objectives": _json_safe(dict(objectives if objectives is not None else
+                                      getattr(compiled, "objectives", None) or {})),
         "inputs": [{"name": v.name, "type": v.type.to_json()} for v in graph.inputs],
         "outputs": [{"name": v.name, "type": v.type.to_json()} for v in graph.outputs],
         "onnx": onnx_entry, "pass_report": str(getattr(compiled, "pass_report", "") or ""), "files": {},
@@ -313,11 +339,14 @@ def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:
 
 
 def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gpu_kernels: bool = False,
-                    storage: str | None = None, study: str | None = None) -> Path:
+                    storage: str | None = None, study: str | None = None,
+                    kernel_targets: Sequence[str] = ()) -> Path:
     """Load a workload (`file.py[:function]` or `module:function`), compile it for `target`, export to `out_dir`.
 
     config: knob values, "best" (the tuning database's best for this target: of `study`, else of the most recently
             run study; see `lmforge.compile`), or None (defaults).
+    gpu_kernels: build `target`'s GPU kernels into the artifact; kernel_targets: more GPU targets to build them for
+            (the artifact holds every one; `load(device="cuda")` picks the one matching the GPU).
     """
     import lmforge
     from lmforge.workload import load_workload
@@ -326,6 +355,7 @@ def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gp
     best = config == "best"
     compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config,
                                storage=storage if best else None, study=study if best else None)
-    if gpu_kernels:
-        compiled.add_gpu_kernels([target])
+    gpu_targets = [*([target] if gpu_kernels or (kernel_targets and target != "host") else []), *kernel_targets]
+    if gpu_targets:
+        compiled.add_gpu_kernels(list(dict.fromkeys(gpu_targets)))
     return export(compiled, out_dir)

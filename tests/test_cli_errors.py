@@ -123,6 +123,9 @@ def test_export_config_best_takes_the_latest_tune_and_says_which_study(capsys, t
     assert code == 0 and f"config: the best of tuning study {latency} (trial " in out, out
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["config_source"]["study"] == latency
+    objectives = manifest["objectives"]   # the trial's numbers, not {}: predicted on the target, nothing timed
+    assert objectives["mode"] == "predict" and objectives["predicted"]["latency"] > 0
+    assert "latency" not in objectives["measured"]
     code, out, _ = run_cli(capsys, "export", wl_file, "--out", tmp_path / "b", "--config", "best", "--storage", db,
                            "--study", ":memory:")
     assert code == 0 and ":memory:" in out.splitlines()[0], out
@@ -438,3 +441,19 @@ def test_export_takes_a_config_as_json_or_file(capsys, tmp_path, wl_file):
                                                            "--config", cfg)
     assert "a JSON object of knob values" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "c",
                                                        "--config", "{not json")
+
+
+def test_export_kernel_targets_builds_several_gpus_into_one_artifact(capsys, tmp_path, wl_file):
+    """`--kernel-targets a100` adds a100's kernels beside the --target's (one artifact for both GPUs); a name that
+    is not a GPU target is an error that says so."""
+    import json
+
+    code, out, _ = run_cli(capsys, "export", wl_file, "--target", "h100", "--out", tmp_path / "a",
+                           "--kernel-targets", "a100")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert {"h100", "a100"} <= {t["name"] for t in manifest["targets"]}
+    for gpu in ("h100", "a100"):
+        assert any(f.startswith(f"kernels/{gpu}/") and f.endswith(".cubin") for f in manifest["files"]), gpu
+    assert "is not a CUDA GPU" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "b",
+                                            "--kernel-targets", "host")

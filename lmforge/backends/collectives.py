@@ -167,6 +167,7 @@ class TensorParallelModel:
     docstring."""
 
     config_source: dict | None = None  # config="best": {"study", "trial"} the config came from (CompiledModel's)
+    objectives: dict | None = None  # config="best": that trial's predicted / measured numbers (CompiledModel's)
 
     def __init__(self, graph, backends: Sequence = (), device="cpu", target: str = "host", config=None,
                  pass_report: str = "", group=None, split_io: str = "whole"):

@@ -355,7 +355,7 @@ def tuned_config(graph: Graph, target, storage, url: str, study: str | None = No
         ranked = ranked_trials(s)
         if ranked:
             return {"study": s.study_name, "trial": ranked[0].number, "config": dict(ranked[0].user_attrs["config"]),
-                    "passed_over": passed_over}
+                    "objectives": trial_objectives(s, ranked[0]), "passed_over": passed_over}
         passed_over.append((s.study_name, no_best_reason(s)))
     if passed_over:  # studies of this model, but not one with a trial to take
         which = "; ".join(f"study {name}: {why}" for name, why in passed_over)
@@ -373,6 +373,41 @@ def tuned_config(graph: Graph, target, storage, url: str, study: str | None = No
     raise LmforgeError(f"no tuned configuration for this model on {target!r} in the tuning database {url}{why}: run "
                        f"`lmforge.tune(..., target={target!r})` (CLI: `lmforge tune WORKLOAD --target {target}`) "
                        "first (with the same storage), or pass a config dict (CLI: --config JSON)")
+
+
+PREDICTED = ("latency", "throughput", "memory", "fits", "eflops")   # the cost model's numbers for the target
+MEASURED = ("quality", "kl", "accuracy")   # run on the tuning machine's CPU, whatever the mode
+
+
+def trial_objectives(study, trial) -> dict[str, Any]:
+    """The numbers behind a tuned config, as an artifact's manifest records them (`objectives`):
+
+        {"mode": "predict", "target": "h100", "bindings": {"batch": 32, ...},
+         "predicted": {"latency": s, "throughput": tokens/s, "memory": bytes, "fits": bool, "eflops": ...},
+         "measured": {"quality": top-1 agreement, "kl": ..., "accuracy": ..., "latency": s (measure / hybrid)}}
+
+    predicted: the cost model on the study's target at the `bindings` sizes. measured: what was run, on the
+    tuning machine: the task quality of the config's model (its CPU run against the reference), and the
+    latency only where the study measured it (measure mode: every trial; hybrid: the best predicted ones, on
+    the tuning machine's device). A predict-mode study measured no latency, so none is listed as measured."""
+    values = dict(trial.user_attrs.get("values") or {})
+    mode = study.user_attrs.get("mode", "predict")
+    predicted = {k: values[k] for k in PREDICTED if k in values}
+    if "predicted_latency" in values:   # "latency" is the measured one in measure mode
+        predicted["latency"] = values["predicted_latency"]
+        if mode != "predict":
+            predicted.pop("throughput", None)   # the study's throughput follows the measured latency
+    if "fits" in predicted:
+        predicted["fits"] = bool(predicted["fits"])
+    measured = {k: values[k] for k in MEASURED if k in values}
+    hybrid = measured_latencies(study) if mode == "hybrid" else {}
+    if mode == "measure" and "measured_latency" in values:
+        measured["latency"] = values["measured_latency"]
+    elif trial.number in hybrid:
+        measured["latency"] = hybrid[trial.number]
+    settings = study.user_attrs.get("settings") or {}
+    return {"mode": mode, "target": study.user_attrs.get("target"), "bindings": dict(settings.get("bindings") or {}),
+            "predicted": predicted, "measured": measured}
 
 
 def _named_study(found: Sequence, name: str, target, storage, url: str):

@@ -119,6 +119,16 @@ class TuneResult:
     measured_violations: dict[int, list[str]] = field(default_factory=dict)  # hybrid: constraints broken as measured
     n_interrupted: int = 0  # trials cut off by Ctrl-C (not counted as failed, nor by the budget)
     n_duplicates: int = 0  # finished trials that sampled an already evaluated config and took its numbers
+    best_trial: int | None = None  # the number of the trial best_config is from
+
+    @property
+    def best_objectives(self) -> dict[str, Any]:
+        """The best trial's predicted and measured numbers, as an artifact records them
+        (`lmforge.export(compiled, path, objectives=result.best_objectives)`; see studies.trial_objectives)."""
+        from lmforge.search.studies import trial_objectives
+
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.best_trial)
+        return trial_objectives(self.study, trial)
 
     def summary(self) -> str:
         """One paragraph: the study, its trials by outcome (and why trials were pruned), whether it resumed."""
@@ -844,7 +854,7 @@ def _result(study, objectives, name, storage, measured, constraints) -> TuneResu
                       len(complete), failed, measured, n_pruned=len(pruned), pruned_reasons=reasons,
                       n_infeasible=len(complete) - len(feasible), measured_violations=violations,
                       n_interrupted=sum(t.state == FAIL and t.number in interrupted for t in trials),
-                      n_duplicates=sum("duplicate_of" in t.user_attrs for t in complete))
+                      n_duplicates=sum("duplicate_of" in t.user_attrs for t in complete), best_trial=best.number)
 
 
 class _progress:

@@ -262,3 +262,48 @@ def test_measure_mode_on_this_gpu_runs_the_model_on_cuda(tmp_path):
                storage=f"sqlite:///{tmp_path}/db.sqlite", pipeline=[merge_linears, fuse_elementwise, dce],
                progress=False)
     assert res.best_values["measured_latency"] > 0
+
+
+def test_config_best_carries_its_trials_numbers_into_the_artifact(tmp_path):
+    """compile(config="best") takes the trial's predicted and measured numbers along (`objectives`); export writes
+    them into the manifest and README (saying latency was predicted, not measured, in predict mode); load keeps
+    them, so a re-export does too. TuneResult.best_objectives gives the same numbers."""
+    import json
+
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    res = tune(MLP(), (X,), target="h100", objectives=("latency", "quality"), budget=4, storage=storage,
+               pipeline=[nofuse], progress=False, sampler="random")
+    compiled = lmforge.compile(MLP(), (X,), target="h100", config="best", passes=[nofuse], storage=storage)
+    got = compiled.objectives
+    assert got == res.best_objectives
+    assert got["mode"] == "predict" and got["target"] == "h100" and got["bindings"] == {}
+    assert got["predicted"]["latency"] == res.best_values["latency"] and got["predicted"]["fits"] is True
+    assert set(got["predicted"]) == {"latency", "throughput", "memory", "fits", "eflops"}
+    assert got["measured"] == {"quality": 1.0, "kl": res.best_values["kl"]}, "quality was run; latency was not"
+    path = compiled.export(tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["objectives"] == json.loads(json.dumps(got))
+    readme = (path / "README.md").read_text()
+    assert "tuning mode `predict`): predicted on h100" in readme and "(latency was predicted, not measured)" in readme
+    loaded = lmforge.load(path)
+    assert loaded.objectives == manifest["objectives"]
+    again = json.loads((loaded.export(tmp_path / "again") / "manifest.json").read_text())
+    assert again["objectives"] == manifest["objectives"]
+    plain = lmforge.compile(MLP(), (X,), target="h100", passes=[nofuse])
+    assert plain.objectives is None
+    readme = (plain.export(tmp_path / "plain") / "README.md").read_text()
+    assert "Objectives: none recorded" in readme
+
+
+def test_hybrid_objectives_list_the_measured_latency_beside_the_prediction(tmp_path, monkeypatch):
+    _fake_measurements(monkeypatch)
+    storage = f"sqlite:///{tmp_path}/db.sqlite"
+    res = tune(MLP(), (X,), target="host", objectives=("latency",), mode="hybrid", hybrid_top=4, budget=8,
+               storage=storage, pipeline=[merge_linears, fuse_elementwise, dce], progress=False, sampler="random")
+    got = res.best_objectives
+    assert got["mode"] == "hybrid" and got["measured"] == {"latency": 1.0}
+    assert got["predicted"]["latency"] == res.best_values["predicted_latency"] != 1.0
+    assert "throughput" not in got["predicted"], "the study's throughput follows the measured latency"
+    compiled = lmforge.compile(MLP(), (X,), target="host", config="best", storage=storage,
+                               passes=[merge_linears, fuse_elementwise, dce])
+    assert compiled.objectives == got
