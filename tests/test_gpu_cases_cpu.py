@@ -44,7 +44,7 @@ ATTENTION = [
 # (id, kind, bits, n, k, m, design): each design of each kernel; K a multiple of the group size (128).
 QUANT = [(f"{kind}_int{bits}_M{m}_{design.replace(' ', '_')}", kind, bits, n, k, m, design)
          for kind, bits, n, k, m in [("gemv", 4, 32, 256, 1), ("gemv", 8, 32, 256, 1), ("gemv", 4, 32, 256, 4),
-                                     ("gemm", 4, 64, 256, 16)]
+                                     ("gemm", 4, 64, 256, 16), ("gemm", 8, 64, 256, 16)]
          for design in quant.DESIGNS[quant.kernel_for_rows(m)]]
 
 
@@ -131,3 +131,14 @@ def test_norms_entries_cover_every_kernel(monkeypatch):
     monkeypatch.setattr(norms, "COLS", 8)
     entries = norms.cases(True)
     assert [e.label for e in entries] == [f"norms/{name}" for name in norms.KERNELS]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_quant_entries_time_both_widths_on_every_kernel(quick):
+    """int4 and int8 each get GEMV and GEMM rows (the GEMM for M >= 16 rows), on the same GEMM shapes."""
+    labels = [e.label for e in quant.cases(quick)]
+    for kind in ("gemv", "gemm"):
+        for bits in (4, 8):
+            assert any(label.startswith(f"quant/case('{kind}', {bits},") for label in labels), (kind, bits)
+    gemm = {bits: sorted(label.split(", ", 2)[2] for label in labels if f"('gemm', {bits}," in label) for bits in (4, 8)}
+    assert gemm[4] == gemm[8]

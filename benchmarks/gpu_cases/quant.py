@@ -1,4 +1,4 @@
-"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1; int4 also batch 4), int4 GEMM.
+"""Weight-only quantized linear on the GPU: int4 / int8 GEMV (decode, batch 1; int4 also batch 4), int4 / int8 GEMM.
 
 Baseline: cuBLAS fp16 through torch.nn.functional.linear with the dequantized fp16 weight, i.e. what runs
 if the weight is not kept quantized. Weights W [N, K] (out x in), group size 128, fp16 activations.
@@ -71,8 +71,9 @@ def cases(quick: bool) -> list[Pending]:
     # batch-4 decode (beams, samples): the fp16-pair design walks the weights once for all 4 rows
     for design in DESIGNS["wo_gemv"]:
         out.append(pending("quant", _case, "gemv", 4, *GEMV_SHAPES[0], 4, quick, design, seeded=True))
-    for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
-        for m in GEMM_ROWS:
-            for design in DESIGNS["wo_gemm"]:
-                out.append(pending("quant", _case, "gemm", 4, n, k, m, quick, design, seeded=True))
+    for bits in (4, 8):   # prefill / batched rows (M >= 16): the GEMM kernel, both weight widths
+        for n, k in GEMM_SHAPES[:1] if quick else GEMM_SHAPES:
+            for m in GEMM_ROWS:
+                for design in DESIGNS["wo_gemm"]:
+                    out.append(pending("quant", _case, "gemm", bits, n, k, m, quick, design, seeded=True))
     return out
