@@ -84,6 +84,8 @@ def _check(case: dict) -> None:
 def test_attention_builder(builder, args, kwargs):
     case = builder(_gen(), True, *args, **kwargs)
     _check(case)
+    assert case["baseline_name"].startswith("torch SDPA") and case["baseline_name"].endswith("]"), case
+    assert any(f"[{name}" in case["baseline_name"] for name, _ in attention.SDPA_BACKENDS), case["baseline_name"]
     if builder is attention._prefill_flex:   # the compiled model ran its sparse attention on the Triton kernel
         assert "attention on ['triton:block_sparse_attention']" in case["note"], case["note"]
 
@@ -142,3 +144,21 @@ def test_quant_entries_time_both_widths_on_every_kernel(quick):
             assert any(label.startswith(f"quant/case('{kind}', {bits},") for label in labels), (kind, bits)
     gemm = {bits: sorted(label.split(", ", 2)[2] for label in labels if f"('gemm', {bits}," in label) for bits in (4, 8)}
     assert gemm[4] == gemm[8]
+
+
+def test_sdpa_baseline_is_pinned_and_says_which_backend_ran(monkeypatch):
+    """The SDPA baseline runs on the first backend that can run the case, pinned, and its label names it; one that
+    cannot (the memory-efficient kernel on the CPU) is passed over, and the label says flash did not run it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    monkeypatch.setattr(attention, "SDPA_BACKENDS", (("flash", "EFFICIENT_ATTENTION"), ("math", "MATH")))
+    baseline, name = attention._sdpa("torch SDPA fp32", q, k, v, is_causal=True)
+    assert name == "torch SDPA fp32 [math: flash cannot run it]"
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):   # pinned inside: the caller's choice does not matter
+        torch.testing.assert_close(baseline(), expected)
+    monkeypatch.setattr(attention, "SDPA_BACKENDS", (("flash", "EFFICIENT_ATTENTION"),))
+    baseline, name = attention._sdpa("torch SDPA fp32", q, k, v, is_causal=True)
+    assert name.endswith("[torch default: no pinned backend ran]")
+    torch.testing.assert_close(baseline(), expected)

@@ -7,9 +7,12 @@ Every reference is `lmforge.ir.ops.attention_ref` computed in fp32 on the GPU fr
 batch 1; the shared-prefix one expands the prefix to the 16 sequences, ~9 GB). Baselines are what a torch
 model runs instead: F.scaled_dot_product_attention in fp16 (enable_gqa=True where SDPA has a fused GQA path;
 with a boolean mask SDPA has none, so the masked baseline gets K / V already repeated to every query head,
-outside its timing). Block top-k and shared prefix are compared with dense SDPA decode over the full cache,
-which is what they replace. Unless --quick, each case's config is picked by a quick measurement over the
-module's CANDIDATE_CONFIGS (named in the note). `bytes` is the minimal traffic (each tensor read or written
+outside its timing), pinned to FlashAttention (torch.nn.attention.sdpa_kernel) where flash runs the case, else
+to the first of torch's other backends that does (e.g. memory-efficient for the boolean mask); the baseline's
+label ends with the backend that ran, e.g. "[flash]" or "[efficient: flash cannot run it]". Block top-k and
+shared prefix are compared with dense SDPA decode over the full cache, which is what they replace. Unless
+--quick, each case's config is picked by a quick measurement over the module's CANDIDATE_CONFIGS (named in the
+note). `bytes` is the minimal traffic (each tensor read or written
 once; for the sparse cases only the kept KV blocks and the block summaries), `flops` counts 4 * D per
 visible (query, key) pair.
 """
@@ -44,6 +47,45 @@ def _tuned(quick: bool, default, candidates, make_kernel):
     return kernel, describe(config)
 
 
+# SDPA's backends in the order the baselines try them, pinned one at a time: FlashAttention (what the issue
+# compares against), then torch's others; the first that runs the case is the baseline, named in its label.
+SDPA_BACKENDS = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
+                 ("math", "MATH"))
+
+
+def _sdpa(what: str, *args, **kwargs) -> tuple:
+    """(baseline, baseline_name): a zero-arg F.scaled_dot_product_attention(*args, **kwargs) pinned to the first
+    backend of SDPA_BACKENDS that runs it (tried once now), and `what` labelled with that backend. A pinned backend
+    that cannot run the case raises (torch: "No available kernel"); if none can, the baseline is unpinned."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, member in SDPA_BACKENDS:
+        backend = getattr(SDPBackend, member)
+
+        def pinned(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(*args, **kwargs)
+
+        try:
+            with warnings.catch_warnings():   # torch warns why each backend it was not allowed to use was not used
+                warnings.simplefilter("ignore")
+                pinned()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            continue
+        return pinned, f"{what} [{name}]" if name == "flash" else f"{what} [{name}: flash cannot run it]"
+    return (lambda: F.scaled_dot_product_attention(*args, **kwargs)), f"{what} [torch default: no pinned backend ran]"
+
+
+def _baseline(what: str, *args, **kwargs) -> dict:
+    """A case's "baseline" and "baseline_name" entries for SDPA on these arguments (see `_sdpa`)."""
+    baseline, name = _sdpa(what, *args, **kwargs)
+    return {"baseline": baseline, "baseline_name": name}
+
+
 def _fp32(*tensors):
     return [t.float() for t in tensors]
 
@@ -68,8 +110,8 @@ def _prefill_dense(gen, quick, hq, hkv, s, dtype=torch.float16) -> dict:
     tag = _dtype_tag(dtype)
     return {"name": f"attention/prefill_causal_B1_H{hq}_KV{hkv}_S{s}_D{D}_{tag}", "kernel": kernel,
             "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True),
-            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv),
-            "baseline_name": f"torch SDPA {tag} (is_causal)", **TOL_FOR[dtype],
+            **_baseline(f"torch SDPA {tag} (is_causal)", q, k, v, is_causal=True, enable_gqa=hq != hkv),
+            **TOL_FOR[dtype],
             "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * hq * _visible_pairs_causal(s, s),
             "note": note}
 
@@ -86,8 +128,7 @@ def _prefill_window(gen, quick, hq, hkv, s, window, sinks) -> dict:
     return {"name": f"attention/prefill_window{window}_sinks{sinks}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
             "kernel": kernel,
             "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True, window=window, sinks=sinks),
-            "baseline": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask),
-            "baseline_name": "torch SDPA fp16 (bool mask, K/V repeated)", **TOL,
+            **_baseline("torch SDPA fp16 (bool mask, K/V repeated)", q, k_rep, v_rep, attn_mask=mask), **TOL,
             "bytes": (2 * hq + 2 * hkv) * s * D * HALF,
             "flops": 4 * D * hq * _visible_pairs_causal(s, s, window, sinks), "note": note}
 
@@ -116,8 +157,7 @@ def _prefill_sparse(gen, quick, hq, hkv, s, block_size, keep) -> dict:
     return {"name": f"attention/prefill_block_sparse{block_size}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
             "kernel": kernel,
             "reference": lambda: attention_ref(*_fp32(q, k, v), causal=True, block_mask=mask, block_size=block_size),
-            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv),
-            "baseline_name": "torch SDPA fp16 dense causal", **TOL,
+            **_baseline("torch SDPA fp16 dense causal", q, k, v, is_causal=True, enable_gqa=hq != hkv), **TOL,
             "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * (hq // hkv) * pairs_per_kv_head,
             "note": f"{note}; kept {density:.0%} of causal pairs"}
 
@@ -146,8 +186,7 @@ def _prefill_flex(gen, quick, hq, hkv, s, block_size) -> dict:
             "kernel": lambda: model(q, k, v),
             "reference": lambda: flex_prefill_attention_ref(*_fp32(q, k, v), gamma=0.9, tau=0.1,
                                                             block_size=block_size),
-            "baseline": lambda: causal(q, k, v),
-            "baseline_name": "torch SDPA fp16 dense causal", **TOL,
+            **_baseline("torch SDPA fp16 dense causal", q, k, v, is_causal=True, enable_gqa=True), **TOL,
             "bytes": (2 * hq + 2 * hkv) * s * D * HALF, "flops": 4 * D * hq * _visible_pairs_causal(s, s) * density,
             "note": f"compiled: mask on torch, attention on {runs}; kept {density:.0%} of causal blocks"}
 
@@ -163,8 +202,7 @@ def _decode_dense(gen, quick, hq, hkv, s, dtype=torch.float16) -> dict:
     tag = _dtype_tag(dtype)
     return {"name": f"attention/decode_B1_H{hq}_KV{hkv}_S{s}_D{D}_{tag}", "kernel": kernel,
             "reference": lambda: attention_ref(*_fp32(q, k, v)),
-            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-            "baseline_name": f"torch SDPA {tag} decode (enable_gqa)", **TOL_FOR[dtype],
+            **_baseline(f"torch SDPA {tag} decode (enable_gqa)", q, k, v, enable_gqa=True), **TOL_FOR[dtype],
             "bytes": 2 * hkv * s * D * HALF + 2 * hq * D * HALF, "flops": 4 * D * hq * s, "note": note}
 
 
@@ -196,8 +234,7 @@ def _decode_block_topk(gen, quick, hq, hkv, s, block_size, budget, summary) -> d
     return {"name": f"attention/decode_block_topk_{summary}_1of{budget}_B1_H{hq}_KV{hkv}_S{s}_D{D}_fp16",
             "kernel": kernel,
             "reference": lambda: decode_block_topk_ref(*_fp32(q, k, v), **args),
-            "baseline": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-            "baseline_name": "torch SDPA fp16 dense decode", **TOL,
+            **_baseline("torch SDPA fp16 dense decode", q, k, v, enable_gqa=True), **TOL,
             "bytes": 2 * hkv * kept_blocks * block_size * D * HALF + summary_bytes + 2 * hq * D * HALF,
             "flops": 4 * D * hq * kept_blocks * block_size + 2 * D * hq * n_blocks,
             "stages": stages,
@@ -233,8 +270,8 @@ def _shared_prefix(gen, quick, b, hq, hkv, prefix, suffix, groups: int = 1) -> d
     return {"name": f"attention/shared_prefix_decode_B{b}{grouped}_H{hq}_KV{hkv}_P{prefix}_S{suffix}_D{D}_fp16",
             "kernel": kernel,
             "reference": lambda: shared_prefix_attention_ref(*_fp32(q, k_prefix, v_prefix, k_suffix, v_suffix)),
-            "baseline": lambda: F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True),
-            "baseline_name": "torch SDPA fp16 decode over each sequence's full KV", **TOL,
+            **_baseline("torch SDPA fp16 decode over each sequence's full KV", q, k_full, v_full, enable_gqa=True),
+            **TOL,
             "bytes": 2 * hkv * (groups * prefix + b * suffix) * D * HALF + 2 * b * hq * D * HALF,
             "flops": 4 * D * b * hq * (prefix + suffix), "note": note}
 
