@@ -1,6 +1,7 @@
 """Check and time lmforge's Triton and TVM kernels on the CUDA GPU at hand, against exact references and baselines.
 
-    python benchmarks/gpu_check.py [--quick] [--only SUBSTRING] [--budget SECONDS] [--sweep-budget SECONDS]
+    python benchmarks/gpu_check.py [--quick] [--only SUBSTRING] [--budget SECONDS] [--limit SECONDS]
+                                   [--sweep-budget SECONDS]
 
 Runs from a plain checkout (the repo root goes on sys.path; nothing is installed). For every case of
 benchmarks/gpu_cases/{attention,quant,norms,artifact,tvm}.py: run the kernel and the reference, check allclose and
@@ -10,6 +11,9 @@ triton.testing.do_bench (median) and report speedup = baseline / kernel; then ti
 from the GPU time (and the share of the GPU's memory bandwidth when the GPU is known). Cases are built (inputs,
 compiles, config sweeps) as the run reaches them: a module that fails to import, a case that fails to build or
 raises becomes an error row and the run goes on; past --budget seconds the remaining cases become "skipped" rows.
+--limit is the hard stop (default 280 s): the case running then is abandoned as a "timed out" row (between two
+Python steps; a kernel stuck in C gets 15 s more, then the process ends), the rest are skipped, and the results
+are written and the table printed as usual, exit status 0.
 Prints a versions header and one line per case as it finishes, then a Markdown table last; with $OUT set, also
 writes gpu_check.md and gpu_check.json there, rewritten after every case (a run killed midway keeps what it
 measured). Without a CUDA GPU it says so and exits 0.
@@ -48,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", metavar="SECONDS", type=float, default=270.0,
                         help="start no case after this many seconds (the rest are listed as skipped), so that the "
                              "run ends in about 5 minutes; default 270")
+    parser.add_argument("--limit", metavar="SECONDS", type=float, default=280.0,
+                        help="hard limit: after this many seconds abandon the case that is running (a 'timed out' "
+                             "row), skip the rest, write the results and print the table; default 280 (with "
+                             "Python's and torch's start, under 5 minutes)")
     return parser.parse_args(argv)
 
 
@@ -175,8 +183,9 @@ def markdown_table(rows: list[dict]) -> str:
               "graph kernel ms | graph baseline ms | graph speedup | GB/s | % peak BW | TFLOP/s | note |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        if "error" in r or "skipped" in r:
-            status, text = ("ERROR", r["error"]) if "error" in r else ("skipped", r["skipped"])
+        if "error" in r or "skipped" in r or "timed_out" in r:
+            status, text = (("ERROR", r["error"]) if "error" in r else ("skipped", r["skipped"]) if "skipped" in r
+                            else ("timed out", r["timed_out"]))
             lines.append(f"| {r['name']} | {status} |" + " |" * 13 + f" {text[:160].replace('|', '/')} |")
             continue
         util = None if r.get("bw_util") is None else 100 * r["bw_util"]
@@ -208,52 +217,159 @@ def run(args: argparse.Namespace) -> int:
 
     SWEEP["deadline"] = started + args.sweep_budget
     rows = run_entries(load_cases(args.quick, args.only), args, peak, info, started)
-    table = markdown_table(rows)
-    print(f"- total {time.time() - started:.0f} s; candidate sweeps cut short by --sweep-budget "
-          f"({args.sweep_budget:.0f} s): {SWEEP['cut']}; cases skipped by --budget ({args.budget:.0f} s): "
-          f"{sum('skipped' in r for r in rows)}")
-    print()
-    print(table)
+    report(rows, args, started)
     return 0
+
+
+def report(rows: list[dict], args: argparse.Namespace, started: float) -> None:
+    """The run's summary line and its Markdown table, printed last."""
+    from benchmarks.gpu_cases import SWEEP
+
+    print(f"- total {time.time() - started:.0f} s; candidate sweeps cut short by --sweep-budget "
+          f"({args.sweep_budget:.0f} s): {SWEEP['cut']}; cases skipped by --budget ({args.budget:.0f} s) or "
+          f"--limit ({getattr(args, 'limit', None) or 0:.0f} s): {sum('skipped' in r for r in rows)}; timed out: "
+          f"{sum('timed_out' in r for r in rows)}")
+    print()
+    print(markdown_table(rows), flush=True)
 
 
 def run_entries(entries: list, args: argparse.Namespace, peak: float | None, info: dict, started: float) -> list:
     """The table's rows: each entry built (if Pending) and its cases checked and timed in turn, one progress line
-    each, $OUT's files rewritten after each entry; an entry reached after `args.budget` seconds is skipped."""
+    each, $OUT's files rewritten after each entry; an entry reached after `args.budget` seconds is skipped. At
+    `args.limit` seconds (if set) the case running is abandoned (see `HardLimit`): it becomes a "timed out" row,
+    the entries left become skipped rows, and the rows are returned as usual."""
     rows: list[dict] = []
-    for entry in entries:
-        rows += entry_rows(entry, args, peak, started)
+    running = {"name": None, "entry": 0}   # the case (or entry being built) that a timeout abandons, its entry
+    limit = getattr(args, "limit", None)
+    guard = HardLimit(started + limit if limit else None,
+                      on_hang=lambda: finish_hung(rows, running, entries, args, info, started))
+    try:
+        with guard:
+            for running["entry"], entry in enumerate(entries):
+                for row in entry_rows(entry, args, peak, started, running):
+                    rows.append(row)
+                write_results(rows, info)
+    except RunTimeout:
+        rows += timeout_rows(running, entries[running["entry"]:], limit)
+        print(f"[timed out] {running['name'] or '-'}: the run reached --limit {limit:.0f} s", flush=True)
         write_results(rows, info)
     return rows
 
 
-def entry_rows(entry, args: argparse.Namespace, peak: float | None, started: float) -> list[dict]:
-    """The rows of one entry of load_cases: skipped (past the budget), its error, or its cases' results."""
+def timeout_rows(running: dict, left: list, limit: float) -> list[dict]:
+    """The rows a timeout adds: the abandoned case, then the entries not reached (`left` starts with the entry
+    that was running; its label is not repeated when it is the abandoned case)."""
     from benchmarks.gpu_cases import Pending
 
+    out = []
+    if running["name"]:
+        out.append({"name": running["name"], "timed_out": f"abandoned: the run reached --limit {limit:.0f} s"})
+    for entry in left[1:]:
+        label = entry.label if isinstance(entry, Pending) else entry["name"]
+        out.append({"name": label, "skipped": f"not run: past --limit {limit:.0f} s"})
+    return out
+
+
+def entry_rows(entry, args: argparse.Namespace, peak: float | None, started: float, running: dict | None = None):
+    """The rows of one entry of load_cases, yielded as each is known: skipped (past the budget), its error, or
+    its cases' results. running["name"] is the case (or the entry, while it is built) being worked on, None
+    between cases."""
+    from benchmarks.gpu_cases import Pending
+
+    running = {} if running is None else running
     label = entry.label if isinstance(entry, Pending) else entry["name"]
     if time.time() - started > args.budget:
         print(f"[skipped] {label}", flush=True)
-        return [{"name": label, "skipped": f"not run: past --budget {args.budget:.0f} s"}]
+        yield {"name": label, "skipped": f"not run: past --budget {args.budget:.0f} s"}
+        return
     if not isinstance(entry, Pending) and "error" in entry:
         print(f"[error] {label}: {entry['error']}", flush=True)
-        return [entry]
+        yield entry
+        return
+    running["name"] = label
     try:
         cases = built_cases(entry, args.only)
     except Exception as exc:  # noqa: BLE001 - this entry becomes one error row, the run goes on
         row = {"name": label, "error": f"building the case failed: {type(exc).__name__}: {exc}",
                "trace": traceback.format_exc()}
         print(f"[error] {label}: {row['error']}", flush=True)
-        return [row]
-    rows = []
+        running["name"] = None
+        yield row
+        return
     for case in cases:
+        running["name"] = case["name"]
         try:
             row = check_and_time(case, args.quick, peak)
         except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
             row = {"name": case["name"], "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        rows.append(row)
+        running["name"] = None
         print(f"{progress_line(row)} ({time.time() - started:.0f}s)", flush=True)
-    return rows
+        yield row
+
+
+class RunTimeout(BaseException):
+    """Raised in the main thread at the hard limit. A BaseException, so that the `except Exception` that turns a
+    failing case into an error row does not swallow it."""
+
+
+class HardLimit:
+    """`with HardLimit(deadline, on_hang):` raises RunTimeout in the main thread at time.time() `deadline` (None:
+    never), and again every second until the block is left, in case cleanup code (a CUDA graph capture's exit)
+    replaces the first with an error that is caught. Python runs the signal handler between bytecodes, so a
+    kernel or compile in C finishes first; if the main thread is still inside C `HANG_GRACE` seconds later (a
+    hung kernel), `on_hang()` runs on a timer thread (it writes and prints what there is, then ends the process).
+    """
+
+    HANG_GRACE = 15.0
+
+    def __init__(self, deadline: float | None, on_hang=None):
+        self.deadline, self.on_hang = deadline, on_hang
+        self.previous = self.hang_timer = None
+        self.active = False
+
+    def __enter__(self) -> "HardLimit":
+        import signal
+        import threading
+
+        if self.deadline is None:
+            return self
+        wait = max(self.deadline - time.time(), 1e-3)
+        self.active = True
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGALRM, self._expired)
+            signal.setitimer(signal.ITIMER_REAL, wait, 1.0)
+        if self.on_hang is not None:
+            self.hang_timer = threading.Timer(wait + self.HANG_GRACE, self.on_hang)
+            self.hang_timer.daemon = True
+            self.hang_timer.start()
+        return self
+
+    def _expired(self, signum, frame):
+        if self.active:
+            raise RunTimeout()
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.active = False   # first: a signal arriving while the timer is stopped raises nothing
+        if self.previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        if self.hang_timer is not None:
+            self.hang_timer.cancel()
+
+
+def finish_hung(rows: list, running: dict, entries: list, args: argparse.Namespace, info: dict,
+                started: float) -> None:
+    """The main thread is stuck past the hard limit (inside C: a hung kernel): write and print what the run has,
+    the stuck case as timed out, and end the process with status 0 (its threads cannot be stopped otherwise)."""
+    final = list(rows) + timeout_rows(running, entries[running["entry"]:], args.limit)
+    print(f"[timed out] {running['name'] or '-'}: stuck {HardLimit.HANG_GRACE:.0f} s past --limit "
+          f"{args.limit:.0f} s; ending the run", flush=True)
+    write_results(final, info)
+    report(final, args, started)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def progress_line(row: dict) -> str:

@@ -142,3 +142,91 @@ def test_seeded_entries_make_the_same_inputs_whatever_ran_before():
         assert a.label == "t/draw(4)"
     finally:
         gpu_cases.DEVICE["name"] = old
+
+
+def _gpu_check():
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import gpu_check
+        from benchmarks.gpu_cases import Pending
+    finally:
+        sys.path.remove(str(REPO))
+    return gpu_check, Pending
+
+
+def test_hard_limit_abandons_the_running_case_and_keeps_the_rest(tmp_path, monkeypatch):
+    """--limit stops a case that overruns (a fake one that would sleep 60 s): it becomes a "timed out" row, the
+    entries after it skipped rows, the results are written and run_entries returns; the alarm is undone after."""
+    import signal
+    import time
+
+    gpu_check, Pending = _gpu_check()
+
+    def checked(case, quick, peak):
+        if case["name"] == "fam/slow":
+            try:
+                time.sleep(60)
+            except Exception:   # noqa: BLE001 - a case's own handlers must not swallow the timeout
+                pass
+        return {"name": case["name"], "ok": True, "kernel_ms": 1.0, "baseline_ms": None, "rel_l2": 0.0,
+                "max_abs_err": 0.0, "kernel_graph_ms": None, "gb_s": None, "tflop_s": None, "note": ""}
+
+    monkeypatch.setattr(gpu_check, "check_and_time", checked)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    entries = [Pending("fam/fast", lambda: {"name": "fam/fast"}),
+               Pending("fam/two", lambda: [{"name": "fam/quick"}, {"name": "fam/slow"}]),
+               Pending("fam/late", lambda: {"name": "fam/late"})]
+    before = signal.getsignal(signal.SIGALRM)
+    args = argparse.Namespace(budget=1e9, only=None, quick=True, limit=0.5, sweep_budget=1.0)
+    start = time.time()
+    rows = gpu_check.run_entries(entries, args, None, {"gpu": "none"}, started=start)
+    assert time.time() - start < 10
+    assert [r["name"] for r in rows] == ["fam/fast", "fam/quick", "fam/slow", "fam/late"]
+    assert rows[0]["ok"] and rows[1]["ok"]
+    assert "--limit 0" in rows[2]["timed_out"] and "past --limit" in rows[3]["skipped"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == [r["name"] for r in rows]
+    assert "| fam/slow | timed out |" in (tmp_path / "gpu_check.md").read_text()
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+HUNG_RUN = """
+import argparse, json, signal, sys, time
+sys.path.insert(0, {repo!r})
+from benchmarks import gpu_check
+from benchmarks.gpu_cases import Pending
+
+def checked(case, quick, peak):
+    if case["name"] == "fam/hung":   # as a kernel stuck in C: the alarm's Python handler never gets to run
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGALRM}})
+        time.sleep(60)
+    return {{"name": case["name"], "ok": True, "kernel_ms": 1.0, "baseline_ms": None, "rel_l2": 0.0,
+             "max_abs_err": 0.0, "kernel_graph_ms": None, "gb_s": None, "tflop_s": None, "note": ""}}
+
+gpu_check.check_and_time = checked
+gpu_check.HardLimit.HANG_GRACE = 0.5
+entries = [Pending("fam/fast", lambda: {{"name": "fam/fast"}}), Pending("fam/hung", lambda: {{"name": "fam/hung"}}),
+           Pending("fam/late", lambda: {{"name": "fam/late"}})]
+args = argparse.Namespace(budget=1e9, only=None, quick=True, limit=0.5, sweep_budget=1.0)
+gpu_check.run_entries(entries, args, None, {{"gpu": "none"}}, started=time.time())
+print("not reached")
+sys.exit(3)
+"""
+
+
+def test_a_case_stuck_in_c_past_the_limit_still_gets_its_table(tmp_path):
+    """A case the alarm cannot interrupt (SIGALRM blocked, as in a hung kernel): HANG_GRACE after --limit the
+    watchdog thread writes the results, prints the table and ends the process with status 0."""
+    import os
+    import time
+
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", HUNG_RUN.format(repo=str(REPO))], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert time.time() - start < 30
+    assert "not reached" not in out.stdout
+    assert "[timed out] fam/hung" in out.stdout and "| fam/hung | timed out |" in out.stdout
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["fam/fast", "fam/hung", "fam/late"]
+    assert "skipped" in saved["rows"][2]
