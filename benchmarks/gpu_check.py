@@ -4,11 +4,15 @@
                                    [--sweep-budget SECONDS]
 
 Runs from a plain checkout (the repo root goes on sys.path; nothing is installed). For every case of
-benchmarks/gpu_cases/{attention,quant,norms,artifact,tvm}.py: run the kernel and the reference, check allclose and
-the relative L2 error, then time kernel and baseline (where the case has one; else "-" cells) with
-triton.testing.do_bench (median) and report speedup = baseline / kernel; then time both again as pure GPU time
-(CUDA graphs, cold L2: see gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and TFLOP/s
-from the GPU time (and the share of the GPU's memory bandwidth when the GPU is known). Cases are built (inputs,
+benchmarks/gpu_cases/{attention,quant,artifact,decode_graphs,norms,tvm}.py: run the kernel and the reference,
+check allclose and the relative L2 error, then time kernel and baseline (where the case has one; else "-" cells)
+with triton.testing.do_bench (median) and report speedup = baseline / kernel; then time both again as pure GPU
+time (CUDA graphs, cold L2: see gpu_cases.graph_time_ms) and report that speedup too, with achieved GB/s and
+TFLOP/s from the GPU time (and the share of the GPU's memory bandwidth when the GPU is known). The modules:
+attention (prefill and decode kernels against torch SDPA pinned to FlashAttention where it runs the case, the
+backend named in the baseline column), quant (int4 / int8 weight-only GEMV and GEMM against cuBLAS fp16),
+artifact (an exported model's cubins), decode_graphs (the example Llama's compiled decode step as generated code
+and replayed by use_cuda_graphs()), norms, tvm (TVM's exported CUDA kernels). Cases are built (inputs,
 compiles, config sweeps) as the run reaches them: a module that fails to import, a case that fails to build or
 raises becomes an error row and the run goes on; past --budget seconds the remaining cases become "skipped" rows.
 --limit is the hard stop (default 280 s): the case running then is abandoned as a "timed out" row (between two
@@ -32,7 +36,8 @@ import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CASE_MODULES = ("attention", "quant", "artifact", "norms", "tvm")  # most wanted first: --budget cuts the tail
+# most wanted first: --budget cuts the tail
+CASE_MODULES = ("attention", "quant", "artifact", "decode_graphs", "norms", "tvm")
 # Peak HBM bandwidth (bytes/s) by device-name fragment, from NVIDIA's datasheets.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
                   "A100-SXM4-80GB": 2.04e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12}
@@ -141,13 +146,16 @@ def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
     try:
         from benchmarks.gpu_cases import graph_time_ms
 
+        if not case.get("graph_timing", True):
+            raise GraphTimingOff()
         row["kernel_graph_ms"] = graph_time_ms(case["kernel"])
         if baseline is not None:
             row["baseline_graph_ms"] = graph_time_ms(baseline)
             row["graph_speedup"] = row["baseline_graph_ms"] / row["kernel_graph_ms"]
     except Exception as exc:  # noqa: BLE001 - e.g. a kernel that cannot be captured; do_bench still stands
         row["kernel_graph_ms"] = row["baseline_graph_ms"] = row["graph_speedup"] = None
-        row["note"] = f"{row['note']} (no graph timing: {type(exc).__name__})".strip()
+        if not isinstance(exc, GraphTimingOff):
+            row["note"] = f"{row['note']} (no graph timing: {type(exc).__name__})".strip()
     row["stages_ms"] = stage_times(case.get("stages") or {})
     if row["stages_ms"]:
         parts = [f"{name} {_fmt(ms, '.4f')}" for name, ms in row["stages_ms"].items()]
@@ -157,6 +165,10 @@ def check_and_time(case: dict, quick: bool, peak: float | None) -> dict:
     row["tflop_s"] = case["flops"] / seconds / 1e12
     row["bw_util"] = case["bytes"] / seconds / peak if peak else None
     return row
+
+
+class GraphTimingOff(Exception):
+    """A case with graph_timing=False: its kernel is not captured in a CUDA graph (it replays one itself)."""
 
 
 def stage_times(stages: dict) -> dict:

@@ -162,3 +162,16 @@ def test_sdpa_baseline_is_pinned_and_says_which_backend_ran(monkeypatch):
     baseline, name = attention._sdpa("torch SDPA fp32", q, k, v, is_causal=True)
     assert name.endswith("[torch default: no pinned backend ran]")
     torch.testing.assert_close(baseline(), expected)
+
+
+def test_decode_graphs_builder_runs_the_generated_code_with_triton():
+    """The compiled example decode step (tiny preset, fp16) runs its generated code with the Triton kernels, as
+    on the GPU, and matches the torch reference; the CUDA-graph row needs a GPU and is not built here."""
+    from benchmarks.gpu_cases import decode_graphs
+
+    rows = decode_graphs._decode_step("tiny", 1, 8)
+    assert [r["name"] for r in rows] == ["decode_graphs/llama_tiny_fp16_decode_b1_past8/generated_code"]
+    _check(rows[0])
+    assert rows[0]["note"].startswith("Triton runs ") and "attention" in rows[0]["note"], rows[0]["note"]
+    assert not rows[0]["note"].startswith("Triton runs 0 ")
+    assert [e.label for e in decode_graphs.cases(True)] == ["decode_graphs/llama_5m_b1_past128"]

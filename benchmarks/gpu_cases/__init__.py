@@ -10,8 +10,9 @@ Each module defines `cases(quick: bool) -> list[dict | Pending]`; a case is a di
     bytes, flops   the kernel's minimal memory traffic and arithmetic, for GB/s and TFLOP/s
 and optionally `note` (e.g. the config the quick tuning picked) and `stages`, {name: zero-arg callable}: parts
 of the kernel's pipeline that gpu_check times alone (GPU time, `graph_time_ms`) and lists in the note, to show
-where a multi-launch kernel spends its time. Inputs are built on `device()` (CUDA) inside cases(), or, for a
-`Pending` entry, inside its build() when gpu_check gets to it.
+where a multi-launch kernel spends its time, and `graph_timing`: False for a kernel that replays a CUDA graph
+itself (gpu_check then leaves the graph columns empty instead of capturing it again). Inputs are built on
+`device()` (CUDA) inside cases(), or, for a `Pending` entry, inside its build() when gpu_check gets to it.
 """
 from __future__ import annotations
 
