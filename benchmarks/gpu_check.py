@@ -16,7 +16,7 @@ and replayed by use_cuda_graphs()), norms, tvm (TVM's exported CUDA kernels). Ca
 compiles, config sweeps) as the run reaches them: a module that fails to import, a case that fails to build or
 raises becomes an error row and the run goes on; past --budget seconds the remaining cases become "skipped" rows.
 --limit is the hard stop (default 280 s): the case running then is abandoned as a "timed out" row (between two
-Python steps; a kernel stuck in C gets 15 s more, then the process ends), the rest are skipped, and the results
+Python steps; a kernel stuck in C gets 10 s more, then the process ends), the rest are skipped, and the results
 are written and the table printed as usual, exit status 0.
 Prints a versions header and one line per case as it finishes, then a Markdown table last; with $OUT set, also
 writes gpu_check.md and gpu_check.json there, rewritten after every case (a run killed midway keeps what it
@@ -332,7 +332,7 @@ class HardLimit:
     hung kernel), `on_hang()` runs on a timer thread (it writes and prints what there is, then ends the process).
     """
 
-    HANG_GRACE = 15.0
+    HANG_GRACE = 10.0
 
     def __init__(self, deadline: float | None, on_hang=None):
         self.deadline, self.on_hang = deadline, on_hang
