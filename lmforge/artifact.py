@@ -13,7 +13,10 @@ An artifact directory (written by `lmforge.exporting.export`) holds `manifest.js
    never unpickling anything (`torch.load` is not used), and checks the weights against the graph's params;
 5. builds a CompiledModel run by the torch reference backend; on a CUDA device, when a GPU target's Triton
    kernels (kernels/<target>/triton/, see lmforge.backends.triton.artifact_kernels) were built for this
-   GPU's arch, their cubins run the nodes they serve (`kernels="auto" | "required" | "none"`, see `load`).
+   GPU's arch, their cubins run the nodes they serve; on the CPU, when the artifact carries the TVM backend's
+   host library (kernels/host/tvm/, see lmforge.backends.tvm.host_library) and it fits this machine, its
+   kernels run the nodes they serve (`kernels="auto" | "required" | "none"`, see `load`). Loading a shared
+   library runs its code: it is loaded only from the bytes whose sha256 was checked in step 2.
 
 Every failure is an ArtifactError or TargetError raised here, saying what is wrong and what to do, with
 the library exception that detected it suppressed (`from None`). The sha256 sums detect corruption and
@@ -38,6 +41,8 @@ MANIFEST = "manifest.json"
 GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.safetensors"
 HOST = "host"
+HOST_TVM_DIR = f"kernels/{HOST}/tvm"            # the TVM backend's host library (lmforge.backends.tvm.host_library)
+HOST_TVM_INDEX = f"{HOST_TVM_DIR}/index.json"
 
 # key -> (type or types, required). Nested entries are checked by _check_entries.
 MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
@@ -355,12 +360,14 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
 
     target:  the target whose configuration you want (default: the one the artifact was compiled for);
              TargetError when the artifact was not built for it or for the device's kind.
-    kernels: what runs the graph on a CUDA device (on the CPU the torch reference runs: "auto" and "none" are the
-             same there, "required" is an error):
-             "auto"      the artifact's Triton cubins for the nodes they serve when a GPU target's arch matches
-                         this GPU (kernels/<target>/triton/), the torch reference for the rest; without a
-                         matching arch (or if a cubin fails to load) the reference alone, with a warning;
-             "required"  the same, but an LmforgeError instead of the warning (and on a CPU device);
+    kernels: what runs the graph besides the torch reference:
+             "auto"      on a CUDA device, the artifact's Triton cubins for the nodes they serve when a GPU
+                         target's arch matches this GPU (kernels/<target>/triton/); on the CPU, the TVM host
+                         library (kernels/host/tvm/) when the artifact has one and it fits this machine (arch,
+                         OS, TVM minor version, CPU features); the torch reference for the rest. When they do
+                         not fit (or fail to load): the reference alone, with a warning;
+             "required"  the same, but an LmforgeError instead of the warning (and when the artifact has no
+                         kernels for the device);
              "none"      the torch reference alone.
     group:   for a tensor-parallel artifact, this process's rank in a torch.distributed job
              (`lmforge.backends.collectives.TorchDistributedGroup()`, on device f"cuda:{local rank}"); None runs
@@ -372,6 +379,7 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
         model = lmforge.load("out/tiny-llama")
         logits, k, v = model(tokens, k_cache, v_cache)
         gpu = lmforge.load("out/tiny-llama", device="cuda", kernels="required")
+        cpu = lmforge.load("out/tiny-llama", kernels="required")   # the host TVM library, or an error
     """
     from dataclasses import replace
 
@@ -382,13 +390,18 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
         raise LmforgeError(f"kernels={kernels!r}: use one of {KERNEL_MODES}")
     root = artifact_dir(path)
     manifest = read_manifest(root)
-    if kernels == "required" and not str(device).startswith("cuda"):
-        raise LmforgeError(f"kernels='required' asks for the artifact's GPU kernels, which run on a CUDA device, "
-                           f"not {device!r}: load with device='cuda' on a GPU machine, or kernels='auto'")
+    on_gpu = str(device).startswith("cuda")
+    if kernels == "required" and not on_gpu and HOST_TVM_INDEX not in manifest["files"]:
+        raise LmforgeError(f"kernels='required' on {device!r} asks for the artifact's TVM host library "
+                           f"({HOST_TVM_DIR}/), and {manifest['name']!r} has none (GPU kernels run on a CUDA device: "
+                           "load with device='cuda' on a GPU machine). Export a model compiled with "
+                           "backends=('tvm',) (`lmforge export --target host --kernels`), or load with kernels='auto'")
     check_target(manifest, device, target)
-    gpu_kernels = kernels != "none" and str(device).startswith("cuda")
+    gpu_kernels = kernels != "none" and on_gpu
+    host_kernels = kernels != "none" and not on_gpu and HOST_TVM_INDEX in manifest["files"]
     keep = (GRAPH_FILE, WEIGHTS_FILE) + tuple(rel for rel in manifest["files"]
-                                              if gpu_kernels and re.fullmatch(r"kernels/[^/]+/triton/.+", rel))
+                                              if gpu_kernels and re.fullmatch(r"kernels/[^/]+/triton/.+", rel)
+                                              or host_kernels and rel.startswith(HOST_TVM_DIR + "/"))
     data = check_files(root, manifest, keep)
     graph = _parse_graph(data[GRAPH_FILE], manifest)
     _check_ops_present(graph, manifest)
@@ -404,24 +417,55 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
             triton_dir = None
         else:
             backends = [cubins, *backends]
+    host_dir = None
+    if host_kernels:
+        host = _host_tvm_backend(manifest, data, kernels == "required")
+        if host is not None:
+            backends, host_dir = [host, *backends], HOST_TVM_DIR
     if graph.get_meta("tensor_parallel"):  # every rank runs the same program: the same kernels serve them all
         from lmforge.backends.collectives import TensorParallelModel
 
         model = TensorParallelModel(graph, backends, device, chosen, manifest["config"],
                                     manifest.get("pass_report", ""), group=group, split_io=split_io)
-        model.kernel_source = triton_dir
+        model.kernel_source = triton_dir or host_dir
         model.config_source, model.objectives = manifest.get("config_source"), manifest.get("objectives") or None
         return model
     if group is not None or split_io != "whole":
         raise LmforgeError("group= / split_io= are for tensor-parallel artifacts; this one runs on one device: load "
                            "it without them")
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
-    model.kernel_source = triton_dir  # where the GPU kernels came from (None: the torch reference alone)
+    model.kernel_source = triton_dir or host_dir  # where the kernels came from (None: the torch reference alone)
     model.config_source, model.objectives = manifest.get("config_source"), manifest.get("objectives") or None
-    # the targets the artifact holds GPU kernels for (export warns that re-exporting does not carry them)
+    # the targets the artifact holds GPU kernels for (export warns that re-exporting does not carry them; the
+    # host library's builds are carried over by the loaded model's TVM backend)
     model.artifact_kernel_targets = sorted({rel.split("/")[1] for rel in manifest["files"]
-                                            if rel.startswith("kernels/")})
+                                            if rel.startswith("kernels/") and rel.split("/")[1] != HOST})
     return model
+
+
+def _host_tvm_backend(manifest: dict, data: dict[str, bytes], required: bool):
+    """The HostLibraryBackend of kernels/host/tvm/ (files already hash-checked), or None after a warning when it
+    does not fit this machine or fails to load (LmforgeError instead when `required`)."""
+    from lmforge.backends.triton.artifact_kernels import warn_or_raise
+
+    try:
+        from lmforge.backends.tvm.host_library import host_backend, library_mismatch, read_index
+    except Exception as e:   # TVM (or its lmforge backend) cannot be imported here
+        reason = f"the TVM backend cannot be imported here ({type(e).__name__}: {e})"
+    else:
+        files = {rel[len(HOST_TVM_DIR) + 1:]: blob for rel, blob in data.items() if rel.startswith(HOST_TVM_DIR + "/")}
+        index = read_index(data[HOST_TVM_INDEX], HOST_TVM_INDEX, files)
+        reason = library_mismatch(index)
+        if reason is None:
+            try:
+                return host_backend(index, files, HOST_TVM_DIR)
+            except Exception as e:  # the dynamic loader or TVM refused a library
+                reason = f"a library failed to load ({type(e).__name__}: {str(e)[:300]})"
+    what = ("Export the artifact again on a machine of this kind, or load with kernels='auto' to run the torch "
+            "reference" if required else "The torch reference runs instead")
+    warn_or_raise(f"artifact {manifest['name']!r} has a TVM host library ({HOST_TVM_DIR}/) that cannot run here: "
+                  f"{reason}. {what}", required)
+    return None
 
 
 def _matching_triton_dir(manifest: dict, data: dict[str, bytes], device, required: bool) -> str | None:

@@ -67,7 +67,8 @@ def library_versions() -> dict[str, str | None]:
 
 def target_entry(name: str, strict: bool = True) -> dict[str, Any]:
     """{"name", "kind", "fingerprint"} of a target. The host entry is the portable torch reference (no
-    fingerprint: it runs on any CPU). Unknown names raise TargetError when `strict`, else get kind "unknown"."""
+    fingerprint: it runs on any CPU; `export` gives it one when the artifact carries a host TVM library).
+    Unknown names raise TargetError when `strict`, else get kind "unknown"."""
     if name == HOST:
         return {"name": HOST, "kind": "cpu", "fingerprint": None}
     try:
@@ -100,6 +101,17 @@ def _kernel_files(compiled) -> dict[str, bytes]:
                 raise ArtifactError(f"kernel file {target}/{rel} must be bytes, not {type(data).__name__}")
             out[f"kernels/{target}/{rel}"] = bytes(data)
     return out
+
+
+def _host_kernel_files(compiled) -> tuple[dict[str, bytes], str | None]:
+    """The TVM backend's host kernels as kernels/host/tvm/ (shared libraries and their index) and the host
+    target's fingerprint; nothing when no node of `compiled` runs a TVM host kernel (TVM is imported only then)."""
+    if not any(getattr(k, "backend", None) == "tvm" for k in getattr(compiled, "kernels", None) or ()):
+        return {}, None
+    from lmforge.backends.tvm.host_library import host_kernel_files
+
+    files, fingerprint = host_kernel_files(compiled)
+    return {f"kernels/{HOST}/{rel}": data for rel, data in files.items()}, fingerprint
 
 
 def _weights_bytes(graph) -> bytes:
@@ -297,12 +309,16 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
         warnings.warn(f"this model was loaded from an artifact with GPU kernels for {dropped}; they are not carried "
                       f"over: call add_gpu_kernels({dropped}) before export to build them again", stacklevel=2)
     files.update(kernels)
+    host_files, host_fingerprint = _host_kernel_files(compiled)
+    files.update(host_files)
     onnx_files, onnx_entry = _onnx_files(graph)
     files.update(onnx_files)
     names = [HOST, compiled.target, *(targets or ())]
     entries = {n: target_entry(n) for n in dict.fromkeys(names)}
     for name in getattr(compiled, "kernel_files", None) or {}:
         entries.setdefault(name, target_entry(name, strict=False))
+    if host_fingerprint:   # the host entry names the machine kind its TVM library runs on
+        entries[HOST]["fingerprint"] = host_fingerprint
     manifest = {
         "schema_version": SCHEMA_VERSION, "format": FORMAT, "name": graph.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -69,6 +69,12 @@ class BuildStats:
     builds: int = 0
     seconds: float = 0.0
     hits: int = 0
+    from_library: int = 0   # builds taken from an artifact's host library instead (see host_library)
+
+
+def cache_key(key: tuple, knobs: Mapping[str, Any], target: dict, family: str) -> tuple:
+    """The full key of one build: (computation and variant, the knob values its family reads, target)."""
+    return key, family_values(knobs, family), target_key(target)
 
 
 class BuildCache:
@@ -84,7 +90,7 @@ class BuildCache:
 
     def get(self, key: tuple, lower: Callable[[], Lowered], knobs: Mapping[str, Any], target: dict,
             family: str):
-        full = (key, family_values(knobs, family), target_key(target))
+        full = cache_key(key, knobs, target, family)
         if full in self._built:
             self.stats.hits += 1
             return self._built[full]
@@ -97,6 +103,10 @@ class BuildCache:
 
     def __len__(self) -> int:
         return len(self._built)
+
+    def module(self, full: tuple):
+        """The runtime module built under the full key `full` (see `cache_key`); KeyError if none was."""
+        return self._built[full]
 
 
 def compile_lowered(lowered: Lowered, knobs: Mapping[str, Any], target: dict, name: str = "main"):
@@ -125,6 +135,7 @@ class OpKernel:
     """
 
     family = "rowwise"
+    main_variant: Any = 0   # the build most calls use (exported with the host library even if never called)
 
     def __init__(self, node: Node, knobs: Mapping[str, Any], cache: BuildCache, target: dict):
         self.node = node

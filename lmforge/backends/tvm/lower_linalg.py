@@ -184,6 +184,7 @@ class RowsKernel(OpKernel):
     """Shared by linear, linear_wo and 2-D matmul: flatten x to rows, pick variants, run main + tail."""
 
     family = "gemv"
+    main_variant = "gemm"      # serves every row count above gemv_max_rows (with a static-row tail)
     small_rows_kind = "gemv"   # schedule of the static-row variants ("gemm" for matmul's [K, N] layout)
 
     def __init__(self, node, knobs, cache, target):
