@@ -25,7 +25,9 @@ ADVICE = r"(export (it|the artifact) again|re-export|load it with|remove them|co
 def template(tmp_path_factory):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
-    compiled = lmforge.compile(model, (torch.randn(3, 4),), dynamic={"input": {0: "batch"}})
+    # the TVM backend runs the nodes, so the artifact carries host shared libraries (kernels/host/tvm/) too
+    compiled = lmforge.compile(model, (torch.randn(3, 4),), dynamic={"input": {0: "batch"}}, backends=("tvm",))
+    compiled(torch.randn(3, 4))
     return export(compiled, tmp_path_factory.mktemp("template") / "art")
 
 
@@ -61,6 +63,15 @@ def flip_byte(rel: str, offset: int = -20):
         (root / rel).write_bytes(bytes(data))
 
     return apply
+
+
+def host_index_naming_a_foreign_library(root):
+    """The host library index names a .so the manifest does not list (the index's hash fixed up)."""
+    rel = "kernels/host/tvm/index.json"
+    index = json.loads((root / rel).read_text())
+    index["libraries"]["99_linear.so"] = dict(next(iter(index["libraries"].values())))
+    (root / rel).write_text(json.dumps(index))
+    rehash(root, rel)
 
 
 def truncate(root):
@@ -110,7 +121,7 @@ def symlink_out(root):
 
 
 def list_directory(root):
-    (root / "kernels").mkdir()
+    (root / "kernels").mkdir(exist_ok=True)   # the template has kernels/host/tvm/ already
     edit_manifest(lambda m: m["files"].__setitem__("kernels", {"sha256": "0" * 64, "bytes": 0}))(root)
 
 
@@ -145,6 +156,11 @@ CASES = {
     "missing file": (lambda r: (r / "model.onnx").unlink(), {}, ArtifactError, "model.onnx is listed .* but missing"),
     "truncated weights": (truncate, {}, ArtifactError, "truncated"),
     "flipped byte in weights": (flip_byte("weights.safetensors"), {}, ArtifactError, "sha256"),
+    # a shared library runs code when loaded: its hash is checked before anything loads it
+    "tampered host library": (flip_byte("kernels/host/tvm/00_linear.so", 200), {}, ArtifactError,
+                              "00_linear.so does not match its sha256"),
+    "host index names a foreign library, hash fixed up": (host_index_naming_a_foreign_library, {}, ArtifactError,
+                                                          "not a valid host kernel index"),
     "graph edited, same size": (same_size_graph_edit, {}, ArtifactError, "graph.json does not match its sha256"),
     "hash mismatch": (edit_manifest(lambda m: m["files"]["README.md"].update(sha256="a" * 64)), {}, ArtifactError,
                       "README.md does not match its sha256"),

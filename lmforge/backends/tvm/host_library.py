@@ -142,7 +142,9 @@ def host_kernel_files(compiled) -> tuple[dict[str, bytes], str | None]:
     by_key: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-tvm-export-") as tmp:
         for node, op in claimed:
-            op.build_now(op.main_variant)   # a failed build warns and is left out
+            # a failed build warns and is left out; a loaded model's library builds are carried over whole
+            for variant in (op.main_variant, *getattr(op.cache, "variants", {}).get(node_label(node), ())):
+                op.build_now(variant)
             served = []
             for variant, fn in list(op._fns.items()):
                 if fn is None:
@@ -206,6 +208,7 @@ class LibraryCache(BuildCache):
         super().__init__()
         self._library = dict(libraries)   # key text -> (runtime module, signature, bytes)
         self.blobs: dict[tuple, bytes] = {}
+        self.variants: dict[str, list] = {}   # node label -> the variants its library builds serve
 
     def get(self, key, lower, knobs, target, family):
         full = cache_key(key, knobs, target, family)
@@ -258,4 +261,11 @@ def host_backend(index: Mapping[str, Any], files: Mapping[str, bytes], source: s
             libraries[key_text(lib["key"])] = (module, lib["signature"], files[name])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # dlopen keeps the mapping; nothing is read from disk again
-    return HostLibraryBackend(index, LibraryCache(libraries), source)
+    cache = LibraryCache(libraries)
+    cache.variants = {label: [_variant(b["variant"]) for b in node["builds"]] for label, node in index["nodes"].items()}
+    return HostLibraryBackend(index, cache, source)
+
+
+def _variant(value):
+    """A variant as the kernels name it (JSON made its tuples lists)."""
+    return tuple(_variant(v) for v in value) if isinstance(value, list) else value
