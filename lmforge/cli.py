@@ -303,8 +303,10 @@ def cmd_run(args) -> int:
                       else torch.randn(shape, device=args.device))
     out = model(*inputs)
     leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    runs = {b: sum(k.backend == b for k in model.kernels) for b in dict.fromkeys(k.backend for k in model.kernels)}
     print(f"{manifest.get('name')}: ran on {args.device} with inputs "
-          f"{[tuple(x.shape) for x in inputs]} -> outputs {[tuple(x.shape) for x in leaves]}")
+          f"{[tuple(x.shape) for x in inputs]} -> outputs {[tuple(x.shape) for x in leaves]}; nodes run by "
+          f"{', '.join(f'{b}: {n}' for b, n in runs.items())}")
     return 0
 
 
@@ -411,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "`lmforge report` lists them; default: the most recently run study of the workload and "
                         "target)")
     e.add_argument("--kernels", action="store_true",
-                   help="also build the target GPU's kernels: Triton PTX/cubin (launched by `run --device cuda` on "
-                        "that GPU) and TVM CUDA source")
+                   help="also build the target's kernels: for a GPU, Triton PTX/cubin (launched by `run --device "
+                        "cuda` on that GPU) and TVM CUDA source; for --target host, the TVM backend's host shared "
+                        "library (run by `run` on a CPU of the same kind)")
     e.add_argument("--kernel-targets", default="", metavar="T1,T2",
                    help="more GPU targets to build kernels for (comma-separated, e.g. a100,l40s; implies "
                         "--kernels): one artifact holds them all, and `run --device cuda` picks the one for its GPU")
@@ -421,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("artifact")
     ru.add_argument("--device", default="cpu")
     ru.add_argument("--kernels", default="auto", choices=["auto", "required", "none"],
-                    help="on a GPU: launch the artifact's cubins when one matches the GPU (auto: else the torch "
-                         "reference with a warning; required: else an error; none: always the reference)")
+                    help="on a GPU: launch the artifact's cubins when one matches the GPU; on the CPU: run its TVM "
+                         "host library when it fits this machine (auto: else the torch reference with a warning; "
+                         "required: else an error; none: always the reference)")
     ru.add_argument("--dim", action="append", help="value of a symbolic dim, e.g. --dim batch=4")
     ru.set_defaults(fn=cmd_run)
     ca = sub.add_parser("calibrate", help="fit the cost model's efficiency factors by timing ops here")

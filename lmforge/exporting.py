@@ -361,17 +361,24 @@ def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gp
 
     config: knob values, "best" (the tuning database's best for this target: of `study`, else of the most recently
             run study; see `lmforge.compile`), or None (defaults).
-    gpu_kernels: build `target`'s GPU kernels into the artifact; kernel_targets: more GPU targets to build them for
-            (the artifact holds every one; `load(device="cuda")` picks the one matching the GPU).
+    gpu_kernels: also write the target's kernels: for a GPU target its Triton cubins and TVM CUDA source
+            (`add_gpu_kernels`); for "host", the model runs with the TVM backend and the artifact carries its host
+            shared library (kernels/host/tvm/, see lmforge.backends.tvm.host_library).
+    kernel_targets: more GPU targets to build kernels for (the artifact holds every one; `load(device="cuda")`
+            picks the one matching the GPU).
     """
     import lmforge
     from lmforge.workload import load_workload
 
     work = load_workload(workload_spec)
     best = config == "best"
+    host_kernels = gpu_kernels and target == HOST
     compiled = lmforge.compile(work.model, work.example_inputs, dynamic=work.dynamic, target=target, config=config,
-                               storage=storage if best else None, study=study if best else None)
-    gpu_targets = [*([target] if gpu_kernels or (kernel_targets and target != "host") else []), *kernel_targets]
+                               storage=storage if best else None, study=study if best else None,
+                               backends=("tvm",) if host_kernels else ("torch",))
+    if host_kernels:   # the TVM backend's host library: built for the example inputs' shapes (and main builds)
+        compiled(*work.example_inputs)
+    gpu_targets = [*([target] if (gpu_kernels or kernel_targets) and target != HOST else []), *kernel_targets]
     if gpu_targets:
         compiled.add_gpu_kernels(list(dict.fromkeys(gpu_targets)))
     return export(compiled, out_dir)

@@ -457,3 +457,10 @@ def test_export_kernel_targets_builds_several_gpus_into_one_artifact(capsys, tmp
         assert any(f.startswith(f"kernels/{gpu}/") and f.endswith(".cubin") for f in manifest["files"]), gpu
     assert "is not a CUDA GPU" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "b",
                                             "--kernel-targets", "host")
+
+
+def test_export_host_kernels_writes_the_tvm_host_library_and_run_uses_it(capsys, tmp_path, wl_file):
+    code, out, _ = run_cli(capsys, "export", wl_file, "--target", "host", "--kernels", "--out", tmp_path / "a")
+    assert code == 0 and any((tmp_path / "a" / "kernels" / "host" / "tvm").glob("*.so"))
+    code, out, _ = run_cli(capsys, "run", tmp_path / "a", "--kernels", "required")
+    assert code == 0 and "nodes run by tvm:" in out
