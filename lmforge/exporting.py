@@ -190,7 +190,10 @@ An lmforge artifact, exported {manifest['created']} (lmforge {manifest['versions
 torch {manifest['versions']['torch']}).
 
     import lmforge
-    model = lmforge.load("path/to/this/directory")   # validated, run by the torch reference
+    model = lmforge.load("path/to/this/directory")                  # every file's hash checked first
+    on_gpu = lmforge.load("path/to/this/directory", device="cuda")  # the cubins of this GPU's arch, if held
+
+{_kernels_line(manifest["files"])}
 
 ## Inputs
 
@@ -222,6 +225,25 @@ Configuration: `{json.dumps(manifest['config'], sort_keys=True)}`{source}
 | `manifest.json` | sha256 and size of every file above |
 """
     return text.encode()
+
+
+def _kernels_line(files: Mapping[str, Any]) -> str:
+    """What runs the graph where: the kernels the artifact holds per target, in a sentence."""
+    held: dict[str, list[str]] = {}
+    for rel in files:
+        parts = rel.split("/")
+        if parts[0] == "kernels" and len(parts) > 3:
+            held.setdefault(parts[1], []).append("/".join(parts[2:]))
+    what = []
+    for target, names in sorted(held.items()):
+        counts = {"Triton cubins": sum(n.startswith("triton/") and n.endswith(".cubin") for n in names),
+                  "TVM CUDA sources": sum(n.startswith("tvm-cuda/") and n.endswith(".cu") for n in names),
+                  "TVM host libraries": sum(n.startswith("tvm/") and n.endswith(".so") for n in names)}
+        what.append(f"{target}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
+    if not what:
+        return "Kernels: none; `load` runs every node with the torch reference (on the CPU or a GPU)."
+    return ("Kernels (`kernels/<target>/`): " + "; ".join(what) + ". `load` runs the ones that fit the machine (host "
+            "libraries on a CPU of the same kind, cubins on a GPU of their arch) and the torch reference for the rest.")
 
 
 def _objectives_line(objectives: Mapping[str, Any]) -> str:

@@ -455,6 +455,8 @@ def test_export_kernel_targets_builds_several_gpus_into_one_artifact(capsys, tmp
     assert {"h100", "a100"} <= {t["name"] for t in manifest["targets"]}
     for gpu in ("h100", "a100"):
         assert any(f.startswith(f"kernels/{gpu}/") and f.endswith(".cubin") for f in manifest["files"]), gpu
+        cubins = sum(f.startswith(f"kernels/{gpu}/triton/") and f.endswith(".cubin") for f in manifest["files"])
+        assert f"{gpu}: {cubins} Triton cubins, " in (tmp_path / "a" / "README.md").read_text()
     assert "is not a CUDA GPU" in cli_error(capsys, "export", wl_file, "--out", tmp_path / "b",
                                             "--kernel-targets", "host")
 

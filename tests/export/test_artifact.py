@@ -86,6 +86,7 @@ def test_manifest_lists_versions_targets_types_and_every_file(tmp_path, prefill_
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     readme = (path / "README.md").read_text()
     assert "`tokens` | int64[batch, seq]" in readme and "lmforge.load" in readme
+    assert "Kernels: none; `load` runs every node with the torch reference" in readme
     assert inspect_artifact(path)["graph_hash"] == manifest["graph_hash"]
 
 

@@ -98,6 +98,8 @@ def test_export_writes_one_library_per_build_an_index_and_a_host_fingerprint(com
         assert entry["function"] == "main" and entry["signature"]["inputs"] and entry["signature"]["outputs"]
     linear = index["nodes"][compiled.graph.nodes[0].outputs[0].name]
     assert {json.dumps(b["variant"]) for b in linear["builds"]} >= {"[3]", '"gemm"'}   # called shape + main build
+    readme = (artifact / "README.md").read_text()
+    assert f"Kernels (`kernels/<target>/`): host: {len(libraries)} TVM host libraries." in readme
 
 
 def test_loaded_in_a_fresh_process_runs_the_library_with_the_same_outputs(compiled, artifact, tmp_path):
