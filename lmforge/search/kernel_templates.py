@@ -234,6 +234,17 @@ def _attn_dims(node, env):
     return b, hq, sq, d, k.shape[1], k.shape[2], _dtype_bytes(q)
 
 
+def _split_count(n_tiles: int, programs_per_split: int, hw) -> int:
+    """The splits attention_decode.plan_splits makes on `hw` (its SM count instead of the device's)."""
+    from lmforge.backends.triton import attention_decode as ad
+
+    if n_tiles <= 0:
+        return 0
+    want = math.ceil(ad.PROGRAMS_PER_SM * hw.sm_count / max(1, programs_per_split))
+    splits = max(1, min(want, n_tiles, ad.MAX_SPLITS))
+    return math.ceil(n_tiles / math.ceil(n_tiles / splits))
+
+
 def _decode_launch(node, env, config, hw) -> Launch:
     from lmforge.backends.triton import attention_decode as ad
 
@@ -250,11 +261,7 @@ def _decode_launch(node, env, config, hw) -> Launch:
     else:
         kept = s
     n_tiles = math.ceil(kept / block_n)
-    per_split = b * hkv
-    want = math.ceil(ad.PROGRAMS_PER_SM * hw.sm_count / per_split)
-    splits = max(1, min(want, n_tiles, ad.MAX_SPLITS))
-    tiles_per_split = math.ceil(n_tiles / splits)
-    splits = math.ceil(n_tiles / tiles_per_split)
+    splits = _split_count(n_tiles, b * hkv, hw)
     row_blocks = math.ceil(rows / block_m)
     partials = b * hq * sq * splits * (d + 1) * 4 * 2  # written by the split kernel, read by the merge
     return Launch(ctas=b * hkv * splits * row_blocks, threads=32 * cfg.num_warps,
@@ -273,10 +280,85 @@ def _decode_estimate(node, config):
     return int(min(255, regs)), config.num_stages * bn * d * 2 * 2
 
 
-def _attention_spec(kernel: str, knob: str):
+def _is_triton_shared_prefix(node: Node, env) -> bool:
+    """shared_prefix_attention that attention_glue.claim_shared_prefix runs on the split kernel (Hydragen)."""
+    from lmforge.backends.triton import attention_glue
+
+    return node.op == "shared_prefix_attention" and attention_glue.claim_shared_prefix(node, {}) is not None
+
+
+def _prefix_dims(node, env):
+    """(b, hq, sq, d, groups, hkv, prefix len, suffix len, q's bytes per element) of a shared-prefix node."""
+    q, kp, _, ks = _shapes(node, env)[:4]
+    b, hq, sq, d = q.shape
+    g, hkv, p = kp.shape[:3]
+    return b, hq, sq, d, g, hkv, p, ks.shape[2], _dtype_bytes(q)
+
+
+def _prefix_rows(node, env) -> int:
+    """Query rows of the prefix pass's M dimension: the B / G sequences x group x Sq that share one prefix."""
+    b, hq, sq, d, g, hkv, *_ = _prefix_dims(node, env)
+    return (b // g) * (hq // hkv) * sq
+
+
+def _split_warps(cfg, block_m: int) -> int:
+    """The warps attention_decode._launch_split runs: at least 8 for a tile of >= 64 query rows."""
+    return max(cfg.num_warps, 8) if block_m >= 64 else cfg.num_warps
+
+
+def _shared_prefix_launch(node, env, config, hw) -> Launch:
+    """attention_decode.shared_prefix_decode: the prefix pass is the main kernel (grid G * Hkv x splits x row
+    blocks, its M tile holds the query rows of every sequence that shares the prefix), then the per-sequence
+    causal suffix pass and the merge (two extra launches; the suffix pass's geometry is not modelled, its
+    bytes are in the op's registry cost). The registry cost reads each prefix once; a prefix pass of several
+    row blocks (more rows than MAX_BLOCK_M) reads it once per row block, and the splits' partials are written
+    and read back: both are extra traffic, which is what MAX_BLOCK_M and BLOCK_N trade against parallelism."""
+    from lmforge.backends.triton import attention_decode as ad
+
+    b, hq, sq, d, g, hkv, p, s, xb = _prefix_dims(node, env)
+    params, cfg = ad._config(config)
+    block_n = params["BLOCK_N"]
+    rows = _prefix_rows(node, env)
+    block_m = ad._row_block(rows, params["MAX_BLOCK_M"])
+    row_blocks = math.ceil(rows / block_m)
+    p_tiles = math.ceil(p / block_n)
+    p_splits = _split_count(p_tiles, g * hkv * row_blocks, hw)
+    s_splits = _split_count(math.ceil(s / block_n), b * hkv, hw)
+    prefix_bytes = g * hkv * p * d * 2 * xb
+    partials = b * hq * sq * (p_splits + s_splits) * (d + 1) * 4 * 2   # written by the splits, read by the merge
+    return Launch(ctas=g * hkv * max(1, p_splits) * row_blocks, threads=32 * _split_warps(cfg, block_m),
+                  bytes_in_flight=cfg.num_stages * block_n * d * 2 * xb,
+                  pad=rows / (row_blocks * block_m) * (p / (p_tiles * block_n) if p_tiles else 1.0),
+                  extra_bytes=(row_blocks - 1) * prefix_bytes + partials, extra_launches=2)
+
+
+def _shared_prefix_estimate(node, config):
+    """_decode_estimate for the prefix pass's tile: BLOCK_M from the rows when the batch is static (else the
+    largest, MAX_BLOCK_M), with the launcher's warps for it."""
+    from lmforge.backends.triton import attention_decode as ad
+
+    params, cfg = ad._config(config)
+    (b, hq, sq, d), (g, hkv) = node.inputs[0].type.shape, node.inputs[1].type.shape[:2]
+    d = d if isinstance(d, int) else 128
+    dims = (b, hq, sq, g, hkv)
+    rows = (b // g) * (hq // hkv) * sq if all(isinstance(x, int) for x in dims) else params["MAX_BLOCK_M"]
+    bm, bn = ad._row_block(rows, params["MAX_BLOCK_M"]), params["BLOCK_N"]
+    regs = 32 + (bm * d + bm * bn) // (32 * _split_warps(cfg, bm))
+    return int(min(255, regs)), cfg.num_stages * bn * d * 2 * 2
+
+
+def _decode_rows(node, env) -> int:
+    """Query rows per KV head of a decode step (the split kernel's M dimension)."""
+    b, hq, sq, d, hkv, s, xb = _attn_dims(node, env)
+    return (hq // hkv) * sq
+
+
+def _attention_spec(kernel: str, knob: str, rows_of: Callable | None = None, key: str | None = None):
     """The AOT spec of an attention template's main kernel (decode: the split-K kernel, "decode_split";
-    prefill: the flash kernel, "flash_prefill"), taken from the artifact launch specs
-    (`lmforge.backends.triton.attention_specs`), so the search prices the very build an artifact ships.
+    prefill: the flash kernel, "flash_prefill"; shared prefix: the split kernel's prefix pass, variant key
+    "prefix.split"), taken from the artifact launch specs (`lmforge.backends.triton.attention_specs`), so the
+    search prices the very build an artifact ships. rows_of(node, env): the split kernel's query rows, which
+    fix the BLOCK_M the launcher picks; key: the launch spec's variant (or its `<key>.m<BLOCK_M>` family).
 
     The launcher turns a candidate config into what runs (block top-k clamps BLOCK_N to the block size, a
     query tile of >= 64 rows takes >= 8 warps, the decode's BLOCK_M follows MAX_BLOCK_M and the query rows per KV
@@ -292,15 +374,13 @@ def _attention_spec(kernel: str, knob: str):
             launch_spec = spec_for(node)
         except Unservable:
             return None
-        rows = None
         kernel_name = "block_sparse_prefill" if node.op == "block_sparse_attention" else kernel
-        if kernel == "decode_split":
-            b, hq, sq, d, hkv, s, xb = _attn_dims(node, env)
-            rows = (hq // hkv) * sq
+        rows = None if rows_of is None else rows_of(node, env)
 
         def variant(config):
             try:
-                found = [v for v in launch_spec.variants(node, {knob: config}) if v.kernel == kernel_name]
+                found = [v for v in launch_spec.variants(node, {knob: config}) if v.kernel == kernel_name
+                         and (key is None or v.key == key or v.key.startswith(f"{key}.m"))]
             except Unservable:
                 return None
             if rows is not None:  # the BLOCK_M the launcher picks for this node's query rows
@@ -322,7 +402,8 @@ def _attention_spec(kernel: str, knob: str):
             # BLOCK_M goes into the config (config params win over the spec's constexprs at build time)
             return v.config.with_(BLOCK_M=v.constexprs["BLOCK_M"]) if rows is not None else v.config
 
-        return KernelSpec(f"{node.op}_{kernel_name}", default.fn, default.signature, default.constexprs,
+        name = kernel_name if key is None else key.replace(".", "_")
+        return KernelSpec(f"{node.op}_{name}", default.fn, default.signature, default.constexprs,
                           default.config, default.divisible_by_16, adapt=adapt)
 
     return spec
@@ -384,7 +465,10 @@ def templates() -> list[KernelTemplate]:
         KernelTemplate("swiglu", _claims_swiglu, _candidates("norms", "swiglu"), _swiglu_launch,
                        lambda node, config: (32, 0), _swiglu_spec),
         KernelTemplate("attention_decode", _is_triton_decode, _candidates("attention_decode"), _decode_launch,
-                       _decode_estimate, _attention_spec("decode_split", "attention_decode")),
+                       _decode_estimate, _attention_spec("decode_split", "attention_decode", _decode_rows)),
+        KernelTemplate("attention_shared_prefix", _is_triton_shared_prefix, _candidates("attention_decode"),
+                       _shared_prefix_launch, _shared_prefix_estimate,
+                       _attention_spec("decode_split", "attention_shared_prefix", _prefix_rows, "prefix.split")),
         KernelTemplate("attention_prefill", _is_triton_prefill, _prefill_configs, _prefill_launch,
                        _prefill_estimate, _attention_spec("flash_prefill", "attention_prefill")),
     ]

@@ -600,11 +600,11 @@ ATTENTION_CASES = {
                           ["merge", "topk.score", "topk.split"], "float32"),
     "shared_prefix": ("shared_prefix_attention",
                       [(B, 4, 1, 16), (1, 2, P, 16), (1, 2, P, 16), (B, 2, S, 16), (B, 2, S, 16)], {},
-                      [(3, 4, 1, 16), (1, 2, 40, 16), (3, 2, 9, 16)], {"attention_decode": SMALL_DECODE},
+                      [(3, 4, 1, 16), (1, 2, 40, 16), (3, 2, 9, 16)], {"attention_shared_prefix": SMALL_DECODE},
                       ["merge", "prefix.split.m16", "prefix.split.m32", "suffix.split"], "float32"),
     "shared_prefix_groups": ("shared_prefix_attention",
                              [(6, 4, 1, 16), (3, 2, P, 16), (3, 2, P, 16), (6, 2, S, 16), (6, 2, S, 16)], {},
-                             [(6, 4, 1, 16), (3, 2, 40, 16), (6, 2, 9, 16)], {"attention_decode": SMALL_DECODE},
+                             [(6, 4, 1, 16), (3, 2, 40, 16), (6, 2, 9, 16)], {"attention_shared_prefix": SMALL_DECODE},
                              ["merge", "prefix.split", "suffix.split"], "float32"),
 }
 

@@ -12,7 +12,7 @@ from lmforge.hwmodels import get_target
 from lmforge.passes import PassManager, canonical_pipeline
 from lmforge.passes.quant import weight_quant_pass
 from lmforge.search import kernel_model as km
-from lmforge.search.cost_model import graph_cost
+from lmforge.search.cost_model import bindings_for, graph_cost, node_costs
 from lmforge.search.kernel_model import KernelConfigInfeasible, Launch, Resources
 from lmforge.search.tuner import tune
 
@@ -288,3 +288,130 @@ def test_a_template_that_only_a_conditional_knob_creates_gets_a_knob():
     knobs = km.kernel_knobs(g, [weight_quant_pass()], H100)
     assert [k.name for k in knobs] == ["triton.wo_gemv"]
     assert knobs[0].condition == ("quant.weight_bits", (8, 4))
+
+
+# ---- every template: a knob whose indices map back to its candidate configs ----------------------------------------
+
+def _one_op(op, shapes, attrs=None, dtype="float16"):
+    """A graph of one `op` node on inputs of static `shapes` (static: the template's claim does not hinge on
+    what a symbolic dim is bound to)."""
+    from lmforge.ir.graph import GraphBuilder, TensorType
+
+    b = GraphBuilder(op)
+    inputs = [b.input(f"x{i}", TensorType(shape, dtype)) for i, shape in enumerate(shapes)]
+    return b.build([b.op(op, inputs, attrs or {})])
+
+
+def _swiglu_graph():
+    def fn(gate, up):
+        return torch.nn.functional.silu(gate) * up
+
+    from lmforge.passes import tunable_pipeline
+
+    return PassManager(canonical_pipeline() + tunable_pipeline()).run(
+        lmforge.capture(fn, (torch.randn(4, 64), torch.randn(4, 64))), {})
+
+
+QKV_DECODE = [(2, 8, 1, 64), (2, 2, 256, 64), (2, 2, 256, 64)]
+SHARED_PREFIX = [(4, 8, 1, 64), (1, 2, 512, 64), (1, 2, 512, 64), (4, 2, 16, 64), (4, 2, 16, 64)]
+# template name -> a minimal graph that runs it; a new template in kernel_templates.templates() needs one row here
+TEMPLATE_GRAPHS = {
+    "wo_gemv": lambda: _quantized(rows=2)[0],
+    "wo_gemm": lambda: _quantized(rows=8)[0],
+    "rmsnorm": lambda: _one_op("rmsnorm", [(4, 256), (256,)], {"eps": 1e-6}),
+    "layernorm": lambda: _one_op("layernorm", [(4, 256), (256,), (256,)]),
+    "softmax": lambda: _one_op("softmax", [(4, 256)]),
+    "swiglu": _swiglu_graph,
+    "attention_decode": lambda: _one_op("attention", QKV_DECODE),
+    "attention_shared_prefix": lambda: _one_op("shared_prefix_attention", SHARED_PREFIX),
+    "attention_prefill": lambda: _one_op("attention", [(1, 8, 128, 64), (1, 2, 128, 64), (1, 2, 128, 64)],
+                                         {"causal": True}),
+}
+
+
+@pytest.mark.parametrize("name", [t.name for t in km.templates()])
+def test_every_template_gets_a_knob_whose_indices_map_to_its_configs(name):
+    """A graph that runs the template gets knob `triton.<name>`, one choice per candidate config, and
+    backend_config turns each choice into that candidate (what TritonBackend then hands the kernel)."""
+    if name not in TEMPLATE_GRAPHS:
+        pytest.fail(f"template {name!r} has no row in TEMPLATE_GRAPHS: add a minimal graph that runs it")
+    g = TEMPLATE_GRAPHS[name]()
+    template = next(t for t in km.templates() if t.name == name)
+    nodes = [g.nodes[i] for i, t in km.claimed(g, bindings_for(g)).items() if t.name == name]
+    assert nodes, f"the minimal graph for {name} has no node the template claims"
+    candidates = template.configs(nodes[0])
+    knobs = {k.name: k for k in km.kernel_knobs(g, [], H100)}
+    knob = knobs[f"triton.{name}"]
+    assert knob.choices == tuple(range(len(candidates))) and knob.default == 0 and knob.condition is None
+    for i, config in enumerate(candidates):
+        assert km.backend_config(g, {knob.name: i}) == {name: config}
+
+
+def _shared_prefix_graph(batch="batch"):
+    from lmforge.ir.graph import GraphBuilder, TensorType
+
+    b = GraphBuilder("hydragen")
+    q = b.input("q", TensorType((batch, 8, 1, 64), "float16"))
+    kp, vp = (b.input(n, TensorType((1, 2, 4096, 64), "float16")) for n in ("kp", "vp"))
+    ks, vs = (b.input(n, TensorType((batch, 2, "past", 64), "float16")) for n in ("ks", "vs"))
+    return b.build([b.op("shared_prefix_attention", [q, kp, vp, ks, vs], {})])
+
+
+def test_shared_prefix_attention_is_its_own_template_priced_by_its_prefix_pass(monkeypatch):
+    """A graph whose only attention is Hydragen's gets `triton.attention_shared_prefix` (the decode split kernel's
+    candidates, tuned apart from decode's). Its price follows the prefix pass: the prefix is read once when the
+    rows of all sequences fit one M tile, once per row block otherwise; the AOT spec is that pass's build."""
+    from lmforge.backends.triton import attention_decode as ad
+
+    monkeypatch.setattr(km, "resources", _estimated)
+    g = _shared_prefix_graph()
+    assert [k.name for k in km.kernel_knobs(g, [], H100)] == ["triton.attention_shared_prefix"]
+    env = {"batch": 32, "past": 64}                       # 32 sequences x 4 query heads per KV head = 128 rows
+    (i, template), = km.claimed(g, env).items()
+    node = g.nodes[i]
+    assert template.configs(node) == tuple(ad.CANDIDATE_CONFIGS)
+    by_tile = {c.get("MAX_BLOCK_M"): (j, c) for j, c in enumerate(template.configs(node)) if c.get("BLOCK_N") == 64
+               and c.num_stages == 3}
+    (one_tile, wide), (two_tiles, narrow) = by_tile[128], by_tile[64]
+    prefix_bytes = 2 * 2 * 4096 * 64 * 2                    # K and V of the one prefix, fp16
+    reread = template.launch(node, env, narrow, H100).extra_bytes - template.launch(node, env, wide, H100).extra_bytes
+    assert reread == prefix_bytes                            # 2 row blocks: the prefix is read a second time
+    assert template.launch(node, env, wide, H100).threads == 256   # 128-row tiles run with 8 warps
+    cost = node_costs(g, env)[i]
+    assert km.kernel_time(node, cost, env, template, one_tile, H100) < \
+        km.kernel_time(node, cost, env, template, two_tiles, H100)
+    spec = template.aot_spec(node, env)
+    assert spec is not None and spec.fn is ad._decode_split_kernel and "prefix_split" in spec.name
+    from lmforge.backends.triton.aot import spec_request
+
+    built = {c.get("MAX_BLOCK_M"): spec_request(spec, "sm_90", c).config for c in (wide, narrow)}
+    assert [(c.get("BLOCK_M"), c.num_warps) for c in built.values()] == [(128, 8), (64, 8)]
+
+
+def test_the_shared_prefix_knob_reaches_the_kernel_and_matches_the_reference(monkeypatch):
+    """The knob's index becomes a KernelConfig (backend_config), TritonBackend hands it to shared_prefix_decode,
+    and the kernel's output with that non-default config equals the reference."""
+    from lmforge.backends.torch import TorchReference
+    from lmforge.backends.triton import attention_decode as ad
+    from lmforge.backends.triton.backend import TritonBackend
+
+    g = _one_op("shared_prefix_attention", [(4, 4, 1, 16), (1, 2, 40, 16), (1, 2, 40, 16), (4, 2, 9, 16),
+                                            (4, 2, 9, 16)], dtype="float32")
+    index = next(i for i, c in enumerate(ad.CANDIDATE_CONFIGS) if c.get("BLOCK_N") == 32)
+    chosen = km.backend_config(g, {"triton.attention_shared_prefix": index})
+    assert chosen == {"attention_shared_prefix": ad.CANDIDATE_CONFIGS[index]} != {"attention_shared_prefix":
+                                                                                 ad.DEFAULT_CONFIG}
+    seen, run = [], ad.shared_prefix_decode
+
+    def spy(*args, config=None, **kwargs):
+        seen.append(config)
+        return run(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(ad, "shared_prefix_decode", spy)
+    node = g.nodes[0]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(v.type.shape, generator=gen) for v in node.inputs]
+    out = TritonBackend(chosen, interpret=True).claim(node, "cpu").fn(*inputs, **node.attr)
+    assert seen == [ad.CANDIDATE_CONFIGS[index]]
+    want = TorchReference().claim(node, "cpu").fn(*inputs, **node.attr)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)

@@ -24,6 +24,8 @@ How the work is split (why it is fast at long context):
 Knobs (KernelConfig): BLOCK_N (keys per tile; clamped to the block size for block top-k), MAX_BLOCK_M (most
 query rows per tile), num_warps, num_stages; tiles of >= 64 rows (the shared-prefix pass) run with at least 8
 warps, since 4 spill registers there on sm_90. DEFAULT_CONFIG suits an H100; CANDIDATE_CONFIGS is what to try.
+The backend's config (and the search's knobs) key them by template: "attention_decode" for decode steps and block
+top-k, "attention_shared_prefix" for the shared-prefix passes (whose M tiles hold many sequences' rows).
 
 Semantics are those of `lmforge.ir.ops.attention_ref` (attention_ref, decode_block_topk_ref,
 shared_prefix_attention_ref); all math is fp32, outputs in q's dtype, lse natural-log fp32 [B, Hq, Sq].

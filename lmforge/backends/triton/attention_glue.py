@@ -121,11 +121,14 @@ def claim_block_sparse(node: Node, config: Mapping[str, Any]) -> Callable | None
 
 
 def claim_shared_prefix(node: Node, config: Mapping[str, Any]) -> Callable | None:
+    """shared_prefix_attention on `shared_prefix_decode`, with the config of its own template,
+    "attention_shared_prefix" (the decode split kernel's knobs; tuned apart from "attention_decode" because its
+    prefix pass tiles the rows of every sequence that shares the prefix, where a decode step tiles one group)."""
     from lmforge.backends.triton import attention_decode
 
     if not _kernel_types(node.inputs[:5]):
         return None
-    cfg = config.get("attention_decode")
+    cfg = config.get("attention_shared_prefix")
 
     def run(q, kp, vp, ks, vs, *, scale=None, rows_per_prefix=0):
         from lmforge.ir.ops.attention_ref import check_prefix_groups

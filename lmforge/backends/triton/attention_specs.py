@@ -447,7 +447,7 @@ class SharedPrefixSpec:
     def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
         t, d, dtype = _attention_types(node.inputs)
         (b, hq, sq, _), (g, hkv, p, _), (_, _, s, _) = (node.inputs[i].type.shape for i in (0, 1, 3))
-        config = configs.get("attention_decode")
+        config = configs.get("attention_shared_prefix")   # the template's config, as attention_glue passes it
         common = dict(q_shape=(b, hq, sq), hkv=hkv)
         group = _ratio(hq, hkv)
         per_prefix = b if g == 1 else (b // g if isinstance(b, int) and isinstance(g, int) else "rows_per_prefix")
