@@ -1,4 +1,5 @@
-"""Triton attention kernels (prefill, decode, block top-k, shared prefix) against the torch references.
+"""Triton attention kernels (prefill, decode, block top-k, shared prefix) against the torch references: outputs,
+and the log-sum-exp over the keys each attends to.
 
 On the CPU they run under TRITON_INTERPRET=1 (tests/conftest.py) at tiny shapes; small tiles (16 x 16) make
 the loops run several trips, and a few cases use the default (H100) configs. The references compute in fp32
@@ -201,11 +202,17 @@ TOPK_CASES = [  # (s, block_size, topk_blocks, sinks, window, summary, config)
 def test_block_topk_decode_matches_reference_and_its_selection(s, bs, topk, sinks, window, summary, config):
     q, k, v = _qkv(2, 4, 2, 1, s, 16, seed=s + topk)
     kwargs = dict(block_size=bs, topk_blocks=topk, sinks=sinks, window=window, summary=summary)
-    out, selected = decode.block_topk_decode(q, k, v, config=config, return_indices=True, **kwargs)
+    out, lse, selected = decode.block_topk_decode(q, k, v, config=config, return_lse=True, return_indices=True,
+                                                  **kwargs)
     expected, keep = decode_block_topk_ref(q, k, v, return_indices=True, **kwargs)
     chosen = torch.zeros_like(keep).scatter_(-1, selected, True)
     assert torch.equal(chosen, keep) and selected.shape[-1] == int(keep[0, 0].sum())
     _close(out, expected, torch.float32)
+    # the lse is over the kept blocks' keys: dense attention masked to them (one query block of the one row)
+    kept_out, kept_lse = attention_ref(q, k, v, causal=False, block_mask=keep[:, :, None, :], block_size=bs,
+                                       return_lse=True)
+    _close(kept_out, expected, torch.float32)
+    _lse_close(lse, kept_lse)
 
 
 @pytest.mark.parametrize("n,keep", [(1, 1), (37, 5), (37, 37), (37, 0), (300, 40), (5000, 130)])
@@ -324,12 +331,17 @@ def test_block_topk_error_shrinks_as_the_budget_grows():
 def test_shared_prefix_decode_equals_dense_on_the_concatenation(b, hq, hkv, sq, prefix, suffix, dtype, config):
     q, k_suffix, v_suffix = _qkv(b, hq, hkv, sq, suffix, 16, seed=prefix + suffix, dtype=dtype)
     _, k_prefix, v_prefix = _qkv(1, hq, hkv, 1, prefix, 16, seed=prefix, dtype=dtype)
-    out = decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, config=config)
+    out, lse = decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, config=config,
+                                           return_lse=True)
     _close(out, _reference(shared_prefix_attention_ref, q, k_prefix, v_prefix, k_suffix=k_suffix.float(),
                            v_suffix=v_suffix.float()), dtype)
     k_full = torch.cat([k_prefix.expand(b, -1, -1, -1), k_suffix], 2)
     v_full = torch.cat([v_prefix.expand(b, -1, -1, -1), v_suffix], 2)
-    _close(out, _reference(attention_ref, q, k_full, v_full), dtype)
+    expected, expected_lse = _reference(attention_ref, q, k_full, v_full, return_lse=True)
+    _close(out, expected, dtype)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                               atol=1e-4 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("groups,per,sq,config", [(3, 2, 1, SMALL_DECODE), (2, 4, 1, None), (4, 1, 2, SMALL_DECODE)])
@@ -338,10 +350,13 @@ def test_grouped_shared_prefixes(groups, per, sq, config):
     b = groups * per
     q, k_suffix, v_suffix = _qkv(b, 4, 2, sq, 7, 16, seed=groups + per)
     _, k_prefix, v_prefix = _qkv(groups, 4, 2, 1, 37, 16, seed=groups)
-    out = decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, config=config)
+    out, lse = decode.shared_prefix_decode(q, k_prefix, v_prefix, k_suffix, v_suffix, config=config,
+                                           return_lse=True)
     k_full = torch.cat([k_prefix.repeat_interleave(per, 0), k_suffix], 2)
     v_full = torch.cat([v_prefix.repeat_interleave(per, 0), v_suffix], 2)
-    _close(out, _reference(attention_ref, q, k_full, v_full), torch.float32)
+    expected, expected_lse = attention_ref(q, k_full, v_full, return_lse=True)
+    _close(out, expected, torch.float32)
+    _lse_close(lse, expected_lse)
 
 
 # ---- planning and errors ---------------------------------------------------------------------------------------------
