@@ -48,12 +48,18 @@ CANDIDATE_CONFIGS = [
 ]
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
-    """A config that suits an H100: 128 x 64 tiles for 16-bit inputs, smaller ones for fp32 (shared memory)."""
+def default_config(dtype: torch.dtype, head_dim: int, mode: int = MODE_CAUSAL) -> KernelConfig:
+    """A config meant for an H100 (not yet timed on one): 128 x 64 tiles for 16-bit inputs, smaller ones for fp32
+    (shared memory). The window + sinks mode at head dim > 64 takes 128 x 32 tiles: its two-sided mask on a
+    128 x 64 tile holds 255 registers per thread and spills on sm_80 or sm_89 (which one depends on the Triton
+    version: ptxas -v under 3.6 and 3.9), while 128 x 32 needs <= 206 on sm_80 / 89 / 90 under both
+    (tests/backends/triton/test_aot.py builds every default without spills)."""
     if dtype == torch.float32:
         return KernelConfig.make(num_warps=4, num_stages=2, BLOCK_M=64, BLOCK_N=32)
     if head_dim <= 64:
         return KernelConfig.make(num_warps=4, num_stages=3, BLOCK_M=128, BLOCK_N=64)
+    if mode == MODE_WINDOW:
+        return KernelConfig.make(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=32)
     return KernelConfig.make(num_warps=8, num_stages=3, BLOCK_M=128, BLOCK_N=64)
 
 
@@ -257,8 +263,9 @@ def interpreter_dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and type(_flash_prefill_kernel).__name__ == "InterpretedFunction"
 
 
-def _params(config: KernelConfig | None, dtype: torch.dtype, head_dim: int) -> tuple[dict, KernelConfig]:
-    base = default_config(dtype, head_dim)
+def _params(config: KernelConfig | None, dtype: torch.dtype, head_dim: int,
+            mode: int = MODE_CAUSAL) -> tuple[dict, KernelConfig]:
+    base = default_config(dtype, head_dim, mode)
     cfg = base if config is None else base.with_(num_warps=config.num_warps, num_stages=config.num_stages,
                                                  **dict(config.params))
     return dict(cfg.params), cfg
@@ -276,7 +283,7 @@ def _launch(q, k, v, *, mode, causal, scale, window, sinks, q_offset, block_idx,
     if scale is not None and scale < 0:
         raise LmforgeError(f"flash attention kernels need a scale >= 0 (got {scale}): their unmasked tiles take the "
                            "row max before scaling; use lmforge.ir.ops.attention_ref for a negative scale")
-    params, cfg = _params(config, q.dtype, d)
+    params, cfg = _params(config, q.dtype, d, mode)
     block_m, block_n = params["BLOCK_M"], params["BLOCK_N"]
     if mode == MODE_SPARSE:  # a query block of BLOCK_M rows lies in one sparse block; tiles split KV blocks
         block_m, block_n = min(block_m, block_size), min(block_n, block_size)

@@ -215,7 +215,7 @@ def _prefill_variant(node: Node, config: KernelConfig | None, t: str, d: int, dt
     if sinks and window is None:
         raise Unservable("sinks without a window (flash_prefill refuses them)")
     mode = ap.MODE_WINDOW if window is not None else ap.MODE_CAUSAL if causal else ap.MODE_DENSE
-    _, cfg = ap._params(config, dtype, d)
+    _, cfg = ap._params(config, dtype, d, mode)
     sq, skv = node.inputs[0].type.shape[2], node.inputs[1].type.shape[2]
     ints = {"q_offset": _static_offset(a["q_offset"], sq, skv), "window": Hint(0 if window is None else window),
             "sinks": Hint(sinks)}
@@ -231,7 +231,7 @@ def _sparse_variant(node: Node, config: KernelConfig | None, t: str, d: int, dty
     from lmforge.backends.triton import attention_prefill as ap
 
     bs = node.attr["block_size"]
-    _, cfg = ap._params(config, dtype, d)
+    _, cfg = ap._params(config, dtype, d, ap.MODE_SPARSE)
     cfg = cfg.with_(BLOCK_M=min(cfg.get("BLOCK_M"), bs), BLOCK_N=min(cfg.get("BLOCK_N"), bs))
     (b, hq, sq, _), skv = node.inputs[0].type.shape, node.inputs[1].type.shape[2]
     mask_b, hm = node.inputs[3].type.shape[:2]

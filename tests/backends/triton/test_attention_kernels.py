@@ -88,6 +88,16 @@ def test_flash_prefill_16bit_inputs(dtype, kwargs, config):
     torch.testing.assert_close(lse, expected_lse, rtol=1e-2, atol=1e-2)
 
 
+def test_window_prefill_default_config_at_head_dim_128():
+    """The window + sinks default at head dim > 64 (128 x 32 tiles: 128 x 64 spills on sm_80 / sm_89) is right."""
+    assert prefill.default_config(torch.float16, 128, prefill.MODE_WINDOW).get("BLOCK_N") == 32
+    q, k, v = _qkv(1, 2, 1, 40, 40, 128, seed=11, dtype=torch.float16)
+    out, lse = prefill.flash_prefill(q, k, v, window=9, sinks=2)
+    expected, expected_lse = _reference(attention_ref, q, k, v, return_lse=True, window=9, sinks=2)
+    _close(out, expected, torch.float16)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-2, atol=1e-2)
+
+
 def test_flash_prefill_without_lse_and_non_contiguous_inputs():
     q, k, v = _qkv(1, 2, 2, 33, 33, 16, seed=8)
     q_t = q.transpose(1, 2).contiguous().transpose(1, 2)     # [B, H, S, D] view of a [B, S, H, D] buffer
