@@ -8,6 +8,8 @@ node has float16 / bfloat16 / float32 activations (the kernels' dtypes):
     softmax                   last dim, not log
     fused(kind='swiglu')      silu(gate) * up in one pass, for gate and up of one type (shape and dtype: no
                               broadcasting, e.g. not silu(x) * w for a weight w [D])
+    fused (any other)         one kernel generated from the region's elementwise ops (elementwise.py): float
+                              dtypes, broadcasting and strided inputs, numeric scalars; not pow(tensor, tensor)
     attention                 dense causal prefill / sliding window + sinks (flash attention), and decode over a
                               KV cache (split-K flash-decoding); q, k, v of one dtype and one head dim, sinks
                               only with a window (see attention_glue for every condition)
@@ -57,7 +59,7 @@ class TritonBackend:
             return None
         rule = getattr(self, f"_claim_{node.op}", None)
         fn = rule(node) if rule is not None else None
-        return None if fn is None else Kernel(fn, "triton", node.op if node.op != "fused" else "swiglu")
+        return None if fn is None else Kernel(fn, "triton", kernel_name(node))
 
     # ---- claims: each returns fn(*inputs, **attrs) with the op reference's behaviour, or None ----------------------
     def _claim_linear_wo(self, node: Node) -> Callable | None:
@@ -107,11 +109,17 @@ class TritonBackend:
         return lambda x, *, dim=-1, log=False: norms.softmax(x, -1, cfg)
 
     def _claim_fused(self, node: Node) -> Callable | None:
+        """Exact SwiGLU: its dedicated kernel; any other elementwise region (a broadcast `up` included): the
+        kernel generated from the region (elementwise.py), when every op and dtype has a generated form."""
         norms = _module("norms")
-        if norms is None or node.attr["kind"] != "swiglu" or not _is_swiglu(node):
+        if norms is not None and node.attr["kind"] == "swiglu" and _is_swiglu(node):
+            cfg = self.config.get("swiglu")
+            return lambda gate, up, *, regions=None, kind="swiglu": norms.swiglu(gate, up, cfg)
+        elementwise = _module("elementwise")
+        if elementwise is None or node.attr["kind"] not in ("swiglu", "elementwise") \
+                or elementwise.unsupported(node) is not None:
             return None
-        cfg = self.config.get("swiglu")
-        return lambda gate, up, *, regions=None, kind="swiglu": norms.swiglu(gate, up, cfg)
+        return elementwise.launcher(node, self.config.get("elementwise"))
 
     def _claim_attention(self, node: Node) -> Callable | None:
         glue = _module("attention_glue")
@@ -128,6 +136,14 @@ class TritonBackend:
     def _claim_shared_prefix_attention(self, node: Node) -> Callable | None:
         glue = _module("attention_glue")
         return None if glue is None else glue.claim_shared_prefix(node, self.config)
+
+
+def kernel_name(node: Node) -> str:
+    """The kernel (and config key) that runs a claimed node: the op's name, or for a fused region "swiglu" or
+    "elementwise"."""
+    if node.op != "fused":
+        return node.op
+    return "swiglu" if node.attr["kind"] == "swiglu" and _is_swiglu(node) else "elementwise"
 
 
 def _floats(*values) -> bool:
