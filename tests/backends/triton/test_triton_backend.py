@@ -221,12 +221,12 @@ def _quantized(bits, group_size, dtype=torch.float32):
     return [("q", qw.qweight), ("s", qw.scales), ("z", qw.zeros)]
 
 
-def _swiglu(up_shape, up_dtype):
-    """The fused SwiGLU node the pipeline makes from silu(gate) * up, for a gate [4, 8] float32."""
+def _swiglu(up_shape, up_dtype, gate_dtype=torch.float32):
+    """The fused SwiGLU node the pipeline makes from silu(gate) * up, for a gate [4, 8] (float32 by default)."""
     def fn(gate, up):
         return torch.nn.functional.silu(gate) * up
 
-    inputs = (torch.randn(4, 8), torch.randn(up_shape).to(up_dtype))
+    inputs = (torch.randn(4, 8).to(gate_dtype), torch.randn(up_shape).to(up_dtype))
     g = PassManager(canonical_pipeline() + tunable_pipeline()).run(lmforge.capture(fn, inputs), {})
     assert [(n.op, n.attr.get("kind")) for n in g.nodes] == [("fused", "swiglu")]
     return g
@@ -241,12 +241,28 @@ class _Scaled(torch.nn.Module):      # silu(x) * w with a learned per-channel w 
         return torch.nn.functional.silu(x) * self.w
 
 
-QKV16 = [((1, 2, 8, 16), "float32")] * 3
-UNCLAIMED = {  # name: a graph the Triton backend must leave to the reference (what its kernels refuse)
+NOT_SWIGLU = {  # name: a SwiGLU-like region the SwiGLU kernel refuses; the generated elementwise kernel runs it
     "swiglu_up_broadcasts": lambda: _swiglu((1, 8), torch.float32),
     "swiglu_up_of_another_dtype": lambda: _swiglu((4, 8), torch.float16),
     "swiglu_times_a_weight": lambda: PassManager(canonical_pipeline() + tunable_pipeline()).run(
         lmforge.capture(_Scaled().eval(), (torch.randn(2, 3, 8),)), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_SWIGLU))
+def test_swiglu_like_regions_the_swiglu_kernel_refuses_run_the_generated_kernel(case):
+    """A broadcast `up`, an `up` of another dtype, silu(x) * w: not the SwiGLU kernel (it would read `up` past
+    its end), but the kernel generated from the region, with the reference's outputs."""
+    g = NOT_SWIGLU[case]()
+    tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
+    assert [(k.backend, k.detail) for k in tri.kernels] == [("triton", "elementwise")]
+    inputs = _inputs_for(g, len(case))
+    torch.testing.assert_close(tri(*inputs), CompiledModel(g)(*inputs), rtol=1e-6, atol=1e-6)
+
+
+QKV16 = [((1, 2, 8, 16), "float32")] * 3
+UNCLAIMED = {  # name: a graph the Triton backend must leave to the reference (what its kernels refuse)
+    "swiglu_float64": lambda: _swiglu((4, 8), torch.float64, torch.float64),
     "attention_v_head_dim_32": lambda: _one_op("attention", QKV16[:2] + [((1, 2, 8, 32), "float32")],
                                                {"causal": True}),
     "attention_sinks_without_window": lambda: _one_op("attention", QKV16, {"causal": True, "sinks": 2}),
@@ -276,9 +292,9 @@ def _inputs_for(g, seed):
 
 @pytest.mark.parametrize("case", sorted(UNCLAIMED))
 def test_nodes_the_kernels_refuse_stay_with_the_reference(case):
-    """SwiGLU whose `up` broadcasts or has another dtype, attention with another V head dim or sinks without a
-    window, float64 anywhere, weight-only linears with group sizes the kernels do not take: not claimed (the
-    kernels would raise, or read `up` past its end), and the model gives the reference's outputs."""
+    """Attention with another V head dim or sinks without a window, float64 anywhere (SwiGLU included),
+    weight-only linears with group sizes the kernels do not take: not claimed (the kernels would raise), and the
+    model gives the reference's outputs."""
     g = UNCLAIMED[case]()
     tri = CompiledModel(g, backends=[TritonBackend(interpret=True), TorchReference()])
     assert [k.backend for k in tri.kernels] == ["torch"] * len(g.nodes)
