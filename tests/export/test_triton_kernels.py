@@ -850,11 +850,13 @@ def _swiglu_node(up):
 
 def test_swiglu_spec_serves_only_gate_and_up_of_one_shape_and_dtype():
     """The kernel reads gate and up element by element: a node whose types differ is Unservable, and a call whose
-    tensors differ (a broadcast `up`: the kernel would read past its end) runs the reference."""
-    spec = ls.SPECS["fused"]
+    tensors differ (a broadcast `up`: the kernel would read past its end) runs the reference. The fused spec
+    gives such nodes the generated elementwise kernel instead."""
+    spec = ls.SWIGLU
     for up in (torch.randn(1, 8), torch.randn(4, 8, dtype=torch.float16)):
         with pytest.raises(ls.Unservable, match="gate .* and up .* differ"):
             spec.variants(_swiglu_node(up), {})
+        assert [v.key for v in ls.SPECS["fused"].variants(_swiglu_node(up), {})] == ["elementwise"]
     node = _swiglu_node(torch.randn(4, 8))
     [variant] = spec.variants(node, {})
     built = {"swiglu": ls.Built(variant.config, variant.static)}
@@ -865,9 +867,9 @@ def test_swiglu_spec_serves_only_gate_and_up_of_one_shape_and_dtype():
 
 
 @interpreter_only
-def test_a_broadcast_swiglu_runs_the_reference_from_an_artifact():
-    """silu(a) * b with b [1, 8] (a view whose memory goes on): nothing for the artifact to serve, and the result
-    is the reference's (served, the kernel read b past its end)."""
+def test_a_broadcast_swiglu_runs_the_generated_kernel_from_an_artifact():
+    """silu(a) * b with b [1, 8] (a view whose memory goes on): not the SwiGLU kernel (it would read b past its
+    end) but the generated elementwise one, which reads b through a stride of 0: the reference's result."""
     from lmforge.compiler import CompiledModel
     from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
 
@@ -876,8 +878,9 @@ def test_a_broadcast_swiglu_runs_the_reference_from_an_artifact():
         lmforge.capture(lambda a, b: torch.nn.functional.silu(a) * b, (a, b)), {})
     backend = _interpreted_backend(graph)
     fn, kernels = build_callable(graph, [backend, TorchReference()], "cuda", {})
-    assert [k.backend for k in kernels] == ["torch"]
-    torch.testing.assert_close(fn(a, b)[0], CompiledModel(graph)(a, b), rtol=0, atol=0)
+    assert [(k.backend, k.detail.split("_")[0]) for k in kernels] == [("triton-cubin", "elementwise")]
+    torch.testing.assert_close(fn(a, b)[0], CompiledModel(graph)(a, b), rtol=1e-6, atol=1e-6)
+    assert backend.fallbacks == {}
 
 
 @interpreter_only
@@ -899,3 +902,105 @@ def test_block_sparse_spec_with_no_keys_launches_nothing(monkeypatch):
     _, result = _spec_launches(call, variants)
     want = TorchReference().claim(node, "cpu").fn(q, k, v, mask, **node.attr)
     assert torch.equal(result, torch.zeros_like(q)) and torch.equal(result, want) and torch.equal(jit_result, want)
+
+
+# ---- fused elementwise regions: the kernel generated from the region --------------------------------------------
+
+def _elementwise_node(shapes, dtype="float32"):
+    """fused(x, w, r) { gelu_tanh(x) * w + r } on inputs of `shapes` (w may broadcast)."""
+    region = GraphBuilder("region")
+    x, w, r = (region.input(f"a{i}", TensorType(s, dtype)) for i, s in enumerate(shapes))
+    y = region.op("add", [region.op("mul", [region.op("gelu", [x], {"approximate": "tanh"}), w]), r])
+    outer = GraphBuilder("g")
+    inputs = [outer.input(f"x{i}", TensorType(s, dtype)) for i, s in enumerate(shapes)]
+    return outer.build([outer.op("fused", inputs, {"kind": "elementwise"}, regions=[region.build([y])])])
+
+
+# name: (static shapes, runtime shapes, dtype, collapsed rank)
+ELEMENTWISE_CASES = {
+    "weight_over_rows": ([(B, 48), (48,), (B, 48)], [(3, 48), (48,), (3, 48)], "float32", 2),
+    "weight_over_rows_one_row": ([(B, 48), (48,), (B, 48)], [(1, 48), (48,), (1, 48)], "float32", 2),
+    "contiguous_fp16": ([(B, "seq", 32)] * 3, [(2, 5, 32)] * 3, "float16", 1),
+    "static_broadcasts": ([(2, 3, 16), (3, 1), (16,)], [(2, 3, 16), (3, 1), (16,)], "float32", 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ELEMENTWISE_CASES))
+def test_fused_elementwise_launches_like_the_jit_launcher(monkeypatch, case):
+    """The generated kernel's variant (built from the static types) takes the same grid, constexprs and
+    arguments as the JIT launcher, with a symbolic row count (one row included) and broadcast inputs."""
+    from lmforge.backends.triton import elementwise as ew
+
+    static, runtime, dtype, rank = ELEMENTWISE_CASES[case]
+    node = _elementwise_node(static, dtype).nodes[0]
+    [variant] = ls.spec_for(node).variants(node, {})
+    assert variant.key == "elementwise" and variant.fn is ew.kernel_for(node.regions[0], rank)
+    inputs = [torch.randn(s).to(getattr(torch, dtype)) for s in runtime]
+    recorder = _Recorder(variant.fn)
+    with monkeypatch.context() as patch:
+        patch.setattr(ew, "kernel_for", lambda region, r: recorder if r == rank else pytest.fail(f"rank {r}"))
+        TritonBackend().claim(node, "cuda").fn(*inputs, **node.attr, regions=None)
+    [jit] = recorder.calls
+    _check_against_jit(jit, variant, ls.spec_for(node).call(node, {}, *inputs, **node.attr))
+
+
+@interpreter_only
+def test_the_cubin_backend_runs_fused_elementwise_regions_as_the_reference():
+    """Interpreted "cubins" of the generated kernel serve every batch; a transposed input (outside the built plan)
+    runs the reference."""
+    graph = _elementwise_node([(B, 48), (48,), (B, 48)])
+    node = graph.nodes[0]
+    backend = _interpreted_backend(graph)
+    run = backend.claim(node, "cuda").fn
+    reference = TorchReference().claim(node, "cpu").fn
+    regions = _regions(graph)
+    for rows in (1, 4):
+        inputs = [torch.randn(rows, 48), torch.randn(48), torch.randn(rows, 48)]
+        torch.testing.assert_close(run(*inputs, **node.attr, regions=regions),
+                                   reference(*inputs, **node.attr, regions=regions), rtol=2e-6, atol=1e-6)
+    assert backend.fallbacks == {} and all(k.launches == 2 for k in backend.kernels.values())
+    x = torch.randn(48, 4).t()
+    got = run(x, torch.randn(48), torch.randn(4, 48), **node.attr, regions=regions)
+    assert got.shape == (4, 48) and sum(backend.fallbacks.values()) == 1   # its strides break the hints
+
+
+def _regions(graph):
+    """The region callables the generated code passes a fused node (what the reference runs)."""
+    from lmforge.compiler import region_callable
+
+    return tuple(region_callable(r, [TorchReference()], "cpu", {}) for r in graph.nodes[0].regions)
+
+
+class _GatedResidual(torch.nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x, residual):
+        return torch.nn.functional.gelu(x, approximate="tanh") * self.g + residual
+
+
+def test_an_artifact_ships_the_generated_kernel_with_its_source(monkeypatch, tmp_path):
+    """The fused region's generated kernel is built for sm_80 and sm_90; its record carries the kernel's source, so
+    a machine that never generated it (no module, an empty cache) rebuilds the launcher's ASTSource at load."""
+    import sys
+
+    from lmforge.backends.triton import cubin_runner
+    from lmforge.backends.triton import elementwise as ew
+
+    torch.manual_seed(0)
+    model = lmforge.compile(_GatedResidual().eval(), (torch.randn(2, 32), torch.randn(2, 32)),
+                            dynamic={"x": {0: "batch"}, "residual": {0: "batch"}})
+    model.add_gpu_kernels(list(TARGETS), backends=("triton",))
+    path = model.export(tmp_path / "art")
+    for target in TARGETS:
+        index = _index(path, target)
+        assert index["failed"] == {} and index["not_served"] == []
+        [entry] = index["nodes"]
+        assert entry["op"] == "fused" and list(entry["variants"]) == ["elementwise"]
+    meta = json.loads((path / f"kernels/h100/triton/{entry['variants']['elementwise']}.json").read_text())["metadata"]
+    assert meta["module"].startswith(ew.MODULE_PREFIX) and "def elementwise_kernel(" in meta["source"]
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.delitem(sys.modules, meta["module"])
+    assert cubin_runner._source(meta).fn.arg_names == meta["arg_names"]
+    assert (tmp_path / "fresh/triton_elementwise" / f"{meta['module']}.py").read_text() == meta["source"]

@@ -425,14 +425,19 @@ def _encode_request(request: BuildRequest) -> dict:
 
 def _resolve_function(module_name: str, qualname: str, file: str | None):
     """The kernel object named module.qualname, importing the module by name or else from its file."""
+    from lmforge.backends.triton import elementwise
+
     try:
         obj = importlib.import_module(module_name)
     except ImportError:
         if not file:
             raise
-        spec = importlib.util.spec_from_file_location(f"_lmforge_aot_{Path(file).stem}", file)
-        obj = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(obj)
+        if module_name.startswith(elementwise.MODULE_PREFIX):   # generated from a graph: keep its own name
+            obj = elementwise.generated_module(module_name, Path(file).read_text())
+        else:
+            spec = importlib.util.spec_from_file_location(f"_lmforge_aot_{Path(file).stem}", file)
+            obj = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(obj)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj

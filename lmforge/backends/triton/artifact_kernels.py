@@ -30,7 +30,8 @@ specialisation is checked first (a built variant, alignment, divisibility; launc
 the steps run in order. A call with any launch outside what was built (e.g. an unaligned view, a variant
 that failed to build) runs the torch reference as a whole.
 
-Served ops: rmsnorm, layernorm, softmax, fused (SwiGLU), linear_wo, attention, block_topk_attention,
+Served ops: rmsnorm, layernorm, softmax, fused (SwiGLU, and other elementwise regions with the kernel generated
+from the region, whose record carries that kernel's source), linear_wo, attention, block_topk_attention,
 shared_prefix_attention, block_sparse_attention (as far as the Triton backend claims them); the index lists
 any other claimed node under "not_served" with the reason.
 """
@@ -127,7 +128,16 @@ def variant_metadata(v: ls.Variant) -> dict:
             "constexprs": {**{k: aot._jsonable(x) for k, x in v.constexprs.items()},
                            **{k: x for k, x in v.config.params if k in arg_names}},
             "config": v.config.to_dict(), "grid": json.loads(json.dumps(v.grid)), "static": dict(v.static),
-            "variant": v.key}
+            "variant": v.key, **_generated_source(v)}
+
+
+def _generated_source(v: ls.Variant) -> dict:
+    """{"source": ...} for a kernel generated from the graph (elementwise.py), so a machine that never generated
+    it imports it from the record at load; {} for the kernels of lmforge's own modules."""
+    from lmforge.backends.triton import elementwise
+
+    source = elementwise.source_of(v.fn)
+    return {} if source is None else {"source": source}
 
 
 def build_for_graph(graph: Graph, arch: str, configs: Mapping[str, KernelConfig] | None = None,
@@ -165,7 +175,8 @@ def _files(target, arch, served, not_served, variants, results, retry, retried) 
             continue
         binary = results[n]
         metadata = {**binary.metadata, "triton_metadata": _portable(binary.metadata["triton_metadata"]),
-                    "grid": json.loads(json.dumps(used.grid)), "static": dict(used.static), "variant": used.key}
+                    "grid": json.loads(json.dumps(used.grid)), "static": dict(used.static), "variant": used.key,
+                    **_generated_source(used)}
         binary = aot.KernelBinary(n, arch, binary.ptx, binary.cubin, metadata)
         entry = {"kernel": used.kernel, "variant": used.key, "config": used.config.to_dict(),
                  "files": [f"{n}.ptx", f"{n}.cubin", f"{n}.json"],

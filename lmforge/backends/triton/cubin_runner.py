@@ -49,7 +49,12 @@ def _source(metadata: Mapping[str, Any]):
     """The ASTSource the kernel was built from: same function, signature, constexprs and attributes."""
     from lmforge.backends.triton import aot
 
-    module = importlib.import_module(metadata["module"])
+    if metadata.get("source") is not None:      # a kernel generated from the graph: its module comes from the record
+        from lmforge.backends.triton.elementwise import generated_module
+
+        module = generated_module(metadata["module"], metadata["source"])
+    else:
+        module = importlib.import_module(metadata["module"])
     fn = module
     for part in metadata["qualname"].split("."):
         fn = getattr(fn, part)

@@ -13,6 +13,8 @@ against the JIT launcher for the same inputs):
     layernorm                 one                                             (cdiv(n_rows, BLOCK_R),)
     softmax                   one                                             (cdiv(n_rows, BLOCK_R),)
     fused                     swiglu: one (gate and up of one shape, dtype)   (cdiv(numel, BLOCK),)
+                              elementwise: one (the generated kernel over     (cdiv(numel, BLOCK),)
+                              the static plan's collapsed axes)
     linear_wo                 GEMV for M = 1..4 rows (BLOCK_M = M),           (cdiv(N, BLOCK_N), SPLIT_K)
                               GEMM for M > 4                                  (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
     attention                 one query row (attention_glue's decode rule):   split (B*Hkv, splits, cdiv(ROWS, BLOCK_M))
@@ -305,6 +307,70 @@ class SwiGLUSpec:
         return Call.single("swiglu", {"gate_ptr": g, "up_ptr": u, "out_ptr": out, "numel": g.numel()}, lambda: out)
 
 
+class ElementwiseSpec:
+    """A fused elementwise region run by the kernel generated from it (elementwise.py): one variant, over the
+    node's static plan (the axes its IR shapes let collapse, inputs contiguous); a numel, size or stride with a
+    symbolic factor stays an i32 argument, one statically 1 becomes a constexpr (the contiguous common case:
+    rank 1, unit strides). A call whose tensors do not fit that plan (a transposed view) runs the reference."""
+
+    def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
+        from lmforge.backends.triton import elementwise as ew
+
+        reason = ew.unsupported(node)
+        if reason is not None:
+            raise Unservable(reason)
+        groups, strides = ew.static_layout(node)
+        shape = node.output.type.shape
+        sizes = [ew.Size.of([d]) for d in shape]
+        hints = {"numel": Hint.of(shape), **{f"size{d}": Hint.of([shape[a] for a in g])
+                                             for d, g in enumerate(groups) if d}}
+        for i, per_axis in enumerate(strides):
+            for d, g in enumerate(groups):
+                stride = ew._group_stride(sizes, per_axis, g)
+                hints[f"stride{i}_{d}"] = Hint(stride.factor) if not stride.symbols else Hint(None, stride.factor)
+        ints, ones, divisible = _ints(hints)
+        pointers = {"out_ptr": f"*{_ttype(node.output)}",
+                    **{f"in{i}_ptr": f"*{_ttype(v)}" for i, v in enumerate(node.inputs)}}
+        config = configs.get("elementwise") or ew.DEFAULT_CONFIG
+        return [Variant("elementwise", "elementwise", ew.kernel_for(node.regions[0], len(groups)),
+                        {**pointers, **ints}, ones, config, divisible, (["cdiv", "numel", "BLOCK"],))]
+
+    def call(self, node: Node, built: Mapping[str, "Built"], *inputs, **_) -> Call | None:
+        import torch
+
+        from lmforge.backends.triton import elementwise as ew
+
+        tensors = list(inputs[:len(node.inputs)])
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        if len(shape) != node.output.type.rank:
+            return None
+        plan = ew.runtime_plan(ew.static_layout(node)[0], shape, tensors)
+        if plan is None or plan.numel == 0:
+            return None                       # a layout the built kernel does not read (the JIT plans anew)
+        out = torch.empty(shape, dtype=getattr(torch, node.output.type.dtype), device=tensors[0].device)
+        values = {"out_ptr": out, **{f"in{i}_ptr": t for i, t in enumerate(tensors)}, **plan.values()}
+        return Call.single("elementwise", values, lambda: out)
+
+
+class FusedSpec:
+    """A fused node: exact SwiGLU runs its own kernel, any other claimed region its generated one (as the
+    Triton backend's `_claim_fused` decides)."""
+
+    def _spec(self, node: Node):
+        from lmforge.backends.triton.backend import kernel_name
+
+        return SWIGLU if kernel_name(node) == "swiglu" else ELEMENTWISE
+
+    def variants(self, node: Node, configs: Mapping[str, Any]) -> list[Variant]:
+        return self._spec(node).variants(node, configs)
+
+    def call(self, node: Node, built: Mapping[str, "Built"], *inputs, **attrs) -> Call | None:
+        return self._spec(node).call(node, built, *inputs, **attrs)
+
+
+SWIGLU, ELEMENTWISE = SwiGLUSpec(), ElementwiseSpec()
+
+
 # ---- weight-only quantized linear --------------------------------------------------------------------------
 
 class LinearWOSpec:
@@ -403,7 +469,7 @@ class LinearWOSpec:
 ATTENTION_OPS = ("attention", "block_topk_attention", "shared_prefix_attention",  # in attention_specs.py
                  "block_sparse_attention")
 SPECS: dict[str, Any] = {"rmsnorm": RMSNormSpec(), "layernorm": LayerNormSpec(), "softmax": SoftmaxSpec(),
-                         "fused": SwiGLUSpec(), "linear_wo": LinearWOSpec()}
+                         "fused": FusedSpec(), "linear_wo": LinearWOSpec()}
 
 
 def spec_for(node: Node):
