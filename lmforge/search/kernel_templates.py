@@ -181,10 +181,13 @@ def _row_estimate(node, config):
     return 32, 0
 
 
-def _claims_swiglu(node, env):
-    from lmforge.backends.triton.backend import TritonBackend
+def _claims_fused(kernel: str):
+    def claims(node, env):
+        from lmforge.backends.triton.backend import TritonBackend, kernel_name
 
-    return node.op == "fused" and TritonBackend()._claim_fused(node) is not None
+        return node.op == "fused" and kernel_name(node) == kernel and TritonBackend()._claim_fused(node) is not None
+
+    return claims
 
 
 def _swiglu_launch(node, env, config, hw) -> Launch:
@@ -202,6 +205,32 @@ def _swiglu_spec(node, env, config=None):
     if dtype not in norms.TRITON_TYPES:
         return None
     return next((s for s in norms.aot_specs(dtype) if s.name.startswith("swiglu_")), None)
+
+
+def _elementwise_launch(node, env, config, hw) -> Launch:
+    """One program per BLOCK output elements; each reads its inputs' elements (a broadcast weight mostly hits
+    the cache, so only inputs of the output's size count as bytes in flight)."""
+    out = node.output.type.concrete(env)
+    n = out.numel()
+    block = config.get("BLOCK")
+    ctas = math.ceil(n / block)
+    full = [t for t in _shapes(node, env) if t is not None and t.numel() == n]
+    per_element = sum(_dtype_bytes(t) for t in full) or _dtype_bytes(out)
+    return Launch(ctas=ctas, threads=32 * config.num_warps, bytes_in_flight=min(block, n) * per_element,
+                  pad=n / (ctas * block))
+
+
+def _elementwise_spec(node, env, config=None):
+    """The artifact's build of the node's generated kernel (launch_specs.ElementwiseSpec), None when it has none."""
+    from lmforge.backends.triton.aot import KernelSpec
+    from lmforge.backends.triton.launch_specs import ELEMENTWISE, Unservable
+
+    try:
+        [v] = ELEMENTWISE.variants(node, {})
+    except Unservable:
+        return None
+    return KernelSpec(f"elementwise_{v.signature['out_ptr'][1:]}", v.fn, v.signature, v.constexprs, v.config,
+                      v.divisible_by_16)
 
 
 def _is_triton_decode(node: Node, env) -> bool:
@@ -462,8 +491,10 @@ def templates() -> list[KernelTemplate]:
         KernelTemplate("wo_gemm", _claims_gemm, _candidates("quant_matmul", "wo_gemm"), _gemm_launch,
                        _gemm_estimate, _wo_spec("wo_gemm")),
         *rows,
-        KernelTemplate("swiglu", _claims_swiglu, _candidates("norms", "swiglu"), _swiglu_launch,
+        KernelTemplate("swiglu", _claims_fused("swiglu"), _candidates("norms", "swiglu"), _swiglu_launch,
                        lambda node, config: (32, 0), _swiglu_spec),
+        KernelTemplate("elementwise", _claims_fused("elementwise"), _candidates("elementwise", "elementwise"),
+                       _elementwise_launch, lambda node, config: (32, 0), _elementwise_spec),
         KernelTemplate("attention_decode", _is_triton_decode, _candidates("attention_decode"), _decode_launch,
                        _decode_estimate, _attention_spec("decode_split", "attention_decode", _decode_rows)),
         KernelTemplate("attention_shared_prefix", _is_triton_shared_prefix, _candidates("attention_decode"),

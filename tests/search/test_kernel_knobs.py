@@ -9,7 +9,7 @@ import torch
 
 import lmforge
 from lmforge.hwmodels import get_target
-from lmforge.passes import PassManager, canonical_pipeline
+from lmforge.passes import PassManager, canonical_pipeline, tunable_pipeline
 from lmforge.passes.quant import weight_quant_pass
 from lmforge.search import kernel_model as km
 from lmforge.search.cost_model import bindings_for, graph_cost, node_costs
@@ -306,8 +306,6 @@ def _swiglu_graph():
     def fn(gate, up):
         return torch.nn.functional.silu(gate) * up
 
-    from lmforge.passes import tunable_pipeline
-
     return PassManager(canonical_pipeline() + tunable_pipeline()).run(
         lmforge.capture(fn, (torch.randn(4, 64), torch.randn(4, 64))), {})
 
@@ -326,6 +324,7 @@ TEMPLATE_GRAPHS = {
     "attention_shared_prefix": lambda: _one_op("shared_prefix_attention", SHARED_PREFIX),
     "attention_prefill": lambda: _one_op("attention", [(1, 8, 128, 64), (1, 2, 128, 64), (1, 2, 128, 64)],
                                          {"causal": True}),
+    "elementwise": lambda: _elementwise_graph(),
 }
 
 
@@ -415,3 +414,41 @@ def test_the_shared_prefix_knob_reaches_the_kernel_and_matches_the_reference(mon
     assert seen == [ad.CANDIDATE_CONFIGS[index]]
     want = TorchReference().claim(node, "cpu").fn(*inputs, **node.attr)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def _elementwise_graph():
+    x = torch.randn(8, 256)
+    captured = PassManager(canonical_pipeline()).run(lmforge.capture(_GatedResidual(), (x, x)))
+    return PassManager(tunable_pipeline()).run(captured, {})
+
+
+class _GatedResidual(torch.nn.Module):
+    def __init__(self, d=256):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x, residual):
+        return torch.nn.functional.gelu(x, approximate="tanh") * self.g + residual
+
+
+def test_fused_elementwise_regions_get_a_knob_priced_with_ptxas(monkeypatch):
+    """A fused region the generated kernel runs is the "elementwise" template: a knob over its candidate configs,
+    each priced with ptxas's report of the kernel an artifact would ship, mapped back to the backend's config."""
+    from lmforge.backends.triton import elementwise as ew
+
+    monkeypatch.setattr(km, "_MEMORY_CACHE", {})
+    x = torch.randn(64, 256)
+    captured = PassManager(canonical_pipeline()).run(lmforge.capture(_GatedResidual(), (x, x)))
+    knobs = km.kernel_knobs(captured, tunable_pipeline(), H100)      # the fusion pass makes the region
+    g = PassManager(tunable_pipeline()).run(captured, {})
+    [(index, template)] = km.claimed(g, {}).items()
+    node = g.nodes[index]
+    assert template.name == "elementwise" and node.op == "fused"
+    assert [(k.name, k.choices) for k in knobs] == [("triton.elementwise", tuple(range(5)))]
+    configs = template.configs(node)
+    assert configs == tuple(ew.CANDIDATE_CONFIGS["elementwise"]) and configs[0] == ew.DEFAULT_CONFIG
+    res = km.resources(template, node, {}, configs[0], H100)
+    assert res.source == "ptxas" and res.registers > 0 and not res.reason, res
+    launch = template.launch(node, {}, configs[0], H100)
+    assert launch.ctas == 64 * 256 // 1024 and launch.pad == 1.0
+    assert km.backend_config(g, {"triton.elementwise": 2}) == {"elementwise": configs[2]}

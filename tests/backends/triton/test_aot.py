@@ -17,7 +17,24 @@ from lmforge.backends.triton import aot, norms, quant_matmul
 from lmforge.backends.triton.config import KernelConfig
 from lmforge.errors import ArtifactError, LmforgeError, TargetError
 
-SPECS = {spec.name: spec for spec in quant_matmul.aot_specs() + norms.aot_specs()}
+def _elementwise_spec():
+    """The generated kernel of gelu_tanh(x) * w + r (x, r [batch, 4096], w [4096], fp16), as the kernel model
+    builds it: rank 2 (rows x D, the weight repeats along the rows), a symbolic row count."""
+    from lmforge.ir.graph import GraphBuilder
+    from lmforge.ir.types import TensorType
+    from lmforge.search.kernel_templates import _elementwise_spec as spec_of
+
+    shapes = [("batch", 4096), (4096,), ("batch", 4096)]
+    region = GraphBuilder("region")
+    x, w, r = (region.input(f"a{i}", TensorType(s, "float16")) for i, s in enumerate(shapes))
+    y = region.op("add", [region.op("mul", [region.op("gelu", [x], {"approximate": "tanh"}), w]), r])
+    outer = GraphBuilder("g")
+    inputs = [outer.input(f"x{i}", TensorType(s, "float16")) for i, s in enumerate(shapes)]
+    graph = outer.build([outer.op("fused", inputs, {"kind": "elementwise"}, regions=[region.build([y])])])
+    return spec_of(graph.nodes[0], {})
+
+
+SPECS = {spec.name: spec for spec in quant_matmul.aot_specs() + norms.aot_specs() + [_elementwise_spec()]}
 PTX_TARGET = {"sm_80": ".target sm_80", "sm_90": ".target sm_90a"}
 
 
