@@ -33,6 +33,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -288,8 +289,8 @@ def source_of(fn) -> str | None:
     raw = getattr(fn, "fn", fn)
     if not getattr(raw, "__module__", "").startswith(MODULE_PREFIX):
         return None
-    return next((s for s, k in _KERNELS.items() if getattr(k, "fn", k) is raw), None) or \
-        open(sys.modules[raw.__module__].__file__).read()
+    known = next((s for s, k in _KERNELS.items() if getattr(k, "fn", k) is raw), None)
+    return known if known is not None else Path(sys.modules[raw.__module__].__file__).read_text()
 
 
 # ---- layouts: broadcasting as strides, collapsed axes ----------------------------------------------------------
@@ -433,6 +434,7 @@ def launcher(node: Node, config: KernelConfig | None = None) -> Callable:
     region = node.regions[0]
     out_dtype = getattr(torch, node.output.type.dtype)
     reference = get_op("fused").reference
+    kernels = {}    # collapsed rank -> kernel: the source is generated once per launcher, not per call
 
     def run(*inputs, **attrs):
         tensors = list(inputs[:len(node.inputs)])
@@ -441,7 +443,7 @@ def launcher(node: Node, config: KernelConfig | None = None) -> Callable:
             return reference(*inputs, **attrs)
         shape = torch.broadcast_shapes(*(t.shape for t in tensors))
         out = torch.empty(shape, dtype=out_dtype, device=tensors[0].device)
-        fn = kernel_for(region, plan.rank)
+        fn = kernels.get(plan.rank) or kernels.setdefault(plan.rank, kernel_for(region, plan.rank))
         fn[(triton.cdiv(plan.numel, block),)](out, *tensors, *plan.values().values(), BLOCK=block,
                                              num_warps=config.num_warps, num_stages=config.num_stages)
         return out
