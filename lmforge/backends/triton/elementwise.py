@@ -75,9 +75,13 @@ def unsupported(node: Node) -> str | None:
     values = [*node.inputs, *node.outputs, *body.inputs]
     if any(v is None or v.type.dtype not in FLOAT_DTYPES for v in values):
         return f"a non-float input or output (the kernel takes {FLOAT_DTYPES})"
+    known = {v.name for v in body.inputs}
     for n in body.nodes:
         if n.op not in SUPPORTED:
             return f"op {n.op!r} has no generated form"
+        if any(v is not None and v.name not in known for v in n.inputs):
+            return f"{n.op} reads a value that is not a region input (a parameter of the region)"
+        known.update(v.name for v in n.outputs)
         if len(n.outputs) != 1 or n.output.type.dtype not in FLOAT_DTYPES:
             return f"{n.op} gives a non-float result"
         if any(v is not None and v.type.dtype not in FLOAT_DTYPES for v in n.inputs):
@@ -92,6 +96,8 @@ def unsupported(node: Node) -> str | None:
             return f"{n.op} has a non-numeric alpha"
         if n.op == "pow_scalar" and not _number(a.get("exponent")):
             return "pow_scalar has a non-numeric exponent"
+    if body.outputs[0].name not in known:
+        return "the region's output is not computed in the region"
     return None
 
 
