@@ -412,7 +412,7 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
     backends = default_backends(("torch",))
     triton_dir = _matching_triton_dir(manifest, data, device, kernels == "required") if gpu_kernels else None
     if triton_dir:
-        cubins = _load_cubins(triton_dir, data, kernels == "required")
+        cubins = _load_cubins(triton_dir, data, kernels == "required", graph)
         if cubins is None:
             triton_dir = None
         else:
@@ -489,7 +489,7 @@ def _matching_triton_dir(manifest: dict, data: dict[str, bytes], device, require
     return None
 
 
-def _load_cubins(triton_dir: str, data: dict[str, bytes], required: bool):
+def _load_cubins(triton_dir: str, data: dict[str, bytes], required: bool, graph=None):
     """The CubinBackend of `triton_dir` (files already hash-checked), or None after a warning when a kernel
     cannot be loaded on this GPU (LmforgeError instead when `required`)."""
     from lmforge.backends.triton.artifact_kernels import DriverTooOld, load_kernels, read_index, warn_or_raise
@@ -497,7 +497,7 @@ def _load_cubins(triton_dir: str, data: dict[str, bytes], required: bool):
     index = read_index(data[f"{triton_dir}/index.json"], f"{triton_dir}/index.json")
     files = {rel[len(triton_dir) + 1:]: blob for rel, blob in data.items() if rel.startswith(triton_dir + "/")}
     try:
-        return load_kernels(index, files, triton_dir)
+        return load_kernels(index, files, triton_dir, graph)
     except ArtifactError:
         raise
     except DriverTooOld as exc:  # its message names both CUDA versions and what to do

@@ -1004,3 +1004,24 @@ def test_an_artifact_ships_the_generated_kernel_with_its_source(monkeypatch, tmp
     monkeypatch.delitem(sys.modules, meta["module"])
     assert cubin_runner._source(meta).fn.arg_names == meta["arg_names"]
     assert (tmp_path / "fresh/triton_elementwise" / f"{meta['module']}.py").read_text() == meta["source"]
+    # at load, the record's source is accepted only as what lmforge generates from the graph's own region
+    from triton.compiler.compiler import CompiledKernel
+
+    from lmforge.artifact import _parse_graph
+    from lmforge.backends.triton.elementwise import _digest
+
+    monkeypatch.setattr(CompiledKernel, "_init_handles", lambda self: None)
+    manifest = json.loads((path / "manifest.json").read_text())
+    graph = _parse_graph((path / "graph.json").read_bytes(), manifest)
+    files, name = _triton_files(path, "h100"), entry["variants"]["elementwise"]
+    assert list(ak.load_kernels(_index(path, "h100"), files, "k", graph).kernels) == [name]
+    imported = []
+    monkeypatch.setattr(ew, "generated_module", lambda *a: imported.append(a))
+    evil = meta["source"].replace('"""', '"""\nimport os; os.system("echo owned")\n', 1)
+    record = json.loads(files[f"{name}.json"])
+    record["metadata"].update(source=evil, module=ew.MODULE_PREFIX + _digest(evil))
+    tampered = {**files, f"{name}.json": json.dumps(record).encode()}
+    for index, g in ((_index(path, "h100"), graph), (_index(path, "h100"), None)):
+        with pytest.raises(ArtifactError, match="lmforge never runs code an artifact brings"):
+            ak.load_kernels(index, tampered if g is not None else files, "k", g)
+    assert imported == [], "nothing was imported"

@@ -31,7 +31,8 @@ the steps run in order. A call with any launch outside what was built (e.g. an u
 that failed to build) runs the torch reference as a whole.
 
 Served ops: rmsnorm, layernorm, softmax, fused (SwiGLU, and other elementwise regions with the kernel generated
-from the region, whose record carries that kernel's source), linear_wo, attention, block_topk_attention,
+from the region, whose record carries that kernel's source: imported at load only when it equals what this
+lmforge generates from graph.json's region, `check_generated_sources`), linear_wo, attention, block_topk_attention,
 shared_prefix_attention, block_sparse_attention (as far as the Triton backend claims them); the index lists
 any other claimed node under "not_served" with the reason.
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from typing import Any, Mapping
 
@@ -353,9 +355,12 @@ def check_driver(records: Mapping[str, dict], where: str, driver: int | None) ->
             f"major version. Update the NVIDIA driver to one for CUDA {major}.x or newer{reexport}")
 
 
-def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: str) -> CubinBackend:
+def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: str, graph: Graph | None = None
+                 ) -> CubinBackend:
     """Load every kernel of `index` (files: name -> bytes, already hash-checked) on the current GPU.
 
+    graph: the artifact's graph, against which a kernel generated from a fused region is checked
+    (`check_generated_sources`) before its source is imported.
     DriverTooOld (before any cubin is loaded) when the CUDA driver is too old for the cubins (check_driver)."""
     from lmforge.backends.triton.cubin_runner import CubinKernel
 
@@ -366,6 +371,7 @@ def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: st
         except KeyError as exc:
             raise ArtifactError(f"{where} index lists kernel {name!r} but its file {exc} is not in the artifact; "
                                 "export the artifact again") from None
+    check_generated_sources(records, index, graph, where)
     check_driver(records, where, cuda_driver_version())
     kernels = {}
     for name, meta in records.items():
@@ -375,6 +381,40 @@ def load_kernels(index: Mapping[str, Any], files: Mapping[str, bytes], where: st
             raise ArtifactError(f"{where} index lists kernel {name!r} but its file {exc} is not in the artifact; "
                                 "export the artifact again") from None
     return CubinBackend(index, records, kernels)
+
+
+def check_generated_sources(records: Mapping[str, dict], index: Mapping[str, Any], graph: Graph | None,
+                            where: str) -> None:
+    """An ArtifactError unless the source every generated kernel's record carries (a fused elementwise region's
+    kernel, imported at load to give the launcher its argument layout) is exactly what this lmforge generates
+    from the graph's own region, for every node the index says the kernel serves: an artifact holds data, and
+    no Python code of its own is ever run (a record with other source, or a graph.json whose region was changed
+    to match it, is refused)."""
+    from lmforge.backends.triton import elementwise
+
+    served: dict[str, list[int]] = {}
+    for entry in index.get("nodes", ()):
+        for name in (entry.get("variants") or {}).values():
+            served.setdefault(name, []).append(entry.get("node"))
+    for name, meta in records.items():
+        source = meta.get("source")
+        if source is None:
+            continue
+        rank = 1 + sum(bool(re.fullmatch(r"size\d+", a)) for a in meta.get("arg_names", ()))
+        nodes = served.get(name) or []
+
+        def generated(i) -> str | None:
+            if graph is None or not isinstance(i, int) or not 0 <= i < len(graph.nodes):
+                return None
+            node = graph.nodes[i]
+            if node.op != "fused" or not node.regions or elementwise.unsupported(node):
+                return None
+            return elementwise.kernel_source(node.regions[0], rank)
+
+        if not nodes or any(generated(i) != source for i in nodes):
+            raise ArtifactError(f"{where}/{name}.json carries a generated kernel source that is not what this lmforge "
+                                "generates from the graph's fused region it serves (lmforge never runs code an "
+                                "artifact brings); export the artifact again with this lmforge")
 
 
 def local_arch(device=None) -> str | None:

@@ -5,7 +5,8 @@ holds for one kernel (written by lmforge.backends.triton.aot.save): Triton's met
 cache stores), the PTX and the cubin. CompiledKernel's constructor reads exactly such a "metadata group"
 (name -> file path), so the files go to a temporary directory for the constructor and the directory is
 removed afterwards. The kernel's source (an ASTSource of the @triton.jit function, imported by module and
-name, or for a kernel generated from the graph from the source its record carries, with the same signature,
+name, or for a kernel generated from the graph from the source its record carries, once load_kernels has
+checked that source is what lmforge generates from the graph's region, with the same signature,
 constexprs and divisibility attributes as at build time) gives the launcher its argument layout; nothing is
 recompiled and nothing is unpickled. Loading the module on the GPU (`CompiledKernel._init_handles`, via the
 driver's `load_binary`) happens in the constructor here, so a cubin that does not fit the device fails at load,
