@@ -24,7 +24,7 @@ class CompiledModel:
     """A graph, its weights, and generated code that runs it; callable like the captured model."""
 
     config_source: dict | None = None  # config="best": {"study", "trial"} the config came from (see `compile`)
-    objectives: dict | None = None  # config="best": that trial's predicted / measured numbers (studies.trial_objectives)
+    objectives: dict | None = None  # config="best": its trial's predicted / measured numbers (trial_objectives)
 
     def __init__(self, graph: Graph, backends: Sequence = (), device: str | torch.device = "cpu",
                  target: str = "host", config: Mapping[str, Any] | None = None, pass_report: str = ""):

@@ -142,7 +142,8 @@ def test_quant_entries_time_both_widths_on_every_kernel(quick):
     for kind in ("gemv", "gemm"):
         for bits in (4, 8):
             assert any(label.startswith(f"quant/case('{kind}', {bits},") for label in labels), (kind, bits)
-    gemm = {bits: sorted(label.split(", ", 2)[2] for label in labels if f"('gemm', {bits}," in label) for bits in (4, 8)}
+    gemm = {bits: sorted(label.split(", ", 2)[2] for label in labels if f"('gemm', {bits}," in label)
+            for bits in (4, 8)}
     assert gemm[4] == gemm[8]
 
 
