@@ -373,7 +373,8 @@ def _op_libraries(graph) -> dict[str, str]:
 
 
 def _file_entries(files: Mapping[str, bytes]) -> dict[str, dict]:
-    return {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for rel, data in sorted(files.items())}
+    return {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            for rel, data in sorted(files.items())}
 
 
 def export_workload(workload_spec: str, target: str, out_dir, *, config=None, gpu_kernels: bool = False,
