@@ -1008,7 +1008,6 @@ def test_an_artifact_ships_the_generated_kernel_with_its_source(monkeypatch, tmp
     from triton.compiler.compiler import CompiledKernel
 
     from lmforge.artifact import _parse_graph
-    from lmforge.backends.triton.elementwise import _digest
 
     monkeypatch.setattr(CompiledKernel, "_init_handles", lambda self: None)
     manifest = json.loads((path / "manifest.json").read_text())
@@ -1019,9 +1018,11 @@ def test_an_artifact_ships_the_generated_kernel_with_its_source(monkeypatch, tmp
     monkeypatch.setattr(ew, "generated_module", lambda *a: imported.append(a))
     evil = meta["source"].replace('"""', '"""\nimport os; os.system("echo owned")\n', 1)
     record = json.loads(files[f"{name}.json"])
-    record["metadata"].update(source=evil, module=ew.MODULE_PREFIX + _digest(evil))
+    record["metadata"].update(source=evil, module=ew.module_name(evil))
     tampered = {**files, f"{name}.json": json.dumps(record).encode()}
-    for index, g in ((_index(path, "h100"), graph), (_index(path, "h100"), None)):
+    record["metadata"].update(source=meta["source"], module="os")    # the right source, another module's name
+    renamed = {**files, f"{name}.json": json.dumps(record).encode()}
+    for bad, g in ((tampered, graph), (renamed, graph), (files, None)):
         with pytest.raises(ArtifactError, match="lmforge never runs code an artifact brings"):
-            ak.load_kernels(index, tampered if g is not None else files, "k", g)
+            ak.load_kernels(_index(path, "h100"), bad, "k", g)
     assert imported == [], "nothing was imported"

@@ -255,7 +255,7 @@ def generated_module(name: str, source: str | None = None):
 
     path = cache_dir("triton_elementwise") / f"{name}.py"
     if source is not None:
-        if MODULE_PREFIX + _digest(source) != name:
+        if module_name(source) != name:
             raise LmforgeError(f"the kernel source given for {name} does not hash to its name; export it again")
         if not path.exists():
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -279,6 +279,11 @@ def _digest(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:20]
 
 
+def module_name(source: str) -> str:
+    """The name of the generated module holding `source` (and of its cache file)."""
+    return MODULE_PREFIX + _digest(source)
+
+
 _KERNELS: dict[str, Any] = {}   # source -> its @triton.jit function
 
 
@@ -286,7 +291,7 @@ def kernel_for(region: Graph, rank: int):
     """The @triton.jit kernel of `region` over `rank` collapsed axes (generated and imported once per source)."""
     source = kernel_source(region, rank)
     if source not in _KERNELS:
-        _KERNELS[source] = getattr(generated_module(MODULE_PREFIX + _digest(source), source), KERNEL)
+        _KERNELS[source] = getattr(generated_module(module_name(source), source), KERNEL)
     return _KERNELS[source]
 
 
