@@ -5,9 +5,13 @@
 
 Semantics are the op reference's (the torch eager run of the region): every op computes in fp32 and its
 result is rounded to the IR dtype of that op's output (fp16 / bf16 round, fp32 stays), as torch rounds per
-op; `cast` is that rounding alone. relu keeps NaN and maximum / minimum propagate it, as torch does. pow_scalar
-multiplies for small integral exponents (as torch does for 2 and 3), uses sqrt / rsqrt for +-0.5 and
-exp2(e * log2 x) otherwise (NaN for x < 0 and a fractional e, 0 or inf at x = 0, as torch). tanh is written
+op; an operand of a wider dtype than a 16-bit op's result (an fp32 0-d tensor in a bf16 op) is rounded to it
+first, as torch does; `cast` is that rounding alone. relu keeps NaN and maximum / minimum propagate it (a tie
+gives the first operand), as torch does; neg is a multiply by -1 (so -0.0 keeps its sign under Triton 3.6,
+whose unary minus is 0 - x). pow_scalar: integral exponents up to 64 by repeated squaring (a negative one as
+a power of the reciprocal), +-0.5 by sqrt / rsqrt, other half-integers of a positive x by squarings and one
+sqrt, the rest as exp2(e * log2 x) (about 1e-5 relative in fp32), with torch's special values (NaN for x < 0
+and a fractional e, 0 or inf at x = 0, (-inf) ** e, the sign of -0.0 in odd powers). tanh is written
 with exp (the interpreter and Triton 3.6 have no portable tanh), with a short series near 0 where
 1 - 2 / (exp(2x) + 1) would cancel.
 
@@ -116,6 +120,17 @@ def _full(value: float) -> str:
     return f"tl.full((BLOCK,), {_literal(value)}, tl.float32)"
 
 
+MAX_SQUARINGS = 64    # integer exponents up to this size are multiplied out (exact signs, zeros and infinities)
+
+
+def _squarings(x: str, n: int) -> str:
+    """x ** n (n >= 1) by repeated squaring, as one expression (the compiler shares the repeated subterms)."""
+    if n == 1:
+        return x
+    half = _squarings(f"({x} * {x})", n // 2)
+    return f"({half} * {x})" if n % 2 else half
+
+
 def _power(x: str, exponent: float) -> str:
     if exponent == 0:
         return _full(1.0)                                   # torch: x ** 0 == 1, NaN included
@@ -123,19 +138,33 @@ def _power(x: str, exponent: float) -> str:
         return f"tl.sqrt_rn({x})"
     if exponent == -0.5:
         return f"tl.rsqrt({x})"
-    if exponent.is_integer() and abs(exponent) <= 4:
-        product = " * ".join([x] * int(abs(exponent)))
-        return f"({product})" if exponent > 0 else f"tl.div_rn(1.0, {product})"
-    if exponent.is_integer():                               # |x| ** n with x's sign for odd n
+    if exponent.is_integer() and abs(exponent) <= MAX_SQUARINGS:
+        # a negative power as a power of the reciprocal: 1 / x**4 would overflow to 0 at x = 1e10 (torch: 1e-40),
+        # and -0.0 keeps its sign through the products ((-0.0) ** -5 = -inf, as torch)
+        base = x if exponent > 0 else f"tl.div_rn(1.0, {x})"
+        return f"({_squarings(base, int(abs(exponent)))})"
+    if exponent.is_integer():                               # |x| ** n with x's sign (its sign bit: -0.0 too)
         odd = int(exponent) % 2 == 1
         magnitude = f"tl.exp2({_literal(exponent)} * tl.log2(tl.abs({x})))"
-        return f"tl.where({x} < 0.0, -{magnitude}, {magnitude})" if odd else magnitude
-    return f"tl.exp2({_literal(exponent)} * tl.log2({x}))"   # NaN for x < 0, 0 / inf at x = 0
+        negative = f"(({x}).to(tl.uint32, bitcast=True) >> 31) != 0"
+        return f"tl.where({negative}, -1.0 * {magnitude}, {magnitude})" if odd else magnitude
+    # NaN for x < 0, 0 / inf at x = 0; (-inf) ** e is inf for e > 0 and 0 for e < 0 (log2(-inf) would be NaN).
+    # exp2(e * log2 x) is good to ~1e-5 relative in fp32 (tens of ulps); a half-integer power of a positive x
+    # is multiplied out with one sqrt instead (a few ulps), the general form keeping x <= 0, NaN and -inf.
+    at_minus_inf = _literal(math.inf if exponent > 0 else 0.0)
+    general = (f"tl.where({x} == -float(\"inf\"), {at_minus_inf}, "
+               f"tl.exp2({_literal(exponent)} * tl.log2({x})))")
+    if (2 * exponent).is_integer() and abs(exponent) <= MAX_SQUARINGS:
+        base = x if exponent > 0 else f"tl.div_rn(1.0, {x})"
+        whole = int(abs(exponent))
+        fast = f"tl.sqrt_rn({base})" if whole == 0 else f"({_squarings(base, whole)} * tl.sqrt_rn({base}))"
+        return f"tl.where({x} > 0.0, {fast}, {general})"
+    return general
 
 
 def _unary(op: str, x: str, attrs: dict) -> str:
     table = {
-        "neg": f"-{x}", "exp": f"tl.exp({x})", "log": f"tl.log({x})", "sqrt": f"tl.sqrt_rn({x})",
+        "neg": f"-1.0 * {x}", "exp": f"tl.exp({x})", "log": f"tl.log({x})", "sqrt": f"tl.sqrt_rn({x})",
         "rsqrt": f"tl.rsqrt({x})", "abs": f"tl.abs({x})", "sin": f"tl.sin({x})", "cos": f"tl.cos({x})",
         "tanh": f"_tanh({x})", "sigmoid": f"1.0 / (1.0 + tl.exp(-{x}))", "silu": f"{x} / (1.0 + tl.exp(-{x}))",
         "relu": f"tl.where({x} < 0.0, 0.0, {x})",           # NaN stays NaN, as torch.relu
@@ -163,10 +192,10 @@ def _binary(op: str, a: str, b: str | None, attrs: dict, out_dtype: str) -> str:
     alpha = float(attrs.get("alpha", 1.0))
     if op in ("add", "sub") and alpha != 1.0:
         y = f"({y} * {_literal(alpha)})"
-    if op == "maximum":     # NaN in either operand gives NaN, as torch.maximum
-        return f"tl.where({x} != {x}, {x}, tl.where({y} != {y}, {y}, tl.where({x} > {y}, {x}, {y})))"
+    if op == "maximum":     # NaN in either operand gives NaN, as torch.maximum; a tie (-0.0, 0.0) gives x
+        return f"tl.where({x} != {x}, {x}, tl.where({y} != {y}, {y}, tl.where({x} < {y}, {y}, {x})))"
     if op == "minimum":
-        return f"tl.where({x} != {x}, {x}, tl.where({y} != {y}, {y}, tl.where({x} < {y}, {x}, {y})))"
+        return f"tl.where({x} != {x}, {x}, tl.where({y} != {y}, {y}, tl.where({x} > {y}, {y}, {x})))"
     if op == "div":
         return f"tl.div_rn({x}, {y})"
     return f"{x} {dict(add='+', sub='-', mul='*')[op]} {y}"
@@ -177,8 +206,11 @@ def _body_lines(region: Graph) -> list[str]:
     names = {v.name: f"x{i}" for i, v in enumerate(region.inputs)}
     lines = []
     for k, n in enumerate(region.nodes):
-        args = [None if v is None else names[v.name] for v in n.inputs]
         dtype = n.output.type.dtype
+        # torch computes an op in its result dtype: an operand of another (wider) dtype is rounded to it first
+        # (bf16 x - fp32 0-d c rounds c to bf16); a narrower one widens exactly
+        args = [None if v is None else names[v.name] if v.type.dtype == dtype or dtype == "float32"
+                else f"{_ROUND[dtype]}({names[v.name]})" for v in n.inputs]
         if n.op in BINARY:
             expr = _binary(n.op, args[0], args[1] if len(args) > 1 else None, n.attr, dtype)
         else:

@@ -126,11 +126,52 @@ def test_maximum_minimum_and_relu_propagate_nan(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("exponent", [2.0, 3.0, 0.5, -1.0, 2.5, -2.0, 5.0, -0.5, 0.0, 1.5])
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 0.5, -1.0, 2.5, -2.0, 5.0, -0.5, 0.0, 1.5, -2.5, 7.0, -5.0, 0.3,
+                                      69.0, -3.5])
 def test_pow_scalar_matches_torch_on_zeros_and_negatives(exponent, dtype):
-    x = torch.tensor([0.0, 0.0, -1.5, -2.0, 0.5, 1.0, 1.7, 3.0, -0.25, float("nan"), float("inf"), -3.0])
-    graph = _graph([(12,)], dtype, lambda b, i: b.op("pow_scalar", [i[0]], {"exponent": exponent}))
-    _check(graph, [x.to(getattr(torch, dtype)).to(DEVICE)], dtype)
+    """Zeros of both signs (the sign shows in 1 / x ** e), negatives, NaN and both infinities: exactly torch's
+    special values (odd powers keep -0.0's sign; (-inf) ** 1.5 is inf, ** -2.5 is 0)."""
+    values = [0.0, -0.0, -1.5, -2.0, 0.5, 1.0, 1.7, 3.0, -0.25, float("nan"), float("inf"), -3.0, -float("inf"), 1.02]
+    if abs(exponent) == 0.5 and dtype == "float16":   # torch's fp16 pow takes C's (-inf) ** 0.5 = inf and
+        values = [v for v in values if v != -float("inf") and str(v) != "-0.0"]   # -0.0 ** -0.5 = inf, its fp32
+        # one (and the kernel, computing in fp32) sqrt's NaN and -inf
+    x = torch.tensor(values)
+    graph = _graph([(len(values),)], dtype, lambda b, i: b.op("reciprocal", [b.op("pow_scalar", [i[0]],
+                                                                                   {"exponent": exponent})]))
+    _check(graph, [x.to(getattr(torch, dtype)).to(DEVICE)], dtype, ulps=2)
+
+
+@pytest.mark.parametrize("exponent", [-4.0, 1.5, 2.5, -2.5, 5.0])
+def test_fp32_powers_stay_within_a_few_ulps_and_do_not_overflow_early(exponent):
+    """Integer and half-integer powers are multiplied out (a negative one as a power of the reciprocal: 1e10 ** -4
+    is 1e-40, not 1 / inf), so fp32 stays within a few ulps of torch's pow, not the tens of exp2(e * log2 x)."""
+    x = torch.logspace(-6, 6, 64) * torch.linspace(1.0, 1.37, 64)
+    x = torch.cat([x, torch.tensor([1e10, 5e9])])
+    graph = _graph([(66,)], "float32", lambda b, i: b.op("pow_scalar", [i[0]], {"exponent": exponent}))
+    got, want, _ = _run(graph, [x.to(DEVICE)])
+    assert (got[-2:] != 0).all() == (want[-2:] != 0).all()
+    torch.testing.assert_close(got, want, rtol=4 * 2 ** -23, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_wider_0d_operand_is_rounded_to_the_ops_dtype_first(dtype):
+    """bf16 x - fp32 c (a 0-d tensor: a scalar parameter or buffer): torch computes in bf16 and rounds c to bf16
+    first, so 1.0 - 0.999 is 0 there; computing with the fp32 c gave 0.002."""
+    graph = _graph([(4,), ()], [dtype, "float32"], lambda b, i: b.op("sub", [i[0], i[1]]))
+    assert graph.outputs[0].type.dtype == dtype
+    x = torch.tensor([1.0, 0.5, -2.0, 3.0], dtype=getattr(torch, dtype)).to(DEVICE)
+    got, want, backend = _run(graph, [x, torch.tensor(0.999).to(DEVICE)])
+    unrounded = torch.tensor(1.0 - 0.999).to(x.dtype)      # c kept in fp32, the difference rounded once
+    assert backend == "triton" and torch.equal(got, want) and got[0] == (x - torch.tensor(0.999))[0] != unrounded
+
+
+@pytest.mark.parametrize("op", ["maximum", "minimum"])
+def test_maximum_and_minimum_of_a_tie_give_the_first_operand(op):
+    """maximum(-0.0, 0.0) is -0.0 in torch (its first operand on a tie): the sign shows in 1 / m."""
+    graph = _graph([(2,), (2,)], "float32", lambda b, i: b.op("reciprocal", [b.op(op, [i[0], i[1]])]))
+    x, y = torch.tensor([-0.0, 0.0]), torch.tensor([0.0, -0.0])
+    got, want, _ = _run(graph, [x.to(DEVICE), y.to(DEVICE)])
+    assert torch.equal(got, want) and want.tolist() == [-float("inf"), float("inf")]
 
 
 def test_a_cast_mid_chain_rounds_to_its_dtype():
@@ -249,3 +290,11 @@ def test_a_compiled_model_runs_its_fused_region_on_triton():
         with torch.no_grad():
             want = model(x, r)
         torch.testing.assert_close(tri(x.to(DEVICE), r.to(DEVICE)).cpu(), want, rtol=2e-6, atol=2e-6)
+
+
+def test_neg_flips_the_sign_of_zero():
+    """neg(0.0) is -0.0 (1 / neg(x) = -inf): the kernel multiplies by -1, since Triton 3.6 writes unary minus as
+    0 - x, which gives +0.0."""
+    graph = _graph([(2,)], "float32", lambda b, i: b.op("reciprocal", [b.op("neg", [i[0]])]))
+    got, want, _ = _run(graph, [torch.tensor([0.0, -0.0]).to(DEVICE)])
+    assert torch.equal(got, want) and want.tolist() == [-float("inf"), float("inf")]
