@@ -434,12 +434,20 @@ def load(path, device: str = "cpu", *, target: str | None = None, kernels: str =
         raise LmforgeError("group= / split_io= are for tensor-parallel artifacts; this one runs on one device: load "
                            "it without them")
     model = CompiledModel(graph, backends, device, chosen, manifest["config"], manifest.get("pass_report", ""))
+    if host_dir and not any(k.backend == "tvm" for k in model.kernels):   # an index naming none of the nodes
+        from lmforge.backends.triton.artifact_kernels import warn_or_raise
+
+        warn_or_raise(f"artifact {manifest['name']!r}: its TVM host library ({HOST_TVM_DIR}/) serves no node of its "
+                      "graph (the index names other nodes); the torch reference runs every node. Export the "
+                      "artifact again", kernels == "required")
+        host_dir = None
     model.kernel_source = triton_dir or host_dir  # where the kernels came from (None: the torch reference alone)
     model.config_source, model.objectives = manifest.get("config_source"), manifest.get("objectives") or None
     # the targets the artifact holds GPU kernels for (export warns that re-exporting does not carry them; the
     # host library's builds are carried over by the loaded model's TVM backend)
     model.artifact_kernel_targets = sorted({rel.split("/")[1] for rel in manifest["files"]
                                             if rel.startswith("kernels/") and rel.split("/")[1] != HOST})
+    model.artifact_host_library = HOST_TVM_INDEX in manifest["files"]   # export warns when it is not carried over
     return model
 
 
@@ -459,6 +467,8 @@ def _host_tvm_backend(manifest: dict, data: dict[str, bytes], required: bool):
         if reason is None:
             try:
                 return host_backend(index, files, HOST_TVM_DIR)
+            except ArtifactError:
+                raise
             except Exception as e:  # the dynamic loader or TVM refused a library
                 reason = f"a library failed to load ({type(e).__name__}: {str(e)[:300]})"
     what = ("Export the artifact again on a machine of this kind, or load with kernels='auto' to run the torch "

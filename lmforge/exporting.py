@@ -332,6 +332,11 @@ def export(compiled, path, *, objectives: Mapping[str, Any] | None = None,
                       f"over: call add_gpu_kernels({dropped}) before export to build them again", stacklevel=2)
     files.update(kernels)
     host_files, host_fingerprint = _host_kernel_files(compiled)
+    if getattr(compiled, "artifact_host_library", False) and not host_files:
+        warnings.warn("this model was loaded from an artifact with a TVM host library, but it ran no node with it "
+                      "(loaded with kernels='none', or the library did not fit this machine), so the export has "
+                      "none: load it where the library runs (or compile with backends=('tvm',)) and export again",
+                      stacklevel=2)
     files.update(host_files)
     onnx_files, onnx_entry = _onnx_files(graph)
     files.update(onnx_files)

@@ -94,8 +94,10 @@ def test_export_writes_one_library_per_build_an_index_and_a_host_fingerprint(com
     assert index["target"]["kind"] == "llvm" and index["features"] and index["target_string"]
     tvm_labels = {n.outputs[0].name for n, k in zip(compiled.graph.nodes, compiled.kernels) if k.backend == "tvm"}
     assert set(index["nodes"]) == tvm_labels
-    for entry in index["libraries"].values():   # what a loader needs to call it: arguments in order, by role
+    for entry in index["libraries"].values():   # what a loader needs to call it: arguments in order, by role,
+        # and what it computes (the structural hash of its PrimFunc)
         assert entry["function"] == "main" and entry["signature"]["inputs"] and entry["signature"]["outputs"]
+        assert entry["signature"]["structure"].isdigit()
     linear = index["nodes"][compiled.graph.nodes[0].outputs[0].name]
     assert {json.dumps(b["variant"]) for b in linear["builds"]} >= {"[3]", '"gemm"'}   # called shape + main build
     readme = (artifact / "README.md").read_text()
@@ -174,3 +176,73 @@ def test_reexporting_a_loaded_model_carries_its_libraries(artifact, tmp_path):
         return sorted(lib.read_bytes() for lib in (root / HOST_DIR).glob("*.so"))
 
     assert libraries(again) == libraries(artifact)
+
+
+def _edited(artifact, root, edit):
+    """A copy of `artifact` at `root` whose host index is `edit(index)`'s, the manifest's hash fixed up (what a
+    hash cannot catch: the index says something else than the export wrote)."""
+    import hashlib
+
+    shutil.copytree(artifact, root)
+    path = root / HOST_DIR / "index.json"
+    index = json.loads(path.read_text())
+    edit(index)
+    data = json.dumps(index).encode()
+    path.write_bytes(data)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][f"{HOST_DIR}/index.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _first(mapping):
+    return next(iter(mapping.values()))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda i: i["target"].update(kind="cuda"), "is not a host \\(llvm\\) target"),
+    (lambda i: i["target"].update(mcpu="x86-64"), "was not built for the index's target"),
+    (lambda i: _first(i["nodes"]).pop("op"), "op is NoneType, not str"),
+    (lambda i: _first(i["nodes"])["builds"][0].pop("variant"), "has no variant"),
+    (lambda i: i.update(features="avx2"), "features is str, not list"),
+    (lambda i: _first(i["libraries"]).update(signature=[]), "signature is list, not dict"),
+    (lambda i: _first(i["nodes"]).update(op="softmax"), "names a library of another op"),
+], ids=["cuda target", "other mcpu", "node without op", "build without variant", "features not a list",
+        "signature not a dict", "node op != library op"])
+def test_an_inconsistent_index_is_refused_with_a_clear_error(artifact, tmp_path, edit, message):
+    """Each was a crash inside TVM at the first call, a bare KeyError, a misleading message, or (a changed mcpu)
+    a silent rebuild of every kernel that kernels='required' let pass."""
+    root = _edited(artifact, tmp_path / "art", edit)
+    for kernels in ("auto", "required"):
+        with pytest.raises(ArtifactError, match=message):
+            load(root, kernels=kernels)
+
+
+def test_a_library_whose_recorded_computation_differs_is_built_again_not_called(compiled, artifact, tmp_path):
+    """Two kernels of one argument list (cos and sin) differ only in what they compute: the index records each
+    build's structural hash, and a library whose hash is not the kernel's lowering is rebuilt (a warning), never
+    called in its place."""
+    def edit(index):
+        for lib in index["libraries"].values():
+            lib["signature"]["structure"] = "0"
+
+    root = _edited(artifact, tmp_path / "art", edit)
+    with pytest.warns(UserWarning, match="building it again instead"):
+        model = load(root)
+        x = inputs(3, 1)
+        out = model(x)
+    torch.testing.assert_close(out, compiled(x), rtol=1e-6, atol=1e-7)
+    assert next(k.fn.cache.stats for k in model.kernels if k.backend == "tvm").from_library == 0
+
+
+def test_an_index_that_serves_no_node_and_a_dropped_library_on_reexport_are_said(artifact, tmp_path):
+    def rename(index):
+        index["nodes"] = {f"no-such-{label}": node for label, node in index["nodes"].items()}
+
+    root = _edited(artifact, tmp_path / "art", rename)
+    with pytest.raises(LmforgeError, match="serves no node of its graph"):
+        load(root, kernels="required")
+    with pytest.warns(UserWarning, match="serves no node of its graph"):
+        assert tvm_nodes(load(root)) == 0
+    with pytest.warns(UserWarning, match="loaded from an artifact with a TVM host library, but it ran no node"):
+        export(load(artifact, kernels="none"), tmp_path / "again")

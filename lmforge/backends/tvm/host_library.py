@@ -60,14 +60,18 @@ def key_text(full: tuple) -> str:
     return json.dumps(full, separators=(",", ":"), default=repr)
 
 
-def signature(lowered) -> dict[str, list]:
+def signature(lowered) -> dict[str, Any]:
     """The argument list of a lowered computation: inputs, scalars and outputs with dtype and shape (symbolic dims
-    by name), in call order."""
+    by name), in call order, and the structural hash of its PrimFunc ("structure": what it computes, so that two
+    kernels of one argument list, cos and sin, are told apart)."""
+    import tvm_ffi
+
     def tensor(t):
         return {"dtype": str(t.dtype), "shape": [int(d) if hasattr(d, "value") else str(d) for d in t.shape]}
 
     return {"inputs": [tensor(t) for t in lowered.inputs], "scalars": [str(v.dtype) for v in lowered.scalars],
-            "outputs": [tensor(t) for t in lowered.outputs]}
+            "outputs": [tensor(t) for t in lowered.outputs],
+            "structure": str(tvm_ffi.structural_hash(lowered.prim_func()))}
 
 
 # ---- what the library was built for -------------------------------------------------------------------------
@@ -176,22 +180,50 @@ def _library_bytes(cache: BuildCache, full: tuple, path: Path) -> bytes:
 
 # ---- load ---------------------------------------------------------------------------------------------------
 
+def _typed(value, kind, what: str):
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is {type(value).__name__}, not {getattr(kind, '__name__', kind)}")
+    return value
+
+
 def read_index(data: bytes, where: str, files: Mapping[str, bytes]) -> dict:
-    """The index (ArtifactError when malformed or naming a library the artifact does not hold)."""
+    """The index (ArtifactError when malformed, inconsistent, or naming a library the artifact does not hold): every
+    field the loader reads has its type, the target is an LLVM one, and every library's key was built for it."""
+    from lmforge.backends.tvm.target import target_key
+
     try:
-        index = json.loads(data.decode("utf-8"))
-        if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
-            raise ValueError(f"format {index.get('format') if isinstance(index, dict) else index!r}")
-        for key in ("machine", "triple", "target", "target_string", "tvm_version", "features", "knobs", "nodes",
-                    "libraries"):
-            if key not in index:
-                raise ValueError(f"no key {key!r}")
+        index = _typed(json.loads(data.decode("utf-8")), dict, "the index")
+        if index.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {index.get('format')!r}")
+        for key in ("machine", "triple", "target_string", "tvm_version"):
+            _typed(index.get(key), str, key)
+        for key in ("target", "knobs", "nodes", "libraries"):
+            _typed(index.get(key), dict, key)
+        if not all(isinstance(f, str) for f in _typed(index.get("features"), list, "features")):
+            raise ValueError("features are not all strings")
+        if index["target"].get("kind") != "llvm":
+            raise ValueError(f"target {index['target']!r} is not a host (llvm) target")
+        built_for = json.loads(json.dumps(target_key(index["target"])))
         for name, lib in index["libraries"].items():
-            if not _FILE.fullmatch(name) or name not in files or lib.get("function") != "main":
+            if not _FILE.fullmatch(name) or name not in files or _typed(lib, dict, name).get("function") != "main":
                 raise ValueError(f"library {name!r} is not a file of the artifact")
+            _typed(lib.get("op"), str, f"library {name!r}'s op")
+            if len(_typed(lib.get("key"), list, f"library {name!r}'s key")) != 3 or lib["key"][2] != built_for:
+                raise ValueError(f"library {name!r} was not built for the index's target {index['target']}")
+            sig = _typed(lib.get("signature"), dict, f"library {name!r}'s signature")
+            for part in ("inputs", "scalars", "outputs"):
+                _typed(sig.get(part), list, f"library {name!r}'s signature {part}")
         for label, node in index["nodes"].items():
-            if any(b["library"] not in index["libraries"] for b in node["builds"]):
-                raise ValueError(f"node {label!r} names a library the index does not list")
+            _typed(node, dict, f"node {label!r}")
+            _typed(node.get("op"), str, f"node {label!r}'s op")
+            _typed(node.get("kernel"), str, f"node {label!r}'s kernel")
+            for build in _typed(node.get("builds"), list, f"node {label!r}'s builds"):
+                if _typed(build, dict, f"a build of node {label!r}").get("library") not in index["libraries"]:
+                    raise ValueError(f"node {label!r} names a library the index does not list")
+                if "variant" not in build:
+                    raise ValueError(f"a build of node {label!r} has no variant")
+                if index["libraries"][build["library"]]["op"] != node["op"]:
+                    raise ValueError(f"node {label!r} ({node['op']}) names a library of another op")
     except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{where} is not a valid host kernel index ({type(e).__name__}: {e}); export the "
                             "artifact again") from None
@@ -250,6 +282,9 @@ def host_backend(index: Mapping[str, Any], files: Mapping[str, bytes], source: s
     to a private temporary directory, loaded from there, and the directory removed (see the module doc)."""
     import tvm
 
+    if str(tvm.target.Target(index["target"])) != index["target_string"]:
+        raise ArtifactError(f"the host kernel index's target {index['target']} is not its recorded target "
+                            f"{index['target_string']}; export the artifact again")
     libraries = {}
     tmp = tempfile.mkdtemp(prefix="lmforge-tvm-load-")   # mode 0700: nobody else can swap a file in
     try:
