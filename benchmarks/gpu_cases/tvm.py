@@ -13,9 +13,7 @@ cases have none. The cases are small, so `quick` changes nothing.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,17 +38,9 @@ def export_dir() -> Path:
 
 def load_cuda_runner():
     """lmforge/backends/tvm/cuda_runner.py as a module of its own, without lmforge.backends.tvm's __init__."""
-    name = "lmforge_tvm_cuda_runner"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, RUNNER_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    from lmforge.cache import import_file
+
+    return import_file("lmforge_tvm_cuda_runner", RUNNER_PATH)
 
 
 def torch_baseline(op: str, inputs: dict):

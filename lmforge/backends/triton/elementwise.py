@@ -32,7 +32,6 @@ Triton's jit reads its functions' source, so each kernel's source is written to 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import os
 import sys
@@ -283,7 +282,7 @@ def generated_module(name: str, source: str | None = None):
     from its cache file, written from `source` first when given (an artifact's record carries it)."""
     if name in sys.modules:
         return sys.modules[name]
-    from lmforge.cache import cache_dir
+    from lmforge.cache import cache_dir, import_file
 
     path = cache_dir("triton_elementwise") / f"{name}.py"
     if source is not None:
@@ -296,15 +295,7 @@ def generated_module(name: str, source: str | None = None):
     if not path.exists():
         raise LmforgeError(f"the generated Triton kernel {name} is not in {path.parent} and no source was given; "
                            "export the artifact again")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    return import_file(name, path)
 
 
 def _digest(source: str) -> str:
